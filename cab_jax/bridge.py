@@ -1,0 +1,151 @@
+"""Attention bridge: map the student's selective-SSM projections onto the teacher's attention keys/queries.
+
+Per bridged student layer l with teacher layer g(l), four small networks map B -> K, B_b -> K (reversed),
+C -> Q and C_b -> Q (reversed). Targets are the teacher's pre-softmax q, k flattened over heads, passed
+through a kernel map, and with the teacher's cls token (index 0) moved to the student's middle position.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from cab_jax.models.layers import dense
+from cab_jax.models.mamba import SSMProjections
+
+BRIDGE_KINDS = ("mlp", "linear")
+KERNEL_MAPS = ("softmax", "relu", "exp", "none")
+LAYER_MAPS = ("proportional", "last")
+
+
+def layer_map(student_depth: int, teacher_depth: int, spec: str | Sequence[int]) -> tuple[int, ...]:
+    """Teacher layer for each student layer; -1 leaves a student layer unbridged.
+
+    "proportional": g(l) = floor(l * T / S) (24 student layers <- 12 teacher layers: two per teacher layer);
+    "last": every student layer learns the teacher's last layer; a sequence gives g explicitly.
+    """
+    if isinstance(spec, str):
+        if spec == "proportional":
+            return tuple(i * teacher_depth // student_depth for i in range(student_depth))
+        if spec == "last":
+            return (teacher_depth - 1,) * student_depth
+        raise ValueError(f"unknown layer map {spec!r}; expected one of {LAYER_MAPS} or a list of ints")
+    mapping = tuple(int(g) for g in spec)
+    if len(mapping) != student_depth:
+        raise ValueError(f"explicit layer map has {len(mapping)} entries, expected one per student layer "
+                         f"({student_depth})")
+    if any(g < -1 or g >= teacher_depth for g in mapping) or all(g == -1 for g in mapping):
+        raise ValueError(f"explicit layer map {mapping} must hold teacher layers in [0, {teacher_depth}) "
+                         "or -1 (skip), and bridge at least one layer")
+    return mapping
+
+
+def apply_kernel_map(x: jax.Array, kind: str, token_axis: bool) -> jax.Array:
+    """Feature map of linear attention, in float32. softmax normalises over tokens for keys
+    (``token_axis=True``) and over features for queries."""
+    x = x.astype(jnp.float32)
+    if kind == "softmax":
+        return jax.nn.softmax(x, axis=-2 if token_axis else -1)
+    if kind == "relu":
+        return jax.nn.relu(x)
+    if kind == "exp":
+        return jnp.exp(x)
+    if kind == "none":
+        return x
+    raise ValueError(f"unknown kernel map {kind!r}; expected one of {KERNEL_MAPS}")
+
+
+def teacher_targets(q: jax.Array, k: jax.Array, kernel_map: str, cls_position: int
+                    ) -> tuple[jax.Array, jax.Array]:
+    """(batch, heads, tokens, head_dim) q, k -> kernel-mapped (batch, tokens, heads*head_dim) targets with
+    the cls token moved from index 0 to ``cls_position``."""
+
+    def flatten(t: jax.Array) -> jax.Array:
+        b, h, n, d = t.shape
+        t = t.transpose(0, 2, 1, 3).reshape(b, n, h * d)
+        return jnp.concatenate([t[:, 1 : cls_position + 1], t[:, :1], t[:, cls_position + 1 :]], axis=1)
+
+    return (apply_kernel_map(flatten(q), kernel_map, token_axis=False),
+            apply_kernel_map(flatten(k), kernel_map, token_axis=True))
+
+
+class BridgeNet(nnx.Module):
+    """d_state -> hidden -> SiLU -> teacher width (``kind="mlp"``), or one linear map (``kind="linear"``)."""
+
+    def __init__(self, d_in: int, d_out: int, hidden: int, kind: str, *, rngs: nnx.Rngs):
+        if kind not in BRIDGE_KINDS:
+            raise ValueError(f"unknown bridge kind {kind!r}; expected one of {BRIDGE_KINDS}")
+        if kind == "mlp":
+            self.layers = nnx.List([dense(d_in, hidden, (None, None), rngs=rngs),
+                                    dense(hidden, d_out, (None, "heads"), rngs=rngs)])
+        else:
+            self.layers = nnx.List([dense(d_in, d_out, (None, "heads"), rngs=rngs)])
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = self.layers[0](x.astype(jnp.float32))
+        for layer in self.layers[1:]:
+            x = layer(jax.nn.silu(x))
+        return x
+
+
+class LayerBridge(nnx.Module):
+    """The four maps of one student layer: B -> K, B_b -> K, C -> Q, C_b -> Q."""
+
+    def __init__(self, d_state: int, d_teacher: int, hidden: int, kind: str, bidirectional: bool, *,
+                 rngs: nnx.Rngs):
+        make = lambda: BridgeNet(d_state, d_teacher, hidden, kind, rngs=rngs)
+        self.b_to_k, self.c_to_q = make(), make()
+        self.b_to_k_b, self.c_to_q_b = (make(), make()) if bidirectional else (None, None)
+
+
+def mse(pred: jax.Array, target: jax.Array) -> jax.Array:
+    return jnp.mean(jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)))
+
+
+class AttentionBridge(nnx.Module):
+    """All layer bridges plus the student->teacher layer map; ``__call__`` returns the bridge loss."""
+
+    def __init__(
+        self,
+        *,
+        student_depth: int,
+        teacher_depth: int,
+        d_state: int,
+        d_teacher: int,
+        hidden: int = 128,
+        kind: str = "mlp",
+        kernel_map: str = "softmax",
+        layers: str | Sequence[int] = "proportional",
+        bidirectional: bool = True,
+        rngs: nnx.Rngs,
+    ):
+        apply_kernel_map(jnp.zeros((1, 1)), kernel_map, token_axis=False)  # validates the name early
+        self.kernel_map = kernel_map
+        self.mapping = layer_map(student_depth, teacher_depth, layers)
+        self.bridges = nnx.List([
+            LayerBridge(d_state, d_teacher, hidden, kind, bidirectional, rngs=rngs) if g >= 0 else None
+            for g in self.mapping
+        ])
+
+    def __call__(self, projections: Sequence[SSMProjections], teacher_qk: Sequence[tuple[jax.Array, jax.Array]],
+                 cls_position: int) -> jax.Array:
+        """Mean over bridged layers of the sum of the (up to) four MSEs."""
+        if len(projections) != len(self.mapping):
+            raise ValueError(f"bridge built for {len(self.mapping)} student layers, got {len(projections)}")
+        reverse: Callable[[jax.Array], jax.Array] = lambda t: t[:, ::-1]
+        losses = []
+        for g, bridge, proj in zip(self.mapping, self.bridges, projections, strict=True):
+            if g < 0:
+                continue
+            q, k = teacher_targets(*teacher_qk[g], self.kernel_map, cls_position)
+            if q.shape[1] != proj.B.shape[1]:
+                raise ValueError(f"teacher has {q.shape[1]} tokens but the student {proj.B.shape[1]}: the "
+                                 "image and patch sizes must give both the same token count")
+            loss = mse(bridge.b_to_k(proj.B), k) + mse(bridge.c_to_q(proj.C), q)
+            if bridge.b_to_k_b is not None:
+                loss += mse(bridge.b_to_k_b(proj.B_b), reverse(k)) + mse(bridge.c_to_q_b(proj.C_b), reverse(q))
+            losses.append(loss)
+        return jnp.mean(jnp.stack(losses))

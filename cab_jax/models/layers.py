@@ -1,0 +1,84 @@
+"""Small building blocks shared by the teacher and student models.
+
+Parameters carry a ``logical_axes`` metadata tuple (one name per dimension); ``cab_jax.sharding`` maps
+those names onto mesh axes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Dtype = Any
+trunc_normal_02 = nnx.initializers.truncated_normal(stddev=0.02)
+
+
+def dense(
+    in_features: int,
+    out_features: int,
+    axes: tuple[str | None, str | None],
+    *,
+    rngs: nnx.Rngs,
+    use_bias: bool = True,
+    kernel_init=trunc_normal_02,
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+) -> nnx.Linear:
+    """An ``nnx.Linear`` whose kernel and bias are tagged with logical axis names."""
+    return nnx.Linear(
+        in_features,
+        out_features,
+        use_bias=use_bias,
+        kernel_init=kernel_init,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_metadata={"logical_axes": axes},
+        bias_metadata={"logical_axes": (axes[1],)},
+        rngs=rngs,
+    )
+
+
+def param(init, rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], dtype=jnp.float32):
+    """A float parameter made by ``init(key, shape, dtype)`` and tagged with logical axes."""
+    return nnx.Param(init(rngs.params(), shape, dtype), logical_axes=axes)
+
+
+def drop_path(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    """Stochastic depth: zero whole samples with probability ``rate`` (identity when ``key`` is None)."""
+    if key is None or rate == 0.0:
+        return x
+    keep = 1.0 - rate
+    mask = jax.random.bernoulli(key, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+def split_key(key: jax.Array | None, num: int) -> list[jax.Array | None]:
+    """``jax.random.split`` that passes ``None`` (deterministic mode) through."""
+    if key is None:
+        return [None] * num
+    return list(jax.random.split(key, num))
+
+
+class PatchEmbed(nnx.Module):
+    """Non-overlapping patches via a strided convolution; NHWC in, (batch, patches, dim) out."""
+
+    def __init__(self, patch_size: int, in_chans: int, dim: int, *, rngs: nnx.Rngs, dtype: Dtype,
+                 param_dtype: Dtype = jnp.float32):
+        self.patch_size = patch_size
+        self.proj = nnx.Conv(
+            in_chans, dim, kernel_size=(patch_size, patch_size), strides=(patch_size, patch_size),
+            padding="VALID", dtype=dtype, param_dtype=param_dtype, kernel_init=trunc_normal_02,
+            kernel_metadata={"logical_axes": (None, None, None, "embed")},
+            bias_metadata={"logical_axes": ("embed",)}, rngs=rngs,
+        )
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        if images.ndim != 4 or images.shape[1] % self.patch_size or images.shape[2] % self.patch_size:
+            raise ValueError(
+                f"expected images (batch, H, W, C) with H, W multiples of {self.patch_size}, got {images.shape}"
+            )
+        x = self.proj(images)
+        return x.reshape(x.shape[0], -1, x.shape[-1])

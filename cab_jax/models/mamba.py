@@ -1,0 +1,147 @@
+"""Mamba-1 selective-SSM mixer, unidirectional or bidirectional ("bimamba v2" as in Vim).
+
+The mixer returns its output and the selective projections B and C (the x_proj outputs, per token,
+before discretisation) that the attention bridge maps onto the teacher's keys and queries.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from cab_jax.kernels.selective_scan import selective_scan
+from cab_jax.models.layers import Dtype, dense
+
+A_INITS = ("s4d", "cab")
+CAB_A_LOG = -20.0  # CAB's constant A_log init: A = -exp(-20) ~ 0, i.e. no decay.
+
+
+class SSMProjections(NamedTuple):
+    """B and C of the forward scan and, for the bidirectional mixer, of the backward scan.
+
+    Each is (batch, length, d_state). The backward ones are in the order the backward scan sees them,
+    i.e. position t belongs to token length-1-t.
+    """
+
+    B: jax.Array
+    C: jax.Array
+    B_b: jax.Array | None = None
+    C_b: jax.Array | None = None
+
+
+def _dt_bias_init(key: jax.Array, d_inner: int, dt_min: float = 1e-3, dt_max: float = 1e-1,
+                  floor: float = 1e-4) -> jax.Array:
+    """softplus^-1 of dt drawn log-uniformly in [dt_min, dt_max] (floored), so softplus(bias) = dt."""
+    u = jax.random.uniform(key, (d_inner,))
+    dt = jnp.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+    dt = jnp.maximum(dt, floor)
+    return dt + jnp.log(-jnp.expm1(-dt))
+
+
+def _a_log_init(a_init: str, d_inner: int, d_state: int) -> jax.Array:
+    if a_init == "s4d":  # S4D-real: A_n = -n.
+        return jnp.log(jnp.broadcast_to(jnp.arange(1, d_state + 1, dtype=jnp.float32), (d_inner, d_state)))
+    if a_init == "cab":
+        return jnp.full((d_inner, d_state), CAB_A_LOG, jnp.float32)
+    raise ValueError(f"unknown A init {a_init!r}; expected one of {A_INITS}")
+
+
+def _torch_linear_init(fan_in: int):
+    """PyTorch's default nn.Linear kernel init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+class SSMDirection(nnx.Module):
+    """The per-direction parameters of a Mamba mixer: causal depthwise conv, x_proj, dt_proj, A_log, D."""
+
+    def __init__(self, d_inner: int, d_state: int, dt_rank: int, d_conv: int, a_init: str, *,
+                 rngs: nnx.Rngs, dtype: Dtype):
+        conv_bound = 1.0 / math.sqrt(d_conv)
+        self.conv_kernel = nnx.Param(
+            jax.random.uniform(rngs.params(), (d_conv, d_inner), jnp.float32, -conv_bound, conv_bound),
+            logical_axes=(None, "inner"))
+        self.conv_bias = nnx.Param(
+            jax.random.uniform(rngs.params(), (d_inner,), jnp.float32, -conv_bound, conv_bound),
+            logical_axes=("inner",))
+        self.x_proj = dense(d_inner, dt_rank + 2 * d_state, ("inner", None), rngs=rngs, use_bias=False,
+                            kernel_init=_torch_linear_init(d_inner), dtype=dtype)
+        dt_std = dt_rank**-0.5
+        self.dt_proj = dense(
+            dt_rank, d_inner, (None, "inner"), rngs=rngs, dtype=dtype,
+            kernel_init=lambda k, s, d: jax.random.uniform(k, s, d, -dt_std, dt_std))
+        self.dt_proj.bias.set_value(_dt_bias_init(rngs.params(), d_inner))
+        self.A_log = nnx.Param(_a_log_init(a_init, d_inner, d_state), logical_axes=("inner", None))
+        self.D = nnx.Param(jnp.ones((d_inner,), jnp.float32), logical_axes=("inner",))
+        self.dt_rank, self.d_state = dt_rank, d_state
+
+    def __call__(self, x: jax.Array, z: jax.Array, scan_impl: str) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x, z: (batch, length, d_inner), already in this direction's order. Returns (y, B, C)."""
+        x = jax.nn.silu(causal_depthwise_conv(x, self.conv_kernel[...], self.conv_bias[...]))
+        x_dbl = self.x_proj(x)
+        dt, B, C = jnp.split(x_dbl, [self.dt_rank, self.dt_rank + self.d_state], axis=-1)
+        delta = dt @ self.dt_proj.kernel[...].astype(dt.dtype)
+        y = selective_scan(
+            x, delta, -jnp.exp(self.A_log[...]), B, C, D=self.D[...], z=z,
+            delta_bias=self.dt_proj.bias[...], delta_softplus=True, impl=scan_impl)
+        return y, B, C
+
+
+def causal_depthwise_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    """Depthwise 1-D convolution over length, left-padded so output t sees inputs t-d_conv+1..t.
+
+    x: (batch, length, channels); kernel: (d_conv, channels), tap d_conv-1 multiplies the current token.
+    """
+    d_conv, length = kernel.shape[0], x.shape[1]
+    padded = jnp.pad(x, ((0, 0), (d_conv - 1, 0), (0, 0)))
+    kernel = kernel.astype(x.dtype)
+    out = sum(padded[:, i : i + length] * kernel[i] for i in range(d_conv))
+    return out + bias.astype(x.dtype)
+
+
+class Mamba(nnx.Module):
+    """Mamba-1 mixer. ``bidirectional=True`` is Vim's "v2": a second SSM on the reversed sequence whose
+    output is re-reversed, summed with the forward one and halved before out_proj."""
+
+    def __init__(
+        self,
+        d_model: int,
+        *,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_rank: int | None = None,
+        bidirectional: bool = True,
+        a_init: str = "s4d",
+        scan_impl: str = "auto",
+        num_layers_for_init: int = 1,
+        dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        d_inner = expand * d_model
+        dt_rank = dt_rank or math.ceil(d_model / 16)
+        self.d_inner, self.bidirectional, self.scan_impl = d_inner, bidirectional, scan_impl
+        self.in_proj = dense(d_model, 2 * d_inner, ("embed", "inner"), rngs=rngs, use_bias=False,
+                             kernel_init=_torch_linear_init(d_model), dtype=dtype)
+        self.fwd = SSMDirection(d_inner, d_state, dt_rank, d_conv, a_init, rngs=rngs, dtype=dtype)
+        self.bwd = (SSMDirection(d_inner, d_state, dt_rank, d_conv, a_init, rngs=rngs, dtype=dtype)
+                    if bidirectional else None)
+        # Vim rescales out_proj by 1/sqrt(n_layer) (GPT-2 style prenorm-residual init).
+        out_scale = 1.0 / math.sqrt(num_layers_for_init)
+        base = _torch_linear_init(d_inner)
+        self.out_proj = dense(d_inner, d_model, ("inner", "embed"), rngs=rngs, use_bias=False,
+                              kernel_init=lambda k, s, d: base(k, s, d) * out_scale, dtype=dtype)
+
+    def __call__(self, hidden: jax.Array) -> tuple[jax.Array, SSMProjections]:
+        """hidden: (batch, length, d_model) -> output (batch, length, d_model) and the B/C projections."""
+        x, z = jnp.split(self.in_proj(hidden), 2, axis=-1)
+        y, B, C = self.fwd(x, z, self.scan_impl)
+        if self.bwd is None:
+            return self.out_proj(y), SSMProjections(B, C)
+        y_b, B_b, C_b = self.bwd(x[:, ::-1], z[:, ::-1], self.scan_impl)
+        y = (y + y_b[:, ::-1]) * 0.5
+        return self.out_proj(y), SSMProjections(B, C, B_b, C_b)

@@ -1,0 +1,141 @@
+"""DeiT / ViT teacher (timm layout): returns logits and every block's attention queries and keys."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from cab_jax.models.layers import Dtype, PatchEmbed, dense, drop_path, param, split_key, trunc_normal_02
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTSize:
+    embed_dim: int
+    depth: int
+    num_heads: int
+    mlp_ratio: float = 4.0
+
+
+VIT_SIZES = {
+    "tiny": ViTSize(192, 12, 3),
+    "small": ViTSize(384, 12, 6),
+    "base": ViTSize(768, 12, 12),
+}
+
+
+class Attention(nnx.Module):
+    """Multi-head self-attention with separate q, k, v projections (timm's fused qkv is split on import)."""
+
+    def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, dtype: Dtype):
+        if dim % num_heads:
+            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.q = dense(dim, dim, ("embed", "heads"), rngs=rngs, dtype=dtype)
+        self.k = dense(dim, dim, ("embed", "heads"), rngs=rngs, dtype=dtype)
+        self.v = dense(dim, dim, ("embed", "heads"), rngs=rngs, dtype=dtype)
+        self.proj = dense(dim, dim, ("heads", "embed"), rngs=rngs, dtype=dtype)
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        batch, tokens, dim = x.shape
+        head_dim = dim // self.num_heads
+
+        def heads(t: jax.Array) -> jax.Array:  # (batch, tokens, dim) -> (batch, heads, tokens, head_dim)
+            return t.reshape(batch, tokens, self.num_heads, head_dim).transpose(0, 2, 1, 3)
+
+        q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
+        logits = jnp.einsum("bhqd,bhkd->bhqk", q, k) * head_dim**-0.5
+        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+        out = jnp.einsum("bhqk,bhkd->bhqd", weights, v).transpose(0, 2, 1, 3).reshape(batch, tokens, dim)
+        return self.proj(out), (q, k)
+
+
+class Mlp(nnx.Module):
+    def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, dtype: Dtype):
+        self.fc1 = dense(dim, hidden, ("embed", "mlp"), rngs=rngs, dtype=dtype)
+        self.fc2 = dense(hidden, dim, ("mlp", "embed"), rngs=rngs, dtype=dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+
+
+def layer_norm(dim: int, *, rngs: nnx.Rngs, dtype: Dtype) -> nnx.LayerNorm:
+    return nnx.LayerNorm(dim, epsilon=1e-6, dtype=dtype, rngs=rngs,
+                         scale_metadata={"logical_axes": ("embed",)}, bias_metadata={"logical_axes": ("embed",)})
+
+
+class Block(nnx.Module):
+    """Pre-LN transformer block."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_path: float, *, rngs: nnx.Rngs,
+                 dtype: Dtype):
+        self.norm1 = layer_norm(dim, rngs=rngs, dtype=dtype)
+        self.attn = Attention(dim, num_heads, rngs=rngs, dtype=dtype)
+        self.norm2 = layer_norm(dim, rngs=rngs, dtype=dtype)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), rngs=rngs, dtype=dtype)
+        self.drop_path = drop_path
+
+    def __call__(self, x: jax.Array, key: jax.Array | None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        key_attn, key_mlp = split_key(key, 2)
+        y, qk = self.attn(self.norm1(x))
+        x = x + drop_path(y, self.drop_path, key_attn)
+        x = x + drop_path(self.mlp(self.norm2(x)), self.drop_path, key_mlp)
+        return x, qk
+
+
+class ViT(nnx.Module):
+    """DeiT/ViT classifier: patch 16 (configurable), cls token first, learned position embedding."""
+
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 192,
+        depth: int = 12,
+        num_heads: int = 3,
+        mlp_ratio: float = 4.0,
+        drop_path_rate: float = 0.0,
+        dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        if img_size % patch_size:
+            raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
+        num_patches = (img_size // patch_size) ** 2
+        self.num_heads = num_heads
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, rngs=rngs, dtype=dtype)
+        self.cls_token = param(trunc_normal_02, rngs, (1, 1, embed_dim), (None, None, "embed"))
+        self.pos_embed = param(trunc_normal_02, rngs, (1, num_patches + 1, embed_dim), (None, None, "embed"))
+        rates = [float(r) for r in jnp.linspace(0.0, drop_path_rate, depth)]
+        self.blocks = nnx.List(
+            [Block(embed_dim, num_heads, mlp_ratio, r, rngs=rngs, dtype=dtype) for r in rates]
+        )
+        self.norm = layer_norm(embed_dim, rngs=rngs, dtype=dtype)
+        self.head = dense(embed_dim, num_classes, ("embed", "classes"), rngs=rngs, dtype=dtype)
+        self.dtype = dtype
+
+    def __call__(
+        self, images: jax.Array, *, key: jax.Array | None = None
+    ) -> tuple[jax.Array, list[tuple[jax.Array, jax.Array]]]:
+        """Returns float32 logits (batch, classes) and per block (q, k), each (batch, heads, tokens, head_dim),
+        taken before the 1/sqrt(head_dim) scale and the softmax."""
+        x = self.patch_embed(images.astype(self.dtype))
+        cls = jnp.broadcast_to(self.cls_token[...], (x.shape[0], 1, x.shape[-1])).astype(x.dtype)
+        x = jnp.concatenate([cls, x], axis=1) + self.pos_embed[...].astype(x.dtype)
+        qks = []
+        for block, block_key in zip(self.blocks, split_key(key, len(self.blocks)), strict=True):
+            x, qk = block(x, block_key)
+            qks.append(qk)
+        x = self.norm(x)
+        return self.head(x[:, 0]).astype(jnp.float32), qks
+
+
+def vit(size: str, **kwargs) -> ViT:
+    """Named DeiT size ("tiny", "small", "base"); keyword arguments override the size's fields."""
+    if size not in VIT_SIZES:
+        raise ValueError(f"unknown ViT size {size!r}; expected one of {sorted(VIT_SIZES)}")
+    return ViT(**{**dataclasses.asdict(VIT_SIZES[size]), **kwargs})
