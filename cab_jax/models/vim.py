@@ -76,7 +76,8 @@ class Vim(nnx.Module):
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, rngs=rngs, dtype=dtype)
         self.cls_token = param(trunc_normal_02, rngs, (1, 1, embed_dim), (None, None, "embed"))
         self.pos_embed = param(trunc_normal_02, rngs, (1, num_patches + 1, embed_dim), (None, None, "embed"))
-        rates = [float(r) for r in jnp.linspace(0.0, drop_path_rate, depth)]
+        # As in Vim: block i gets ([0] + linspace(0, rate, depth))[i]; the first block has no residual input.
+        rates = [0.0, *[float(r) for r in jnp.linspace(0.0, drop_path_rate, depth)][:depth - 1]]
         self.layers = nnx.List([
             VimBlock(
                 embed_dim,
@@ -100,17 +101,15 @@ class Vim(nnx.Module):
                  ) -> tuple[jax.Array, list[SSMProjections]]:
         """Returns float32 logits (batch, classes) and each layer's SSM projections (B, C, B_b, C_b)."""
         hidden, residual = self.embed(images), None
-        keys = split_key(key, len(self.layers) + 1)
         projections = []
-        for layer, layer_key in zip(self.layers, keys[:-1], strict=True):
+        for layer, layer_key in zip(self.layers, split_key(key, len(self.layers)), strict=True):
             if self.remat:
                 hidden, residual, proj = nnx.remat(lambda blk, h, r, k: blk(h, r, k))(
                     layer, hidden, residual, layer_key)
             else:
                 hidden, residual, proj = layer(hidden, residual, layer_key)
             projections.append(proj)
-        residual = residual + drop_path(hidden, self.layers[-1].drop_path, keys[-1]).astype(jnp.float32)
-        features = self.norm_f(residual)
+        features = self.norm_f(residual + hidden.astype(jnp.float32))
         return self.head(features[:, self.cls_position].astype(self.dtype)).astype(jnp.float32), projections
 
 

@@ -1,0 +1,114 @@
+"""One device mesh from config, logical-axis rules, and the shardings of parameters and batches.
+
+Mesh axes: ``data`` (pure data parallel), ``fsdp`` (data parallel with parameters sharded over it) and
+``tensor`` (model parallel). Parameters carry logical axis names (``logical_axes`` metadata); the rules
+below map each logical name to a mesh axis. A dimension that the mesh axis does not divide stays
+replicated, so odd sizes (10 classes, 197 tokens) never fail.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+LOGICAL_RULES: Mapping[str, str | None] = {
+    "embed": "fsdp",
+    "heads": "tensor",
+    "mlp": "tensor",
+    "inner": "tensor",
+    "classes": None,
+}
+
+
+def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices: list | None = None) -> Mesh:
+    """Mesh of shape (data, fsdp, tensor); one size may be -1 to take the remaining devices."""
+    devices = jax.devices() if devices is None else devices
+    sizes = [mesh_cfg[a] for a in MESH_AXES]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"config.mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes, strict=True))}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"config.mesh: {len(devices)} devices are not divisible by the fixed axes' "
+                             f"product {known}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ValueError(f"config.mesh: {dict(zip(MESH_AXES, sizes, strict=True))} needs {math.prod(sizes)} devices, "
+                         f"but {len(devices)} are available")
+    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+def logical_axes(module: nnx.Module) -> dict:
+    """Pure-dict tree (matching ``nnx.state(module).to_pure_dict()``) of each parameter's logical axes."""
+    state = nnx.state(module)
+    axes = jax.tree.map(lambda v: v.get_metadata().get("logical_axes"), state,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return axes.to_pure_dict()
+
+
+def spec_for(shape: tuple[int, ...], axes: tuple[str | None, ...] | None, mesh: Mesh,
+             rules: Mapping[str, str | None] = LOGICAL_RULES) -> PartitionSpec:
+    """PartitionSpec for one array: each named dim goes to its rule's mesh axis when that axis divides it."""
+    if axes is None:
+        return PartitionSpec()
+    if len(axes) != len(shape):
+        raise ValueError(f"logical axes {axes} do not match parameter shape {shape}")
+    used, spec = set(), []
+    for dim, name in zip(shape, axes, strict=True):
+        mesh_axis = rules.get(name) if name is not None else None
+        if mesh_axis is not None and mesh_axis not in used and dim % mesh.shape[mesh_axis] == 0:
+            spec.append(mesh_axis)
+            used.add(mesh_axis)
+        else:
+            spec.append(None)
+    return PartitionSpec(*spec)
+
+
+def param_shardings(params: dict, axes: dict, mesh: Mesh) -> dict:
+    """NamedShardings for a pure-dict parameter tree, from its logical-axes tree."""
+    flat_axes = dict(_flatten(axes))
+    return _unflatten({path: NamedSharding(mesh, spec_for(np.shape(leaf), flat_axes.get(path), mesh))
+                       for path, leaf in _flatten(params)})
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) dimension split over the data-parallel axes."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Assemble each process's local batch shard into global arrays sharded over the batch axes."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
+
+
+def _flatten(tree: dict, prefix: tuple = ()) -> list[tuple[tuple, object]]:
+    items = []
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            items.extend(_flatten(value, (*prefix, key)))
+        else:
+            items.append(((*prefix, key), value))
+    return items
+
+
+def _unflatten(flat: dict[tuple, object]) -> dict:
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return tree

@@ -1,0 +1,443 @@
+"""Train state, optimizer, sharded train/eval steps and the training loop (teacher or student)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import signal
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from etils import epath
+from flax import nnx
+from jax.sharding import Mesh
+
+from cab_jax import checkpoint, data, sharding
+from cab_jax import config as config_lib
+from cab_jax.bridge import AttentionBridge
+from cab_jax.losses import LossWeights, kl_divergence, loss_weights, smooth_labels, soft_cross_entropy, topk_correct
+from cab_jax.models.vim import Vim
+from cab_jax.models.vit import ViT
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+NO_DECAY_NAMES = frozenset({"pos_embed", "cls_token", "A_log"})
+State = dict[str, Any]
+
+
+# ----------------------------------------------------------------------------------------------- models
+
+
+def build_teacher(c: ml_collections.ConfigDict, rngs: nnx.Rngs) -> ViT:
+    t = c.teacher
+    return ViT(num_classes=c.data.num_classes, img_size=c.data.image_size, patch_size=t.patch_size,
+               embed_dim=t.embed_dim, depth=t.depth, num_heads=t.num_heads, mlp_ratio=t.mlp_ratio,
+               drop_path_rate=t.drop_path, dtype=DTYPES[c.dtype], rngs=rngs)
+
+
+def build_student(c: ml_collections.ConfigDict, rngs: nnx.Rngs) -> Vim:
+    s = c.student
+    return Vim(num_classes=c.data.num_classes, img_size=c.data.image_size, patch_size=s.patch_size,
+               embed_dim=s.embed_dim, depth=s.depth, d_state=s.d_state, d_conv=s.d_conv, expand=s.expand,
+               bidirectional=s.bidirectional, a_init=s.a_init, scan_impl=s.scan_impl, drop_path_rate=s.drop_path,
+               remat=s.remat, dtype=DTYPES[c.dtype], rngs=rngs)
+
+
+def build_bridge(c: ml_collections.ConfigDict, rngs: nnx.Rngs) -> AttentionBridge:
+    b = c.bridge
+    return AttentionBridge(
+        student_depth=c.student.depth, teacher_depth=c.teacher.depth, d_state=c.student.d_state,
+        d_teacher=c.teacher.embed_dim, hidden=b.hidden, kind=b.kind, kernel_map=b.kernel_map,
+        layers=tuple(b.layers) if b.layer_map == "explicit" else b.layer_map,
+        bidirectional=c.student.bidirectional, rngs=rngs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Functional:
+    """An NNX module split into its static graph and an abstract state; ``apply`` runs it on a pure-dict
+    parameter tree, so parameters can live in plain pytrees (jit arguments, optax, orbax)."""
+
+    graphdef: nnx.GraphDef
+    abstract: nnx.State
+
+    @classmethod
+    def split(cls, module: nnx.Module) -> tuple[Functional, dict]:
+        graphdef, state = nnx.split(module)
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+        return cls(graphdef, abstract), state.to_pure_dict()
+
+    def module(self, params: dict) -> nnx.Module:
+        state = jax.tree.map(lambda x: x, self.abstract)
+        nnx.replace_by_pure_dict(state, params)
+        return nnx.merge(self.graphdef, state)
+
+
+# -------------------------------------------------------------------------------------------- optimizer
+
+
+def decay_mask(params: dict) -> dict:
+    """Weight decay on matrices only: not on norms, biases, D (1-D) nor pos_embed, cls_token, A_log."""
+    def keep(path, leaf) -> bool:
+        name = str(getattr(path[-1], "key", path[-1]))
+        return np.ndim(leaf) >= 2 and name not in NO_DECAY_NAMES
+    return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def learning_rate_fn(t: ml_collections.ConfigDict, sched: config_lib.Schedule) -> optax.Schedule:
+    """Linear warmup from ``warmup_lr`` to the peak, then cosine decay to ``min_lr``."""
+    decay_steps = max(1, sched.total_steps - sched.warmup_steps)
+    cosine = optax.cosine_decay_schedule(sched.peak_lr, decay_steps,
+                                         alpha=t.min_lr / sched.peak_lr if sched.peak_lr > 0 else 0.0)
+    if sched.warmup_steps == 0:
+        return cosine
+    warmup = optax.linear_schedule(t.warmup_lr, sched.peak_lr, sched.warmup_steps)
+    return optax.join_schedules([warmup, cosine], [sched.warmup_steps])
+
+
+def make_optimizer(t: ml_collections.ConfigDict, lr_fn: optax.Schedule) -> optax.GradientTransformation:
+    tx = optax.adamw(lr_fn, b1=0.9, b2=0.999, eps=1e-8, weight_decay=t.weight_decay, mask=decay_mask)
+    return optax.chain(optax.clip_by_global_norm(t.grad_clip), tx) if t.grad_clip > 0 else tx
+
+
+# ------------------------------------------------------------------------------------------- mixup/cutmix
+
+
+def mix_batch(key: jax.Array, images: jax.Array, labels: jax.Array, num_classes: int,
+              t: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array]:
+    """timm-style batch Mixup/CutMix with label smoothing: the batch is mixed with its reverse; with both
+    enabled, CutMix is chosen with probability ``mixup_switch_prob``. Returns images and soft targets."""
+    targets = smooth_labels(labels, num_classes, t.label_smoothing)
+    if t.mixup_prob == 0 or (t.mixup_alpha == 0 and t.cutmix_alpha == 0):
+        return images, targets
+    k_apply, k_switch, k_mix, k_cut, k_y, k_x = jax.random.split(key, 6)
+    flipped = images[::-1]
+    lam_mix = jax.random.beta(k_mix, t.mixup_alpha, t.mixup_alpha) if t.mixup_alpha > 0 else 1.0
+    mixed = lam_mix * images + (1.0 - lam_mix) * flipped
+
+    height, width = images.shape[1:3]
+    lam_cut = jax.random.beta(k_cut, t.cutmix_alpha, t.cutmix_alpha) if t.cutmix_alpha > 0 else 1.0
+    ratio = jnp.sqrt(1.0 - lam_cut)
+    cy, cx = jax.random.randint(k_y, (), 0, height), jax.random.randint(k_x, (), 0, width)
+    half_h, half_w = (height * ratio / 2).astype(jnp.int32), (width * ratio / 2).astype(jnp.int32)
+    y0, y1 = jnp.clip(cy - half_h, 0, height), jnp.clip(cy + half_h, 0, height)
+    x0, x1 = jnp.clip(cx - half_w, 0, width), jnp.clip(cx + half_w, 0, width)
+    ys, xs = jnp.arange(height)[:, None], jnp.arange(width)[None, :]
+    box = (ys >= y0) & (ys < y1) & (xs >= x0) & (xs < x1)
+    cut = jnp.where(box[None, :, :, None], flipped, images)
+    lam_cut = 1.0 - (y1 - y0) * (x1 - x0) / (height * width)  # the area actually pasted
+
+    if t.cutmix_alpha > 0 and t.mixup_alpha > 0:
+        use_cut = jax.random.uniform(k_switch) < t.mixup_switch_prob
+    else:
+        use_cut = jnp.asarray(t.cutmix_alpha > 0)
+    apply = jax.random.uniform(k_apply) < t.mixup_prob
+    lam = jnp.where(apply, jnp.where(use_cut, lam_cut, lam_mix), 1.0)
+    images = jnp.where(apply, jnp.where(use_cut, cut, mixed), images)
+    return images.astype(flipped.dtype), lam * targets + (1.0 - lam) * targets[::-1]
+
+
+# --------------------------------------------------------------------------------------------- trainer
+
+
+@dataclasses.dataclass
+class Trainer:
+    """Sharded train and eval steps for one model (plus bridge and frozen teacher when distilling).
+
+    The state is a dict: step, params {"model", ["bridge"]}, opt_state, rng, [ema]. The teacher's
+    parameters are a separate, read-only argument of the train step.
+    """
+
+    mesh: Mesh
+    model: Functional
+    tx: optax.GradientTransformation
+    lr_fn: optax.Schedule
+    weights: LossWeights
+    train_cfg: ml_collections.ConfigDict
+    num_classes: int
+    bridge: Functional | None = None
+    teacher: Functional | None = None
+    cls_position: int = 0
+    detach_student: bool = False
+    drop_path: bool = False
+    temperature: float = 1.0
+
+    def init_state(self, params: dict, seed: int, param_axes: dict) -> State:
+        """Place ``params`` on the mesh by their logical axes and build the optimizer state there."""
+        shardings = sharding.param_shardings(params, param_axes, self.mesh)
+        params = jax.device_put(params, shardings)
+        rep = sharding.replicated(self.mesh)
+
+        def init(params):
+            state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.tx.init(params),
+                     "rng": jax.random.key_data(jax.random.key(seed))}
+            if self.train_cfg.ema_decay > 0:
+                state["ema"] = jax.tree.map(jnp.copy, params)
+            return state
+
+        abstract = jax.eval_shape(init, params)
+        out_shardings = {k: rep for k in abstract}
+        out_shardings["params"] = shardings
+        if "ema" in abstract:
+            out_shardings["ema"] = shardings
+        # Optimizer moments mirror the parameters; let them follow the parameter shardings.
+        out_shardings["opt_state"] = _like_params(abstract["opt_state"], params, shardings, rep)
+        self.state_shardings = out_shardings
+        return jax.jit(init, out_shardings=out_shardings)(params)
+
+    # ---- steps
+
+    def _loss(self, params: dict, images: jax.Array, targets: jax.Array, teacher_out, key: jax.Array | None):
+        logits, aux = self.model.module(params["model"])(images, key=key)
+        terms = {}
+        if self.weights.ce:
+            terms["ce"] = soft_cross_entropy(logits, targets)
+        if self.weights.kl:
+            terms["kl"] = kl_divergence(logits, teacher_out[0], self.temperature)
+        if self.weights.bridge:
+            projections = jax.lax.stop_gradient(aux) if self.detach_student else aux
+            terms["bridge"] = self.bridge.module(params["bridge"])(projections, teacher_out[1], self.cls_position)
+        total = sum(getattr(self.weights, name) * value for name, value in terms.items())
+        return total, (terms, logits)
+
+    def train_step(self, state: State, teacher_params: dict | None, batch: dict) -> tuple[State, dict]:
+        step_key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+        mix_key, drop_key = jax.random.split(step_key)
+        images, targets = mix_batch(mix_key, batch["image"], batch["label"], self.num_classes, self.train_cfg)
+        teacher_out = None
+        if self.weights.needs_teacher:
+            teacher_out = jax.lax.stop_gradient(self.teacher.module(teacher_params)(images))
+        (loss, (terms, logits)), grads = jax.value_and_grad(self._loss, has_aux=True)(
+            state["params"], images, targets, teacher_out, drop_key if self.drop_path else None)
+        updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        new_state = {**state, "step": state["step"] + 1, "params": params, "opt_state": opt_state}
+        if "ema" in state:
+            d = self.train_cfg.ema_decay
+            new_state["ema"] = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state["ema"], params)
+        metrics = {"loss": loss, **terms, "lr": self.lr_fn(state["step"]), "grad_norm": optax.global_norm(grads),
+                   "train_top1": jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(targets, -1))}
+        return new_state, metrics
+
+    def eval_step(self, params: dict, batch: dict) -> dict:
+        logits, _ = self.model.module(params)(batch["image"])
+        mask = batch["mask"]
+        labels = batch["label"]
+        k = min(5, self.num_classes)
+        return {"top1": jnp.sum(topk_correct(logits, labels, 1) * mask),
+                "top5": jnp.sum(topk_correct(logits, labels, k) * mask), "count": jnp.sum(mask)}
+
+    def compile(self, teacher_shardings) -> None:
+        """jit both steps with explicit shardings; the train step donates the state."""
+        batch = sharding.batch_sharding(self.mesh)
+        rep = sharding.replicated(self.mesh)
+        self.jit_train_step = jax.jit(
+            self.train_step, in_shardings=(self.state_shardings, teacher_shardings, batch),
+            out_shardings=(self.state_shardings, rep), donate_argnums=(0,))
+        self.jit_eval_step = jax.jit(self.eval_step, in_shardings=(self.state_shardings["params"]["model"], batch),
+                                     out_shardings=rep)
+
+    def evaluate(self, params: dict, batches: Iterable[dict]) -> dict[str, float]:
+        totals = None
+        for local in batches:
+            out = self.jit_eval_step(params, sharding.global_batch(local, self.mesh))
+            totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+        totals = jax.device_get(totals)
+        count = float(totals["count"])
+        return {"top1": 100.0 * float(totals["top1"]) / count, "top5": 100.0 * float(totals["top5"]) / count,
+                "eval_examples": int(count)}
+
+
+def _like_params(opt_abstract, params: dict, param_shard: dict, rep) -> Any:
+    """Shard every optimizer-state subtree with the parameters' tree structure like the parameters."""
+    params_def = jax.tree.structure(params)
+
+    def assign(node):
+        if jax.tree.structure(node) == params_def:
+            return param_shard
+        return None
+
+    def walk(node):
+        found = assign(node)
+        if found is not None:
+            return found
+        if isinstance(node, tuple | list) or hasattr(node, "_fields"):
+            children = [walk(child) for child in node]
+            return type(node)(*children) if hasattr(node, "_fields") else type(node)(children)
+        if isinstance(node, dict):
+            return {k: walk(v) for k, v in node.items()}
+        return jax.tree.map(lambda _: rep, node)
+
+    return walk(opt_abstract)
+
+
+# ------------------------------------------------------------------------------------------------ loop
+
+
+class StopRequest:
+    """SIGINT/SIGTERM set a flag so the loop can checkpoint and exit; a second Ctrl-C aborts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # signals can only be set from the main thread
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        logging.warning("Stop requested (signal %d): saving a checkpoint, then exiting.", signum)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class MetricsWriter:
+    """Appends one JSON object per line to ``workdir/metrics.jsonl``."""
+
+    def __init__(self, workdir: epath.Path):
+        self.path = workdir / "metrics.jsonl"
+        self.enabled = jax.process_index() == 0
+
+    def write(self, step: int, split: str, values: dict[str, float]) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps({"step": step, "split": split, **values}) + "\n")
+
+
+@dataclasses.dataclass
+class RunResult:
+    top1: float
+    top5: float
+    steps: int
+    wall_time_s: float
+    train_examples: int
+    stopped_early: bool = False
+
+
+def run(c: ml_collections.ConfigDict, workdir: str, *, role: str = "student",
+        on_step: Callable[[int], None] | None = None) -> RunResult:
+    """Train the student (``role="student"``, distillation per ``c.loss``) or the teacher
+    (``role="teacher"``, supervised on the full train split with ``c.teacher.train``), resuming from the
+    latest checkpoint in ``workdir``. ``on_step`` is called after each step (tests use it)."""
+    if role not in ("student", "teacher"):
+        raise ValueError(f"unknown role {role!r}")
+    config_lib.validate(c)
+    workdir_path = epath.Path(workdir)
+    workdir_path.mkdir(parents=True, exist_ok=True)
+    mesh = sharding.make_mesh(c.mesh)
+    train_cfg = c.teacher.train if role == "teacher" else c.train
+    data_cfg = c.data
+    if role == "teacher":
+        data_cfg = ml_collections.ConfigDict(c.data.to_dict())
+        data_cfg.subset_fraction = 1.0
+    data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+    for name in ("batch_size", "eval_batch_size"):
+        if train_cfg[name] % data_parallel:
+            raise ValueError(f"config.{'teacher.' if role == 'teacher' else ''}train.{name} "
+                             f"({train_cfg[name]}) must be divisible by the data-parallel mesh size {data_parallel}")
+
+    train_size = data.train_dataset_size(data_cfg)
+    sched = config_lib.schedule(train_cfg, train_size, data_cfg.subset_fraction)
+    lr_fn = learning_rate_fn(train_cfg, sched)
+    rngs = nnx.Rngs(c.seed)
+    weights = (loss_weights("vanilla") if role == "teacher" else
+               loss_weights(c.loss.mode, c.loss.ce_weight, c.loss.kl_weight, c.loss.bridge_weight))
+
+    model = build_teacher(c, rngs) if role == "teacher" else build_student(c, rngs)
+    model_fn, model_params = Functional.split(model)
+    params, axes = {"model": model_params}, {"model": sharding.logical_axes(model)}
+    bridge_fn = teacher_fn = None
+    teacher_params = teacher_shardings = None
+    if role == "student" and weights.bridge > 0:
+        bridge = build_bridge(c, rngs)
+        bridge_fn, params["bridge"] = Functional.split(bridge)
+        axes["bridge"] = sharding.logical_axes(bridge)
+    if role == "student" and weights.needs_teacher:
+        teacher = build_teacher(c, nnx.Rngs(c.seed + 1))
+        teacher_fn, teacher_params = Functional.split(teacher)
+        teacher_shardings = sharding.param_shardings(teacher_params, sharding.logical_axes(teacher), mesh)
+        teacher_params = load_teacher(c, teacher_params, teacher_shardings)
+
+    trainer = Trainer(mesh=mesh, model=model_fn, tx=make_optimizer(train_cfg, lr_fn), lr_fn=lr_fn, weights=weights,
+                      train_cfg=train_cfg, num_classes=c.data.num_classes, bridge=bridge_fn, teacher=teacher_fn,
+                      cls_position=getattr(model, "cls_position", 0), detach_student=c.bridge.detach_student,
+                      drop_path=(c.teacher.drop_path if role == "teacher" else c.student.drop_path) > 0,
+                      temperature=c.loss.temperature)
+    state = trainer.init_state(params, c.seed, axes)
+    trainer.compile(teacher_shardings)
+
+    train_iter = data.make_train_iterator(data_cfg, global_batch_size=train_cfg.batch_size, seed=c.seed)
+    eval_batches = data.make_eval_batches(data_cfg, global_batch_size=train_cfg.eval_batch_size)
+    ckpt = checkpoint.RunCheckpointer(workdir_path / "checkpoints", keep=train_cfg.keep_checkpoints)
+    state, restored_step = ckpt.restore(state, train_iter)
+    writer = MetricsWriter(workdir_path)
+    step = int(restored_step or 0)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]["model"]))
+    logging.info("%s: %d parameters, %d train examples, %d steps (%d warmup, %d per epoch), peak lr %.3g, "
+                 "mesh %s, %s", role, n_params, train_size, sched.total_steps, sched.warmup_steps,
+                 sched.steps_per_epoch, sched.peak_lr, dict(mesh.shape),
+                 f"resumed at step {step}" if restored_step else "starting fresh")
+
+    start, interval_start, interval_steps, stopped = time.time(), time.time(), 0, False
+    eval_params = lambda s: s["ema"]["model"] if "ema" in s else s["params"]["model"]
+    with StopRequest() as stop:
+        while step < sched.total_steps:
+            batch = sharding.global_batch(next(train_iter), mesh)
+            state, metrics = trainer.jit_train_step(state, teacher_params, batch)
+            step += 1
+            interval_steps += 1
+            if on_step is not None:
+                on_step(step)
+            if step % train_cfg.log_every == 0 or step == sched.total_steps:
+                values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                elapsed = time.time() - interval_start
+                values["images_per_s"] = interval_steps * train_cfg.batch_size / max(elapsed, 1e-9)
+                writer.write(step, "train", values)
+                logging.info("[%s %d/%d] %s", role, step, sched.total_steps,
+                             " ".join(f"{k}={v:.4g}" for k, v in values.items()))
+                interval_start, interval_steps = time.time(), 0
+            if train_cfg.eval_every and step % train_cfg.eval_every == 0 and step < sched.total_steps:
+                result = trainer.evaluate(eval_params(state), eval_batches)
+                writer.write(step, "eval", result)
+                logging.info("[%s %d/%d] eval %s", role, step, sched.total_steps, result)
+            if step % train_cfg.checkpoint_every == 0 or stop.requested:
+                ckpt.save(step, state, train_iter)
+            if stop.requested:
+                stopped = True
+                break
+    if not stopped:
+        ckpt.save(step, state, train_iter)
+    ckpt.wait()
+    ckpt.close()
+    if stopped:
+        logging.warning("Stopped at step %d; run the same command again to resume.", step)
+        return RunResult(float("nan"), float("nan"), step, time.time() - start, train_size, stopped_early=True)
+    result = trainer.evaluate(eval_params(state), eval_batches)
+    writer.write(step, "eval", result)
+    logging.info("[%s] final eval at step %d: %s", role, step, result)
+    return RunResult(result["top1"], result["top5"], step, time.time() - start, train_size)
+
+
+def load_teacher(c: ml_collections.ConfigDict, params: dict, shardings: dict) -> dict:
+    """The frozen teacher's parameters: from ``c.teacher.init_from``, or random (synthetic data only)."""
+    if c.teacher.init_from:
+        target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, shardings)
+        return checkpoint.load_model_params(c.teacher.init_from, target)
+    if not c.data.synthetic:
+        raise ValueError("config.teacher.init_from is empty: distillation needs trained teacher weights (a "
+                         "train_teacher workdir); only data.synthetic=True runs allow a random teacher")
+    logging.warning("No teacher.init_from: using a randomly initialised teacher (synthetic-data run).")
+    return jax.device_put(params, shardings)
