@@ -1,0 +1,41 @@
+"""Entry point: ``python -m cab_jax.main --config=configs/NAME.py --workdir=DIR [--config.x.y=value ...]``.
+
+The same command runs on a laptop CPU, a GPU host and a TPU pod; pass ``--jax_distributed`` on
+multi-process launches (TPU pods, multi-host GPU) so ``jax.distributed.initialize()`` runs first.
+"""
+
+from __future__ import annotations
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from cab_jax import config as config_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/NAME.py).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
+_DISTRIBUTED = flags.DEFINE_bool("jax_distributed", False, "Call jax.distributed.initialize() (multi-process).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    c = _CONFIG.value
+    config_lib.validate(c)
+    if _DISTRIBUTED.value:
+        jax.distributed.initialize()
+    logging.info("JAX %s, process %d/%d, devices: %s", jax.__version__, jax.process_index(), jax.process_count(),
+                 jax.devices())
+    from cab_jax import demo, train  # imported after validation so bad flags fail fast
+
+    if c.task == "demo":
+        demo.run(c, _WORKDIR.value)
+    else:
+        result = train.run(c, _WORKDIR.value, role="teacher" if c.task == "train_teacher" else "student")
+        logging.info("Result: %s", result)
+
+
+if __name__ == "__main__":
+    app.run(main)
