@@ -1,0 +1,101 @@
+"""Every config builds and validates; bad overrides fail before any work, naming the key."""
+
+import pathlib
+import subprocess
+import sys
+
+import pytest
+from ml_collections import config_flags
+
+from cab_jax import config as config_lib
+
+CONFIGS = sorted(pathlib.Path(__file__).parents[1].glob("configs/*.py"))
+
+
+def load(path: pathlib.Path, *overrides: str):
+    """Parse a config file with command-line style overrides, as main.py does."""
+    from absl import flags
+
+    argv = ["prog", f"--config={path}", *overrides]
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True, sys_argv=argv)
+    fv(argv)
+    return fv.config
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_every_config_builds_and_validates(path):
+    c = load(path)
+    config_lib.validate(c)
+    assert c.task in config_lib.TASKS
+
+
+def test_there_are_the_three_documented_configs():
+    assert {p.stem for p in CONFIGS} >= {"demo", "vim_small", "vim_tiny"}
+
+
+def test_sizes_follow_the_paper():
+    small, tiny = load(CONFIGS[0].parent / "vim_small.py"), load(CONFIGS[0].parent / "vim_tiny.py")
+    assert (small.teacher.embed_dim, small.teacher.num_heads, small.student.embed_dim) == (384, 6, 384)
+    assert (tiny.teacher.embed_dim, tiny.teacher.num_heads, tiny.student.embed_dim) == (192, 3, 192)
+    assert small.student.depth == 24 and small.teacher.depth == 12 and small.student.d_state == 16
+
+
+def test_overrides_apply():
+    c = load(CONFIGS[0].parent / "vim_small.py", "--config.train.batch_size=128", "--config.loss.mode=soft",
+             "--config.data.subset_fraction=0.05")
+    assert (c.train.batch_size, c.loss.mode, c.data.subset_fraction) == (128, "soft", 0.05)
+    config_lib.validate(c)
+    assert config_lib.schedule(c.train, 64_000, c.data.subset_fraction).total_steps == 600 * 500
+
+
+def test_unknown_key_fails_naming_it():
+    with pytest.raises(Exception, match="batch_szie"):
+        load(CONFIGS[0].parent / "vim_small.py", "--config.train.batch_szie=128")
+
+
+def test_wrong_type_fails():
+    with pytest.raises(Exception, match="batch_size"):
+        load(CONFIGS[0].parent / "vim_small.py", "--config.train.batch_size=abc")
+
+
+@pytest.mark.parametrize("override, key", [
+    ("--config.data.subset_fraction=-0.1", "data.subset_fraction"),
+    ("--config.data.subset_fraction=1.5", "data.subset_fraction"),
+    ("--config.loss.mode=hard", "loss.mode"),
+    ("--config.student.scan_impl=cuda", "student.scan_impl"),
+    ("--config.student.a_init=zeros", "student.a_init"),
+    ("--config.bridge.kernel_map=cosine", "bridge.kernel_map"),
+    ("--config.bridge.layer_map=explicit", "bridge.layers"),
+    ("--config.task=finetune", "task"),
+    ("--config.dtype=float16", "dtype"),
+    ("--config.train.batch_size=0", "train.batch_size"),
+    ("--config.train.ema_decay=1.0", "train.ema_decay"),
+    ("--config.student.patch_size=14", "student.patch_size"),
+    ("--config.teacher.num_heads=5", "teacher.num_heads"),
+    ("--config.mesh.tensor=0", "mesh.tensor"),
+    ("--config.data.subset_fraction=0.3", "train.epochs"),
+])
+def test_bad_values_fail_with_the_key(override, key):
+    c = load(CONFIGS[0].parent / "vim_small.py", override)
+    with pytest.raises(ValueError, match=f"config.{key}".replace(".", r"\.")):
+        config_lib.validate(c)
+
+
+def test_schedule_derivation():
+    t = load(CONFIGS[0].parent / "vim_small.py").train
+    s = config_lib.schedule(t, train_size=128_000, subset_fraction=0.1)
+    assert s.steps_per_epoch == 250 and s.total_steps == 300 * 250 and s.warmup_steps == 5 * 250
+    assert s.peak_lr == pytest.approx(5e-4)
+    t.batch_size, t.steps = 64, 10
+    s = config_lib.schedule(t, train_size=128_000, subset_fraction=0.1)
+    assert s.total_steps == 10 and s.peak_lr == pytest.approx(6.25e-5) and s.warmup_steps == 9
+
+
+def test_main_rejects_bad_override_before_work(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "cab_jax.main", f"--config={CONFIGS[0].parent / 'demo.py'}",
+         f"--workdir={tmp_path}", "--config.loss.mode=nonsense"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "config.loss.mode" in proc.stderr and "nonsense" in proc.stderr
+    assert not any(tmp_path.iterdir()), "nothing may be written before validation passes"
