@@ -1,0 +1,98 @@
+"""Random-access sources (``__len__`` + ``__getitem__``) that the grain pipelines read.
+
+They live in their own module, free of JAX, because grain's multiprocessing prefetch pickles the
+pipeline into freshly spawned worker processes that import these classes.
+
+Every source yields dicts ``{"image": (H, W, C) uint8, "label": int, "index": int64}`` where
+``index`` is the example's position in the underlying split (-1 for padding).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+
+class IndexedSource:
+    """The examples ``indices`` of ``source`` (a tfds data source), in the order given."""
+
+    def __init__(self, source: Sequence[dict[str, Any]], indices: np.ndarray):
+        self._source = source
+        self._indices = np.asarray(indices, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return int(self._indices.shape[0])
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        index = self._indices[i]
+        record = self._source[int(index)]
+        return {"image": record["image"], "label": int(record["label"]), "index": index}
+
+    def __repr__(self) -> str:
+        return f"IndexedSource({self._source!r}, {len(self)} indices)"
+
+
+class SyntheticSource:
+    """``size`` random images and labels; example ``i`` depends only on (seed, i)."""
+
+    def __init__(self, *, size: int, image_size: int, num_classes: int, seed: int):
+        if size < 1:
+            raise ValueError(f"synthetic_size must be positive, got {size}")
+        self._size = int(size)
+        self._image_size = int(image_size)
+        self._num_classes = int(num_classes)
+        self._seed = int(seed)
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if not 0 <= i < self._size:
+            raise IndexError(f"synthetic index {i} out of range [0, {self._size})")
+        rng = np.random.default_rng([self._seed, int(i)])
+        shape = (self._image_size, self._image_size, 3)
+        image = rng.integers(0, 256, size=shape, dtype=np.uint8)
+        label = int(rng.integers(0, self._num_classes))
+        return {"image": image, "label": label, "index": np.int64(i)}
+
+    def labels(self) -> np.ndarray:
+        return np.asarray([self[i]["label"] for i in range(self._size)], dtype=np.int64)
+
+    def __repr__(self) -> str:
+        return f"SyntheticSource(size={self._size}, image_size={self._image_size}, seed={self._seed})"
+
+
+class PaddedSource:
+    """``source`` followed by zero images (label 0, mask 0) up to ``length`` examples.
+
+    Real examples get ``mask`` 1.0. Padding images are (image_size, image_size, 3), the eval output
+    size, so the eval transform leaves them as they are.
+    """
+
+    def __init__(self, source: Sequence[dict[str, Any]], *, length: int, image_size: int):
+        if length < len(source):
+            raise ValueError(f"padded length {length} < source length {len(source)}")
+        self._source = source
+        self._length = int(length)
+        self._image_size = int(image_size)
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if i < len(self._source):
+            record = dict(self._source[i])
+            record["mask"] = np.float32(1.0)
+            return record
+        size = self._image_size
+        return {
+            "image": np.zeros((size, size, 3), np.uint8),
+            "label": 0,
+            "index": np.int64(-1),
+            "mask": np.float32(0.0),
+        }
+
+    def __repr__(self) -> str:
+        return f"PaddedSource({self._source!r}, length={self._length})"
