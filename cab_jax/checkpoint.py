@@ -61,7 +61,7 @@ def load_model_params(path: str | os.PathLike, target: dict) -> dict:
     if not ckpt_dir.exists():
         raise FileNotFoundError(f"no checkpoint directory at {ckpt_dir} (expected a workdir of a finished "
                                 "train_teacher/distill run, or its checkpoints/ folder)")
-    manager = ocp.CheckpointManager(ckpt_dir.absolute(), item_handlers={STATE: ocp.StandardCheckpointHandler()},
+    manager = ocp.CheckpointManager(ckpt_dir.absolute(), item_handlers={STATE: ocp.PyTreeCheckpointHandler()},
                                     options=ocp.CheckpointManagerOptions(read_only=True))
     step = manager.latest_step()
     if step is None:

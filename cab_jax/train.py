@@ -413,12 +413,12 @@ def run(c: ml_collections.ConfigDict, workdir: str, *, role: str = "student",
                 result = trainer.evaluate(eval_params(state), eval_batches)
                 writer.write(step, "eval", result)
                 logging.info("[%s %d/%d] eval %s", role, step, sched.total_steps, result)
-            if step % train_cfg.checkpoint_every == 0 or stop.requested:
+            if (step % train_cfg.checkpoint_every == 0 and step < sched.total_steps) or stop.requested:
                 ckpt.save(step, state, train_iter)
             if stop.requested:
                 stopped = True
                 break
-    if not stopped:
+    if not stopped and ckpt.latest_step() != step:
         ckpt.save(step, state, train_iter)
     ckpt.wait()
     ckpt.close()

@@ -1,0 +1,200 @@
+"""Trainer: learning happens, sharding does not change the math, and resume continues the same run."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from cab_jax import sharding, train
+
+ROOT = pathlib.Path(__file__).parents[1]
+sys.path.insert(0, str(ROOT / "configs"))
+import demo as demo_config  # noqa: E402
+
+
+def small_config(tmp_path, mode="cab", **train_overrides):
+    c = demo_config.get_config()
+    c.task = "distill"
+    c.data.data_dir = str(tmp_path / "tfds")
+    c.loss.mode = mode
+    c.teacher.update(dict(embed_dim=32, depth=2, num_heads=2))
+    c.student.update(dict(embed_dim=32, depth=4, d_state=4))
+    c.bridge.hidden = 16
+    c.train.update(dict(steps=6, batch_size=16, log_every=1, checkpoint_every=3, eval_batch_size=120,
+                        **train_overrides))
+    c.teacher.train.update(dict(steps=4, batch_size=16, log_every=1, eval_batch_size=120))
+    return c
+
+
+def read_metrics(workdir, split="train"):
+    lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == split]
+
+
+def build_trainer(c, mesh):
+    """A Trainer for the student with bridge and teacher, its initial state and teacher params."""
+    c.data.synthetic = True
+    rngs = nnx.Rngs(0)
+    student = train.build_student(c, rngs)
+    bridge = train.build_bridge(c, rngs)
+    teacher = train.build_teacher(c, nnx.Rngs(1))
+    model_fn, model_params = train.Functional.split(student)
+    bridge_fn, bridge_params = train.Functional.split(bridge)
+    teacher_fn, teacher_params = train.Functional.split(teacher)
+    sched = train.config_lib.schedule(c.train, 1024)
+    lr_fn = train.learning_rate_fn(c.train, sched)
+    trainer = train.Trainer(mesh=mesh, model=model_fn, tx=train.make_optimizer(c.train, lr_fn), lr_fn=lr_fn,
+                            weights=train.loss_weights("cab"), train_cfg=c.train, num_classes=10, bridge=bridge_fn,
+                            teacher=teacher_fn, cls_position=student.cls_position)
+    state = trainer.init_state({"model": model_params, "bridge": bridge_params}, 0,
+                               {"model": sharding.logical_axes(student), "bridge": sharding.logical_axes(bridge)})
+    t_shard = sharding.param_shardings(teacher_params, sharding.logical_axes(teacher), mesh)
+    trainer.compile(t_shard)
+    return trainer, state, jax.device_put(teacher_params, t_shard)
+
+
+def test_loss_goes_down_on_a_fixed_batch(tmp_path):
+    c = small_config(tmp_path, mixup_alpha=0.0, base_lr=2e-3, warmup_epochs=0.0)
+    mesh = sharding.make_mesh(c.mesh)
+    trainer, state, teacher = build_trainer(c, mesh)
+    rng = np.random.default_rng(0)
+    batch = sharding.global_batch({"image": rng.normal(size=(16, 32, 32, 3)).astype(np.float32),
+                                   "label": rng.integers(0, 10, 16).astype(np.int32)}, mesh)
+    losses = {}
+    for _ in range(15):
+        state, metrics = trainer.jit_train_step(state, teacher, batch)
+        losses.setdefault("first", metrics)
+        losses["last"] = metrics
+    first, last = jax.device_get(losses["first"]), jax.device_get(losses["last"])
+    assert last["loss"] < 0.7 * first["loss"]
+    assert last["kl"] < first["kl"] and last["bridge"] < first["bridge"]
+
+
+SHARDED_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax, numpy as np
+    sys.path.insert(0, {tests!r})
+    from test_train import build_trainer, small_config
+    from cab_jax import sharding
+    import pathlib
+    assert len(jax.devices()) == 8, jax.devices()
+    out = {{}}
+    for name, devices, mesh_cfg in [("one", jax.devices()[:1], (1, 1, 1)), ("eight", jax.devices(), (2, 2, 2))]:
+        c = small_config(pathlib.Path({tmp!r}))
+        c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh_cfg
+        c.student.embed_dim = c.teacher.embed_dim = 32
+        mesh = sharding.make_mesh(c.mesh, devices)
+        trainer, state, teacher = build_trainer(c, mesh)
+        rng = np.random.default_rng(0)
+        losses = []
+        for step in range(3):
+            batch = sharding.global_batch({{"image": rng.normal(size=(16, 32, 32, 3)).astype(np.float32),
+                                           "label": rng.integers(0, 10, 16).astype(np.int32)}}, mesh)
+            state, metrics = trainer.jit_train_step(state, teacher, batch)
+            losses.append(float(metrics["loss"]))
+        kernel = state["params"]["model"]["layers"][0]["mixer"]["in_proj"]["kernel"]
+        out[name] = {{"losses": losses, "kernel": np.asarray(kernel).tolist(),
+                     "kernel_spec": str(kernel.sharding.spec)}}
+    print("RESULT" + json.dumps(out))
+""")
+
+
+def test_sharded_step_on_8_devices_equals_1_device(tmp_path):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    script = SHARDED_SCRIPT.format(tests=str(ROOT / "tests"), tmp=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600,
+                          cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.split("RESULT", 1)[1])
+    one, eight = result["one"], result["eight"]
+    assert eight["kernel_spec"] != one["kernel_spec"], "the 2x2x2 mesh should actually shard in_proj"
+    np.testing.assert_allclose(eight["losses"], one["losses"], rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(np.array(eight["kernel"]), np.array(one["kernel"]), rtol=1e-4, atol=1e-6)
+
+
+class Crash(Exception):
+    pass
+
+
+def test_crash_then_resume_continues_the_same_trajectory(tmp_path):
+    c = small_config(tmp_path)
+    c.teacher.init_from = str(tmp_path / "teacher")
+    train.run(c, str(tmp_path / "teacher"), role="teacher")
+
+    straight = train.run(c, str(tmp_path / "straight"))
+
+    def crash_after_4(step):
+        if step == 4:
+            raise Crash  # the checkpoint of step 3 exists; step 4's update is lost, like a kill
+    with pytest.raises(Crash):
+        train.run(c, str(tmp_path / "resumed"), on_step=crash_after_4)
+    resumed = train.run(c, str(tmp_path / "resumed"))
+
+    expected = {r["step"]: r for r in read_metrics(tmp_path / "straight")}
+    after = read_metrics(tmp_path / "resumed")
+    replayed = [r for r in after if r["step"] >= 4][-3:]
+    assert [r["step"] for r in replayed] == [4, 5, 6]
+    for r in replayed:
+        for key in ("loss", "kl", "bridge", "lr"):
+            assert r[key] == pytest.approx(expected[r["step"]][key], rel=1e-5, abs=1e-7), (r["step"], key)
+    assert resumed.steps == straight.steps == 6
+    assert resumed.top1 == pytest.approx(straight.top1)
+
+
+def test_teacher_is_not_saved_with_the_student(tmp_path):
+    c = small_config(tmp_path, steps=2)
+    c.data.synthetic = True  # random teacher allowed
+    train.run(c, str(tmp_path / "run"))
+    import orbax.checkpoint as ocp
+    step_dir = next(p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
+    meta = ocp.PyTreeCheckpointer().metadata(step_dir / "state")
+    tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
+    assert set(tree["params"]) == {"model", "bridge"}
+    teacher_leaves = jax.tree.leaves(nnx.state(train.build_teacher(c, nnx.Rngs(0))))
+    saved = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree["params"], is_leaf=lambda x: hasattr(x, "shape")))
+    student = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(train.build_student(c, nnx.Rngs(0)))))
+    bridge = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(train.build_bridge(c, nnx.Rngs(0)))))
+    assert saved == student + bridge and teacher_leaves
+
+
+def test_distill_without_teacher_weights_on_real_data_fails_clearly(tmp_path):
+    c = small_config(tmp_path)
+    with pytest.raises(ValueError, match=r"teacher\.init_from"):
+        train.run(c, str(tmp_path / "run"))
+
+
+def test_mixup_and_cutmix_targets_are_distributions():
+    c = demo_config.get_config().train
+    c.mixup_alpha, c.cutmix_alpha, c.mixup_switch_prob = 0.8, 1.0, 0.5
+    images = jnp.arange(4 * 8 * 8 * 3, dtype=jnp.float32).reshape(4, 8, 8, 3)
+    labels = jnp.array([0, 1, 2, 3])
+    seen_cut = seen_mix = False
+    for seed in range(12):
+        mixed, targets = train.mix_batch(jax.random.key(seed), images, labels, 5, c)
+        np.testing.assert_allclose(targets.sum(-1), 1.0, rtol=1e-6)
+        lam = float(targets[0, 0] - c.label_smoothing / 5) / (1 - c.label_smoothing)
+        is_pair = jnp.isclose(mixed, images) | jnp.isclose(mixed, images[::-1])
+        if bool(jnp.all(is_pair)) and not bool(jnp.allclose(mixed, images)):
+            seen_cut = True  # pixels come from one image or the other: CutMix; lam is the kept area
+            kept = float(jnp.mean(jnp.isclose(mixed[0], images[0]) & ~jnp.isclose(images[0], images[3])))
+            assert lam == pytest.approx(kept, abs=1e-5)
+        elif not bool(jnp.allclose(mixed, images)):
+            seen_mix = True
+            np.testing.assert_allclose(mixed, lam * images + (1 - lam) * images[::-1], rtol=1e-5, atol=1e-4)
+    assert seen_cut and seen_mix
+
+
+def test_decay_mask():
+    params = {"pos_embed": jnp.zeros((1, 3, 4)), "blk": {"kernel": jnp.zeros((4, 4)), "bias": jnp.zeros(4),
+              "A_log": jnp.zeros((4, 2)), "D": jnp.zeros(4)}, "cls_token": jnp.zeros((1, 1, 4))}
+    mask = train.decay_mask(params)
+    assert mask == {"pos_embed": False, "cls_token": False,
+                    "blk": {"kernel": True, "bias": False, "A_log": False, "D": False}}
