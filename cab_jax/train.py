@@ -20,7 +20,7 @@ from etils import epath
 from flax import nnx
 from jax.sharding import Mesh
 
-from cab_jax import checkpoint, data, sharding
+from cab_jax import checkpoint, sharding
 from cab_jax import config as config_lib
 from cab_jax.bridge import AttentionBridge
 from cab_jax.losses import LossWeights, kl_divergence, loss_weights, smooth_labels, soft_cross_entropy, topk_correct
@@ -327,30 +327,19 @@ class RunResult:
     stopped_early: bool = False
 
 
-def run(c: ml_collections.ConfigDict, workdir: str, *, role: str = "student",
-        on_step: Callable[[int], None] | None = None) -> RunResult:
-    """Train the student (``role="student"``, distillation per ``c.loss``) or the teacher
-    (``role="teacher"``, supervised on the full train split with ``c.teacher.train``), resuming from the
-    latest checkpoint in ``workdir``. ``on_step`` is called after each step (tests use it)."""
-    if role not in ("student", "teacher"):
-        raise ValueError(f"unknown role {role!r}")
-    config_lib.validate(c)
-    workdir_path = epath.Path(workdir)
-    workdir_path.mkdir(parents=True, exist_ok=True)
-    mesh = sharding.make_mesh(c.mesh)
-    train_cfg = c.teacher.train if role == "teacher" else c.train
-    data_cfg = c.data
-    if role == "teacher":
-        data_cfg = ml_collections.ConfigDict(c.data.to_dict())
-        data_cfg.subset_fraction = 1.0
-    data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
-    for name in ("batch_size", "eval_batch_size"):
-        if train_cfg[name] % data_parallel:
-            raise ValueError(f"config.{'teacher.' if role == 'teacher' else ''}train.{name} "
-                             f"({train_cfg[name]}) must be divisible by the data-parallel mesh size {data_parallel}")
+@dataclasses.dataclass
+class Setup:
+    trainer: Trainer
+    state: State
+    teacher_params: dict | None
+    sched: config_lib.Schedule
 
-    train_size = data.train_dataset_size(data_cfg)
-    sched = config_lib.schedule(train_cfg, train_size, data_cfg.subset_fraction)
+
+def setup(c: ml_collections.ConfigDict, *, role: str, mesh: Mesh, train_size: int,
+          subset_fraction: float = 1.0) -> Setup:
+    """Build the models, optimizer, initial sharded state, frozen teacher and compiled steps for ``role``."""
+    train_cfg = c.teacher.train if role == "teacher" else c.train
+    sched = config_lib.schedule(train_cfg, train_size, subset_fraction)
     lr_fn = learning_rate_fn(train_cfg, sched)
     rngs = nnx.Rngs(c.seed)
     weights = (loss_weights("vanilla") if role == "teacher" else
@@ -378,6 +367,36 @@ def run(c: ml_collections.ConfigDict, workdir: str, *, role: str = "student",
                       temperature=c.loss.temperature)
     state = trainer.init_state(params, c.seed, axes)
     trainer.compile(teacher_shardings)
+
+    return Setup(trainer, state, teacher_params, sched)
+
+
+def run(c: ml_collections.ConfigDict, workdir: str, *, role: str = "student",
+        on_step: Callable[[int], None] | None = None) -> RunResult:
+    """Train the student (``role="student"``, distillation per ``c.loss``) or the teacher
+    (``role="teacher"``, supervised on the full train split with ``c.teacher.train``), resuming from the
+    latest checkpoint in ``workdir``. ``on_step`` is called after each step (tests use it)."""
+    if role not in ("student", "teacher"):
+        raise ValueError(f"unknown role {role!r}")
+    config_lib.validate(c)
+    from cab_jax import data  # tensorflow-datasets is only needed by the loop, not by the steps
+    workdir_path = epath.Path(workdir)
+    workdir_path.mkdir(parents=True, exist_ok=True)
+    mesh = sharding.make_mesh(c.mesh)
+    train_cfg = c.teacher.train if role == "teacher" else c.train
+    data_cfg = c.data
+    if role == "teacher":
+        data_cfg = ml_collections.ConfigDict(c.data.to_dict())
+        data_cfg.subset_fraction = 1.0
+    data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+    for name in ("batch_size", "eval_batch_size"):
+        if train_cfg[name] % data_parallel:
+            raise ValueError(f"config.{'teacher.' if role == 'teacher' else ''}train.{name} "
+                             f"({train_cfg[name]}) must be divisible by the data-parallel mesh size {data_parallel}")
+
+    train_size = data.train_dataset_size(data_cfg)
+    built = setup(c, role=role, mesh=mesh, train_size=train_size, subset_fraction=data_cfg.subset_fraction)
+    trainer, state, teacher_params, sched = built.trainer, built.state, built.teacher_params, built.sched
 
     train_iter = data.make_train_iterator(data_cfg, global_batch_size=train_cfg.batch_size, seed=c.seed)
     eval_batches = data.make_eval_batches(data_cfg, global_batch_size=train_cfg.eval_batch_size)

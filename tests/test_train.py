@@ -40,25 +40,10 @@ def read_metrics(workdir, split="train"):
 
 
 def build_trainer(c, mesh):
-    """A Trainer for the student with bridge and teacher, its initial state and teacher params."""
+    """The student's Trainer (with bridge and random frozen teacher), its initial state and teacher params."""
     c.data.synthetic = True
-    rngs = nnx.Rngs(0)
-    student = train.build_student(c, rngs)
-    bridge = train.build_bridge(c, rngs)
-    teacher = train.build_teacher(c, nnx.Rngs(1))
-    model_fn, model_params = train.Functional.split(student)
-    bridge_fn, bridge_params = train.Functional.split(bridge)
-    teacher_fn, teacher_params = train.Functional.split(teacher)
-    sched = train.config_lib.schedule(c.train, 1024)
-    lr_fn = train.learning_rate_fn(c.train, sched)
-    trainer = train.Trainer(mesh=mesh, model=model_fn, tx=train.make_optimizer(c.train, lr_fn), lr_fn=lr_fn,
-                            weights=train.loss_weights("cab"), train_cfg=c.train, num_classes=10, bridge=bridge_fn,
-                            teacher=teacher_fn, cls_position=student.cls_position)
-    state = trainer.init_state({"model": model_params, "bridge": bridge_params}, 0,
-                               {"model": sharding.logical_axes(student), "bridge": sharding.logical_axes(bridge)})
-    t_shard = sharding.param_shardings(teacher_params, sharding.logical_axes(teacher), mesh)
-    trainer.compile(t_shard)
-    return trainer, state, jax.device_put(teacher_params, t_shard)
+    built = train.setup(c, role="student", mesh=mesh, train_size=1024)
+    return built.trainer, built.state, built.teacher_params
 
 
 def test_loss_goes_down_on_a_fixed_batch(tmp_path):

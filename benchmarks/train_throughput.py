@@ -1,0 +1,101 @@
+"""Distillation train-step throughput and peak device memory on synthetic data.
+
+    python benchmarks/train_throughput.py --configs=vim_tiny,vim_small --dtypes=float32,bfloat16 \
+        --batch_size=64 --steps=200 --remat=false,true
+
+Each (config, dtype, remat) combination runs in its own process so peak memory is its own. The step is the
+full CAB step (teacher forward, student forward/backward, bridge, AdamW update) on device-resident batches:
+it measures the model, not the input pipeline. Prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import pathlib
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def measure(config_name: str, dtype: str, batch_size: int, steps: int, remat: bool, mode: str) -> dict:
+    import jax
+    import numpy as np
+
+    from cab_jax import sharding, train
+
+    spec = importlib.util.spec_from_file_location(config_name, ROOT / "configs" / f"{config_name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+    c.dtype, c.loss.mode, c.student.remat = dtype, mode, remat
+    c.data.synthetic = True
+    c.train.batch_size, c.train.steps = batch_size, steps
+    mesh = sharding.make_mesh(c.mesh)
+    built = train.setup(c, role="student", mesh=mesh, train_size=batch_size * steps)
+    rng = np.random.default_rng(0)
+    size, classes = c.data.image_size, c.data.num_classes
+    batches = [sharding.global_batch({"image": rng.normal(size=(batch_size, size, size, 3)).astype(np.float32),
+                                      "label": rng.integers(0, classes, batch_size).astype(np.int32)}, mesh)
+               for _ in range(2)]
+    state = built.state
+    start = time.perf_counter()
+    state, metrics = built.trainer.jit_train_step(state, built.teacher_params, batches[0])
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - start
+    for i in range(3):
+        state, metrics = built.trainer.jit_train_step(state, built.teacher_params, batches[i % 2])
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for i in range(steps):
+        state, metrics = built.trainer.jit_train_step(state, built.teacher_params, batches[i % 2])
+    jax.block_until_ready(metrics)
+    elapsed = time.perf_counter() - start
+    stats = jax.devices()[0].memory_stats() or {}
+    return {"config": config_name, "dtype": dtype, "remat": remat, "mode": mode, "batch": batch_size,
+            "images_per_s": round(batch_size * steps / elapsed, 1), "ms_per_step": round(1e3 * elapsed / steps, 2),
+            "compile_s": round(compile_s, 1), "peak_gib": round(stats.get("peak_bytes_in_use", 0) / 2**30, 2),
+            "loss": round(float(metrics["loss"]), 4), "device": jax.devices()[0].device_kind,
+            "jax": jax.__version__}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", default="vim_tiny,vim_small")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--remat", default="false,true")
+    parser.add_argument("--modes", default="cab")
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print("ROW" + json.dumps(measure(**json.loads(args.one))), flush=True)
+        return
+    rows = []
+    for config_name in args.configs.split(","):
+        for dtype in args.dtypes.split(","):
+            for remat in args.remat.split(","):
+                for mode in args.modes.split(","):
+                    job = dict(config_name=config_name, dtype=dtype, batch_size=args.batch_size, steps=args.steps,
+                               remat=remat == "true", mode=mode)
+                    proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(job)], capture_output=True,
+                                          text=True, cwd=ROOT)
+                    if proc.returncode == 0 and "ROW" in proc.stdout:
+                        rows.append(json.loads(proc.stdout.split("ROW", 1)[1]))
+                    else:
+                        error = (proc.stderr.strip().splitlines() or ["?"])[-1][:120]
+                        rows.append({**job, "config": config_name, "batch": args.batch_size, "error": error})
+                    print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    columns = ["config", "dtype", "remat", "mode", "batch", "images_per_s", "ms_per_step", "peak_gib", "compile_s",
+               "loss", "device", "jax", "error"]
+    print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
+    for row in rows:
+        print("| " + " | ".join(str(row.get(col, "")) for col in columns) + " |")
+
+
+if __name__ == "__main__":
+    main()
