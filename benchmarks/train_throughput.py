@@ -19,6 +19,7 @@ import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 
 def measure(config_name: str, dtype: str, batch_size: int, steps: int, remat: bool, mode: str) -> dict:
