@@ -19,7 +19,7 @@ def get_config():
     # 32 px images in 8 px patches: 16 patches + cls = 17 tokens for both models. The student keeps Vim's
     # shape (bidirectional v2, expand 2, two student layers per teacher layer) at laptop scale.
     c.teacher.update(dict(embed_dim=64, depth=4, num_heads=2, patch_size=8))
-    c.student.update(dict(embed_dim=64, depth=8, patch_size=8, d_state=8))
+    c.student.update(dict(embed_dim=64, depth=8, patch_size=8, d_state=8, remat=False))
     c.bridge.hidden = 64
     for t, steps, batch in ((c.teacher.train, 600, 64), (c.train, 250, 32)):
         t.update(dict(steps=steps, batch_size=batch, base_lr=1e-3, lr_reference_batch=batch, warmup_epochs=1.0,
