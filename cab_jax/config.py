@@ -171,8 +171,11 @@ class Schedule:
 
 def schedule(t: ml_collections.ConfigDict, train_size: int, subset_fraction: float = 1.0) -> Schedule:
     steps_per_epoch = max(1, train_size // t.batch_size)
-    epochs = t.epochs if t.epochs is not None else EPOCHS_BY_FRACTION[subset_fraction]
-    total = t.steps if t.steps is not None else max(1, math.ceil(epochs * steps_per_epoch))
+    if t.steps is not None:
+        total = t.steps
+    else:
+        epochs = t.epochs if t.epochs is not None else EPOCHS_BY_FRACTION[subset_fraction]
+        total = max(1, math.ceil(epochs * steps_per_epoch))
     warmup = min(total - 1, round(t.warmup_epochs * steps_per_epoch))
     return Schedule(total_steps=total, warmup_steps=max(0, warmup), steps_per_epoch=steps_per_epoch,
                     peak_lr=t.base_lr * t.batch_size / t.lr_reference_batch)

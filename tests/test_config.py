@@ -90,6 +90,7 @@ def test_schedule_derivation():
     t.batch_size, t.steps = 64, 10
     s = config_lib.schedule(t, train_size=128_000, subset_fraction=0.1)
     assert s.total_steps == 10 and s.peak_lr == pytest.approx(6.25e-5) and s.warmup_steps == 9
+    assert config_lib.schedule(t, train_size=128_000, subset_fraction=0.03).total_steps == 10  # no default needed
 
 
 def test_main_rejects_bad_override_before_work(tmp_path):
