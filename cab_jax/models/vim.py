@@ -6,6 +6,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from cab_jax.models.layers import Dtype, PatchEmbed, dense, drop_path, param, split_key, trunc_normal_02
@@ -77,7 +78,8 @@ class Vim(nnx.Module):
         self.cls_token = param(trunc_normal_02, rngs, (1, 1, embed_dim), (None, None, "embed"))
         self.pos_embed = param(trunc_normal_02, rngs, (1, num_patches + 1, embed_dim), (None, None, "embed"))
         # As in Vim: block i gets ([0] + linspace(0, rate, depth))[i]; the first block has no residual input.
-        rates = [0.0, *[float(r) for r in jnp.linspace(0.0, drop_path_rate, depth)][:depth - 1]]
+        # NumPy, not jnp: the rates are Python floats even when the model is built under a trace (eval_shape, jit).
+        rates = [0.0, *[float(r) for r in np.linspace(0.0, drop_path_rate, depth, dtype=np.float32)][:depth - 1]]
         self.layers = nnx.List([
             VimBlock(
                 embed_dim,

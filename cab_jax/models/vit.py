@@ -6,6 +6,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from cab_jax.models.layers import Dtype, PatchEmbed, dense, drop_path, param, split_key, trunc_normal_02
@@ -110,7 +111,8 @@ class ViT(nnx.Module):
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, rngs=rngs, dtype=dtype)
         self.cls_token = param(trunc_normal_02, rngs, (1, 1, embed_dim), (None, None, "embed"))
         self.pos_embed = param(trunc_normal_02, rngs, (1, num_patches + 1, embed_dim), (None, None, "embed"))
-        rates = [float(r) for r in jnp.linspace(0.0, drop_path_rate, depth)]
+        # NumPy, not jnp: the rates are Python floats even when the model is built under a trace (eval_shape, jit).
+        rates = [float(r) for r in np.linspace(0.0, drop_path_rate, depth, dtype=np.float32)]
         self.blocks = nnx.List(
             [Block(embed_dim, num_heads, mlp_ratio, r, rngs=rngs, dtype=dtype) for r in rates]
         )

@@ -1,0 +1,270 @@
+"""Tests of the attention bridge: layer maps, kernel maps, teacher targets (cls moved to the middle) and the
+bridge loss against a float64 NumPy computation written from the method's description."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from cab_jax.bridge import AttentionBridge, apply_kernel_map, layer_map, teacher_targets
+from cab_jax.models.mamba import SSMProjections
+
+BATCH, HEADS, HEAD_DIM, TOKENS, D_STATE, HIDDEN = 2, 2, 4, 5, 8, 16
+D_TEACHER = HEADS * HEAD_DIM
+CLS = TOKENS // 2  # the student's cls position
+
+
+def f64(x) -> np.ndarray:
+    return np.asarray(jnp.asarray(x, jnp.float32), np.float64)
+
+
+# ---------------------------------------------------------------------------------------------- layer map
+
+
+def test_layer_map_proportional():
+    assert layer_map(24, 12, "proportional") == tuple(t for i in range(12) for t in (i, i))
+    assert layer_map(12, 12, "proportional") == tuple(range(12))
+    assert layer_map(4, 12, "proportional") == (0, 3, 6, 9)  # floor(l * T / S)
+    assert layer_map(3, 2, "proportional") == (0, 0, 1)
+
+
+def test_layer_map_last_and_explicit():
+    assert layer_map(5, 12, "last") == (11,) * 5
+    mapping = layer_map(4, 3, [0, -1, np.int64(2), 2])
+    assert mapping == (0, -1, 2, 2)
+    assert all(type(g) is int for g in mapping)
+
+
+@pytest.mark.parametrize(
+    "spec,match",
+    [
+        ([0, 1, 2], "3 entries.*4"),  # wrong length
+        ([0, 1, 2, 3], r"\[0, 3\)"),  # teacher layer out of range
+        ([0, 1, -2, 2], r"\[0, 3\)"),  # below -1
+        ([-1, -1, -1, -1], "at least one layer"),
+        ("first", "unknown layer map"),
+    ],
+)
+def test_layer_map_errors(spec, match):
+    with pytest.raises(ValueError, match=match):
+        layer_map(4, 3, spec)
+
+
+# --------------------------------------------------------------------------------------------- kernel maps
+
+
+def np_softmax(x: np.ndarray, axis: int) -> np.ndarray:
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def random_tokens(seed: int = 0) -> jax.Array:
+    return 3.0 * jax.random.normal(jax.random.key(seed), (BATCH, TOKENS, D_TEACHER))
+
+
+def test_kernel_map_softmax_axes():
+    x = random_tokens()
+    q = f64(apply_kernel_map(x, "softmax", token_axis=False))
+    k = f64(apply_kernel_map(x, "softmax", token_axis=True))
+    np.testing.assert_allclose(q.sum(-1), 1.0, rtol=1e-5)  # queries: over features
+    np.testing.assert_allclose(k.sum(-2), 1.0, rtol=1e-5)  # keys: over tokens
+    np.testing.assert_allclose(q, np_softmax(f64(x), -1), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(k, np_softmax(f64(x), -2), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("token_axis", [False, True])
+def test_kernel_map_relu_exp_none(token_axis):
+    x = random_tokens(1)
+    relu = f64(apply_kernel_map(x, "relu", token_axis))
+    assert relu.min() >= 0.0 and (relu == 0).any()
+    np.testing.assert_array_equal(relu, np.maximum(f64(x), 0.0))
+    np.testing.assert_allclose(apply_kernel_map(x, "exp", token_axis), np.exp(f64(x)), rtol=1e-6)
+    np.testing.assert_array_equal(apply_kernel_map(x, "none", token_axis), x)
+
+
+def test_kernel_map_output_is_float32_and_unknown_raises():
+    x = random_tokens().astype(jnp.bfloat16)
+    for kind in ("softmax", "relu", "exp", "none"):
+        assert apply_kernel_map(x, kind, token_axis=True).dtype == jnp.float32
+    with pytest.raises(ValueError, match="unknown kernel map"):
+        apply_kernel_map(x, "sigmoid", token_axis=False)
+    with pytest.raises(ValueError, match="unknown kernel map"):
+        AttentionBridge(student_depth=2, teacher_depth=1, d_state=D_STATE, d_teacher=D_TEACHER,
+                        kernel_map="sigmoid", rngs=nnx.Rngs(0))
+
+
+# ----------------------------------------------------------------------------------------- teacher targets
+
+
+def labelled_qk() -> np.ndarray:
+    """(batch, heads, tokens, head_dim) whose value encodes its indices: b*1000 + h*100 + n*10 + d."""
+    b, h, n, d = np.meshgrid(*(np.arange(s) for s in (BATCH, HEADS, TOKENS, HEAD_DIM)), indexing="ij")
+    return (b * 1000 + h * 100 + n * 10 + d).astype(np.float32)
+
+
+def flatten_np(t: np.ndarray) -> np.ndarray:
+    """(batch, heads, tokens, head_dim) -> (batch, tokens, heads*head_dim), feature index h*head_dim + d."""
+    out = np.empty((t.shape[0], t.shape[2], t.shape[1] * t.shape[3]), t.dtype)
+    for h in range(t.shape[1]):
+        out[:, :, h * t.shape[3]:(h + 1) * t.shape[3]] = t[:, h]
+    return out
+
+
+@pytest.mark.parametrize("cls_position", [0, CLS, TOKENS - 1])
+def test_teacher_targets_move_cls_and_keep_order(cls_position):
+    q = labelled_qk()
+    k = q + 0.5
+    tq, tk = teacher_targets(jnp.asarray(q), jnp.asarray(k), "none", cls_position)
+    assert tq.shape == tk.shape == (BATCH, TOKENS, D_TEACHER)
+    for target, src in ((tq, q), (tk, k)):
+        flat = flatten_np(src)
+        np.testing.assert_array_equal(flat, src.transpose(0, 2, 1, 3).reshape(BATCH, TOKENS, D_TEACHER))
+        target = np.asarray(target)
+        np.testing.assert_array_equal(target[:, cls_position], flat[:, 0])  # the teacher's cls token
+        others = np.delete(np.arange(TOKENS), cls_position)
+        np.testing.assert_array_equal(target[:, others], flat[:, 1:])  # patches in their original order
+
+
+def test_teacher_targets_apply_the_kernel_map_per_role():
+    key_q, key_k = jax.random.split(jax.random.key(3))
+    q = jax.random.normal(key_q, (BATCH, HEADS, TOKENS, HEAD_DIM))
+    k = jax.random.normal(key_k, (BATCH, HEADS, TOKENS, HEAD_DIM))
+    tq, tk = teacher_targets(q, k, "softmax", CLS)
+    np.testing.assert_allclose(f64(tq).sum(-1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(f64(tk).sum(-2), 1.0, rtol=1e-5)
+    assert not np.allclose(f64(tq).sum(-2), 1.0)
+
+
+# --------------------------------------------------------------------------------------------- bridge loss
+
+
+def np_net(net, x: np.ndarray) -> np.ndarray:
+    """BridgeNet in NumPy: Linear, then (SiLU, Linear) for each further layer."""
+    first, *rest = net.layers
+    h = x @ f64(first.kernel[...]) + f64(first.bias[...])
+    for layer in rest:
+        h = h / (1.0 + np.exp(-h))  # SiLU
+        h = h @ f64(layer.kernel[...]) + f64(layer.bias[...])
+    return h
+
+
+def np_targets(t: np.ndarray, kernel_map: str, role: str, cls_position: int) -> np.ndarray:
+    flat = t.transpose(0, 2, 1, 3).reshape(t.shape[0], t.shape[2], -1)
+    order = [*range(1, cls_position + 1), 0, *range(cls_position + 1, t.shape[2])]
+    flat = flat[:, order]
+    if kernel_map == "softmax":
+        return np_softmax(flat, -1 if role == "q" else -2)
+    return {"relu": lambda v: np.maximum(v, 0.0), "exp": np.exp, "none": lambda v: v}[kernel_map](flat)
+
+
+def np_bridge_loss(bridge: AttentionBridge, mapping, projections, teacher_qk, kernel_map, cls_position):
+    mse = lambda a, b: np.mean((a - b) ** 2)
+    losses = []
+    for layer, g in enumerate(mapping):
+        if g < 0:
+            continue
+        nets, proj = bridge.bridges[layer], projections[layer]
+        q = np_targets(f64(teacher_qk[g][0]), kernel_map, "q", cls_position)
+        k = np_targets(f64(teacher_qk[g][1]), kernel_map, "k", cls_position)
+        loss = mse(np_net(nets.b_to_k, f64(proj.B)), k) + mse(np_net(nets.c_to_q, f64(proj.C)), q)
+        if proj.B_b is not None:
+            loss += mse(np_net(nets.b_to_k_b, f64(proj.B_b)), k[:, ::-1])
+            loss += mse(np_net(nets.c_to_q_b, f64(proj.C_b)), q[:, ::-1])
+        losses.append(loss)
+    return np.mean(losses)
+
+
+def random_inputs(student_depth: int, teacher_depth: int, bidirectional: bool = True, tokens: int = TOKENS,
+                  seed: int = 0):
+    keys = iter(jax.random.split(jax.random.key(seed), 4 * student_depth + 2 * teacher_depth))
+    shape = (BATCH, tokens, D_STATE)
+    projections = []
+    for _ in range(student_depth):
+        b, c, b_b, c_b = (jax.random.normal(next(keys), shape) for _ in range(4))
+        projections.append(SSMProjections(b, c, b_b, c_b) if bidirectional else SSMProjections(b, c))
+    qk_shape = (BATCH, HEADS, TOKENS, HEAD_DIM)
+    teacher_qk = [(2.0 * jax.random.normal(next(keys), qk_shape), 2.0 * jax.random.normal(next(keys), qk_shape))
+                  for _ in range(teacher_depth)]
+    return projections, teacher_qk
+
+
+def make_bridge(student_depth, teacher_depth, **kw) -> AttentionBridge:
+    seed = kw.pop("seed", 0)
+    return AttentionBridge(student_depth=student_depth, teacher_depth=teacher_depth, d_state=D_STATE,
+                           d_teacher=D_TEACHER, hidden=HIDDEN, rngs=nnx.Rngs(seed), **kw)
+
+
+@pytest.mark.parametrize(
+    "kind,kernel_map,bidirectional,layers",
+    [
+        ("mlp", "softmax", True, "proportional"),
+        ("linear", "none", True, "proportional"),
+        ("mlp", "exp", False, "last"),
+        ("mlp", "relu", True, [1, -1, 0, -1]),
+    ],
+)
+def test_bridge_loss_matches_numpy(kind, kernel_map, bidirectional, layers):
+    bridge = make_bridge(4, 2, kind=kind, kernel_map=kernel_map, bidirectional=bidirectional, layers=layers)
+    projections, teacher_qk = random_inputs(4, 2, bidirectional)
+    mapping = {"proportional": (0, 0, 1, 1), "last": (1, 1, 1, 1)}[layers] if isinstance(layers, str) else layers
+    assert bridge.mapping == tuple(mapping)
+    loss = bridge(projections, teacher_qk, CLS)
+    assert loss.shape == () and loss.dtype == jnp.float32
+    expected = np_bridge_loss(bridge, mapping, projections, teacher_qk, kernel_map, CLS)
+    np.testing.assert_allclose(loss, expected, rtol=2e-5)
+
+
+def test_bridge_skips_unmapped_layers():
+    bridge = make_bridge(4, 2, layers=[1, -1, 0, -1], kernel_map="none")
+    assert bridge.bridges[1] is None and bridge.bridges[3] is None
+    projections, teacher_qk = random_inputs(4, 2)
+    loss = bridge(projections, teacher_qk, CLS)
+    # Changing a skipped layer's projections changes nothing; changing a bridged one does.
+    changed = list(projections)
+    changed[1] = SSMProjections(*(t + 5.0 for t in projections[1]))
+    np.testing.assert_array_equal(bridge(changed, teacher_qk, CLS), loss)
+    changed[2] = SSMProjections(*(t + 5.0 for t in projections[2]))
+    assert abs(float(bridge(changed, teacher_qk, CLS)) - float(loss)) > 1e-3
+
+
+def test_bridge_kinds_and_shapes():
+    mlp = make_bridge(2, 2, kind="mlp").bridges[0]
+    linear = make_bridge(2, 2, kind="linear").bridges[0]
+    for net in (mlp.b_to_k, mlp.c_to_q, mlp.b_to_k_b, mlp.c_to_q_b):
+        assert [layer.kernel.shape for layer in net.layers] == [(D_STATE, HIDDEN), (HIDDEN, D_TEACHER)]
+    for net in (linear.b_to_k, linear.c_to_q, linear.b_to_k_b, linear.c_to_q_b):
+        assert [layer.kernel.shape for layer in net.layers] == [(D_STATE, D_TEACHER)]
+    uni = make_bridge(2, 2, bidirectional=False).bridges[0]
+    assert uni.b_to_k_b is None and uni.c_to_q_b is None
+    with pytest.raises(ValueError, match="unknown bridge kind"):
+        make_bridge(2, 2, kind="attention")
+
+
+def test_bridge_shape_errors():
+    bridge = make_bridge(4, 2)
+    projections, teacher_qk = random_inputs(4, 2, tokens=TOKENS + 1)
+    with pytest.raises(ValueError, match="tokens"):
+        bridge(projections, teacher_qk, CLS)
+    projections, teacher_qk = random_inputs(4, 2)
+    with pytest.raises(ValueError, match="4 student layers, got 3"):
+        bridge(projections[:3], teacher_qk, CLS)
+
+
+def test_bridge_gradients():
+    bridge = make_bridge(4, 2, layers=[1, -1, 0, 0])
+    projections, teacher_qk = random_inputs(4, 2)
+
+    grads = jax.grad(lambda p: bridge(p, teacher_qk, CLS))(projections)
+    for layer, g in enumerate(grads):
+        norms = [float(jnp.max(jnp.abs(t))) for t in g]
+        if layer == 1:
+            assert norms == [0.0] * 4  # skipped layer
+        else:
+            assert all(n > 0 for n in norms)  # B, C, B_b and C_b all receive a gradient
+
+    param_grads = nnx.grad(lambda b: b(projections, teacher_qk, CLS))(bridge)
+    leaves = jax.tree.leaves(param_grads)
+    assert leaves and all(float(jnp.max(jnp.abs(g))) > 0 for g in leaves)
