@@ -6,6 +6,8 @@ multi-process launches (TPU pods, multi-host GPU) so ``jax.distributed.initializ
 
 from __future__ import annotations
 
+import logging as std_logging
+
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -25,7 +27,7 @@ def _quiet_orbax(record) -> bool:
 
 
 def main(argv: list[str]) -> None:
-    logging.get_absl_handler().python_handler.addFilter(_quiet_orbax)
+    std_logging.getLogger("absl").addFilter(_quiet_orbax)
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     c = _CONFIG.value
