@@ -23,11 +23,11 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def _quiet_orbax(record) -> bool:
     """Hide orbax's per-save INFO lines; its warnings and errors still show."""
-    return "orbax" not in record.pathname or record.levelno >= logging.WARNING
+    return "orbax" not in record.pathname or record.levelno >= std_logging.WARNING
 
 
 def main(argv: list[str]) -> None:
-    std_logging.getLogger("absl").addFilter(_quiet_orbax)
+    logging.get_absl_handler().python_handler.addFilter(_quiet_orbax)
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     c = _CONFIG.value
