@@ -186,8 +186,9 @@ class Trainer:
         out_shardings["params"] = shardings
         if "ema" in abstract:
             out_shardings["ema"] = shardings
-        # Optimizer moments mirror the parameters; let them follow the parameter shardings.
-        out_shardings["opt_state"] = _like_params(abstract["opt_state"], params, shardings, rep)
+        # Optimizer moments mirror the parameters and follow their shardings; counters are replicated.
+        out_shardings["opt_state"] = optax.tree_map_params(
+            self.tx, lambda _, s: s, abstract["opt_state"], shardings, transform_non_params=lambda _: rep)
         self.state_shardings = out_shardings
         return jax.jit(init, out_shardings=out_shardings)(params)
 
@@ -252,29 +253,6 @@ class Trainer:
         count = float(totals["count"])
         return {"top1": 100.0 * float(totals["top1"]) / count, "top5": 100.0 * float(totals["top5"]) / count,
                 "eval_examples": int(count)}
-
-
-def _like_params(opt_abstract, params: dict, param_shard: dict, rep) -> Any:
-    """Shard every optimizer-state subtree with the parameters' tree structure like the parameters."""
-    params_def = jax.tree.structure(params)
-
-    def assign(node):
-        if jax.tree.structure(node) == params_def:
-            return param_shard
-        return None
-
-    def walk(node):
-        found = assign(node)
-        if found is not None:
-            return found
-        if isinstance(node, tuple | list) or hasattr(node, "_fields"):
-            children = [walk(child) for child in node]
-            return type(node)(*children) if hasattr(node, "_fields") else type(node)(children)
-        if isinstance(node, dict):
-            return {k: walk(v) for k, v in node.items()}
-        return jax.tree.map(lambda _: rep, node)
-
-    return walk(opt_abstract)
 
 
 # ------------------------------------------------------------------------------------------------ loop
