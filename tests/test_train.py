@@ -184,3 +184,19 @@ def test_decay_mask():
     mask = train.decay_mask(params)
     assert mask == {"pos_embed": False, "cls_token": False,
                     "blk": {"kernel": True, "bias": False, "A_log": False, "D": False}}
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_train_and_eval_steps_lower_for_accelerators(tmp_path, platform):
+    """The same jitted steps export for TPU and GPU from this CPU machine (what a pod or GPU host compiles)."""
+    c = small_config(tmp_path)
+    mesh = sharding.make_mesh(c.mesh)
+    trainer, state, teacher = build_trainer(c, mesh)
+    batch = sharding.global_batch({"image": np.zeros((16, 32, 32, 3), np.float32),
+                                   "label": np.zeros(16, np.int32), "mask": np.ones(16, np.float32)}, mesh)
+    train_batch = {k: batch[k] for k in ("image", "label")}
+    exported = jax.export.export(trainer.jit_train_step, platforms=[platform])(state, teacher, train_batch)
+    assert exported.platforms == (platform,)
+    assert "stablehlo" in exported.mlir_module()
+    evaluated = jax.export.export(trainer.jit_eval_step, platforms=[platform])(state["params"]["model"], batch)
+    assert evaluated.platforms == (platform,)
