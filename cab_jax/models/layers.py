@@ -82,3 +82,23 @@ class PatchEmbed(nnx.Module):
             )
         x = self.proj(images)
         return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+def token_params(img_size: int, patch_size: int, in_chans: int, dim: int, *, rngs: nnx.Rngs, dtype: Dtype
+                 ) -> tuple[int, PatchEmbed, nnx.Param, nnx.Param]:
+    """(num_patches, patch embedding, cls token, position embedding over patches + cls) of a ViT-style model."""
+    if img_size % patch_size:
+        raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
+    num_patches = (img_size // patch_size) ** 2
+    return (num_patches, PatchEmbed(patch_size, in_chans, dim, rngs=rngs, dtype=dtype),
+            param(trunc_normal_02, rngs, (1, 1, dim), (None, None, "embed")),
+            param(trunc_normal_02, rngs, (1, num_patches + 1, dim), (None, None, "embed")))
+
+
+def embed_tokens(images: jax.Array, patch_embed: PatchEmbed, cls_token: nnx.Param, pos_embed: nnx.Param,
+                 cls_position: int, dtype: Dtype) -> jax.Array:
+    """Patch tokens with the cls token inserted at ``cls_position``, plus the position embedding."""
+    x = patch_embed(images.astype(dtype))
+    cls = jnp.broadcast_to(cls_token[...], (x.shape[0], 1, x.shape[-1])).astype(x.dtype)
+    x = jnp.concatenate([x[:, :cls_position], cls, x[:, cls_position:]], axis=1)
+    return x + pos_embed[...].astype(x.dtype)

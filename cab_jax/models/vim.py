@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cab_jax.models.layers import Dtype, PatchEmbed, dense, drop_path, param, split_key, trunc_normal_02
+from cab_jax.models.layers import Dtype, dense, drop_path, embed_tokens, split_key, token_params
 from cab_jax.models.mamba import Mamba, SSMProjections
 
 
@@ -69,14 +69,10 @@ class Vim(nnx.Module):
         dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        if img_size % patch_size:
-            raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
-        num_patches = (img_size // patch_size) ** 2
+        num_patches, self.patch_embed, self.cls_token, self.pos_embed = token_params(
+            img_size, patch_size, in_chans, embed_dim, rngs=rngs, dtype=dtype)
         self.cls_position = num_patches // 2
         self.dtype, self.remat = dtype, remat
-        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, rngs=rngs, dtype=dtype)
-        self.cls_token = param(trunc_normal_02, rngs, (1, 1, embed_dim), (None, None, "embed"))
-        self.pos_embed = param(trunc_normal_02, rngs, (1, num_patches + 1, embed_dim), (None, None, "embed"))
         # As in Vim: block i gets ([0] + linspace(0, rate, depth))[i]; the first block has no residual input.
         # NumPy, not jnp: the rates are Python floats even when the model is built under a trace (eval_shape, jit).
         rates = [0.0, *[float(r) for r in np.linspace(0.0, drop_path_rate, depth, dtype=np.float32)][:depth - 1]]
@@ -93,23 +89,18 @@ class Vim(nnx.Module):
 
     def embed(self, images: jax.Array) -> jax.Array:
         """Patches with the cls token inserted in the middle, plus the position embedding."""
-        x = self.patch_embed(images.astype(self.dtype))
-        cls = jnp.broadcast_to(self.cls_token[...], (x.shape[0], 1, x.shape[-1])).astype(x.dtype)
-        m = self.cls_position
-        x = jnp.concatenate([x[:, :m], cls, x[:, m:]], axis=1)
-        return x + self.pos_embed[...].astype(x.dtype)
+        return embed_tokens(images, self.patch_embed, self.cls_token, self.pos_embed, self.cls_position, self.dtype)
 
     def __call__(self, images: jax.Array, *, key: jax.Array | None = None
                  ) -> tuple[jax.Array, list[SSMProjections]]:
         """Returns float32 logits (batch, classes) and each layer's SSM projections (B, C, B_b, C_b)."""
         hidden, residual = self.embed(images), None
+        apply = lambda blk, h, r, k: blk(h, r, k)
+        if self.remat:
+            apply = nnx.remat(apply)
         projections = []
         for layer, layer_key in zip(self.layers, split_key(key, len(self.layers)), strict=True):
-            if self.remat:
-                hidden, residual, proj = nnx.remat(lambda blk, h, r, k: blk(h, r, k))(
-                    layer, hidden, residual, layer_key)
-            else:
-                hidden, residual, proj = layer(hidden, residual, layer_key)
+            hidden, residual, proj = apply(layer, hidden, residual, layer_key)
             projections.append(proj)
         features = self.norm_f(residual + hidden.astype(jnp.float32))
         return self.head(features[:, self.cls_position].astype(self.dtype)).astype(jnp.float32), projections

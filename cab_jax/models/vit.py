@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cab_jax.models.layers import Dtype, PatchEmbed, dense, drop_path, param, split_key, trunc_normal_02
+from cab_jax.models.layers import Dtype, dense, drop_path, embed_tokens, split_key, token_params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,13 +104,9 @@ class ViT(nnx.Module):
         dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        if img_size % patch_size:
-            raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
-        num_patches = (img_size // patch_size) ** 2
+        _, self.patch_embed, self.cls_token, self.pos_embed = token_params(
+            img_size, patch_size, in_chans, embed_dim, rngs=rngs, dtype=dtype)
         self.num_heads = num_heads
-        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, rngs=rngs, dtype=dtype)
-        self.cls_token = param(trunc_normal_02, rngs, (1, 1, embed_dim), (None, None, "embed"))
-        self.pos_embed = param(trunc_normal_02, rngs, (1, num_patches + 1, embed_dim), (None, None, "embed"))
         # NumPy, not jnp: the rates are Python floats even when the model is built under a trace (eval_shape, jit).
         rates = [float(r) for r in np.linspace(0.0, drop_path_rate, depth, dtype=np.float32)]
         self.blocks = nnx.List(
@@ -125,9 +121,7 @@ class ViT(nnx.Module):
     ) -> tuple[jax.Array, list[tuple[jax.Array, jax.Array]]]:
         """Returns float32 logits (batch, classes) and per block (q, k), each (batch, heads, tokens, head_dim),
         taken before the 1/sqrt(head_dim) scale and the softmax."""
-        x = self.patch_embed(images.astype(self.dtype))
-        cls = jnp.broadcast_to(self.cls_token[...], (x.shape[0], 1, x.shape[-1])).astype(x.dtype)
-        x = jnp.concatenate([cls, x], axis=1) + self.pos_embed[...].astype(x.dtype)
+        x = embed_tokens(images, self.patch_embed, self.cls_token, self.pos_embed, 0, self.dtype)
         qks = []
         for block, block_key in zip(self.blocks, split_key(key, len(self.blocks)), strict=True):
             x, qk = block(x, block_key)
