@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import jax
 import ml_collections
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -74,9 +74,10 @@ def spec_for(shape: tuple[int, ...], axes: tuple[str | None, ...] | None, mesh: 
 
 def param_shardings(params: dict, axes: dict, mesh: Mesh) -> dict:
     """NamedShardings for a pure-dict parameter tree, from its logical-axes tree."""
-    flat_axes = dict(_flatten(axes))
-    return _unflatten({path: NamedSharding(mesh, spec_for(np.shape(leaf), flat_axes.get(path), mesh))
-                       for path, leaf in _flatten(params)})
+    flat_axes = traverse_util.flatten_dict(axes)
+    return traverse_util.unflatten_dict({
+        path: NamedSharding(mesh, spec_for(np.shape(leaf), flat_axes.get(path), mesh))
+        for path, leaf in traverse_util.flatten_dict(params).items()})
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -92,23 +93,3 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
     """Assemble each process's local batch shard into global arrays sharded over the batch axes."""
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
-
-
-def _flatten(tree: dict, prefix: tuple = ()) -> list[tuple[tuple, object]]:
-    items = []
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            items.extend(_flatten(value, (*prefix, key)))
-        else:
-            items.append(((*prefix, key), value))
-    return items
-
-
-def _unflatten(flat: dict[tuple, object]) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return tree
