@@ -1,0 +1,328 @@
+"""Mamba-1 selective scan as Pallas kernels lowered through Triton (GPU), forward and backward.
+
+One program owns one batch element and ``block_d`` channels of d_inner; its state (block_d, d_state) stays
+in registers, float32, while it walks the length in chunks of ``chunk`` positions (unrolled inside a
+chunk). delta_bias + softplus, the D skip and the silu(z) gate are fused. Lengths and d_inner need not be
+multiples of the blocks: out-of-range positions get delta = 0 (state unchanged) and stores are masked.
+
+One launch can run two directions that share the output and z (Vim's bidirectional mixer): the second
+reads its inputs from the last position to the first, in place, and adds into the first one's float32
+sum. The forward pass of training also stores the state at every chunk start; the backward pass walks
+the chunks from the end, recomputes the states inside a chunk from that, and carries dh backwards.
+Gradients that sum over channels (dB, dC) are written per channel block and summed afterwards; those
+that sum over batch and length (dA, dD, d delta_bias) are written per batch element: no atomics, so the
+result is deterministic.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from cab_jax.kernels.selective_scan.pallas_common import (
+    BlockSizes,
+    DirectionGrads,
+    KernelConfig,
+    ScanDirection,
+    fill_optional,
+    make_scan,
+    num_chunks,
+    sigmoid,
+    softplus,
+)
+
+_F32 = jnp.float32
+_N_INPUTS = len(ScanDirection._fields)
+
+# Tuned on an H100 (BENCHMARKS.md) for d_state 16; larger states get fewer channels per program so the
+# unrolled chunk of states still fits in registers.
+DEFAULT_BLOCKS = BlockSizes(chunk=16, block_d=32, num_warps=4, num_stages=1)
+
+
+def default_blocks(d_state: int) -> BlockSizes:
+    if d_state <= 16:
+        return DEFAULT_BLOCKS
+    return BlockSizes(chunk=8, block_d=max(4, 32 * 16 // _next_pow2(d_state)), num_warps=4, num_stages=1)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+class _Geometry:
+    """Static sizes of one launch, and the index helpers shared by both kernels."""
+
+    def __init__(self, u: jax.Array, d_state: int, blocks: BlockSizes):
+        self.batch, self.length, self.d_inner = u.shape
+        self.d_state, self.n_pad = d_state, _next_pow2(d_state)
+        self.block_d, self.chunk = _next_pow2(blocks.block_d), blocks.chunk
+        self.n_dblocks = -(-self.d_inner // self.block_d)
+        self.n_chunks = num_chunks(self.length, self.chunk)
+        self.grid = (self.batch, self.n_dblocks)
+
+    def channels(self):
+        d0 = pl.program_id(1) * self.block_d
+        offs = d0 + jnp.arange(self.block_d)
+        return pl.ds(d0, self.block_d), offs < self.d_inner
+
+    def position(self, step, reverse: bool):
+        """Scan step -> (clamped sequence position, whether the step is inside the sequence)."""
+        t = self.length - 1 - step if reverse else step
+        return jnp.clip(t, 0, self.length - 1), step < self.length
+
+    # BlockSpecs: the kernel sees one batch element of the activations, whole params.
+    def seq_spec(self, width: int) -> pl.BlockSpec:
+        return pl.BlockSpec((pl.squeezed, self.length, width), lambda b, d: (b, 0, 0))
+
+    def full_spec(self, shape: tuple[int, ...]) -> pl.BlockSpec:
+        return pl.BlockSpec(shape, lambda b, d: (0,) * len(shape))
+
+    def dir_specs(self) -> list[pl.BlockSpec]:
+        return [self.seq_spec(self.d_inner), self.seq_spec(self.d_inner), self.full_spec((self.d_inner, self.d_state)),
+                self.seq_spec(self.d_state), self.seq_spec(self.d_state), self.full_spec((self.d_inner,)),
+                self.full_spec((self.d_inner,))]
+
+    def states_spec(self) -> pl.BlockSpec:
+        return pl.BlockSpec((pl.squeezed, self.n_chunks, self.d_inner, self.n_pad), lambda b, d: (b, 0, 0, 0))
+
+
+def _load_row(ref, t, cols, mask):
+    return plgpu.load(ref.at[t, cols], mask=mask, other=0.0).astype(_F32)
+
+
+def _store_row(ref, t, cols, value, mask):
+    plgpu.store(ref.at[t, cols], value.astype(ref.dtype), mask=mask)
+
+
+class _Direction:
+    """The per-direction parameters loaded once per program, and one step's inputs."""
+
+    def __init__(self, refs, geo: _Geometry, reverse: bool, delta_softplus: bool):
+        self.u, self.delta, a_ref, self.B, self.C, d_ref, bias_ref = refs
+        self.geo, self.reverse, self.delta_softplus = geo, reverse, delta_softplus
+        self.cols, self.dmask = geo.channels()
+        self.nmask = jnp.arange(geo.n_pad) < geo.d_state
+        self.ncols = pl.ds(0, geo.n_pad)
+        self.A = plgpu.load(a_ref.at[self.cols, self.ncols], mask=self.dmask[:, None] & self.nmask[None, :],
+                            other=0.0).astype(_F32)
+        self.D = plgpu.load(d_ref.at[self.cols], mask=self.dmask, other=0.0).astype(_F32)
+        self.bias = plgpu.load(bias_ref.at[self.cols], mask=self.dmask, other=0.0).astype(_F32)
+
+    def step_inputs(self, step):
+        """(t, valid, u, raw delta + bias, dt, B, C) at one scan step; dt = 0 outside the sequence."""
+        t, inside = self.geo.position(step, self.reverse)
+        mask = self.dmask & inside
+        u = _load_row(self.u, t, self.cols, mask)
+        pre = _load_row(self.delta, t, self.cols, mask) + self.bias
+        dt = softplus(pre) if self.delta_softplus else pre
+        dt = jnp.where(mask, dt, 0.0)
+        nmask = self.nmask & inside
+        b = _load_row(self.B, t, self.ncols, nmask)
+        c = _load_row(self.C, t, self.ncols, nmask)
+        return t, inside, u, pre, dt, b, c
+
+
+def _silu_gate(z):
+    return z * sigmoid(z)
+
+
+def _forward_kernel(*refs, geo: _Geometry, cfg: KernelConfig, has_z: bool, save: bool):
+    n_dirs = len(cfg.reverses)
+    dir_refs = [refs[i * _N_INPUTS:(i + 1) * _N_INPUTS] for i in range(n_dirs)]
+    rest = list(refs[n_dirs * _N_INPUTS:])
+    z_ref = rest.pop(0) if has_z else None
+    out_ref = rest.pop(0)
+    acc_ref = rest.pop(0) if (save or n_dirs > 1) else None
+    state_refs = rest if save else [None] * n_dirs
+
+    for k, (drefs, reverse, state_ref) in enumerate(zip(dir_refs, cfg.reverses, state_refs, strict=True)):
+        d = _Direction(drefs, geo, reverse, cfg.delta_softplus)
+        first, last = k == 0, k == n_dirs - 1
+
+        def chunk_body(c, h, d=d, first=first, last=last, state_ref=state_ref):
+            if state_ref is not None:
+                plgpu.store(state_ref.at[c, d.cols, d.ncols], h, mask=d.dmask[:, None])
+            for i in range(geo.chunk):
+                t, inside, u, _, dt, b, cm = d.step_inputs(c * geo.chunk + i)
+                h = jnp.exp(dt[:, None] * d.A) * h + (dt * u)[:, None] * b[None, :]
+                y = jnp.sum(h * cm[None, :], axis=1) + d.D * u
+                mask = d.dmask & inside
+                if not first:
+                    y = y + _load_row(acc_ref, t, d.cols, mask)
+                if acc_ref is not None:
+                    _store_row(acc_ref, t, d.cols, y, mask)
+                if last:
+                    if z_ref is not None:
+                        y = y * _silu_gate(_load_row(z_ref, t, d.cols, mask))
+                    _store_row(out_ref, t, d.cols, y, mask)
+            return h
+
+        jax.lax.fori_loop(0, geo.n_chunks, chunk_body, jnp.zeros((geo.block_d, geo.n_pad), _F32))
+
+
+def _backward_kernel(*refs, geo: _Geometry, cfg: KernelConfig, has_z: bool):
+    n_dirs = len(cfg.reverses)
+    dir_refs = [refs[i * _N_INPUTS:(i + 1) * _N_INPUTS] for i in range(n_dirs)]
+    rest = list(refs[n_dirs * _N_INPUTS:])
+    z_ref = rest.pop(0) if has_z else None
+    ypre_ref = rest.pop(0) if has_z else None
+    dout_ref = rest.pop(0)
+    state_refs = [rest.pop(0) for _ in range(n_dirs)]
+    dz_ref = rest.pop(0) if has_z else None
+    grad_refs = [rest[i * _N_INPUTS:(i + 1) * _N_INPUTS] for i in range(n_dirs)]
+    cols, dmask = geo.channels()
+
+    for k, (drefs, reverse, state_ref, grefs) in enumerate(
+            zip(dir_refs, cfg.reverses, state_refs, grad_refs, strict=True)):
+        d = _Direction(drefs, geo, reverse, cfg.delta_softplus)
+        du_ref, ddelta_ref, da_ref, db_ref, dc_ref, dd_ref, dbias_ref = grefs
+        write_dz = has_z and k == 0
+
+        def chunk_body(j, carry, d=d, write_dz=write_dz, state_ref=state_ref, du_ref=du_ref,
+                       ddelta_ref=ddelta_ref, db_ref=db_ref, dc_ref=dc_ref):
+            dh, dA, dD, dbias = carry
+            c = geo.n_chunks - 1 - j
+            h = plgpu.load(state_ref.at[c, d.cols, d.ncols], mask=d.dmask[:, None], other=0.0)
+            steps, states = [], [h]
+            for i in range(geo.chunk):  # Recompute the states inside the chunk.
+                s = d.step_inputs(c * geo.chunk + i)
+                _, _, u, _, dt, b, _ = s
+                h = jnp.exp(dt[:, None] * d.A) * h + (dt * u)[:, None] * b[None, :]
+                steps.append(s)
+                states.append(h)
+            for i in reversed(range(geo.chunk)):
+                t, inside, u, pre, dt, b, cm = steps[i]
+                mask = d.dmask & inside
+                dy = _load_row(dout_ref, t, d.cols, mask)
+                if z_ref is not None:
+                    z = _load_row(z_ref, t, d.cols, mask)
+                    sig = sigmoid(z)
+                    if write_dz:
+                        ypre = _load_row(ypre_ref, t, d.cols, mask)
+                        _store_row(dz_ref, t, d.cols, dy * ypre * sig * (1.0 + z * (1.0 - sig)), mask)
+                    dy = dy * z * sig
+                dh = dh + dy[:, None] * cm[None, :]
+                _store_row(dc_ref, t, d.ncols, jnp.sum(dy[:, None] * states[i + 1], axis=0), d.nmask & inside)
+                a = jnp.exp(dt[:, None] * d.A)
+                dh_a_hprev = dh * a * states[i]
+                ddt = jnp.sum(dh_a_hprev * d.A + dh * (u[:, None] * b[None, :]), axis=1)
+                dA = dA + dt[:, None] * dh_a_hprev
+                _store_row(db_ref, t, d.ncols, jnp.sum(dh * (dt * u)[:, None], axis=0), d.nmask & inside)
+                _store_row(du_ref, t, d.cols, jnp.sum(dh * b[None, :], axis=1) * dt + d.D * dy, mask)
+                dD = dD + dy * u
+                dpre = ddt * sigmoid(pre) if cfg.delta_softplus else ddt
+                dpre = jnp.where(mask, dpre, 0.0)
+                dbias = dbias + dpre
+                _store_row(ddelta_ref, t, d.cols, dpre, mask)
+                dh = a * dh
+            return dh, dA, dD, dbias
+
+        zeros_dn = jnp.zeros((geo.block_d, geo.n_pad), _F32)
+        zeros_d = jnp.zeros((geo.block_d,), _F32)
+        _, dA, dD, dbias = jax.lax.fori_loop(0, geo.n_chunks, chunk_body, (zeros_dn, zeros_dn, zeros_d, zeros_d))
+        plgpu.store(da_ref.at[cols, d.ncols], dA, mask=dmask[:, None])
+        plgpu.store(dd_ref.at[cols], dD, mask=dmask)
+        plgpu.store(dbias_ref.at[cols], dbias, mask=dmask)
+
+
+def _compiler_params(blocks: BlockSizes) -> plgpu.CompilerParams:
+    return plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+
+
+def _forward(dirs: tuple[ScanDirection, ...], z: jax.Array | None, cfg: KernelConfig, save: bool):
+    u = dirs[0].u
+    geo = _Geometry(u, dirs[0].A.shape[1], cfg.blocks)
+    act = jax.ShapeDtypeStruct(u.shape, u.dtype)
+    act32 = jax.ShapeDtypeStruct(u.shape, _F32)
+    states = jax.ShapeDtypeStruct((geo.batch, geo.n_chunks, geo.d_inner, geo.n_pad), _F32)
+    keep_acc = save or len(dirs) > 1
+    out_shape = [act] + ([act32] if keep_acc else []) + ([states] * len(dirs) if save else [])
+    out_specs = ([geo.seq_spec(geo.d_inner)] * (2 if keep_acc else 1)
+                 + ([geo.states_spec()] * len(dirs) if save else []))
+    in_specs = geo.dir_specs() * len(dirs) + ([geo.seq_spec(geo.d_inner)] if z is not None else [])
+    outs = pl.pallas_call(
+        functools.partial(_forward_kernel, geo=geo, cfg=cfg, has_z=z is not None, save=save),
+        grid=geo.grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+        compiler_params=_compiler_params(cfg.blocks), interpret=cfg.interpret, name="selective_scan_fwd",
+    )(*[x for d in dirs for x in d], *([z] if z is not None else []))
+    if not save:
+        return outs[0], None, None
+    return outs[0], outs[1], tuple(outs[2:])
+
+
+def _backward(dirs, z, ypre, states, dout, cfg: KernelConfig):
+    u = dirs[0].u
+    geo = _Geometry(u, dirs[0].A.shape[1], cfg.blocks)
+    b, length, d_inner, n_pad, n_db = geo.batch, geo.length, geo.d_inner, geo.n_pad, geo.n_dblocks
+    act32 = jax.ShapeDtypeStruct(u.shape, _F32)
+    per_dblock = jax.ShapeDtypeStruct((b, n_db, length, n_pad), _F32)
+    per_dblock_spec = pl.BlockSpec((pl.squeezed, pl.squeezed, length, n_pad), lambda i, j: (i, j, 0, 0))
+    per_batch_dn = jax.ShapeDtypeStruct((b, d_inner, n_pad), _F32)
+    per_batch_d = jax.ShapeDtypeStruct((b, d_inner), _F32)
+    batch_dn_spec = pl.BlockSpec((pl.squeezed, d_inner, n_pad), lambda i, j: (i, 0, 0))
+    batch_d_spec = pl.BlockSpec((pl.squeezed, d_inner), lambda i, j: (i, 0))
+    grad_shapes = [act32, act32, per_batch_dn, per_dblock, per_dblock, per_batch_d, per_batch_d]
+    grad_specs = [geo.seq_spec(d_inner)] * 2 + [batch_dn_spec, per_dblock_spec, per_dblock_spec,
+                                                batch_d_spec, batch_d_spec]
+    has_z = z is not None
+    seq = geo.seq_spec(d_inner)
+    in_specs = (geo.dir_specs() * len(dirs) + ([seq, seq] if has_z else []) + [seq]
+                + [geo.states_spec()] * len(dirs))
+    out_shape = ([act32] if has_z else []) + grad_shapes * len(dirs)
+    out_specs = ([seq] if has_z else []) + grad_specs * len(dirs)
+    outs = pl.pallas_call(
+        functools.partial(_backward_kernel, geo=geo, cfg=cfg, has_z=has_z),
+        grid=geo.grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+        compiler_params=_compiler_params(cfg.blocks), interpret=cfg.interpret, name="selective_scan_bwd",
+    )(*[x for d in dirs for x in d], *([z, ypre] if has_z else []), dout, *states)
+    dz = outs[0] if has_z else None
+    raw = outs[1:] if has_z else outs
+    grads = []
+    for k in range(len(dirs)):
+        du, ddelta, dA, dB, dC, dD, dbias = raw[k * _N_INPUTS:(k + 1) * _N_INPUTS]
+        n = geo.d_state
+        grads.append(DirectionGrads(du, ddelta, dA.sum(0)[:, :n], dB.sum(1)[..., :n], dC.sum(1)[..., :n],
+                                    dD.sum(0), dbias.sum(0)))
+    return tuple(grads), dz
+
+
+_scan = make_scan(_forward, _backward)
+
+
+def selective_scan_pallas_gpu(
+    u: jax.Array,
+    delta: jax.Array,
+    A: jax.Array,
+    B: jax.Array,
+    C: jax.Array,
+    D: jax.Array | None = None,
+    z: jax.Array | None = None,
+    delta_bias: jax.Array | None = None,
+    delta_softplus: bool = False,
+    reverse: bool = False,
+    *,
+    blocks: BlockSizes | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """Selective scan (semantics of ``reference.selective_scan_reference``) as a Triton Pallas kernel."""
+    D, delta_bias = fill_optional(u, D, delta_bias)
+    cfg = KernelConfig((reverse,), delta_softplus, blocks or default_blocks(A.shape[1]), interpret)
+    return _scan((ScanDirection(u, delta, A, B, C, D, delta_bias),), z, cfg)
+
+
+def selective_scan_bidirectional_pallas_gpu(
+    fwd: ScanDirection,
+    bwd: ScanDirection,
+    z: jax.Array | None = None,
+    delta_softplus: bool = False,
+    *,
+    blocks: BlockSizes | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """(scan(fwd) + scan(bwd, reverse=True)) * silu(z) in one launch; ``bwd`` is read back to front in place."""
+    cfg = KernelConfig((False, True), delta_softplus, blocks or default_blocks(fwd.A.shape[1]), interpret)
+    return _scan((fwd, bwd), z, cfg)
