@@ -1,7 +1,7 @@
 """Distillation train-step throughput and peak device memory on synthetic data.
 
     python benchmarks/train_throughput.py --configs=vim_tiny,vim_small --dtypes=float32,bfloat16 \
-        --batch_size=64 --steps=200 --remat=false,true
+        --batch_size=64 --steps=200 --remat=false,true --scan_impls=associative,pallas
 
 Each (config, dtype, remat) combination runs in its own process so peak memory is its own. The step is the
 full CAB step (teacher forward, student forward/backward, bridge, AdamW update) on device-resident batches:
@@ -22,7 +22,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 
-def measure(config_name: str, dtype: str, batch_size: int, steps: int, remat: bool, mode: str) -> dict:
+def measure(config_name: str, dtype: str, batch_size: int, steps: int, remat: bool, mode: str,
+            scan_impl: str) -> dict:
     import jax
     import numpy as np
 
@@ -32,7 +33,7 @@ def measure(config_name: str, dtype: str, batch_size: int, steps: int, remat: bo
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     c = module.get_config()
-    c.dtype, c.loss.mode, c.student.remat = dtype, mode, remat
+    c.dtype, c.loss.mode, c.student.remat, c.student.scan_impl = dtype, mode, remat, scan_impl
     c.data.synthetic = True
     c.train.batch_size, c.train.steps = batch_size, steps
     mesh = sharding.make_mesh(c.mesh)
@@ -56,11 +57,21 @@ def measure(config_name: str, dtype: str, batch_size: int, steps: int, remat: bo
     jax.block_until_ready(metrics)
     elapsed = time.perf_counter() - start
     stats = jax.devices()[0].memory_stats() or {}
-    return {"config": config_name, "dtype": dtype, "remat": remat, "mode": mode, "batch": batch_size,
+    return {"config": config_name, "dtype": dtype, "remat": remat, "mode": mode, "scan_impl": scan_impl,
+            "batch": batch_size,
             "images_per_s": round(batch_size * steps / elapsed, 1), "ms_per_step": round(1e3 * elapsed / steps, 2),
             "compile_s": round(compile_s, 1), "peak_gib": round(stats.get("peak_bytes_in_use", 0) / 2**30, 2),
             "loss": round(float(metrics["loss"]), 4), "device": jax.devices()[0].device_kind,
             "jax": jax.__version__}
+
+
+def _run_one(job: dict) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(job)], capture_output=True, text=True,
+                          cwd=ROOT)
+    if proc.returncode == 0 and "ROW" in proc.stdout:
+        return json.loads(proc.stdout.split("ROW", 1)[1])
+    error = (proc.stderr.strip().splitlines() or ["?"])[-1][:120]
+    return {**job, "config": job["config_name"], "batch": job["batch_size"], "error": error}
 
 
 def main() -> None:
@@ -69,6 +80,7 @@ def main() -> None:
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--remat", default="false,true")
     parser.add_argument("--modes", default="cab")
+    parser.add_argument("--scan_impls", default="auto")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--one", help=argparse.SUPPRESS)
@@ -81,18 +93,13 @@ def main() -> None:
         for dtype in args.dtypes.split(","):
             for remat in args.remat.split(","):
                 for mode in args.modes.split(","):
-                    job = dict(config_name=config_name, dtype=dtype, batch_size=args.batch_size, steps=args.steps,
-                               remat=remat == "true", mode=mode)
-                    proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(job)], capture_output=True,
-                                          text=True, cwd=ROOT)
-                    if proc.returncode == 0 and "ROW" in proc.stdout:
-                        rows.append(json.loads(proc.stdout.split("ROW", 1)[1]))
-                    else:
-                        error = (proc.stderr.strip().splitlines() or ["?"])[-1][:120]
-                        rows.append({**job, "config": config_name, "batch": args.batch_size, "error": error})
-                    print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    columns = ["config", "dtype", "remat", "mode", "batch", "images_per_s", "ms_per_step", "peak_gib", "compile_s",
-               "loss", "device", "jax", "error"]
+                    for scan_impl in args.scan_impls.split(","):
+                        job = dict(config_name=config_name, dtype=dtype, batch_size=args.batch_size, steps=args.steps,
+                                   remat=remat == "true", mode=mode, scan_impl=scan_impl)
+                        rows.append(_run_one(job))
+                        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    columns = ["config", "dtype", "remat", "mode", "scan_impl", "batch", "images_per_s", "ms_per_step", "peak_gib",
+               "compile_s", "loss", "device", "jax", "error"]
     print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
     for row in rows:
         print("| " + " | ".join(str(row.get(col, "")) for col in columns) + " |")

@@ -1,13 +1,14 @@
 """Attention bridge: map the student's selective-SSM projections onto the teacher's attention keys/queries.
 
-Per bridged student layer l with teacher layer g(l), four small networks map B -> K, B_b -> K (reversed),
-C -> Q and C_b -> Q (reversed). Targets are the teacher's pre-softmax q, k flattened over heads, passed
-through a kernel map, and with the teacher's cls token (index 0) moved to the student's middle position.
+Per bridged student layer l with teacher layer g(l), four small networks map B -> K, B_b -> K, C -> Q and
+C_b -> Q, token by token (the mixer returns both directions' projections in token order). Targets are the
+teacher's pre-softmax q, k flattened over heads, passed through a kernel map, and with the teacher's cls
+token (index 0) moved to the student's middle position.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -135,7 +136,6 @@ class AttentionBridge(nnx.Module):
         """Mean over bridged layers of the sum of the (up to) four MSEs."""
         if len(projections) != len(self.mapping):
             raise ValueError(f"bridge built for {len(self.mapping)} student layers, got {len(projections)}")
-        reverse: Callable[[jax.Array], jax.Array] = lambda t: t[:, ::-1]
         losses = []
         for g, bridge, proj in zip(self.mapping, self.bridges, projections, strict=True):
             if g < 0:
@@ -146,6 +146,6 @@ class AttentionBridge(nnx.Module):
                                  "image and patch sizes must give both the same token count")
             loss = mse(bridge.b_to_k(proj.B), k) + mse(bridge.c_to_q(proj.C), q)
             if bridge.b_to_k_b is not None:
-                loss += mse(bridge.b_to_k_b(proj.B_b), reverse(k)) + mse(bridge.c_to_q_b(proj.C_b), reverse(q))
+                loss += mse(bridge.b_to_k_b(proj.B_b), k) + mse(bridge.c_to_q_b(proj.C_b), q)
             losses.append(loss)
         return jnp.mean(jnp.stack(losses))

@@ -171,8 +171,8 @@ def np_bridge_loss(bridge: AttentionBridge, mapping, projections, teacher_qk, ke
         k = np_targets(f64(teacher_qk[g][1]), kernel_map, "k", cls_position)
         loss = mse(np_net(nets.b_to_k, f64(proj.B)), k) + mse(np_net(nets.c_to_q, f64(proj.C)), q)
         if proj.B_b is not None:
-            loss += mse(np_net(nets.b_to_k_b, f64(proj.B_b)), k[:, ::-1])
-            loss += mse(np_net(nets.c_to_q_b, f64(proj.C_b)), q[:, ::-1])
+            loss += mse(np_net(nets.b_to_k_b, f64(proj.B_b)), k)
+            loss += mse(np_net(nets.c_to_q_b, f64(proj.C_b)), q)
         losses.append(loss)
     return np.mean(losses)
 

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cab_jax.kernels.selective_scan import selective_scan
+from cab_jax.kernels.selective_scan import ScanDirection, selective_scan, selective_scan_bidirectional
 from cab_jax.models.layers import Dtype, dense
 
 A_INITS = ("s4d", "cab")
@@ -23,8 +23,8 @@ CAB_A_LOG = -20.0  # CAB's constant A_log init: A = -exp(-20) ~ 0, i.e. no decay
 class SSMProjections(NamedTuple):
     """B and C of the forward scan and, for the bidirectional mixer, of the backward scan.
 
-    Each is (batch, length, d_state). The backward ones are in the order the backward scan sees them,
-    i.e. position t belongs to token length-1-t.
+    Each is (batch, length, d_state) in token order: position t belongs to token t in both directions
+    (the backward scan reads the sequence from the last position to the first).
     """
 
     B: jax.Array
@@ -79,28 +79,31 @@ class SSMDirection(nnx.Module):
         self.D = nnx.Param(jnp.ones((d_inner,), jnp.float32), logical_axes=("inner",))
         self.dt_rank, self.d_state = dt_rank, d_state
 
-    def __call__(self, x: jax.Array, z: jax.Array, scan_impl: str) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """x, z: (batch, length, d_inner), already in this direction's order. Returns (y, B, C)."""
-        x = jax.nn.silu(causal_depthwise_conv(x, self.conv_kernel[...], self.conv_bias[...]))
-        x_dbl = self.x_proj(x)
-        dt, B, C = jnp.split(x_dbl, [self.dt_rank, self.dt_rank + self.d_state], axis=-1)
+    def scan_inputs(self, x: jax.Array, reverse: bool = False) -> ScanDirection:
+        """x: (batch, length, d_inner) in token order -> this direction's scan inputs, in token order.
+
+        ``reverse``: the direction reads the sequence from the last token to the first, so its convolution
+        looks at the following tokens instead of the preceding ones.
+        """
+        x = jax.nn.silu(causal_depthwise_conv(x, self.conv_kernel[...], self.conv_bias[...], reverse=reverse))
+        dt, B, C = jnp.split(self.x_proj(x), [self.dt_rank, self.dt_rank + self.d_state], axis=-1)
         delta = dt @ self.dt_proj.kernel[...].astype(dt.dtype)
-        y = selective_scan(
-            x, delta, -jnp.exp(self.A_log[...]), B, C, D=self.D[...], z=z,
-            delta_bias=self.dt_proj.bias[...], delta_softplus=True, impl=scan_impl)
-        return y, B, C
+        return ScanDirection(x, delta, -jnp.exp(self.A_log[...]), B, C, self.D[...], self.dt_proj.bias[...])
 
 
-def causal_depthwise_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-    """Depthwise 1-D convolution over length, left-padded so output t sees inputs t-d_conv+1..t.
+def causal_depthwise_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array, reverse: bool = False) -> jax.Array:
+    """Depthwise 1-D convolution over length: output t sees inputs t-d_conv+1..t (``reverse``: t+d_conv-1..t).
 
-    x: (batch, length, channels); kernel: (d_conv, channels), tap d_conv-1 multiplies the current token.
+    x: (batch, length, channels); kernel: (d_conv, channels), tap d_conv-1 multiplies the current token and
+    tap i the token d_conv-1-i steps before it (after it when ``reverse``), so ``reverse`` equals the causal
+    convolution of the flipped sequence, flipped back.
     """
     d_conv, length = kernel.shape[0], x.shape[1]
-    padded = jnp.pad(x, ((0, 0), (d_conv - 1, 0), (0, 0)))
+    pad = (0, d_conv - 1) if reverse else (d_conv - 1, 0)
+    padded = jnp.pad(x, ((0, 0), pad, (0, 0)))
     kernel = kernel.astype(x.dtype)
-    out = sum(padded[:, i : i + length] * kernel[i] for i in range(d_conv))
-    return out + bias.astype(x.dtype)
+    taps = [padded[:, i : i + length] * kernel[d_conv - 1 - i if reverse else i] for i in range(d_conv)]
+    return sum(taps) + bias.astype(x.dtype)
 
 
 class Mamba(nnx.Module):
@@ -139,9 +142,12 @@ class Mamba(nnx.Module):
     def __call__(self, hidden: jax.Array) -> tuple[jax.Array, SSMProjections]:
         """hidden: (batch, length, d_model) -> output (batch, length, d_model) and the B/C projections."""
         x, z = jnp.split(self.in_proj(hidden), 2, axis=-1)
-        y, B, C = self.fwd(x, z, self.scan_impl)
+        fwd = self.fwd.scan_inputs(x)
         if self.bwd is None:
-            return self.out_proj(y), SSMProjections(B, C)
-        y_b, B_b, C_b = self.bwd(x[:, ::-1], z[:, ::-1], self.scan_impl)
-        y = (y + y_b[:, ::-1]) * 0.5
-        return self.out_proj(y), SSMProjections(B, C, B_b, C_b)
+            y = selective_scan(fwd.u, fwd.delta, fwd.A, fwd.B, fwd.C, D=fwd.D, z=z, delta_bias=fwd.delta_bias,
+                               delta_softplus=True, impl=self.scan_impl)
+            return self.out_proj(y), SSMProjections(fwd.B, fwd.C)
+        # Both directions in token order; the backward one is scanned last-to-first (no flipped copies).
+        bwd = self.bwd.scan_inputs(x, reverse=True)
+        y = selective_scan_bidirectional(fwd, bwd, z, delta_softplus=True, impl=self.scan_impl) * 0.5
+        return self.out_proj(y), SSMProjections(fwd.B, fwd.C, bwd.B, bwd.C)

@@ -1,26 +1,54 @@
-"""Public entry point of the Mamba-1 selective scan: shape checks and dispatch on ``impl``."""
+"""Public entry points of the Mamba-1 selective scan: shape checks and dispatch on ``impl``.
+
+``impl``: "reference" (sequential ``lax.scan``), "associative" (``lax.associative_scan``), "pallas" (the
+Pallas kernel of the current backend: Triton on GPU, Mosaic on TPU, the GPU kernel interpreted on CPU,
+which is slow and meant for tests), or "auto": pallas on GPU and TPU, associative on CPU.
+"""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 
 from cab_jax.kernels.selective_scan.associative import selective_scan_associative
-from cab_jax.kernels.selective_scan.reference import selective_scan_reference
+from cab_jax.kernels.selective_scan.pallas_common import ScanDirection
+from cab_jax.kernels.selective_scan.reference import finish_output, selective_scan_reference
 
-# Valid values of ``impl`` (and of the config's ``model.scan_impl``).
-SCAN_IMPLS: tuple[str, ...] = ("auto", "reference", "associative")
+# Valid values of ``impl`` (and of the config's ``student.scan_impl``).
+SCAN_IMPLS: tuple[str, ...] = ("auto", "reference", "associative", "pallas")
+
+
+def _resolve_name(impl: str) -> str:
+    if impl not in SCAN_IMPLS:
+        raise ValueError(f"selective_scan: unknown impl {impl!r}; valid choices are {SCAN_IMPLS}")
+    backend = jax.default_backend()
+    if impl == "auto":
+        return "associative" if backend == "cpu" else "pallas"
+    return impl
+
+
+def _pallas_pair() -> tuple[Callable[..., jax.Array], Callable[..., jax.Array]]:
+    """(unidirectional, bidirectional) Pallas scans of the current backend."""
+    backend = jax.default_backend()
+    if backend == "tpu":
+        from cab_jax.kernels.selective_scan import pallas_tpu
+
+        return pallas_tpu.selective_scan_pallas_tpu, pallas_tpu.selective_scan_bidirectional_pallas_tpu
+    from cab_jax.kernels.selective_scan import pallas_gpu
+
+    interpret = backend == "cpu"
+    return (functools.partial(pallas_gpu.selective_scan_pallas_gpu, interpret=interpret),
+            functools.partial(pallas_gpu.selective_scan_bidirectional_pallas_gpu, interpret=interpret))
 
 
 def _resolve(impl: str) -> Callable[..., jax.Array]:
-    if impl in ("auto", "associative"):
-        # "auto" is the associative scan on every backend until the Pallas kernels exist; they are
-        # selected here (by backend) and added to SCAN_IMPLS as "pallas" in their own issue.
-        return selective_scan_associative
-    if impl == "reference":
-        return selective_scan_reference
-    raise ValueError(f"selective_scan: unknown impl {impl!r}; valid choices are {SCAN_IMPLS}")
+    name = _resolve_name(impl)
+    if name == "pallas":
+        return _pallas_pair()[0]
+    return {"associative": selective_scan_associative, "reference": selective_scan_reference}[name]
 
 
 def _check_shapes(u, delta, A, B, C, D, z, delta_bias) -> None:
@@ -76,3 +104,32 @@ def selective_scan(
     fn = _resolve(impl)
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
     return fn(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus, reverse=reverse)
+
+
+def selective_scan_bidirectional(
+    fwd: ScanDirection,
+    bwd: ScanDirection,
+    z: jax.Array | None = None,
+    delta_softplus: bool = False,
+    impl: str = "auto",
+) -> jax.Array:
+    """Vim's two directions over one sequence: (scan(fwd) + scan(bwd, reverse=True)) * silu(z).
+
+    Both directions are given in sequence order (the backward one is scanned from the last position to the
+    first) and each has its own u, delta, A, B, C, D, delta_bias; z gates their float32 sum once. The
+    Pallas kernels run both in one launch, reading the backward direction in place.
+    """
+    for d in (fwd, bwd):
+        _check_shapes(d.u, d.delta, d.A, d.B, d.C, d.D, z, d.delta_bias)
+    if fwd.u.shape != bwd.u.shape or fwd.A.shape != bwd.A.shape:
+        raise ValueError(f"selective_scan_bidirectional: the directions differ in shape: u {tuple(fwd.u.shape)} vs "
+                         f"{tuple(bwd.u.shape)}, A {tuple(fwd.A.shape)} vs {tuple(bwd.A.shape)}")
+    name = _resolve_name(impl)
+    if name == "pallas":
+        return _pallas_pair()[1](fwd, bwd, z, delta_softplus)
+    fn = _resolve(name)
+    # Each direction ungated in float32 (inputs upcast: exact), then one gate and one cast.
+    pre = sum(fn(d.u.astype(jnp.float32), d.delta, d.A, d.B, d.C, D=d.D, delta_bias=d.delta_bias,
+                 delta_softplus=delta_softplus, reverse=reverse) for d, reverse in ((fwd, False), (bwd, True)))
+    return finish_output(pre, pre, None, z, fwd.u.dtype)
+

@@ -26,15 +26,15 @@ _F32 = jnp.float32
 
 
 class ScanDirection(NamedTuple):
-    """The inputs of one scan direction (shapes as in ``reference.py``; D and delta_bias always given)."""
+    """The inputs of one scan direction, shapes as in ``reference.py`` (the kernels need D and delta_bias)."""
 
     u: jax.Array
     delta: jax.Array
     A: jax.Array
     B: jax.Array
     C: jax.Array
-    D: jax.Array
-    delta_bias: jax.Array
+    D: jax.Array | None = None
+    delta_bias: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,12 +91,10 @@ def num_chunks(length: int, chunk: int) -> int:
     return -(-length // chunk)
 
 
-def fill_optional(
-    u: jax.Array, D: jax.Array | None, delta_bias: jax.Array | None
-) -> tuple[jax.Array, jax.Array]:
+def with_defaults(d: ScanDirection) -> ScanDirection:
     """Zeros for an absent D or delta_bias (the kernels always take both)."""
-    zeros = jnp.zeros((u.shape[-1],), _F32)
-    return (zeros if D is None else D), (zeros if delta_bias is None else delta_bias)
+    zeros = jnp.zeros((d.u.shape[-1],), _F32)
+    return d._replace(D=zeros if d.D is None else d.D, delta_bias=zeros if d.delta_bias is None else d.delta_bias)
 
 
 Forward = Callable[..., tuple[jax.Array, jax.Array | None, tuple[jax.Array, ...] | None]]

@@ -28,11 +28,11 @@ from cab_jax.kernels.selective_scan.pallas_common import (
     DirectionGrads,
     KernelConfig,
     ScanDirection,
-    fill_optional,
     make_scan,
     num_chunks,
     sigmoid,
     softplus,
+    with_defaults,
 )
 
 _F32 = jnp.float32
@@ -309,9 +309,8 @@ def selective_scan_pallas_gpu(
     interpret: bool = False,
 ) -> jax.Array:
     """Selective scan (semantics of ``reference.selective_scan_reference``) as a Triton Pallas kernel."""
-    D, delta_bias = fill_optional(u, D, delta_bias)
     cfg = KernelConfig((reverse,), delta_softplus, blocks or default_blocks(A.shape[1]), interpret)
-    return _scan((ScanDirection(u, delta, A, B, C, D, delta_bias),), z, cfg)
+    return _scan((with_defaults(ScanDirection(u, delta, A, B, C, D, delta_bias)),), z, cfg)
 
 
 def selective_scan_bidirectional_pallas_gpu(
@@ -325,4 +324,4 @@ def selective_scan_bidirectional_pallas_gpu(
 ) -> jax.Array:
     """(scan(fwd) + scan(bwd, reverse=True)) * silu(z) in one launch; ``bwd`` is read back to front in place."""
     cfg = KernelConfig((False, True), delta_softplus, blocks or default_blocks(fwd.A.shape[1]), interpret)
-    return _scan((fwd, bwd), z, cfg)
+    return _scan((with_defaults(fwd), with_defaults(bwd)), z, cfg)
