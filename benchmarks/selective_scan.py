@@ -1,0 +1,151 @@
+"""Selective-scan speed per implementation and shape: forward and forward+backward time, achieved bandwidth.
+
+    python benchmarks/selective_scan.py --shapes=vim_ti,vim_s,vim_b,long --impls=associative,reference,pallas
+
+GB/s and "% roofline" count only the bytes that must move at least once: every input read once and the
+output written once (forward), plus the output gradient read once and every input gradient written once
+(forward+backward), divided by the time; the roofline is the device's peak HBM bandwidth. The Vim shapes are
+bidirectional (two directions with their own u, delta, A, B, C, D, delta_bias, one z), as in Vim's mixer;
+"long" is one direction. ``--check`` also prints the largest difference to the sequential reference.
+Prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import pathlib
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from cab_jax.kernels.selective_scan import (
+    BlockSizes,
+    ScanDirection,
+    selective_scan,
+    selective_scan_bidirectional,
+)
+
+# name: (batch, length, d_inner, d_state, bidirectional)
+SHAPES = {
+    "vim_ti": (128, 197, 384, 16, True),
+    "vim_s": (128, 197, 768, 16, True),
+    "vim_b": (128, 197, 1536, 16, True),
+    "long": (8, 4096, 2048, 16, False),
+}
+PEAK_GBPS = {"H100": 3350.0, "H200": 4800.0}  # SXM HBM3 / HBM3e datasheet peaks
+
+
+def make_inputs(shape: tuple, dtype: str, seed: int = 0) -> tuple[list[ScanDirection], jax.Array]:
+    batch, length, d_inner, d_state, bidirectional = shape
+    rng = np.random.default_rng(seed)
+    act = lambda scale=1.0: jnp.asarray(scale * rng.normal(size=(batch, length, d_inner)), dtype)
+    dirs = []
+    for _ in range(2 if bidirectional else 1):
+        A = -np.arange(1, d_state + 1)[None, :] * rng.uniform(0.5, 1.5, (d_inner, d_state))
+        dirs.append(ScanDirection(
+            u=act(), delta=act(0.5), A=jnp.asarray(A, jnp.float32),
+            B=jnp.asarray(rng.normal(size=(batch, length, d_state)), dtype),
+            C=jnp.asarray(rng.normal(size=(batch, length, d_state)), dtype),
+            D=jnp.asarray(rng.normal(size=d_inner), jnp.float32),
+            delta_bias=jnp.asarray(np.log(np.expm1(rng.uniform(1e-3, 0.1, d_inner))), jnp.float32)))
+    return dirs, act()
+
+
+def scan_fn(impl: str, n_dirs: int, blocks: BlockSizes | None):
+    if impl == "pallas" and blocks is not None:  # explicit Triton block sizes
+        from cab_jax.kernels.selective_scan import pallas_gpu
+
+        uni = functools.partial(pallas_gpu.selective_scan_pallas_gpu, blocks=blocks)
+        bi = functools.partial(pallas_gpu.selective_scan_bidirectional_pallas_gpu, blocks=blocks)
+    else:
+        uni = functools.partial(selective_scan, impl=impl)
+        bi = functools.partial(selective_scan_bidirectional, impl=impl)
+
+    def run(dirs, z):
+        if n_dirs == 2:
+            return bi(*dirs, z, delta_softplus=True)
+        d = dirs[0]
+        return uni(d.u, d.delta, d.A, d.B, d.C, D=d.D, z=z, delta_bias=d.delta_bias, delta_softplus=True)
+
+    return run
+
+
+def timed(fn, args, iters: int) -> float:
+    """Median milliseconds of ``iters`` calls, after one compile-and-warm-up call."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return 1e3 * float(np.median(times))
+
+
+def nbytes(tree) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def measure(name: str, impl: str, dtype: str, iters: int, blocks: BlockSizes | None, check: bool) -> dict:
+    shape = SHAPES[name]
+    dirs, z = make_inputs(shape, dtype)
+    run = scan_fn(impl, len(dirs), blocks)
+    fwd = jax.jit(run)
+    y = fwd(dirs, z)
+    dy = jnp.ones_like(y)
+    fwd_bwd = jax.jit(lambda dirs, z: jax.vjp(run, dirs, z)[1](dy))
+    fwd_bytes = nbytes((dirs, z)) + nbytes(y)
+    bwd_bytes = fwd_bytes + nbytes(dy) + nbytes((dirs, z))
+    row = {"shape": name, "impl": impl, "dtype": dtype}
+    for label, fn, moved in (("fwd", fwd, fwd_bytes), ("fwd+bwd", fwd_bwd, bwd_bytes)):
+        ms = timed(fn, (dirs, z), iters)
+        row[f"{label} ms"] = round(ms, 3)
+        row[f"{label} GB/s"] = round(moved / ms / 1e6, 1)
+    if check:
+        y_ref = jax.jit(scan_fn("reference", len(dirs), None))(dirs, z)
+        row["max |y - ref| / max |ref|"] = float(jnp.max(jnp.abs(y.astype(jnp.float32) - y_ref.astype(jnp.float32)))
+                                                / jnp.max(jnp.abs(y_ref.astype(jnp.float32))))
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default="vim_ti,vim_s,vim_b,long")
+    parser.add_argument("--impls", default="associative,reference,pallas")
+    parser.add_argument("--dtypes", default="float32")
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--peak_gbps", type=float, default=0.0, help="HBM peak; 0 = from the device name")
+    parser.add_argument("--blocks", default="", help="Triton block sizes chunk,block_d,num_warps,num_stages")
+    parser.add_argument("--check", action="store_true")
+    args = parser.parse_args()
+    kind = jax.devices()[0].device_kind
+    peak = args.peak_gbps or next((v for k, v in PEAK_GBPS.items() if k in kind), 0.0)
+    blocks = BlockSizes(*map(int, args.blocks.split(","))) if args.blocks else None
+    print(f"device: {kind}, jax {jax.__version__}, peak HBM {peak or '?'} GB/s, blocks {blocks or 'default'}")
+    rows = []
+    for name in args.shapes.split(","):
+        for dtype in args.dtypes.split(","):
+            for impl in args.impls.split(","):
+                try:
+                    row = measure(name, impl, dtype, args.iters, blocks, args.check)
+                except Exception as e:  # e.g. out of memory: report it and go on
+                    row = {"shape": name, "impl": impl, "dtype": dtype, "error": f"{type(e).__name__}: {e}"[:100]}
+                if peak:
+                    for label in ("fwd", "fwd+bwd"):
+                        if f"{label} GB/s" in row:
+                            row[f"{label} % roofline"] = round(100 * row[f"{label} GB/s"] / peak, 1)
+                rows.append(row)
+                print(row, file=sys.stderr, flush=True)
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
+    for row in rows:
+        print("| " + " | ".join(str(row.get(c, "")) for c in columns) + " |")
+
+
+if __name__ == "__main__":
+    main()
