@@ -17,6 +17,8 @@ result is deterministic.
 from __future__ import annotations
 
 import functools
+import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +39,7 @@ from cab_jax.kernels.selective_scan.pallas_common import (
 
 _F32 = jnp.float32
 _N_INPUTS = len(ScanDirection._fields)
+_LOG2E = 1.0 / math.log(2.0)
 
 # Tuned on an H100 (BENCHMARKS.md) for d_state 16; larger states get fewer channels per program so the
 # unrolled chunk of states still fits in registers.
@@ -98,8 +101,21 @@ def _store_row(ref, t, cols, value, mask):
     plgpu.store(ref.at[t, cols], value.astype(ref.dtype), mask=mask)
 
 
+class _Step(NamedTuple):
+    """One scan step's inputs (float32) and masks; dt = 0 outside the sequence (state unchanged)."""
+
+    t: jax.Array
+    mask: jax.Array  # channels in range and step inside the sequence
+    nmask: jax.Array  # states in range and step inside the sequence
+    u: jax.Array
+    pre: jax.Array  # delta + delta_bias, before softplus
+    dt: jax.Array
+    b: jax.Array
+    c: jax.Array
+
+
 class _Direction:
-    """The per-direction parameters loaded once per program, and one step's inputs."""
+    """One direction's parameters, loaded once per program, and its per-chunk loads."""
 
     def __init__(self, refs, geo: _Geometry, reverse: bool, delta_softplus: bool):
         self.u, self.delta, a_ref, self.B, self.C, d_ref, bias_ref = refs
@@ -109,21 +125,33 @@ class _Direction:
         self.ncols = pl.ds(0, geo.n_pad)
         self.A = plgpu.load(a_ref.at[self.cols, self.ncols], mask=self.dmask[:, None] & self.nmask[None, :],
                             other=0.0).astype(_F32)
+        self.A2 = self.A * _LOG2E  # exp(dt * A) = exp2(dt * A2)
         self.D = plgpu.load(d_ref.at[self.cols], mask=self.dmask, other=0.0).astype(_F32)
         self.bias = plgpu.load(bias_ref.at[self.cols], mask=self.dmask, other=0.0).astype(_F32)
 
-    def step_inputs(self, step):
-        """(t, valid, u, raw delta + bias, dt, B, C) at one scan step; dt = 0 outside the sequence."""
-        t, inside = self.geo.position(step, self.reverse)
-        mask = self.dmask & inside
-        u = _load_row(self.u, t, self.cols, mask)
-        pre = _load_row(self.delta, t, self.cols, mask) + self.bias
-        dt = softplus(pre) if self.delta_softplus else pre
-        dt = jnp.where(mask, dt, 0.0)
-        nmask = self.nmask & inside
-        b = _load_row(self.B, t, self.ncols, nmask)
-        c = _load_row(self.C, t, self.ncols, nmask)
-        return t, inside, u, pre, dt, b, c
+    def load_chunk(self, c) -> list[_Step]:
+        """All loads of chunk ``c``, issued together before any compute or store of the chunk."""
+        steps = []
+        for i in range(self.geo.chunk):
+            t, inside = self.geo.position(c * self.geo.chunk + i, self.reverse)
+            mask, nmask = self.dmask & inside, self.nmask & inside
+            u = _load_row(self.u, t, self.cols, mask)
+            pre = _load_row(self.delta, t, self.cols, mask) + self.bias
+            dt = jnp.where(mask, softplus(pre) if self.delta_softplus else pre, 0.0)
+            b = _load_row(self.B, t, self.ncols, nmask)
+            c_t = _load_row(self.C, t, self.ncols, nmask)
+            steps.append(_Step(t, mask, nmask, u, pre, dt, b, c_t))
+        return steps
+
+    def rows(self, ref, steps: list[_Step]) -> list[jax.Array]:
+        """Row t of a (length, d_inner) ref for every step."""
+        return [_load_row(ref, s.t, self.cols, s.mask) for s in steps]
+
+    def decay(self, s: _Step) -> jax.Array:
+        return jnp.exp2(s.dt[:, None] * self.A2)
+
+    def update(self, h: jax.Array, s: _Step) -> jax.Array:
+        return self.decay(s) * h + (s.dt * s.u)[:, None] * s.b[None, :]
 
 
 def _silu_gate(z):
@@ -142,23 +170,24 @@ def _forward_kernel(*refs, geo: _Geometry, cfg: KernelConfig, has_z: bool, save:
     for k, (drefs, reverse, state_ref) in enumerate(zip(dir_refs, cfg.reverses, state_refs, strict=True)):
         d = _Direction(drefs, geo, reverse, cfg.delta_softplus)
         first, last = k == 0, k == n_dirs - 1
+        if not first:
+            plgpu.debug_barrier()  # the previous direction's sums in acc_ref are visible to every thread
 
         def chunk_body(c, h, d=d, first=first, last=last, state_ref=state_ref):
+            steps = d.load_chunk(c)
+            accs = None if first else d.rows(acc_ref, steps)
+            gates = [_silu_gate(z) for z in d.rows(z_ref, steps)] if (last and z_ref is not None) else None
             if state_ref is not None:
                 plgpu.store(state_ref.at[c, d.cols, d.ncols], h, mask=d.dmask[:, None])
-            for i in range(geo.chunk):
-                t, inside, u, _, dt, b, cm = d.step_inputs(c * geo.chunk + i)
-                h = jnp.exp(dt[:, None] * d.A) * h + (dt * u)[:, None] * b[None, :]
-                y = jnp.sum(h * cm[None, :], axis=1) + d.D * u
-                mask = d.dmask & inside
-                if not first:
-                    y = y + _load_row(acc_ref, t, d.cols, mask)
+            for i, s in enumerate(steps):
+                h = d.update(h, s)
+                y = jnp.sum(h * s.c[None, :], axis=1) + d.D * s.u
+                if accs is not None:
+                    y = y + accs[i]
                 if acc_ref is not None:
-                    _store_row(acc_ref, t, d.cols, y, mask)
+                    _store_row(acc_ref, s.t, d.cols, y, s.mask)
                 if last:
-                    if z_ref is not None:
-                        y = y * _silu_gate(_load_row(z_ref, t, d.cols, mask))
-                    _store_row(out_ref, t, d.cols, y, mask)
+                    _store_row(out_ref, s.t, d.cols, y if gates is None else y * gates[i], s.mask)
             return h
 
         jax.lax.fori_loop(0, geo.n_chunks, chunk_body, jnp.zeros((geo.block_d, geo.n_pad), _F32))
@@ -186,38 +215,33 @@ def _backward_kernel(*refs, geo: _Geometry, cfg: KernelConfig, has_z: bool):
                        ddelta_ref=ddelta_ref, db_ref=db_ref, dc_ref=dc_ref):
             dh, dA, dD, dbias = carry
             c = geo.n_chunks - 1 - j
-            h = plgpu.load(state_ref.at[c, d.cols, d.ncols], mask=d.dmask[:, None], other=0.0)
-            steps, states = [], [h]
-            for i in range(geo.chunk):  # Recompute the states inside the chunk.
-                s = d.step_inputs(c * geo.chunk + i)
-                _, _, u, _, dt, b, _ = s
-                h = jnp.exp(dt[:, None] * d.A) * h + (dt * u)[:, None] * b[None, :]
-                steps.append(s)
-                states.append(h)
+            steps = d.load_chunk(c)
+            douts = d.rows(dout_ref, steps)
+            zs = d.rows(z_ref, steps) if z_ref is not None else None
+            ypres = d.rows(ypre_ref, steps) if write_dz else None
+            states = [plgpu.load(state_ref.at[c, d.cols, d.ncols], mask=d.dmask[:, None], other=0.0)]
+            for s in steps:  # Recompute the states inside the chunk from the saved chunk start.
+                states.append(d.update(states[-1], s))
             for i in reversed(range(geo.chunk)):
-                t, inside, u, pre, dt, b, cm = steps[i]
-                mask = d.dmask & inside
-                dy = _load_row(dout_ref, t, d.cols, mask)
-                if z_ref is not None:
-                    z = _load_row(z_ref, t, d.cols, mask)
-                    sig = sigmoid(z)
+                s, dy = steps[i], douts[i]
+                if zs is not None:
+                    sig = sigmoid(zs[i])
                     if write_dz:
-                        ypre = _load_row(ypre_ref, t, d.cols, mask)
-                        _store_row(dz_ref, t, d.cols, dy * ypre * sig * (1.0 + z * (1.0 - sig)), mask)
-                    dy = dy * z * sig
-                dh = dh + dy[:, None] * cm[None, :]
-                _store_row(dc_ref, t, d.ncols, jnp.sum(dy[:, None] * states[i + 1], axis=0), d.nmask & inside)
-                a = jnp.exp(dt[:, None] * d.A)
+                        _store_row(dz_ref, s.t, d.cols, dy * ypres[i] * sig * (1.0 + zs[i] * (1.0 - sig)), s.mask)
+                    dy = dy * zs[i] * sig
+                dh = dh + dy[:, None] * s.c[None, :]
+                _store_row(dc_ref, s.t, d.ncols, jnp.sum(dy[:, None] * states[i + 1], axis=0), s.nmask)
+                a = d.decay(s)
                 dh_a_hprev = dh * a * states[i]
-                ddt = jnp.sum(dh_a_hprev * d.A + dh * (u[:, None] * b[None, :]), axis=1)
-                dA = dA + dt[:, None] * dh_a_hprev
-                _store_row(db_ref, t, d.ncols, jnp.sum(dh * (dt * u)[:, None], axis=0), d.nmask & inside)
-                _store_row(du_ref, t, d.cols, jnp.sum(dh * b[None, :], axis=1) * dt + d.D * dy, mask)
-                dD = dD + dy * u
-                dpre = ddt * sigmoid(pre) if cfg.delta_softplus else ddt
-                dpre = jnp.where(mask, dpre, 0.0)
+                ddt = jnp.sum(dh_a_hprev * d.A + dh * (s.u[:, None] * s.b[None, :]), axis=1)
+                dA = dA + s.dt[:, None] * dh_a_hprev
+                _store_row(db_ref, s.t, d.ncols, jnp.sum(dh * (s.dt * s.u)[:, None], axis=0), s.nmask)
+                _store_row(du_ref, s.t, d.cols, jnp.sum(dh * s.b[None, :], axis=1) * s.dt + d.D * dy, s.mask)
+                dD = dD + dy * s.u
+                dpre = ddt * sigmoid(s.pre) if cfg.delta_softplus else ddt
+                dpre = jnp.where(s.mask, dpre, 0.0)
                 dbias = dbias + dpre
-                _store_row(ddelta_ref, t, d.cols, dpre, mask)
+                _store_row(ddelta_ref, s.t, d.cols, dpre, s.mask)
                 dh = a * dh
             return dh, dA, dD, dbias
 
