@@ -75,7 +75,7 @@ class _Geometry:
     def position(self, step, reverse: bool):
         """Scan step -> (clamped sequence position, whether the step is inside the sequence)."""
         t = self.length - 1 - step if reverse else step
-        return jnp.clip(t, 0, self.length - 1), step < self.length
+        return jnp.clip(t, 0, self.length - 1), (step >= 0) & (step < self.length)
 
     # BlockSpecs: the kernel sees one batch element of the activations, whole params.
     def seq_spec(self, width: int) -> pl.BlockSpec:
@@ -129,29 +129,48 @@ class _Direction:
         self.D = plgpu.load(d_ref.at[self.cols], mask=self.dmask, other=0.0).astype(_F32)
         self.bias = plgpu.load(bias_ref.at[self.cols], mask=self.dmask, other=0.0).astype(_F32)
 
-    def load_chunk(self, c) -> list[_Step]:
-        """All loads of chunk ``c``, issued together before any compute or store of the chunk."""
-        steps = []
-        for i in range(self.geo.chunk):
-            t, inside = self.geo.position(c * self.geo.chunk + i, self.reverse)
+    def load_chunk(self, c, extra_refs: tuple = ()) -> tuple[list[jax.Array], ...]:
+        """All loads of chunk ``c``: per step, u, delta, B, C and a row of every (length, d_inner) ref in
+        ``extra_refs`` (None entries load nothing). Masked: a chunk past either end loads nothing."""
+        rows = []
+        for t, inside in self._positions(c):
             mask, nmask = self.dmask & inside, self.nmask & inside
-            u = _load_row(self.u, t, self.cols, mask)
-            pre = _load_row(self.delta, t, self.cols, mask) + self.bias
-            dt = jnp.where(mask, softplus(pre) if self.delta_softplus else pre, 0.0)
-            b = _load_row(self.B, t, self.ncols, nmask)
-            c_t = _load_row(self.C, t, self.ncols, nmask)
-            steps.append(_Step(t, mask, nmask, u, pre, dt, b, c_t))
-        return steps
+            rows.append((_load_row(self.u, t, self.cols, mask), _load_row(self.delta, t, self.cols, mask),
+                         _load_row(self.B, t, self.ncols, nmask), _load_row(self.C, t, self.ncols, nmask),
+                         *(None if r is None else _load_row(r, t, self.cols, mask) for r in extra_refs)))
+        return rows
 
-    def rows(self, ref, steps: list[_Step]) -> list[jax.Array]:
-        """Row t of a (length, d_inner) ref for every step."""
-        return [_load_row(ref, s.t, self.cols, s.mask) for s in steps]
+    def steps(self, c, rows) -> list[_Step]:
+        """The steps of chunk ``c`` from its loaded rows."""
+        out = []
+        for (t, inside), (u, delta, b, c_t, *_) in zip(self._positions(c), rows, strict=True):
+            mask = self.dmask & inside
+            pre = delta + self.bias
+            dt = jnp.where(mask, softplus(pre) if self.delta_softplus else pre, 0.0)
+            out.append(_Step(t, mask, self.nmask & inside, u, pre, dt, b, c_t))
+        return out
+
+    def _positions(self, c):
+        return [self.geo.position(c * self.geo.chunk + i, self.reverse) for i in range(self.geo.chunk)]
 
     def decay(self, s: _Step) -> jax.Array:
         return jnp.exp2(s.dt[:, None] * self.A2)
 
     def update(self, h: jax.Array, s: _Step) -> jax.Array:
         return self.decay(s) * h + (s.dt * s.u)[:, None] * s.b[None, :]
+
+
+def _prefetched_chunk_loop(geo: _Geometry, backwards: bool, load, body, init):
+    """fori over the chunks (last to first when ``backwards``) where chunk j+1's loads are issued before
+    chunk j's compute, so that memory latency overlaps the sequential work: body(c, rows, carry) -> carry."""
+    chunk_of = (lambda j: geo.n_chunks - 1 - j) if backwards else (lambda j: j)
+
+    def step(j, state):
+        carry, rows = state
+        upcoming = load(chunk_of(j + 1))
+        return body(chunk_of(j), rows, carry), upcoming
+
+    return jax.lax.fori_loop(0, geo.n_chunks, step, (init, load(chunk_of(0))))[0]
 
 
 def _silu_gate(z):
@@ -173,24 +192,24 @@ def _forward_kernel(*refs, geo: _Geometry, cfg: KernelConfig, has_z: bool, save:
         if not first:
             plgpu.debug_barrier()  # the previous direction's sums in acc_ref are visible to every thread
 
-        def chunk_body(c, h, d=d, first=first, last=last, state_ref=state_ref):
-            steps = d.load_chunk(c)
-            accs = None if first else d.rows(acc_ref, steps)
-            gates = [_silu_gate(z) for z in d.rows(z_ref, steps)] if (last and z_ref is not None) else None
+        extra = (None if first else acc_ref, z_ref if last else None)
+
+        def chunk_body(c, rows, h, d=d, first=first, last=last, state_ref=state_ref):
             if state_ref is not None:
                 plgpu.store(state_ref.at[c, d.cols, d.ncols], h, mask=d.dmask[:, None])
-            for i, s in enumerate(steps):
+            for s, (*_, acc, z) in zip(d.steps(c, rows), rows, strict=True):
                 h = d.update(h, s)
                 y = jnp.sum(h * s.c[None, :], axis=1) + d.D * s.u
-                if accs is not None:
-                    y = y + accs[i]
+                if acc is not None:
+                    y = y + acc
                 if acc_ref is not None:
                     _store_row(acc_ref, s.t, d.cols, y, s.mask)
                 if last:
-                    _store_row(out_ref, s.t, d.cols, y if gates is None else y * gates[i], s.mask)
+                    _store_row(out_ref, s.t, d.cols, y if z is None else y * _silu_gate(z), s.mask)
             return h
 
-        jax.lax.fori_loop(0, geo.n_chunks, chunk_body, jnp.zeros((geo.block_d, geo.n_pad), _F32))
+        _prefetched_chunk_loop(geo, False, functools.partial(d.load_chunk, extra_refs=extra), chunk_body,
+                               jnp.zeros((geo.block_d, geo.n_pad), _F32))
 
 
 def _backward_kernel(*refs, geo: _Geometry, cfg: KernelConfig, has_z: bool):
@@ -211,24 +230,22 @@ def _backward_kernel(*refs, geo: _Geometry, cfg: KernelConfig, has_z: bool):
         du_ref, ddelta_ref, da_ref, db_ref, dc_ref, dd_ref, dbias_ref = grefs
         write_dz = has_z and k == 0
 
-        def chunk_body(j, carry, d=d, write_dz=write_dz, state_ref=state_ref, du_ref=du_ref,
+        extra = (dout_ref, z_ref, ypre_ref if write_dz else None)
+
+        def chunk_body(c, rows, carry, d=d, write_dz=write_dz, state_ref=state_ref, du_ref=du_ref,
                        ddelta_ref=ddelta_ref, db_ref=db_ref, dc_ref=dc_ref):
             dh, dA, dD, dbias = carry
-            c = geo.n_chunks - 1 - j
-            steps = d.load_chunk(c)
-            douts = d.rows(dout_ref, steps)
-            zs = d.rows(z_ref, steps) if z_ref is not None else None
-            ypres = d.rows(ypre_ref, steps) if write_dz else None
+            steps = d.steps(c, rows)
             states = [plgpu.load(state_ref.at[c, d.cols, d.ncols], mask=d.dmask[:, None], other=0.0)]
             for s in steps:  # Recompute the states inside the chunk from the saved chunk start.
                 states.append(d.update(states[-1], s))
             for i in reversed(range(geo.chunk)):
-                s, dy = steps[i], douts[i]
-                if zs is not None:
-                    sig = sigmoid(zs[i])
+                s, (*_, dy, z, ypre) = steps[i], rows[i]
+                if z is not None:
+                    sig = sigmoid(z)
                     if write_dz:
-                        _store_row(dz_ref, s.t, d.cols, dy * ypres[i] * sig * (1.0 + zs[i] * (1.0 - sig)), s.mask)
-                    dy = dy * zs[i] * sig
+                        _store_row(dz_ref, s.t, d.cols, dy * ypre * sig * (1.0 + z * (1.0 - sig)), s.mask)
+                    dy = dy * z * sig
                 dh = dh + dy[:, None] * s.c[None, :]
                 _store_row(dc_ref, s.t, d.ncols, jnp.sum(dy[:, None] * states[i + 1], axis=0), s.nmask)
                 a = d.decay(s)
@@ -247,7 +264,8 @@ def _backward_kernel(*refs, geo: _Geometry, cfg: KernelConfig, has_z: bool):
 
         zeros_dn = jnp.zeros((geo.block_d, geo.n_pad), _F32)
         zeros_d = jnp.zeros((geo.block_d,), _F32)
-        _, dA, dD, dbias = jax.lax.fori_loop(0, geo.n_chunks, chunk_body, (zeros_dn, zeros_dn, zeros_d, zeros_d))
+        _, dA, dD, dbias = _prefetched_chunk_loop(geo, True, functools.partial(d.load_chunk, extra_refs=extra),
+                                                  chunk_body, (zeros_dn, zeros_dn, zeros_d, zeros_d))
         plgpu.store(da_ref.at[cols, d.ncols], dA, mask=dmask[:, None])
         plgpu.store(dd_ref.at[cols], dD, mask=dmask)
         plgpu.store(dbias_ref.at[cols], dbias, mask=dmask)
