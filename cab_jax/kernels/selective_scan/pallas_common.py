@@ -5,8 +5,8 @@ A backend supplies two launchers over one or two scan directions that share one 
     forward(dirs, z, cfg, save) -> (out, ypre, states)
         out:    (batch, length, d_inner) in u.dtype = (sum over dirs of scan + D*u) * silu(z)
         ypre:   float32 (batch, length, d_inner), the ungated sum (a residual; None unless ``save``)
-        states: per direction, float32 (batch, n_chunks, d_inner, d_state_padded): the scan state at the
-                start of every chunk of ``cfg.blocks.chunk`` positions, in scan order (None unless ``save``)
+        states: per direction, float32, the scan state at the start of every chunk of positions, in scan
+                order, in a layout each backend chooses (None unless ``save``)
     backward(dirs, z, ypre, states, dout, cfg) -> (grads per direction, dz)
 
 Block sizes are a frozen dataclass so that they are static and hashable.

@@ -189,7 +189,7 @@ def _forward_kernel(*refs, geo: _Geometry, cfg: KernelConfig, has_z: bool, save:
     for k, (drefs, reverse, state_ref) in enumerate(zip(dir_refs, cfg.reverses, state_refs, strict=True)):
         d = _Direction(drefs, geo, reverse, cfg.delta_softplus)
         first, last = k == 0, k == n_dirs - 1
-        if not first:
+        if not first and not cfg.interpret:  # (the interpreter has no threads to synchronise)
             plgpu.debug_barrier()  # the previous direction's sums in acc_ref are visible to every thread
 
         extra = (None if first else acc_ref, z_ref if last else None)

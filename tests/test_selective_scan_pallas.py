@@ -1,0 +1,251 @@
+"""Pallas selective-scan kernels against the sequential reference: values and every gradient, one and two
+directions, float32 and bfloat16, awkward lengths and widths; backend dispatch; TPU and GPU lowering.
+
+On CPU the kernels run in Pallas interpret mode. On a GPU the Triton kernel runs compiled (same tests,
+nothing skipped); the TPU kernel always runs interpreted here (no TPU), and its Mosaic lowering is checked
+by ``jax.export`` for the TPU platform.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_selective_scan import OPTIONS, _assert_close, _make_inputs
+
+from cab_jax.kernels.selective_scan import (
+    BlockSizes,
+    ScanDirection,
+    pallas_gpu,
+    pallas_tpu,
+    selective_scan,
+    selective_scan_bidirectional,
+)
+from cab_jax.kernels.selective_scan import api as scan_api
+
+ON_CPU = jax.default_backend() == "cpu"
+
+# Per kernel: (unidirectional fn, bidirectional fn, block sizes, d_inner). Small blocks so that d_inner spans
+# several channel blocks with a partial last one, and lengths span several chunks with a partial last one.
+KERNELS = {
+    "gpu": (functools.partial(pallas_gpu.selective_scan_pallas_gpu, interpret=ON_CPU),
+            functools.partial(pallas_gpu.selective_scan_bidirectional_pallas_gpu, interpret=ON_CPU),
+            BlockSizes(chunk=8, block_d=16), 40),
+    "tpu": (functools.partial(pallas_tpu.selective_scan_pallas_tpu, interpret=True),
+            functools.partial(pallas_tpu.selective_scan_bidirectional_pallas_tpu, interpret=True),
+            BlockSizes(chunk=8, block_d=128), 200),
+}
+
+# The kernels and the reference both accumulate in float32 but in different orders; gradients that sum
+# over batch and length (dA, dD, d delta_bias) differ most. Tolerances are relative to max(1, max |expected|)
+# (see _assert_close); bfloat16 results are rounded to bfloat16 (2**-8 relative spacing) at the end.
+VALUE_TOL = {"float32": {"rtol": 2e-5, "atol": 2e-5}, "bfloat16": {"rtol": 1e-2, "atol": 1e-2}}
+GRAD_TOL = {"float32": {"rtol": 1e-4, "atol": 1e-4}, "bfloat16": {"rtol": 2e-2, "atol": 2e-2}}
+
+# (length, d_state, dtype, direction, option): direction is "fwd", "rev" or "bi". Lengths 1, 7, 197, 256, 1000;
+# d_state 16 and 64 (and 5, not a power of two); every direction in both dtypes. Interpret mode on CPU is
+# compile-bound, hence a sparse grid.
+CASES = [
+    (1, 16, "float32", "fwd", "full"),
+    (7, 5, "bfloat16", "rev", "full"),
+    (7, 16, "float32", "bi", "bare"),
+    (197, 16, "float32", "bi", "full"),
+    (197, 16, "bfloat16", "bi", "full_cab"),
+    (197, 64, "float32", "rev", "full"),
+    (256, 16, "bfloat16", "fwd", "full"),
+    (256, 64, "float32", "bi", "full"),
+    (1000, 16, "float32", "rev", "full"),
+]
+
+
+def _directions(length, d_state, dtype, option, d_inner, n_dirs):
+    out = []
+    for k in range(n_dirs):
+        kw, static = _make_inputs(length * 7 + d_state + k, length, dtype, OPTIONS[option], batch=2,
+                                  d_inner=d_inner, d_state=d_state)
+        out.append((kw, static))
+    return out
+
+
+def _run_pair(kernel, blocks, direction, static):
+    """(kernel fn, reference fn), both taking (list of direction kwargs, z)."""
+    uni, bi = kernel
+    if direction == "bi":
+        def run(fn, impl_kw):
+            return lambda dirs, z: fn(*[ScanDirection(**d) for d in dirs], z, static["delta_softplus"], **impl_kw)
+
+        return (run(bi, {"blocks": blocks}),
+                run(functools.partial(selective_scan_bidirectional, impl="reference"), {}))
+    reverse = direction == "rev"
+
+    def run_uni(fn, impl_kw):
+        return lambda dirs, z: fn(**dirs[0], z=z, **static, reverse=reverse, **impl_kw)
+
+    return run_uni(uni, {"blocks": blocks}), run_uni(functools.partial(selective_scan, impl="reference"), {})
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+@pytest.mark.parametrize("length,d_state,dtype,direction,option", CASES)
+def test_kernel_values_and_gradients_match_reference(backend, length, d_state, dtype, direction, option):
+    uni, bi, blocks, d_inner = KERNELS[backend]
+    made = _directions(length, d_state, dtype, option, d_inner, 2 if direction == "bi" else 1)
+    static = made[0][1]
+    z = made[0][0].pop("z")
+    dirs = []
+    for kw, _ in made:
+        kw.pop("z", None)
+        dirs.append({k: v for k, v in kw.items() if v is not None})
+    kernel_fn, reference_fn = _run_pair((uni, bi), blocks, direction, static)
+    weights = jnp.asarray(np.random.default_rng(length).normal(size=(2, length, d_inner)), jnp.float32)
+
+    @functools.partial(jax.jit, static_argnums=0)  # one compilation for values and gradients
+    def value_and_grads(fn, dirs, z):
+        loss = lambda dirs, z: jnp.sum(fn(dirs, z).astype(jnp.float32) * weights)
+        return fn(dirs, z), jax.grad(loss, argnums=(0, 1))(dirs, z)
+
+    y, (g_dirs, g_z) = value_and_grads(kernel_fn, dirs, z)
+    y_ref, (g_dirs_ref, g_z_ref) = value_and_grads(reference_fn, dirs, z)
+    assert y.shape == (2, length, d_inner) and y.dtype == jnp.dtype(dtype)
+    _assert_close(y, y_ref, VALUE_TOL[dtype], "y")
+    if z is not None:
+        assert g_z.dtype == z.dtype
+        _assert_close(g_z, g_z_ref, GRAD_TOL[dtype], "dz")
+    for k, (g, g_ref) in enumerate(zip(g_dirs, g_dirs_ref, strict=True)):
+        assert set(g) == set(dirs[k])
+        for name in g:
+            assert g[name].dtype == dirs[k][name].dtype, name
+            if length > 1 or name not in ("A",):  # with one token, dA can be exactly 0 in both
+                assert float(jnp.max(jnp.abs(g_ref[name].astype(jnp.float32)))) > 0.0, f"zero reference d{name}"
+            _assert_close(g[name], g_ref[name], GRAD_TOL[dtype], f"direction {k}: d{name}")
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_bidirectional_kernel_equals_two_unidirectional_runs(backend):
+    """The fused launch computes exactly (scan(fwd) + scan(bwd, reverse)) * silu(z), not something close."""
+    uni, bi, blocks, d_inner = KERNELS[backend]
+    (kf, static), (kb, _) = _directions(23, 16, "float32", "full", d_inner, 2)
+    z = kf.pop("z")
+    kb.pop("z")
+    fused = bi(ScanDirection(**kf), ScanDirection(**kb), z, static["delta_softplus"], blocks=blocks)
+    pre = (uni(**kf, **static, blocks=blocks) + uni(**kb, **static, reverse=True, blocks=blocks))
+    np.testing.assert_allclose(fused, pre * jax.nn.silu(z), rtol=1e-5, atol=1e-5)
+
+
+def test_block_sizes_validate():
+    with pytest.raises(ValueError, match=r"BlockSizes\.chunk must be >= 1"):
+        BlockSizes(chunk=0)
+
+
+# ------------------------------------------------------------------------------------------ dispatch
+
+
+@pytest.mark.parametrize("backend,expected", [("cpu", "associative"), ("gpu", "pallas"), ("cuda", "pallas"),
+                                              ("tpu", "pallas")])
+def test_auto_picks_pallas_on_accelerators(monkeypatch, backend, expected):
+    monkeypatch.setattr(scan_api.jax, "default_backend", lambda: backend)
+    assert scan_api._resolve_name("auto") == expected
+
+
+@pytest.mark.parametrize("backend,module,interpret", [("cpu", pallas_gpu, True), ("gpu", pallas_gpu, False),
+                                                      ("tpu", pallas_tpu, None)])
+def test_pallas_is_the_backends_kernel(monkeypatch, backend, module, interpret):
+    monkeypatch.setattr(scan_api.jax, "default_backend", lambda: backend)
+    uni, bi = scan_api._pallas_pair()
+    for fn in (uni, bi):
+        base = getattr(fn, "func", fn)
+        assert base.__module__ == module.__name__
+        assert getattr(fn, "keywords", {}).get("interpret") == interpret
+
+
+def test_api_pallas_matches_reference_bidirectional():
+    (kf, static), (kb, _) = _directions(9, 16, "bfloat16", "full", 12, 2)
+    z = kf.pop("z")
+    kb.pop("z")
+    fwd, bwd = ScanDirection(**kf), ScanDirection(**kb)
+    y = selective_scan_bidirectional(fwd, bwd, z, static["delta_softplus"], impl="pallas")
+    y_ref = selective_scan_bidirectional(fwd, bwd, z, static["delta_softplus"], impl="reference")
+    assert y.dtype == jnp.bfloat16
+    _assert_close(y, y_ref, VALUE_TOL["bfloat16"])
+
+
+def test_bidirectional_shape_mismatch_is_reported():
+    (kf, _), (kb, _) = _directions(9, 16, "float32", "bare", 12, 2)
+    kf.pop("z")
+    kb.pop("z")
+    kb["u"] = kb["u"][:, :5]
+    with pytest.raises(ValueError, match="expected"):
+        selective_scan_bidirectional(ScanDirection(**kf), ScanDirection(**kb), impl="reference")
+
+
+# ---------------------------------------------------------------------------------------- lowering
+
+
+def _export_grad(fn, platform: str, dtype: str, bidirectional: bool, reverse: bool = False):
+    batch, length, d_inner, d_state = 2, 197, 200, 16
+    sds = lambda shape, dt=dtype: jax.ShapeDtypeStruct(shape, jnp.dtype(dt))
+    direction = {"u": sds((batch, length, d_inner)), "delta": sds((batch, length, d_inner)),
+                 "A": sds((d_inner, d_state), "float32"), "B": sds((batch, length, d_state)),
+                 "C": sds((batch, length, d_state)), "D": sds((d_inner,), "float32"),
+                 "delta_bias": sds((d_inner,), "float32")}
+    uni, bi = fn
+    if bidirectional:
+        loss = lambda dirs, z: jnp.sum(bi(ScanDirection(**dirs[0]), ScanDirection(**dirs[1]), z, True,
+                                          interpret=False).astype(jnp.float32))
+        args = ([direction, direction], sds((batch, length, d_inner)))
+    else:
+        loss = lambda dirs, z: jnp.sum(uni(**dirs[0], z=z, delta_softplus=True, reverse=reverse,
+                                           interpret=False).astype(jnp.float32))
+        args = ([direction], sds((batch, length, d_inner)))
+    target = {"cuda": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}[platform]
+    exported = jax.export.export(
+        jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), platforms=[platform],
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(target)])(*args)
+    return exported.mlir_module()
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("bidirectional,reverse", [(False, False), (False, True), (True, False)])
+def test_forward_and_backward_lower_for_gpu_and_tpu(platform, dtype, bidirectional, reverse):
+    module = pallas_gpu if platform == "cuda" else pallas_tpu
+    suffix = module.__name__.rsplit("_", 1)[-1]
+    fns = (getattr(module, f"selective_scan_pallas_{suffix}"),
+           getattr(module, f"selective_scan_bidirectional_pallas_{suffix}"))
+    text = _export_grad(fns, platform, dtype, bidirectional, reverse)
+    target = "__gpu$xla.gpu.triton" if platform == "cuda" else "tpu_custom_call"
+    # Forward (with residuals) and backward are both kernels: two custom calls, no XLA scan.
+    assert text.count(f"@{target}") == 2, text.count(f"@{target}")
+    assert "stablehlo.while" not in text
+
+
+@pytest.mark.parametrize("resident_bytes,path,launches", [(4 * 200 * 128, "narrowed block_d", [(2, 128)]),
+                                                           (1024, "two launches", [(1, 256), (1, 256)])])
+def test_tpu_long_sequence_fallbacks_match_reference(monkeypatch, resident_bytes, path, launches):
+    """Two TPU directions keep the first one's sum in VMEM; when that does not fit, block_d narrows, and past
+    128 channels the sum goes through HBM between two launches. A small budget forces each path."""
+    monkeypatch.setattr(pallas_tpu, "_RESIDENT_BYTES", resident_bytes)
+    seen, forward_call = [], pallas_tpu._forward_call
+
+    def spy(dirs, z, cfg, geo, *args, **kwargs):
+        seen.append((len(dirs), geo.block_d))
+        return forward_call(dirs, z, cfg, geo, *args, **kwargs)
+
+    monkeypatch.setattr(pallas_tpu, "_forward_call", spy)
+    (kf, _), (kb, _) = _directions(197, 16, "float32", "full", 300, 2)
+    z = kf.pop("z")
+    kb.pop("z")
+    fwd, bwd = ScanDirection(**kf), ScanDirection(**kb)
+    blocks = BlockSizes(chunk=8, block_d=256)
+    loss = lambda fn: lambda f, b: jnp.sum(fn(f, b) ** 2)
+    kernel = lambda f, b: pallas_tpu.selective_scan_bidirectional_pallas_tpu(f, b, z, True, blocks=blocks,
+                                                                             interpret=True)
+    reference = lambda f, b: selective_scan_bidirectional(f, b, z, True, impl="reference")
+    _assert_close(kernel(fwd, bwd), reference(fwd, bwd), VALUE_TOL["float32"], path)
+    assert seen == launches
+    grads = jax.grad(loss(kernel), argnums=(0, 1))(fwd, bwd)
+    grads_ref = jax.grad(loss(reference), argnums=(0, 1))(fwd, bwd)
+    for g, g_ref in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref), strict=True):
+        _assert_close(g, g_ref, GRAD_TOL["float32"], path)
