@@ -16,6 +16,7 @@ result is deterministic.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import NamedTuple
@@ -41,15 +42,15 @@ _F32 = jnp.float32
 _N_INPUTS = len(ScanDirection._fields)
 _LOG2E = 1.0 / math.log(2.0)
 
-# Tuned on an H100 (BENCHMARKS.md) for d_state 16; larger states get fewer channels per program so the
-# unrolled chunk of states still fits in registers.
-DEFAULT_BLOCKS = BlockSizes(chunk=16, block_d=32, num_warps=4, num_stages=1)
+# Tuned on an H100 at the Vim-S shape (BENCHMARKS.md): short chunks keep the unrolled chunk (its states and
+# the next chunk's prefetched rows) in registers. Larger states get fewer channels per program.
+DEFAULT_BLOCKS = BlockSizes(chunk=4, block_d=64, num_warps=2, num_stages=1)
 
 
 def default_blocks(d_state: int) -> BlockSizes:
     if d_state <= 16:
         return DEFAULT_BLOCKS
-    return BlockSizes(chunk=8, block_d=max(4, 32 * 16 // _next_pow2(d_state)), num_warps=4, num_stages=1)
+    return dataclasses.replace(DEFAULT_BLOCKS, block_d=max(8, 64 * 16 // _next_pow2(d_state)))
 
 
 def _next_pow2(n: int) -> int:
