@@ -208,6 +208,11 @@ class Trainer:
         return total, (terms, logits)
 
     def train_step(self, state: State, teacher_params: dict | None, batch: dict) -> tuple[State, dict]:
+        # The mesh is visible while tracing so that kernels (Pallas scans) can run per device on their shard.
+        with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
+            return self._train_step(state, teacher_params, batch)
+
+    def _train_step(self, state: State, teacher_params: dict | None, batch: dict) -> tuple[State, dict]:
         step_key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
         mix_key, drop_key = jax.random.split(step_key)
         images, targets = mix_batch(mix_key, batch["image"], batch["label"], self.num_classes, self.train_cfg)
@@ -227,7 +232,8 @@ class Trainer:
         return new_state, metrics
 
     def eval_step(self, params: dict, batch: dict) -> dict:
-        logits, _ = self.model.module(params)(batch["image"])
+        with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
+            logits, _ = self.model.module(params)(batch["image"])
         mask = batch["mask"]
         labels = batch["label"]
         k = min(5, self.num_classes)

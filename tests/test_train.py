@@ -105,6 +105,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
     out = {{}}
     for name, devices, mesh_cfg in [("one", jax.devices()[:1], (1, 1, 1)), ("eight", jax.devices(), (2, 2, 2))]:
         c = small_config(pathlib.Path({tmp!r}))
+        c.student.scan_impl = {scan_impl!r}
         c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh_cfg
         c.student.embed_dim = c.teacher.embed_dim = 32
         mesh = sharding.make_mesh(c.mesh, devices)
@@ -123,9 +124,12 @@ SHARDED_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_sharded_step_on_8_devices_equals_1_device(tmp_path):
+@pytest.mark.parametrize("scan_impl", ["associative", "pallas"])
+def test_sharded_step_on_8_devices_equals_1_device(tmp_path, scan_impl):
+    """With "pallas" the kernels run per device on their (batch, d_inner) shard (shard_map) and the
+    gradients that sum over the split axes are all-reduced: the step must still equal one device's."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    script = SHARDED_SCRIPT.format(tests=str(ROOT / "tests"), tmp=str(tmp_path))
+    script = SHARDED_SCRIPT.format(tests=str(ROOT / "tests"), tmp=str(tmp_path), scan_impl=scan_impl)
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600,
                           cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]

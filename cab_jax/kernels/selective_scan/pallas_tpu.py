@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+from jax.sharding import PartitionSpec as P
 
 from cab_jax.kernels.selective_scan.pallas_common import (
     BlockSizes,
@@ -401,7 +402,7 @@ def _backward(dirs, z, ypre, states, dout, cfg: KernelConfig):
     return tuple(grads), dz
 
 
-_scan = make_scan(_forward, _backward)
+_scan = make_scan(_forward, _backward, lambda batch, channels: P(batch, None, None, channels))
 
 
 def selective_scan_pallas_tpu(
