@@ -262,7 +262,8 @@ def test_unidirectional_mamba_matches_numpy_reference(scan_impl):
                   rngs=nnx.Rngs(3))
     randomise_mixer(mixer, seed=4)
     hidden = jax.random.normal(jax.random.key(5), (2, TOKENS, D_MODEL))
-    out, proj = mixer(hidden)
+    with jax.default_matmul_precision("highest"):  # float32 matmuls (GPUs default to TF32)
+        out, proj = mixer(hidden)
     expected, B, C = mamba_reference_np(mixer, hidden)
     assert out.shape == (2, TOKENS, D_MODEL) and proj.B_b is None
     np.testing.assert_allclose(proj.B, B, rtol=1e-4, atol=1e-5)
@@ -277,7 +278,8 @@ def test_bidirectional_mixer_is_the_mean_of_forward_and_rereversed_backward(scan
     mixer = Mamba(D_MODEL, d_state=D_STATE, bidirectional=True, scan_impl=scan_impl, rngs=nnx.Rngs(3))
     randomise_mixer(mixer, seed=4)
     hidden = jax.random.normal(jax.random.key(5), (2, TOKENS, D_MODEL))
-    out, proj = mixer(hidden)
+    with jax.default_matmul_precision("highest"):  # float32 matmuls (GPUs default to TF32)
+        out, proj = mixer(hidden)
 
     y_f, B, C = mamba_reference_np(mixer, hidden, "fwd")
     y_b, B_b, C_b = mamba_reference_np(mixer, hidden[:, ::-1], "bwd")

@@ -223,6 +223,7 @@ def test_api_dispatch_and_arguments(monkeypatch, impl, target, reverse):
 
         return wrapped
 
+    monkeypatch.setattr(scan_api.jax, "default_backend", lambda: "cpu")  # where "auto" is associative
     monkeypatch.setattr(scan_api, "selective_scan_reference", spy("reference", selective_scan_reference))
     monkeypatch.setattr(scan_api, "selective_scan_associative", spy("associative", selective_scan_associative))
     kw, static = _make_inputs(13, 7, "float32", OPTIONS["full"])
