@@ -158,8 +158,9 @@ class _Direction:
     def decay(self, s: _Step) -> jax.Array:
         return jnp.exp2(s.dt[:, None] * self.A2)
 
-    def update(self, h: jax.Array, s: _Step) -> jax.Array:
-        return self.decay(s) * h + (s.dt * s.u)[:, None] * s.b[None, :]
+    def update(self, h: jax.Array, s: _Step, decay: jax.Array | None = None) -> jax.Array:
+        decay = self.decay(s) if decay is None else decay
+        return decay * h + (s.dt * s.u)[:, None] * s.b[None, :]
 
 
 def _prefetched_chunk_loop(geo: _Geometry, backwards: bool, load, body, init):
@@ -239,8 +240,9 @@ def _backward_kernel(*refs, geo: _Geometry, cfg: KernelConfig, has_z: bool):
             dh, dA, dD, dbias = carry
             steps = d.steps(c, rows)
             states = [plgpu.load(state_ref.at[c, d.cols, d.ncols], mask=d.dmask[:, None], other=0.0)]
-            for s in steps:  # Recompute the states inside the chunk from the saved chunk start.
-                states.append(d.update(states[-1], s))
+            decays = [d.decay(s) for s in steps]  # one exp per state entry, reused by both sweeps
+            for s, a in zip(steps, decays, strict=True):  # Recompute the chunk's states from its start.
+                states.append(d.update(states[-1], s, a))
             for i in reversed(range(geo.chunk)):
                 s, (*_, dy, z, ypre) = steps[i], rows[i]
                 if z is not None:
@@ -250,7 +252,7 @@ def _backward_kernel(*refs, geo: _Geometry, cfg: KernelConfig, has_z: bool):
                     dy = dy * z * sig
                 dh = dh + dy[:, None] * s.c[None, :]
                 _store_row(dc_ref, s.t, d.ncols, jnp.sum(dy[:, None] * states[i + 1], axis=0), s.nmask)
-                a = d.decay(s)
+                a = decays[i]
                 dh_a_hprev = dh * a * states[i]
                 ddt = jnp.sum(dh_a_hprev * d.A + dh * (s.u[:, None] * s.b[None, :]), axis=1)
                 dA = dA + s.dt[:, None] * dh_a_hprev
