@@ -319,7 +319,8 @@ def test_teacher_qk_are_pre_scale_projections_of_norm1():
     for var in (block.norm1.scale, block.norm1.bias, block.attn.q.bias, block.attn.k.bias):
         var.set_value(var[...] + 0.5 * jax.random.normal(next(keys), var.shape))
     imgs = images()
-    _, qks = model(imgs)
+    with jax.default_matmul_precision("highest"):  # float32 matmuls (GPUs default to TF32)
+        _, qks = model(imgs)
 
     cls = f64(model.cls_token[...])
     patches = patch_tokens_np(model, imgs)
