@@ -45,13 +45,13 @@ _LOG2E = 1.0 / math.log(2.0)
 
 # Tuned on an H100 at the Vim-S shape (BENCHMARKS.md): short chunks keep the unrolled chunk (its states and
 # the next chunk's prefetched rows) in registers. Larger states get fewer channels per program.
-DEFAULT_BLOCKS = BlockSizes(chunk=4, block_d=64, num_warps=2, num_stages=1)
+DEFAULT_BLOCKS = BlockSizes(chunk=2, block_d=32, num_warps=1, num_stages=1)
 
 
 def default_blocks(d_state: int) -> BlockSizes:
     if d_state <= 16:
         return DEFAULT_BLOCKS
-    return dataclasses.replace(DEFAULT_BLOCKS, block_d=max(8, 64 * 16 // _next_pow2(d_state)))
+    return dataclasses.replace(DEFAULT_BLOCKS, block_d=max(8, 32 * 16 // _next_pow2(d_state)))
 
 
 def _next_pow2(n: int) -> int:
