@@ -366,6 +366,7 @@ def test_deit_small_into_deit_tiny_names_both_sizes():
     with pytest.raises(ConversionError) as e:
         deit.import_teacher(small, "timm", tiny)
     msg = str(e.value)
+    print(msg)
     assert "embed_dim 384, depth 12" in msg and "DeiT-S" in msg
     assert "embed_dim 192, depth 12" in msg and "DeiT-T" in msg
 
@@ -411,9 +412,16 @@ def test_head_count_and_activation_checked_against_the_hf_config():
         deit.import_teacher(hf, "hf", deit.teacher_target(config()), {"hidden_act": "gelu_new"})
 
 
-def test_unknown_format():
+def test_unknown_or_wrong_format():
     with pytest.raises(ValueError, match="unknown checkpoint format 'keras'"):
         deit.import_teacher({}, "keras", deit.teacher_target(config()))
+    sd = zeros_timm()
+    with pytest.raises(ConversionError, match="fmt='timm'"):
+        deit.import_teacher(sd, "hf", deit.teacher_target(config()))
+    with pytest.raises(ConversionError, match="fmt='hf'"):
+        deit.import_teacher({"vit.embeddings.cls_token": sd["cls_token"]}, "timm", deit.teacher_target(config()))
+    assert deit.detect_format(sd) == "timm"
+    assert deit.detect_format({"deit.embeddings.cls_token": sd["cls_token"]}) == "hf"
 
 
 def test_not_a_square_grid():

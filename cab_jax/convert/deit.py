@@ -114,14 +114,20 @@ class _Layout:
 
 
 def _layout(source: Mapping[str, np.ndarray], fmt: str) -> _Layout:
+    hf_like = any(k.endswith("embeddings.cls_token") for k in source)
     if fmt == "timm":
+        if hf_like:
+            raise ConversionError("timm DeiT/ViT teacher: these are Hugging Face names (*embeddings.cls_token); "
+                                  "convert with fmt='hf'")
         return _Layout(TIMM_RULES, TIMM_DIST_TOKEN, (TIMM_DIST_HEAD,))
     if fmt != "hf":
         raise ValueError(f"unknown checkpoint format {fmt!r}; expected one of {FORMATS}")
+    if not hf_like:
+        hint = "; these look like timm names, convert with fmt='timm'" if "cls_token" in source else ""
+        raise ConversionError(f"hf DeiT/ViT teacher: not a Hugging Face ViT/DeiT checkpoint, no "
+                              f"'*embeddings.cls_token' among {len(source)} tensors "
+                              f"(first: {sorted(source)[:5]}){hint}")
     cls_keys = sorted(k for k in source if k.endswith("embeddings.cls_token"))
-    if not cls_keys:
-        raise ConversionError(f"not a Hugging Face ViT/DeiT checkpoint: no '*embeddings.cls_token' among "
-                              f"{len(source)} tensors (first: {sorted(source)[:5]})")
     p = cls_keys[0][: -len("embeddings.cls_token")]  # "vit.", "deit." or "" (a bare ViTModel)
     head = "cls_classifier" if "cls_classifier.weight" in source else "classifier"
     module_names = any(k.startswith(f"{p}layers.") for k in source)
