@@ -73,3 +73,15 @@ def load_model_params(path: str | os.PathLike, target: dict) -> dict:
             partial_restore=True)}))
     manager.close()
     return restored[STATE]["params"]["model"]
+
+
+def save_model_params(path: str | os.PathLike, params: dict) -> None:
+    """Model parameters alone, laid out like a run's checkpoint (step 0 of ``path/checkpoints``, under
+    ``params/model``), so that ``load_model_params`` and ``teacher.init_from`` / ``student.init_from`` read it."""
+    manager = ocp.CheckpointManager(epath.Path(path).absolute() / "checkpoints",
+                                    options=ocp.CheckpointManagerOptions(create=True),
+                                    item_handlers={STATE: ocp.StandardCheckpointHandler()})
+    manager.save(0, args=ocp.args.Composite(**{STATE: ocp.args.StandardSave({"params": {"model": params}})}),
+                 force=True)
+    manager.wait_until_finished()
+    manager.close()

@@ -66,7 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.teacher.train = train_config()  # used by task=train_teacher and by the demo's teacher stage
     c.student = ml_collections.ConfigDict(dict(
         **dataclasses.asdict(VIM_SIZES["small"]), patch_size=16, d_state=16, d_conv=4, expand=2,
-        bidirectional=True, a_init="cab", scan_impl="auto", drop_path=0.0, remat=True))
+        bidirectional=True, a_init="cab", scan_impl="auto", drop_path=0.0, remat=True, init_from=""))
     c.bridge = ml_collections.ConfigDict(dict(
         kind="mlp", hidden=128, kernel_map="softmax", layer_map="proportional", layers=(),
         detach_student=False))

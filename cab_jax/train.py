@@ -23,6 +23,7 @@ from jax.sharding import Mesh
 from cab_jax import checkpoint, sharding
 from cab_jax import config as config_lib
 from cab_jax.bridge import AttentionBridge
+from cab_jax.convert.weights import load_model_weights
 from cab_jax.losses import LossWeights, kl_divergence, loss_weights, smooth_labels, soft_cross_entropy, topk_correct
 from cab_jax.models.vim import Vim
 from cab_jax.models.vit import ViT
@@ -331,6 +332,8 @@ def setup(c: ml_collections.ConfigDict, *, role: str, mesh: Mesh, train_size: in
 
     model = build_teacher(c, rngs) if role == "teacher" else build_student(c, rngs)
     model_fn, model_params = Functional.split(model)
+    if role == "student" and c.student.init_from:  # start from given weights (a resumed run restores later)
+        model_params = load_model_weights(c.student.init_from, c, "student", model_params)
     params, axes = {"model": model_params}, {"model": sharding.logical_axes(model)}
     bridge_fn = teacher_fn = None
     teacher_params = teacher_shardings = None
@@ -438,7 +441,7 @@ def load_teacher(c: ml_collections.ConfigDict, params: dict, shardings: dict) ->
     """The frozen teacher's parameters: from ``c.teacher.init_from``, or random (synthetic data only)."""
     if c.teacher.init_from:
         target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, shardings)
-        return checkpoint.load_model_params(c.teacher.init_from, target)
+        return jax.device_put(load_model_weights(c.teacher.init_from, c, "teacher", target), shardings)
     if not c.data.synthetic:
         raise ValueError("config.teacher.init_from is empty: distillation needs trained teacher weights (a "
                          "train_teacher workdir); only data.synthetic=True runs allow a random teacher")

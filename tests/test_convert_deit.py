@@ -4,6 +4,8 @@ every layer's attention q / k with the PyTorch model, position-embedding resizin
 import jax
 import numpy as np
 import pytest
+import torch
+import transformers
 from flax import nnx
 
 from cab_jax import train
@@ -12,9 +14,6 @@ from cab_jax.convert.io import hf_config, load_state_dict, save_state_dict
 from cab_jax.convert.mapping import ConversionError
 from cab_jax.convert.pos_embed import resize_pos_embed
 from configs import demo
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
 
 DIM, DEPTH, HEADS, IMAGE, PATCH, CLASSES = 64, 2, 4, 32, 8, 10
 TOL = 1e-4

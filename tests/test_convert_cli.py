@@ -1,0 +1,135 @@
+"""Reading weights safely, the ``python -m cab_jax.convert`` command line, and ``init_from`` with PyTorch weights."""
+
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+from cab_jax import checkpoint, sharding, train
+from cab_jax.convert import io, mapping, vim, weights
+from cab_jax.convert.__main__ import model_config
+from configs import demo
+
+ROOT = pathlib.Path(__file__).parents[1]
+
+
+class NotATensor:
+    """Any class: pickling an instance stores a reference to code that weights_only loading refuses."""
+
+    def __reduce__(self):
+        return (print, ("this would run on load",))
+
+
+def test_pickle_with_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"w": torch.zeros(2), "payload": NotATensor()}, path)
+    with pytest.raises(ValueError, match="refused to load"):
+        io.load_state_dict(path)
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_truncated_files_fail_clearly(tmp_path, suffix):
+    path = tmp_path / f"w{suffix}"
+    io.save_state_dict({"a": np.ones((64, 64), np.float32)}, path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ValueError, match="not a readable"):
+        io.load_state_dict(path)
+
+
+def test_unknown_suffix_and_missing_file(tmp_path):
+    (tmp_path / "w.npz").write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"unknown weights format '\.npz'"):
+        io.load_state_dict(tmp_path / "w.npz")
+    with pytest.raises(FileNotFoundError, match="no weights at"):
+        io.load_state_dict(tmp_path / "absent.pth")
+    with pytest.raises(FileNotFoundError, match=r"no config\.json"):
+        io.load_state_dict(tmp_path)
+
+
+def test_wrapped_training_checkpoint_is_unwrapped(tmp_path):
+    path = tmp_path / "ckpt.pth"
+    torch.save({"model": {"w": torch.arange(3.0)}, "epoch": 7}, path)
+    np.testing.assert_array_equal(io.load_state_dict(path)["w"], [0.0, 1.0, 2.0])
+
+
+def random_vim_tensors(c) -> dict:
+    """Original-layout tensors of a randomly initialised Vim for config ``c``."""
+    return vim.export_vim(nnx.state(train.build_student(c, nnx.Rngs(1))).to_pure_dict())
+
+
+def cli(*args):
+    proc = subprocess.run([sys.executable, "-m", "cab_jax.convert", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+    return proc
+
+
+def test_cli_imports_and_exports_vim_losslessly(tmp_path):
+    sizes = ("--model=vim_tiny", "--image_size=32", "--patch_size=16", "--num_classes=10")
+    c, role = model_config("vim_tiny", 32, 16, 10)
+    tensors = random_vim_tensors(c)
+    io.save_state_dict(tensors, tmp_path / "vim.pth")
+
+    proc = cli(f"--src={tmp_path / 'vim.pth'}", "--format=vim", f"--out={tmp_path / 'ours'}", *sizes)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    params = checkpoint.load_model_params(tmp_path / "ours", weights.abstract_params(c, role))
+    assert {k: v.shape for k, v in vim.export_vim(params).items()} == {k: v.shape for k, v in tensors.items()}
+
+    proc = cli("--export", f"--src={tmp_path / 'ours'}", "--format=vim", f"--out={tmp_path / 'back.safetensors'}",
+               *sizes)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    back = io.load_state_dict(tmp_path / "back.safetensors")
+    assert set(back) == set(tensors)
+    for name, value in tensors.items():
+        np.testing.assert_array_equal(back[name], value, err_msg=name)
+
+
+def test_cli_rejects_a_format_that_does_not_fit_the_model(tmp_path):
+    proc = cli(f"--src={tmp_path / 'x.pth'}", "--format=vim", "--model=deit_small", f"--out={tmp_path / 'o'}")
+    assert proc.returncode != 0
+    assert "does not fit --model=deit_small" in proc.stderr
+
+
+def small_config(tmp_path):
+    c = demo.get_config()
+    c.data.synthetic = True
+    c.data.data_dir = str(tmp_path / "tfds")
+    c.teacher.update(dict(embed_dim=32, depth=2, num_heads=2))
+    c.student.update(dict(embed_dim=32, depth=2, d_state=4))
+    c.train.update(dict(batch_size=8, steps=2))
+    return c
+
+
+def test_student_init_from_original_vim_weights(tmp_path):
+    c = small_config(tmp_path)
+    tensors = random_vim_tensors(c)
+    io.save_state_dict(tensors, tmp_path / "student.safetensors")
+    c.student.init_from = str(tmp_path / "student.safetensors")
+    built = train.setup(c, role="student", mesh=sharding.make_mesh(c.mesh), train_size=64)
+    started = vim.export_vim(jax.device_get(built.state["params"]["model"]))
+    for name, value in tensors.items():
+        np.testing.assert_array_equal(started[name], value, err_msg=name)
+
+
+def test_teacher_init_from_hugging_face_directory(tmp_path):
+    c = small_config(tmp_path)
+    t = c.teacher
+    hf = transformers.ViTForImageClassification(transformers.ViTConfig(
+        hidden_size=t.embed_dim, num_hidden_layers=t.depth, num_attention_heads=t.num_heads,
+        intermediate_size=int(t.embed_dim * t.mlp_ratio), image_size=c.data.image_size, patch_size=t.patch_size,
+        num_labels=c.data.num_classes, layer_norm_eps=1e-6, qkv_bias=True))
+    hf.save_pretrained(tmp_path / "hf")
+    c.teacher.init_from = str(tmp_path / "hf")
+    built = train.setup(c, role="student", mesh=sharding.make_mesh(c.mesh), train_size=64)
+    loaded = mapping.flatten(jax.device_get(built.teacher_params))
+    expected = mapping.flatten(weights.import_pytorch(tmp_path / "hf", c, "teacher"))
+    assert set(loaded) == set(expected)
+    for name, value in expected.items():
+        np.testing.assert_array_equal(loaded[name], value, err_msg=name)
+    q0 = io.load_state_dict(tmp_path / "hf")["vit.encoder.layer.0.attention.attention.query.weight"]
+    np.testing.assert_array_equal(loaded["blocks.0.attn.q.kernel"], q0.T)
