@@ -116,6 +116,18 @@ def test_student_init_from_original_vim_weights(tmp_path):
         np.testing.assert_array_equal(started[name], value, err_msg=name)
 
 
+def test_cab_training_checkpoint_gives_its_student(tmp_path):
+    """The CAB repo saves the whole DualViT2Vim (student.*, teacher.*, aligner.*) under "model"."""
+    c = small_config(tmp_path)
+    tensors = random_vim_tensors(c)
+    whole = {**{f"student.{k}": torch.from_numpy(v) for k, v in tensors.items()},
+             "teacher.cls_token": torch.zeros(1, 1, 8), "aligner.proj_B.0.0.weight": torch.zeros(128, 4)}
+    torch.save({"model": whole, "epoch": 3}, tmp_path / "cab.pth")
+    params = weights.import_pytorch(tmp_path / "cab.pth", c, "student")
+    for name, value in vim.export_vim(params).items():
+        np.testing.assert_array_equal(value, tensors[name], err_msg=name)
+
+
 def test_teacher_init_from_hugging_face_directory(tmp_path):
     c = small_config(tmp_path)
     t = c.teacher

@@ -46,7 +46,7 @@ def import_pytorch(path: str | pathlib.Path, c: ml_collections.ConfigDict, role:
     fmt = fmt or default_format(path, role)
     if fmt not in FORMATS[role]:
         raise ValueError(f"format {fmt!r} does not fit a {role}; expected one of {FORMATS[role]}")
-    state_dict = io.load_state_dict(path)
+    state_dict = _select_role(io.load_state_dict(path), role)
     target = {k: tuple(v.shape) for k, v in mapping.flatten(abstract_params(c, role)).items()}
     if role == "student":
         from cab_jax.convert import vim
@@ -56,6 +56,15 @@ def import_pytorch(path: str | pathlib.Path, c: ml_collections.ConfigDict, role:
 
     return deit.import_teacher(state_dict, fmt, target, io.hf_config(path) if fmt == "hf" else None,
                                num_heads=c.teacher.num_heads)
+
+
+def _select_role(state_dict: io.StateDict, role: str) -> io.StateDict:
+    """A CAB training checkpoint holds the whole distillation model (``student.*``, ``teacher.*``, ``aligner.*``):
+    keep the ``role``'s tensors, without the prefix. Other checkpoints pass through unchanged."""
+    prefix = f"{role}."
+    if not any(k.startswith(prefix) for k in state_dict):
+        return state_dict
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
 def load_model_weights(path: str | pathlib.Path, c: ml_collections.ConfigDict, role: str, like: dict) -> dict:
