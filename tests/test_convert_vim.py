@@ -301,11 +301,12 @@ def test_missing_and_unexpected_keys_are_listed(reference):
     assert "layers.0.mixer.extra.weight" in str(err.value)
 
 
-def test_rope_buffers_are_ignored_and_direction_mismatch_named(reference):
+def test_rope_checkpoint_refused_and_direction_mismatch_named(reference):
     _, _, shapes = ours(config())
-    state = {**state_dict_numpy(reference), "rope.freqs_cos": np.ones((16, 4), np.float32),
-             "rope.freqs_sin": np.zeros((16, 4), np.float32)}
-    import_vim(state, shapes)
+    state = state_dict_numpy(reference)
+    rope = {**state, "rope.freqs_cos": np.ones((16, 4), np.float32), "rope.freqs_sin": np.zeros((16, 4), np.float32)}
+    with pytest.raises(ConversionError, match="if_rope=True"):
+        import_vim(rope, shapes)
     _, _, uni_shapes = ours(config(bidirectional=False))
     with pytest.raises(ConversionError, match=r"bidirectional: True in the checkpoint, False in the model"):
         import_vim(state, uni_shapes)

@@ -38,9 +38,9 @@ from cab_jax.convert.mapping import (
 )
 
 WHAT = "Vim (original hustvl/Vim layout)"
-# Tensors an original checkpoint may carry that have no parameter here: the rotary-embedding buffers of
-# ``if_rope=True`` models (ours have no RoPE; the default Vim models do not use it and carry none).
-IGNORED = (r"rope\.freqs_cos", r"rope\.freqs_sin")
+# The rotary-embedding buffers of ``if_rope=True`` models: their forward differs from ours (no RoPE), so such a
+# checkpoint is refused rather than converted into a different network. The default Vim models carry none.
+_ROPE_KEYS = ("rope.freqs_cos", "rope.freqs_sin")
 _BACKWARD_KEY = re.compile(r"layers\.\d+\.mixer\.(conv1d_b|x_proj_b|dt_proj_b)\.\w+|layers\.\d+\.mixer\.(A_b_log|D_b)")
 _LAYER_KEY = re.compile(r"layers\.(\d+)\.")
 
@@ -166,9 +166,12 @@ def import_vim(state_dict: Mapping[str, np.ndarray], target: Mapping) -> dict:
     ``flatten(nnx.state(model).to_pure_dict())``; it fixes depth and direction(s).
     """
     shapes = _target_shapes(target)
+    if any(k in state_dict for k in _ROPE_KEYS):
+        raise ConversionError(f"{WHAT}: the checkpoint is an if_rope=True Vim (it has {list(_ROPE_KEYS)}); our Vim "
+                              "has no rotary position embedding, so it cannot reproduce that model")
     check_sizes(state_dict, shapes)
     sizes = model_sizes(shapes)
-    return import_params(state_dict, rules(sizes["depth"], sizes["bidirectional"]), shapes, WHAT, ignore=IGNORED)
+    return import_params(state_dict, rules(sizes["depth"], sizes["bidirectional"]), shapes, WHAT)
 
 
 def export_vim(params: Mapping) -> dict[str, np.ndarray]:
