@@ -25,6 +25,7 @@ LOGICAL_RULES: Mapping[str, str | None] = {
     "mlp": "tensor",
     "inner": "tensor",
     "classes": None,
+    "vocab": "tensor",
 }
 
 
