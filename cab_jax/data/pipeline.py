@@ -32,6 +32,10 @@ the iterator's state is just the step: ``it.get_state()`` is a small JSON-able d
 ``it.set_state(state)`` restores exactly, also into an iterator with another ``num_workers`` or
 process count (checkpoint it with orbax's grain support, or as JSON).
 
+The text pipelines (:mod:`cab_jax.data.text`) share the machinery here: :func:`open_prepared_builder`,
+:func:`split_source`, :func:`process_layout`, :func:`to_iter_dataset`, :class:`TrainIterator` and
+:class:`EvalBatches`.
+
 Multi-host: prepare cab_digits once before launching many processes on one shared ``data_dir``
 (each process would otherwise try to build it); other datasets are only read.
 """
@@ -86,6 +90,32 @@ def _prepare_hint(name: str, data_dir: str | None) -> str:
     return f"Prepare it with `tfds build {name}{dir_flag} --file_format=array_record`."
 
 
+def open_prepared_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
+    """The builder of TFDS dataset ``name`` already prepared in ``data_dir`` as array_record; never downloads.
+
+    Raises:
+      FileNotFoundError: the dataset is not prepared there (naming the directory and how to prepare it).
+      ValueError: it is prepared in another file format.
+    """
+    missing = (
+        f"Dataset '{name}' is not prepared in data_dir '{data_dir or '(TFDS default)'}'; this "
+        f"pipeline never downloads. {_prepare_hint(name, data_dir)}"
+    )
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
+        raise FileNotFoundError(f"{missing} (TFDS knows no dataset of that name either.)") from e
+    if not builder.is_prepared():
+        raise FileNotFoundError(f"{missing} (Looked in {builder.data_dir}.)")
+    file_format = builder.info.file_format
+    if file_format is None or file_format.name != "ARRAY_RECORD":
+        raise ValueError(
+            f"Dataset '{name}' in {builder.data_dir} is stored as {file_format}, which grain cannot "
+            "read by random access; re-prepare it with --file_format=array_record."
+        )
+    return builder
+
+
 def _open_builder(data_cfg) -> tfds.core.DatasetBuilder:
     """A prepared builder for ``data_cfg.name`` (building cab_digits if needed); never downloads."""
     name, data_dir = data_cfg.name, _data_dir(data_cfg)
@@ -94,22 +124,7 @@ def _open_builder(data_cfg) -> tfds.core.DatasetBuilder:
         if not builder.is_prepared():
             builder.download_and_prepare(file_format="array_record")
     else:
-        missing = (
-            f"Dataset '{name}' is not prepared in data_dir '{data_dir or '(TFDS default)'}'; this "
-            f"pipeline never downloads. {_prepare_hint(name, data_dir)}"
-        )
-        try:
-            builder = tfds.builder(name, data_dir=data_dir)
-        except tfds.core.registered.DatasetNotFoundError as e:
-            raise FileNotFoundError(f"{missing} (TFDS knows no dataset of that name either.)") from e
-        if not builder.is_prepared():
-            raise FileNotFoundError(f"{missing} (Looked in {builder.data_dir}.)")
-        file_format = builder.info.file_format
-        if file_format is None or file_format.name != "ARRAY_RECORD":
-            raise ValueError(
-                f"Dataset '{name}' in {builder.data_dir} is stored as {file_format}, which grain cannot "
-                "read by random access; re-prepare it with --file_format=array_record."
-            )
+        builder = open_prepared_builder(name, data_dir)
     try:
         label = builder.info.features["label"]
     except KeyError:
@@ -122,7 +137,8 @@ def _open_builder(data_cfg) -> tfds.core.DatasetBuilder:
     return builder
 
 
-def _split_source(builder: tfds.core.DatasetBuilder, split: str, **kwargs) -> Sequence[dict[str, Any]]:
+def split_source(builder: tfds.core.DatasetBuilder, split: str, **kwargs) -> Sequence[dict[str, Any]]:
+    """The grain-readable data source of ``split`` of a prepared builder (ValueError naming the splits)."""
     try:
         builder.info.splits[split]
     except (KeyError, ValueError) as e:
@@ -170,7 +186,7 @@ def _train_source(data_cfg, seed: int) -> Sequence[dict[str, Any]]:
             seed=seed,
         )
     builder = _open_builder(data_cfg)
-    source = _split_source(builder, data_cfg.train_split)
+    source = split_source(builder, data_cfg.train_split)
     if data_cfg.subset_fraction == 1.0:
         indices = np.arange(len(source))
     else:
@@ -187,7 +203,7 @@ def _eval_source(data_cfg) -> Sequence[dict[str, Any]]:
             num_classes=data_cfg.num_classes,
             seed=SYNTHETIC_EVAL_SEED,
         )
-    source = _split_source(_open_builder(data_cfg), data_cfg.eval_split)
+    source = split_source(_open_builder(data_cfg), data_cfg.eval_split)
     return IndexedSource(source, np.arange(len(source)))
 
 
@@ -195,7 +211,7 @@ def _eval_source(data_cfg) -> Sequence[dict[str, Any]]:
 # Batching and sharding.
 
 
-def _process_layout(
+def process_layout(
     global_batch_size: int, process_index: int | None, process_count: int | None
 ) -> tuple[int, int, int]:
     """(process_index, process_count, local_batch_size), defaults from JAX, validated."""
@@ -214,7 +230,8 @@ def _process_layout(
     return process_index, process_count, global_batch_size // process_count
 
 
-def _to_iter_dataset(ds: grain.MapDataset, num_workers: int) -> grain.IterDataset:
+def to_iter_dataset(ds: grain.MapDataset, num_workers: int) -> grain.IterDataset:
+    """``ds`` read in order with a few threads, or by ``num_workers`` > 0 grain worker processes."""
     iter_ds = ds.to_iter_dataset(_READ_OPTIONS)
     if num_workers > 0:
         # grain's worker processes read absl flags (its --grain_* options). Inside an absl app they are
@@ -269,7 +286,7 @@ def _train_pipeline(
 ) -> tuple[grain.MapDataset, int]:
     """(local-batch MapDataset, number of training examples)."""
     source = _train_source(data_cfg, seed)  # first: a missing dataset is the first error
-    process_index, process_count, local_batch = _process_layout(global_batch_size, process_index, process_count)
+    process_index, process_count, local_batch = process_layout(global_batch_size, process_index, process_count)
     size = len(source)
     if global_batch_size > size:
         raise ValueError(
@@ -296,12 +313,13 @@ def _train_pipeline(
 
 
 class TrainIterator(grain.DatasetIterator):
-    """Checkpointable iterator over :func:`make_train_dataset`, whose state is just the step.
+    """Checkpointable iterator over an infinite ``MapDataset`` of local batches, whose state is just the step.
 
-    ``get_state()`` is ``{"step", "seed", "global_batch_size", "num_examples"}`` (JSON-able ints).
+    ``get_state()`` is ``{"step", **identity}`` (JSON-able ints; the image and text pipelines put
+    ``seed``, ``global_batch_size``, ``num_examples`` and for text ``seq_len`` in ``identity``).
     ``set_state()`` re-opens the dataset at that step, so a state saved with any ``num_workers`` or
     process count restores with any other (the global batches do not depend on them); a state from a
-    pipeline with another seed, global batch size or training-set size is refused with ValueError.
+    pipeline with another identity (seed, global batch size, training-set size...) is refused with ValueError.
     It is a ``grain.DatasetIterator``, so orbax's grain checkpoint support can save it.
     """
 
@@ -317,7 +335,7 @@ class TrainIterator(grain.DatasetIterator):
         self._assert_not_closed()
         if self._inner is None:
             ds = self._dataset if self._step == 0 else self._dataset[self._step :]
-            self._inner = iter(_to_iter_dataset(ds, self._num_workers))
+            self._inner = iter(to_iter_dataset(ds, self._num_workers))
         return self._inner
 
     def __next__(self) -> Batch:
@@ -387,9 +405,9 @@ def make_train_iterator(
 class EvalBatches:
     """Re-iterable eval pass: each ``iter()`` yields every example of the split exactly once.
 
-    Batches are ``{"image": float32 (L, H, W, 3), "label": int32 (L,), "mask": float32 (L,)}``; the
-    last global batch is padded with zero images whose ``mask`` is 0. Every process yields
-    ``len(self)`` batches.
+    Image batches are ``{"image": float32 (L, H, W, 3), "label": int32 (L,), "mask": float32 (L,)}``;
+    the last global batch is padded with zero images whose ``mask`` is 0 (text batches: see
+    :mod:`cab_jax.data.text`). Every process yields ``len(self)`` batches.
     """
 
     def __init__(self, dataset: grain.MapDataset, *, num_examples: int, num_workers: int):
@@ -401,7 +419,7 @@ class EvalBatches:
         return len(self._dataset)
 
     def __iter__(self) -> Iterator[Batch]:
-        iterator = iter(_to_iter_dataset(self._dataset, self._num_workers))
+        iterator = iter(to_iter_dataset(self._dataset, self._num_workers))
         try:
             yield from iterator
         finally:
@@ -428,7 +446,7 @@ def make_eval_batches(
       ValueError: ``global_batch_size`` is not a multiple of ``process_count``.
     """
     source = _eval_source(data_cfg)
-    process_index, process_count, local_batch = _process_layout(global_batch_size, process_index, process_count)
+    process_index, process_count, local_batch = process_layout(global_batch_size, process_index, process_count)
     num_batches = math.ceil(len(source) / global_batch_size)
     padded = PaddedSource(source, length=num_batches * global_batch_size, image_size=data_cfg.image_size)
     transform = EvalTransform(image_size=data_cfg.image_size, mean=tuple(data_cfg.mean), std=tuple(data_cfg.std))
