@@ -168,11 +168,11 @@ def load_eos_id(data_cfg) -> int:
 
 def _text_builder(data_cfg) -> tfds.core.DatasetBuilder:
     builder = open_prepared_builder(data_cfg.name, data_cfg.data_dir or None)
-    feature = builder.info.features.get(data_cfg.text_key) if data_cfg.text_key else None
-    if not isinstance(feature, tfds.features.Text):
+    features = builder.info.features
+    if data_cfg.text_key not in features or not isinstance(features[data_cfg.text_key], tfds.features.Text):
         raise ValueError(
             f"Dataset '{data_cfg.name}' has no text feature {data_cfg.text_key!r} (data.text_key); its features "
-            f"are {dict(builder.info.features)}."
+            f"are {dict(features)}."
         )
     return builder
 
