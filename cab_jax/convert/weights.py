@@ -12,7 +12,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from cab_jax.convert import io, mapping
+from cab_jax.convert import io, mapping, phi
+from cab_jax.models.phi import Phi, size_of
 
 FORMATS = {"teacher": ("timm", "hf"), "student": ("vim",)}
 _PYTORCH_SUFFIXES = (*io.TORCH_SUFFIXES, ".safetensors")
@@ -35,27 +36,48 @@ def build_model(c: ml_collections.ConfigDict, role: str) -> nnx.Module:
     return (train.build_teacher if role == "teacher" else train.build_student)(c, nnx.Rngs(0))
 
 
+def abstract_model(c: ml_collections.ConfigDict, role: str) -> nnx.Module:
+    """``c``'s ``role`` model with ShapeDtypeStructs for parameters (nothing allocated)."""
+    return nnx.eval_shape(lambda: build_model(c, role))
+
+
 def abstract_params(c: ml_collections.ConfigDict, role: str) -> dict:
     """Our parameter tree for ``c``'s ``role`` model as ShapeDtypeStructs (nothing allocated)."""
-    return nnx.state(nnx.eval_shape(lambda: build_model(c, role))).to_pure_dict()
+    return nnx.state(abstract_model(c, role)).to_pure_dict()
 
 
 def import_pytorch(path: str | pathlib.Path, c: ml_collections.ConfigDict, role: str,
                    fmt: str | None = None) -> dict:
     """PyTorch weights at ``path`` as our ``role`` model's parameter tree (float32 numpy arrays)."""
-    fmt = fmt or default_format(path, role)
+    requested, fmt = fmt, fmt or default_format(path, role)
     if fmt not in FORMATS[role]:
         raise ValueError(f"format {fmt!r} does not fit a {role}; expected one of {FORMATS[role]}")
     state_dict = _select_role(io.load_state_dict(path), role)
-    target = {k: tuple(v.shape) for k, v in mapping.flatten(abstract_params(c, role)).items()}
+    model = abstract_model(c, role)
+    target = {k: tuple(v.shape) for k, v in mapping.flatten(nnx.state(model).to_pure_dict()).items()}
     if role == "student":
         from cab_jax.convert import vim
 
         return vim.import_vim(state_dict, target)
+    hf_cfg = io.hf_config(path) if io.is_hf_dir(path) else None
+    if isinstance(model, Phi) or phi.is_phi_config(hf_cfg):
+        return _import_phi(path, state_dict, requested, model, target, hf_cfg)
     from cab_jax.convert import deit
 
     return deit.import_teacher(state_dict, fmt, target, io.hf_config(path) if fmt == "hf" else None,
                                num_heads=c.teacher.num_heads)
+
+
+def _import_phi(path: str | pathlib.Path, state_dict: io.StateDict, fmt: str | None, model: nnx.Module,
+                target: dict[str, tuple[int, ...]], hf_cfg: dict | None) -> dict:
+    """A Hugging Face ``PhiForCausalLM`` checkpoint (directory or weights file; ``fmt`` "hf" or unset) as the
+    configured Phi teacher's parameters."""
+    if not isinstance(model, Phi):
+        raise mapping.ConversionError(f"{path} holds a Phi language model (config.json model_type 'phi'), but the "
+                                      f"configured teacher is a {type(model).__name__}")
+    if fmt not in (None, "hf"):
+        raise ValueError(f"format {fmt!r} does not fit a Phi teacher; Phi checkpoints are Hugging Face ('hf')")
+    return phi.import_phi(state_dict, target, hf_cfg, size=size_of(model))
 
 
 def _select_role(state_dict: io.StateDict, role: str) -> io.StateDict:

@@ -1,0 +1,257 @@
+"""Phi teacher: parity with transformers' PhiForCausalLM (logits and every layer's rotated q, k), Hugging Face
+import/export, size errors, KV-cache decoding against the full forward, bfloat16."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from absl import flags
+from flax import nnx
+from transformers.models.phi import modeling_phi
+
+from cab_jax import checkpoint
+from cab_jax.convert import __main__ as convert_cli
+from cab_jax.convert import io, mapping, weights
+from cab_jax.convert import phi as convert_phi
+from cab_jax.convert.mapping import ConversionError
+from cab_jax.models.phi import Phi, PhiSize
+
+SIZE = PhiSize(vocab_size=97, hidden_size=64, depth=3, num_heads=4, intermediate_size=128)
+LENGTH = 37  # awkward: not a multiple of anything
+# Jitted once per module (compiled per model dtype and shapes); eager NNX calls are slow on CPU.
+forward = nnx.jit(lambda m, t: m(t))
+step = nnx.jit(lambda m, t, c: m.decode(t, c))
+
+
+def hf_model(size: PhiSize = SIZE, seed: int = 0) -> transformers.PhiForCausalLM:
+    """A random float32 PhiForCausalLM in eval mode; every parameter perturbed so biases and norms matter."""
+    cfg = transformers.PhiConfig(
+        vocab_size=size.vocab_size, hidden_size=size.hidden_size, num_hidden_layers=size.depth,
+        num_attention_heads=size.num_heads, intermediate_size=size.intermediate_size,
+        partial_rotary_factor=size.partial_rotary_factor, rope_theta=size.rope_theta,
+        layer_norm_eps=size.layer_norm_eps, attn_implementation="eager")
+    torch.manual_seed(seed)
+    model = transformers.PhiForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="module")
+def torch_model():
+    return hf_model()
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory, torch_model):
+    path = tmp_path_factory.mktemp("phi_hf")
+    torch_model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return np.random.default_rng(0).integers(0, SIZE.vocab_size, (2, LENGTH)).astype(np.int32)
+
+
+def abstract_target(size: PhiSize) -> dict:
+    model = nnx.eval_shape(lambda: Phi(**dataclasses.asdict(size), rngs=nnx.Rngs(0)))
+    return {k: tuple(v.shape) for k, v in mapping.flatten(nnx.to_pure_dict(nnx.state(model))).items()}
+
+
+def our_model(params: dict, size: PhiSize = SIZE, dtype=jnp.float32) -> Phi:
+    """Our Phi holding ``params`` (built abstractly: no random initialisation)."""
+    model = nnx.eval_shape(lambda: Phi(**dataclasses.asdict(size), dtype=dtype, rngs=nnx.Rngs(0)))
+    nnx.update(model, jax.tree.map(jnp.asarray, params))
+    return model
+
+
+def torch_forward(model: transformers.PhiForCausalLM, tokens: np.ndarray) -> tuple[np.ndarray, list]:
+    """Logits and each layer's (q, k) as CAB's output_QK gives them: projections captured by hooks, then the
+    original's own partial rotary (``apply_rotary_pos_emb`` with the model's cos/sin), no 1/sqrt(d) scale."""
+    captured = {}
+    hooks = [getattr(layer.self_attn, name).register_forward_hook(
+        lambda mod, inp, out, key=(i, name): captured.__setitem__(key, out))
+        for i, layer in enumerate(model.model.layers) for name in ("q_proj", "k_proj")]
+    ids = torch.from_numpy(tokens.astype(np.int64))
+    with torch.no_grad():
+        logits = model(ids).logits.numpy()
+        batch, length = tokens.shape
+        cos, sin = model.model.rotary_emb(model.model.embed_tokens(ids), torch.arange(length)[None])
+        qks = []
+        for i, _ in enumerate(model.model.layers):
+            q, k = (captured[i, n].view(batch, length, SIZE.num_heads, -1).transpose(1, 2)
+                    for n in ("q_proj", "k_proj"))
+            rot = cos.shape[-1]
+            q_rot, k_rot = modeling_phi.apply_rotary_pos_emb(q[..., :rot], k[..., :rot], cos, sin)
+            qks.append((torch.cat([q_rot, q[..., rot:]], -1).numpy(), torch.cat([k_rot, k[..., rot:]], -1).numpy()))
+    for hook in hooks:
+        hook.remove()
+    return logits, qks
+
+
+def convert(path) -> dict:
+    return convert_phi.import_phi(io.load_state_dict(path), abstract_target(SIZE), io.hf_config(path), size=SIZE)
+
+
+@pytest.mark.parametrize("serialization", ["safetensors", "bin"])
+def test_logits_and_qk_match_transformers(tmp_path, torch_model, hf_dir, tokens, serialization):
+    path = hf_dir
+    if serialization == "bin":  # pytorch_model.bin, read with torch.load(weights_only=True)
+        path = tmp_path / "bin"
+        path.mkdir()
+        (path / "config.json").write_text((hf_dir / "config.json").read_text())
+        torch.save(torch_model.state_dict(), path / "pytorch_model.bin")
+    logits, qks = forward(our_model(convert(path)), jnp.asarray(tokens))
+    want_logits, want_qks = torch_forward(torch_model, tokens)
+    assert logits.dtype == jnp.float32 and logits.shape == (2, LENGTH, SIZE.vocab_size)
+    np.testing.assert_allclose(logits, want_logits, atol=1e-4, rtol=0)
+    assert len(qks) == SIZE.depth
+    for (q, k), (want_q, want_k) in zip(qks, want_qks, strict=True):
+        assert q.shape == k.shape == (2, SIZE.num_heads, LENGTH, SIZE.hidden_size // SIZE.num_heads)
+        np.testing.assert_allclose(q, want_q, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(k, want_k, atol=1e-5, rtol=0)
+
+
+def test_export_round_trip_is_bitwise_and_loads_in_transformers(tmp_path, torch_model, hf_dir, tokens):
+    params = convert(hf_dir)
+    tensors = convert_phi.export_phi(params)
+    original = {k: v.numpy() for k, v in torch_model.state_dict().items()}
+    assert sorted(tensors) == sorted(original)
+    for name, value in tensors.items():
+        np.testing.assert_array_equal(value, original[name], err_msg=name)
+    again = convert_phi.import_phi(tensors, abstract_target(SIZE), size=SIZE)
+    jax.tree.map(np.testing.assert_array_equal, again, params)
+
+    convert_phi.save_hf_dir(params, SIZE, tmp_path / "out")
+    reloaded = transformers.PhiForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
+    with torch.no_grad():
+        want = reloaded(torch.from_numpy(tokens.astype(np.int64))).logits.numpy()
+    np.testing.assert_allclose(torch_forward(torch_model, tokens)[0], want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("depth", 2, "differs in depth"), ("hidden_size", 32, "differs in hidden_size"),
+    ("num_heads", 8, "differs in num_heads"), ("partial_rotary_factor", 1.0, "differs in partial_rotary_factor")])
+def test_wrong_size_names_both_sizes(hf_dir, field, value, expected):
+    want = dataclasses.replace(SIZE, **{field: value})
+    with pytest.raises(ConversionError, match=expected) as info:
+        convert_phi.import_phi(io.load_state_dict(hf_dir), abstract_target(want), io.hf_config(hf_dir), size=want)
+    assert f"{field} {getattr(SIZE, field)}" in str(info.value) and f"{field} {value}" in str(info.value)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"qk_layernorm": True}, "qk_layernorm"), ({"num_key_value_heads": 2}, "grouped-query"),
+    ({"hidden_act": "gelu"}, "hidden_act"), ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "RoPE scaling")])
+def test_unsupported_variants_are_refused(hf_dir, change, message):
+    cfg = {**io.hf_config(hf_dir), **change}
+    with pytest.raises(ConversionError, match=message):
+        convert_phi.import_phi(io.load_state_dict(hf_dir), abstract_target(SIZE), cfg, size=SIZE)
+
+
+def test_missing_and_legacy_keys_are_reported(hf_dir):
+    source = io.load_state_dict(hf_dir)
+    partial = {k: v for k, v in source.items() if k != "model.layers.1.mlp.fc2.bias"}
+    with pytest.raises(ConversionError, match=r"missing in the checkpoint: \['model.layers.1.mlp.fc2.bias'\]"):
+        convert_phi.import_phi(partial, abstract_target(SIZE))
+    with pytest.raises(ConversionError, match="MixFormer"):
+        convert_phi.import_phi({"layers.0.wte.weight": np.zeros((97, 64), np.float32)}, abstract_target(SIZE))
+
+
+def test_init_from_hf_dir_through_weights(monkeypatch, hf_dir):
+    """``teacher.init_from=<HF dir>``: the configured Phi teacher is filled; a ViT teacher is refused."""
+    monkeypatch.setattr(weights, "build_model", lambda c, role: Phi(**dataclasses.asdict(SIZE), rngs=nnx.Rngs(0)))
+    params = weights.import_pytorch(hf_dir, None, "teacher")
+    jax.tree.map(np.testing.assert_array_equal, params, convert(hf_dir))
+    with pytest.raises(ValueError, match="Hugging Face"):
+        weights.import_pytorch(hf_dir, None, "teacher", "timm")
+    monkeypatch.setattr(weights, "build_model", lambda c, role: nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
+    with pytest.raises(ConversionError, match="configured teacher is a Linear"):
+        weights.import_pytorch(hf_dir, None, "teacher")
+
+
+@pytest.fixture(scope="module")
+def model(hf_dir):
+    return our_model(convert(hf_dir))
+
+
+def test_kv_cache_decoding_matches_full_forward(model, tokens):
+    full, _ = forward(model, jnp.asarray(tokens))
+    prompt = 5
+    cache = model.init_cache(2, LENGTH + 3)
+    logits, cache = step(model, jnp.asarray(tokens[:, :prompt]), cache)
+    steps = [logits]
+    for i in range(prompt, LENGTH):
+        logits, cache = step(model, jnp.asarray(tokens[:, i:i + 1]), cache)
+        steps.append(logits)
+    assert int(cache.length) == LENGTH
+    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=2e-5, rtol=0)
+
+
+def test_greedy_decoding_with_cache_equals_recomputed_argmax(model, tokens):
+    prompt, new = 4, 12
+    cache = model.init_cache(2, prompt + new)
+    logits, cache = step(model, jnp.asarray(tokens[:, :prompt]), cache)
+    cached = tokens[:, :prompt]
+    for _ in range(new):
+        nxt = np.asarray(jnp.argmax(logits[:, -1], axis=-1), np.int32)[:, None]
+        cached = np.concatenate([cached, nxt], axis=1)
+        logits, cache = step(model, jnp.asarray(nxt), cache)
+    # The full forward on the whole sequence so far each step (zero-padded to one shape: causal, so the padding
+    # after position t cannot change the logits at t).
+    recomputed = np.zeros((2, prompt + new), np.int32)
+    recomputed[:, :prompt] = tokens[:, :prompt]
+    for t in range(prompt, prompt + new):
+        full, _ = forward(model, jnp.asarray(recomputed))
+        recomputed[:, t] = np.asarray(jnp.argmax(full[:, t - 1], axis=-1))
+    np.testing.assert_array_equal(cached, recomputed)
+
+
+def test_decoding_past_the_cache_is_an_error(model, tokens):
+    cache = model.init_cache(2, 8)
+    with pytest.raises(ValueError, match="do not fit a KV cache of max_length 8"):
+        model.decode(jnp.asarray(tokens[:, :9]), cache)
+    _, cache = step(model, jnp.asarray(tokens[:, :6]), cache)
+    with pytest.raises(ValueError, match=r"positions 6\.\.8 are beyond the KV cache's max_length 8"):
+        model.decode(jnp.asarray(tokens[:, :3]), cache)
+    logits, _ = step(model, jnp.asarray(tokens[:, :3]), cache)
+    assert np.isnan(np.asarray(logits)).all()  # under jit the length is not known: NaN logits, not silent garbage
+
+
+def test_bfloat16_forward_stays_close_to_float32(hf_dir, tokens):
+    params = convert(hf_dir)
+    want, want_qks = forward(our_model(params), jnp.asarray(tokens))
+    logits, qks = forward(our_model(params, dtype=jnp.bfloat16), jnp.asarray(tokens))
+    assert logits.dtype == jnp.float32 and qks[0][0].dtype == jnp.bfloat16
+    scale = float(jnp.abs(want).max())
+    # bfloat16 keeps 8 mantissa bits; through 3 layers the logits stay within 5 % of their largest magnitude.
+    assert float(jnp.abs(logits - want).max()) <= 0.05 * scale
+    np.testing.assert_array_less(jnp.abs(qks[-1][1].astype(jnp.float32) - want_qks[-1][1]),
+                                 0.05 * float(jnp.abs(want_qks[-1][1]).max()))
+
+
+def test_cli_import_and_export(tmp_path, hf_dir, torch_model):
+    def cli(*args):  # ``python -m cab_jax.convert ...``, in this process (a subprocess costs seconds of imports)
+        try:
+            flags.FLAGS(["convert", "--format=hf", "--model=phi_custom", *args])
+            convert_cli.main([])
+        finally:
+            flags.FLAGS.unparse_flags()
+
+    cli(f"--src={hf_dir}", f"--out={tmp_path / 'ours'}")
+    assert json.loads((tmp_path / "ours" / "phi_size.json").read_text()) == dataclasses.asdict(SIZE)
+    params = checkpoint.load_model_params(tmp_path / "ours", jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s, jnp.float32), mapping.unflatten(abstract_target(SIZE)),
+        is_leaf=lambda x: isinstance(x, tuple)))
+    jax.tree.map(np.testing.assert_array_equal, params, convert(hf_dir))
+    cli("--export", f"--src={tmp_path / 'ours'}", f"--out={tmp_path / 'back'}")
+    back = io.load_state_dict(tmp_path / "back")
+    for name, value in torch_model.state_dict().items():
+        np.testing.assert_array_equal(back[name], value.numpy(), err_msg=name)
+    assert convert_phi.size_from_hf_config(io.hf_config(tmp_path / "back")) == SIZE
