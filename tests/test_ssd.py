@@ -128,6 +128,17 @@ def test_chunked_without_optional_arguments():
     _assert_close(ssd_chunked(**kw, chunk_size=16), ssd_reference(**kw), VALUE_TOL["float32"])
 
 
+def test_chunked_precision_strong_decay_long_chunks():
+    # Segment sums reach -1000 within a chunk of 128: summing them as differences of cumulative sums would
+    # cost ~1e-5 relative (float32 cancellation); the direct sums keep the chunked scan within ~1e-7.
+    kw = _make_inputs(6, 256, groups=2, decay="strong")
+    y, state = ssd_chunked(**kw, return_final_state=True, chunk_size=128)
+    y_np, state_np = _numpy_ssd(**kw)
+    tight = {"rtol": 1e-6, "atol": 1e-6}
+    _assert_close(y, y_np, tight, "y")
+    _assert_close(state, state_np, tight, "final state")
+
+
 def _grads(fn, kw, weights, **static):
     params = {k: v for k, v in kw.items() if v is not None}
 

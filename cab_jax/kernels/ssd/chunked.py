@@ -2,7 +2,8 @@
 
 Same semantics as ``reference.py``. The length is cut into chunks of ``chunk_size`` (padded with x = 0,
 log_decay = 0, which leaves the state unchanged; the output is sliced back). With ``s_i`` the cumulative
-sum of log_decay within a chunk (s_i = a_1 + ... + a_i) and ``h_in`` the state entering the chunk::
+sum of log_decay within a chunk (s_i = a_1 + ... + a_i, so s_i - s_j = a_{j+1} + ... + a_i) and ``h_in`` the
+state entering the chunk::
 
     y_i       = sum_{j <= i} exp(s_i - s_j) (C_i . B_j) x_j  +  exp(s_i) C_i . h_in      # intra + carried state
     h_out     = exp(s_Q) h_in + sum_j exp(s_Q - s_j) outer(x_j, B_j)                   # state passing
@@ -31,17 +32,24 @@ def _to_chunks(t: jax.Array, pad: int, chunk: int) -> jax.Array:
     return t.reshape(t.shape[0], -1, chunk, *t.shape[2:])
 
 
-def _intra_chunk(x: jax.Array, log_cum: jax.Array, B: jax.Array, C: jax.Array) -> jax.Array:
-    """sum_{j <= i} exp(s_i - s_j) (C_i . B_j) x_j within each chunk.
+def _segment_sums(log_decay: jax.Array) -> jax.Array:
+    """(..., Q) -> (..., Q, Q): [i, j] = a_{j+1} + ... + a_i for i >= j (0 on the diagonal), -inf above it.
 
-    x: (batch, chunks, Q, groups, r, head_dim); log_cum: (batch, chunks, Q, groups, r); B, C: (batch, chunks,
+    Summed directly (a cumulative sum of the masked values) rather than as a difference of two cumulative sums,
+    which would lose float32 precision to cancellation when the sums are large (strong decay, long chunks).
+    """
+    q = log_decay.shape[-1]
+    rows = jnp.arange(q)
+    terms = jnp.where(rows[:, None] > rows[None, :], log_decay[..., :, None], 0.0)  # [k, j] = a_k for k > j
+    return jnp.where(rows[:, None] >= rows[None, :], jnp.cumsum(terms, axis=-2), -jnp.inf)
+
+
+def _intra_chunk(x: jax.Array, decay: jax.Array, B: jax.Array, C: jax.Array) -> jax.Array:
+    """sum_{j <= i} decay[i, j] (C_i . B_j) x_j within each chunk.
+
+    x: (batch, chunks, Q, groups, r, head_dim); decay: (batch, chunks, groups, r, Q, Q); B, C: (batch, chunks,
     Q, groups, d_state). Returns (batch, chunks, Q, groups, r, head_dim).
     """
-    q = x.shape[2]
-    s = jnp.moveaxis(log_cum, 2, -1)  # (batch, chunks, groups, r, Q)
-    segment = s[..., :, None] - s[..., None, :]  # [i, j] = a_{j+1} + ... + a_i when i >= j
-    causal = jnp.tril(jnp.ones((q, q), bool))
-    decay = jnp.exp(jnp.where(causal, segment, -jnp.inf))  # exactly 0 above the diagonal
     scores = jnp.einsum("bcign,bcjgn->bcgij", C, B)
     return jnp.einsum("bcgrij,bcjgrp->bcigrp", scores[:, :, :, None] * decay, x)
 
@@ -65,15 +73,17 @@ def ssd_chunked(
     chunk = min(chunk_size, length)  # a single short chunk rather than padding a short sequence
     pad = -length % chunk
     xc = _to_chunks(x, pad, chunk).reshape(batch, -1, chunk, groups, r, head_dim)
-    log_cum = jnp.cumsum(_to_chunks(log_decay, pad, chunk).reshape(batch, -1, chunk, groups, r), axis=2)
+    log_decay_c = _to_chunks(log_decay, pad, chunk).reshape(batch, -1, chunk, groups, r)
     Bc, Cc = _to_chunks(B, pad, chunk), _to_chunks(C, pad, chunk)
+    segments = _segment_sums(jnp.moveaxis(log_decay_c, 2, -1))  # (batch, chunks, groups, r, Q, Q)
 
-    y = _intra_chunk(xc, log_cum, Bc, Cc)
+    y = _intra_chunk(xc, jnp.exp(segments), Bc, Cc)  # exp(-inf) = 0 above the diagonal
 
     # Each chunk's contribution to the state at its end, starting from zero.
-    log_total = log_cum[:, :, -1]  # (batch, chunks, groups, r)
-    to_end = jnp.exp(log_total[:, :, None] - log_cum)
+    to_end = jnp.moveaxis(jnp.exp(segments[..., -1, :]), -1, 2)  # (batch, chunks, Q, groups, r)
     chunk_states = jnp.einsum("bcjgrp,bcjgn->bcgrpn", to_end[..., None] * xc, Bc)
+    log_cum = jnp.cumsum(log_decay_c, axis=2)  # s_i, from the chunk start
+    log_total = log_cum[:, :, -1]  # (batch, chunks, groups, r)
 
     def pass_state(h, inputs):
         decay, added = inputs
