@@ -181,13 +181,14 @@ def model(hf_dir):
     return our_model(convert(hf_dir))
 
 
+PROMPT, MAX_LENGTH = 5, LENGTH + 3  # shared by the decoding tests, so each compiles the same two steps
+
+
 def test_kv_cache_decoding_matches_full_forward(model, tokens):
     full, _ = forward(model, jnp.asarray(tokens))
-    prompt = 5
-    cache = model.init_cache(2, LENGTH + 3)
-    logits, cache = step(model, jnp.asarray(tokens[:, :prompt]), cache)
+    logits, cache = step(model, jnp.asarray(tokens[:, :PROMPT]), model.init_cache(2, MAX_LENGTH))
     steps = [logits]
-    for i in range(prompt, LENGTH):
+    for i in range(PROMPT, LENGTH):
         logits, cache = step(model, jnp.asarray(tokens[:, i:i + 1]), cache)
         steps.append(logits)
     assert int(cache.length) == LENGTH
@@ -195,32 +196,31 @@ def test_kv_cache_decoding_matches_full_forward(model, tokens):
 
 
 def test_greedy_decoding_with_cache_equals_recomputed_argmax(model, tokens):
-    prompt, new = 4, 12
-    cache = model.init_cache(2, prompt + new)
-    logits, cache = step(model, jnp.asarray(tokens[:, :prompt]), cache)
-    cached = tokens[:, :prompt]
+    new = 12
+    logits, cache = step(model, jnp.asarray(tokens[:, :PROMPT]), model.init_cache(2, MAX_LENGTH))
+    cached = tokens[:, :PROMPT]
     for _ in range(new):
         nxt = np.asarray(jnp.argmax(logits[:, -1], axis=-1), np.int32)[:, None]
         cached = np.concatenate([cached, nxt], axis=1)
         logits, cache = step(model, jnp.asarray(nxt), cache)
-    # The full forward on the whole sequence so far each step (zero-padded to one shape: causal, so the padding
-    # after position t cannot change the logits at t).
-    recomputed = np.zeros((2, prompt + new), np.int32)
-    recomputed[:, :prompt] = tokens[:, :prompt]
-    for t in range(prompt, prompt + new):
+    # The full forward over the whole sequence so far, each step (zero-padded to one shape: the model is causal,
+    # so the padding after position t cannot change the logits at t).
+    recomputed = np.zeros((2, LENGTH), np.int32)
+    recomputed[:, :PROMPT] = tokens[:, :PROMPT]
+    for t in range(PROMPT, PROMPT + new):
         full, _ = forward(model, jnp.asarray(recomputed))
         recomputed[:, t] = np.asarray(jnp.argmax(full[:, t - 1], axis=-1))
-    np.testing.assert_array_equal(cached, recomputed)
+    np.testing.assert_array_equal(cached, recomputed[:, :PROMPT + new])
 
 
 def test_decoding_past_the_cache_is_an_error(model, tokens):
-    cache = model.init_cache(2, 8)
-    with pytest.raises(ValueError, match="do not fit a KV cache of max_length 8"):
-        model.decode(jnp.asarray(tokens[:, :9]), cache)
-    _, cache = step(model, jnp.asarray(tokens[:, :6]), cache)
-    with pytest.raises(ValueError, match=r"positions 6\.\.8 are beyond the KV cache's max_length 8"):
-        model.decode(jnp.asarray(tokens[:, :3]), cache)
-    logits, _ = step(model, jnp.asarray(tokens[:, :3]), cache)
+    cache = model.init_cache(2, MAX_LENGTH)
+    with pytest.raises(ValueError, match=f"do not fit a KV cache of max_length {MAX_LENGTH}"):
+        model.decode(jnp.zeros((2, MAX_LENGTH + 1), jnp.int32), cache)
+    cache = dataclasses.replace(cache, length=jnp.int32(MAX_LENGTH - 2))
+    with pytest.raises(ValueError, match=rf"positions 38\.\.42 are beyond the KV cache's max_length {MAX_LENGTH}"):
+        model.decode(jnp.asarray(tokens[:, :PROMPT]), cache)
+    logits, _ = step(model, jnp.asarray(tokens[:, :PROMPT]), cache)
     assert np.isnan(np.asarray(logits)).all()  # under jit the length is not known: NaN logits, not silent garbage
 
 
