@@ -127,7 +127,10 @@ def _tokenizer_file(data_cfg) -> epath.Path:
 
 
 def load_tokenizer(data_cfg) -> Tokenizer:
-    """The tokenizer of ``data_cfg``: cab_text's own (building it if needed) or ``data_cfg.tokenizer``."""
+    """The tokenizer of ``data_cfg``: cab_text's own (building it if needed) or ``data_cfg.tokenizer``.
+
+    It ignores ``data_cfg.synthetic``: asking for cab_text's tokenizer builds cab_text.
+    """
     return Tokenizer.from_file(os.fspath(_tokenizer_file(data_cfg)))
 
 
@@ -144,6 +147,7 @@ def _eos_token(tokenizer_file: epath.Path) -> str:
 
 
 def _tokenizer_and_eos(data_cfg) -> tuple[Tokenizer, int]:
+    """(tokenizer, end-of-text id), checked against ``data_cfg.vocab_size``."""
     file = _tokenizer_file(data_cfg)
     tokenizer = Tokenizer.from_file(os.fspath(file))
     token = _eos_token(file)

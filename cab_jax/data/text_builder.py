@@ -23,6 +23,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import ClassVar
 
 import numpy as np
+import numpy.typing as npt
 import tensorflow_datasets as tfds
 from etils import epath
 
@@ -35,7 +36,7 @@ _ENCODE_CHUNK = 256  # documents per tokenizer call
 
 
 def pack_windows(
-    documents: Iterable[Sequence[int]], *, seq_len: int, eos_id: int, dtype: np.dtype = np.int32
+    documents: Iterable[Sequence[int]], *, seq_len: int, eos_id: int, dtype: npt.DTypeLike = np.int32
 ) -> Iterator[np.ndarray]:
     """Packs token lists into windows of ``seq_len + 1`` (see module docstring), a block at a time.
 
