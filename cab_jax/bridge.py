@@ -3,7 +3,8 @@
 Per bridged student layer l with teacher layer g(l), four small networks map B -> K, B_b -> K, C -> Q and
 C_b -> Q, token by token (the mixer returns both directions' projections in token order). Targets are the
 teacher's pre-softmax q, k flattened over heads, passed through a kernel map, and with the teacher's cls
-token (index 0) moved to the student's middle position.
+token (index 0) moved to the student's middle position. The language student (Phi-Mamba) is causal and has
+no cls token: two maps per layer (B -> K, C -> Q) from its per-head B, C flattened over heads, and no token move.
 """
 
 from __future__ import annotations
@@ -59,14 +60,16 @@ def apply_kernel_map(x: jax.Array, kind: str, token_axis: bool) -> jax.Array:
     raise ValueError(f"unknown kernel map {kind!r}; expected one of {KERNEL_MAPS}")
 
 
-def teacher_targets(q: jax.Array, k: jax.Array, kernel_map: str, cls_position: int
+def teacher_targets(q: jax.Array, k: jax.Array, kernel_map: str, cls_position: int | None
                     ) -> tuple[jax.Array, jax.Array]:
     """(batch, heads, tokens, head_dim) q, k -> kernel-mapped (batch, tokens, heads*head_dim) targets with
-    the cls token moved from index 0 to ``cls_position``."""
+    the cls token moved from index 0 to ``cls_position`` (None: tokens stay in place)."""
 
     def flatten(t: jax.Array) -> jax.Array:
         b, h, n, d = t.shape
         t = t.transpose(0, 2, 1, 3).reshape(b, n, h * d)
+        if cls_position is None:
+            return t
         return jnp.concatenate([t[:, 1 : cls_position + 1], t[:, :1], t[:, cls_position + 1 :]], axis=1)
 
     return (apply_kernel_map(flatten(q), kernel_map, token_axis=False),
@@ -74,19 +77,19 @@ def teacher_targets(q: jax.Array, k: jax.Array, kernel_map: str, cls_position: i
 
 
 class BridgeNet(nnx.Module):
-    """d_state -> hidden -> SiLU -> teacher width (``kind="mlp"``), or one linear map (``kind="linear"``)."""
+    """student width -> hidden -> SiLU -> teacher width (``kind="mlp"``), or one linear map (``kind="linear"``)."""
 
     def __init__(self, d_in: int, d_out: int, hidden: int, kind: str, *, rngs: nnx.Rngs):
         if kind not in BRIDGE_KINDS:
             raise ValueError(f"unknown bridge kind {kind!r}; expected one of {BRIDGE_KINDS}")
         if kind == "mlp":
-            self.layers = nnx.List([dense(d_in, hidden, (None, None), rngs=rngs),
-                                    dense(hidden, d_out, (None, "heads"), rngs=rngs)])
+            self.layers = nnx.List([dense(d_in, hidden, (None, "embed"), rngs=rngs),
+                                    dense(hidden, d_out, ("embed", "heads"), rngs=rngs)])
         else:
             self.layers = nnx.List([dense(d_in, d_out, (None, "heads"), rngs=rngs)])
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = self.layers[0](x.astype(jnp.float32))
+        x = self.layers[0](x.reshape(*x.shape[:2], -1).astype(jnp.float32))  # per-head inputs flattened
         for layer in self.layers[1:]:
             x = layer(jax.nn.silu(x))
         return x
@@ -95,9 +98,9 @@ class BridgeNet(nnx.Module):
 class LayerBridge(nnx.Module):
     """The four maps of one student layer: B -> K, B_b -> K, C -> Q, C_b -> Q."""
 
-    def __init__(self, d_state: int, d_teacher: int, hidden: int, kind: str, bidirectional: bool, *,
+    def __init__(self, d_in: int, d_teacher: int, hidden: int, kind: str, bidirectional: bool, *,
                  rngs: nnx.Rngs):
-        make = lambda: BridgeNet(d_state, d_teacher, hidden, kind, rngs=rngs)
+        make = lambda: BridgeNet(d_in, d_teacher, hidden, kind, rngs=rngs)
         self.b_to_k, self.c_to_q = make(), make()
         self.b_to_k_b, self.c_to_q_b = (make(), make()) if bidirectional else (None, None)
 
@@ -107,14 +110,16 @@ def mse(pred: jax.Array, target: jax.Array) -> jax.Array:
 
 
 class AttentionBridge(nnx.Module):
-    """All layer bridges plus the student->teacher layer map; ``__call__`` returns the bridge loss."""
+    """All layer bridges plus the student->teacher layer map; ``__call__`` returns the bridge loss.
+
+    ``d_in``: the student's B/C width (d_state for Vim, n_qk_heads * d_state for Phi-Mamba)."""
 
     def __init__(
         self,
         *,
         student_depth: int,
         teacher_depth: int,
-        d_state: int,
+        d_in: int,
         d_teacher: int,
         hidden: int = 128,
         kind: str = "mlp",
@@ -127,12 +132,12 @@ class AttentionBridge(nnx.Module):
         self.kernel_map = kernel_map
         self.mapping = layer_map(student_depth, teacher_depth, layers)
         self.bridges = nnx.List([
-            LayerBridge(d_state, d_teacher, hidden, kind, bidirectional, rngs=rngs) if g >= 0 else None
+            LayerBridge(d_in, d_teacher, hidden, kind, bidirectional, rngs=rngs) if g >= 0 else None
             for g in self.mapping
         ])
 
     def __call__(self, projections: Sequence[SSMProjections], teacher_qk: Sequence[tuple[jax.Array, jax.Array]],
-                 cls_position: int) -> jax.Array:
+                 cls_position: int | None) -> jax.Array:
         """Mean over bridged layers of the sum of the (up to) four MSEs."""
         if len(projections) != len(self.mapping):
             raise ValueError(f"bridge built for {len(self.mapping)} student layers, got {len(projections)}")

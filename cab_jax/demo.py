@@ -1,10 +1,14 @@
-"""The demo task: train a teacher on the embedded dataset, distil one student per loss mode on a small
-per-class subset, evaluate each on the full test split and print a results table."""
+"""The demo task: train a teacher on an embedded dataset, distil one student per loss mode, evaluate each on the
+held-out split and print a results table.
+
+Vision (``configs/demo.py``): DeiT teacher, Vim students on a small per-class subset, top-1/top-5.
+Language (``configs/demo_lm.py``): Phi teacher, Phi-Mamba students, held-out perplexity and tokens/s.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import statistics
 
 import ml_collections
 from absl import logging
@@ -12,7 +16,9 @@ from etils import epath
 
 from cab_jax import train
 
-COLUMNS = ("model", "mode", "train images", "top-1", "top-5", "steps", "wall time (s)")
+VISION_COLUMNS = ("model", "mode", "train images", "top-1", "top-5", "steps", "wall time (s)")
+LANGUAGE_COLUMNS = ("model", "mode", "init from attention", "train tokens", "held-out perplexity", "token acc (%)",
+                    "train tokens/s", "steps", "wall time (s)")
 
 
 def run(c: ml_collections.ConfigDict, workdir: str) -> list[dict]:
@@ -21,37 +27,61 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     if not c.data.data_dir:  # the embedded dataset is built inside the workdir unless told otherwise
         c = ml_collections.ConfigDict(c.to_dict())
         c.data.data_dir = str(root / "tfds")
+    language = c.domain == "language"
     teacher_dir = root / "teacher"
     logging.info("Demo stage 1: teacher on the full train split (cached in %s).", teacher_dir)
     teacher = train.run(c, str(teacher_dir), role="teacher")
-    rows = [_row("teacher (DeiT)", "supervised", teacher)]
+    rows = [_row(c, "teacher (Phi)" if language else "teacher (DeiT)", "supervised", False, teacher, teacher_dir)]
     if teacher.stopped_early:
         return rows
     for mode in c.demo.modes:
-        logging.info("Demo stage 2: student with loss mode %r on %.0f%% of the train split.", mode,
-                     100 * c.data.subset_fraction)
         sc = ml_collections.ConfigDict(c.to_dict())
         sc.loss.mode = mode
         sc.teacher.init_from = str(teacher_dir)
-        result = train.run(sc, str(root / "students" / mode), role="student")
-        rows.append(_row("student (Vim)", mode, result))
+        init = language and mode in c.demo.init_from_attention_modes
+        if language:
+            sc.student.init_from_attention = init
+        logging.info("Demo stage 2: student with loss mode %r%s.", mode,
+                     " initialised from the teacher's attention" if init else
+                     "" if language else f" on {100 * c.data.subset_fraction:.0f}% of the train split")
+        student_dir = root / "students" / mode
+        result = train.run(sc, str(student_dir), role="student")
+        rows.append(_row(c, "student (Phi-Mamba)" if language else "student (Vim)", mode, init, result, student_dir))
         if result.stopped_early:
             break
-    table = format_table(rows)
+    table = format_table(rows, LANGUAGE_COLUMNS if language else VISION_COLUMNS)
     print(table, flush=True)
     (root / "results.md").write_text(table + "\n")
     (root / "results.json").write_text(json.dumps(rows, indent=2))
     return rows
 
 
-def _row(model: str, mode: str, result: train.RunResult) -> dict:
-    r = dataclasses.asdict(result)
-    return {"model": model, "mode": mode, "train images": r["train_examples"], "top-1": round(r["top1"], 2),
-            "top-5": round(r["top5"], 2), "steps": r["steps"], "wall time (s)": round(r["wall_time_s"], 1)}
+def _row(c: ml_collections.ConfigDict, model: str, mode: str, init: bool, result: train.RunResult,
+         workdir: epath.Path) -> dict:
+    m, nan = result.metrics, float("nan")
+    row = {"model": model, "mode": mode, "steps": result.steps, "wall time (s)": round(result.wall_time_s, 1)}
+    if c.domain != "language":
+        return {**row, "train images": result.train_examples, "top-1": round(m.get("top1", nan), 2),
+                "top-5": round(m.get("top5", nan), 2)}
+    return {**row, "init from attention": "yes" if init else "no",
+            "train tokens": result.train_examples * c.data.seq_len,
+            "held-out perplexity": round(m.get("perplexity", nan), 2),
+            "token acc (%)": round(m.get("token_acc", nan), 2),
+            "train tokens/s": round(_steady_tokens_per_s(workdir), 1)}
 
 
-def format_table(rows: list[dict]) -> str:
+def _steady_tokens_per_s(workdir: epath.Path) -> float:
+    """Median training tokens/s over the logged intervals, leaving out the first (it includes compilation)."""
+    path = workdir / "metrics.jsonl"
+    if not path.exists():
+        return float("nan")
+    rates = [r["tokens_per_s"] for r in map(json.loads, path.read_text().splitlines())
+             if r["split"] == "train" and "tokens_per_s" in r]
+    return statistics.median(rates[1:] or rates) if rates else float("nan")
+
+
+def format_table(rows: list[dict], columns: tuple[str, ...] = VISION_COLUMNS) -> str:
     """A Markdown table, one line per row."""
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(str(row[col]) for col in COLUMNS) + " |" for row in rows]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(row[col]) for col in columns) + " |" for row in rows]
     return "\n".join(lines)

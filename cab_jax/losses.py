@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 LOSS_MODES = ("vanilla", "soft", "cab")
+LM_LOSS_MODES = ("ce", "kl", "cab")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,12 +30,20 @@ MODE_WEIGHTS = {
 }
 
 
+# Language (the original's kd_trainer): ce = CE; kl = CE + KL; cab ("distill") = CE + 0.5 KL + 0.5 bridge.
+LM_MODE_WEIGHTS = {
+    "ce": LossWeights(ce=1.0, kl=0.0, bridge=0.0),
+    "kl": LossWeights(ce=1.0, kl=1.0, bridge=0.0),
+    "cab": LossWeights(ce=1.0, kl=0.5, bridge=0.5),
+}
+
+
 def loss_weights(mode: str, ce: float | None = None, kl: float | None = None,
-                 bridge: float | None = None) -> LossWeights:
-    """The mode's weights, each replaced by the explicit value where one is given."""
-    if mode not in MODE_WEIGHTS:
-        raise ValueError(f"unknown loss mode {mode!r}; expected one of {LOSS_MODES}")
-    base = MODE_WEIGHTS[mode]
+                 bridge: float | None = None, table: dict[str, LossWeights] = MODE_WEIGHTS) -> LossWeights:
+    """The mode's weights in ``table``, each replaced by the explicit value where one is given."""
+    if mode not in table:
+        raise ValueError(f"unknown loss mode {mode!r}; expected one of {tuple(table)}")
+    base = table[mode]
     return LossWeights(ce=base.ce if ce is None else ce, kl=base.kl if kl is None else kl,
                        bridge=base.bridge if bridge is None else bridge)
 
@@ -62,3 +71,28 @@ def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
     """Per example, 1.0 where the label is among the k largest logits."""
     top = jax.lax.top_k(logits, k)[1]
     return jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
+
+
+def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
+    mask = mask.astype(jnp.float32)
+    return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def token_cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
+    """Next-token cross-entropy averaged over the positions where ``mask`` is 1.
+
+    logits (batch, length, vocab); targets (batch, length) int; mask (batch, length)."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+    nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return _masked_mean(nll, mask)
+
+
+def token_kl_divergence(student_logits: jax.Array, teacher_logits: jax.Array, mask: jax.Array,
+                        temperature: float = 1.0) -> jax.Array:
+    """Per-token KL(teacher || student) averaged over the positions where ``mask`` is 1 (times T^2).
+
+    The original (torchtune's ForwardKLLoss) drops the teacher-entropy term, which has no gradient; this is the
+    true KL, so its value is that loss minus the teacher's mean entropy and its gradients are the same."""
+    t = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / temperature)
+    s = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature)
+    return _masked_mean(jnp.sum(jnp.exp(t) * (t - s), axis=-1), mask) * temperature**2

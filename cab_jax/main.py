@@ -38,7 +38,7 @@ def main(argv: list[str]) -> None:
                  jax.devices())
     from cab_jax import demo, train  # imported after validation so bad flags fail fast
 
-    if c.task == "demo":
+    if c.task == "demo":  # vision or language, per config.domain
         demo.run(c, _WORKDIR.value)
     else:
         result = train.run(c, _WORKDIR.value, role="teacher" if c.task == "train_teacher" else "student")

@@ -24,11 +24,9 @@ from cab_jax import checkpoint, sharding
 from cab_jax import config as config_lib
 from cab_jax.bridge import AttentionBridge
 from cab_jax.convert.weights import load_model_weights
-from cab_jax.losses import LossWeights, kl_divergence, loss_weights, smooth_labels, soft_cross_entropy, topk_correct
-from cab_jax.models.vim import Vim
-from cab_jax.models.vit import ViT
+from cab_jax.losses import LossWeights
+from cab_jax.tasks import Task, task_for
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 NO_DECAY_NAMES = frozenset({"pos_embed", "cls_token", "A_log"})
 State = dict[str, Any]
 
@@ -36,28 +34,16 @@ State = dict[str, Any]
 # ----------------------------------------------------------------------------------------------- models
 
 
-def build_teacher(c: ml_collections.ConfigDict, rngs: nnx.Rngs) -> ViT:
-    t = c.teacher
-    return ViT(num_classes=c.data.num_classes, img_size=c.data.image_size, patch_size=t.patch_size,
-               embed_dim=t.embed_dim, depth=t.depth, num_heads=t.num_heads, mlp_ratio=t.mlp_ratio,
-               drop_path_rate=t.drop_path, dtype=DTYPES[c.dtype], rngs=rngs)
+def build_teacher(c: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module:
+    return task_for(c, "teacher").build_teacher(rngs)
 
 
-def build_student(c: ml_collections.ConfigDict, rngs: nnx.Rngs) -> Vim:
-    s = c.student
-    return Vim(num_classes=c.data.num_classes, img_size=c.data.image_size, patch_size=s.patch_size,
-               embed_dim=s.embed_dim, depth=s.depth, d_state=s.d_state, d_conv=s.d_conv, expand=s.expand,
-               bidirectional=s.bidirectional, a_init=s.a_init, scan_impl=s.scan_impl, drop_path_rate=s.drop_path,
-               remat=s.remat, dtype=DTYPES[c.dtype], rngs=rngs)
+def build_student(c: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module:
+    return task_for(c).build_student(rngs)
 
 
 def build_bridge(c: ml_collections.ConfigDict, rngs: nnx.Rngs) -> AttentionBridge:
-    b = c.bridge
-    return AttentionBridge(
-        student_depth=c.student.depth, teacher_depth=c.teacher.depth, d_state=c.student.d_state,
-        d_teacher=c.teacher.embed_dim, hidden=b.hidden, kind=b.kind, kernel_map=b.kernel_map,
-        layers=tuple(b.layers) if b.layer_map == "explicit" else b.layer_map,
-        bidirectional=c.student.bidirectional, rngs=rngs)
+    return task_for(c).build_bridge(rngs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,56 +78,23 @@ def decay_mask(params: dict) -> dict:
 
 
 def learning_rate_fn(t: ml_collections.ConfigDict, sched: config_lib.Schedule) -> optax.Schedule:
-    """Linear warmup from ``warmup_lr`` to the peak, then cosine decay to ``min_lr``."""
+    """Linear warmup from ``warmup_lr`` to the peak, then cosine (or, with ``lr_decay="linear"``, linear) decay
+    to ``min_lr``."""
     decay_steps = max(1, sched.total_steps - sched.warmup_steps)
-    cosine = optax.cosine_decay_schedule(sched.peak_lr, decay_steps,
-                                         alpha=t.min_lr / sched.peak_lr if sched.peak_lr > 0 else 0.0)
+    if t.lr_decay == "linear":
+        decay = optax.linear_schedule(sched.peak_lr, t.min_lr, decay_steps)
+    else:
+        decay = optax.cosine_decay_schedule(sched.peak_lr, decay_steps,
+                                            alpha=t.min_lr / sched.peak_lr if sched.peak_lr > 0 else 0.0)
     if sched.warmup_steps == 0:
-        return cosine
+        return decay
     warmup = optax.linear_schedule(t.warmup_lr, sched.peak_lr, sched.warmup_steps)
-    return optax.join_schedules([warmup, cosine], [sched.warmup_steps])
+    return optax.join_schedules([warmup, decay], [sched.warmup_steps])
 
 
 def make_optimizer(t: ml_collections.ConfigDict, lr_fn: optax.Schedule) -> optax.GradientTransformation:
     tx = optax.adamw(lr_fn, b1=0.9, b2=0.999, eps=1e-8, weight_decay=t.weight_decay, mask=decay_mask)
     return optax.chain(optax.clip_by_global_norm(t.grad_clip), tx) if t.grad_clip > 0 else tx
-
-
-# ------------------------------------------------------------------------------------------- mixup/cutmix
-
-
-def mix_batch(key: jax.Array, images: jax.Array, labels: jax.Array, num_classes: int,
-              t: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array]:
-    """timm-style batch Mixup/CutMix with label smoothing: the batch is mixed with its reverse; with both
-    enabled, CutMix is chosen with probability ``mixup_switch_prob``. Returns images and soft targets."""
-    targets = smooth_labels(labels, num_classes, t.label_smoothing)
-    if t.mixup_prob == 0 or (t.mixup_alpha == 0 and t.cutmix_alpha == 0):
-        return images, targets
-    k_apply, k_switch, k_mix, k_cut, k_y, k_x = jax.random.split(key, 6)
-    flipped = images[::-1]
-    lam_mix = jax.random.beta(k_mix, t.mixup_alpha, t.mixup_alpha) if t.mixup_alpha > 0 else 1.0
-    mixed = lam_mix * images + (1.0 - lam_mix) * flipped
-
-    height, width = images.shape[1:3]
-    lam_cut = jax.random.beta(k_cut, t.cutmix_alpha, t.cutmix_alpha) if t.cutmix_alpha > 0 else 1.0
-    ratio = jnp.sqrt(1.0 - lam_cut)
-    cy, cx = jax.random.randint(k_y, (), 0, height), jax.random.randint(k_x, (), 0, width)
-    half_h, half_w = (height * ratio / 2).astype(jnp.int32), (width * ratio / 2).astype(jnp.int32)
-    y0, y1 = jnp.clip(cy - half_h, 0, height), jnp.clip(cy + half_h, 0, height)
-    x0, x1 = jnp.clip(cx - half_w, 0, width), jnp.clip(cx + half_w, 0, width)
-    ys, xs = jnp.arange(height)[:, None], jnp.arange(width)[None, :]
-    box = (ys >= y0) & (ys < y1) & (xs >= x0) & (xs < x1)
-    cut = jnp.where(box[None, :, :, None], flipped, images)
-    lam_cut = 1.0 - (y1 - y0) * (x1 - x0) / (height * width)  # the area actually pasted
-
-    if t.cutmix_alpha > 0 and t.mixup_alpha > 0:
-        use_cut = jax.random.uniform(k_switch) < t.mixup_switch_prob
-    else:
-        use_cut = jnp.asarray(t.cutmix_alpha > 0)
-    apply = jax.random.uniform(k_apply) < t.mixup_prob
-    lam = jnp.where(apply, jnp.where(use_cut, lam_cut, lam_mix), 1.0)
-    images = jnp.where(apply, jnp.where(use_cut, cut, mixed), images)
-    return images.astype(flipped.dtype), lam * targets + (1.0 - lam) * targets[::-1]
 
 
 # --------------------------------------------------------------------------------------------- trainer
@@ -152,21 +105,21 @@ class Trainer:
     """Sharded train and eval steps for one model (plus bridge and frozen teacher when distilling).
 
     The state is a dict: step, params {"model", ["bridge"]}, opt_state, rng, [ema]. The teacher's
-    parameters are a separate, read-only argument of the train step.
+    parameters are a separate, read-only argument of the train step. ``task`` supplies what depends on
+    the domain (batch -> inputs and targets, losses, metrics).
     """
 
     mesh: Mesh
+    task: Task
     model: Functional
     tx: optax.GradientTransformation
     lr_fn: optax.Schedule
     weights: LossWeights
     train_cfg: ml_collections.ConfigDict
-    num_classes: int
     bridge: Functional | None = None
     teacher: Functional | None = None
-    cls_position: int = 0
+    cls_position: int | None = 0
     detach_student: bool = False
-    drop_path: bool = False
     temperature: float = 1.0
 
     def init_state(self, params: dict, seed: int, param_axes: dict) -> State:
@@ -195,15 +148,15 @@ class Trainer:
 
     # ---- steps
 
-    def _loss(self, params: dict, images: jax.Array, targets: jax.Array, teacher_out, key: jax.Array | None):
-        logits, aux = self.model.module(params["model"])(images, key=key)
+    def _loss(self, params: dict, inputs: jax.Array, targets, teacher_out, key: jax.Array | None):
+        logits, aux = self.task.forward(self.model.module(params["model"]), inputs, key)
         terms = {}
         if self.weights.ce:
-            terms["ce"] = soft_cross_entropy(logits, targets)
+            terms["ce"] = self.task.ce(logits, targets)
         if self.weights.kl:
-            terms["kl"] = kl_divergence(logits, teacher_out[0], self.temperature)
+            terms["kl"] = self.task.kl(logits, teacher_out[0], targets, self.temperature)
         if self.weights.bridge:
-            projections = jax.lax.stop_gradient(aux) if self.detach_student else aux
+            projections = self.task.bridge_inputs(jax.lax.stop_gradient(aux) if self.detach_student else aux)
             terms["bridge"] = self.bridge.module(params["bridge"])(projections, teacher_out[1], self.cls_position)
         total = sum(getattr(self.weights, name) * value for name, value in terms.items())
         return total, (terms, logits)
@@ -215,13 +168,13 @@ class Trainer:
 
     def _train_step(self, state: State, teacher_params: dict | None, batch: dict) -> tuple[State, dict]:
         step_key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-        mix_key, drop_key = jax.random.split(step_key)
-        images, targets = mix_batch(mix_key, batch["image"], batch["label"], self.num_classes, self.train_cfg)
+        prepare_key, drop_key = jax.random.split(step_key)
+        inputs, targets = self.task.prepare(prepare_key, batch)
         teacher_out = None
         if self.weights.needs_teacher:
-            teacher_out = jax.lax.stop_gradient(self.teacher.module(teacher_params)(images))
+            teacher_out = jax.lax.stop_gradient(self.teacher.module(teacher_params)(inputs))
         (loss, (terms, logits)), grads = jax.value_and_grad(self._loss, has_aux=True)(
-            state["params"], images, targets, teacher_out, drop_key if self.drop_path else None)
+            state["params"], inputs, targets, teacher_out, drop_key)
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         new_state = {**state, "step": state["step"] + 1, "params": params, "opt_state": opt_state}
@@ -229,17 +182,13 @@ class Trainer:
             d = self.train_cfg.ema_decay
             new_state["ema"] = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state["ema"], params)
         metrics = {"loss": loss, **terms, "lr": self.lr_fn(state["step"]), "grad_norm": optax.global_norm(grads),
-                   "train_top1": jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(targets, -1))}
+                   **self.task.train_metrics(logits, targets)}
         return new_state, metrics
 
     def eval_step(self, params: dict, batch: dict) -> dict:
         with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
-            logits, _ = self.model.module(params)(batch["image"])
-        mask = batch["mask"]
-        labels = batch["label"]
-        k = min(5, self.num_classes)
-        return {"top1": jnp.sum(topk_correct(logits, labels, 1) * mask),
-                "top5": jnp.sum(topk_correct(logits, labels, k) * mask), "count": jnp.sum(mask)}
+            logits, _ = self.task.forward(self.model.module(params), self.task.eval_inputs(batch))
+        return self.task.eval_sums(logits, batch)
 
     def compile(self, teacher_shardings) -> None:
         """jit both steps with explicit shardings; the train step donates the state."""
@@ -256,10 +205,7 @@ class Trainer:
         for local in batches:
             out = self.jit_eval_step(params, sharding.global_batch(local, self.mesh))
             totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
-        totals = jax.device_get(totals)
-        count = float(totals["count"])
-        return {"top1": 100.0 * float(totals["top1"]) / count, "top5": 100.0 * float(totals["top5"]) / count,
-                "eval_examples": int(count)}
+        return self.task.summarize(jax.device_get(totals))
 
 
 # ------------------------------------------------------------------------------------------------ loop
@@ -304,8 +250,7 @@ class MetricsWriter:
 
 @dataclasses.dataclass
 class RunResult:
-    top1: float
-    top5: float
+    metrics: dict[str, float]  # the final evaluation (top1/top5, or eval_loss/perplexity/token_acc)
     steps: int
     wall_time_s: float
     train_examples: int
@@ -323,34 +268,42 @@ class Setup:
 def setup(c: ml_collections.ConfigDict, *, role: str, mesh: Mesh, train_size: int,
           subset_fraction: float = 1.0) -> Setup:
     """Build the models, optimizer, initial sharded state, frozen teacher and compiled steps for ``role``."""
-    train_cfg = c.teacher.train if role == "teacher" else c.train
+    task = task_for(c, role)
+    train_cfg = task.train_cfg
     sched = config_lib.schedule(train_cfg, train_size, subset_fraction)
     lr_fn = learning_rate_fn(train_cfg, sched)
     rngs = nnx.Rngs(c.seed)
-    weights = (loss_weights("vanilla") if role == "teacher" else
-               loss_weights(c.loss.mode, c.loss.ce_weight, c.loss.kl_weight, c.loss.bridge_weight))
+    weights = task.loss_weights()
+    student = role == "student"
+    init_from_attention = student and c.domain == "language" and c.student.init_from_attention
 
-    model = build_teacher(c, rngs) if role == "teacher" else build_student(c, rngs)
+    model = task.build_teacher(rngs) if role == "teacher" else task.build_student(rngs)
     model_fn, model_params = Functional.split(model)
-    if role == "student" and c.student.init_from:  # start from given weights (a resumed run restores later)
+    if student and c.student.init_from:  # start from given weights (a resumed run restores later)
         model_params = load_model_weights(c.student.init_from, c, "student", model_params)
-    params, axes = {"model": model_params}, {"model": sharding.logical_axes(model)}
     bridge_fn = teacher_fn = None
     teacher_params = teacher_shardings = None
-    if role == "student" and weights.bridge > 0:
-        bridge = build_bridge(c, rngs)
-        bridge_fn, params["bridge"] = Functional.split(bridge)
-        axes["bridge"] = sharding.logical_axes(bridge)
-    if role == "student" and weights.needs_teacher:
-        teacher = build_teacher(c, nnx.Rngs(c.seed + 1))
+    if student and (weights.needs_teacher or init_from_attention):
+        teacher = task.build_teacher(nnx.Rngs(c.seed + 1))
         teacher_fn, teacher_params = Functional.split(teacher)
         teacher_shardings = sharding.param_shardings(teacher_params, sharding.logical_axes(teacher), mesh)
         teacher_params = load_teacher(c, teacher_params, teacher_shardings)
+    if init_from_attention and not c.student.init_from:
+        student_module = model_fn.module(model_params)
+        task.init_student_from_teacher(student_module, teacher_fn.module(teacher_params))
+        model_params = nnx.state(student_module).to_pure_dict()
+        logging.info("Student initialised from the teacher's attention, MLPs, norms and embeddings.")
+    if not weights.needs_teacher:
+        teacher_fn = teacher_params = teacher_shardings = None
+    params, axes = {"model": model_params}, {"model": sharding.logical_axes(model)}
+    if student and weights.bridge > 0:
+        bridge = task.build_bridge(rngs)
+        bridge_fn, params["bridge"] = Functional.split(bridge)
+        axes["bridge"] = sharding.logical_axes(bridge)
 
-    trainer = Trainer(mesh=mesh, model=model_fn, tx=make_optimizer(train_cfg, lr_fn), lr_fn=lr_fn, weights=weights,
-                      train_cfg=train_cfg, num_classes=c.data.num_classes, bridge=bridge_fn, teacher=teacher_fn,
-                      cls_position=getattr(model, "cls_position", 0), detach_student=c.bridge.detach_student,
-                      drop_path=(c.teacher.drop_path if role == "teacher" else c.student.drop_path) > 0,
+    trainer = Trainer(mesh=mesh, task=task, model=model_fn, tx=make_optimizer(train_cfg, lr_fn), lr_fn=lr_fn,
+                      weights=weights, train_cfg=train_cfg, bridge=bridge_fn, teacher=teacher_fn,
+                      cls_position=task.cls_position(model), detach_student=c.bridge.detach_student,
                       temperature=c.loss.temperature)
     state = trainer.init_state(params, c.seed, axes)
     trainer.compile(teacher_shardings)
@@ -358,37 +311,40 @@ def setup(c: ml_collections.ConfigDict, *, role: str, mesh: Mesh, train_size: in
     return Setup(trainer, state, teacher_params, sched)
 
 
+def save_run_config(workdir: epath.Path, c: ml_collections.ConfigDict, role: str) -> None:
+    """``workdir/config.json``: what was trained, so tools (``cab_jax.generate``) can rebuild the model."""
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(json.dumps({"role": role, "config": json.loads(c.to_json_best_effort())},
+                                                        indent=1))
+
+
 def run(c: ml_collections.ConfigDict, workdir: str, *, role: str = "student",
         on_step: Callable[[int], None] | None = None) -> RunResult:
     """Train the student (``role="student"``, distillation per ``c.loss``) or the teacher
     (``role="teacher"``, supervised on the full train split with ``c.teacher.train``), resuming from the
     latest checkpoint in ``workdir``. ``on_step`` is called after each step (tests use it)."""
-    if role not in ("student", "teacher"):
-        raise ValueError(f"unknown role {role!r}")
+    task = task_for(c, role)
     config_lib.validate(c)
-    from cab_jax import data  # tensorflow-datasets is only needed by the loop, not by the steps
     workdir_path = epath.Path(workdir)
     workdir_path.mkdir(parents=True, exist_ok=True)
     mesh = sharding.make_mesh(c.mesh)
-    train_cfg = c.teacher.train if role == "teacher" else c.train
-    data_cfg = c.data
-    if role == "teacher":
-        data_cfg = ml_collections.ConfigDict(c.data.to_dict())
-        data_cfg.subset_fraction = 1.0
+    train_cfg = task.train_cfg
     data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
     for name in ("batch_size", "eval_batch_size"):
         if train_cfg[name] % data_parallel:
             raise ValueError(f"config.{'teacher.' if role == 'teacher' else ''}train.{name} "
                              f"({train_cfg[name]}) must be divisible by the data-parallel mesh size {data_parallel}")
 
-    train_size = data.train_dataset_size(data_cfg)
-    built = setup(c, role=role, mesh=mesh, train_size=train_size, subset_fraction=data_cfg.subset_fraction)
+    train_size = task.train_size()
+    built = setup(c, role=role, mesh=mesh, train_size=train_size,
+                  subset_fraction=task.data_cfg().get("subset_fraction", 1.0))
     trainer, state, teacher_params, sched = built.trainer, built.state, built.teacher_params, built.sched
 
-    train_iter = data.make_train_iterator(data_cfg, global_batch_size=train_cfg.batch_size, seed=c.seed)
-    eval_batches = data.make_eval_batches(data_cfg, global_batch_size=train_cfg.eval_batch_size)
+    train_iter = task.train_iterator(train_cfg.batch_size, c.seed)
+    eval_batches = task.eval_batches(train_cfg.eval_batch_size)
     ckpt = checkpoint.RunCheckpointer(workdir_path / "checkpoints", keep=train_cfg.keep_checkpoints)
     state, restored_step = ckpt.restore(state, train_iter)
+    save_run_config(workdir_path, c, role)
     writer = MetricsWriter(workdir_path)
     step = int(restored_step or 0)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]["model"]))
@@ -410,7 +366,7 @@ def run(c: ml_collections.ConfigDict, workdir: str, *, role: str = "student",
             if step % train_cfg.log_every == 0 or step == sched.total_steps:
                 values = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 elapsed = time.time() - interval_start
-                values["images_per_s"] = interval_steps * train_cfg.batch_size / max(elapsed, 1e-9)
+                values.update(task.throughput(interval_steps * train_cfg.batch_size / max(elapsed, 1e-9)))
                 writer.write(step, "train", values)
                 logging.info("[%s %d/%d] %s", role, step, sched.total_steps,
                              " ".join(f"{k}={v:.4g}" for k, v in values.items()))
@@ -430,11 +386,11 @@ def run(c: ml_collections.ConfigDict, workdir: str, *, role: str = "student",
     ckpt.close()
     if stopped:
         logging.warning("Stopped at step %d; run the same command again to resume.", step)
-        return RunResult(float("nan"), float("nan"), step, time.time() - start, train_size, stopped_early=True)
+        return RunResult({}, step, time.time() - start, train_size, stopped_early=True)
     result = trainer.evaluate(eval_params(state), eval_batches)
     writer.write(step, "eval", result)
     logging.info("[%s] final eval at step %d: %s", role, step, result)
-    return RunResult(result["top1"], result["top5"], step, time.time() - start, train_size)
+    return RunResult(result, step, time.time() - start, train_size)
 
 
 def load_teacher(c: ml_collections.ConfigDict, params: dict, shardings: dict) -> dict:

@@ -92,7 +92,7 @@ def test_kernel_map_output_is_float32_and_unknown_raises():
     with pytest.raises(ValueError, match="unknown kernel map"):
         apply_kernel_map(x, "sigmoid", token_axis=False)
     with pytest.raises(ValueError, match="unknown kernel map"):
-        AttentionBridge(student_depth=2, teacher_depth=1, d_state=D_STATE, d_teacher=D_TEACHER,
+        AttentionBridge(student_depth=2, teacher_depth=1, d_in=D_STATE, d_teacher=D_TEACHER,
                         kernel_map="sigmoid", rngs=nnx.Rngs(0))
 
 
@@ -193,7 +193,7 @@ def random_inputs(student_depth: int, teacher_depth: int, bidirectional: bool = 
 
 def make_bridge(student_depth, teacher_depth, **kw) -> AttentionBridge:
     seed = kw.pop("seed", 0)
-    return AttentionBridge(student_depth=student_depth, teacher_depth=teacher_depth, d_state=D_STATE,
+    return AttentionBridge(student_depth=student_depth, teacher_depth=teacher_depth, d_in=D_STATE,
                            d_teacher=D_TEACHER, hidden=HIDDEN, rngs=nnx.Rngs(seed), **kw)
 
 

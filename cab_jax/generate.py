@@ -1,0 +1,108 @@
+"""Sample text from a trained language model: ``python -m cab_jax.generate --workdir=DIR --prompt="def fib("``.
+
+``DIR`` is the workdir of a language run (``config.json`` says what was trained there). A Phi-Mamba student
+decodes in its recurrent form (a fixed-size conv window and SSM state per layer, whatever the length); a Phi
+teacher (a ``train_teacher`` workdir, e.g. the demo's ``teacher/``) decodes with a KV cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags
+from etils import epath
+from flax import nnx
+
+from cab_jax import checkpoint
+from cab_jax.tasks import task_for
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a language training run (holds config.json).")
+_PROMPT = flags.DEFINE_string("prompt", "def fib(", "Text to continue.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Number of tokens to generate.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0: greedy; otherwise sample from softmax(logits / T).")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+
+
+@dataclasses.dataclass
+class Generator:
+    """A model with jitted prefill and one-token decode steps over an explicit cache."""
+
+    model: nnx.Module
+
+    def __post_init__(self):
+        graphdef, state = nnx.split(self.model)
+        self._state = state
+
+        @jax.jit
+        def decode(state, tokens, cache):
+            return nnx.merge(graphdef, state).decode(tokens, cache)
+
+        self._decode = decode
+
+    def __call__(self, prompt: np.ndarray, max_new_tokens: int, temperature: float = 0.0,
+                 seed: int = 0) -> tuple[np.ndarray, float]:
+        """prompt (batch, n) int -> (batch, max_new_tokens) new tokens and decode tokens/s (after the first)."""
+        batch, n = prompt.shape
+        cache = self.model.init_cache(batch, n + max_new_tokens)
+        logits, cache = self._decode(self._state, jnp.asarray(prompt, jnp.int32), cache)
+        key = jax.random.key(seed)
+        out, start = [], None
+        for i in range(max_new_tokens):
+            key, sub = jax.random.split(key)
+            last = logits[:, -1].astype(jnp.float32)
+            token = (jnp.argmax(last, -1) if temperature == 0 else
+                     jax.random.categorical(sub, last / temperature, axis=-1)).astype(jnp.int32)
+            out.append(token)
+            if i == 1:  # the second step onwards: compiled, steady state
+                jax.block_until_ready(token)
+                start = time.perf_counter()
+            if i + 1 < max_new_tokens:
+                logits, cache = self._decode(self._state, token[:, None], cache)
+        tokens = np.asarray(jnp.stack(out, axis=1))
+        rate = batch * (max_new_tokens - 2) / (time.perf_counter() - start) if max_new_tokens > 2 else float("nan")
+        return tokens, rate
+
+
+def load_run(workdir: str) -> tuple[ml_collections.ConfigDict, str, nnx.Module]:
+    """The config, role and trained model (latest checkpoint) of a language run's workdir."""
+    root = epath.Path(workdir)
+    meta_path = root / "config.json"
+    if not meta_path.exists():
+        raise FileNotFoundError(f"{meta_path} not found: --workdir must be the workdir of a training run")
+    meta = json.loads(meta_path.read_text())
+    c = ml_collections.ConfigDict(meta["config"])
+    if c.domain != "language":
+        raise ValueError(f"{workdir} holds a {c.domain} run; generation needs a language model")
+    task = task_for(c, meta["role"])
+    build = task.build_teacher if meta["role"] == "teacher" else task.build_student
+    model = nnx.eval_shape(lambda: build(nnx.Rngs(0)))
+    graphdef, abstract = nnx.split(model)
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract.to_pure_dict())
+    params = checkpoint.load_model_params(root, target)
+    nnx.replace_by_pure_dict(abstract, params)
+    return c, meta["role"], nnx.merge(graphdef, abstract)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from cab_jax.data import text
+
+    c, role, model = load_run(_WORKDIR.value)
+    tokenizer = text.load_tokenizer(c.data)
+    prompt = np.asarray([tokenizer.encode(_PROMPT.value).ids], np.int32)
+    tokens, rate = Generator(model)(prompt, _MAX_NEW.value, _TEMPERATURE.value, _SEED.value)
+    form = "KV cache" if role == "teacher" else "recurrent state"
+    print(_PROMPT.value + tokenizer.decode(tokens[0].tolist()), flush=True)
+    print(f"[{role}, {form}] {tokens.shape[1]} tokens, {rate:.1f} tokens/s", flush=True)
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["workdir"])
+    app.run(main)

@@ -1,0 +1,241 @@
+"""Language CAB in the shared trainer: token losses, the language bridge, init from attention, the train step,
+a resumable run, generation from a run's workdir, and sharding."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from cab_jax import config as config_lib
+from cab_jax import generate, sharding, train
+from cab_jax.bridge import AttentionBridge
+from cab_jax.losses import LM_MODE_WEIGHTS, loss_weights, token_cross_entropy, token_kl_divergence
+from cab_jax.models.mamba import SSMProjections
+
+ROOT = pathlib.Path(__file__).parents[1]
+sys.path.insert(0, str(ROOT / "configs"))
+import demo_lm as demo_lm_config  # noqa: E402
+
+VOCAB, SEQ = 64, 16
+
+
+def tiny_config(tmp_path, mode="cab", **train_overrides):
+    """A two-layer Phi teacher and a mirroring two-layer Phi-Mamba student on synthetic tokens."""
+    c = demo_lm_config.get_config()
+    c.task = "distill"
+    c.loss.mode = mode
+    c.data.update(dict(data_dir=str(tmp_path / "tfds"), seq_len=SEQ, vocab_size=VOCAB, synthetic=True,
+                       synthetic_size=64))
+    c.teacher.update(dict(vocab_size=VOCAB, hidden_size=32, depth=2, num_heads=2, intermediate_size=64))
+    c.student.update(dict(vocab_size=VOCAB, d_model=32, depth=2, d_state=16, n_qk_heads=2, n_v_heads=2,
+                          intermediate_size=64, chunk_size=8))
+    c.student.init_from_attention = mode == "cab"
+    c.train.update({**dict(steps=4, batch_size=8, log_every=1, checkpoint_every=2, eval_batch_size=8,
+                           warmup_epochs=0.0), **train_overrides})
+    c.teacher.train.update(dict(steps=4, batch_size=8, log_every=1, eval_batch_size=8))
+    return c
+
+
+def token_batch(mesh, seed=0, batch=8):
+    rng = np.random.default_rng(seed)
+    return sharding.global_batch({"tokens": rng.integers(0, VOCAB, (batch, SEQ + 1)).astype(np.int32),
+                                  "loss_mask": np.ones((batch, SEQ), np.float32)}, mesh)
+
+
+def test_token_losses_match_numpy():
+    rng = np.random.default_rng(0)
+    s, t = rng.normal(size=(3, 7, 11)), rng.normal(size=(3, 7, 11)) * 2
+    labels, mask = rng.integers(0, 11, (3, 7)), (rng.random((3, 7)) > 0.3).astype(np.float64)
+
+    def log_softmax(x):
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    ls, lt = log_softmax(s), log_softmax(t)
+    nll = -np.take_along_axis(ls, labels[..., None], -1)[..., 0]
+    kl = (np.exp(lt) * (lt - ls)).sum(-1)
+    np.testing.assert_allclose(token_cross_entropy(jnp.asarray(s, jnp.float32), labels, mask),
+                               (nll * mask).sum() / mask.sum(), rtol=1e-5)
+    np.testing.assert_allclose(token_kl_divergence(jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32), mask),
+                               (kl * mask).sum() / mask.sum(), rtol=1e-5)
+
+
+def test_language_mode_weights_follow_the_original():
+    assert {m: (w.ce, w.kl, w.bridge) for m, w in LM_MODE_WEIGHTS.items()} == {
+        "ce": (1.0, 0.0, 0.0), "kl": (1.0, 1.0, 0.0), "cab": (1.0, 0.5, 0.5)}
+    assert loss_weights("cab", kl=0.25, table=LM_MODE_WEIGHTS).kl == 0.25
+    with pytest.raises(ValueError, match="soft"):
+        loss_weights("soft", table=LM_MODE_WEIGHTS)
+
+
+@pytest.mark.parametrize("teacher_depth", [2, 4])
+def test_language_bridge_matches_numpy(teacher_depth):
+    """Two maps per layer from per-head B, C flattened over heads; teacher layer l * T // S; no token move."""
+    batch, length, heads, d_state, t_heads, head_dim = 2, 5, 2, 3, 2, 4
+    bridge = AttentionBridge(student_depth=2, teacher_depth=teacher_depth, d_in=heads * d_state,
+                             d_teacher=t_heads * head_dim, hidden=7, kind="mlp", kernel_map="none",
+                             bidirectional=False, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(1)
+    proj = [SSMProjections(*(rng.normal(size=(batch, length, heads, d_state)).astype(np.float32) for _ in "BC"))
+            for _ in range(2)]
+    qk = [tuple(rng.normal(size=(batch, t_heads, length, head_dim)).astype(np.float32) for _ in "qk")
+          for _ in range(teacher_depth)]
+    loss = float(bridge(proj, qk, None))
+
+    params = nnx.state(bridge).to_pure_dict()
+
+    def mlp(p, x):
+        h = x.reshape(batch, length, -1) @ p["layers"][0]["kernel"] + p["layers"][0]["bias"]
+        h = h / (1 + np.exp(-h))
+        return h @ p["layers"][1]["kernel"] + p["layers"][1]["bias"]
+
+    flat = lambda t: t.transpose(0, 2, 1, 3).reshape(batch, length, -1)
+    expected = []
+    for layer in range(2):
+        p = params["bridges"][layer]
+        q, k = qk[layer * teacher_depth // 2]
+        expected.append(np.mean((mlp(p["b_to_k"], proj[layer].B) - flat(k)) ** 2)
+                        + np.mean((mlp(p["c_to_q"], proj[layer].C) - flat(q)) ** 2))
+    assert loss == pytest.approx(np.mean(expected), rel=1e-5)
+
+
+def test_train_step_learns_and_every_term_is_used(tmp_path):
+    c = tiny_config(tmp_path, base_lr=3e-3)
+    c.student.init_from_attention = False  # a student copied from the (random) teacher starts with KL ~ 0
+    mesh = sharding.make_mesh(c.mesh)
+    built = train.setup(c, role="student", mesh=mesh, train_size=64)
+    state, batch = built.state, token_batch(mesh)
+    history = []
+    for _ in range(12):
+        state, metrics = built.trainer.jit_train_step(state, built.teacher_params, batch)
+        history.append(jax.device_get(metrics))
+    first, last = history[0], history[-1]
+    assert set(first) >= {"loss", "ce", "kl", "bridge", "train_token_acc", "grad_norm"}
+    assert first["loss"] == pytest.approx(first["ce"] + 0.5 * first["kl"] + 0.5 * first["bridge"], rel=1e-5)
+    for key in ("loss", "ce", "kl", "bridge"):
+        assert last[key] < first[key], key
+
+
+def test_bridge_gradients_reach_the_student_mixer(tmp_path):
+    """The bridge term alone moves the student's in_proj (B and C come from it), unless detached."""
+    def in_proj_grad(detach: bool) -> float:
+        c = tiny_config(tmp_path)
+        c.loss.update(dict(ce_weight=0.0, kl_weight=0.0))
+        c.bridge.detach_student = detach
+        built = train.setup(c, role="student", mesh=sharding.make_mesh(c.mesh), train_size=64)
+        trainer = built.trainer
+        inputs, targets = trainer.task.prepare(None, token_batch(trainer.mesh))
+        teacher_out = trainer.teacher.module(built.teacher_params)(inputs)
+        g = jax.grad(lambda p: trainer._loss(p, inputs, targets, teacher_out, None)[0])(built.state["params"])
+        return float(jnp.abs(g["model"]["layers"][0]["mixer"]["in_proj"]["kernel"]).max())
+
+    assert in_proj_grad(False) > 0 and in_proj_grad(True) == 0
+
+
+def test_setup_initialises_the_student_from_the_teacher(tmp_path):
+    c = tiny_config(tmp_path, mode="cab")
+    built = train.setup(c, role="student", mesh=sharding.make_mesh(c.mesh), train_size=64)
+    student, teacher = built.state["params"]["model"], built.teacher_params
+    fc1 = lambda p: p["layers"][1]["mlp"]["fc1"]["kernel"]
+    np.testing.assert_array_equal(fc1(student), fc1(teacher))
+    np.testing.assert_array_equal(student["embed"]["embedding"], teacher["embed"]["embedding"])
+
+    c = tiny_config(tmp_path, mode="kl")
+    built = train.setup(c, role="student", mesh=sharding.make_mesh(c.mesh), train_size=64)
+    assert not np.array_equal(built.state["params"]["model"]["embed"]["embedding"],
+                              built.teacher_params["embed"]["embedding"])
+
+
+def test_run_logs_tokens_per_s_and_generation_follows_the_model(tmp_path):
+    """A short synthetic run ends with a held-out perplexity; ``generate`` rebuilds the model from the workdir and
+    its greedy tokens equal the argmax of full forwards recomputed at every step, for student and teacher."""
+    c = tiny_config(tmp_path)
+    result = train.run(c, str(tmp_path / "student"))
+    assert np.isfinite(result.metrics["perplexity"]) and result.metrics["eval_tokens"] == 64 * SEQ
+    records = [json.loads(line) for line in (tmp_path / "student" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["tokens_per_s"] > 0 for r in records if r["split"] == "train")
+
+    c.task = "train_teacher"
+    train.run(c, str(tmp_path / "teacher"), role="teacher")
+    prompt = np.random.default_rng(0).integers(0, VOCAB, (2, 5)).astype(np.int32)
+    for workdir, role in (("student", "student"), ("teacher", "teacher")):
+        _, loaded_role, model = generate.load_run(str(tmp_path / workdir))
+        assert loaded_role == role
+        tokens, _ = generate.Generator(model)(prompt, max_new_tokens=6)
+        context = prompt
+        for i in range(6):
+            logits, _ = model(jnp.asarray(context))
+            np.testing.assert_array_equal(tokens[:, i], np.argmax(np.asarray(logits[:, -1]), -1))
+            context = np.concatenate([context, tokens[:, i : i + 1]], axis=1)
+
+
+def test_a_vision_workdir_is_refused_by_generate(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"role": "student", "config": {"domain": "vision"}}))
+    with pytest.raises(ValueError, match="language"):
+        generate.load_run(str(tmp_path))
+
+
+def test_language_config_errors_name_the_field(tmp_path):
+    c = tiny_config(tmp_path)
+    c.student.vocab_size = VOCAB + 1
+    with pytest.raises(ValueError, match=r"student\.vocab_size"):
+        config_lib.validate(c)
+    c = tiny_config(tmp_path)
+    c.loss.mode = "soft"
+    with pytest.raises(ValueError, match=r"loss\.mode"):
+        config_lib.validate(c)
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_language_steps_lower_for_accelerators(tmp_path, platform):
+    c = tiny_config(tmp_path)
+    built = train.setup(c, role="student", mesh=sharding.make_mesh(c.mesh), train_size=64)
+    batch = token_batch(built.trainer.mesh)
+    exported = jax.export.export(built.trainer.jit_train_step, platforms=[platform])(
+        built.state, built.teacher_params, batch)
+    assert exported.platforms == (platform,)
+    evaluated = jax.export.export(built.trainer.jit_eval_step, platforms=[platform])(
+        built.state["params"]["model"], batch)
+    assert evaluated.platforms == (platform,)
+
+
+SHARDED_SCRIPT = textwrap.dedent("""
+    import json, pathlib, sys
+    import jax, numpy as np
+    sys.path.insert(0, {tests!r})
+    from test_lm_train import tiny_config, token_batch
+    from cab_jax import sharding, train
+    out = {{}}
+    for name, devices, mesh_cfg in [("one", jax.devices()[:1], (1, 1, 1)), ("eight", jax.devices(), (2, 2, 2))]:
+        c = tiny_config(pathlib.Path({tmp!r}))
+        c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh_cfg
+        mesh = sharding.make_mesh(c.mesh, devices)
+        built = train.setup(c, role="student", mesh=mesh, train_size=64)
+        state, losses = built.state, []
+        for step in range(3):
+            state, metrics = built.trainer.jit_train_step(state, built.teacher_params, token_batch(mesh, step))
+            losses.append(float(metrics["loss"]))
+        kernel = state["params"]["model"]["layers"][0]["mixer"]["in_proj"]["kernel"]
+        out[name] = {{"losses": losses, "kernel": np.asarray(kernel).tolist(),
+                     "shards": list(kernel.sharding.shard_shape(kernel.shape))}}
+    print("RESULT" + json.dumps(out))
+""")
+
+
+def test_sharded_language_step_on_8_devices_equals_1_device(tmp_path):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    script = SHARDED_SCRIPT.format(tests=str(ROOT / "tests"), tmp=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.split("RESULT", 1)[1])
+    np.testing.assert_allclose(out["eight"]["losses"], out["one"]["losses"], rtol=2e-5)
+    np.testing.assert_allclose(out["eight"]["kernel"], out["one"]["kernel"], rtol=1e-4, atol=1e-6)
+    assert out["eight"]["shards"] != out["one"]["shards"]  # the parameter really is split on the mesh
