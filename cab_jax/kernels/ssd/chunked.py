@@ -11,6 +11,7 @@ state entering the chunk::
 The intra-chunk term is a masked (Q, Q) matrix per chunk and head, so memory is O(length * chunk_size),
 never O(length^2); the only sequential part is a ``lax.scan`` over chunks carrying the float32 state. Every
 exponent is <= 0 (the causal mask is applied before ``exp``), so nothing overflows and autodiff is NaN-free.
+The intra-chunk matrices are recomputed in the backward pass rather than saved (``jax.checkpoint``).
 B and C stay per group: C B^T is computed once per group and shared by its heads. All arithmetic is float32.
 """
 
@@ -44,12 +45,14 @@ def _segment_sums(log_decay: jax.Array) -> jax.Array:
     return jnp.where(rows[:, None] >= rows[None, :], jnp.cumsum(terms, axis=-2), -jnp.inf)
 
 
-def _intra_chunk(x: jax.Array, decay: jax.Array, B: jax.Array, C: jax.Array) -> jax.Array:
-    """sum_{j <= i} decay[i, j] (C_i . B_j) x_j within each chunk.
+@jax.checkpoint  # Recomputed in the backward pass: the (Q, Q) matrices stay out of the saved residuals.
+def _intra_chunk(x: jax.Array, log_decay: jax.Array, B: jax.Array, C: jax.Array) -> jax.Array:
+    """sum_{j <= i} exp(a_{j+1} + ... + a_i) (C_i . B_j) x_j within each chunk.
 
-    x: (batch, chunks, Q, groups, r, head_dim); decay: (batch, chunks, groups, r, Q, Q); B, C: (batch, chunks,
+    x: (batch, chunks, Q, groups, r, head_dim); log_decay: (batch, chunks, Q, groups, r); B, C: (batch, chunks,
     Q, groups, d_state). Returns (batch, chunks, Q, groups, r, head_dim).
     """
+    decay = jnp.exp(_segment_sums(jnp.moveaxis(log_decay, 2, -1)))  # (batch, chunks, groups, r, Q, Q)
     scores = jnp.einsum("bcign,bcjgn->bcgij", C, B)
     return jnp.einsum("bcgrij,bcjgrp->bcigrp", scores[:, :, :, None] * decay, x)
 
@@ -75,12 +78,13 @@ def ssd_chunked(
     xc = _to_chunks(x, pad, chunk).reshape(batch, -1, chunk, groups, r, head_dim)
     log_decay_c = _to_chunks(log_decay, pad, chunk).reshape(batch, -1, chunk, groups, r)
     Bc, Cc = _to_chunks(B, pad, chunk), _to_chunks(C, pad, chunk)
-    segments = _segment_sums(jnp.moveaxis(log_decay_c, 2, -1))  # (batch, chunks, groups, r, Q, Q)
 
-    y = _intra_chunk(xc, jnp.exp(segments), Bc, Cc)  # exp(-inf) = 0 above the diagonal
+    y = _intra_chunk(xc, log_decay_c, Bc, Cc)
 
-    # Each chunk's contribution to the state at its end, starting from zero.
-    to_end = jnp.moveaxis(jnp.exp(segments[..., -1, :]), -1, 2)  # (batch, chunks, Q, groups, r)
+    # Each chunk's contribution to the state at its end, starting from zero: x_j B_j decayed by a_{j+1} + ... + a_Q
+    # (summed directly, from the end).
+    after = jnp.concatenate([log_decay_c[:, :, 1:], jnp.zeros_like(log_decay_c[:, :, :1])], axis=2)
+    to_end = jnp.exp(jax.lax.cumsum(after, axis=2, reverse=True))  # (batch, chunks, Q, groups, r)
     chunk_states = jnp.einsum("bcjgrp,bcjgn->bcgrpn", to_end[..., None] * xc, Bc)
     log_cum = jnp.cumsum(log_decay_c, axis=2)  # s_i, from the chunk start
     log_total = log_cum[:, :, -1]  # (batch, chunks, groups, r)
