@@ -14,12 +14,12 @@ from absl import flags
 from flax import nnx
 from transformers.models.phi import modeling_phi
 
-from cab_jax import checkpoint
+from cab_jax import checkpoint, sharding
 from cab_jax.convert import __main__ as convert_cli
 from cab_jax.convert import io, mapping, weights
 from cab_jax.convert import phi as convert_phi
 from cab_jax.convert.mapping import ConversionError
-from cab_jax.models.phi import Phi, PhiSize
+from cab_jax.models.phi import PHI_SIZES, Phi, PhiSize, phi, size_of
 
 SIZE = PhiSize(vocab_size=97, hidden_size=64, depth=3, num_heads=4, intermediate_size=128)
 LENGTH = 37  # awkward: not a multiple of anything
@@ -167,13 +167,43 @@ def test_missing_and_legacy_keys_are_reported(hf_dir):
 def test_init_from_hf_dir_through_weights(monkeypatch, hf_dir):
     """``teacher.init_from=<HF dir>``: the configured Phi teacher is filled; a ViT teacher is refused."""
     monkeypatch.setattr(weights, "build_model", lambda c, role: Phi(**dataclasses.asdict(SIZE), rngs=nnx.Rngs(0)))
-    params = weights.import_pytorch(hf_dir, None, "teacher")
-    jax.tree.map(np.testing.assert_array_equal, params, convert(hf_dir))
+    like = nnx.to_pure_dict(nnx.state(our_model(convert(hf_dir))))
+    params = weights.load_model_weights(hf_dir, None, "teacher", like)
+    jax.tree.map(np.testing.assert_array_equal, params, like)
     with pytest.raises(ValueError, match="Hugging Face"):
         weights.import_pytorch(hf_dir, None, "teacher", "timm")
     monkeypatch.setattr(weights, "build_model", lambda c, role: nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
     with pytest.raises(ConversionError, match="configured teacher is a Linear"):
         weights.import_pytorch(hf_dir, None, "teacher")
+
+
+def test_phi_1_5_config_and_logical_axes():
+    """microsoft/phi-1_5's config.json (transformers 4.37 style: RoPE fields at the top level, no kv-head count)
+    gives our phi_1_5 size; every parameter of that model carries the expected logical axes."""
+    hub_config = {"architectures": ["PhiForCausalLM"], "model_type": "phi", "vocab_size": 51200, "hidden_size": 2048,
+                  "intermediate_size": 8192, "num_hidden_layers": 24, "num_attention_heads": 32,
+                  "num_key_value_heads": None, "hidden_act": "gelu_new", "layer_norm_eps": 1e-05,
+                  "partial_rotary_factor": 0.5, "rope_theta": 10000.0, "rope_scaling": None, "qk_layernorm": False,
+                  "tie_word_embeddings": False, "max_position_embeddings": 2048}
+    assert convert_phi.size_from_hf_config(hub_config) == PHI_SIZES["phi_1_5"]
+    model = nnx.eval_shape(lambda: phi("phi_1_5", depth=2, rngs=nnx.Rngs(0)))  # 2 of the 24 layers: fast
+    assert size_of(model) == dataclasses.replace(PHI_SIZES["phi_1_5"], depth=2)
+    axes = mapping.flatten(sharding.logical_axes(model))
+    expected = {"embed.embedding": ("vocab", "embed"), "lm_head.kernel": ("embed", "vocab"), "lm_head.bias": ("vocab",),
+                "final_layernorm.scale": ("embed",), "final_layernorm.bias": ("embed",)}
+    for i in range(2):
+        p = f"layers.{i}"
+        expected |= {f"{p}.input_layernorm.scale": ("embed",), f"{p}.input_layernorm.bias": ("embed",),
+                     **{f"{p}.attn.{n}.kernel": ("embed", "heads") for n in "qkv"},
+                     **{f"{p}.attn.{n}.bias": ("heads",) for n in "qkv"},
+                     f"{p}.attn.dense.kernel": ("heads", "embed"), f"{p}.attn.dense.bias": ("embed",),
+                     f"{p}.mlp.fc1.kernel": ("embed", "mlp"), f"{p}.mlp.fc1.bias": ("mlp",),
+                     f"{p}.mlp.fc2.kernel": ("mlp", "embed"), f"{p}.mlp.fc2.bias": ("embed",)}
+    assert axes == expected
+    sizes = {k: int(np.prod(v.shape)) for k, v in mapping.flatten(nnx.to_pure_dict(nnx.state(model))).items()}
+    per_layer = sum(n for k, n in sizes.items() if k.startswith("layers.0."))
+    outside = sum(n for k, n in sizes.items() if not k.startswith("layers."))
+    assert outside + 24 * per_layer == 1_418_270_720  # phi-1.5's parameter count (1.42e9 with the untied head)
 
 
 @pytest.fixture(scope="module")
