@@ -156,8 +156,7 @@ def _grads(fn, kw, weights, **static):
 GRAD_CASES = [
     (197, 32, 2, "float32", "strong"),
     (100, 16, 4, "float32", "none"),
-    (7, 16, 1, "float32", "mixed"),
-    (100, 32, 2, "bfloat16", "mixed"),
+    (100, 32, 1, "bfloat16", "mixed"),
 ]
 
 
@@ -219,11 +218,11 @@ def test_initial_state_matters():
 
 
 def test_chunked_memory_is_linear_in_length():
-    # Phi-Mamba training shape (batch 8, length 8192, 32 heads, head_dim 64, d_state 64): forward + backward
+    # Phi-Mamba shape (batch 8, length 8192, 32 heads, head_dim 64, d_state 64, B and C per head): forward + backward
     # must not materialise anything of size length^2 (8 * 32 * 8192^2 float32 = 64 GiB). Compiled, not run.
     b, n, h, p, s = 8, 8192, 32, 64, 64
     args = (jax.ShapeDtypeStruct((b, n, h, p), jnp.bfloat16), jax.ShapeDtypeStruct((b, n, h), jnp.float32),
-            jax.ShapeDtypeStruct((b, n, 1, s), jnp.bfloat16), jax.ShapeDtypeStruct((b, n, 1, s), jnp.bfloat16))
+            jax.ShapeDtypeStruct((b, n, h, s), jnp.bfloat16), jax.ShapeDtypeStruct((b, n, h, s), jnp.bfloat16))
     loss = lambda *a: jnp.sum(ssd(*a, impl="chunked", chunk_size=64).astype(jnp.float32))
     compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).lower(*args).compile()
     analysis = compiled.memory_analysis()
@@ -258,7 +257,7 @@ def test_api_dispatch_and_arguments(monkeypatch, impl, target):
     assert calls == [target]
     static = {"chunk_size": 4} if target == "chunked" else {}
     direct = {"reference": ssd_reference, "chunked": ssd_chunked}[target](**kw, return_final_state=True, **static)
-    # Same function, same arguments: bit-identical (catches a dropped D, initial_state or chunk_size).
+    # Same function, same arguments: bit-identical (catches a dropped D or initial_state).
     np.testing.assert_array_equal(np.asarray(y), np.asarray(direct[0]))
     np.testing.assert_array_equal(np.asarray(state), np.asarray(direct[1]))
     assert ssd(**kw, chunk_size=4, impl=impl).shape == y.shape  # without the final state: y alone
@@ -281,7 +280,8 @@ _B, _L, _H, _P, _G, _N = BATCH, 4, HEADS, HEAD_DIM, 2, D_STATE
         ("log_decay", (_B, _L + 1, _H), f"expected (batch, length, heads) = {(_B, _L, _H)}"),
         ("C", (_B, _L, _G, _N + 1), f"expected (batch, length, groups, d_state) = {(_B, _L, _G, _N)}"),
         ("C", (_B + 1, _L, _G, _N), f"expected (batch, length, groups, d_state) = {(_B, _L, _G, _N)}"),
-        ("B", (_B, _L + 1, _G, _N), None),  # B defines groups and d_state but not batch and length
+        # B defines groups and d_state, not batch and length.
+        ("B", (_B, _L + 1, _G, _N), f"expected (batch, length, groups, d_state) = {(_B, _L, _G, _N)}"),
         ("D", (_H, 1), f"expected (heads,) = {(_H,)}"),
         ("initial_state", (_B, _H, _N, _P), f"expected (batch, heads, head_dim, d_state) = {(_B, _H, _P, _N)}"),
     ],
@@ -289,7 +289,6 @@ _B, _L, _H, _P, _G, _N = BATCH, 4, HEADS, HEAD_DIM, 2, D_STATE
 def test_api_shape_errors(name, bad_shape, expected):
     kw = _make_inputs(0, _L, groups=_G)
     kw[name] = jnp.zeros(bad_shape, jnp.float32)
-    expected = expected or f"expected (batch, length, groups, d_state) = {(_B, _L, _G, _N)}"
     with pytest.raises(ValueError, match=re.escape(f"{name} has shape {bad_shape}, {expected}")):
         ssd(**kw)
 
