@@ -1,0 +1,159 @@
+"""Language CAB throughput by sequence length: training tokens/s and generation tokens/s, student vs teacher.
+
+    python benchmarks/lm_throughput.py --lengths=2048,8192 --tokens_per_step=16384 --gen_batch=8 --new_tokens=64
+
+Model sizes come from ``configs/phi_mamba.py`` (Phi-1.5 teacher, 24-layer d_model 2048 Phi-Mamba), changed with
+``--set=student.depth=4,teacher.depth=4`` style overrides; both models are random (synthetic tokens). Each
+measurement runs in its own process so peak memory is its own.
+
+- train: one optimizer step on device-resident batches of ``tokens_per_step`` tokens; mode ``ce`` is the student
+  alone, ``cab`` adds the frozen teacher's forward and the bridges (CE + 0.5 KL + 0.5 bridge).
+- generate: prefill a ``length``-token context, then greedy decoding of ``new_tokens`` tokens one at a time; the
+  student keeps a fixed-size recurrent state, the teacher a KV cache of ``length + new_tokens`` positions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import pathlib
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+
+def _config(dtype: str, overrides: str):
+    spec = importlib.util.spec_from_file_location("phi_mamba", ROOT / "configs" / "phi_mamba.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+    c.dtype, c.data.synthetic = dtype, True
+    for item in filter(None, overrides.split(",")):
+        key, value = item.split("=")
+        *parents, leaf = key.split(".")
+        node = c
+        for p in parents:
+            node = node[p]
+        node[leaf] = type(node[leaf])(value) if not isinstance(node[leaf], bool) else value == "true"
+    return c
+
+
+def _peak_gib() -> float:
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    return round(stats.get("peak_bytes_in_use", 0) / 2**30, 2)
+
+
+def measure_train(length: int, tokens_per_step: int, mode: str, dtype: str, steps: int, overrides: str) -> dict:
+    import jax
+    import numpy as np
+
+    from cab_jax import sharding, train
+
+    c = _config(dtype, overrides)
+    batch = max(1, tokens_per_step // length)
+    c.loss.mode, c.data.seq_len = mode, length
+    c.student.init_from_attention = False  # random teacher: nothing to copy, and it costs a teacher in memory
+    c.train.batch_size, c.train.steps = batch, steps
+    mesh = sharding.make_mesh(c.mesh)
+    built = train.setup(c, role="student", mesh=mesh, train_size=batch * steps)
+    rng = np.random.default_rng(0)
+    batches = [sharding.global_batch({"tokens": rng.integers(0, c.data.vocab_size, (batch, length + 1), np.int32),
+                                      "loss_mask": np.ones((batch, length), np.float32)}, mesh) for _ in range(2)]
+    state = built.state
+    start = time.perf_counter()
+    state, metrics = built.trainer.jit_train_step(state, built.teacher_params, batches[0])
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - start
+    state, metrics = built.trainer.jit_train_step(state, built.teacher_params, batches[1])
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for i in range(steps):
+        state, metrics = built.trainer.jit_train_step(state, built.teacher_params, batches[i % 2])
+    jax.block_until_ready(metrics)
+    elapsed = time.perf_counter() - start
+    return {"part": "train", "mode": mode, "length": length, "batch": batch,
+            "tokens_per_s": round(batch * length * steps / elapsed), "ms_per_step": round(1e3 * elapsed / steps, 1),
+            "peak_gib": _peak_gib(), "compile_s": round(compile_s, 1), "loss": round(float(metrics["loss"]), 3)}
+
+
+def measure_generate(length: int, role: str, batch: int, new_tokens: int, dtype: str, overrides: str) -> dict:
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from cab_jax.generate import Generator
+    from cab_jax.tasks import task_for
+
+    c = _config(dtype, overrides)
+    task = task_for(c, role)
+    model = (task.build_teacher if role == "teacher" else task.build_student)(nnx.Rngs(0))
+    prompt = np.random.default_rng(0).integers(0, c.data.vocab_size, (batch, length)).astype(np.int32)
+    generator = Generator(model)
+    start = time.perf_counter()
+    generator(prompt, 3)  # compiles prefill and step
+    compile_s = time.perf_counter() - start
+    _, rate = generator(prompt, new_tokens)
+    cache = model.init_cache(batch, length + new_tokens)
+    cache_mib = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache)) / 2**20
+    return {"part": "generate", "mode": role, "length": length, "batch": batch, "tokens_per_s": round(rate, 1),
+            "ms_per_step": round(1e3 * batch / rate, 2), "cache_mib": round(cache_mib, 1), "peak_gib": _peak_gib(),
+            "compile_s": round(compile_s, 1)}
+
+
+def _run_one(job: dict) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(job)], capture_output=True, text=True,
+                          cwd=ROOT)
+    if proc.returncode == 0 and "ROW" in proc.stdout:
+        return json.loads(proc.stdout.split("ROW", 1)[1])
+    error = (proc.stderr.strip().splitlines() or ["?"])[-1][:160]
+    return {"part": job["kind"], "mode": job.get("mode", job.get("role")), "length": job["length"], "error": error}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", default="2048,8192")
+    parser.add_argument("--parts", default="train,generate")
+    parser.add_argument("--modes", default="ce,cab")
+    parser.add_argument("--tokens_per_step", type=int, default=16384)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--gen_batch", type=int, default=8)
+    parser.add_argument("--new_tokens", type=int, default=64)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--set", default="", help="config overrides, e.g. student.depth=4,teacher.depth=4")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        job = json.loads(args.one)
+        kind = job.pop("kind")
+        print("ROW" + json.dumps((measure_train if kind == "train" else measure_generate)(**job)), flush=True)
+        return
+    import jax
+
+    rows = []
+    for length in map(int, args.lengths.split(",")):
+        jobs = []
+        if "train" in args.parts:
+            jobs += [dict(kind="train", length=length, tokens_per_step=args.tokens_per_step, mode=m, dtype=args.dtype,
+                          steps=args.steps, overrides=args.set) for m in args.modes.split(",")]
+        if "generate" in args.parts:
+            jobs += [dict(kind="generate", length=length, role=r, batch=args.gen_batch, new_tokens=args.new_tokens,
+                          dtype=args.dtype, overrides=args.set) for r in ("student", "teacher")]
+        for job in jobs:
+            rows.append(_run_one(job))
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    columns = ["part", "mode", "length", "batch", "tokens_per_s", "ms_per_step", "peak_gib", "cache_mib", "compile_s",
+               "loss", "error"]
+    print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, dtype {args.dtype}, set: {args.set or '-'}")
+    print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
+    for row in rows:
+        print("| " + " | ".join(str(row.get(col, "")) for col in columns) + " |")
+
+
+if __name__ == "__main__":
+    main()
