@@ -309,6 +309,14 @@ def test_shape_and_option_errors(kwargs, message):
         small(**kwargs)
 
 
+def test_bad_tokens_and_cache_raise():
+    model = small()
+    with pytest.raises(ValueError, match=r"expected integer tokens \(batch, length >= 1\), got float32 \(2, 3\)"):
+        model(jnp.zeros((2, 3)))
+    with pytest.raises(ValueError, match=r"cache has 1 layers, the model 2"):
+        model.decode(jnp.zeros((2, 1), jnp.int32), model.init_cache(2)[:1])
+
+
 def test_every_parameter_has_logical_axes():
     model = small()
     params = list(nnx.iter_graph(model))

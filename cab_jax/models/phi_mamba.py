@@ -72,6 +72,11 @@ class PhiMambaBlock(nnx.Module):
         return x + y.astype(x.dtype) + self.mlp(h).astype(x.dtype), cache
 
 
+def _check_tokens(tokens: jax.Array) -> None:
+    if tokens.ndim != 2 or tokens.shape[1] == 0 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(f"expected integer tokens (batch, length >= 1), got {tokens.dtype} {tokens.shape}")
+
+
 class PhiMamba(nnx.Module):
     """Phi-Mamba language model; ``__call__`` for training, ``init_cache``/``decode`` for generation."""
 
@@ -118,6 +123,7 @@ class PhiMamba(nnx.Module):
     def __call__(self, tokens: jax.Array) -> tuple[jax.Array, list[tuple[jax.Array, jax.Array]]]:
         """tokens (batch, length) int -> float32 logits (batch, length, vocab) and per layer (B, C), each
         (batch, length, n_qk_heads, d_state)."""
+        _check_tokens(tokens)
         x = self.embed(tokens)
         apply = lambda blk, h: blk(h)
         if self.remat:
@@ -141,6 +147,7 @@ class PhiMamba(nnx.Module):
         and the updated cache."""
         if len(cache) != len(self.layers):
             raise ValueError(f"cache has {len(cache)} layers, the model {len(self.layers)}")
+        _check_tokens(tokens)
         x = self.embed(tokens)
         new_cache = []
         for layer, layer_cache in zip(self.layers, cache, strict=True):
