@@ -1,7 +1,7 @@
 """Sample text from a trained language model: ``python -m cab_jax.generate --workdir=DIR --prompt="def fib("``.
 
-``DIR`` is the workdir of a language run (``config.json`` says what was trained there). A Phi-Mamba student
-decodes in its recurrent form (a fixed-size conv window and SSM state per layer, whatever the length); a Phi
+``DIR`` is the workdir of a language run (its ``run_config.json`` says what was trained there). A Phi-Mamba
+student decodes in its recurrent form (a fixed-size conv window and SSM state per layer, whatever the length); a Phi
 teacher (a ``train_teacher`` workdir, e.g. the demo's ``teacher/``) decodes with a KV cache.
 """
 
@@ -22,7 +22,7 @@ from flax import nnx
 from cab_jax import checkpoint
 from cab_jax.tasks import task_for
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a language training run (holds config.json).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a language training run (holds run_config.json).")
 _PROMPT = flags.DEFINE_string("prompt", "def fib(", "Text to continue.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Number of tokens to generate.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0: greedy; otherwise sample from softmax(logits / T).")
@@ -72,7 +72,7 @@ class Generator:
 def load_run(workdir: str) -> tuple[ml_collections.ConfigDict, str, nnx.Module]:
     """The config, role and trained model (latest checkpoint) of a language run's workdir."""
     root = epath.Path(workdir)
-    meta_path = root / "config.json"
+    meta_path = root / "run_config.json"
     if not meta_path.exists():
         raise FileNotFoundError(f"{meta_path} not found: --workdir must be the workdir of a training run")
     meta = json.loads(meta_path.read_text())

@@ -312,10 +312,10 @@ def setup(c: ml_collections.ConfigDict, *, role: str, mesh: Mesh, train_size: in
 
 
 def save_run_config(workdir: epath.Path, c: ml_collections.ConfigDict, role: str) -> None:
-    """``workdir/config.json``: what was trained, so tools (``cab_jax.generate``) can rebuild the model."""
+    """``workdir/run_config.json``: what was trained, so tools (``cab_jax.generate``) can rebuild the model."""
     if jax.process_index() == 0:
-        (workdir / "config.json").write_text(json.dumps({"role": role, "config": json.loads(c.to_json_best_effort())},
-                                                        indent=1))
+        meta = {"role": role, "config": json.loads(c.to_json_best_effort())}
+        (workdir / "run_config.json").write_text(json.dumps(meta, indent=1))
 
 
 def run(c: ml_collections.ConfigDict, workdir: str, *, role: str = "student",

@@ -155,16 +155,18 @@ def test_setup_initialises_the_student_from_the_teacher(tmp_path):
 
 
 def test_run_logs_tokens_per_s_and_generation_follows_the_model(tmp_path):
-    """A short synthetic run ends with a held-out perplexity; ``generate`` rebuilds the model from the workdir and
-    its greedy tokens equal the argmax of full forwards recomputed at every step, for student and teacher."""
+    """A teacher run, then a student distilled from its workdir: the student run ends with a held-out perplexity;
+    ``generate`` rebuilds each model from its workdir and its greedy tokens equal the argmax of full forwards
+    recomputed at every step."""
     c = tiny_config(tmp_path)
+    c.task = "train_teacher"
+    train.run(c, str(tmp_path / "teacher"), role="teacher")
+    c.task, c.teacher.init_from = "distill", str(tmp_path / "teacher")
     result = train.run(c, str(tmp_path / "student"))
     assert np.isfinite(result.metrics["perplexity"]) and result.metrics["eval_tokens"] == 64 * SEQ
     records = [json.loads(line) for line in (tmp_path / "student" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["tokens_per_s"] > 0 for r in records if r["split"] == "train")
 
-    c.task = "train_teacher"
-    train.run(c, str(tmp_path / "teacher"), role="teacher")
     prompt = np.random.default_rng(0).integers(0, VOCAB, (2, 5)).astype(np.int32)
     for workdir, role in (("student", "student"), ("teacher", "teacher")):
         _, loaded_role, model = generate.load_run(str(tmp_path / workdir))
@@ -178,7 +180,7 @@ def test_run_logs_tokens_per_s_and_generation_follows_the_model(tmp_path):
 
 
 def test_a_vision_workdir_is_refused_by_generate(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"role": "student", "config": {"domain": "vision"}}))
+    (tmp_path / "run_config.json").write_text(json.dumps({"role": "student", "config": {"domain": "vision"}}))
     with pytest.raises(ValueError, match="language"):
         generate.load_run(str(tmp_path))
 
