@@ -145,3 +145,14 @@ def test_teacher_init_from_hugging_face_directory(tmp_path):
         np.testing.assert_array_equal(loaded[name], value, err_msg=name)
     q0 = io.load_state_dict(tmp_path / "hf")["vit.encoder.layer.0.attention.attention.query.weight"]
     np.testing.assert_array_equal(loaded["blocks.0.attn.q.kernel"], q0.T)
+
+
+def test_bfloat16_safetensors_are_read_as_float32(tmp_path):
+    """Many released checkpoints are bfloat16, which NumPy does not count as a floating dtype."""
+    from safetensors.torch import save_file
+
+    weight = torch.randn(3, 5).to(torch.bfloat16)
+    save_file({"w": weight, "n": torch.arange(4)}, str(tmp_path / "w.safetensors"))
+    loaded = io.load_state_dict(tmp_path / "w.safetensors")
+    assert loaded["w"].dtype == np.float32 and loaded["n"].dtype == np.int64
+    np.testing.assert_array_equal(loaded["w"], weight.float().numpy())

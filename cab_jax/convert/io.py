@@ -12,6 +12,7 @@ import json
 import pathlib
 from collections.abc import Mapping
 
+import ml_dtypes
 import numpy as np
 
 StateDict = dict[str, np.ndarray]
@@ -115,4 +116,6 @@ def _load_hf_dir(path: pathlib.Path) -> StateDict:
 
 
 def _float(x: np.ndarray) -> np.ndarray:
-    return x.astype(np.float32) if np.issubdtype(x.dtype, np.floating) else x
+    """Floating tensors (bfloat16 included, which NumPy does not count as floating) as float32."""
+    floating = np.issubdtype(x.dtype, np.floating) or x.dtype == ml_dtypes.bfloat16
+    return x.astype(np.float32) if floating else x
