@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -69,11 +70,13 @@ def mix_batch(key: jax.Array, images: jax.Array, labels: jax.Array, num_classes:
 
 
 @dataclasses.dataclass(frozen=True)
-class VisionTask:
-    """Image classification: Mixup/CutMix soft targets, batchmean KL, top-1/top-5."""
+class _Task:
+    """What both domains share: the config, the role, its train settings and loss weights."""
 
     c: ml_collections.ConfigDict
     role: str = "student"
+    mode_weights: ClassVar[dict[str, LossWeights]]
+    supervised_mode: ClassVar[str]  # the teacher's own training
 
     @property
     def train_cfg(self) -> ml_collections.ConfigDict:
@@ -81,9 +84,21 @@ class VisionTask:
 
     def loss_weights(self) -> LossWeights:
         if self.role == "teacher":
-            return MODE_WEIGHTS["vanilla"]
+            return self.mode_weights[self.supervised_mode]
         lc = self.c.loss
-        return loss_weights(lc.mode, lc.ce_weight, lc.kl_weight, lc.bridge_weight)
+        return loss_weights(lc.mode, lc.ce_weight, lc.kl_weight, lc.bridge_weight, table=self.mode_weights)
+
+    def bridge_layers(self) -> str | tuple[int, ...]:
+        b = self.c.bridge
+        return tuple(b.layers) if b.layer_map == "explicit" else b.layer_map
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionTask(_Task):
+    """Image classification: Mixup/CutMix soft targets, batchmean KL, top-1/top-5."""
+
+    mode_weights: ClassVar[dict[str, LossWeights]] = MODE_WEIGHTS
+    supervised_mode: ClassVar[str] = "vanilla"
 
     # ---- models
 
@@ -109,8 +124,7 @@ class VisionTask:
         return AttentionBridge(
             student_depth=c.student.depth, teacher_depth=c.teacher.depth, d_in=c.student.d_state,
             d_teacher=c.teacher.embed_dim, hidden=b.hidden, kind=b.kind, kernel_map=b.kernel_map,
-            layers=tuple(b.layers) if b.layer_map == "explicit" else b.layer_map,
-            bidirectional=c.student.bidirectional, rngs=rngs)
+            layers=self.bridge_layers(), bidirectional=c.student.bidirectional, rngs=rngs)
 
     @property
     def drop_path(self) -> bool:
@@ -184,21 +198,11 @@ class VisionTask:
 
 
 @dataclasses.dataclass(frozen=True)
-class LanguageTask:
+class LanguageTask(_Task):
     """Next-token prediction: masked token CE and KL, per-layer (B, C) -> (K, Q) bridges, held-out perplexity."""
 
-    c: ml_collections.ConfigDict
-    role: str = "student"
-
-    @property
-    def train_cfg(self) -> ml_collections.ConfigDict:
-        return self.c.teacher.train if self.role == "teacher" else self.c.train
-
-    def loss_weights(self) -> LossWeights:
-        if self.role == "teacher":
-            return LM_MODE_WEIGHTS["ce"]
-        lc = self.c.loss
-        return loss_weights(lc.mode, lc.ce_weight, lc.kl_weight, lc.bridge_weight, table=LM_MODE_WEIGHTS)
+    mode_weights: ClassVar[dict[str, LossWeights]] = LM_MODE_WEIGHTS
+    supervised_mode: ClassVar[str] = "ce"
 
     # ---- models
 
@@ -222,7 +226,7 @@ class LanguageTask:
             student_depth=c.student.depth, teacher_depth=c.teacher.depth,
             d_in=c.student.n_qk_heads * c.student.d_state, d_teacher=c.teacher.hidden_size,
             hidden=b.hidden or c.teacher.hidden_size, kind=b.kind, kernel_map=b.kernel_map,
-            layers=tuple(b.layers) if b.layer_map == "explicit" else b.layer_map, bidirectional=False, rngs=rngs)
+            layers=self.bridge_layers(), bidirectional=False, rngs=rngs)
 
     drop_path = False
 
