@@ -11,6 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from data_helpers import assert_batches_equal, take
 
 from cab_jax.data import (
     CabDigits,
@@ -50,18 +51,6 @@ def make_cfg(data_dir, **overrides) -> ml_collections.ConfigDict:
     )
     cfg.update(overrides)
     return cfg
-
-
-def take(iterator, k):
-    return [next(iterator) for _ in range(k)]
-
-
-def assert_batches_equal(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b, strict=True):
-        assert x.keys() == y.keys()
-        for key in x:
-            np.testing.assert_array_equal(x[key], y[key], err_msg=key)
 
 
 def read_split(data_dir, split, image_size=32):

@@ -10,6 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from data_helpers import assert_batches_equal, take
 
 from cab_jax.data import text, text_builder, text_corpus
 
@@ -37,18 +38,6 @@ def make_cfg(data_dir, **overrides) -> ml_collections.ConfigDict:
     )
     cfg.update(overrides)
     return cfg
-
-
-def take(iterator, k):
-    return [next(iterator) for _ in range(k)]
-
-
-def assert_batches_equal(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b, strict=True):
-        assert x.keys() == y.keys()
-        for key in x:
-            np.testing.assert_array_equal(x[key], y[key], err_msg=key)
 
 
 def packed_reference(token_lists, seq_len, eos_id):

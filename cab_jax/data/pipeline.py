@@ -33,7 +33,7 @@ the iterator's state is just the step: ``it.get_state()`` is a small JSON-able d
 process count (checkpoint it with orbax's grain support, or as JSON).
 
 The text pipelines (:mod:`cab_jax.data.text`) share the machinery here: :func:`open_prepared_builder`,
-:func:`split_source`, :func:`process_layout`, :func:`to_iter_dataset`, :class:`TrainIterator` and
+:func:`split_source`, :func:`train_batches`, :func:`padded_eval_batches`, :class:`TrainIterator` and
 :class:`EvalBatches`.
 
 Multi-host: prepare cab_digits once before launching many processes on one shared ``data_dir``
@@ -46,7 +46,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import grain
@@ -248,6 +248,69 @@ def _output_keys(return_index: bool, *extra: str) -> tuple[str, ...]:
     return (*_OUTPUT_KEYS, *extra, *(("index",) if return_index else ()))
 
 
+def train_batches(
+    source: Sequence[dict[str, Any]],
+    *,
+    global_batch_size: int,
+    seed: int,
+    process_index: int | None,
+    process_count: int | None,
+    description: str,
+    augment: Callable[[], grain.transforms.RandomMap] | None = None,
+) -> grain.MapDataset:
+    """This process's local batches of the whole global batches of ``source``, reshuffled every epoch, repeated.
+
+    Stream order as in the module docstring. ``augment()`` (built after the checks) makes a random map applied
+    to each example before batching, seeded from ``seed`` and the example's stream position.
+
+    Raises:
+      ValueError: a bad process layout (:func:`process_layout`), or ``global_batch_size`` exceeds
+        ``len(source)``, described in the message as ``"{len(source)} {description}"``.
+    """
+    process_index, process_count, local_batch = process_layout(global_batch_size, process_index, process_count)
+    size = len(source)
+    if global_batch_size > size:
+        raise ValueError(
+            f"global_batch_size={global_batch_size} is larger than the training set ({size} {description})."
+        )
+    steps_per_epoch = size // global_batch_size
+    shuffle_seed, augment_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(2))
+    # Stream index n * epoch + i is example i of that epoch's permutation: shuffle, random_map, batch
+    # and slice all carry the epoch through their index arithmetic, and repeat() moves to the next.
+    ds = grain.MapDataset.source(source).shuffle(seed=shuffle_seed)
+    if augment is not None:
+        ds = ds.random_map(augment(), seed=augment_seed)
+    ds = ds.batch(local_batch, drop_remainder=True)  # sub-batch m = rows [m L, (m+1) L) of the stream
+    ds = ds[: steps_per_epoch * process_count]  # whole global batches only
+    ds = ds[process_index::process_count]  # global batch k = sub-batches k P .. k P + P - 1
+    return ds.repeat()
+
+
+def padded_eval_batches(
+    source: Sequence[dict[str, Any]],
+    *,
+    global_batch_size: int,
+    process_index: int | None,
+    process_count: int | None,
+    num_workers: int,
+    keys: tuple[str, ...],
+    pad: Callable[[int], Sequence[dict[str, Any]]],
+    transform: Callable[[], grain.transforms.Map] | None = None,
+) -> EvalBatches:
+    """One pass over ``source`` in global batches, the last one padded by ``pad(length)``; this process's rows.
+
+    ``transform()`` (built after the checks) makes a map applied to each example; batches keep only ``keys``.
+    Raises ValueError on a bad process layout (:func:`process_layout`).
+    """
+    process_index, process_count, local_batch = process_layout(global_batch_size, process_index, process_count)
+    padded = pad(math.ceil(len(source) / global_batch_size) * global_batch_size)
+    ds = grain.MapDataset.source(padded)
+    if transform is not None:
+        ds = ds.map(transform())
+    ds = ds.batch(local_batch)[process_index::process_count].map(SelectKeys(keys))
+    return EvalBatches(ds, num_examples=len(source), num_workers=num_workers)
+
+
 # --------------------------------------------------------------------------------------------------
 # Public API.
 
@@ -286,30 +349,22 @@ def _train_pipeline(
 ) -> tuple[grain.MapDataset, int]:
     """(local-batch MapDataset, number of training examples)."""
     source = _train_source(data_cfg, seed)  # first: a missing dataset is the first error
-    process_index, process_count, local_batch = process_layout(global_batch_size, process_index, process_count)
-    size = len(source)
-    if global_batch_size > size:
-        raise ValueError(
-            f"global_batch_size={global_batch_size} is larger than the training set "
-            f"({size} examples of '{data_cfg.name}' after subset_fraction={data_cfg.subset_fraction})."
-        )
-    steps_per_epoch = size // global_batch_size
-    shuffle_seed, augment_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(2))
-    transform = TrainTransform(
-        image_size=data_cfg.image_size,
-        crop_scale=tuple(data_cfg.crop_scale),
-        hflip=data_cfg.hflip,
-        mean=tuple(data_cfg.mean),
-        std=tuple(data_cfg.std),
+    ds = train_batches(
+        source,
+        global_batch_size=global_batch_size,
+        seed=seed,
+        process_index=process_index,
+        process_count=process_count,
+        description=f"examples of '{data_cfg.name}' after subset_fraction={data_cfg.subset_fraction}",
+        augment=lambda: TrainTransform(
+            image_size=data_cfg.image_size,
+            crop_scale=tuple(data_cfg.crop_scale),
+            hflip=data_cfg.hflip,
+            mean=tuple(data_cfg.mean),
+            std=tuple(data_cfg.std),
+        ),
     )
-    # Stream index n * epoch + i is example i of that epoch's permutation: shuffle, random_map, batch
-    # and slice all carry the epoch through their index arithmetic, and repeat() moves to the next.
-    ds = grain.MapDataset.source(source).shuffle(seed=shuffle_seed)
-    ds = ds.random_map(transform, seed=augment_seed)
-    ds = ds.batch(local_batch, drop_remainder=True)  # sub-batch m = rows [m L, (m+1) L) of the stream
-    ds = ds[: steps_per_epoch * process_count]  # whole global batches only
-    ds = ds[process_index::process_count]  # global batch k = sub-batches k P .. k P + P - 1
-    return ds.repeat().map(SelectKeys(_output_keys(return_index))), size
+    return ds.map(SelectKeys(_output_keys(return_index))), len(source)
 
 
 class TrainIterator(grain.DatasetIterator):
@@ -446,11 +501,15 @@ def make_eval_batches(
       ValueError: ``global_batch_size`` is not a multiple of ``process_count``.
     """
     source = _eval_source(data_cfg)
-    process_index, process_count, local_batch = process_layout(global_batch_size, process_index, process_count)
-    num_batches = math.ceil(len(source) / global_batch_size)
-    padded = PaddedSource(source, length=num_batches * global_batch_size, image_size=data_cfg.image_size)
-    transform = EvalTransform(image_size=data_cfg.image_size, mean=tuple(data_cfg.mean), std=tuple(data_cfg.std))
-    ds = grain.MapDataset.source(padded).map(transform).batch(local_batch)
-    ds = ds[process_index::process_count]
-    ds = ds.map(SelectKeys(_output_keys(return_index, "mask")))
-    return EvalBatches(ds, num_examples=len(source), num_workers=data_cfg.num_workers)
+    return padded_eval_batches(
+        source,
+        global_batch_size=global_batch_size,
+        process_index=process_index,
+        process_count=process_count,
+        num_workers=data_cfg.num_workers,
+        keys=_output_keys(return_index, "mask"),
+        pad=lambda length: PaddedSource(source, length=length, image_size=data_cfg.image_size),
+        transform=lambda: EvalTransform(
+            image_size=data_cfg.image_size, mean=tuple(data_cfg.mean), std=tuple(data_cfg.std)
+        ),
+    )

@@ -4,7 +4,8 @@ They live in their own module, free of JAX, because grain's multiprocessing pref
 pipeline into freshly spawned worker processes that import these classes.
 
 Every source yields dicts ``{"image": (H, W, C) uint8, "label": int, "index": int64}`` where
-``index`` is the example's position in the underlying split (-1 for padding).
+``index`` is the example's position in the underlying split (-1 for padding). :class:`Synthetic` and
+:class:`Padded` are also the bases of the text sources (:mod:`cab_jax.data.text_sources`).
 """
 
 from __future__ import annotations
@@ -34,15 +35,13 @@ class IndexedSource:
         return f"IndexedSource({self._source!r}, {len(self)} indices)"
 
 
-class SyntheticSource:
-    """``size`` random images and labels; example ``i`` depends only on (seed, i)."""
+class Synthetic:
+    """``size`` random examples; example ``i`` is drawn by ``_draw`` from a generator seeded with (seed, i)."""
 
-    def __init__(self, *, size: int, image_size: int, num_classes: int, seed: int):
+    def __init__(self, *, size: int, seed: int):
         if size < 1:
             raise ValueError(f"synthetic_size must be positive, got {size}")
         self._size = int(size)
-        self._image_size = int(image_size)
-        self._num_classes = int(num_classes)
         self._seed = int(seed)
 
     def __len__(self) -> int:
@@ -51,11 +50,25 @@ class SyntheticSource:
     def __getitem__(self, i: int) -> dict[str, Any]:
         if not 0 <= i < self._size:
             raise IndexError(f"synthetic index {i} out of range [0, {self._size})")
-        rng = np.random.default_rng([self._seed, int(i)])
+        return {**self._draw(np.random.default_rng([self._seed, int(i)])), "index": np.int64(i)}
+
+    def _draw(self, rng: np.random.Generator) -> dict[str, Any]:
+        """The example's fields other than ``index``."""
+        raise NotImplementedError
+
+
+class SyntheticSource(Synthetic):
+    """``size`` random images and labels; example ``i`` depends only on (seed, i)."""
+
+    def __init__(self, *, size: int, image_size: int, num_classes: int, seed: int):
+        super().__init__(size=size, seed=seed)
+        self._image_size = int(image_size)
+        self._num_classes = int(num_classes)
+
+    def _draw(self, rng: np.random.Generator) -> dict[str, Any]:
         shape = (self._image_size, self._image_size, 3)
         image = rng.integers(0, 256, size=shape, dtype=np.uint8)
-        label = int(rng.integers(0, self._num_classes))
-        return {"image": image, "label": label, "index": np.int64(i)}
+        return {"image": image, "label": int(rng.integers(0, self._num_classes))}
 
     def labels(self) -> np.ndarray:
         return np.asarray([self[i]["label"] for i in range(self._size)], dtype=np.int64)
@@ -64,7 +77,32 @@ class SyntheticSource:
         return f"SyntheticSource(size={self._size}, image_size={self._image_size}, seed={self._seed})"
 
 
-class PaddedSource:
+class Padded:
+    """``source``, each example marked by ``_real``, followed by ``_padding()`` examples up to ``length``."""
+
+    def __init__(self, source: Sequence[dict[str, Any]], *, length: int):
+        if length < len(source):
+            raise ValueError(f"padded length {length} < source length {len(source)}")
+        self._source = source
+        self._length = int(length)
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self._real(self._source[i]) if i < len(self._source) else self._padding()
+
+    def _real(self, record: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _padding(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._source!r}, length={self._length})"
+
+
+class PaddedSource(Padded):
     """``source`` followed by zero images (label 0, mask 0) up to ``length`` examples.
 
     Real examples get ``mask`` 1.0. Padding images are (image_size, image_size, 3), the eval output
@@ -72,20 +110,13 @@ class PaddedSource:
     """
 
     def __init__(self, source: Sequence[dict[str, Any]], *, length: int, image_size: int):
-        if length < len(source):
-            raise ValueError(f"padded length {length} < source length {len(source)}")
-        self._source = source
-        self._length = int(length)
+        super().__init__(source, length=length)
         self._image_size = int(image_size)
 
-    def __len__(self) -> int:
-        return self._length
+    def _real(self, record: dict[str, Any]) -> dict[str, Any]:
+        return {**record, "mask": np.float32(1.0)}
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        if i < len(self._source):
-            record = dict(self._source[i])
-            record["mask"] = np.float32(1.0)
-            return record
+    def _padding(self) -> dict[str, Any]:
         size = self._image_size
         return {
             "image": np.zeros((size, size, 3), np.uint8),
@@ -93,6 +124,3 @@ class PaddedSource:
             "index": np.int64(-1),
             "mask": np.float32(0.0),
         }
-
-    def __repr__(self) -> str:
-        return f"PaddedSource({self._source!r}, length={self._length})"

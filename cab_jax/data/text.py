@@ -45,26 +45,24 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import grain
-import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 from tokenizers import Tokenizer
 
 from cab_jax.data import text_corpus
-from cab_jax.data.augment import SelectKeys
 from cab_jax.data.pipeline import (
     EvalBatches,
     TrainIterator,
     open_prepared_builder,
-    process_layout,
+    padded_eval_batches,
     split_source,
+    train_batches,
 )
 from cab_jax.data.text_builder import TOKENIZER_FILE, CabText, encode_texts, pack_windows
 from cab_jax.data.text_sources import (
@@ -328,20 +326,15 @@ def _train_pipeline(
 ) -> tuple[grain.MapDataset, int]:
     """(local-batch MapDataset, number of training sequences)."""
     source = _train_source(data_cfg, seed)  # first: a missing dataset is the first error
-    process_index, process_count, local_batch = process_layout(global_batch_size, process_index, process_count)
-    size = len(source)
-    if global_batch_size > size:
-        raise ValueError(
-            f"global_batch_size={global_batch_size} is larger than the training set ({size} sequences of "
-            f"'{data_cfg.name}' [{data_cfg.train_split}] at seq_len={data_cfg.seq_len})."
-        )
-    steps_per_epoch = size // global_batch_size
-    shuffle_seed = int(np.random.SeedSequence(seed).generate_state(1)[0])
-    ds = grain.MapDataset.source(source).shuffle(seed=shuffle_seed)  # a new permutation every epoch
-    ds = ds.batch(local_batch, drop_remainder=True)  # sub-batch m = rows [m L, (m+1) L) of the stream
-    ds = ds[: steps_per_epoch * process_count]  # whole global batches only
-    ds = ds[process_index::process_count]  # global batch k = sub-batches k P .. k P + P - 1
-    return ds.repeat().map(TrainTokenBatch(return_index)), size
+    ds = train_batches(
+        source,
+        global_batch_size=global_batch_size,
+        seed=seed,
+        process_index=process_index,
+        process_count=process_count,
+        description=f"sequences of '{data_cfg.name}' [{data_cfg.train_split}] at seq_len={data_cfg.seq_len}",
+    )
+    return ds.map(TrainTokenBatch(return_index)), len(source)
 
 
 def make_text_train_iterator(
@@ -393,9 +386,12 @@ def make_text_eval_batches(
       ValueError: ``global_batch_size`` is not a multiple of ``process_count``.
     """
     source = _eval_source(data_cfg)
-    process_index, process_count, local_batch = process_layout(global_batch_size, process_index, process_count)
-    num_batches = math.ceil(len(source) / global_batch_size)
-    padded = PaddedTokenSource(source, length=num_batches * global_batch_size, seq_len=data_cfg.seq_len)
-    ds = grain.MapDataset.source(padded).batch(local_batch)[process_index::process_count]
-    keys = ("tokens", "loss_mask", *(("index",) if return_index else ()))
-    return EvalBatches(ds.map(SelectKeys(keys)), num_examples=len(source), num_workers=data_cfg.num_workers)
+    return padded_eval_batches(
+        source,
+        global_batch_size=global_batch_size,
+        process_index=process_index,
+        process_count=process_count,
+        num_workers=data_cfg.num_workers,
+        keys=("tokens", "loss_mask", *(("index",) if return_index else ())),
+        pad=lambda length: PaddedTokenSource(source, length=length, seq_len=data_cfg.seq_len),
+    )

@@ -12,6 +12,8 @@ from typing import Any
 import grain
 import numpy as np
 
+from cab_jax.data.sources import Padded, Synthetic
+
 
 class WindowSource:
     """The ``"tokens"`` rows of a TFDS data source (e.g. a cab_text split), with their index."""
@@ -56,55 +58,37 @@ class PackedFileSource:
         return f"PackedFileSource({self._path!r}, shape={self._shape}, dtype={self._dtype})"
 
 
-class SyntheticTokenSource:
+class SyntheticTokenSource(Synthetic):
     """``size`` windows of uniform random tokens in ``[0, vocab_size)``; window ``i`` depends on (seed, i)."""
 
     def __init__(self, *, size: int, seq_len: int, vocab_size: int, seed: int):
-        if size < 1:
-            raise ValueError(f"synthetic_size must be positive, got {size}")
-        self._size = int(size)
+        super().__init__(size=size, seed=seed)
         self._seq_len = int(seq_len)
         self._vocab_size = int(vocab_size)
-        self._seed = int(seed)
 
-    def __len__(self) -> int:
-        return self._size
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        if not 0 <= i < self._size:
-            raise IndexError(f"synthetic index {i} out of range [0, {self._size})")
-        rng = np.random.default_rng([self._seed, int(i)])
-        tokens = rng.integers(0, self._vocab_size, size=(self._seq_len + 1,), dtype=np.int32)
-        return {"tokens": tokens, "index": np.int64(i)}
+    def _draw(self, rng: np.random.Generator) -> dict[str, Any]:
+        return {"tokens": rng.integers(0, self._vocab_size, size=(self._seq_len + 1,), dtype=np.int32)}
 
     def __repr__(self) -> str:
         return f"SyntheticTokenSource(size={self._size}, seq_len={self._seq_len}, seed={self._seed})"
 
 
-class PaddedTokenSource:
+class PaddedTokenSource(Padded):
     """``source`` with a ``loss_mask`` of ones, followed by zero windows (``loss_mask`` 0) up to ``length``."""
 
     def __init__(self, source: Sequence[dict[str, Any]], *, length: int, seq_len: int):
-        if length < len(source):
-            raise ValueError(f"padded length {length} < source length {len(source)}")
-        self._source = source
-        self._length = int(length)
+        super().__init__(source, length=length)
         self._seq_len = int(seq_len)
 
-    def __len__(self) -> int:
-        return self._length
+    def _real(self, record: dict[str, Any]) -> dict[str, Any]:
+        return {**record, "loss_mask": np.ones((self._seq_len,), np.float32)}
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        if i < len(self._source):
-            return {**self._source[i], "loss_mask": np.ones((self._seq_len,), np.float32)}
+    def _padding(self) -> dict[str, Any]:
         return {
             "tokens": np.zeros((self._seq_len + 1,), np.int32),
             "index": np.int64(-1),
             "loss_mask": np.zeros((self._seq_len,), np.float32),
         }
-
-    def __repr__(self) -> str:
-        return f"PaddedTokenSource({self._source!r}, length={self._length})"
 
 
 class TrainTokenBatch(grain.transforms.Map):
