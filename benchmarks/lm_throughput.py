@@ -111,7 +111,8 @@ def _run_one(job: dict) -> dict:
                           cwd=ROOT)
     if proc.returncode == 0 and "ROW" in proc.stdout:
         return json.loads(proc.stdout.split("ROW", 1)[1])
-    error = (proc.stderr.strip().splitlines() or ["?"])[-1][:160]
+    lines = proc.stderr.strip().splitlines() or ["?"]
+    error = next((line for line in reversed(lines) if "Error" in line), lines[-1])[:160]
     return {"part": job["kind"], "mode": job.get("mode", job.get("role")), "length": job["length"], "error": error}
 
 

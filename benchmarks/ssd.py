@@ -85,7 +85,8 @@ def main() -> None:
             try:
                 row = measure(args, length, impl)
             except Exception as e:  # e.g. out of memory: report it and go on
-                row = {"length": length, "impl": impl, "dtype": args.dtype, "error": f"{type(e).__name__}: {e}"[:100]}
+                message = f"{type(e).__name__}: {e}".splitlines()[0][:100]  # one line: keeps the table intact
+                row = {"length": length, "impl": impl, "dtype": args.dtype, "error": message}
             rows.append(row)
             print(row, file=sys.stderr, flush=True)
     columns = list(dict.fromkeys(k for row in rows for k in row))

@@ -31,9 +31,11 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 
 @dataclasses.dataclass
 class Generator:
-    """A model with jitted prefill and one-token decode steps over an explicit cache."""
+    """A model with jitted prefill and one-token decode steps over an explicit cache. The prompt is prefilled
+    ``prefill_chunk`` tokens at a time, which bounds the teacher's attention scores to chunk x context."""
 
     model: nnx.Module
+    prefill_chunk: int = 1024
 
     def __post_init__(self):
         graphdef, state = nnx.split(self.model)
@@ -50,7 +52,9 @@ class Generator:
         """prompt (batch, n) int -> (batch, max_new_tokens) new tokens and decode tokens/s (after the first)."""
         batch, n = prompt.shape
         cache = self.model.init_cache(batch, n + max_new_tokens)
-        logits, cache = self._decode(self._state, jnp.asarray(prompt, jnp.int32), cache)
+        for start in range(0, n, self.prefill_chunk):
+            chunk = jnp.asarray(prompt[:, start : start + self.prefill_chunk], jnp.int32)
+            logits, cache = self._decode(self._state, chunk, cache)
         key = jax.random.key(seed)
         out, start = [], None
         for i in range(max_new_tokens):

@@ -171,7 +171,7 @@ def test_run_logs_tokens_per_s_and_generation_follows_the_model(tmp_path):
     for workdir, role in (("student", "student"), ("teacher", "teacher")):
         _, loaded_role, model = generate.load_run(str(tmp_path / workdir))
         assert loaded_role == role
-        tokens, _ = generate.Generator(model)(prompt, max_new_tokens=6)
+        tokens, _ = generate.Generator(model, prefill_chunk=2)(prompt, max_new_tokens=6)  # prefill in 3 chunks
         context = prompt
         for i in range(6):
             logits, _ = model(jnp.asarray(context))
