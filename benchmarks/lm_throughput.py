@@ -7,7 +7,8 @@ Model sizes come from ``configs/phi_mamba.py`` (Phi-1.5 teacher, 24-layer d_mode
 measurement runs in its own process so peak memory is its own.
 
 - train: one optimizer step on device-resident batches of ``tokens_per_step`` tokens; mode ``ce`` is the student
-  alone, ``cab`` adds the frozen teacher's forward and the bridges (CE + 0.5 KL + 0.5 bridge).
+  alone, ``cab`` adds the frozen teacher's forward and the bridges (CE + 0.5 KL + 0.5 bridge), ``teacher`` trains
+  the teacher itself (CE), for comparison.
 - generate: prefill a ``length``-token context, then greedy decoding of ``new_tokens`` tokens one at a time; the
   student keeps a fixed-size recurrent state, the teacher a KV cache of ``length + new_tokens`` positions.
 """
@@ -57,11 +58,12 @@ def measure_train(length: int, tokens_per_step: int, mode: str, dtype: str, step
 
     c = _config(dtype, overrides)
     batch = max(1, tokens_per_step // length)
-    c.loss.mode, c.data.seq_len = mode, length
+    role = "teacher" if mode == "teacher" else "student"
+    c.loss.mode, c.data.seq_len = "ce" if role == "teacher" else mode, length
     c.student.init_from_attention = False  # random teacher: nothing to copy, and it costs a teacher in memory
-    c.train.batch_size, c.train.steps = batch, steps
+    (c.teacher.train if role == "teacher" else c.train).update(dict(batch_size=batch, steps=steps))
     mesh = sharding.make_mesh(c.mesh)
-    built = train.setup(c, role="student", mesh=mesh, train_size=batch * steps)
+    built = train.setup(c, role=role, mesh=mesh, train_size=batch * steps)
     rng = np.random.default_rng(0)
     batches = [sharding.global_batch({"tokens": rng.integers(0, c.data.vocab_size, (batch, length + 1), np.int32),
                                       "loss_mask": np.ones((batch, length), np.float32)}, mesh) for _ in range(2)]
