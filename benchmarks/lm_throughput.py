@@ -26,6 +26,8 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+from common import markdown_table, peak_gib, time_train_steps  # benchmarks/common.py  # noqa: E402
+
 
 def _config(dtype: str, overrides: str):
     spec = importlib.util.spec_from_file_location("phi_mamba", ROOT / "configs" / "phi_mamba.py")
@@ -43,15 +45,7 @@ def _config(dtype: str, overrides: str):
     return c
 
 
-def _peak_gib() -> float:
-    import jax
-
-    stats = jax.devices()[0].memory_stats() or {}
-    return round(stats.get("peak_bytes_in_use", 0) / 2**30, 2)
-
-
 def measure_train(length: int, tokens_per_step: int, mode: str, dtype: str, steps: int, overrides: str) -> dict:
-    import jax
     import numpy as np
 
     from cab_jax import sharding, train
@@ -67,21 +61,10 @@ def measure_train(length: int, tokens_per_step: int, mode: str, dtype: str, step
     rng = np.random.default_rng(0)
     batches = [sharding.global_batch({"tokens": rng.integers(0, c.data.vocab_size, (batch, length + 1), np.int32),
                                       "loss_mask": np.ones((batch, length), np.float32)}, mesh) for _ in range(2)]
-    state = built.state
-    start = time.perf_counter()
-    state, metrics = built.trainer.jit_train_step(state, built.teacher_params, batches[0])
-    jax.block_until_ready(metrics)
-    compile_s = time.perf_counter() - start
-    state, metrics = built.trainer.jit_train_step(state, built.teacher_params, batches[1])
-    jax.block_until_ready(metrics)
-    start = time.perf_counter()
-    for i in range(steps):
-        state, metrics = built.trainer.jit_train_step(state, built.teacher_params, batches[i % 2])
-    jax.block_until_ready(metrics)
-    elapsed = time.perf_counter() - start
+    compile_s, elapsed, metrics = time_train_steps(built, batches, steps)
     return {"part": "train", "mode": mode, "length": length, "batch": batch,
             "tokens_per_s": round(batch * length * steps / elapsed), "ms_per_step": round(1e3 * elapsed / steps, 1),
-            "peak_gib": _peak_gib(), "compile_s": round(compile_s, 1), "loss": round(float(metrics["loss"]), 3)}
+            "peak_gib": peak_gib(), "compile_s": round(compile_s, 1), "loss": round(float(metrics["loss"]), 3)}
 
 
 def measure_generate(length: int, role: str, batch: int, new_tokens: int, dtype: str, overrides: str) -> dict:
@@ -104,7 +87,7 @@ def measure_generate(length: int, role: str, batch: int, new_tokens: int, dtype:
     cache = model.init_cache(batch, length + new_tokens)
     cache_mib = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache)) / 2**20
     return {"part": "generate", "mode": role, "length": length, "batch": batch, "tokens_per_s": round(rate, 1),
-            "ms_per_step": round(1e3 * batch / rate, 2), "cache_mib": round(cache_mib, 1), "peak_gib": _peak_gib(),
+            "ms_per_step": round(1e3 * batch / rate, 2), "cache_mib": round(cache_mib, 1), "peak_gib": peak_gib(),
             "compile_s": round(compile_s, 1)}
 
 
@@ -153,9 +136,7 @@ def main() -> None:
     columns = ["part", "mode", "length", "batch", "tokens_per_s", "ms_per_step", "peak_gib", "cache_mib", "compile_s",
                "loss", "error"]
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, dtype {args.dtype}, set: {args.set or '-'}")
-    print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
-    for row in rows:
-        print("| " + " | ".join(str(row.get(col, "")) for col in columns) + " |")
+    print(markdown_table(rows, columns))
 
 
 if __name__ == "__main__":

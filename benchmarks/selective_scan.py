@@ -24,6 +24,8 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from common import error_message, markdown_table  # benchmarks/common.py
+
 from cab_jax.kernels.selective_scan import (
     BlockSizes,
     ScanDirection,
@@ -134,17 +136,14 @@ def main() -> None:
                 try:
                     row = measure(name, impl, dtype, args.iters, blocks, args.check)
                 except Exception as e:  # e.g. out of memory: report it and go on
-                    row = {"shape": name, "impl": impl, "dtype": dtype, "error": f"{type(e).__name__}: {e}"[:100]}
+                    row = {"shape": name, "impl": impl, "dtype": dtype, "error": error_message(e)}
                 if peak:
                     for label in ("fwd", "fwd+bwd"):
                         if f"{label} GB/s" in row:
                             row[f"{label} % roofline"] = round(100 * row[f"{label} GB/s"] / peak, 1)
                 rows.append(row)
                 print(row, file=sys.stderr, flush=True)
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
-    for row in rows:
-        print("| " + " | ".join(str(row.get(c, "")) for c in columns) + " |")
+    print(markdown_table(rows))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from common import error_message, markdown_table  # benchmarks/common.py
+
 from cab_jax.kernels.ssd import ssd
 
 
@@ -85,14 +87,10 @@ def main() -> None:
             try:
                 row = measure(args, length, impl)
             except Exception as e:  # e.g. out of memory: report it and go on
-                message = f"{type(e).__name__}: {e}".splitlines()[0][:100]  # one line: keeps the table intact
-                row = {"length": length, "impl": impl, "dtype": args.dtype, "error": message}
+                row = {"length": length, "impl": impl, "dtype": args.dtype, "error": error_message(e)}
             rows.append(row)
             print(row, file=sys.stderr, flush=True)
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
-    for row in rows:
-        print("| " + " | ".join(str(row.get(c, "")) for c in columns) + " |")
+    print(markdown_table(rows))
 
 
 if __name__ == "__main__":

@@ -16,10 +16,11 @@ import json
 import pathlib
 import subprocess
 import sys
-import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+from common import markdown_table, peak_gib, time_train_steps  # benchmarks/common.py  # noqa: E402
 
 
 def measure(config_name: str, dtype: str, batch_size: int, steps: int, remat: bool, mode: str,
@@ -43,24 +44,11 @@ def measure(config_name: str, dtype: str, batch_size: int, steps: int, remat: bo
     batches = [sharding.global_batch({"image": rng.normal(size=(batch_size, size, size, 3)).astype(np.float32),
                                       "label": rng.integers(0, classes, batch_size).astype(np.int32)}, mesh)
                for _ in range(2)]
-    state = built.state
-    start = time.perf_counter()
-    state, metrics = built.trainer.jit_train_step(state, built.teacher_params, batches[0])
-    jax.block_until_ready(metrics)
-    compile_s = time.perf_counter() - start
-    for i in range(3):
-        state, metrics = built.trainer.jit_train_step(state, built.teacher_params, batches[i % 2])
-    jax.block_until_ready(metrics)
-    start = time.perf_counter()
-    for i in range(steps):
-        state, metrics = built.trainer.jit_train_step(state, built.teacher_params, batches[i % 2])
-    jax.block_until_ready(metrics)
-    elapsed = time.perf_counter() - start
-    stats = jax.devices()[0].memory_stats() or {}
+    compile_s, elapsed, metrics = time_train_steps(built, batches, steps, warmup=3)
     return {"config": config_name, "dtype": dtype, "remat": remat, "mode": mode, "scan_impl": scan_impl,
             "batch": batch_size,
             "images_per_s": round(batch_size * steps / elapsed, 1), "ms_per_step": round(1e3 * elapsed / steps, 2),
-            "compile_s": round(compile_s, 1), "peak_gib": round(stats.get("peak_bytes_in_use", 0) / 2**30, 2),
+            "compile_s": round(compile_s, 1), "peak_gib": peak_gib(),
             "loss": round(float(metrics["loss"]), 4), "device": jax.devices()[0].device_kind,
             "jax": jax.__version__}
 
@@ -100,9 +88,7 @@ def main() -> None:
                         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     columns = ["config", "dtype", "remat", "mode", "scan_impl", "batch", "images_per_s", "ms_per_step", "peak_gib",
                "compile_s", "loss", "device", "jax", "error"]
-    print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
-    for row in rows:
-        print("| " + " | ".join(str(row.get(col, "")) for col in columns) + " |")
+    print(markdown_table(rows, columns))
 
 
 if __name__ == "__main__":

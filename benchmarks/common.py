@@ -1,0 +1,45 @@
+"""What the benchmark scripts share: timing a jitted train step, peak device memory, Markdown tables."""
+
+from __future__ import annotations
+
+import time
+
+
+def time_train_steps(built, batches: list, steps: int, warmup: int = 1) -> tuple[float, float, dict]:
+    """(compile seconds, seconds for ``steps`` steps after ``warmup`` more, last metrics) of ``built.trainer``'s
+    train step (a ``train.Setup``), cycling through ``batches``."""
+    import jax
+
+    state, step = built.state, built.trainer.jit_train_step
+    start = time.perf_counter()
+    state, metrics = step(state, built.teacher_params, batches[0])
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - start
+    for i in range(warmup):
+        state, metrics = step(state, built.teacher_params, batches[(i + 1) % len(batches)])
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for i in range(steps):
+        state, metrics = step(state, built.teacher_params, batches[i % len(batches)])
+    jax.block_until_ready(metrics)
+    return compile_s, time.perf_counter() - start, metrics
+
+
+def peak_gib() -> float:
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    return round(stats.get("peak_bytes_in_use", 0) / 2**30, 2)
+
+
+def error_message(e: BaseException) -> str:
+    """The first line of an exception, short enough for a table cell."""
+    return f"{type(e).__name__}: {e}".splitlines()[0][:100]
+
+
+def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
+    """Rows as a Markdown table; the columns default to every key, in first-seen order."""
+    columns = columns or list(dict.fromkeys(k for row in rows for k in row))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
