@@ -1,8 +1,23 @@
-"""What the benchmark scripts share: timing a jitted train step, peak device memory, Markdown tables."""
+"""What the benchmark scripts share: timing a function or a jitted train step, peak device memory, Markdown
+tables."""
 
 from __future__ import annotations
 
 import time
+
+
+def timed(fn, args, iters: int) -> float:
+    """Median milliseconds of ``iters`` calls of ``fn(*args)``, after one compile-and-warm-up call."""
+    import jax
+    import numpy as np
+
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return 1e3 * float(np.median(times))
 
 
 def time_train_steps(built, batches: list, steps: int, warmup: int = 1) -> tuple[float, float, dict]:

@@ -16,7 +16,6 @@ import argparse
 import functools
 import pathlib
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from common import error_message, markdown_table  # benchmarks/common.py
+from common import error_message, markdown_table, timed  # benchmarks/common.py
 
 from cab_jax.kernels.selective_scan import (
     BlockSizes,
@@ -76,17 +75,6 @@ def scan_fn(impl: str, n_dirs: int, blocks: BlockSizes | None):
         return uni(d.u, d.delta, d.A, d.B, d.C, D=d.D, z=z, delta_bias=d.delta_bias, delta_softplus=True)
 
     return run
-
-
-def timed(fn, args, iters: int) -> float:
-    """Median milliseconds of ``iters`` calls, after one compile-and-warm-up call."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
 
 
 def nbytes(tree) -> int:

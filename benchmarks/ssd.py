@@ -13,7 +13,6 @@ import argparse
 import functools
 import pathlib
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from common import error_message, markdown_table  # benchmarks/common.py
+from common import error_message, markdown_table, timed  # benchmarks/common.py
 
 from cab_jax.kernels.ssd import ssd
 
@@ -35,17 +34,6 @@ def make_inputs(batch: int, length: int, heads: int, head_dim: int, groups: int,
     B = jnp.asarray(rng.normal(size=(batch, length, groups, d_state)) / np.sqrt(d_state), dtype)
     C = jnp.asarray(rng.normal(size=(batch, length, groups, d_state)) / np.sqrt(d_state), dtype)
     return x, log_decay, B, C
-
-
-def timed(fn, args, iters: int) -> float:
-    """Median milliseconds of ``iters`` calls, after one compile-and-warm-up call."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
 
 
 def measure(args: argparse.Namespace, length: int, impl: str) -> dict:
