@@ -99,7 +99,7 @@ def lm_base_config() -> ml_collections.ConfigDict:
     c.task = "distill"
     c.seed = 0
     c.dtype = "bfloat16"
-    c.teacher = ml_collections.ConfigDict(dict(**dataclasses.asdict(PHI_SIZES["phi_1_5"]), init_from=""))
+    c.teacher = ml_collections.ConfigDict(dict(**dataclasses.asdict(PHI_SIZES["phi_1_5"]), remat=True, init_from=""))
     c.teacher.train = lm_train_config()  # used by task=train_teacher and by the demo's teacher stage
     c.student = ml_collections.ConfigDict(dict(
         **dataclasses.asdict(PHI_MAMBA_SIZES["phi_mamba_1_5"]), conv_activation="identity", ssd_impl="auto",

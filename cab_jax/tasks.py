@@ -210,7 +210,8 @@ class LanguageTask(_Task):
         from cab_jax.models.phi import Phi, PhiSize
 
         t = self.c.teacher
-        return Phi(**{f.name: t[f.name] for f in dataclasses.fields(PhiSize)}, dtype=DTYPES[self.c.dtype], rngs=rngs)
+        size = {f.name: t[f.name] for f in dataclasses.fields(PhiSize)}
+        return Phi(**size, remat=t.remat, dtype=DTYPES[self.c.dtype], rngs=rngs)
 
     def build_student(self, rngs: nnx.Rngs) -> nnx.Module:
         from cab_jax.models.phi_mamba import PhiMamba, PhiMambaSize

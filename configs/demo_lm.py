@@ -19,7 +19,7 @@ def get_config():
     c.data.update(dict(seq_len=128, vocab_size=2048, max_corpus_bytes=4_000_000))
     # The student mirrors the teacher head for head (n_qk_heads = heads, d_state = head_dim, d_inner = width),
     # as Phi-Mamba mirrors Phi-1.5, so that its mixers can start from the teacher's attention projections.
-    c.teacher.update(dict(vocab_size=2048, hidden_size=128, depth=4, num_heads=4, intermediate_size=512))
+    c.teacher.update(dict(vocab_size=2048, hidden_size=128, depth=4, num_heads=4, intermediate_size=512, remat=False))
     c.student.update(dict(vocab_size=2048, d_model=128, depth=4, d_state=32, n_qk_heads=4, n_v_heads=4,
                           intermediate_size=512, chunk_size=32, remat=False))
     for t, steps in ((c.teacher.train, 500), (c.train, 300)):

@@ -285,3 +285,17 @@ def test_cli_import_and_export(tmp_path, hf_dir, torch_model):
     for name, value in torch_model.state_dict().items():
         np.testing.assert_array_equal(back[name], value.numpy(), err_msg=name)
     assert convert_phi.size_from_hf_config(io.hf_config(tmp_path / "back")) == SIZE
+
+
+def test_remat_gives_the_same_logits_qk_and_gradients(tokens):
+    """``remat`` only changes what the backward pass keeps, never the values."""
+    models = [Phi(**dataclasses.asdict(SIZE), remat=remat, rngs=nnx.Rngs(3)) for remat in (False, True)]
+
+    def loss(model):
+        logits, qks = model(jnp.asarray(tokens))
+        return jnp.mean(logits**2) + sum(jnp.mean(q * k) for q, k in qks)
+
+    (plain, plain_grads), (remat, remat_grads) = [nnx.value_and_grad(loss)(m) for m in models]
+    assert float(remat) == pytest.approx(float(plain), rel=1e-6)
+    for a, b in zip(jax.tree.leaves(plain_grads), jax.tree.leaves(remat_grads), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)

@@ -147,9 +147,12 @@ class Phi(nnx.Module):
         partial_rotary_factor: float = 0.5,
         rope_theta: float = 10000.0,
         layer_norm_eps: float = 1e-5,
+        remat: bool = False,
         dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
+        """``remat``: recompute each block in the backward pass (training the teacher; a frozen teacher's forward
+        keeps nothing for a backward pass anyway)."""
         if depth < 1:
             raise ValueError(f"depth must be positive, got {depth}")
         if hidden_size % num_heads:
@@ -171,7 +174,7 @@ class Phi(nnx.Module):
         self.final_layernorm = layer_norm(hidden_size, layer_norm_eps, rngs=rngs, dtype=dtype)
         self.lm_head = dense(hidden_size, vocab_size, ("embed", "vocab"), rngs=rngs, dtype=dtype,
                              kernel_init=normal_02)
-        self.dtype = dtype
+        self.dtype, self.remat = dtype, remat
 
     def __call__(self, tokens: jax.Array) -> tuple[jax.Array, list[tuple[jax.Array, jax.Array]]]:
         """tokens (batch, length) int -> float32 logits (batch, length, vocab) and per layer (q, k), each
@@ -182,9 +185,12 @@ class Phi(nnx.Module):
         self._check_tokens(tokens)
         x = self.embed(tokens)
         positions = jnp.arange(tokens.shape[1])
+        apply = lambda blk, h: blk(h, positions)[:2]
+        if self.remat:
+            apply = nnx.remat(apply)
         qks = []
         for layer in self.layers:
-            x, qk, _ = layer(x, positions)
+            x, qk = apply(layer, x)
             qks.append(qk)
         return self._logits(x), qks
 
