@@ -78,13 +78,15 @@ def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def token_cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
-    """Next-token cross-entropy averaged over the positions where ``mask`` is 1.
-
-    logits (batch, length, vocab); targets (batch, length) int; mask (batch, length)."""
+def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Per-position negative log-likelihood: logits (batch, length, vocab), targets (batch, length) int."""
     logp = jax.nn.log_softmax(logits.astype(jnp.float32))
-    nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    return _masked_mean(nll, mask)
+    return -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+
+
+def token_cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
+    """Next-token cross-entropy averaged over the positions where ``mask`` (batch, length) is 1."""
+    return _masked_mean(token_nll(logits, targets), mask)
 
 
 def token_kl_divergence(student_logits: jax.Array, teacher_logits: jax.Array, mask: jax.Array,

@@ -28,6 +28,7 @@ from cab_jax.losses import (
     soft_cross_entropy,
     token_cross_entropy,
     token_kl_divergence,
+    token_nll,
     topk_correct,
 )
 from cab_jax.models.mamba import SSMProjections
@@ -288,10 +289,8 @@ class LanguageTask(_Task):
 
     def eval_sums(self, logits: jax.Array, batch: dict) -> dict[str, jax.Array]:
         labels, mask = batch["tokens"][:, 1:], batch["loss_mask"]
-        logp = jax.nn.log_softmax(logits.astype(jnp.float32))
-        nll = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
-        return {"nll": jnp.sum(nll * mask), "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
-                "count": jnp.sum(mask)}
+        return {"nll": jnp.sum(token_nll(logits, labels) * mask),
+                "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * mask), "count": jnp.sum(mask)}
 
     def throughput(self, examples_per_s: float) -> dict[str, float]:
         return {"sequences_per_s": examples_per_s, "tokens_per_s": examples_per_s * self.c.data.seq_len}

@@ -115,7 +115,6 @@ class Trainer:
     tx: optax.GradientTransformation
     lr_fn: optax.Schedule
     weights: LossWeights
-    train_cfg: ml_collections.ConfigDict
     bridge: Functional | None = None
     teacher: Functional | None = None
     cls_position: int | None = 0
@@ -131,7 +130,7 @@ class Trainer:
         def init(params):
             state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.tx.init(params),
                      "rng": jax.random.key_data(jax.random.key(seed))}
-            if self.train_cfg.ema_decay > 0:
+            if self.task.train_cfg.ema_decay > 0:
                 state["ema"] = jax.tree.map(jnp.copy, params)
             return state
 
@@ -179,7 +178,7 @@ class Trainer:
         params = optax.apply_updates(state["params"], updates)
         new_state = {**state, "step": state["step"] + 1, "params": params, "opt_state": opt_state}
         if "ema" in state:
-            d = self.train_cfg.ema_decay
+            d = self.task.train_cfg.ema_decay
             new_state["ema"] = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state["ema"], params)
         metrics = {"loss": loss, **terms, "lr": self.lr_fn(state["step"]), "grad_norm": optax.global_norm(grads),
                    **self.task.train_metrics(logits, targets)}
@@ -302,7 +301,7 @@ def setup(c: ml_collections.ConfigDict, *, role: str, mesh: Mesh, train_size: in
         axes["bridge"] = sharding.logical_axes(bridge)
 
     trainer = Trainer(mesh=mesh, task=task, model=model_fn, tx=make_optimizer(train_cfg, lr_fn), lr_fn=lr_fn,
-                      weights=weights, train_cfg=train_cfg, bridge=bridge_fn, teacher=teacher_fn,
+                      weights=weights, bridge=bridge_fn, teacher=teacher_fn,
                       cls_position=task.cls_position(model), detach_student=c.bridge.detach_student,
                       temperature=c.loss.temperature)
     state = trainer.init_state(params, c.seed, axes)
