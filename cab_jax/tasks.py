@@ -89,6 +89,11 @@ class _Task:
         lc = self.c.loss
         return loss_weights(lc.mode, lc.ce_weight, lc.kl_weight, lc.bridge_weight, table=self.mode_weights)
 
+    @property
+    def attention_init(self) -> bool:
+        """Whether setup copies the teacher's attention into a fresh student (language students only)."""
+        return False
+
     def bridge_layers(self) -> str | tuple[int, ...]:
         b = self.c.bridge
         return tuple(b.layers) if b.layer_map == "explicit" else b.layer_map
@@ -240,6 +245,11 @@ class LanguageTask(_Task):
 
     def bridge_inputs(self, aux: Sequence[tuple[jax.Array, jax.Array]]) -> list[SSMProjections]:
         return [SSMProjections(B, C) for B, C in aux]
+
+    @property
+    def attention_init(self) -> bool:
+        s = self.c.student
+        return self.role == "student" and s.init_from_attention and not s.init_from  # given weights win
 
     def init_student_from_teacher(self, student: nnx.Module, teacher: nnx.Module) -> None:
         from cab_jax.models.phi_mamba import init_from_attention

@@ -274,7 +274,6 @@ def setup(c: ml_collections.ConfigDict, *, role: str, mesh: Mesh, train_size: in
     rngs = nnx.Rngs(c.seed)
     weights = task.loss_weights()
     student = role == "student"
-    init_from_attention = student and c.domain == "language" and c.student.init_from_attention
 
     model = task.build_teacher(rngs) if role == "teacher" else task.build_student(rngs)
     model_fn, model_params = Functional.split(model)
@@ -282,12 +281,12 @@ def setup(c: ml_collections.ConfigDict, *, role: str, mesh: Mesh, train_size: in
         model_params = load_model_weights(c.student.init_from, c, "student", model_params)
     bridge_fn = teacher_fn = None
     teacher_params = teacher_shardings = None
-    if student and (weights.needs_teacher or init_from_attention):
+    if student and (weights.needs_teacher or task.attention_init):
         teacher = task.build_teacher(nnx.Rngs(c.seed + 1))
         teacher_fn, teacher_params = Functional.split(teacher)
         teacher_shardings = sharding.param_shardings(teacher_params, sharding.logical_axes(teacher), mesh)
         teacher_params = load_teacher(c, teacher_params, teacher_shardings)
-    if init_from_attention and not c.student.init_from:
+    if task.attention_init:
         student_module = model_fn.module(model_params)
         task.init_student_from_teacher(student_module, teacher_fn.module(teacher_params))
         model_params = nnx.state(student_module).to_pure_dict()
