@@ -103,10 +103,17 @@ class PhiAttention(nnx.Module):
         return self.dense(out.transpose(0, 2, 1, 3).reshape(batch, n, dim)), (q, k), (keys, values)
 
 
+def normal_02_linear(in_features: int, out_features: int, axes: tuple[str | None, str | None], *, rngs: nnx.Rngs,
+                     dtype: Dtype) -> nnx.Linear:
+    return dense(in_features, out_features, axes, rngs=rngs, dtype=dtype, kernel_init=normal_02)
+
+
 class PhiMlp(nnx.Module):
-    def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, dtype: Dtype):
-        self.fc1 = dense(dim, hidden, ("embed", "mlp"), rngs=rngs, dtype=dtype, kernel_init=normal_02)
-        self.fc2 = dense(hidden, dim, ("mlp", "embed"), rngs=rngs, dtype=dtype, kernel_init=normal_02)
+    """fc2(gelu_tanh(fc1(x))), both with bias (Phi's "gelu_new" MLP). ``linear`` makes each layer (its init)."""
+
+    def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, dtype: Dtype, linear=normal_02_linear):
+        self.fc1 = linear(dim, hidden, ("embed", "mlp"), rngs=rngs, dtype=dtype)
+        self.fc2 = linear(hidden, dim, ("mlp", "embed"), rngs=rngs, dtype=dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))

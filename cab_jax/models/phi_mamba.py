@@ -16,7 +16,7 @@ from flax import nnx
 
 from cab_jax.models.layers import Dtype
 from cab_jax.models.mamba2 import DiscreteMamba2, Mamba2Cache, torch_linear
-from cab_jax.models.phi import Phi, size_of
+from cab_jax.models.phi import Phi, PhiMlp, layer_norm, size_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,22 +36,6 @@ class PhiMambaSize:
 PHI_MAMBA_SIZES = {"phi_mamba_1_5": PhiMambaSize(51200, 2048, 24)}
 
 
-def layer_norm(dim: int, eps: float, *, rngs: nnx.Rngs, dtype: Dtype) -> nnx.LayerNorm:
-    return nnx.LayerNorm(dim, epsilon=eps, dtype=dtype, rngs=rngs,
-                         scale_metadata={"logical_axes": ("embed",)}, bias_metadata={"logical_axes": ("embed",)})
-
-
-class PhiMlp(nnx.Module):
-    """fc2(gelu_tanh(fc1(x))), both with bias (Phi's "gelu_new" MLP)."""
-
-    def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, dtype: Dtype):
-        self.fc1 = torch_linear(dim, hidden, ("embed", "mlp"), rngs=rngs, dtype=dtype)
-        self.fc2 = torch_linear(hidden, dim, ("mlp", "embed"), rngs=rngs, dtype=dtype)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
-
-
 class PhiMambaBlock(nnx.Module):
     """Phi's parallel block: x + mixer(LN(x)) + mlp(LN(x)), one shared LayerNorm."""
 
@@ -59,7 +43,7 @@ class PhiMambaBlock(nnx.Module):
                  dtype: Dtype):
         self.input_layernorm = layer_norm(d_model, eps, rngs=rngs, dtype=dtype)
         self.mixer = mixer
-        self.mlp = PhiMlp(d_model, intermediate_size, rngs=rngs, dtype=dtype)
+        self.mlp = PhiMlp(d_model, intermediate_size, rngs=rngs, dtype=dtype, linear=torch_linear)  # PyTorch init
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         h = self.input_layernorm(x)
