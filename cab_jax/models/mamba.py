@@ -91,16 +91,21 @@ class SSMDirection(nnx.Module):
         return ScanDirection(x, delta, -jnp.exp(self.A_log[...]), B, C, self.D[...], self.dt_proj.bias[...])
 
 
-def causal_depthwise_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array, reverse: bool = False) -> jax.Array:
+def causal_depthwise_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array, reverse: bool = False,
+                          prefix: jax.Array | None = None) -> jax.Array:
     """Depthwise 1-D convolution over length: output t sees inputs t-d_conv+1..t (``reverse``: t+d_conv-1..t).
 
     x: (batch, length, channels); kernel: (d_conv, channels), tap d_conv-1 multiplies the current token and
     tap i the token d_conv-1-i steps before it (after it when ``reverse``), so ``reverse`` equals the causal
-    convolution of the flipped sequence, flipped back.
+    convolution of the flipped sequence, flipped back. ``prefix`` (batch, d_conv-1, channels): the inputs
+    before x (zeros when None; causal direction only), as a decoding cache holds them.
     """
     d_conv, length = kernel.shape[0], x.shape[1]
-    pad = (0, d_conv - 1) if reverse else (d_conv - 1, 0)
-    padded = jnp.pad(x, ((0, 0), pad, (0, 0)))
+    if prefix is not None:
+        padded = jnp.concatenate([prefix.astype(x.dtype), x], axis=1)
+    else:
+        pad = (0, d_conv - 1) if reverse else (d_conv - 1, 0)
+        padded = jnp.pad(x, ((0, 0), pad, (0, 0)))
     kernel = kernel.astype(x.dtype)
     taps = [padded[:, i : i + length] * kernel[d_conv - 1 - i if reverse else i] for i in range(d_conv)]
     return sum(taps) + bias.astype(x.dtype)

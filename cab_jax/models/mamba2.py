@@ -21,6 +21,7 @@ from flax import nnx
 
 from cab_jax.kernels.ssd import SSD_IMPLS, ssd, ssd_step
 from cab_jax.models.layers import Dtype, dense
+from cab_jax.models.mamba import causal_depthwise_conv
 
 CONV_ACTIVATIONS = ("identity", "silu")
 
@@ -51,19 +52,6 @@ def torch_linear(in_features: int, out_features: int, axes: tuple[str | None, st
 def log_decay(a: jax.Array) -> jax.Array:
     """float32 per-token, per-head log decay -softplus(a): dt = softplus(a) with A = -1 (a is "A_log")."""
     return -jax.nn.softplus(a.astype(jnp.float32))
-
-
-def conv_with_prefix(x: jax.Array, prefix: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-    """Depthwise causal convolution over length that sees ``prefix`` (the d_conv - 1 inputs before x).
-
-    x: (batch, length, channels); prefix: (batch, d_conv - 1, channels) (zeros at the start of a sequence);
-    kernel: (d_conv, channels), tap d_conv - 1 multiplies the current token, tap i the token d_conv - 1 - i
-    steps before it (PyTorch's Conv1d weight[c, 0, i]).
-    """
-    d_conv, length = kernel.shape[0], x.shape[1]
-    padded = jnp.concatenate([prefix.astype(x.dtype), x], axis=1)
-    kernel = kernel.astype(x.dtype)
-    return sum(padded[:, i : i + length] * kernel[i] for i in range(d_conv)) + bias.astype(x.dtype)
 
 
 class DiscreteMamba2(nnx.Module):
@@ -123,7 +111,7 @@ class DiscreteMamba2(nnx.Module):
         batch, length, _ = hidden.shape
         xbc, z, a = jnp.split(self.in_proj(hidden.astype(self.dtype)), [self.conv_dim, self.conv_dim + self.d_inner],
                               axis=-1)
-        conv = conv_with_prefix(xbc, conv_prefix, self.conv_kernel[...], self.conv_bias[...])
+        conv = causal_depthwise_conv(xbc, self.conv_kernel[...], self.conv_bias[...], prefix=conv_prefix)
         if self.conv_activation == "silu":
             conv = jax.nn.silu(conv)
         qk = self.n_qk_heads * self.d_state
