@@ -6,6 +6,7 @@ those names onto mesh axes.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -39,6 +40,12 @@ def dense(
         bias_metadata={"logical_axes": (axes[1],)},
         rngs=rngs,
     )
+
+
+def torch_uniform(fan_in: int):
+    """PyTorch's default Linear/Conv1d init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (kernel and bias alike)."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
 def param(init, rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], dtype=jnp.float32):

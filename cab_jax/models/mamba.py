@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cab_jax.kernels.selective_scan import ScanDirection, selective_scan, selective_scan_bidirectional
-from cab_jax.models.layers import Dtype, dense
+from cab_jax.models.layers import Dtype, dense, torch_uniform
 
 A_INITS = ("s4d", "cab")
 CAB_A_LOG = -20.0  # CAB's constant A_log init: A = -exp(-20) ~ 0, i.e. no decay.
@@ -50,26 +50,16 @@ def _a_log_init(a_init: str, d_inner: int, d_state: int) -> jax.Array:
     raise ValueError(f"unknown A init {a_init!r}; expected one of {A_INITS}")
 
 
-def _torch_linear_init(fan_in: int):
-    """PyTorch's default nn.Linear kernel init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-    bound = 1.0 / math.sqrt(fan_in)
-    return lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
-
-
 class SSMDirection(nnx.Module):
     """The per-direction parameters of a Mamba mixer: causal depthwise conv, x_proj, dt_proj, A_log, D."""
 
     def __init__(self, d_inner: int, d_state: int, dt_rank: int, d_conv: int, a_init: str, *,
                  rngs: nnx.Rngs, dtype: Dtype):
-        conv_bound = 1.0 / math.sqrt(d_conv)
-        self.conv_kernel = nnx.Param(
-            jax.random.uniform(rngs.params(), (d_conv, d_inner), jnp.float32, -conv_bound, conv_bound),
-            logical_axes=(None, "inner"))
-        self.conv_bias = nnx.Param(
-            jax.random.uniform(rngs.params(), (d_inner,), jnp.float32, -conv_bound, conv_bound),
-            logical_axes=("inner",))
+        conv_init = torch_uniform(d_conv)  # depthwise Conv1d: fan_in = kernel size
+        self.conv_kernel = nnx.Param(conv_init(rngs.params(), (d_conv, d_inner)), logical_axes=(None, "inner"))
+        self.conv_bias = nnx.Param(conv_init(rngs.params(), (d_inner,)), logical_axes=("inner",))
         self.x_proj = dense(d_inner, dt_rank + 2 * d_state, ("inner", None), rngs=rngs, use_bias=False,
-                            kernel_init=_torch_linear_init(d_inner), dtype=dtype)
+                            kernel_init=torch_uniform(d_inner), dtype=dtype)
         dt_std = dt_rank**-0.5
         self.dt_proj = dense(
             dt_rank, d_inner, (None, "inner"), rngs=rngs, dtype=dtype,
@@ -134,13 +124,13 @@ class Mamba(nnx.Module):
         dt_rank = dt_rank or math.ceil(d_model / 16)
         self.d_inner, self.bidirectional, self.scan_impl = d_inner, bidirectional, scan_impl
         self.in_proj = dense(d_model, 2 * d_inner, ("embed", "inner"), rngs=rngs, use_bias=False,
-                             kernel_init=_torch_linear_init(d_model), dtype=dtype)
+                             kernel_init=torch_uniform(d_model), dtype=dtype)
         self.fwd = SSMDirection(d_inner, d_state, dt_rank, d_conv, a_init, rngs=rngs, dtype=dtype)
         self.bwd = (SSMDirection(d_inner, d_state, dt_rank, d_conv, a_init, rngs=rngs, dtype=dtype)
                     if bidirectional else None)
         # Vim rescales out_proj by 1/sqrt(n_layer) (GPT-2 style prenorm-residual init).
         out_scale = 1.0 / math.sqrt(num_layers_for_init)
-        base = _torch_linear_init(d_inner)
+        base = torch_uniform(d_inner)
         self.out_proj = dense(d_inner, d_model, ("inner", "embed"), rngs=rngs, use_bias=False,
                               kernel_init=lambda k, s, d: base(k, s, d) * out_scale, dtype=dtype)
 

@@ -12,7 +12,6 @@ keys and queries.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import jax
@@ -20,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cab_jax.kernels.ssd import SSD_IMPLS, ssd, ssd_step
-from cab_jax.models.layers import Dtype, dense
+from cab_jax.models.layers import Dtype, dense, torch_uniform
 from cab_jax.models.mamba import causal_depthwise_conv
 
 CONV_ACTIVATIONS = ("identity", "silu")
@@ -31,12 +30,6 @@ class Mamba2Cache(NamedTuple):
 
     conv: jax.Array  # (batch, d_conv - 1, conv_dim): the last d_conv - 1 convolution inputs (xBC).
     ssm: jax.Array  # (batch, n_v_heads, head_dim, d_state) float32: the SSM state after the last token.
-
-
-def torch_uniform(fan_in: int):
-    """PyTorch's default Linear/Conv1d init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (kernel and bias alike)."""
-    bound = 1.0 / math.sqrt(fan_in)
-    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
 def torch_linear(in_features: int, out_features: int, axes: tuple[str | None, str | None], *, rngs: nnx.Rngs,
