@@ -49,7 +49,7 @@ class Generator:
 
     def __call__(self, prompt: np.ndarray, max_new_tokens: int, temperature: float = 0.0,
                  seed: int = 0) -> tuple[np.ndarray, float]:
-        """prompt (batch, n) int -> (batch, max_new_tokens) new tokens and decode tokens/s (after the first)."""
+        """prompt (batch, n) int -> (batch, max_new_tokens) new tokens and decode tokens/s (steps 2 onwards)."""
         batch, n = prompt.shape
         cache = self.model.init_cache(batch, n + max_new_tokens)
         for start in range(0, n, self.prefill_chunk):
