@@ -1,9 +1,12 @@
 """Mamba-1 selective scan as Pallas kernels lowered through Triton (GPU), forward and backward.
 
-One program owns one batch element and ``block_d`` channels of d_inner; its state (block_d, d_state) stays
+One program owns one batch element and ``block_d`` channels of d_inner; its state (d_state, block_d) stays
 in registers, float32, while it walks the length in chunks of ``chunk`` positions (unrolled inside a
-chunk). delta_bias + softplus, the D skip and the silu(z) gate are fused. Lengths and d_inner need not be
-multiples of the blocks: out-of-range positions get delta = 0 (state unchanged) and stores are masked.
+chunk). The kernels are bound by instruction issue (BENCHMARKS.md), so compiled they spell the exps and
+the state update in PTX: one ``ex2.approx.ftz`` and one ``fma.rn`` per state entry where Triton's lowering
+emits libdevice's exp2f and separate multiplies and adds. delta_bias + softplus, the D skip and the
+silu(z) gate are fused. Lengths and d_inner need not be multiples of the blocks: out-of-range positions get
+delta = 0 (state unchanged) and stores are masked.
 
 One launch can run two directions that share the output and z (Vim's bidirectional mixer): the second
 reads its inputs from the last position to the first, in place, and adds into the first one's float32
@@ -87,12 +90,12 @@ class _Geometry:
         return pl.BlockSpec(shape, lambda b, d: (0,) * len(shape))
 
     def dir_specs(self) -> list[pl.BlockSpec]:
-        return [self.seq_spec(self.d_inner), self.seq_spec(self.d_inner), self.full_spec((self.d_inner, self.d_state)),
+        return [self.seq_spec(self.d_inner), self.seq_spec(self.d_inner), self.full_spec((self.d_state, self.d_inner)),
                 self.seq_spec(self.d_state), self.seq_spec(self.d_state), self.full_spec((self.d_inner,)),
                 self.full_spec((self.d_inner,))]
 
     def states_spec(self) -> pl.BlockSpec:
-        return pl.BlockSpec((pl.squeezed, self.n_chunks, self.d_inner, self.n_pad), lambda b, d: (b, 0, 0, 0))
+        return pl.BlockSpec((pl.squeezed, self.n_chunks, self.n_pad, self.d_inner), lambda b, d: (b, 0, 0, 0))
 
 
 def _load_row(ref, t, cols, mask):
@@ -119,15 +122,14 @@ class _Step(NamedTuple):
 class _Direction:
     """One direction's parameters, loaded once per program, and its per-chunk loads."""
 
-    def __init__(self, refs, geo: _Geometry, reverse: bool, delta_softplus: bool):
+    def __init__(self, refs, geo: _Geometry, reverse: bool, cfg: KernelConfig):
         self.u, self.delta, a_ref, self.B, self.C, d_ref, bias_ref = refs
-        self.geo, self.reverse, self.delta_softplus = geo, reverse, delta_softplus
+        self.geo, self.reverse, self.delta_softplus, self.asm = geo, reverse, cfg.delta_softplus, not cfg.interpret
         self.cols, self.dmask = geo.channels()
         self.nmask = jnp.arange(geo.n_pad) < geo.d_state
         self.ncols = pl.ds(0, geo.n_pad)
-        self.A = plgpu.load(a_ref.at[self.cols, self.ncols], mask=self.dmask[:, None] & self.nmask[None, :],
+        self.A = plgpu.load(a_ref.at[self.ncols, self.cols], mask=self.nmask[:, None] & self.dmask[None, :],
                             other=0.0).astype(_F32)
-        self.A2 = self.A * _LOG2E  # exp(dt * A) = exp2(dt * A2)
         self.D = plgpu.load(d_ref.at[self.cols], mask=self.dmask, other=0.0).astype(_F32)
         self.bias = plgpu.load(bias_ref.at[self.cols], mask=self.dmask, other=0.0).astype(_F32)
 
@@ -156,11 +158,11 @@ class _Direction:
         return [self.geo.position(c * self.geo.chunk + i, self.reverse) for i in range(self.geo.chunk)]
 
     def decay(self, s: _Step) -> jax.Array:
-        return jnp.exp2(s.dt[:, None] * self.A2)
+        return _ex2(self.A * (s.dt * _LOG2E)[None, :], self.asm)  # exp(dt * A)
 
     def update(self, h: jax.Array, s: _Step, decay: jax.Array | None = None) -> jax.Array:
         decay = self.decay(s) if decay is None else decay
-        return decay * h + (s.dt * s.u)[:, None] * s.b[None, :]
+        return _fma(decay, h, s.b[:, None] * (s.dt * s.u)[None, :], self.asm)
 
 
 def _prefetched_chunk_loop(geo: _Geometry, backwards: bool, load, body, init):
@@ -174,6 +176,24 @@ def _prefetched_chunk_loop(geo: _Geometry, backwards: bool, load, body, init):
         return body(chunk_of(j), rows, carry), upcoming
 
     return jax.lax.fori_loop(0, geo.n_chunks, step, (init, load(chunk_of(0))))[0]
+
+
+def _ex2(x: jax.Array, asm: bool) -> jax.Array:
+    """2**x; compiled, one ``ex2.approx.ftz`` (libdevice's exp2f adds a subnormal range fix-up per element)."""
+    if not asm:
+        return jnp.exp2(x)
+    return plgpu.elementwise_inline_asm("ex2.approx.ftz.f32 $0, $1;", args=[x], constraints="=f,f", pack=1,
+                                        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, _F32)])[0]
+
+
+def _fma(a: jax.Array, b: jax.Array, c: jax.Array, asm: bool) -> jax.Array:
+    """a * b + c; compiled, one ``fma.rn`` (XLA's Triton pipeline does not contract multiplies and adds)."""
+    if not asm:
+        return a * b + c
+    shape = jnp.broadcast_shapes(a.shape, b.shape, c.shape)
+    args = [jnp.broadcast_to(x, shape) for x in (a, b, c)]
+    return plgpu.elementwise_inline_asm("fma.rn.f32 $0, $1, $2, $3;", args=args, constraints="=f,f,f,f", pack=1,
+                                        result_shape_dtypes=[jax.ShapeDtypeStruct(shape, _F32)])[0]
 
 
 def _silu_gate(z):
@@ -190,7 +210,7 @@ def _forward_kernel(*refs, geo: _Geometry, cfg: KernelConfig, has_z: bool, save:
     state_refs = rest if save else [None] * n_dirs
 
     for k, (drefs, reverse, state_ref) in enumerate(zip(dir_refs, cfg.reverses, state_refs, strict=True)):
-        d = _Direction(drefs, geo, reverse, cfg.delta_softplus)
+        d = _Direction(drefs, geo, reverse, cfg)
         first, last = k == 0, k == n_dirs - 1
         if not first and not cfg.interpret:  # (the interpreter has no threads to synchronise)
             plgpu.debug_barrier()  # the previous direction's sums in acc_ref are visible to every thread
@@ -199,10 +219,10 @@ def _forward_kernel(*refs, geo: _Geometry, cfg: KernelConfig, has_z: bool, save:
 
         def chunk_body(c, rows, h, d=d, first=first, last=last, state_ref=state_ref):
             if state_ref is not None:
-                plgpu.store(state_ref.at[c, d.cols, d.ncols], h, mask=d.dmask[:, None])
+                plgpu.store(state_ref.at[c, d.ncols, d.cols], h, mask=d.dmask[None, :])
             for s, (*_, acc, z) in zip(d.steps(c, rows), rows, strict=True):
                 h = d.update(h, s)
-                y = jnp.sum(h * s.c[None, :], axis=1) + d.D * s.u
+                y = jnp.sum(h * s.c[:, None], axis=0) + d.D * s.u
                 if acc is not None:
                     y = y + acc
                 if acc_ref is not None:
@@ -212,7 +232,7 @@ def _forward_kernel(*refs, geo: _Geometry, cfg: KernelConfig, has_z: bool, save:
             return h
 
         _prefetched_chunk_loop(geo, False, functools.partial(d.load_chunk, extra_refs=extra), chunk_body,
-                               jnp.zeros((geo.block_d, geo.n_pad), _F32))
+                               jnp.zeros((geo.n_pad, geo.block_d), _F32))
 
 
 def _backward_kernel(*refs, geo: _Geometry, cfg: KernelConfig, has_z: bool):
@@ -229,7 +249,7 @@ def _backward_kernel(*refs, geo: _Geometry, cfg: KernelConfig, has_z: bool):
 
     for k, (drefs, reverse, state_ref, grefs) in enumerate(
             zip(dir_refs, cfg.reverses, state_refs, grad_refs, strict=True)):
-        d = _Direction(drefs, geo, reverse, cfg.delta_softplus)
+        d = _Direction(drefs, geo, reverse, cfg)
         du_ref, ddelta_ref, da_ref, db_ref, dc_ref, dd_ref, dbias_ref = grefs
         write_dz = has_z and k == 0
 
@@ -239,7 +259,7 @@ def _backward_kernel(*refs, geo: _Geometry, cfg: KernelConfig, has_z: bool):
                        ddelta_ref=ddelta_ref, db_ref=db_ref, dc_ref=dc_ref):
             dh, dA, dD, dbias = carry
             steps = d.steps(c, rows)
-            states = [plgpu.load(state_ref.at[c, d.cols, d.ncols], mask=d.dmask[:, None], other=0.0)]
+            states = [plgpu.load(state_ref.at[c, d.ncols, d.cols], mask=d.dmask[None, :], other=0.0)]
             decays = [d.decay(s) for s in steps]  # one exp per state entry, reused by both sweeps
             for s, a in zip(steps, decays, strict=True):  # Recompute the chunk's states from its start.
                 states.append(d.update(states[-1], s, a))
@@ -250,29 +270,36 @@ def _backward_kernel(*refs, geo: _Geometry, cfg: KernelConfig, has_z: bool):
                     if write_dz:
                         _store_row(dz_ref, s.t, d.cols, dy * ypre * sig * (1.0 + z * (1.0 - sig)), s.mask)
                     dy = dy * z * sig
-                dh = dh + dy[:, None] * s.c[None, :]
-                _store_row(dc_ref, s.t, d.ncols, jnp.sum(dy[:, None] * states[i + 1], axis=0), s.nmask)
-                a = decays[i]
-                dh_a_hprev = dh * a * states[i]
-                ddt = jnp.sum(dh_a_hprev * d.A + dh * (s.u[:, None] * s.b[None, :]), axis=1)
-                dA = dA + s.dt[:, None] * dh_a_hprev
-                _store_row(db_ref, s.t, d.ncols, jnp.sum(dh * (s.dt * s.u)[:, None], axis=0), s.nmask)
-                _store_row(du_ref, s.t, d.cols, jnp.sum(dh * s.b[None, :], axis=1) * s.dt + d.D * dy, s.mask)
+                dh = _fma(s.c[:, None], dy[None, :], dh, d.asm)
+                _store_row(dc_ref, s.t, d.ncols, jnp.sum(states[i + 1] * dy[None, :], axis=1), s.nmask)
+                dh_a = dh * decays[i]  # dh of the previous position, before its output's term
+                dh_a_hprev = dh_a * states[i]
+                b_dh = jnp.sum(dh * s.b[:, None], axis=0)  # shared by du and d delta
+                ddt = jnp.sum(dh_a_hprev * d.A, axis=0) + s.u * b_dh
+                dA = _fma(dh_a_hprev, s.dt[None, :], dA, d.asm)
+                _store_row(db_ref, s.t, d.ncols, jnp.sum(dh * (s.dt * s.u)[None, :], axis=1), s.nmask)
+                _store_row(du_ref, s.t, d.cols, b_dh * s.dt + d.D * dy, s.mask)
                 dD = dD + dy * s.u
                 dpre = ddt * sigmoid(s.pre) if cfg.delta_softplus else ddt
                 dpre = jnp.where(s.mask, dpre, 0.0)
                 dbias = dbias + dpre
                 _store_row(ddelta_ref, s.t, d.cols, dpre, s.mask)
-                dh = a * dh
+                dh = dh_a
             return dh, dA, dD, dbias
 
-        zeros_dn = jnp.zeros((geo.block_d, geo.n_pad), _F32)
+        zeros_dn = jnp.zeros((geo.n_pad, geo.block_d), _F32)
         zeros_d = jnp.zeros((geo.block_d,), _F32)
         _, dA, dD, dbias = _prefetched_chunk_loop(geo, True, functools.partial(d.load_chunk, extra_refs=extra),
                                                   chunk_body, (zeros_dn, zeros_dn, zeros_d, zeros_d))
-        plgpu.store(da_ref.at[cols, d.ncols], dA, mask=dmask[:, None])
+        plgpu.store(da_ref.at[d.ncols, cols], dA, mask=dmask[None, :])
         plgpu.store(dd_ref.at[cols], dD, mask=dmask)
         plgpu.store(dbias_ref.at[cols], dbias, mask=dmask)
+
+
+def _channels_last(dirs: tuple[ScanDirection, ...]) -> tuple[ScanDirection, ...]:
+    """A as (d_state, d_inner), like the kernels' state tiles (whose saved copies are then contiguous in
+    channels)."""
+    return tuple(d._replace(A=d.A.T) for d in dirs)
 
 
 def _compiler_params(blocks: BlockSizes) -> plgpu.CompilerParams:
@@ -284,7 +311,7 @@ def _forward(dirs: tuple[ScanDirection, ...], z: jax.Array | None, cfg: KernelCo
     geo = _Geometry(u, dirs[0].A.shape[1], cfg.blocks)
     act = jax.ShapeDtypeStruct(u.shape, u.dtype)
     act32 = jax.ShapeDtypeStruct(u.shape, _F32)
-    states = jax.ShapeDtypeStruct((geo.batch, geo.n_chunks, geo.d_inner, geo.n_pad), _F32)
+    states = jax.ShapeDtypeStruct((geo.batch, geo.n_chunks, geo.n_pad, geo.d_inner), _F32)
     keep_acc = save or len(dirs) > 1
     out_shape = [act] + ([act32] if keep_acc else []) + ([states] * len(dirs) if save else [])
     out_specs = ([geo.seq_spec(geo.d_inner)] * (2 if keep_acc else 1)
@@ -294,7 +321,7 @@ def _forward(dirs: tuple[ScanDirection, ...], z: jax.Array | None, cfg: KernelCo
         functools.partial(_forward_kernel, geo=geo, cfg=cfg, has_z=z is not None, save=save),
         grid=geo.grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
         compiler_params=_compiler_params(cfg.blocks), interpret=cfg.interpret, name="selective_scan_fwd",
-    )(*[x for d in dirs for x in d], *([z] if z is not None else []))
+    )(*[x for d in _channels_last(dirs) for x in d], *([z] if z is not None else []))
     if not save:
         return outs[0], None, None
     return outs[0], outs[1], tuple(outs[2:])
@@ -307,9 +334,9 @@ def _backward(dirs, z, ypre, states, dout, cfg: KernelConfig):
     act32 = jax.ShapeDtypeStruct(u.shape, _F32)
     per_dblock = jax.ShapeDtypeStruct((b, n_db, length, n_pad), _F32)
     per_dblock_spec = pl.BlockSpec((pl.squeezed, pl.squeezed, length, n_pad), lambda i, j: (i, j, 0, 0))
-    per_batch_dn = jax.ShapeDtypeStruct((b, d_inner, n_pad), _F32)
+    per_batch_dn = jax.ShapeDtypeStruct((b, n_pad, d_inner), _F32)
     per_batch_d = jax.ShapeDtypeStruct((b, d_inner), _F32)
-    batch_dn_spec = pl.BlockSpec((pl.squeezed, d_inner, n_pad), lambda i, j: (i, 0, 0))
+    batch_dn_spec = pl.BlockSpec((pl.squeezed, n_pad, d_inner), lambda i, j: (i, 0, 0))
     batch_d_spec = pl.BlockSpec((pl.squeezed, d_inner), lambda i, j: (i, 0))
     grad_shapes = [act32, act32, per_batch_dn, per_dblock, per_dblock, per_batch_d, per_batch_d]
     grad_specs = [geo.seq_spec(d_inner)] * 2 + [batch_dn_spec, per_dblock_spec, per_dblock_spec,
@@ -324,19 +351,19 @@ def _backward(dirs, z, ypre, states, dout, cfg: KernelConfig):
         functools.partial(_backward_kernel, geo=geo, cfg=cfg, has_z=has_z),
         grid=geo.grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
         compiler_params=_compiler_params(cfg.blocks), interpret=cfg.interpret, name="selective_scan_bwd",
-    )(*[x for d in dirs for x in d], *([z, ypre] if has_z else []), dout, *states)
+    )(*[x for d in _channels_last(dirs) for x in d], *([z, ypre] if has_z else []), dout, *states)
     dz = outs[0] if has_z else None
     raw = outs[1:] if has_z else outs
     grads = []
     for k in range(len(dirs)):
         du, ddelta, dA, dB, dC, dD, dbias = raw[k * _N_INPUTS:(k + 1) * _N_INPUTS]
         n = geo.d_state
-        grads.append(DirectionGrads(du, ddelta, dA.sum(0)[:, :n], dB.sum(1)[..., :n], dC.sum(1)[..., :n],
+        grads.append(DirectionGrads(du, ddelta, dA.sum(0)[:n].T, dB.sum(1)[..., :n], dC.sum(1)[..., :n],
                                     dD.sum(0), dbias.sum(0)))
     return tuple(grads), dz
 
 
-_scan = make_scan(_forward, _backward, lambda batch, channels: P(batch, None, channels, None))
+_scan = make_scan(_forward, _backward, lambda batch, channels: P(batch, None, None, channels))
 
 
 def selective_scan_pallas_gpu(
