@@ -5,6 +5,21 @@ from __future__ import annotations
 
 import time
 
+# Selective-scan benchmark shapes, name: (batch, length, d_inner, d_state, bidirectional): the Vim-Ti/S/B
+# training shapes of one mixer and a long single-direction one.
+SCAN_SHAPES = {
+    "vim_ti": (128, 197, 384, 16, True),
+    "vim_s": (128, 197, 768, 16, True),
+    "vim_b": (128, 197, 1536, 16, True),
+    "long": (8, 4096, 2048, 16, False),
+}
+_PEAK_GBPS = {"H100": 3350.0, "H200": 4800.0}  # SXM HBM3 / HBM3e datasheet peaks
+
+
+def hbm_peak_gbps(device_name: str) -> float:
+    """Datasheet HBM bandwidth of a known GPU (by its name), else 0."""
+    return next((v for k, v in _PEAK_GBPS.items() if k in device_name), 0.0)
+
 
 def timed(fn, args, iters: int) -> float:
     """Median milliseconds of ``iters`` calls of ``fn(*args)``, after one compile-and-warm-up call."""

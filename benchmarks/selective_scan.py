@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from common import error_message, markdown_table, timed  # benchmarks/common.py
+from common import SCAN_SHAPES, error_message, hbm_peak_gbps, markdown_table, timed  # benchmarks/common.py
 
 from cab_jax.kernels.selective_scan import (
     BlockSizes,
@@ -31,15 +31,6 @@ from cab_jax.kernels.selective_scan import (
     selective_scan,
     selective_scan_bidirectional,
 )
-
-# name: (batch, length, d_inner, d_state, bidirectional)
-SHAPES = {
-    "vim_ti": (128, 197, 384, 16, True),
-    "vim_s": (128, 197, 768, 16, True),
-    "vim_b": (128, 197, 1536, 16, True),
-    "long": (8, 4096, 2048, 16, False),
-}
-PEAK_GBPS = {"H100": 3350.0, "H200": 4800.0}  # SXM HBM3 / HBM3e datasheet peaks
 
 
 def make_inputs(shape: tuple, dtype: str, seed: int = 0) -> tuple[list[ScanDirection], jax.Array]:
@@ -82,7 +73,7 @@ def nbytes(tree) -> int:
 
 
 def measure(name: str, impl: str, dtype: str, iters: int, blocks: BlockSizes | None, check: bool) -> dict:
-    shape = SHAPES[name]
+    shape = SCAN_SHAPES[name]
     dirs, z = make_inputs(shape, dtype)
     run = scan_fn(impl, len(dirs), blocks)
     fwd = jax.jit(run)
@@ -114,7 +105,7 @@ def main() -> None:
     parser.add_argument("--check", action="store_true")
     args = parser.parse_args()
     kind = jax.devices()[0].device_kind
-    peak = args.peak_gbps or next((v for k, v in PEAK_GBPS.items() if k in kind), 0.0)
+    peak = args.peak_gbps or hbm_peak_gbps(kind)
     blocks = BlockSizes(*map(int, args.blocks.split(","))) if args.blocks else None
     print(f"device: {kind}, jax {jax.__version__}, peak HBM {peak or '?'} GB/s, blocks {blocks or 'default'}")
     rows = []

@@ -36,15 +36,9 @@ import torch
 import torch.nn.functional as F
 
 HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
 
-# name: (batch, length, d_inner, d_state, bidirectional), as in benchmarks/selective_scan.py
-SHAPES = {
-    "vim_ti": (128, 197, 384, 16, True),
-    "vim_s": (128, 197, 768, 16, True),
-    "vim_b": (128, 197, 1536, 16, True),
-    "long": (8, 4096, 2048, 16, False),
-}
-PEAK_GBPS = {"H100": 3350.0, "H200": 4800.0}
+from common import SCAN_SHAPES, hbm_peak_gbps, markdown_table  # benchmarks/common.py  # noqa: E402
 
 
 def load_extension(build_dir: pathlib.Path):
@@ -229,12 +223,6 @@ def check(ext, dev, batch, d_inner, length, d_state=16, seed=1) -> float:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def markdown_table(rows, columns):
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(str(r.get(c, "")) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="vim_ti,vim_s,vim_b,long")
@@ -252,7 +240,7 @@ def main() -> None:
     ext = load_extension(pathlib.Path(args.build_dir))
     dev = torch.device("cuda")
     name = torch.cuda.get_device_name(dev)
-    peak = args.peak_gbps or next((v for k, v in PEAK_GBPS.items() if k in name), 0.0)
+    peak = args.peak_gbps or hbm_peak_gbps(name)
     print(f"device: {name} (sm_{''.join(map(str, torch.cuda.get_device_capability(dev)))}), torch {torch.__version__},"
           f" CUDA {torch.version.cuda}, extension {ext.__file__}")
     print(f"peak HBM {peak or '?'} GB/s, timer {args.timer}, median of {args.iters} after {args.warmup} warm-up")
@@ -267,7 +255,7 @@ def main() -> None:
 
     rows = []
     for shape_name in args.shapes.split(","):
-        batch, length, d_inner, d_state, bi = SHAPES[shape_name]
+        batch, length, d_inner, d_state, bi = SCAN_SHAPES[shape_name]
         fwd_bytes, bwd_bytes = input_bytes(batch, length, d_inner, d_state, 2 if bi else 1)
         variants = [False] if not bi else ([False] if args.no_flips else [False, True])
         gen = torch.Generator(device=dev).manual_seed(0)
