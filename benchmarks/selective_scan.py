@@ -4,7 +4,8 @@
 
 GB/s and "% roofline" count only the bytes that must move at least once: every input read once and the
 output written once (forward), plus the output gradient read once and every input gradient written once
-(forward+backward), divided by the time; the roofline is the device's peak HBM bandwidth. The Vim shapes are
+(forward+backward), divided by the time; the roofline is the device's peak HBM bandwidth. "temp MiB" is
+the compiled forward+backward's scratch memory (what it saves for the backward pass, partial sums). The Vim shapes are
 bidirectional (two directions with their own u, delta, A, B, C, D, delta_bias, one z), as in Vim's mixer;
 "long" is one direction. ``--check`` also prints the largest difference to the sequential reference.
 Prints a Markdown table.
@@ -87,6 +88,8 @@ def measure(name: str, impl: str, dtype: str, iters: int, blocks: BlockSizes | N
         ms = timed(fn, (dirs, z), iters)
         row[f"{label} ms"] = round(ms, 3)
         row[f"{label} GB/s"] = round(moved / ms / 1e6, 1)
+    memory = fwd_bwd.lower(dirs, z).compile().memory_analysis()  # temporaries: residuals, partial sums
+    row["fwd+bwd temp MiB"] = round(memory.temp_size_in_bytes / 2**20) if memory is not None else "?"
     if check:
         y_ref = jax.jit(scan_fn("reference", len(dirs), None))(dirs, z)
         row["max |y - ref| / max |ref|"] = float(jnp.max(jnp.abs(y.astype(jnp.float32) - y_ref.astype(jnp.float32)))

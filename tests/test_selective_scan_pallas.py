@@ -29,11 +29,12 @@ from cab_jax.kernels.selective_scan import api as scan_api
 ON_CPU = jax.default_backend() == "cpu"
 
 # Per kernel: (unidirectional fn, bidirectional fn, block sizes, d_inner). Small blocks so that d_inner spans
-# several channel blocks with a partial last one, and lengths span several chunks with a partial last one.
+# several channel blocks with a partial last one, and lengths span several chunks with a partial last one
+# (on GPU, several segments of 3 chunks with a partial last one).
 KERNELS = {
     "gpu": (functools.partial(pallas_gpu.selective_scan_pallas_gpu, interpret=ON_CPU),
             functools.partial(pallas_gpu.selective_scan_bidirectional_pallas_gpu, interpret=ON_CPU),
-            BlockSizes(chunk=8, block_d=16), 40),
+            BlockSizes(chunk=4, block_d=16, save_every=3), 40),
     "tpu": (functools.partial(pallas_tpu.selective_scan_pallas_tpu, interpret=True),
             functools.partial(pallas_tpu.selective_scan_bidirectional_pallas_tpu, interpret=True),
             BlockSizes(chunk=8, block_d=128), 200),
@@ -134,9 +135,31 @@ def test_bidirectional_kernel_equals_two_unidirectional_runs(backend):
     np.testing.assert_allclose(fused, pre * jax.nn.silu(z), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("save_every", [1, 4, 100])
+def test_gpu_checkpoint_spacing_changes_nothing(save_every):
+    """Saving the state every chunk, every few chunks or once gives the same values and gradients: the
+    backward pass recomputes the same states with the same operations (up to how XLA contracts them)."""
+    (kf, static), (kb, _) = _directions(45, 16, "float32", "full", 40, 2)
+    z = kf.pop("z")
+    kb.pop("z")
+    fwd, bwd = ScanDirection(**kf), ScanDirection(**kb)
+
+    def value_and_grads(blocks):
+        fn = lambda f, b, z: KERNELS["gpu"][1](f, b, z, static["delta_softplus"], blocks=blocks)
+        loss = lambda f, b, z: jnp.sum(jnp.sin(fn(f, b, z)))
+        return fn(fwd, bwd, z), jax.grad(loss, argnums=(0, 1, 2))(fwd, bwd, z)
+
+    expected = value_and_grads(BlockSizes(chunk=4, block_d=16, save_every=2))
+    got = value_and_grads(BlockSizes(chunk=4, block_d=16, save_every=save_every))
+    for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
+
+
 def test_block_sizes_validate():
     with pytest.raises(ValueError, match=r"BlockSizes\.chunk must be >= 1"):
         BlockSizes(chunk=0)
+    with pytest.raises(ValueError, match=r"BlockSizes\.save_every must be >= 1"):
+        BlockSizes(save_every=0)
 
 
 # ------------------------------------------------------------------------------------------ dispatch

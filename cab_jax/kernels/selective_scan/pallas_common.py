@@ -47,15 +47,19 @@ class BlockSizes:
         pass recomputes the states inside a chunk from it (memory ~ length / chunk states).
     block_d: channels of d_inner per program (a power of two on GPU, a multiple of 128 on TPU).
     num_warps, num_stages: Triton launch parameters (GPU only).
+    save_every: GPU only: the forward pass stores the state at the start of every ``save_every`` chunks
+        (a segment) instead of every chunk; the backward pass first recomputes a segment's chunk-start
+        states into a per-program scratch buffer, then walks the segment's chunks backwards.
     """
 
     chunk: int = 16
     block_d: int = 32
     num_warps: int = 4
     num_stages: int = 1
+    save_every: int = 1
 
     def __post_init__(self):
-        for name in ("chunk", "block_d", "num_warps", "num_stages"):
+        for name in ("chunk", "block_d", "num_warps", "num_stages", "save_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"BlockSizes.{name} must be >= 1, got {getattr(self, name)}")
 

@@ -10,8 +10,10 @@ delta = 0 (state unchanged) and stores are masked.
 
 One launch can run two directions that share the output and z (Vim's bidirectional mixer): the second
 reads its inputs from the last position to the first, in place, and adds into the first one's float32
-sum. The forward pass of training also stores the state at every chunk start; the backward pass walks
-the chunks from the end, recomputes the states inside a chunk from that, and carries dh backwards.
+sum. The forward pass of training also stores the state at the start of every segment (``save_every``
+chunks). The backward pass walks the segments from the end: it recomputes the segment's chunk-start
+states from the saved one into a small per-program scratch buffer (which stays in L2), then walks the
+segment's chunks backwards, recomputes the states inside a chunk from its start, and carries dh backwards.
 Gradients that sum over channels (dB, dC) are written per channel block and summed afterwards; those
 that sum over batch and length (dA, dD, d delta_bias) are written per batch element: no atomics, so the
 result is deterministic.
@@ -48,7 +50,7 @@ _LOG2E = 1.0 / math.log(2.0)
 
 # Tuned on an H100 at the Vim-S shape (BENCHMARKS.md): short chunks keep the unrolled chunk (its states and
 # the next chunk's prefetched rows) in registers. Larger states get fewer channels per program.
-DEFAULT_BLOCKS = BlockSizes(chunk=2, block_d=32, num_warps=1, num_stages=1)
+DEFAULT_BLOCKS = BlockSizes(chunk=2, block_d=32, num_warps=1, num_stages=1, save_every=8)
 
 
 def default_blocks(d_state: int) -> BlockSizes:
@@ -70,6 +72,9 @@ class _Geometry:
         self.block_d, self.chunk = _next_pow2(blocks.block_d), blocks.chunk
         self.n_dblocks = -(-self.d_inner // self.block_d)
         self.n_chunks = num_chunks(self.length, self.chunk)
+        # Segments of save_every chunks, evened out so that the last one is not mostly past the end.
+        self.n_segments = num_chunks(self.n_chunks, blocks.save_every)
+        self.save_every = num_chunks(self.n_chunks, self.n_segments)
         self.grid = (self.batch, self.n_dblocks)
 
     def channels(self):
@@ -95,7 +100,13 @@ class _Geometry:
                 self.full_spec((self.d_inner,))]
 
     def states_spec(self) -> pl.BlockSpec:
-        return pl.BlockSpec((pl.squeezed, self.n_chunks, self.n_pad, self.d_inner), lambda b, d: (b, 0, 0, 0))
+        return pl.BlockSpec((pl.squeezed, self.n_segments, self.n_pad, self.d_inner), lambda b, d: (b, 0, 0, 0))
+
+    def scratch(self) -> tuple[jax.ShapeDtypeStruct, pl.BlockSpec]:
+        """The backward pass's per-program buffer of one segment's chunk-start states."""
+        shape = (self.batch, self.n_dblocks, self.save_every, self.n_pad, self.block_d)
+        return (jax.ShapeDtypeStruct(shape, _F32),
+                pl.BlockSpec((pl.squeezed, pl.squeezed, *shape[2:]), lambda b, d: (b, d, 0, 0, 0)))
 
 
 def _load_row(ref, t, cols, mask):
@@ -165,17 +176,18 @@ class _Direction:
         return _fma(decay, h, s.b[:, None] * (s.dt * s.u)[None, :], self.asm)
 
 
-def _prefetched_chunk_loop(geo: _Geometry, backwards: bool, load, body, init):
-    """fori over the chunks (last to first when ``backwards``) where chunk j+1's loads are issued before
-    chunk j's compute, so that memory latency overlaps the sequential work: body(c, rows, carry) -> carry."""
-    chunk_of = (lambda j: geo.n_chunks - 1 - j) if backwards else (lambda j: j)
+def _prefetched_chunk_loop(first, count: int, backwards: bool, load, body, init):
+    """fori over chunks ``first .. first + count - 1`` (last to first when ``backwards``) where the next
+    chunk's loads are issued before this chunk's compute, so that memory latency overlaps the sequential
+    work: body(c, rows, carry) -> carry."""
+    chunk_of = (lambda j: first + count - 1 - j) if backwards else (lambda j: first + j)
 
     def step(j, state):
         carry, rows = state
         upcoming = load(chunk_of(j + 1))
         return body(chunk_of(j), rows, carry), upcoming
 
-    return jax.lax.fori_loop(0, geo.n_chunks, step, (init, load(chunk_of(0))))[0]
+    return jax.lax.fori_loop(0, count, step, (init, load(chunk_of(0))))[0]
 
 
 def _ex2(x: jax.Array, asm: bool) -> jax.Array:
@@ -218,8 +230,10 @@ def _forward_kernel(*refs, geo: _Geometry, cfg: KernelConfig, has_z: bool, save:
         extra = (None if first else acc_ref, z_ref if last else None)
 
         def chunk_body(c, rows, h, d=d, first=first, last=last, state_ref=state_ref):
-            if state_ref is not None:
-                plgpu.store(state_ref.at[c, d.ncols, d.cols], h, mask=d.dmask[None, :])
+            if state_ref is not None:  # at segment starts only (c >= 0: lax's truncating div and rem)
+                every = jnp.int32(geo.save_every)
+                plgpu.store(state_ref.at[jax.lax.div(c, every), d.ncols, d.cols], h,
+                            mask=d.dmask[None, :] & (jax.lax.rem(c, every) == 0))
             for s, (*_, acc, z) in zip(d.steps(c, rows), rows, strict=True):
                 h = d.update(h, s)
                 y = jnp.sum(h * s.c[:, None], axis=0) + d.D * s.u
@@ -231,8 +245,8 @@ def _forward_kernel(*refs, geo: _Geometry, cfg: KernelConfig, has_z: bool, save:
                     _store_row(out_ref, s.t, d.cols, y if z is None else y * _silu_gate(z), s.mask)
             return h
 
-        _prefetched_chunk_loop(geo, False, functools.partial(d.load_chunk, extra_refs=extra), chunk_body,
-                               jnp.zeros((geo.n_pad, geo.block_d), _F32))
+        _prefetched_chunk_loop(0, geo.n_chunks, False, functools.partial(d.load_chunk, extra_refs=extra),
+                               chunk_body, jnp.zeros((geo.n_pad, geo.block_d), _F32))
 
 
 def _backward_kernel(*refs, geo: _Geometry, cfg: KernelConfig, has_z: bool):
@@ -244,8 +258,10 @@ def _backward_kernel(*refs, geo: _Geometry, cfg: KernelConfig, has_z: bool):
     dout_ref = rest.pop(0)
     state_refs = [rest.pop(0) for _ in range(n_dirs)]
     dz_ref = rest.pop(0) if has_z else None
+    scratch_ref = rest.pop()
     grad_refs = [rest[i * _N_INPUTS:(i + 1) * _N_INPUTS] for i in range(n_dirs)]
     cols, dmask = geo.channels()
+    barrier = (lambda: None) if cfg.interpret else plgpu.debug_barrier  # scratch written by other threads
 
     for k, (drefs, reverse, state_ref, grefs) in enumerate(
             zip(dir_refs, cfg.reverses, state_refs, grad_refs, strict=True)):
@@ -255,11 +271,17 @@ def _backward_kernel(*refs, geo: _Geometry, cfg: KernelConfig, has_z: bool):
 
         extra = (dout_ref, z_ref, ypre_ref if write_dz else None)
 
-        def chunk_body(c, rows, carry, d=d, write_dz=write_dz, state_ref=state_ref, du_ref=du_ref,
-                       ddelta_ref=ddelta_ref, db_ref=db_ref, dc_ref=dc_ref):
+        def recompute_body(c, rows, h, d=d, first=None):
+            scratch_ref[c - first] = h
+            for s in d.steps(c, rows):
+                h = d.update(h, s)
+            return h
+
+        def chunk_body(c, rows, carry, d=d, write_dz=write_dz, du_ref=du_ref, ddelta_ref=ddelta_ref,
+                       db_ref=db_ref, dc_ref=dc_ref, first=None):
             dh, dA, dD, dbias = carry
             steps = d.steps(c, rows)
-            states = [plgpu.load(state_ref.at[c, d.ncols, d.cols], mask=d.dmask[None, :], other=0.0)]
+            states = [scratch_ref[c - first]]
             decays = [d.decay(s) for s in steps]  # one exp per state entry, reused by both sweeps
             for s, a in zip(steps, decays, strict=True):  # Recompute the chunk's states from its start.
                 states.append(d.update(states[-1], s, a))
@@ -287,10 +309,23 @@ def _backward_kernel(*refs, geo: _Geometry, cfg: KernelConfig, has_z: bool):
                 dh = dh_a
             return dh, dA, dD, dbias
 
+        def segment_body(j, carry, d=d, state_ref=state_ref, recompute_body=recompute_body,
+                         chunk_body=chunk_body, extra=extra):
+            segment = geo.n_segments - 1 - j
+            first = segment * geo.save_every
+            h = plgpu.load(state_ref.at[segment, d.ncols, d.cols], mask=d.dmask[None, :], other=0.0)
+            barrier()  # the previous segment's reads of the scratch are done
+            _prefetched_chunk_loop(first, geo.save_every, False, d.load_chunk,
+                                   functools.partial(recompute_body, first=first), h)
+            barrier()
+            return _prefetched_chunk_loop(first, geo.save_every, True,
+                                          functools.partial(d.load_chunk, extra_refs=extra),
+                                          functools.partial(chunk_body, first=first), carry)
+
         zeros_dn = jnp.zeros((geo.n_pad, geo.block_d), _F32)
         zeros_d = jnp.zeros((geo.block_d,), _F32)
-        _, dA, dD, dbias = _prefetched_chunk_loop(geo, True, functools.partial(d.load_chunk, extra_refs=extra),
-                                                  chunk_body, (zeros_dn, zeros_dn, zeros_d, zeros_d))
+        _, dA, dD, dbias = jax.lax.fori_loop(0, geo.n_segments, segment_body,
+                                             (zeros_dn, zeros_dn, zeros_d, zeros_d))
         plgpu.store(da_ref.at[d.ncols, cols], dA, mask=dmask[None, :])
         plgpu.store(dd_ref.at[cols], dD, mask=dmask)
         plgpu.store(dbias_ref.at[cols], dbias, mask=dmask)
@@ -311,7 +346,7 @@ def _forward(dirs: tuple[ScanDirection, ...], z: jax.Array | None, cfg: KernelCo
     geo = _Geometry(u, dirs[0].A.shape[1], cfg.blocks)
     act = jax.ShapeDtypeStruct(u.shape, u.dtype)
     act32 = jax.ShapeDtypeStruct(u.shape, _F32)
-    states = jax.ShapeDtypeStruct((geo.batch, geo.n_chunks, geo.n_pad, geo.d_inner), _F32)
+    states = jax.ShapeDtypeStruct((geo.batch, geo.n_segments, geo.n_pad, geo.d_inner), _F32)
     keep_acc = save or len(dirs) > 1
     out_shape = [act] + ([act32] if keep_acc else []) + ([states] * len(dirs) if save else [])
     out_specs = ([geo.seq_spec(geo.d_inner)] * (2 if keep_acc else 1)
@@ -345,15 +380,16 @@ def _backward(dirs, z, ypre, states, dout, cfg: KernelConfig):
     seq = geo.seq_spec(d_inner)
     in_specs = (geo.dir_specs() * len(dirs) + ([seq, seq] if has_z else []) + [seq]
                 + [geo.states_spec()] * len(dirs))
-    out_shape = ([act32] if has_z else []) + grad_shapes * len(dirs)
-    out_specs = ([seq] if has_z else []) + grad_specs * len(dirs)
+    scratch_shape, scratch_spec = geo.scratch()
+    out_shape = ([act32] if has_z else []) + grad_shapes * len(dirs) + [scratch_shape]
+    out_specs = ([seq] if has_z else []) + grad_specs * len(dirs) + [scratch_spec]
     outs = pl.pallas_call(
         functools.partial(_backward_kernel, geo=geo, cfg=cfg, has_z=has_z),
         grid=geo.grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
         compiler_params=_compiler_params(cfg.blocks), interpret=cfg.interpret, name="selective_scan_bwd",
     )(*[x for d in _channels_last(dirs) for x in d], *([z, ypre] if has_z else []), dout, *states)
     dz = outs[0] if has_z else None
-    raw = outs[1:] if has_z else outs
+    raw = outs[1:-1] if has_z else outs[:-1]
     grads = []
     for k in range(len(dirs)):
         du, ddelta, dA, dB, dC, dD, dbias = raw[k * _N_INPUTS:(k + 1) * _N_INPUTS]
