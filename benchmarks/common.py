@@ -1,4 +1,4 @@
-"""What the benchmark scripts share: timing a function or a jitted train step, peak device memory, Markdown
+"""What the benchmark scripts share: timing a jitted train step, peak device memory, Markdown
 tables."""
 
 from __future__ import annotations
@@ -19,20 +19,6 @@ _PEAK_GBPS = {"H100": 3350.0, "H200": 4800.0}  # SXM HBM3 / HBM3e datasheet peak
 def hbm_peak_gbps(device_name: str) -> float:
     """Datasheet HBM bandwidth of a known GPU (by its name), else 0."""
     return next((v for k, v in _PEAK_GBPS.items() if k in device_name), 0.0)
-
-
-def timed(fn, args, iters: int) -> float:
-    """Median milliseconds of ``iters`` calls of ``fn(*args)``, after one compile-and-warm-up call."""
-    import jax
-    import numpy as np
-
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
 
 
 def time_train_steps(built, batches: list, steps: int, warmup: int = 1) -> tuple[float, float, dict]:

@@ -14,59 +14,19 @@ Prints a Markdown table.
 from __future__ import annotations
 
 import argparse
-import functools
 import pathlib
 import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from common import SCAN_SHAPES, error_message, hbm_peak_gbps, markdown_table, timed  # benchmarks/common.py
+from common import SCAN_SHAPES, error_message, hbm_peak_gbps, markdown_table  # benchmarks/common.py
 
-from cab_jax.kernels.selective_scan import (
-    BlockSizes,
-    ScanDirection,
-    selective_scan,
-    selective_scan_bidirectional,
-)
-
-
-def make_inputs(shape: tuple, dtype: str, seed: int = 0) -> tuple[list[ScanDirection], jax.Array]:
-    batch, length, d_inner, d_state, bidirectional = shape
-    rng = np.random.default_rng(seed)
-    act = lambda scale=1.0: jnp.asarray(scale * rng.normal(size=(batch, length, d_inner)), dtype)
-    dirs = []
-    for _ in range(2 if bidirectional else 1):
-        A = -np.arange(1, d_state + 1)[None, :] * rng.uniform(0.5, 1.5, (d_inner, d_state))
-        dirs.append(ScanDirection(
-            u=act(), delta=act(0.5), A=jnp.asarray(A, jnp.float32),
-            B=jnp.asarray(rng.normal(size=(batch, length, d_state)), dtype),
-            C=jnp.asarray(rng.normal(size=(batch, length, d_state)), dtype),
-            D=jnp.asarray(rng.normal(size=d_inner), jnp.float32),
-            delta_bias=jnp.asarray(np.log(np.expm1(rng.uniform(1e-3, 0.1, d_inner))), jnp.float32)))
-    return dirs, act()
-
-
-def scan_fn(impl: str, n_dirs: int, blocks: BlockSizes | None):
-    if impl == "pallas" and blocks is not None:  # explicit Triton block sizes
-        from cab_jax.kernels.selective_scan import pallas_gpu
-
-        uni = functools.partial(pallas_gpu.selective_scan_pallas_gpu, blocks=blocks)
-        bi = functools.partial(pallas_gpu.selective_scan_bidirectional_pallas_gpu, blocks=blocks)
-    else:
-        uni = functools.partial(selective_scan, impl=impl)
-        bi = functools.partial(selective_scan_bidirectional, impl=impl)
-
-    def run(dirs, z):
-        if n_dirs == 2:
-            return bi(*dirs, z, delta_softplus=True)
-        d = dirs[0]
-        return uni(d.u, d.delta, d.A, d.B, d.C, D=d.D, z=z, delta_bias=d.delta_bias, delta_softplus=True)
-
-    return run
+from cab_jax.kernels.selective_scan import BlockSizes
+from cab_jax.kernels.selective_scan.autotune import ScanShape, random_inputs, scan_fn
+from cab_jax.timing import median_ms
 
 
 def nbytes(tree) -> int:
@@ -74,8 +34,7 @@ def nbytes(tree) -> int:
 
 
 def measure(name: str, impl: str, dtype: str, iters: int, blocks: BlockSizes | None, check: bool) -> dict:
-    shape = SCAN_SHAPES[name]
-    dirs, z = make_inputs(shape, dtype)
+    dirs, z = random_inputs(ScanShape(*SCAN_SHAPES[name]), dtype)
     run = scan_fn(impl, len(dirs), blocks)
     fwd = jax.jit(run)
     y = fwd(dirs, z)
@@ -85,7 +44,7 @@ def measure(name: str, impl: str, dtype: str, iters: int, blocks: BlockSizes | N
     bwd_bytes = fwd_bytes + nbytes(dy) + nbytes((dirs, z))
     row = {"shape": name, "impl": impl, "dtype": dtype}
     for label, fn, moved in (("fwd", fwd, fwd_bytes), ("fwd+bwd", fwd_bwd, bwd_bytes)):
-        ms = timed(fn, (dirs, z), iters)
+        ms = median_ms(fn, (dirs, z), iters)
         row[f"{label} ms"] = round(ms, 3)
         row[f"{label} GB/s"] = round(moved / ms / 1e6, 1)
     memory = fwd_bwd.lower(dirs, z).compile().memory_analysis()  # temporaries: residuals, partial sums
@@ -104,12 +63,12 @@ def main() -> None:
     parser.add_argument("--dtypes", default="float32")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--peak_gbps", type=float, default=0.0, help="HBM peak; 0 = from the device name")
-    parser.add_argument("--blocks", default="", help="Triton block sizes chunk,block_d,num_warps,num_stages")
+    parser.add_argument("--blocks", default="", help="Pallas block sizes chunk,block_d,num_warps,num_stages,save_every")
     parser.add_argument("--check", action="store_true")
     args = parser.parse_args()
     kind = jax.devices()[0].device_kind
     peak = args.peak_gbps or hbm_peak_gbps(kind)
-    blocks = BlockSizes(*map(int, args.blocks.split(","))) if args.blocks else None
+    blocks = BlockSizes.parse(args.blocks) if args.blocks else None
     print(f"device: {kind}, jax {jax.__version__}, peak HBM {peak or '?'} GB/s, blocks {blocks or 'default'}")
     rows = []
     for name in args.shapes.split(","):

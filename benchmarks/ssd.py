@@ -20,9 +20,10 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from common import error_message, markdown_table, timed  # benchmarks/common.py
+from common import error_message, markdown_table  # benchmarks/common.py
 
 from cab_jax.kernels.ssd import ssd
+from cab_jax.timing import median_ms
 
 
 def make_inputs(batch: int, length: int, heads: int, head_dim: int, groups: int, d_state: int, dtype: str,
@@ -44,8 +45,8 @@ def measure(args: argparse.Namespace, length: int, impl: str) -> dict:
     dy = jnp.ones_like(y)
     fwd_bwd = jax.jit(lambda *a: jax.vjp(run, *a)[1](dy))
     row = {"length": length, "impl": impl, "dtype": args.dtype}
-    row["fwd ms"] = round(timed(fwd, inputs, args.iters), 3)
-    row["fwd+bwd ms"] = round(timed(fwd_bwd, inputs, args.iters), 3)
+    row["fwd ms"] = round(median_ms(fwd, inputs, args.iters), 3)
+    row["fwd+bwd ms"] = round(median_ms(fwd_bwd, inputs, args.iters), 3)
     if args.check:
         y_ref = jax.jit(functools.partial(ssd, impl="reference"))(*inputs).astype(jnp.float32)
         row["max |y - ref| / max |ref|"] = float(jnp.max(jnp.abs(y.astype(jnp.float32) - y_ref))

@@ -14,7 +14,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from cab_jax.bridge import BRIDGE_KINDS, KERNEL_MAPS, LAYER_MAPS
-from cab_jax.kernels.selective_scan import SCAN_IMPLS
+from cab_jax.kernels.selective_scan import SCAN_IMPLS, BlockSizes
 from cab_jax.losses import LM_LOSS_MODES, LOSS_MODES
 from cab_jax.models.mamba import A_INITS
 from cab_jax.models.vim import VIM_SIZES
@@ -71,7 +71,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.teacher.train = train_config()  # used by task=train_teacher and by the demo's teacher stage
     c.student = ml_collections.ConfigDict(dict(
         **dataclasses.asdict(VIM_SIZES["small"]), patch_size=16, d_state=16, d_conv=4, expand=2,
-        bidirectional=True, a_init="cab", scan_impl="auto", drop_path=0.0, remat=True, init_from=""))
+        bidirectional=True, a_init="cab", scan_impl="auto", scan_blocks="", drop_path=0.0, remat=True,
+        init_from=""))
     c.bridge = ml_collections.ConfigDict(dict(
         kind="mlp", hidden=128, kernel_map="softmax", layer_map="proportional", layers=(),
         detach_student=False))
@@ -192,6 +193,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
 
 def _validate_vision(c: ml_collections.ConfigDict) -> None:
     _check_choice(c.student.scan_impl, "student.scan_impl", SCAN_IMPLS)
+    if c.student.scan_blocks:
+        try:
+            BlockSizes.parse(c.student.scan_blocks)
+        except ValueError as e:
+            _check(False, "student.scan_blocks", str(e))
     _check_choice(c.student.a_init, "student.a_init", A_INITS)
     d = c.data
     _check(0.0 < d.subset_fraction <= 1.0, "data.subset_fraction", f"must be in (0, 1], got {d.subset_fraction}")

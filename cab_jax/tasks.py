@@ -18,6 +18,7 @@ import ml_collections
 from flax import nnx
 
 from cab_jax.bridge import AttentionBridge
+from cab_jax.kernels.selective_scan import BlockSizes
 from cab_jax.losses import (
     LM_MODE_WEIGHTS,
     MODE_WEIGHTS,
@@ -123,6 +124,7 @@ class VisionTask(_Task):
         return Vim(num_classes=c.data.num_classes, img_size=c.data.image_size, patch_size=s.patch_size,
                    embed_dim=s.embed_dim, depth=s.depth, d_state=s.d_state, d_conv=s.d_conv, expand=s.expand,
                    bidirectional=s.bidirectional, a_init=s.a_init, scan_impl=s.scan_impl,
+                   scan_blocks=BlockSizes.parse(s.scan_blocks) if s.scan_blocks else None,
                    drop_path_rate=s.drop_path, remat=s.remat, dtype=DTYPES[c.dtype], rngs=rngs)
 
     def build_bridge(self, rngs: nnx.Rngs) -> AttentionBridge:

@@ -64,6 +64,8 @@ def test_wrong_type_fails():
     ("--config.data.subset_fraction=1.5", "data.subset_fraction"),
     ("--config.loss.mode=hard", "loss.mode"),
     ("--config.student.scan_impl=cuda", "student.scan_impl"),
+    ("--config.student.scan_blocks=2,x", "student.scan_blocks"),
+    ("--config.student.scan_blocks=0,32", "student.scan_blocks"),
     ("--config.student.a_init=zeros", "student.a_init"),
     ("--config.bridge.kernel_map=cosine", "bridge.kernel_map"),
     ("--config.bridge.layer_map=explicit", "bridge.layers"),

@@ -19,6 +19,7 @@ from test_selective_scan import OPTIONS, _assert_close, _make_inputs
 from cab_jax.kernels.selective_scan import (
     BlockSizes,
     ScanDirection,
+    autotune,
     pallas_gpu,
     pallas_tpu,
     selective_scan,
@@ -153,6 +154,47 @@ def test_gpu_checkpoint_spacing_changes_nothing(save_every):
     got = value_and_grads(BlockSizes(chunk=4, block_d=16, save_every=save_every))
     for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
         np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
+
+
+def test_block_sizes_parse_and_print():
+    blocks = BlockSizes.parse("2, 32,1,1,8")
+    assert blocks == BlockSizes(chunk=2, block_d=32, num_warps=1, num_stages=1, save_every=8)
+    assert BlockSizes.parse(str(blocks)) == blocks and str(blocks) == "2,32,1,1,8"
+    assert BlockSizes.parse("4,64") == BlockSizes(chunk=4, block_d=64)  # later fields default
+    for bad in ("2", "2,x", "2,32,1,1,8,1", "-2,32", ""):
+        with pytest.raises(ValueError, match="expected 2 to 5 positive integers"):
+            BlockSizes.parse(bad)
+
+
+def test_autotune_picks_the_fastest_and_reports_failures(monkeypatch):
+    shape = autotune.ScanShape(batch=1, length=9, d_inner=24, d_state=4)
+    fast, slow, broken = (BlockSizes(chunk=2, block_d=8, num_warps=1, save_every=2),
+                          BlockSizes(chunk=4, block_d=16, num_warps=1), BlockSizes(chunk=2, block_d=32, num_warps=1))
+    times = {fast: 1.0, slow: 2.0}
+
+    def timer(fn, args, iters):
+        blocks = seen[-1]
+        if blocks == broken:
+            raise RuntimeError("out of registers\nsecond line")
+        jax.block_until_ready(fn(*args))  # the timed function runs: forward and backward of a real kernel
+        return times[blocks]
+
+    seen, scan_fn = [], autotune.scan_fn
+    monkeypatch.setattr(autotune, "scan_fn", lambda impl, n, blocks: seen.append(blocks) or scan_fn(impl, n, blocks))
+    best, rows = autotune.autotune(shape, blocks=[slow, broken, fast], iters=1, timer=timer)
+    assert best == fast
+    assert [r["blocks"] for r in rows] == [slow, broken, fast]
+    assert rows[1]["error"] == "RuntimeError: out of registers" and rows[2]["fwd+bwd ms"] == 1.0
+    with pytest.raises(RuntimeError, match="every candidate failed"):
+        autotune.autotune(shape, blocks=[broken], iters=1, timer=lambda *a: 1 / 0)
+
+
+def test_autotune_candidates_start_with_the_defaults_and_are_valid():
+    for backend, module in (("gpu", pallas_gpu), ("tpu", pallas_tpu)):
+        for d_state in (16, 64):
+            shape = autotune.ScanShape(128, 197, 768, d_state)
+            found = autotune.candidates(shape, backend)
+            assert found[0] == module.default_blocks(d_state) and len(found) == len(set(found)) > 4
 
 
 def test_block_sizes_validate():

@@ -63,13 +63,20 @@ def test_loss_goes_down_on_a_fixed_batch(tmp_path):
     assert last["kl"] < first["kl"] and last["bridge"] < first["bridge"]
 
 
-def test_pallas_scan_train_step_matches_associative(tmp_path):
+def test_pallas_scan_train_step_matches_associative(tmp_path, monkeypatch):
     """The whole CAB step with the Pallas kernels (interpreted on CPU) follows the associative scan's run:
-    same losses (KL and bridge too) and same parameters after two updates, SSM parameters included."""
+    same losses (KL and bridge too) and same parameters after two updates, SSM parameters included. The
+    kernels run with the block sizes of ``student.scan_blocks``."""
+    from cab_jax.kernels.selective_scan import BlockSizes, pallas_gpu
+
+    launched, kernel = [], pallas_gpu.selective_scan_bidirectional_pallas_gpu
+    monkeypatch.setattr(pallas_gpu, "selective_scan_bidirectional_pallas_gpu",
+                        lambda *a, blocks, **kw: launched.append(blocks) or kernel(*a, blocks=blocks, **kw))
     results = {}
     for impl in ("associative", "pallas"):
         c = small_config(tmp_path, mixup_alpha=0.0, cutmix_alpha=0.0)
         c.student.scan_impl = impl
+        c.student.scan_blocks = "4,16,1,1,2"  # ignored by the associative scan
         mesh = sharding.make_mesh(c.mesh)
         trainer, state, teacher = build_trainer(c, mesh)
         rng = np.random.default_rng(0)
@@ -92,6 +99,7 @@ def test_pallas_scan_train_step_matches_associative(tmp_path):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
         ssm_leaves += "A_log" in jax.tree_util.keystr(path)
     assert ssm_leaves > 0
+    assert launched and set(launched) == {BlockSizes(chunk=4, block_d=16, save_every=2, num_warps=1)}
 
 
 SHARDED_SCRIPT = textwrap.dedent("""

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cab_jax.kernels.selective_scan import ScanDirection, selective_scan, selective_scan_bidirectional
+from cab_jax.kernels.selective_scan import BlockSizes, ScanDirection, selective_scan, selective_scan_bidirectional
 from cab_jax.models.layers import Dtype, dense, torch_uniform
 
 A_INITS = ("s4d", "cab")
@@ -116,6 +116,7 @@ class Mamba(nnx.Module):
         bidirectional: bool = True,
         a_init: str = "s4d",
         scan_impl: str = "auto",
+        scan_blocks: BlockSizes | None = None,
         num_layers_for_init: int = 1,
         dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs,
@@ -123,6 +124,7 @@ class Mamba(nnx.Module):
         d_inner = expand * d_model
         dt_rank = dt_rank or math.ceil(d_model / 16)
         self.d_inner, self.bidirectional, self.scan_impl = d_inner, bidirectional, scan_impl
+        self.scan_blocks = scan_blocks
         self.in_proj = dense(d_model, 2 * d_inner, ("embed", "inner"), rngs=rngs, use_bias=False,
                              kernel_init=torch_uniform(d_model), dtype=dtype)
         self.fwd = SSMDirection(d_inner, d_state, dt_rank, d_conv, a_init, rngs=rngs, dtype=dtype)
@@ -140,9 +142,10 @@ class Mamba(nnx.Module):
         fwd = self.fwd.scan_inputs(x)
         if self.bwd is None:
             y = selective_scan(fwd.u, fwd.delta, fwd.A, fwd.B, fwd.C, D=fwd.D, z=z, delta_bias=fwd.delta_bias,
-                               delta_softplus=True, impl=self.scan_impl)
+                               delta_softplus=True, impl=self.scan_impl, blocks=self.scan_blocks)
             return self.out_proj(y), SSMProjections(fwd.B, fwd.C)
         # Both directions in token order; the backward one is scanned last-to-first (no flipped copies).
         bwd = self.bwd.scan_inputs(x, reverse=True)
-        y = selective_scan_bidirectional(fwd, bwd, z, delta_softplus=True, impl=self.scan_impl) * 0.5
+        y = selective_scan_bidirectional(fwd, bwd, z, delta_softplus=True, impl=self.scan_impl,
+                                         blocks=self.scan_blocks) * 0.5
         return self.out_proj(y), SSMProjections(fwd.B, fwd.C, bwd.B, bwd.C)

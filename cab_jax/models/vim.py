@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from cab_jax.kernels.selective_scan import BlockSizes
 from cab_jax.models.layers import Dtype, dense, drop_path, embed_tokens, split_key, token_params
 from cab_jax.models.mamba import Mamba, SSMProjections
 
@@ -64,6 +65,7 @@ class Vim(nnx.Module):
         bidirectional: bool = True,
         a_init: str = "s4d",
         scan_impl: str = "auto",
+        scan_blocks: BlockSizes | None = None,
         drop_path_rate: float = 0.0,
         remat: bool = False,
         dtype: Dtype = jnp.float32,
@@ -80,7 +82,8 @@ class Vim(nnx.Module):
             VimBlock(
                 embed_dim,
                 Mamba(embed_dim, d_state=d_state, d_conv=d_conv, expand=expand, bidirectional=bidirectional,
-                      a_init=a_init, scan_impl=scan_impl, num_layers_for_init=depth, dtype=dtype, rngs=rngs),
+                      a_init=a_init, scan_impl=scan_impl, scan_blocks=scan_blocks, num_layers_for_init=depth,
+                      dtype=dtype, rngs=rngs),
                 rate, rngs=rngs)
             for rate in rates
         ])

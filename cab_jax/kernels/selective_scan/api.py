@@ -2,7 +2,9 @@
 
 ``impl``: "reference" (sequential ``lax.scan``), "associative" (``lax.associative_scan``), "pallas" (the
 Pallas kernel of the current backend: Triton on GPU, Mosaic on TPU, the GPU kernel interpreted on CPU,
-which is slow and meant for tests), or "auto": pallas on GPU and TPU, associative on CPU.
+which is slow and meant for tests), or "auto": pallas on GPU and TPU, associative on CPU. ``blocks`` tiles
+the Pallas kernels (None: the backend's tuned defaults; ``autotune.py`` finds the fastest for a shape) and
+is ignored by the XLA implementations.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from cab_jax.kernels.selective_scan.associative import selective_scan_associative
-from cab_jax.kernels.selective_scan.pallas_common import ScanDirection
+from cab_jax.kernels.selective_scan.pallas_common import BlockSizes, ScanDirection
 from cab_jax.kernels.selective_scan.reference import finish_output, selective_scan_reference
 
 # Valid values of ``impl`` (and of the config's ``student.scan_impl``).
@@ -44,10 +46,10 @@ def _pallas_pair() -> tuple[Callable[..., jax.Array], Callable[..., jax.Array]]:
             functools.partial(pallas_gpu.selective_scan_bidirectional_pallas_gpu, interpret=interpret))
 
 
-def _resolve(impl: str) -> Callable[..., jax.Array]:
+def _resolve(impl: str, blocks: BlockSizes | None) -> Callable[..., jax.Array]:
     name = _resolve_name(impl)
     if name == "pallas":
-        return _pallas_pair()[0]
+        return functools.partial(_pallas_pair()[0], blocks=blocks)
     return {"associative": selective_scan_associative, "reference": selective_scan_reference}[name]
 
 
@@ -94,6 +96,7 @@ def selective_scan(
     delta_softplus: bool = False,
     reverse: bool = False,
     impl: str = "auto",
+    blocks: BlockSizes | None = None,
 ) -> jax.Array:
     """Mamba-1 selective scan (semantics in ``reference.py``) with the implementation chosen by ``impl``.
 
@@ -101,7 +104,7 @@ def selective_scan(
     D, delta_bias: (d_inner,). Returns y of shape (batch, length, d_inner) and dtype ``u.dtype``.
     ``impl`` is one of ``SCAN_IMPLS``.
     """
-    fn = _resolve(impl)
+    fn = _resolve(impl, blocks)
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
     return fn(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus, reverse=reverse)
 
@@ -112,6 +115,7 @@ def selective_scan_bidirectional(
     z: jax.Array | None = None,
     delta_softplus: bool = False,
     impl: str = "auto",
+    blocks: BlockSizes | None = None,
 ) -> jax.Array:
     """Vim's two directions over one sequence: (scan(fwd) + scan(bwd, reverse=True)) * silu(z).
 
@@ -126,8 +130,8 @@ def selective_scan_bidirectional(
                          f"{tuple(bwd.u.shape)}, A {tuple(fwd.A.shape)} vs {tuple(bwd.A.shape)}")
     name = _resolve_name(impl)
     if name == "pallas":
-        return _pallas_pair()[1](fwd, bwd, z, delta_softplus)
-    fn = _resolve(name)
+        return _pallas_pair()[1](fwd, bwd, z, delta_softplus, blocks=blocks)
+    fn = _resolve(name, None)
     # Each direction ungated in float32 (inputs upcast: exact), then one gate and one cast.
     pre = sum(fn(d.u.astype(jnp.float32), d.delta, d.A, d.B, d.C, D=d.D, delta_bias=d.delta_bias,
                  delta_softplus=delta_softplus, reverse=reverse) for d, reverse in ((fwd, False), (bwd, True)))

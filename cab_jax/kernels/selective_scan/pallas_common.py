@@ -59,9 +59,23 @@ class BlockSizes:
     save_every: int = 1
 
     def __post_init__(self):
-        for name in ("chunk", "block_d", "num_warps", "num_stages", "save_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"BlockSizes.{name} must be >= 1, got {getattr(self, name)}")
+        for field in dataclasses.fields(self):
+            if getattr(self, field.name) < 1:
+                raise ValueError(f"BlockSizes.{field.name} must be >= 1, got {getattr(self, field.name)}")
+
+    def __str__(self) -> str:
+        """The fields as ``parse`` reads them: "chunk,block_d,num_warps,num_stages,save_every"."""
+        return ",".join(str(getattr(self, f.name)) for f in dataclasses.fields(self))
+
+    @classmethod
+    def parse(cls, text: str) -> BlockSizes:
+        """BlockSizes from "chunk,block_d[,num_warps[,num_stages[,save_every]]]" (later fields default)."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        parts = [p.strip() for p in text.split(",")]
+        if not 2 <= len(parts) <= len(names) or not all(p.isdigit() for p in parts):
+            raise ValueError(f"block sizes {text!r}: expected 2 to {len(names)} positive integers "
+                             f"{','.join(names)}, e.g. '2,32,1,1,8'")
+        return cls(**dict(zip(names, map(int, parts), strict=False)))
 
 
 @dataclasses.dataclass(frozen=True)

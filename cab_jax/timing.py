@@ -1,0 +1,20 @@
+"""Wall-clock timing of jitted functions (benchmarks and the block-size autotuner)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import numpy as np
+
+
+def median_ms(fn: Callable, args: Sequence, iters: int) -> float:
+    """Median milliseconds of ``iters`` calls of ``fn(*args)``, after one compile-and-warm-up call."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return 1e3 * float(np.median(times))
