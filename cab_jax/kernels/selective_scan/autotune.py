@@ -4,7 +4,7 @@
 
 Times forward+backward (softplus, D, z gate, as in Vim's mixer) for each candidate: a few tilings around the
 backend's defaults. Prints a table and the config flag that selects the fastest, e.g.
-``--config.student.scan_blocks=2,32,1,1,8``. A candidate that fails to compile is reported and skipped.
+``--config.student.scan_blocks=2,32,1,1,4``. A candidate that fails to compile is reported and skipped.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def candidates(shape: ScanShape, backend: str | None = None) -> list[BlockSizes]
         base = pallas_gpu.default_blocks(shape.d_state)
         tiles = [BlockSizes(chunk=c, block_d=w, num_warps=max(1, w // 32), save_every=max(1, 16 // c))
                  for c in (1, 2, 4) for w in (max(8, base.block_d // 2), base.block_d, 2 * base.block_d)]
-        tiles += [dataclasses.replace(base, save_every=s) for s in (4, 16)]
+        tiles += [dataclasses.replace(base, save_every=s) for s in (2, 4, 8, 16)]
     return list(dict.fromkeys([base, *tiles]))
 
 
