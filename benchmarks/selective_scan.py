@@ -26,7 +26,7 @@ from common import SCAN_SHAPES, error_message, hbm_peak_gbps, markdown_table  # 
 
 from cab_jax.kernels.selective_scan import BlockSizes
 from cab_jax.kernels.selective_scan.autotune import ScanShape, random_inputs, scan_fn
-from cab_jax.timing import median_ms
+from cab_jax.timing import median_ms, temp_mib
 
 
 def nbytes(tree) -> int:
@@ -47,8 +47,7 @@ def measure(name: str, impl: str, dtype: str, iters: int, blocks: BlockSizes | N
         ms = median_ms(fn, (dirs, z), iters)
         row[f"{label} ms"] = round(ms, 3)
         row[f"{label} GB/s"] = round(moved / ms / 1e6, 1)
-    memory = fwd_bwd.lower(dirs, z).compile().memory_analysis()  # temporaries: residuals, partial sums
-    row["fwd+bwd temp MiB"] = round(memory.temp_size_in_bytes / 2**20) if memory is not None else "?"
+    row["fwd+bwd temp MiB"] = temp_mib(fwd_bwd, (dirs, z))
     if check:
         y_ref = jax.jit(scan_fn("reference", len(dirs), None))(dirs, z)
         row["max |y - ref| / max |ref|"] = float(jnp.max(jnp.abs(y.astype(jnp.float32) - y_ref.astype(jnp.float32)))

@@ -1,4 +1,4 @@
-"""Wall-clock timing of jitted functions (benchmarks and the block-size autotuner)."""
+"""Wall-clock time and scratch memory of jitted functions (benchmarks and the block-size autotuner)."""
 
 from __future__ import annotations
 
@@ -18,3 +18,9 @@ def median_ms(fn: Callable, args: Sequence, iters: int) -> float:
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - start)
     return 1e3 * float(np.median(times))
+
+
+def temp_mib(jitted, args: Sequence) -> float | None:
+    """MiB of scratch (temporaries: residuals, partial sums) of the compiled ``jitted(*args)``, if XLA says."""
+    memory = jitted.lower(*args).compile().memory_analysis()
+    return None if memory is None else round(memory.temp_size_in_bytes / 2**20, 3)

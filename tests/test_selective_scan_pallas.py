@@ -185,6 +185,7 @@ def test_autotune_picks_the_fastest_and_reports_failures(monkeypatch):
     assert best == fast
     assert [r["blocks"] for r in rows] == [slow, broken, fast]
     assert rows[1]["error"] == "RuntimeError: out of registers" and rows[2]["fwd+bwd ms"] == 1.0
+    assert rows[0]["temp MiB"] > 0
     with pytest.raises(RuntimeError, match="every candidate failed"):
         autotune.autotune(shape, blocks=[broken], iters=1, timer=lambda *a: 1 / 0)
 

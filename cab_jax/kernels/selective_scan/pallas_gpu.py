@@ -14,6 +14,7 @@ sum. The forward pass of training also stores the state at the start of every se
 chunks). The backward pass walks the segments from the end: it recomputes the segment's chunk-start
 states from the saved one into a small per-program scratch buffer (which stays in L2), then walks the
 segment's chunks backwards, recomputes the states inside a chunk from its start, and carries dh backwards.
+With ``save_every`` 1 it reads every chunk-start state directly instead: fewer instructions, more memory.
 Gradients that sum over channels (dB, dC) are written per channel block and summed afterwards; those
 that sum over batch and length (dA, dD, d delta_bias) are written per batch element: no atomics, so the
 result is deterministic.
@@ -49,9 +50,10 @@ _N_INPUTS = len(ScanDirection._fields)
 _LOG2E = 1.0 / math.log(2.0)
 
 # Tuned on an H100 at the Vim-S shape (BENCHMARKS.md): short chunks keep the unrolled chunk (its states and
-# the next chunk's prefetched rows) in registers; a saved state every 4 chunks (8 positions) was fastest at
-# Vim-S and within 4 % of the fastest at length 4096. Larger states get fewer channels per program.
-DEFAULT_BLOCKS = BlockSizes(chunk=2, block_d=32, num_warps=1, num_stages=1, save_every=4)
+# the next chunk's prefetched rows) in registers. Saving every chunk start is fastest (Nsight: 2.33 ms fwd+bwd
+# at Vim-S against 2.49 with save_every 4; 11 % at length 4096); save_every 8 keeps a third of the memory.
+# Larger states get fewer channels per program.
+DEFAULT_BLOCKS = BlockSizes(chunk=2, block_d=32, num_warps=1, num_stages=1, save_every=1)
 
 
 def default_blocks(d_state: int) -> BlockSizes:
@@ -259,7 +261,7 @@ def _backward_kernel(*refs, geo: _Geometry, cfg: KernelConfig, has_z: bool):
     dout_ref = rest.pop(0)
     state_refs = [rest.pop(0) for _ in range(n_dirs)]
     dz_ref = rest.pop(0) if has_z else None
-    scratch_ref = rest.pop()
+    scratch_ref = rest.pop() if geo.save_every > 1 else None
     grad_refs = [rest[i * _N_INPUTS:(i + 1) * _N_INPUTS] for i in range(n_dirs)]
     cols, dmask = geo.channels()
     barrier = (lambda: None) if cfg.interpret else plgpu.debug_barrier  # scratch written by other threads
@@ -279,10 +281,10 @@ def _backward_kernel(*refs, geo: _Geometry, cfg: KernelConfig, has_z: bool):
             return h
 
         def chunk_body(c, rows, carry, d=d, write_dz=write_dz, du_ref=du_ref, ddelta_ref=ddelta_ref,
-                       db_ref=db_ref, dc_ref=dc_ref, first=None):
+                       db_ref=db_ref, dc_ref=dc_ref, start_state=None):
             dh, dA, dD, dbias = carry
             steps = d.steps(c, rows)
-            states = [scratch_ref[c - first]]
+            states = [start_state(c)]
             decays = [d.decay(s) for s in steps]  # one exp per state entry, reused by both sweeps
             for s, a in zip(steps, decays, strict=True):  # Recompute the chunk's states from its start.
                 states.append(d.update(states[-1], s, a))
@@ -321,12 +323,20 @@ def _backward_kernel(*refs, geo: _Geometry, cfg: KernelConfig, has_z: bool):
             barrier()
             return _prefetched_chunk_loop(first, geo.save_every, True,
                                           functools.partial(d.load_chunk, extra_refs=extra),
-                                          functools.partial(chunk_body, first=first), carry)
+                                          functools.partial(chunk_body, start_state=lambda c: scratch_ref[c - first]),
+                                          carry)
 
         zeros_dn = jnp.zeros((geo.n_pad, geo.block_d), _F32)
         zeros_d = jnp.zeros((geo.block_d,), _F32)
-        _, dA, dD, dbias = jax.lax.fori_loop(0, geo.n_segments, segment_body,
-                                             (zeros_dn, zeros_dn, zeros_d, zeros_d))
+        init = (zeros_dn, zeros_dn, zeros_d, zeros_d)
+        if geo.save_every == 1:  # every chunk start was saved: no second level, no scratch
+            saved = lambda c, d=d, state_ref=state_ref: plgpu.load(state_ref.at[c, d.ncols, d.cols],
+                                                                    mask=d.dmask[None, :], other=0.0)
+            _, dA, dD, dbias = _prefetched_chunk_loop(0, geo.n_chunks, True,
+                                                      functools.partial(d.load_chunk, extra_refs=extra),
+                                                      functools.partial(chunk_body, start_state=saved), init)
+        else:
+            _, dA, dD, dbias = jax.lax.fori_loop(0, geo.n_segments, segment_body, init)
         plgpu.store(da_ref.at[d.ncols, cols], dA, mask=dmask[None, :])
         plgpu.store(dd_ref.at[cols], dD, mask=dmask)
         plgpu.store(dbias_ref.at[cols], dbias, mask=dmask)
@@ -381,16 +391,16 @@ def _backward(dirs, z, ypre, states, dout, cfg: KernelConfig):
     seq = geo.seq_spec(d_inner)
     in_specs = (geo.dir_specs() * len(dirs) + ([seq, seq] if has_z else []) + [seq]
                 + [geo.states_spec()] * len(dirs))
-    scratch_shape, scratch_spec = geo.scratch()
-    out_shape = ([act32] if has_z else []) + grad_shapes * len(dirs) + [scratch_shape]
-    out_specs = ([seq] if has_z else []) + grad_specs * len(dirs) + [scratch_spec]
+    scratch = [geo.scratch()] if geo.save_every > 1 else []
+    out_shape = ([act32] if has_z else []) + grad_shapes * len(dirs) + [shape for shape, _ in scratch]
+    out_specs = ([seq] if has_z else []) + grad_specs * len(dirs) + [spec for _, spec in scratch]
     outs = pl.pallas_call(
         functools.partial(_backward_kernel, geo=geo, cfg=cfg, has_z=has_z),
         grid=geo.grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
         compiler_params=_compiler_params(cfg.blocks), interpret=cfg.interpret, name="selective_scan_bwd",
     )(*[x for d in _channels_last(dirs) for x in d], *([z, ypre] if has_z else []), dout, *states)
     dz = outs[0] if has_z else None
-    raw = outs[1:-1] if has_z else outs[:-1]
+    raw = outs[int(has_z):int(has_z) + _N_INPUTS * len(dirs)]
     grads = []
     for k in range(len(dirs)):
         du, ddelta, dA, dB, dC, dD, dbias = raw[k * _N_INPUTS:(k + 1) * _N_INPUTS]
