@@ -31,11 +31,13 @@ ON_CPU = jax.default_backend() == "cpu"
 
 # Per kernel: (unidirectional fn, bidirectional fn, block sizes, d_inner). Small blocks so that d_inner spans
 # several channel blocks with a partial last one, and lengths span several chunks with a partial last one
-# (on GPU, several segments of 3 chunks with a partial last one).
+# (on GPU, several segments of 3 chunks with a partial last one; "gpu_every_chunk" saves every chunk start,
+# like the default).
+_GPU_FNS = (functools.partial(pallas_gpu.selective_scan_pallas_gpu, interpret=ON_CPU),
+            functools.partial(pallas_gpu.selective_scan_bidirectional_pallas_gpu, interpret=ON_CPU))
 KERNELS = {
-    "gpu": (functools.partial(pallas_gpu.selective_scan_pallas_gpu, interpret=ON_CPU),
-            functools.partial(pallas_gpu.selective_scan_bidirectional_pallas_gpu, interpret=ON_CPU),
-            BlockSizes(chunk=4, block_d=16, save_every=3), 40),
+    "gpu": (*_GPU_FNS, BlockSizes(chunk=4, block_d=16, save_every=3), 40),
+    "gpu_every_chunk": (*_GPU_FNS, BlockSizes(chunk=4, block_d=16, save_every=1), 40),
     "tpu": (functools.partial(pallas_tpu.selective_scan_pallas_tpu, interpret=True),
             functools.partial(pallas_tpu.selective_scan_bidirectional_pallas_tpu, interpret=True),
             BlockSizes(chunk=8, block_d=128), 200),
@@ -89,8 +91,13 @@ def _run_pair(kernel, blocks, direction, static):
     return run_uni(uni, {"blocks": blocks}), run_uni(functools.partial(selective_scan, impl="reference"), {})
 
 
-@pytest.mark.parametrize("backend", ["gpu", "tpu"])
-@pytest.mark.parametrize("length,d_state,dtype,direction,option", CASES)
+# Every case for the GPU (two-level checkpoints) and TPU kernels; a subset for the GPU's one-level path.
+KERNEL_CASES = ([(backend, *case) for backend in ("gpu", "tpu") for case in CASES]
+                + [("gpu_every_chunk", *case) for case in CASES
+                   if case[:2] in ((7, 5), (197, 16), (197, 64), (256, 16))])
+
+
+@pytest.mark.parametrize("backend,length,d_state,dtype,direction,option", KERNEL_CASES)
 def test_kernel_values_and_gradients_match_reference(backend, length, d_state, dtype, direction, option):
     uni, bi, blocks, d_inner = KERNELS[backend]
     made = _directions(length, d_state, dtype, option, d_inner, 2 if direction == "bi" else 1)
@@ -160,9 +167,8 @@ def test_block_sizes_parse_and_print():
     blocks = BlockSizes.parse("2, 32,1,1,8")
     assert blocks == BlockSizes(chunk=2, block_d=32, num_warps=1, num_stages=1, save_every=8)
     assert BlockSizes.parse(str(blocks)) == blocks and str(blocks) == "2,32,1,1,8"
-    assert BlockSizes.parse("4,64") == BlockSizes(chunk=4, block_d=64)  # later fields default
-    for bad in ("2", "2,x", "2,32,1,1,8,1", "-2,32", ""):
-        with pytest.raises(ValueError, match="expected 2 to 5 positive integers"):
+    for bad in ("2", "4,64", "2,x,1,1,1", "2,32,1,1,8,1", "-2,32,1,1,1", "\u00b2,32,1,1,1", ""):
+        with pytest.raises(ValueError, match="expected 5 positive integers"):
             BlockSizes.parse(bad)
 
 

@@ -20,7 +20,7 @@ The Vim shapes run two directions as Vim's mixer does (two independent scans, ea
                      (dz summed), as autograd would.
 Bytes: every input read once (two directions, ONE z) + the output written once (fwd); fwd+bwd adds dout read
 once and every input gradient written once. Timing: median wall time of --iters calls, each followed by
-torch.cuda.synchronize(), after warm-up (like benchmarks/common.timed); --timer events uses CUDA events.
+torch.cuda.synchronize(), after warm-up (like cab_jax.timing.median_ms); --timer events uses CUDA events.
 """
 
 from __future__ import annotations

@@ -43,13 +43,14 @@ class ScanDirection(NamedTuple):
 class BlockSizes:
     """Tiling of a selective-scan kernel.
 
-    chunk: positions per chunk; the forward pass stores the state at every chunk start and the backward
-        pass recomputes the states inside a chunk from it (memory ~ length / chunk states).
+    chunk: positions per chunk; the forward pass stores the state at chunk starts and the backward pass
+        recomputes the states inside a chunk from it (memory ~ length / (chunk * save_every) states).
     block_d: channels of d_inner per program (a power of two on GPU, a multiple of 128 on TPU).
     num_warps, num_stages: Triton launch parameters (GPU only).
     save_every: GPU only: the forward pass stores the state at the start of every ``save_every`` chunks
         (a segment) instead of every chunk; the backward pass first recomputes a segment's chunk-start
-        states into a per-program scratch buffer, then walks the segment's chunks backwards.
+        states into a scratch buffer of save_every states per program (batch x d_inner x save_every x
+        d_state floats in all), then walks the segment's chunks backwards. Less memory, more compute.
     """
 
     chunk: int = 16
@@ -69,13 +70,13 @@ class BlockSizes:
 
     @classmethod
     def parse(cls, text: str) -> BlockSizes:
-        """BlockSizes from "chunk,block_d[,num_warps[,num_stages[,save_every]]]" (later fields default)."""
+        """BlockSizes from "chunk,block_d,num_warps,num_stages,save_every" (all five, as ``str`` writes)."""
         names = [f.name for f in dataclasses.fields(cls)]
         parts = [p.strip() for p in text.split(",")]
-        if not 2 <= len(parts) <= len(names) or not all(p.isdigit() for p in parts):
-            raise ValueError(f"block sizes {text!r}: expected 2 to {len(names)} positive integers "
-                             f"{','.join(names)}, e.g. '2,32,1,1,8'")
-        return cls(**dict(zip(names, map(int, parts), strict=False)))
+        if len(parts) != len(names) or not all(p.isdecimal() for p in parts):
+            raise ValueError(f"block sizes {text!r}: expected {len(names)} positive integers "
+                             f"{','.join(names)}, e.g. '2,32,1,1,1'")
+        return cls(**dict(zip(names, map(int, parts), strict=True)))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,8 +12,9 @@ One launch can run two directions that share the output and z (Vim's bidirection
 reads its inputs from the last position to the first, in place, and adds into the first one's float32
 sum. The forward pass of training also stores the state at the start of every segment (``save_every``
 chunks). The backward pass walks the segments from the end: it recomputes the segment's chunk-start
-states from the saved one into a small per-program scratch buffer (which stays in L2), then walks the
-segment's chunks backwards, recomputes the states inside a chunk from its start, and carries dh backwards.
+states from the saved one into a per-program scratch buffer (``save_every`` states per program, so it
+grows with ``save_every``; the running programs' part stays in L2), then walks the segment's chunks
+backwards, recomputes the states inside a chunk from its start, and carries dh backwards.
 With ``save_every`` 1 it reads every chunk-start state directly instead: fewer instructions, more memory.
 Gradients that sum over channels (dB, dC) are written per channel block and summed afterwards; those
 that sum over batch and length (dA, dD, d delta_bias) are written per batch element: no atomics, so the
@@ -318,8 +319,9 @@ def _backward_kernel(*refs, geo: _Geometry, cfg: KernelConfig, has_z: bool):
             first = segment * geo.save_every
             h = plgpu.load(state_ref.at[segment, d.ncols, d.cols], mask=d.dmask[None, :], other=0.0)
             barrier()  # the previous segment's reads of the scratch are done
-            _prefetched_chunk_loop(first, geo.save_every, False, d.load_chunk,
-                                   functools.partial(recompute_body, first=first), h)
+            h = _prefetched_chunk_loop(first, geo.save_every - 1, False, d.load_chunk,
+                                       functools.partial(recompute_body, first=first), h)
+            scratch_ref[geo.save_every - 1] = h  # (the state after the last chunk is not needed)
             barrier()
             return _prefetched_chunk_loop(first, geo.save_every, True,
                                           functools.partial(d.load_chunk, extra_refs=extra),

@@ -69,7 +69,7 @@ class _Geometry:
     def __init__(self, u: jax.Array, d_state: int, blocks: BlockSizes):
         if blocks.block_d % _LANES or blocks.chunk % _SUBLANES:
             raise ValueError(f"Pallas TPU selective scan: block_d must be a multiple of {_LANES} and chunk of "
-                             f"{_SUBLANES}, got {blocks}")
+                             f"{_SUBLANES}, got {blocks!r}")
         self.batch, self.length, self.d_inner = u.shape
         self.d_state, self.n_pad = d_state, _round_up(d_state, _SUBLANES)
         # A block spanning a whole dimension is legal whatever its size.
