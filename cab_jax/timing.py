@@ -10,7 +10,8 @@ import numpy as np
 
 
 def median_ms(fn: Callable, args: Sequence, iters: int) -> float:
-    """Median milliseconds of ``iters`` calls of ``fn(*args)``, after one compile-and-warm-up call."""
+    """Median milliseconds of ``iters`` calls of ``fn(*args)``, after one warm-up call (which compiles a jitted
+    ``fn``)."""
     jax.block_until_ready(fn(*args))
     times = []
     for _ in range(iters):
@@ -20,7 +21,7 @@ def median_ms(fn: Callable, args: Sequence, iters: int) -> float:
     return 1e3 * float(np.median(times))
 
 
-def temp_mib(jitted, args: Sequence) -> float | None:
-    """MiB of scratch (temporaries: residuals, partial sums) of the compiled ``jitted(*args)``, if XLA says."""
-    memory = jitted.lower(*args).compile().memory_analysis()
+def temp_mib(compiled: jax.stages.Compiled) -> float | None:
+    """MiB of scratch (temporaries: residuals, partial sums) of a compiled function, if XLA says."""
+    memory = compiled.memory_analysis()
     return None if memory is None else round(memory.temp_size_in_bytes / 2**20, 3)
