@@ -169,6 +169,10 @@ class _Direction:
             out.append(_Step(t, mask, self.nmask & inside, u, pre, dt, b, c_t))
         return out
 
+    def load_state(self, ref, index) -> jax.Array:
+        """This program's (d_state, block_d) state tile ``index`` of a saved-states ref."""
+        return plgpu.load(ref.at[index, self.ncols, self.cols], mask=self.dmask[None, :], other=0.0)
+
     def _positions(self, c):
         return [self.geo.position(c * self.geo.chunk + i, self.reverse) for i in range(self.geo.chunk)]
 
@@ -317,7 +321,7 @@ def _backward_kernel(*refs, geo: _Geometry, cfg: KernelConfig, has_z: bool):
                          chunk_body=chunk_body, extra=extra):
             segment = geo.n_segments - 1 - j
             first = segment * geo.save_every
-            h = plgpu.load(state_ref.at[segment, d.ncols, d.cols], mask=d.dmask[None, :], other=0.0)
+            h = d.load_state(state_ref, segment)
             barrier()  # the previous segment's reads of the scratch are done
             h = _prefetched_chunk_loop(first, geo.save_every - 1, False, d.load_chunk,
                                        functools.partial(recompute_body, first=first), h)
@@ -332,8 +336,7 @@ def _backward_kernel(*refs, geo: _Geometry, cfg: KernelConfig, has_z: bool):
         zeros_d = jnp.zeros((geo.block_d,), _F32)
         init = (zeros_dn, zeros_dn, zeros_d, zeros_d)
         if geo.save_every == 1:  # every chunk start was saved: no second level, no scratch
-            saved = lambda c, d=d, state_ref=state_ref: plgpu.load(state_ref.at[c, d.ncols, d.cols],
-                                                                    mask=d.dmask[None, :], other=0.0)
+            saved = functools.partial(d.load_state, state_ref)
             _, dA, dD, dbias = _prefetched_chunk_loop(0, geo.n_chunks, True,
                                                       functools.partial(d.load_chunk, extra_refs=extra),
                                                       functools.partial(chunk_body, start_state=saved), init)
