@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental import pallas as pl
 from test_selective_scan import OPTIONS, _assert_close, _make_inputs
 
 from cab_jax.kernels.selective_scan import (
@@ -161,6 +162,22 @@ def test_gpu_checkpoint_spacing_changes_nothing(save_every):
     got = value_and_grads(BlockSizes(chunk=4, block_d=16, save_every=save_every))
     for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
         np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["softplus", "sigmoid"])
+def test_gpu_kernel_math_matches_float64(name):
+    """The GPU kernel's softplus and sigmoid formulas; compiled on a GPU, on its approximate PTX ex2/lg2/rcp."""
+    fn = {"softplus": pallas_gpu._softplus, "sigmoid": pallas_gpu._sigmoid}[name]
+    x = np.concatenate([np.linspace(-100.0, 40.0, 4000), [-20.0, -3.5, -3.4, 0.0, 19.99, 20.0, 20.01]])
+    x = np.pad(x, (0, 4096 - x.size)).astype(np.float32)
+
+    def kernel(x_ref, o_ref):
+        o_ref[...] = fn(x_ref[...], not ON_CPU)
+
+    got = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(x.shape, jnp.float32), interpret=ON_CPU)(x)
+    x64 = x.astype(np.float64)
+    expected = np.where(x64 > 20, x64, np.log1p(np.exp(x64))) if name == "softplus" else 1 / (1 + np.exp(-x64))
+    np.testing.assert_allclose(got, expected, rtol=1e-6 if ON_CPU else 5e-6, atol=1e-37)
 
 
 def test_block_sizes_parse_and_print():

@@ -2,10 +2,11 @@
 
 One program owns one batch element and ``block_d`` channels of d_inner; its state (d_state, block_d) stays
 in registers, float32, while it walks the length in chunks of ``chunk`` positions (unrolled inside a
-chunk). The kernels are bound by instruction issue (BENCHMARKS.md), so compiled they spell the exps and
-the state update in PTX: one ``ex2.approx.ftz`` and one ``fma.rn`` per state entry where Triton's lowering
-emits libdevice's exp2f and separate multiplies and adds. delta_bias + softplus, the D skip and the
-silu(z) gate are fused. Lengths and d_inner need not be multiples of the blocks: out-of-range positions get
+chunk). The kernels are bound by instruction issue (BENCHMARKS.md), so compiled they spell their arithmetic
+in PTX: one ``ex2.approx.ftz`` and one ``fma.rn`` per state entry where Triton's lowering emits libdevice's
+exp2f and separate multiplies and adds, and approximate ex2/lg2/rcp in softplus and the forward's gate where
+it emits libdevice's expf, log1pf and IEEE division. delta_bias + softplus, the D skip and the silu(z) gate
+are fused. Lengths and d_inner need not be multiples of the blocks: out-of-range positions get
 delta = 0 (state unchanged) and stores are masked.
 
 One launch can run two directions that share the output and z (Vim's bidirectional mixer): the second
@@ -42,7 +43,6 @@ from cab_jax.kernels.selective_scan.pallas_common import (
     make_scan,
     num_chunks,
     sigmoid,
-    softplus,
     with_defaults,
 )
 
@@ -150,7 +150,8 @@ class _Direction:
 
     def load_chunk(self, c, extra_refs: tuple = ()) -> tuple[list[jax.Array], ...]:
         """All loads of chunk ``c``: per step, u, delta, B, C and a row of every (length, d_inner) ref in
-        ``extra_refs`` (None entries load nothing). Masked: a chunk past either end loads nothing."""
+        ``extra_refs`` (None entries load nothing). Masked: a chunk past either end loads nothing. (Unmasked
+        loads of the clamped position measured slower on the H100: the compiler then issues them later.)"""
         rows = []
         for t, inside in self._positions(c):
             mask, nmask = self.dmask & inside, self.nmask & inside
@@ -165,7 +166,7 @@ class _Direction:
         for (t, inside), (u, delta, b, c_t, *_) in zip(self._positions(c), rows, strict=True):
             mask = self.dmask & inside
             pre = delta + self.bias
-            dt = jnp.where(mask, softplus(pre) if self.delta_softplus else pre, 0.0)
+            dt = jnp.where(mask, _softplus(pre, self.asm) if self.delta_softplus else pre, 0.0)
             out.append(_Step(t, mask, self.nmask & inside, u, pre, dt, b, c_t))
         return out
 
@@ -198,26 +199,52 @@ def _prefetched_chunk_loop(first, count: int, backwards: bool, load, body, init)
     return jax.lax.fori_loop(0, count, step, (init, load(chunk_of(0))))[0]
 
 
+def _ptx(instruction: str, *args: jax.Array | float) -> jax.Array:
+    """One float32 PTX instruction per element, e.g. ``_ptx("ex2.approx.ftz.f32", x)``."""
+    args = [jnp.asarray(a, _F32) for a in args]
+    shape = jnp.broadcast_shapes(*(a.shape for a in args))
+    operands = ", ".join(f"${i + 1}" for i in range(len(args)))
+    return plgpu.elementwise_inline_asm(
+        f"{instruction} $0, {operands};", args=[jnp.broadcast_to(a, shape) for a in args],
+        constraints="=f" + ",f" * len(args), pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(shape, _F32)])[0]
+
+
+# Compiled (asm), the kernels spell their arithmetic in PTX: XLA's Triton pipeline does not contract multiplies
+# and adds, and lowers exp, log and division to libdevice calls with range fix-ups and slow paths that cost
+# more issue slots than the scan itself. Interpreted, the same formulas run on exact jnp primitives.
 def _ex2(x: jax.Array, asm: bool) -> jax.Array:
-    """2**x; compiled, one ``ex2.approx.ftz`` (libdevice's exp2f adds a subnormal range fix-up per element)."""
-    if not asm:
-        return jnp.exp2(x)
-    return plgpu.elementwise_inline_asm("ex2.approx.ftz.f32 $0, $1;", args=[x], constraints="=f,f", pack=1,
-                                        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, _F32)])[0]
+    """2**x: one ``ex2.approx.ftz`` (relative error about 2**-22)."""
+    return _ptx("ex2.approx.ftz.f32", x) if asm else jnp.exp2(x)
 
 
-def _fma(a: jax.Array, b: jax.Array, c: jax.Array, asm: bool) -> jax.Array:
-    """a * b + c; compiled, one ``fma.rn`` (XLA's Triton pipeline does not contract multiplies and adds)."""
-    if not asm:
-        return a * b + c
-    shape = jnp.broadcast_shapes(a.shape, b.shape, c.shape)
-    args = [jnp.broadcast_to(x, shape) for x in (a, b, c)]
-    return plgpu.elementwise_inline_asm("fma.rn.f32 $0, $1, $2, $3;", args=args, constraints="=f,f,f,f", pack=1,
-                                        result_shape_dtypes=[jax.ShapeDtypeStruct(shape, _F32)])[0]
+def _lg2(x: jax.Array, asm: bool) -> jax.Array:
+    """log2(x): one ``lg2.approx.ftz`` (absolute error about 2**-22 near 1)."""
+    return _ptx("lg2.approx.ftz.f32", x) if asm else jnp.log2(x)
 
 
-def _silu_gate(z):
-    return z * sigmoid(z)
+def _rcp(x: jax.Array, asm: bool) -> jax.Array:
+    """1 / x: one ``rcp.approx.ftz``."""
+    return _ptx("rcp.approx.ftz.f32", x) if asm else 1.0 / x
+
+
+def _fma(a: jax.Array, b: jax.Array | float, c: jax.Array | float, asm: bool) -> jax.Array:
+    """a * b + c: one ``fma.rn``."""
+    return _ptx("fma.rn.f32", a, b, c) if asm else a * b + c
+
+
+def _sigmoid(x: jax.Array, asm: bool) -> jax.Array:
+    return _rcp(1.0 + _ex2(x * -_LOG2E, asm), asm)
+
+
+def _softplus(x: jax.Array, asm: bool) -> jax.Array:
+    """PyTorch's softplus (identity above 20). log1p(e) is log2(1 + e) * ln 2 where that is accurate, and its
+    series where e < 1/8 (there rounding 1 + e, and ``lg2``'s absolute error, would be large relative ones)."""
+    e = _ex2(jnp.minimum(x, 20.0) * _LOG2E, asm)
+    series = -1.0 / 6.0
+    for k in range(5, 0, -1):  # (e - e**2/2 + ... - e**6/6) / e, relative error below e**6 / 7 (5e-7)
+        series = _fma(series, e, (-1.0) ** (k + 1) / k, asm)
+    log1p = jnp.where(e < 0.125, series * e, _lg2(1.0 + e, asm) * math.log(2.0))
+    return jnp.where(x > 20.0, x, log1p)
 
 
 def _forward_kernel(*refs, geo: _Geometry, cfg: KernelConfig, has_z: bool, save: bool):
@@ -250,7 +277,7 @@ def _forward_kernel(*refs, geo: _Geometry, cfg: KernelConfig, has_z: bool, save:
                 if acc_ref is not None:
                     _store_row(acc_ref, s.t, d.cols, y, s.mask)
                 if last:
-                    _store_row(out_ref, s.t, d.cols, y if z is None else y * _silu_gate(z), s.mask)
+                    _store_row(out_ref, s.t, d.cols, y if z is None else y * z * _sigmoid(z, d.asm), s.mask)
             return h
 
         _prefetched_chunk_loop(0, geo.n_chunks, False, functools.partial(d.load_chunk, extra_refs=extra),
@@ -285,18 +312,19 @@ def _backward_kernel(*refs, geo: _Geometry, cfg: KernelConfig, has_z: bool):
                 h = d.update(h, s)
             return h
 
-        def chunk_body(c, rows, carry, d=d, write_dz=write_dz, du_ref=du_ref, ddelta_ref=ddelta_ref,
+        def chunk_body(c, loaded, carry, d=d, write_dz=write_dz, du_ref=du_ref, ddelta_ref=ddelta_ref,
                        db_ref=db_ref, dc_ref=dc_ref, start_state=None):
+            rows, saved = loaded  # (saved: the chunk's start state where it was prefetched, else None)
             dh, dA, dD, dbias = carry
             steps = d.steps(c, rows)
-            states = [start_state(c)]
+            states = [saved if start_state is None else start_state(c)]
             decays = [d.decay(s) for s in steps]  # one exp per state entry, reused by both sweeps
             for s, a in zip(steps, decays, strict=True):  # Recompute the chunk's states from its start.
                 states.append(d.update(states[-1], s, a))
             for i in reversed(range(geo.chunk)):
                 s, (*_, dy, z, ypre) = steps[i], rows[i]
                 if z is not None:
-                    sig = sigmoid(z)
+                    sig = sigmoid(z)  # (IEEE here: the approximate one measured 3 % slower in this kernel)
                     if write_dz:
                         _store_row(dz_ref, s.t, d.cols, dy * ypre * sig * (1.0 + z * (1.0 - sig)), s.mask)
                     dy = dy * z * sig
@@ -327,19 +355,18 @@ def _backward_kernel(*refs, geo: _Geometry, cfg: KernelConfig, has_z: bool):
                                        functools.partial(recompute_body, first=first), h)
             scratch_ref[geo.save_every - 1] = h  # (the state after the last chunk is not needed)
             barrier()
-            return _prefetched_chunk_loop(first, geo.save_every, True,
-                                          functools.partial(d.load_chunk, extra_refs=extra),
+            return _prefetched_chunk_loop(first, geo.save_every, True, lambda c: (d.load_chunk(c, extra), None),
                                           functools.partial(chunk_body, start_state=lambda c: scratch_ref[c - first]),
                                           carry)
 
         zeros_dn = jnp.zeros((geo.n_pad, geo.block_d), _F32)
         zeros_d = jnp.zeros((geo.block_d,), _F32)
         init = (zeros_dn, zeros_dn, zeros_d, zeros_d)
-        if geo.save_every == 1:  # every chunk start was saved: no second level, no scratch
-            saved = functools.partial(d.load_state, state_ref)
-            _, dA, dD, dbias = _prefetched_chunk_loop(0, geo.n_chunks, True,
-                                                      functools.partial(d.load_chunk, extra_refs=extra),
-                                                      functools.partial(chunk_body, start_state=saved), init)
+        if geo.save_every == 1:  # every chunk start was saved, and is prefetched with the chunk: no scratch
+            def load(c, d=d, state_ref=state_ref, extra=extra):
+                return d.load_chunk(c, extra), d.load_state(state_ref, jnp.maximum(c, 0))
+
+            _, dA, dD, dbias = _prefetched_chunk_loop(0, geo.n_chunks, True, load, chunk_body, init)
         else:
             _, dA, dD, dbias = jax.lax.fori_loop(0, geo.n_segments, segment_body, init)
         plgpu.store(da_ref.at[d.ncols, cols], dA, mask=dmask[None, :])
