@@ -233,6 +233,7 @@ def _fma(a: jax.Array, b: jax.Array | float, c: jax.Array | float, asm: bool) ->
 
 
 def _sigmoid(x: jax.Array, asm: bool) -> jax.Array:
+    """1 / (1 + exp(-x)); 0 where exp(-x) overflows."""
     return _rcp(1.0 + _ex2(x * -_LOG2E, asm), asm)
 
 
