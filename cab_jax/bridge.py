@@ -1,10 +1,12 @@
-"""Attention bridge: map the student's selective-SSM projections onto the teacher's attention keys/queries.
+"""Attention bridge: maps the student's selective-SSM projections onto the teacher's attention keys/queries and
+returns the bridge loss.
 
 Per bridged student layer l with teacher layer g(l), four small networks map B -> K, B_b -> K, C -> Q and
 C_b -> Q, token by token (the mixer returns both directions' projections in token order). Targets are the
 teacher's pre-softmax q, k flattened over heads, passed through a kernel map, and with the teacher's cls
 token (index 0) moved to the student's middle position. The language student (Phi-Mamba) is causal and has
 no cls token: two maps per layer (B -> K, C -> Q) from its per-head B, C flattened over heads, and no token move.
+The bridged layers' networks are stacked and applied with one scan over layers.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from cab_jax.models.layers import dense
+from cab_jax.models.layers import dense, scan_layers, stack_layers
 from cab_jax.models.mamba import SSMProjections
 
 BRIDGE_KINDS = ("mlp", "linear")
@@ -110,7 +113,8 @@ def mse(pred: jax.Array, target: jax.Array) -> jax.Array:
 
 
 class AttentionBridge(nnx.Module):
-    """All layer bridges plus the student->teacher layer map; ``__call__`` returns the bridge loss.
+    """The bridged layers' maps (stacked) plus the student->teacher layer map; ``__call__`` returns the bridge
+    loss.
 
     ``d_in``: the student's B/C width (d_state for Vim, n_qk_heads * d_state for Phi-Mamba)."""
 
@@ -129,28 +133,35 @@ class AttentionBridge(nnx.Module):
         rngs: nnx.Rngs,
     ):
         apply_kernel_map(jnp.zeros((1, 1)), kernel_map, token_axis=False)  # validates the name early
-        self.kernel_map = kernel_map
+        self.kernel_map, self.bidirectional = kernel_map, bidirectional
         self.mapping = layer_map(student_depth, teacher_depth, layers)
-        self.bridges = nnx.List([
-            LayerBridge(d_in, d_teacher, hidden, kind, bidirectional, rngs=rngs) if g >= 0 else None
-            for g in self.mapping
-        ])
+        self.student_layers = tuple(i for i, g in enumerate(self.mapping) if g >= 0)  # the bridged ones
+        self.layers = stack_layers([LayerBridge(d_in, d_teacher, hidden, kind, bidirectional, rngs=rngs)
+                                    for _ in self.student_layers])
 
-    def __call__(self, projections: Sequence[SSMProjections], teacher_qk: Sequence[tuple[jax.Array, jax.Array]],
+    def __call__(self, projections: SSMProjections, teacher_qk: tuple[jax.Array, jax.Array],
                  cls_position: int | None) -> jax.Array:
-        """Mean over bridged layers of the sum of the (up to) four MSEs."""
-        if len(projections) != len(self.mapping):
-            raise ValueError(f"bridge built for {len(self.mapping)} student layers, got {len(projections)}")
-        losses = []
-        for g, bridge, proj in zip(self.mapping, self.bridges, projections, strict=True):
-            if g < 0:
-                continue
-            q, k = teacher_targets(*teacher_qk[g], self.kernel_map, cls_position)
-            if q.shape[1] != proj.B.shape[1]:
-                raise ValueError(f"teacher has {q.shape[1]} tokens but the student {proj.B.shape[1]}: the "
-                                 "image and patch sizes must give both the same token count")
+        """Mean over bridged layers of the sum of the (up to) four MSEs.
+
+        projections: the student's B, C (and B_b, C_b), each (student depth, batch, tokens, ...);
+        teacher_qk: (q, k), each (teacher depth, batch, heads, tokens, head_dim)."""
+        if projections.B.shape[0] != len(self.mapping):
+            raise ValueError(f"bridge built for {len(self.mapping)} student layers, got {projections.B.shape[0]}")
+        q_all, k_all = teacher_qk
+        if q_all.shape[-2] != projections.B.shape[2]:
+            raise ValueError(f"teacher has {q_all.shape[-2]} tokens but the student {projections.B.shape[2]}: the "
+                             "image and patch sizes must give both the same token count")
+        if len(self.student_layers) < len(self.mapping):  # some layers are not bridged
+            projections = jax.tree.map(lambda x: x[np.asarray(self.student_layers)], projections)
+        teacher_layers = jnp.asarray([self.mapping[i] for i in self.student_layers], jnp.int32)
+
+        def layer_loss(bridge: LayerBridge, _, inputs):
+            proj, g = inputs
+            q, k = teacher_targets(q_all[g], k_all[g], self.kernel_map, cls_position)
             loss = mse(bridge.b_to_k(proj.B), k) + mse(bridge.c_to_q(proj.C), q)
-            if bridge.b_to_k_b is not None:
+            if self.bidirectional:
                 loss += mse(bridge.b_to_k_b(proj.B_b), k) + mse(bridge.c_to_q_b(proj.C_b), q)
-            losses.append(loss)
-        return jnp.mean(jnp.stack(losses))
+            return None, loss
+
+        _, losses = scan_layers(self.layers, layer_loss, None, (projections, teacher_layers))
+        return jnp.mean(losses)

@@ -1,29 +1,23 @@
-"""Shared config pieces: the full field set, validation with clear messages, and derived values.
+"""What config files share: variant parsing, the recipes' default sections, validation with messages that name the
+field, and the values derived from a config (steps, warmup, peak learning rate).
 
-Every experiment file in ``configs/`` starts from :func:`base_config` (vision: DeiT -> Vim) or
-:func:`lm_base_config` (language: Phi -> Phi-Mamba) and changes fields; nothing else adds fields, so an override
-of an unknown key fails inside ml_collections before any work starts.
+It imports nothing of the package when loaded, so a config file loads without JAX or model code; ``validate``
+asks the kernels, models, bridge and losses for the values they accept when it runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import ml_collections
 from ml_collections import config_dict
 
-from cab_jax.bridge import BRIDGE_KINDS, KERNEL_MAPS, LAYER_MAPS
-from cab_jax.kernels.selective_scan import SCAN_IMPLS, BlockSizes
-from cab_jax.losses import LM_LOSS_MODES, LOSS_MODES
-from cab_jax.models.mamba import A_INITS
-from cab_jax.models.vim import VIM_SIZES
-from cab_jax.models.vit import VIT_SIZES
-
-TASKS = ("distill", "train_teacher", "demo")
+TASKS = ("distill", "train_teacher", "study")
 DOMAINS = ("vision", "language")
 LR_DECAYS = ("cosine", "linear")
-CONV_ACTIVATIONS = ("identity", "silu")
 DTYPES = ("float32", "bfloat16")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -31,9 +25,38 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 EPOCHS_BY_FRACTION = {0.01: 3000.0, 0.05: 600.0, 0.1: 300.0, 0.2: 150.0, 1.0: 300.0}
 
 
-def train_config(vision: bool = True) -> ml_collections.ConfigDict:
-    """Optimisation and loop settings (the original vision recipe's defaults; language configs change them).
-    Label smoothing and Mixup/CutMix fields exist for vision only."""
+# ------------------------------------------------------------------------------------------- variants
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+    """The variant after a config path's colon (``--config=configs/vim_small.py:subset=0.01,mode=soft``) as a
+    ConfigDict of ``defaults`` with the given keys replaced; values are parsed by the type of their default."""
+    out = ml_collections.ConfigDict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or key not in defaults:
+            raise ValueError(f"config variant {item!r}: expected key=value with a key among {sorted(defaults)}")
+        out[key] = _parse_value(key, text.strip(), defaults[key])
+    return out
+
+
+def _parse_value(key: str, text: str, default: Any) -> Any:
+    if isinstance(default, bool):
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"config variant {key}={text!r}: expected True or False")
+        return text.lower() in ("true", "1")
+    try:
+        return type(default)(text)
+    except ValueError as e:
+        raise ValueError(f"config variant {key}={text!r}: expected a {type(default).__name__}") from e
+
+
+# ------------------------------------------------------------------------------------ default sections
+
+
+def vision_train(**overrides: Any) -> ml_collections.ConfigDict:
+    """Optimisation and loop settings of the original vision recipe (DeiT/Vim on ImageNet)."""
     t = ml_collections.ConfigDict(dict(
         batch_size=512,  # global, over all devices and processes
         epochs=config_dict.placeholder(float),  # unset: the paper's epochs for data.subset_fraction
@@ -47,95 +70,45 @@ def train_config(vision: bool = True) -> ml_collections.ConfigDict:
         lr_decay="cosine",  # after warmup, to min_lr: "cosine" or "linear"
         grad_clip=0.0,  # global-norm clip; 0 disables
         ema_decay=0.0,  # 0 disables the EMA copy of the parameters
+        label_smoothing=0.1,
+        mixup_alpha=0.8,
+        cutmix_alpha=1.0,
+        mixup_prob=1.0,
+        mixup_switch_prob=0.5,
         log_every=50,
         eval_every=0,  # steps between evaluations; 0: only at the end
         checkpoint_every=1000,
         keep_checkpoints=2,
         eval_batch_size=256,
     ))
-    if vision:
-        t.update(dict(label_smoothing=0.1, mixup_alpha=0.8, cutmix_alpha=1.0, mixup_prob=1.0, mixup_switch_prob=0.5))
+    t.update(overrides)
     return t
 
 
-def base_config() -> ml_collections.ConfigDict:
-    """All fields with the original recipe's values: DeiT-S teacher -> Vim-S student on ImageNet."""
-    c = ml_collections.ConfigDict()
-    c.domain = "vision"
-    c.task = "distill"
-    c.seed = 0
-    c.dtype = "float32"  # compute dtype of both models; parameters are always float32
-
-    c.teacher = ml_collections.ConfigDict(dict(
-        **dataclasses.asdict(VIT_SIZES["small"]), patch_size=16, drop_path=0.0, init_from=""))
-    c.teacher.train = train_config()  # used by task=train_teacher and by the demo's teacher stage
-    c.student = ml_collections.ConfigDict(dict(
-        **dataclasses.asdict(VIM_SIZES["small"]), patch_size=16, d_state=16, d_conv=4, expand=2,
-        bidirectional=True, a_init="cab", scan_impl="auto", scan_blocks="", drop_path=0.0, remat=True,
-        init_from=""))
-    c.bridge = ml_collections.ConfigDict(dict(
-        kind="mlp", hidden=128, kernel_map="softmax", layer_map="proportional", layers=(),
-        detach_student=False))
-    c.loss = ml_collections.ConfigDict(dict(
-        mode="cab", temperature=1.0, ce_weight=config_dict.placeholder(float),
-        kl_weight=config_dict.placeholder(float), bridge_weight=config_dict.placeholder(float)))
-    c.data = ml_collections.ConfigDict(dict(
-        name="imagenet2012", data_dir="", image_size=224, num_classes=1000, train_split="train",
-        eval_split="validation", subset_fraction=0.1, subset_seed=2025, synthetic=False, synthetic_size=1024,
-        num_workers=8, crop_scale=(0.08, 1.0), hflip=True, mean=IMAGENET_MEAN, std=IMAGENET_STD))
-    c.train = train_config()
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    c.demo = ml_collections.ConfigDict(dict(modes=("vanilla", "soft", "cab")))
-    return c
-
-
-def lm_base_config() -> ml_collections.ConfigDict:
-    """All fields with the original language recipe: Phi-1.5 teacher -> Phi-Mamba student (24 layers, d_model
-    2048, discrete Mamba-2 mixers initialised from the teacher's attention), CE + 0.5 KL + 0.5 bridge."""
-    from cab_jax.models.phi import PHI_SIZES
-    from cab_jax.models.phi_mamba import PHI_MAMBA_SIZES
-
-    c = ml_collections.ConfigDict()
-    c.domain = "language"
-    c.task = "distill"
-    c.seed = 0
-    c.dtype = "bfloat16"
-    c.teacher = ml_collections.ConfigDict(dict(**dataclasses.asdict(PHI_SIZES["phi_1_5"]), remat=True, init_from=""))
-    c.teacher.train = lm_train_config()  # used by task=train_teacher and by the demo's teacher stage
-    c.student = ml_collections.ConfigDict(dict(
-        **dataclasses.asdict(PHI_MAMBA_SIZES["phi_mamba_1_5"]), conv_activation="identity", ssd_impl="auto",
-        chunk_size=128, remat=True, init_from="", init_from_attention=True))
-    c.student.intermediate_size = 4 * c.student.d_model  # explicit (not None), so flags can override it
-    c.bridge = ml_collections.ConfigDict(dict(
-        kind="mlp", hidden=0, kernel_map="none", layer_map="proportional", layers=(), detach_student=False))
-    c.loss = ml_collections.ConfigDict(dict(
-        mode="cab", temperature=1.0, ce_weight=config_dict.placeholder(float),
-        kl_weight=config_dict.placeholder(float), bridge_weight=config_dict.placeholder(float)))
-    c.data = ml_collections.ConfigDict(dict(
-        name="cab_text", data_dir="", seq_len=2048, vocab_size=51200, max_corpus_bytes=4_000_000, tokenizer="",
-        text_key="text", train_split="train", eval_split="test", synthetic=False, synthetic_size=1024,
-        num_workers=0))
-    c.train = lm_train_config()
-    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
-    c.demo = ml_collections.ConfigDict(dict(modes=("ce", "kl", "cab"), init_from_attention_modes=("cab",)))
-    return c
-
-
-def lm_train_config() -> ml_collections.ConfigDict:
+def language_train(**overrides: Any) -> ml_collections.ConfigDict:
     """The original language recipe (HF Trainer defaults of CAB's kd_trainer): AdamW lr 5e-4 without weight
     decay, 10 % linear warmup then linear decay to 0, gradient clipping at 1, one epoch."""
-    t = train_config(vision=False)
-    t.update(dict(batch_size=32, epochs=1.0, lr_reference_batch=32, weight_decay=0.0, warmup_epochs=0.1,
-                  warmup_lr=0.0, min_lr=0.0, lr_decay="linear", grad_clip=1.0, eval_batch_size=32))
+    t = vision_train(batch_size=32, epochs=1.0, lr_reference_batch=32, weight_decay=0.0, warmup_epochs=0.1,
+                     warmup_lr=0.0, min_lr=0.0, lr_decay="linear", grad_clip=1.0, eval_batch_size=32)
+    for name in ("label_smoothing", "mixup_alpha", "cutmix_alpha", "mixup_prob", "mixup_switch_prob"):
+        del t[name]
+    t.update(overrides)
     return t
 
 
-def set_vit_size(teacher: ml_collections.ConfigDict, size: str) -> None:
-    teacher.update(dataclasses.asdict(VIT_SIZES[size]))
+def loss(mode: str = "cab") -> ml_collections.ConfigDict:
+    """Loss mode and optional explicit weights (unset: the mode's weights for the domain)."""
+    return ml_collections.ConfigDict(dict(
+        mode=mode, temperature=1.0, ce_weight=config_dict.placeholder(float),
+        kl_weight=config_dict.placeholder(float), bridge_weight=config_dict.placeholder(float)))
 
 
-def set_vim_size(student: ml_collections.ConfigDict, size: str) -> None:
-    student.update(dataclasses.asdict(VIM_SIZES[size]))
+def mesh(data: int = -1, fsdp: int = 1, tensor: int = 1) -> ml_collections.ConfigDict:
+    """Device mesh sizes; one of them may be -1 (all remaining devices)."""
+    return ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor))
+
+
+# ------------------------------------------------------------------------------------------ validation
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -147,7 +120,7 @@ def _check_choice(value, key: str, choices) -> None:
     _check(value in choices, key, f"got {value!r}, expected one of {tuple(choices)}")
 
 
-def _validate_train(t: ml_collections.ConfigDict, key: str) -> None:
+def _validate_train(t: ml_collections.ConfigDict, key: str, data_parallel: int | None) -> None:
     _check(t.batch_size > 0, f"{key}.batch_size", f"must be positive, got {t.batch_size}")
     for name in ("steps", "epochs"):
         _check(t[name] is None or t[name] > 0, f"{key}.{name}", f"must be positive, got {t[name]}")
@@ -163,17 +136,29 @@ def _validate_train(t: ml_collections.ConfigDict, key: str) -> None:
             _check(t[name] >= 0, f"{key}.{name}", f"must be >= 0, got {t[name]}")
         _check(0.0 <= t.mixup_prob <= 1.0, f"{key}.mixup_prob", f"must be in [0, 1], got {t.mixup_prob}")
         _check(t.label_smoothing < 1.0, f"{key}.label_smoothing", f"must be < 1, got {t.label_smoothing}")
+    if data_parallel is not None:
+        for name in ("batch_size", "eval_batch_size"):
+            _check(t[name] % data_parallel == 0, f"{key}.{name}",
+                   f"{t[name]} must be divisible by the data-parallel mesh size (mesh.data x mesh.fsdp = "
+                   f"{data_parallel})")
 
 
-def validate(c: ml_collections.ConfigDict) -> None:
-    """Raise ValueError naming the first bad field; called before any work starts."""
+def validate(c: ml_collections.ConfigDict, mesh_shape: Mapping[str, int] | None = None) -> None:
+    """Raise ValueError naming the first bad field; called before any work starts. ``mesh_shape`` (the axis
+    sizes of the mesh built from ``c.mesh``) adds the checks that depend on the devices present."""
+    from cab_jax.bridge import BRIDGE_KINDS, KERNEL_MAPS, LAYER_MAPS
+    from cab_jax.losses import LOSS_MODES, MODE_ALIASES
+
     _check_choice(c.domain, "domain", DOMAINS)
     _check_choice(c.task, "task", TASKS)
     _check_choice(c.dtype, "dtype", DTYPES)
-    modes = LM_LOSS_MODES if c.domain == "language" else LOSS_MODES
+    modes = (*LOSS_MODES, *MODE_ALIASES)
     _check_choice(c.loss.mode, "loss.mode", modes)
-    for mode in c.demo.modes:
-        _check_choice(mode, "demo.modes", modes)
+    if c.task == "study":
+        _check("study" in c, "study", "task 'study' needs a study section (modes to train, one student each)")
+        _check(len(c.study.modes) > 0, "study.modes", "must name at least one loss mode")
+        for mode in c.study.modes:
+            _check_choice(mode, "study.modes", modes)
     _check(c.loss.temperature > 0, "loss.temperature", f"must be positive, got {c.loss.temperature}")
     for name in ("ce_weight", "kl_weight", "bridge_weight"):
         _check(c.loss[name] is None or c.loss[name] >= 0, f"loss.{name}", f"must be >= 0, got {c.loss[name]}")
@@ -186,12 +171,18 @@ def validate(c: ml_collections.ConfigDict) -> None:
                f"got {len(c.bridge.layers)}")
     for name in ("data", "fsdp", "tensor"):
         _check(c.mesh[name] == -1 or c.mesh[name] > 0, f"mesh.{name}", f"must be positive or -1, got {c.mesh[name]}")
-    _validate_train(c.train, "train")
-    _validate_train(c.teacher.train, "teacher.train")
+    data_parallel = None if mesh_shape is None else mesh_shape["data"] * mesh_shape["fsdp"]
+    _validate_train(c.train, "train", data_parallel)
+    _validate_train(c.teacher.train, "teacher.train", data_parallel)
     (_validate_language if c.domain == "language" else _validate_vision)(c)
 
 
 def _validate_vision(c: ml_collections.ConfigDict) -> None:
+    from cab_jax.kernels.selective_scan import SCAN_IMPLS, BlockSizes
+    from cab_jax.models.mamba import A_INITS
+
+    _check(c.teacher.model == "vit", "teacher.model", f"the vision teacher is 'vit', got {c.teacher.model!r}")
+    _check(c.student.model == "vim", "student.model", f"the vision student is 'vim', got {c.student.model!r}")
     _check_choice(c.student.scan_impl, "student.scan_impl", SCAN_IMPLS)
     if c.student.scan_blocks:
         try:
@@ -222,12 +213,16 @@ def _validate_vision(c: ml_collections.ConfigDict) -> None:
 
 def _validate_language(c: ml_collections.ConfigDict) -> None:
     from cab_jax.kernels.ssd import SSD_IMPLS
+    from cab_jax.models.mamba2 import CONV_ACTIVATIONS
 
     t, s, d = c.teacher, c.student, c.data
+    _check(t.model == "phi", "teacher.model", f"the language teacher is 'phi', got {t.model!r}")
+    _check(s.model == "phi_mamba", "student.model", f"the language student is 'phi_mamba', got {s.model!r}")
     _check_choice(s.ssd_impl, "student.ssd_impl", SSD_IMPLS)
     _check_choice(s.conv_activation, "student.conv_activation", CONV_ACTIVATIONS)
-    for mode in c.demo.init_from_attention_modes:
-        _check_choice(mode, "demo.init_from_attention_modes", c.demo.modes)
+    if c.task == "study":
+        for mode in c.study.init_from_attention_modes:
+            _check_choice(mode, "study.init_from_attention_modes", c.study.modes)
     _check(t.vocab_size == s.vocab_size, "student.vocab_size",
            f"teacher and student share the tokenizer: teacher.vocab_size is {t.vocab_size}, got {s.vocab_size}")
     _check(0 < d.vocab_size <= s.vocab_size, "data.vocab_size",
@@ -245,6 +240,9 @@ def _validate_language(c: ml_collections.ConfigDict) -> None:
     _check(s.chunk_size > 0, "student.chunk_size", f"must be positive, got {s.chunk_size}")
     _check(c.bridge.hidden >= 0, "bridge.hidden", f"must be >= 0 (0: the teacher's width), got {c.bridge.hidden}")
     _check(c.train.steps is not None or c.train.epochs is not None, "train.epochs", "set train.epochs or train.steps")
+
+
+# ----------------------------------------------------------------------------------------- derived values
 
 
 @dataclasses.dataclass(frozen=True)

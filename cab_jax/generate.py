@@ -19,8 +19,7 @@ from absl import app, flags
 from etils import epath
 from flax import nnx
 
-from cab_jax import checkpoint
-from cab_jax.tasks import task_for
+from cab_jax import checkpoint, domains
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a language training run (holds run_config.json).")
 _PROMPT = flags.DEFINE_string("prompt", "def fib(", "Text to continue.")
@@ -74,7 +73,8 @@ class Generator:
 
 
 def load_run(workdir: str) -> tuple[ml_collections.ConfigDict, str, nnx.Module]:
-    """The config, role and trained model (latest checkpoint) of a language run's workdir."""
+    """The config, what was trained ("teacher" or "student") and the trained model (latest checkpoint) of a
+    language run's workdir."""
     root = epath.Path(workdir)
     meta_path = root / "run_config.json"
     if not meta_path.exists():
@@ -83,14 +83,14 @@ def load_run(workdir: str) -> tuple[ml_collections.ConfigDict, str, nnx.Module]:
     c = ml_collections.ConfigDict(meta["config"])
     if c.domain != "language":
         raise ValueError(f"{workdir} holds a {c.domain} run; generation needs a language model")
-    task = task_for(c, meta["role"])
-    build = task.build_teacher if meta["role"] == "teacher" else task.build_student
+    domain = domains.for_config(c)
+    build = domain.build_teacher if meta["trains"] == "teacher" else domain.build_student
     model = nnx.eval_shape(lambda: build(nnx.Rngs(0)))
     graphdef, abstract = nnx.split(model)
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract.to_pure_dict())
     params = checkpoint.load_model_params(root, target)
     nnx.replace_by_pure_dict(abstract, params)
-    return c, meta["role"], nnx.merge(graphdef, abstract)
+    return c, meta["trains"], nnx.merge(graphdef, abstract)
 
 
 def main(argv: list[str]) -> None:
@@ -98,13 +98,13 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from cab_jax.data import text
 
-    c, role, model = load_run(_WORKDIR.value)
+    c, trained, model = load_run(_WORKDIR.value)
     tokenizer = text.load_tokenizer(c.data)
     prompt = np.asarray([tokenizer.encode(_PROMPT.value).ids], np.int32)
     tokens, rate = Generator(model)(prompt, _MAX_NEW.value, _TEMPERATURE.value, _SEED.value)
-    form = "KV cache" if role == "teacher" else "recurrent state"
+    form = "KV cache" if trained == "teacher" else "recurrent state"
     print(_PROMPT.value + tokenizer.decode(tokens[0].tolist()), flush=True)
-    print(f"[{role}, {form}] {tokens.shape[1]} tokens, {rate:.1f} tokens/s", flush=True)
+    print(f"[{trained}, {form}] {tokens.shape[1]} tokens, {rate:.1f} tokens/s", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Distillation losses: soft-target cross-entropy, temperature KL, and the per-mode loss weights."""
+"""Loss terms of both domains (soft-target and token cross-entropy, temperature KL, top-k) and the weights each
+loss mode gives them."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+# One vocabulary for both domains: vanilla (labels only), soft (soft distillation), cab (soft + bridge).
 LOSS_MODES = ("vanilla", "soft", "cab")
-LM_LOSS_MODES = ("ce", "kl", "cab")
+# Earlier names of the language modes, still accepted.
+MODE_ALIASES = {"ce": "vanilla", "kl": "soft"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,28 +25,37 @@ class LossWeights:
         return self.kl > 0 or self.bridge > 0
 
 
-# The original's modes: vanilla = CE; soft = KL(teacher || student); cab ("softdistill") = KL + 3 x bridge.
-MODE_WEIGHTS = {
+# Vision (the original's main_vit2vim): vanilla = CE; soft = KL(teacher || student); cab ("softdistill") =
+# KL + 3 x bridge.
+VISION_MODE_WEIGHTS = {
     "vanilla": LossWeights(ce=1.0, kl=0.0, bridge=0.0),
     "soft": LossWeights(ce=0.0, kl=1.0, bridge=0.0),
     "cab": LossWeights(ce=0.0, kl=1.0, bridge=3.0),
 }
 
 
-# Language (the original's kd_trainer): ce = CE; kl = CE + KL; cab ("distill") = CE + 0.5 KL + 0.5 bridge.
-LM_MODE_WEIGHTS = {
-    "ce": LossWeights(ce=1.0, kl=0.0, bridge=0.0),
-    "kl": LossWeights(ce=1.0, kl=1.0, bridge=0.0),
+# Language (the original's kd_trainer): vanilla = CE; soft = CE + KL; cab ("distill") = CE + 0.5 KL + 0.5 bridge.
+LANGUAGE_MODE_WEIGHTS = {
+    "vanilla": LossWeights(ce=1.0, kl=0.0, bridge=0.0),
+    "soft": LossWeights(ce=1.0, kl=1.0, bridge=0.0),
     "cab": LossWeights(ce=1.0, kl=0.5, bridge=0.5),
 }
 
 
-def loss_weights(mode: str, ce: float | None = None, kl: float | None = None,
-                 bridge: float | None = None, table: dict[str, LossWeights] = MODE_WEIGHTS) -> LossWeights:
-    """The mode's weights in ``table``, each replaced by the explicit value where one is given."""
-    if mode not in table:
-        raise ValueError(f"unknown loss mode {mode!r}; expected one of {tuple(table)}")
-    base = table[mode]
+def canonical_mode(mode: str) -> str:
+    """``mode`` in the one vocabulary (an earlier name such as "kl" becomes "soft"); ValueError when unknown."""
+    mode = MODE_ALIASES.get(mode, mode)
+    if mode not in LOSS_MODES:
+        raise ValueError(f"unknown loss mode {mode!r}; expected one of {LOSS_MODES} (or the earlier names "
+                         f"{', '.join(f'{old!r} for {new!r}' for old, new in MODE_ALIASES.items())})")
+    return mode
+
+
+def loss_weights(mode: str, table: dict[str, LossWeights], ce: float | None = None, kl: float | None = None,
+                 bridge: float | None = None) -> LossWeights:
+    """The weights ``table`` gives ``mode`` (or its earlier name), each replaced by the explicit value where one
+    is given."""
+    base = table[canonical_mode(mode)]
     return LossWeights(ce=base.ce if ce is None else ce, kl=base.kl if kl is None else kl,
                        bridge=base.bridge if bridge is None else bridge)
 

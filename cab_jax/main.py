@@ -1,4 +1,5 @@
-"""Entry point: ``python -m cab_jax.main --config=configs/NAME.py --workdir=DIR [--config.x.y=value ...]``.
+"""Entry point: ``python -m cab_jax.main --config=configs/NAME.py[:variant] --workdir=DIR [--config.x.y=value ...]``
+runs the config's task: one training run (distill, train_teacher) or a study.
 
 The same command runs on a laptop CPU, a GPU host and a TPU pod; pass ``--jax_distributed`` on
 multi-process launches (TPU pods, multi-host GPU) so ``jax.distributed.initialize()`` runs first.
@@ -12,7 +13,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from cab_jax import config as config_lib
+from cab_jax import study, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/NAME.py).",
                                           lock_config=True)
@@ -31,17 +32,14 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     c = _CONFIG.value
-    config_lib.validate(c)
     if _DISTRIBUTED.value:
         jax.distributed.initialize()
     logging.info("JAX %s, process %d/%d, devices: %s", jax.__version__, jax.process_index(), jax.process_count(),
                  jax.devices())
-    from cab_jax import demo, train  # imported after validation so bad flags fail fast
-
-    if c.task == "demo":  # vision or language, per config.domain
-        demo.run(c, _WORKDIR.value)
+    if c.task == "study":
+        study.run(c, _WORKDIR.value)
     else:
-        result = train.run(c, _WORKDIR.value, role="teacher" if c.task == "train_teacher" else "student")
+        result = train.train_and_evaluate(c, _WORKDIR.value)
         logging.info("Result: %s", result)
 
 

@@ -1,15 +1,18 @@
-"""One device mesh from config, logical-axis rules, and the shardings of parameters and batches.
+"""The device mesh and what lives on it: the mesh from config, the logical-axis rules, the shardings of
+parameters and batches, and per-device calls of code the SPMD partitioner cannot split (Pallas kernels).
 
 Mesh axes: ``data`` (pure data parallel), ``fsdp`` (data parallel with parameters sharded over it) and
 ``tensor`` (model parallel). Parameters carry logical axis names (``logical_axes`` metadata); the rules
 below map each logical name to a mesh axis. A dimension that the mesh axis does not divide stays
-replicated, so odd sizes (10 classes, 197 tokens) never fail.
+replicated, so odd sizes (10 classes, 197 tokens) never fail. Stacked layers' leading ``layers`` axis is
+never split.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import ml_collections
@@ -20,6 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 LOGICAL_RULES: Mapping[str, str | None] = {
+    "layers": None,
     "embed": "fsdp",
     "heads": "tensor",
     "mlp": "tensor",
@@ -94,3 +98,33 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
     """Assemble each process's local batch shard into global arrays sharded over the batch axes."""
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
+
+
+def split_axes(size: int, axes: Sequence[str | None]) -> tuple[str, ...] | None:
+    """The axes among ``axes`` that the mesh being traced (``jax.sharding.use_abstract_mesh``) splits into more
+    than one part, when together they divide a dimension of ``size``; None without a mesh or such axes."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return None
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
+    used = tuple(a for a in axes if a is not None and sizes.get(a, 1) > 1)
+    if not used or size % math.prod(sizes[a] for a in used):
+        return None
+    return used
+
+
+def call_per_device(fn: Callable, args: Sequence[Any], in_specs: Sequence[Any], out_specs: Any) -> Any:
+    """``fn(*args)`` run once per device on its shard of the mesh being traced (``jax.shard_map``); None
+    arguments pass through. For code the SPMD partitioner cannot split, such as Pallas kernels (custom calls),
+    which would otherwise run on the whole batch on every device. Gradients of arguments replicated over a
+    mesh axis are summed over it by ``shard_map``'s transpose."""
+    present = [i for i, a in enumerate(args) if a is not None]
+
+    def local(*xs):
+        full = list(args)
+        for i, x in zip(present, xs, strict=True):
+            full[i] = x
+        return fn(*full)
+
+    return jax.shard_map(local, mesh=jax.sharding.get_abstract_mesh(), in_specs=tuple(in_specs[i] for i in present),
+                         out_specs=out_specs, check_vma=False)(*[args[i] for i in present])

@@ -1,14 +1,20 @@
-"""Train state, optimizer, sharded train/eval steps and the training loop (teacher or student)."""
+"""Training one model: the train state and optimizer, the sharded train and eval steps, and the loop with
+checkpoints, metrics and resume (``train_and_evaluate``).
+
+What is trained comes from the domain's :class:`~cab_jax.domains.Job`: the student by distillation (with a frozen
+teacher and the attention bridge), or the teacher on labels.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import signal
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -17,38 +23,20 @@ import numpy as np
 import optax
 from absl import logging
 from etils import epath
-from flax import nnx
+from flax import nnx, traverse_util
 from jax.sharding import Mesh
 
-from cab_jax import checkpoint, sharding
+from cab_jax import checkpoint, domains, sharding
 from cab_jax import config as config_lib
-from cab_jax.bridge import AttentionBridge
 from cab_jax.convert.weights import load_model_weights
-from cab_jax.losses import LossWeights
-from cab_jax.tasks import Task, task_for
 
 NO_DECAY_NAMES = frozenset({"pos_embed", "cls_token", "A_log"})
 State = dict[str, Any]
 
 
-# ----------------------------------------------------------------------------------------------- models
-
-
-def build_teacher(c: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module:
-    return task_for(c, "teacher").build_teacher(rngs)
-
-
-def build_student(c: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module:
-    return task_for(c).build_student(rngs)
-
-
-def build_bridge(c: ml_collections.ConfigDict, rngs: nnx.Rngs) -> AttentionBridge:
-    return task_for(c).build_bridge(rngs)
-
-
 @dataclasses.dataclass(frozen=True)
 class Functional:
-    """An NNX module split into its static graph and an abstract state; ``apply`` runs it on a pure-dict
+    """An NNX module split into its static graph and an abstract state; ``module`` runs it on a pure-dict
     parameter tree, so parameters can live in plain pytrees (jit arguments, optax, orbax)."""
 
     graphdef: nnx.GraphDef
@@ -69,12 +57,17 @@ class Functional:
 # -------------------------------------------------------------------------------------------- optimizer
 
 
-def decay_mask(params: dict) -> dict:
-    """Weight decay on matrices only: not on norms, biases, D (1-D) nor pos_embed, cls_token, A_log."""
-    def keep(path, leaf) -> bool:
-        name = str(getattr(path[-1], "key", path[-1]))
-        return np.ndim(leaf) >= 2 and name not in NO_DECAY_NAMES
-    return jax.tree_util.tree_map_with_path(keep, params)
+def decay_mask(params: dict, axes: dict) -> dict:
+    """Weight decay on weight matrices only: not on norms, biases, D (1-D per layer) nor pos_embed, cls_token,
+    A_log. ``axes`` (the logical-axes tree) tells stacked layers' parameters, whose first axis is "layers"."""
+    flat_axes = traverse_util.flatten_dict(axes)
+
+    def decays(path: tuple, leaf) -> bool:
+        stacked = (flat_axes.get(path) or (None,))[0] == "layers"
+        return np.ndim(leaf) - stacked >= 2 and path[-1] not in NO_DECAY_NAMES
+
+    flat = traverse_util.flatten_dict(params)
+    return traverse_util.unflatten_dict({path: decays(path, leaf) for path, leaf in flat.items()})
 
 
 def learning_rate_fn(t: ml_collections.ConfigDict, sched: config_lib.Schedule) -> optax.Schedule:
@@ -92,122 +85,195 @@ def learning_rate_fn(t: ml_collections.ConfigDict, sched: config_lib.Schedule) -
     return optax.join_schedules([warmup, decay], [sched.warmup_steps])
 
 
-def make_optimizer(t: ml_collections.ConfigDict, lr_fn: optax.Schedule) -> optax.GradientTransformation:
-    tx = optax.adamw(lr_fn, b1=0.9, b2=0.999, eps=1e-8, weight_decay=t.weight_decay, mask=decay_mask)
+def make_optimizer(t: ml_collections.ConfigDict, lr_fn: optax.Schedule, mask: dict) -> optax.GradientTransformation:
+    """AdamW with weight decay where ``mask`` is True (see ``decay_mask``), after an optional global-norm clip."""
+    tx = optax.adamw(lr_fn, b1=0.9, b2=0.999, eps=1e-8, weight_decay=t.weight_decay, mask=mask)
     return optax.chain(optax.clip_by_global_norm(t.grad_clip), tx) if t.grad_clip > 0 else tx
 
 
-# --------------------------------------------------------------------------------------------- trainer
+# ---------------------------------------------------------------------------------------------- trainer
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Trainer:
-    """Sharded train and eval steps for one model (plus bridge and frozen teacher when distilling).
+    """What a run's steps need, complete when built by :func:`create_trainer`: the domain and its job, the
+    functional models, the optimizer and schedule, and the shardings of the state and the frozen teacher.
 
-    The state is a dict: step, params {"model", ["bridge"]}, opt_state, rng, [ema]. The teacher's
-    parameters are a separate, read-only argument of the train step. ``task`` supplies what depends on
-    the domain (batch -> inputs and targets, losses, metrics).
-    """
+    The state is a dict: step, params {"model", ["bridge"]}, opt_state, rng, [ema]. The teacher's parameters
+    are a separate, read-only argument of the train step, never part of the state (nor of checkpoints)."""
 
+    c: ml_collections.ConfigDict
+    domain: domains.Domain
+    job: domains.Job
     mesh: Mesh
-    task: Task
-    model: Functional
-    tx: optax.GradientTransformation
+    sched: config_lib.Schedule
     lr_fn: optax.Schedule
-    weights: LossWeights
-    bridge: Functional | None = None
-    teacher: Functional | None = None
-    cls_position: int | None = 0
-    detach_student: bool = False
-    temperature: float = 1.0
+    tx: optax.GradientTransformation
+    model: Functional
+    bridge: Functional | None
+    teacher: Functional | None
+    cls_position: int | None
+    state_shardings: dict
+    teacher_shardings: dict | None
 
-    def init_state(self, params: dict, seed: int, param_axes: dict) -> State:
-        """Place ``params`` on the mesh by their logical axes and build the optimizer state there."""
-        shardings = sharding.param_shardings(params, param_axes, self.mesh)
-        params = jax.device_put(params, shardings)
-        rep = sharding.replicated(self.mesh)
+    @functools.cached_property
+    def jit_train_step(self) -> Callable[[State, dict | None, dict], tuple[State, dict]]:
+        """``train_step`` jitted with explicit shardings; it donates the state."""
+        return jax.jit(functools.partial(train_step, self),
+                       in_shardings=(self.state_shardings, self.teacher_shardings, sharding.batch_sharding(self.mesh)),
+                       out_shardings=(self.state_shardings, sharding.replicated(self.mesh)), donate_argnums=(0,))
 
-        def init(params):
-            state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.tx.init(params),
-                     "rng": jax.random.key_data(jax.random.key(seed))}
-            if self.task.train_cfg.ema_decay > 0:
-                state["ema"] = jax.tree.map(jnp.copy, params)
-            return state
-
-        abstract = jax.eval_shape(init, params)
-        out_shardings = {k: rep for k in abstract}
-        out_shardings["params"] = shardings
-        if "ema" in abstract:
-            out_shardings["ema"] = shardings
-        # Optimizer moments mirror the parameters and follow their shardings; counters are replicated.
-        out_shardings["opt_state"] = optax.tree_map_params(
-            self.tx, lambda _, s: s, abstract["opt_state"], shardings, transform_non_params=lambda _: rep)
-        self.state_shardings = out_shardings
-        return jax.jit(init, out_shardings=out_shardings)(params)
-
-    # ---- steps
-
-    def _loss(self, params: dict, inputs: jax.Array, targets, teacher_out, key: jax.Array | None):
-        logits, aux = self.task.forward(self.model.module(params["model"]), inputs, key)
-        terms = {}
-        if self.weights.ce:
-            terms["ce"] = self.task.ce(logits, targets)
-        if self.weights.kl:
-            terms["kl"] = self.task.kl(logits, teacher_out[0], targets, self.temperature)
-        if self.weights.bridge:
-            projections = self.task.bridge_inputs(jax.lax.stop_gradient(aux) if self.detach_student else aux)
-            terms["bridge"] = self.bridge.module(params["bridge"])(projections, teacher_out[1], self.cls_position)
-        total = sum(getattr(self.weights, name) * value for name, value in terms.items())
-        return total, (terms, logits)
-
-    def train_step(self, state: State, teacher_params: dict | None, batch: dict) -> tuple[State, dict]:
-        # The mesh is visible while tracing so that kernels (Pallas scans) can run per device on their shard.
-        with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
-            return self._train_step(state, teacher_params, batch)
-
-    def _train_step(self, state: State, teacher_params: dict | None, batch: dict) -> tuple[State, dict]:
-        step_key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-        prepare_key, drop_key = jax.random.split(step_key)
-        inputs, targets = self.task.prepare(prepare_key, batch)
-        teacher_out = None
-        if self.weights.needs_teacher:
-            teacher_out = jax.lax.stop_gradient(self.teacher.module(teacher_params)(inputs))
-        (loss, (terms, logits)), grads = jax.value_and_grad(self._loss, has_aux=True)(
-            state["params"], inputs, targets, teacher_out, drop_key)
-        updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        new_state = {**state, "step": state["step"] + 1, "params": params, "opt_state": opt_state}
-        if "ema" in state:
-            d = self.task.train_cfg.ema_decay
-            new_state["ema"] = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state["ema"], params)
-        metrics = {"loss": loss, **terms, "lr": self.lr_fn(state["step"]), "grad_norm": optax.global_norm(grads),
-                   **self.task.train_metrics(logits, targets)}
-        return new_state, metrics
-
-    def eval_step(self, params: dict, batch: dict) -> dict:
-        with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
-            logits, _ = self.task.forward(self.model.module(params), self.task.eval_inputs(batch))
-        return self.task.eval_sums(logits, batch)
-
-    def compile(self, teacher_shardings) -> None:
-        """jit both steps with explicit shardings; the train step donates the state."""
-        batch = sharding.batch_sharding(self.mesh)
-        rep = sharding.replicated(self.mesh)
-        self.jit_train_step = jax.jit(
-            self.train_step, in_shardings=(self.state_shardings, teacher_shardings, batch),
-            out_shardings=(self.state_shardings, rep), donate_argnums=(0,))
-        self.jit_eval_step = jax.jit(self.eval_step, in_shardings=(self.state_shardings["params"]["model"], batch),
-                                     out_shardings=rep)
+    @functools.cached_property
+    def jit_eval_step(self) -> Callable[[dict, dict], dict]:
+        """``eval_step`` jitted with explicit shardings."""
+        return jax.jit(functools.partial(eval_step, self),
+                       in_shardings=(self.state_shardings["params"]["model"], sharding.batch_sharding(self.mesh)),
+                       out_shardings=sharding.replicated(self.mesh))
 
     def evaluate(self, params: dict, batches: Iterable[dict]) -> dict[str, float]:
+        """The domain's metrics over one pass of ``batches`` (each process's local batches)."""
         totals = None
         for local in batches:
             out = self.jit_eval_step(params, sharding.global_batch(local, self.mesh))
             totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
-        return self.task.summarize(jax.device_get(totals))
+        return self.domain.summarize(jax.device_get(totals))
 
 
-# ------------------------------------------------------------------------------------------------ loop
+class Setup(NamedTuple):
+    trainer: Trainer
+    state: State  # the initial train state, sharded
+    teacher_params: dict | None  # the frozen teacher, sharded (None when the job needs none)
+
+
+def create_trainer(c: ml_collections.ConfigDict, mesh: Mesh, train_size: int) -> Setup:
+    """Build the models, optimizer, initial sharded state and frozen teacher for the job ``c.task`` asks for."""
+    domain = domains.for_config(c)
+    job = domain.job()
+    sched = config_lib.schedule(job.train, train_size, job.data.get("subset_fraction", 1.0))
+    lr_fn = learning_rate_fn(job.train, sched)
+    rngs = nnx.Rngs(c.seed)
+
+    model = job.model(rngs)
+    model_fn, model_params = Functional.split(model)
+    if job.init_from:  # start from given weights (a resumed run restores later)
+        model_params = load_model_weights(job.init_from, model, model_params)
+    teacher_fn = teacher_params = teacher_shardings = None
+    if job.teacher is not None:
+        teacher = job.teacher(nnx.Rngs(c.seed + 1))
+        teacher_fn, teacher_params = Functional.split(teacher)
+        teacher_shardings = sharding.param_shardings(teacher_params, sharding.logical_axes(teacher), mesh)
+        teacher_params = load_teacher(c, teacher, teacher_params, teacher_shardings)
+    if job.init_from_teacher is not None:
+        student = model_fn.module(model_params)
+        job.init_from_teacher(student, teacher_fn.module(teacher_params))
+        model_params = nnx.state(student).to_pure_dict()
+        logging.info("Student initialised from the teacher's attention, MLPs, norms and embeddings.")
+    if not job.weights.needs_teacher:  # the teacher was needed for the initialisation only
+        teacher_fn = teacher_params = teacher_shardings = None
+    params, axes = {"model": model_params}, {"model": sharding.logical_axes(model)}
+    bridge_fn = None
+    if job.bridge is not None:
+        bridge = job.bridge(rngs)
+        bridge_fn, params["bridge"] = Functional.split(bridge)
+        axes["bridge"] = sharding.logical_axes(bridge)
+
+    tx = make_optimizer(job.train, lr_fn, decay_mask(params, axes))
+    state, state_shardings = init_state(params, axes, tx, mesh, c.seed, job.train.ema_decay > 0)
+    trainer = Trainer(c=c, domain=domain, job=job, mesh=mesh, sched=sched, lr_fn=lr_fn, tx=tx, model=model_fn,
+                      bridge=bridge_fn, teacher=teacher_fn, cls_position=domain.cls_position(model),
+                      state_shardings=state_shardings, teacher_shardings=teacher_shardings)
+    return Setup(trainer, state, teacher_params)
+
+
+def init_state(params: dict, axes: dict, tx: optax.GradientTransformation, mesh: Mesh, seed: int, ema: bool
+               ) -> tuple[State, dict]:
+    """The initial train state on ``mesh`` (parameters placed by their logical ``axes``, optimizer moments
+    sharded like them, counters replicated) and its shardings."""
+    shardings = sharding.param_shardings(params, axes, mesh)
+    params = jax.device_put(params, shardings)
+    rep = sharding.replicated(mesh)
+
+    def init(params):
+        state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+                 "rng": jax.random.key_data(jax.random.key(seed))}
+        if ema:
+            state["ema"] = jax.tree.map(jnp.copy, params)
+        return state
+
+    abstract = jax.eval_shape(init, params)
+    out_shardings = {k: rep for k in abstract}
+    out_shardings["params"] = shardings
+    if ema:
+        out_shardings["ema"] = shardings
+    out_shardings["opt_state"] = optax.tree_map_params(
+        tx, lambda _, s: s, abstract["opt_state"], shardings, transform_non_params=lambda _: rep)
+    return jax.jit(init, out_shardings=out_shardings)(params), out_shardings
+
+
+# ------------------------------------------------------------------------------------------------ steps
+
+
+def loss_fn(trainer: Trainer, params: dict, inputs: jax.Array, targets: Any, teacher_out: Any,
+            key: jax.Array | None) -> tuple[jax.Array, tuple[dict, jax.Array]]:
+    """The job's weighted loss: total and (terms, logits)."""
+    domain, weights, c = trainer.domain, trainer.job.weights, trainer.c
+    logits, aux = domain.forward(trainer.model.module(params["model"]), inputs, key)
+    terms = {}
+    if weights.ce:
+        terms["ce"] = domain.ce(logits, targets)
+    if weights.kl:
+        terms["kl"] = domain.kl(logits, teacher_out[0], targets, c.loss.temperature)
+    if weights.bridge:
+        projections = domain.bridge_inputs(jax.lax.stop_gradient(aux) if c.bridge.detach_student else aux)
+        terms["bridge"] = trainer.bridge.module(params["bridge"])(projections, teacher_out[1], trainer.cls_position)
+    total = sum(getattr(weights, name) * value for name, value in terms.items())
+    return total, (terms, logits)
+
+
+def train_step(trainer: Trainer, state: State, teacher_params: dict | None, batch: dict) -> tuple[State, dict]:
+    """One optimizer step on a global batch: (new state, metrics)."""
+    # The mesh is visible while tracing, so that the model runs its kernels per device on their shard.
+    with jax.sharding.use_abstract_mesh(trainer.mesh.abstract_mesh):
+        job = trainer.job
+        step_key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+        prepare_key, drop_key = jax.random.split(step_key)
+        inputs, targets = trainer.domain.prepare(prepare_key, batch, job.train)
+        teacher_out = None
+        if job.weights.needs_teacher:
+            teacher_out = jax.lax.stop_gradient(trainer.teacher.module(teacher_params)(inputs))
+        (loss, (terms, logits)), grads = jax.value_and_grad(functools.partial(loss_fn, trainer), has_aux=True)(
+            state["params"], inputs, targets, teacher_out, drop_key if job.drop_path else None)
+        updates, opt_state = trainer.tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        new_state = {**state, "step": state["step"] + 1, "params": params, "opt_state": opt_state}
+        if "ema" in state:
+            d = job.train.ema_decay
+            new_state["ema"] = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state["ema"], params)
+        metrics = {"loss": loss, **terms, "lr": trainer.lr_fn(state["step"]), "grad_norm": optax.global_norm(grads),
+                   **trainer.domain.train_metrics(logits, targets)}
+        return new_state, metrics
+
+
+def eval_step(trainer: Trainer, params: dict, batch: dict) -> dict:
+    """The domain's metric sums over one global eval batch (padding masked out)."""
+    with jax.sharding.use_abstract_mesh(trainer.mesh.abstract_mesh):
+        logits, _ = trainer.domain.forward(trainer.model.module(params), trainer.domain.eval_inputs(batch))
+    return trainer.domain.eval_sums(logits, batch)
+
+
+def load_teacher(c: ml_collections.ConfigDict, teacher: nnx.Module, params: dict, shardings: dict) -> dict:
+    """The frozen teacher's parameters: from ``c.teacher.init_from``, or random (synthetic data only)."""
+    if c.teacher.init_from:
+        target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, shardings)
+        return jax.device_put(load_model_weights(c.teacher.init_from, teacher, target), shardings)
+    if not c.data.synthetic:
+        raise ValueError("config.teacher.init_from is empty: distillation needs trained teacher weights (a "
+                         "train_teacher workdir); only data.synthetic=True runs allow a random teacher")
+    logging.warning("No teacher.init_from: using a randomly initialised teacher (synthetic-data run).")
+    return jax.device_put(params, shardings)
+
+
+# ------------------------------------------------------------------------------------------------- loop
 
 
 class StopRequest:
@@ -256,98 +322,38 @@ class RunResult:
     stopped_early: bool = False
 
 
-@dataclasses.dataclass
-class Setup:
-    trainer: Trainer
-    state: State
-    teacher_params: dict | None
-    sched: config_lib.Schedule
-
-
-def setup(c: ml_collections.ConfigDict, *, role: str, mesh: Mesh, train_size: int,
-          subset_fraction: float = 1.0) -> Setup:
-    """Build the models, optimizer, initial sharded state, frozen teacher and compiled steps for ``role``."""
-    task = task_for(c, role)
-    train_cfg = task.train_cfg
-    sched = config_lib.schedule(train_cfg, train_size, subset_fraction)
-    lr_fn = learning_rate_fn(train_cfg, sched)
-    rngs = nnx.Rngs(c.seed)
-    weights = task.loss_weights()
-    student = role == "student"
-
-    model = task.build_teacher(rngs) if role == "teacher" else task.build_student(rngs)
-    model_fn, model_params = Functional.split(model)
-    if student and c.student.init_from:  # start from given weights (a resumed run restores later)
-        model_params = load_model_weights(c.student.init_from, c, "student", model_params)
-    bridge_fn = teacher_fn = None
-    teacher_params = teacher_shardings = None
-    if student and (weights.needs_teacher or task.attention_init):
-        teacher = task.build_teacher(nnx.Rngs(c.seed + 1))
-        teacher_fn, teacher_params = Functional.split(teacher)
-        teacher_shardings = sharding.param_shardings(teacher_params, sharding.logical_axes(teacher), mesh)
-        teacher_params = load_teacher(c, teacher_params, teacher_shardings)
-    if task.attention_init:
-        student_module = model_fn.module(model_params)
-        task.init_student_from_teacher(student_module, teacher_fn.module(teacher_params))
-        model_params = nnx.state(student_module).to_pure_dict()
-        logging.info("Student initialised from the teacher's attention, MLPs, norms and embeddings.")
-    if not weights.needs_teacher:
-        teacher_fn = teacher_params = teacher_shardings = None
-    params, axes = {"model": model_params}, {"model": sharding.logical_axes(model)}
-    if student and weights.bridge > 0:
-        bridge = task.build_bridge(rngs)
-        bridge_fn, params["bridge"] = Functional.split(bridge)
-        axes["bridge"] = sharding.logical_axes(bridge)
-
-    trainer = Trainer(mesh=mesh, task=task, model=model_fn, tx=make_optimizer(train_cfg, lr_fn), lr_fn=lr_fn,
-                      weights=weights, bridge=bridge_fn, teacher=teacher_fn,
-                      cls_position=task.cls_position(model), detach_student=c.bridge.detach_student,
-                      temperature=c.loss.temperature)
-    state = trainer.init_state(params, c.seed, axes)
-    trainer.compile(teacher_shardings)
-
-    return Setup(trainer, state, teacher_params, sched)
-
-
-def save_run_config(workdir: epath.Path, c: ml_collections.ConfigDict, role: str) -> None:
+def save_run_config(workdir: epath.Path, c: ml_collections.ConfigDict, trains: str) -> None:
     """``workdir/run_config.json``: what was trained, so tools (``cab_jax.generate``) can rebuild the model."""
     if jax.process_index() == 0:
-        meta = {"role": role, "config": json.loads(c.to_json_best_effort())}
+        meta = {"trains": trains, "config": json.loads(c.to_json_best_effort())}
         (workdir / "run_config.json").write_text(json.dumps(meta, indent=1))
 
 
-def run(c: ml_collections.ConfigDict, workdir: str, *, role: str = "student",
-        on_step: Callable[[int], None] | None = None) -> RunResult:
-    """Train the student (``role="student"``, distillation per ``c.loss``) or the teacher
-    (``role="teacher"``, supervised on the full train split with ``c.teacher.train``), resuming from the
-    latest checkpoint in ``workdir``. ``on_step`` is called after each step (tests use it)."""
-    task = task_for(c, role)
-    config_lib.validate(c)
+def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *,
+                       on_step: Callable[[int], None] | None = None) -> RunResult:
+    """Train what ``c.task`` asks for ("distill": the student, per ``c.loss``; "train_teacher": the teacher on
+    labels, on the full train split, with ``c.teacher.train``), resuming from the latest checkpoint in
+    ``workdir``, then evaluate. ``on_step`` is called after each step (tests use it)."""
+    mesh = sharding.make_mesh(c.mesh)
+    config_lib.validate(c, mesh.shape)
     workdir_path = epath.Path(workdir)
     workdir_path.mkdir(parents=True, exist_ok=True)
-    mesh = sharding.make_mesh(c.mesh)
-    train_cfg = task.train_cfg
-    data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
-    for name in ("batch_size", "eval_batch_size"):
-        if train_cfg[name] % data_parallel:
-            raise ValueError(f"config.{'teacher.' if role == 'teacher' else ''}train.{name} "
-                             f"({train_cfg[name]}) must be divisible by the data-parallel mesh size {data_parallel}")
+    domain = domains.for_config(c)
+    job = domain.job()
+    train_size = domain.data.train_size(job.data)
+    trainer, state, teacher_params = create_trainer(c, mesh, train_size)
+    t, sched = job.train, trainer.sched
 
-    train_size = task.train_size()
-    built = setup(c, role=role, mesh=mesh, train_size=train_size,
-                  subset_fraction=task.data_cfg().get("subset_fraction", 1.0))
-    trainer, state, teacher_params, sched = built.trainer, built.state, built.teacher_params, built.sched
-
-    train_iter = task.train_iterator(train_cfg.batch_size, c.seed)
-    eval_batches = task.eval_batches(train_cfg.eval_batch_size)
-    ckpt = checkpoint.RunCheckpointer(workdir_path / "checkpoints", keep=train_cfg.keep_checkpoints)
+    train_iter = domain.data.train_iterator(job.data, global_batch_size=t.batch_size, seed=c.seed)
+    eval_batches = domain.data.eval_batches(job.data, global_batch_size=t.eval_batch_size)
+    ckpt = checkpoint.RunCheckpointer(workdir_path / "checkpoints", keep=t.keep_checkpoints)
     state, restored_step = ckpt.restore(state, train_iter)
-    save_run_config(workdir_path, c, role)
+    save_run_config(workdir_path, c, job.trains)
     writer = MetricsWriter(workdir_path)
     step = int(restored_step or 0)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]["model"]))
     logging.info("%s: %d parameters, %d train examples, %d steps (%d warmup, %d per epoch), peak lr %.3g, "
-                 "mesh %s, %s", role, n_params, train_size, sched.total_steps, sched.warmup_steps,
+                 "mesh %s, %s", job.trains, n_params, train_size, sched.total_steps, sched.warmup_steps,
                  sched.steps_per_epoch, sched.peak_lr, dict(mesh.shape),
                  f"resumed at step {step}" if restored_step else "starting fresh")
 
@@ -361,19 +367,19 @@ def run(c: ml_collections.ConfigDict, workdir: str, *, role: str = "student",
             interval_steps += 1
             if on_step is not None:
                 on_step(step)
-            if step % train_cfg.log_every == 0 or step == sched.total_steps:
+            if step % t.log_every == 0 or step == sched.total_steps:
                 values = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 elapsed = time.time() - interval_start
-                values.update(task.throughput(interval_steps * train_cfg.batch_size / max(elapsed, 1e-9)))
+                values.update(domain.throughput(interval_steps * t.batch_size / max(elapsed, 1e-9)))
                 writer.write(step, "train", values)
-                logging.info("[%s %d/%d] %s", role, step, sched.total_steps,
+                logging.info("[%s %d/%d] %s", job.trains, step, sched.total_steps,
                              " ".join(f"{k}={v:.4g}" for k, v in values.items()))
                 interval_start, interval_steps = time.time(), 0
-            if train_cfg.eval_every and step % train_cfg.eval_every == 0 and step < sched.total_steps:
+            if t.eval_every and step % t.eval_every == 0 and step < sched.total_steps:
                 result = trainer.evaluate(eval_params(state), eval_batches)
                 writer.write(step, "eval", result)
-                logging.info("[%s %d/%d] eval %s", role, step, sched.total_steps, result)
-            if (step % train_cfg.checkpoint_every == 0 and step < sched.total_steps) or stop.requested:
+                logging.info("[%s %d/%d] eval %s", job.trains, step, sched.total_steps, result)
+            if (step % t.checkpoint_every == 0 and step < sched.total_steps) or stop.requested:
                 ckpt.save(step, state, train_iter)
             if stop.requested:
                 stopped = True
@@ -387,17 +393,5 @@ def run(c: ml_collections.ConfigDict, workdir: str, *, role: str = "student",
         return RunResult({}, step, time.time() - start, train_size, stopped_early=True)
     result = trainer.evaluate(eval_params(state), eval_batches)
     writer.write(step, "eval", result)
-    logging.info("[%s] final eval at step %d: %s", role, step, result)
+    logging.info("[%s] final eval at step %d: %s", job.trains, step, result)
     return RunResult(result, step, time.time() - start, train_size)
-
-
-def load_teacher(c: ml_collections.ConfigDict, params: dict, shardings: dict) -> dict:
-    """The frozen teacher's parameters: from ``c.teacher.init_from``, or random (synthetic data only)."""
-    if c.teacher.init_from:
-        target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, shardings)
-        return jax.device_put(load_model_weights(c.teacher.init_from, c, "teacher", target), shardings)
-    if not c.data.synthetic:
-        raise ValueError("config.teacher.init_from is empty: distillation needs trained teacher weights (a "
-                         "train_teacher workdir); only data.synthetic=True runs allow a random teacher")
-    logging.warning("No teacher.init_from: using a randomly initialised teacher (synthetic-data run).")
-    return jax.device_put(params, shardings)

@@ -1,28 +1,37 @@
-"""CAB on a laptop CPU: a small DeiT teacher and Vim students on the embedded digits dataset.
+"""CAB on a laptop CPU: a small DeiT teacher and one Vim student per loss mode on the embedded digits dataset.
 
     python -m cab_jax.main --config=configs/demo.py --workdir=/tmp/cab_demo
 
-Builds the dataset (scikit-learn's 8x8 digits upsampled to 32 px, stored as TFDS array_record), trains
-the teacher on the full train split (cached in the workdir), then distils one student per loss mode
-(vanilla, soft, cab) on 3 % of each class (40 images) and prints top-1/top-5 on the full test split.
+A study (``cab_jax.study``): builds the dataset (scikit-learn's 8x8 digits upsampled to 32 px, stored as TFDS
+array_record), trains the teacher on the full train split (cached in the workdir), then distils one student per
+loss mode (vanilla, soft, cab) on 3 % of each class (40 images) and prints top-1/top-5 on the full test split.
+32 px images in 8 px patches: 16 patches + cls = 17 tokens for both models; the student keeps Vim's shape
+(bidirectional v2, expand 2, two student layers per teacher layer) at laptop scale.
 """
 
-from cab_jax.config import base_config
+import ml_collections
+
+from cab_jax import config
 
 
-def get_config():
-    c = base_config()
-    c.task = "demo"
-    c.data.update(dict(name="cab_digits", data_dir="", image_size=32, num_classes=10, eval_split="test",
-                       subset_fraction=0.03, num_workers=0, crop_scale=(0.7, 1.0), hflip=False,
-                       mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)))
-    # 32 px images in 8 px patches: 16 patches + cls = 17 tokens for both models. The student keeps Vim's
-    # shape (bidirectional v2, expand 2, two student layers per teacher layer) at laptop scale.
-    c.teacher.update(dict(embed_dim=64, depth=4, num_heads=2, patch_size=8))
-    c.student.update(dict(embed_dim=64, depth=8, patch_size=8, d_state=8, remat=False))
-    c.bridge.hidden = 64
-    for t, steps, batch in ((c.teacher.train, 600, 64), (c.train, 250, 16)):
-        t.update(dict(steps=steps, batch_size=batch, base_lr=1e-3, lr_reference_batch=batch, warmup_epochs=1.0,
-                      min_lr=1e-5, mixup_alpha=0.2, cutmix_alpha=0.0, label_smoothing=0.1, log_every=50,
-                      checkpoint_every=100, eval_batch_size=120))
+def get_config(arg=None):
+    arg = config.parse_arg(arg, subset=0.03)
+    c = ml_collections.ConfigDict()
+    c.domain, c.task, c.seed, c.dtype = "vision", "study", 0, "float32"
+    steps = dict(base_lr=1e-3, warmup_epochs=1.0, min_lr=1e-5, mixup_alpha=0.2, cutmix_alpha=0.0, label_smoothing=0.1,
+                 log_every=50, checkpoint_every=100, eval_batch_size=120)
+    c.teacher = dict(model="vit", embed_dim=64, depth=4, num_heads=2, mlp_ratio=4.0, patch_size=8, drop_path=0.0,
+                     init_from="", train=config.vision_train(steps=600, batch_size=64, lr_reference_batch=64, **steps))
+    c.student = dict(model="vim", embed_dim=64, depth=8, patch_size=8, d_state=8, d_conv=4, expand=2,
+                     bidirectional=True, a_init="cab", scan_impl="auto", scan_blocks="", drop_path=0.0, remat=False,
+                     init_from="")
+    c.bridge = dict(kind="mlp", hidden=64, kernel_map="softmax", layer_map="proportional", layers=(),
+                    detach_student=False)
+    c.loss = config.loss("cab")
+    c.data = dict(name="cab_digits", data_dir="", image_size=32, num_classes=10, train_split="train",
+                  eval_split="test", subset_fraction=arg.subset, subset_seed=2025, synthetic=False, synthetic_size=1024,
+                  num_workers=0, crop_scale=(0.7, 1.0), hflip=False, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    c.train = config.vision_train(steps=250, batch_size=16, lr_reference_batch=16, **steps)
+    c.mesh = config.mesh(data=-1)
+    c.study = dict(modes=("vanilla", "soft", "cab"))
     return c

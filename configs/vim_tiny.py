@@ -1,19 +1,35 @@
-"""CAB on ImageNet: DeiT-Ti teacher -> Vim-Ti student (192 wide, 24 layers), the original recipe.
+"""CAB on ImageNet, the original recipe: a DeiT-Ti teacher (192 wide, 12 layers, 3 heads) distilled into Vim-Ti
+(192 wide, 24 bidirectional Mamba layers) on a per-class subset of the train split.
 
-    python -m cab_jax.main --config=configs/vim_tiny.py --workdir=/tmp/cab_vim_tiny \
-        --config.data.data_dir=/path/to/tensorflow_datasets --config.teacher.init_from=/path/to/deit_ti \
-        --config.data.subset_fraction=0.1
+    python -m cab_jax.main --config=configs/vim_tiny.py:subset=0.1 --workdir=/ckpt/vim_t_10 \
+        --config.data.data_dir=/path/to/tensorflow_datasets --config.teacher.init_from=/ckpt/deit_t
 
-Epochs follow the subset fraction as in the paper (3000/600/300/150 for 1/5/10/20 %).
-Without ImageNet, ``--config.data.synthetic=True`` runs the same steps on random images.
+Variants after the colon: ``subset=0.01|0.05|0.1|0.2|1.0`` (the fraction of each class; the epochs follow the
+paper: 3000/600/300/150/300), ``mode=vanilla|soft|cab`` (the loss), ``synthetic=True`` (random images of the right
+shape and a random teacher: the same steps without ImageNet).
 """
 
-from cab_jax.config import base_config, set_vim_size, set_vit_size
+import ml_collections
+
+from cab_jax import config
 
 
-def get_config():
-    c = base_config()
-    set_vit_size(c.teacher, "tiny")
-    set_vim_size(c.student, "tiny")
-    c.train.batch_size = 512
+def get_config(arg=None):
+    arg = config.parse_arg(arg, subset=0.1, mode="cab", synthetic=False)
+    c = ml_collections.ConfigDict()
+    c.domain, c.task, c.seed, c.dtype = "vision", "distill", 0, "float32"
+    c.teacher = dict(model="vit", embed_dim=192, depth=12, num_heads=3, mlp_ratio=4.0, patch_size=16, drop_path=0.0,
+                     init_from="", train=config.vision_train())  # train: for task=train_teacher
+    c.student = dict(model="vim", embed_dim=192, depth=24, patch_size=16, d_state=16, d_conv=4, expand=2,
+                     bidirectional=True, a_init="cab", scan_impl="auto", scan_blocks="", drop_path=0.0, remat=True,
+                     init_from="")
+    c.bridge = dict(kind="mlp", hidden=128, kernel_map="softmax", layer_map="proportional", layers=(),
+                    detach_student=False)
+    c.loss = config.loss(arg.mode)
+    c.data = dict(name="imagenet2012", data_dir="", image_size=224, num_classes=1000, train_split="train",
+                  eval_split="validation", subset_fraction=arg.subset, subset_seed=2025, synthetic=arg.synthetic,
+                  synthetic_size=1024, num_workers=8, crop_scale=(0.08, 1.0), hflip=True, mean=config.IMAGENET_MEAN,
+                  std=config.IMAGENET_STD)
+    c.train = config.vision_train(batch_size=512)
+    c.mesh = config.mesh(data=-1)
     return c

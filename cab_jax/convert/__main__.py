@@ -26,15 +26,17 @@ import pathlib
 from absl import app, flags, logging
 from flax import nnx
 
-from cab_jax import checkpoint, config
-from cab_jax.convert import io, mapping, weights
-from cab_jax.models.phi import PHI_SIZES, Phi, PhiSize
+from cab_jax import checkpoint
+from cab_jax.convert import io, mapping, phi, vim, weights
+from cab_jax.models import registry
+from cab_jax.models.phi import PHI_SIZES, PhiSize
 from cab_jax.models.vim import VIM_SIZES
 from cab_jax.models.vit import VIT_SIZES
 
-MODELS = {**{f"deit_{size}": ("teacher", size) for size in VIT_SIZES},
-          **{f"vim_{size}": ("student", size) for size in VIM_SIZES},
-          **{name: ("teacher", name) for name in PHI_SIZES}, "phi_custom": ("teacher", "custom")}
+# --model name -> (registry model, named size; None: read from the weights or phi_size.json)
+MODELS = {**{f"deit_{size}": ("vit", size) for size in VIT_SIZES},
+          **{f"vim_{size}": ("vim", size) for size in VIM_SIZES},
+          **{name: ("phi", name) for name in PHI_SIZES}, "phi_custom": ("phi", None)}
 PHI_SIZE_FILE = "phi_size.json"  # written beside an imported Phi checkpoint: its architecture
 
 _SRC = flags.DEFINE_string("src", None, "PyTorch weights (.pth/.safetensors/HF directory), or with --export our "
@@ -49,24 +51,14 @@ _PATCH_SIZE = flags.DEFINE_integer("patch_size", 16, "Patch size of the target m
 _NUM_CLASSES = flags.DEFINE_integer("num_classes", 1000, "Classes of the target model's head.")
 
 
-def model_config(model: str, image_size: int, patch_size: int, num_classes: int):
-    """The config whose teacher or student is ``model`` (e.g. "deit_small", "vim_tiny"), and its role."""
-    role, size = MODELS[model]
-    c = config.base_config()
-    if role == "teacher":
-        config.set_vit_size(c.teacher, size)
-        c.teacher.patch_size = patch_size
-    else:
-        config.set_vim_size(c.student, size)
-        c.student.patch_size = patch_size
-    c.data.image_size, c.data.num_classes = image_size, num_classes
-    return c, role
+def vision_model(model: str, image_size: int, patch_size: int, num_classes: int) -> nnx.Module:
+    """The abstract vision model ``model`` (e.g. "deit_small", "vim_tiny") for these inputs and classes."""
+    name, size = MODELS[model]
+    return registry.abstract(name, size, num_classes=num_classes, img_size=image_size, patch_size=patch_size)
 
 
 def _phi_size(model: str, hf_cfg: dict | None, size_file: pathlib.Path | None) -> PhiSize:
     """A named size, or for phi_custom the one in ``hf_cfg`` (import) or ``size_file`` (export)."""
-    from cab_jax.convert import phi
-
     if model != "phi_custom":
         return PHI_SIZES[model]
     if hf_cfg is not None:
@@ -80,11 +72,9 @@ def _phi_size(model: str, hf_cfg: dict | None, size_file: pathlib.Path | None) -
 def phi_main(model: str, src: str, out: str, export: bool) -> None:
     """Phi teachers: Hugging Face PhiForCausalLM weights to our checkpoint (with its phi_size.json), or back to
     a Hugging Face directory (``out`` without a suffix) or a weights file."""
-    from cab_jax.convert import phi
-
     hf_cfg = io.hf_config(src) if not export and io.is_hf_dir(src) else None
     size = _phi_size(model, hf_cfg, pathlib.Path(src) / PHI_SIZE_FILE if export else None)
-    abstract = nnx.state(nnx.eval_shape(lambda: Phi(**dataclasses.asdict(size), rngs=nnx.Rngs(0)))).to_pure_dict()
+    abstract = nnx.state(registry.abstract("phi", **dataclasses.asdict(size))).to_pure_dict()
     if export:
         params = checkpoint.load_model_params(src, abstract)
         if pathlib.Path(out).suffix:
@@ -108,23 +98,21 @@ def main(argv: list[str]) -> None:
             raise app.UsageError(f"--model={_MODEL.value} reads Hugging Face weights: use --format=hf")
         phi_main(_MODEL.value, _SRC.value, _OUT.value, _EXPORT.value)
         return
-    c, role = model_config(_MODEL.value, _IMAGE_SIZE.value, _PATCH_SIZE.value, _NUM_CLASSES.value)
-    if _FORMAT.value not in weights.FORMATS[role]:
-        raise app.UsageError(f"--format={_FORMAT.value} does not fit --model={_MODEL.value} (a {role}); "
-                             f"expected one of {weights.FORMATS[role]}")
+    model = vision_model(_MODEL.value, _IMAGE_SIZE.value, _PATCH_SIZE.value, _NUM_CLASSES.value)
+    if _FORMAT.value not in weights.formats(model):
+        raise app.UsageError(f"--format={_FORMAT.value} does not fit --model={_MODEL.value}; "
+                             f"expected one of {weights.formats(model)}")
     if _EXPORT.value:
-        if role != "student":
+        if MODELS[_MODEL.value][0] != "vim":
             raise app.UsageError("--export writes Vim students (--format=vim); teachers are import-only")
-        from cab_jax.convert import vim
-
-        tensors = vim.export_vim(checkpoint.load_model_params(_SRC.value, weights.abstract_params(c, role)))
+        tensors = vim.export_vim(checkpoint.load_model_params(_SRC.value, nnx.state(model).to_pure_dict()))
         io.save_state_dict(tensors, _OUT.value)
         logging.info("Wrote %s (%d tensors) from %s", _OUT.value, len(tensors), _SRC.value)
         return
-    params = weights.import_pytorch(_SRC.value, c, role, _FORMAT.value)
+    params = weights.import_pytorch(_SRC.value, model, _FORMAT.value)
     checkpoint.save_model_params(_OUT.value, params)
     n = sum(v.size for v in mapping.flatten(params).values())
-    logging.info("Wrote %s: %s %s, %d parameters, from %s", _OUT.value, role, _MODEL.value, n, _SRC.value)
+    logging.info("Wrote %s: %s, %d parameters, from %s", _OUT.value, _MODEL.value, n, _SRC.value)
 
 
 if __name__ == "__main__":

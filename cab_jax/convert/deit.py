@@ -28,23 +28,18 @@ from cab_jax.convert.mapping import (
     Rule,
     expand,
     import_params,
-    linear,
     patch_conv,
     patch_conv_back,
     take_third,
+    unstack_shapes,
 )
+from cab_jax.convert.mapping import dense_rules as _dense
+from cab_jax.convert.mapping import norm_rules as _norm
 from cab_jax.convert.pos_embed import grid_size, resize_pos_embed
+from cab_jax.models.vit import LN_EPS
 
 FORMATS = ("timm", "hf")
-_LN_EPS = 1e-6  # cab_jax.models.vit.layer_norm
-
-
-def _norm(ours: str, theirs: str) -> list[Rule]:
-    return [Rule(f"{ours}.scale", f"{theirs}.weight"), Rule(f"{ours}.bias", f"{theirs}.bias")]
-
-
-def _dense(ours: str, theirs: str) -> list[Rule]:
-    return [Rule(f"{ours}.kernel", f"{theirs}.weight", linear, linear), Rule(f"{ours}.bias", f"{theirs}.bias")]
+STACKED = ("blocks",)  # our ViT stacks its blocks
 
 
 def _common(p: str) -> list[Rule]:
@@ -210,9 +205,9 @@ def _check_hf_config(hf_cfg: Mapping, what: str) -> None:
     if act != "gelu":
         raise ConversionError(f"{what}: hidden_act {act!r}; our ViT uses exact GELU ('gelu')")
     eps = hf_cfg.get("layer_norm_eps")
-    if eps is not None and eps != _LN_EPS:
+    if eps is not None and eps != LN_EPS:
         logging.info("%s: checkpoint LayerNorm eps %g, ours %g (negligible for trained activations)", what, eps,
-                     _LN_EPS)
+                     LN_EPS)
 
 
 def import_teacher(state_dict: Mapping[str, np.ndarray], fmt: str, target: Mapping[str, tuple[int, ...]],
@@ -221,12 +216,14 @@ def import_teacher(state_dict: Mapping[str, np.ndarray], fmt: str, target: Mappi
 
     ``fmt``: "timm" (timm / DeiT authors' names) or "hf" (Hugging Face ``ViTForImageClassification``,
     ``DeiTForImageClassification[WithTeacher]``, as saved on disk or as ``model.state_dict()``).
-    ``target``: our dotted parameter name -> shape for the configured model (see ``teacher_target``).
+    ``target``: our dotted parameter name -> shape for the configured model (its stacked blocks as they are:
+    ``flatten(nnx.state(model).to_pure_dict())`` shapes).
     ``hf_cfg``: the Hugging Face ``config.json`` (its head count and activation are checked).
     ``num_heads``: the configured head count, compared with ``hf_cfg``'s (timm files do not record it).
     Raises ``ConversionError`` when the checkpoint does not fit.
     """
     what = f"{fmt} DeiT/ViT teacher"
+    target = unstack_shapes(target, STACKED)
     layout = _layout(state_dict, fmt)
     rules = layout.rules
     if hf_cfg is not None:
@@ -267,20 +264,5 @@ def import_teacher(state_dict: Mapping[str, np.ndarray], fmt: str, target: Mappi
         source[pos_key] = pos
 
     depth = target_sizes(target, None).depth or 0
-    return import_params(source, expand(rules, {"blocks": depth}), target, what, ignore=layout.ignore)
-
-
-def detect_format(state_dict: Mapping[str, np.ndarray]) -> str:
-    """ "hf" when the names are Hugging Face ViT/DeiT ones, else "timm"."""
-    return "hf" if any(k.endswith("embeddings.cls_token") for k in state_dict) else "timm"
-
-
-def teacher_target(config) -> dict[str, tuple[int, ...]]:
-    """Our dotted parameter name -> shape for the teacher ``config`` describes (built abstractly, no FLOPs)."""
-    from flax import nnx
-
-    from cab_jax.convert.mapping import flatten
-    from cab_jax.train import build_teacher
-
-    model = nnx.eval_shape(lambda: build_teacher(config, nnx.Rngs(0)))
-    return {k: tuple(v.shape) for k, v in flatten(nnx.to_pure_dict(nnx.state(model))).items()}
+    return import_params(source, expand(rules, {"blocks": depth}), target, what, ignore=layout.ignore,
+                         stacked=STACKED)

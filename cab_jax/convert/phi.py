@@ -21,20 +21,15 @@ from collections.abc import Mapping
 import numpy as np
 
 from cab_jax.convert import io
-from cab_jax.convert.mapping import ConversionError, Rule, expand, export_params, import_params, linear
+from cab_jax.convert.mapping import ConversionError, Rule, expand, export_params, import_params, unstack_shapes
+from cab_jax.convert.mapping import dense_rules as _dense
+from cab_jax.convert.mapping import norm_rules as _norm
 from cab_jax.models.phi import PhiSize
 
 WHAT = "hf Phi teacher"
+STACKED = ("layers",)  # our Phi stacks its layers
 _ACTIVATION = "gelu_new"  # cab_jax.models.phi.PhiMlp: tanh-approximated GELU
 _CONFIG_FIELDS = ("num_heads", "partial_rotary_factor", "rope_theta", "layer_norm_eps")
-
-
-def _norm(ours: str, theirs: str) -> list[Rule]:
-    return [Rule(f"{ours}.scale", f"{theirs}.weight"), Rule(f"{ours}.bias", f"{theirs}.bias")]
-
-
-def _dense(ours: str, theirs: str) -> list[Rule]:
-    return [Rule(f"{ours}.kernel", f"{theirs}.weight", linear, linear), Rule(f"{ours}.bias", f"{theirs}.bias")]
 
 
 _LAYER = "model.layers.{i}"
@@ -131,7 +126,7 @@ def import_phi(state_dict: Mapping[str, np.ndarray], target: Mapping[str, tuple[
                hf_cfg: Mapping | None = None, *, size: PhiSize | None = None) -> dict:
     """Our Phi parameter tree (nested pure dict of float32 arrays) from a ``PhiForCausalLM`` state dict.
 
-    ``target``: our dotted parameter name -> shape for the model to fill. ``hf_cfg``: the checkpoint's
+    ``target``: our dotted parameter name -> shape for the model to fill (its layers stacked). ``hf_cfg``: the checkpoint's
     ``config.json`` (its variant is checked; its head count, rotary settings and eps are compared with ``size``,
     the target model's full architecture, when given). Raises ``ConversionError`` when the checkpoint does not fit.
     """
@@ -139,6 +134,7 @@ def import_phi(state_dict: Mapping[str, np.ndarray], target: Mapping[str, tuple[
         raise ConversionError(f"{WHAT}: this is the old remote-code (MixFormer) layout of Phi (layers.*.mixer.Wqkv); "
                               f"use a checkpoint in the transformers PhiForCausalLM layout "
                               f"(model.layers.*.self_attn.q_proj), e.g. the current microsoft/phi-1_5 revision")
+    target = unstack_shapes(target, STACKED)
     have = _shape_fields({k: tuple(v.shape) for k, v in state_dict.items()}, "model.embed_tokens.weight",
                          "model.layers.0.mlp.fc1.weight", r"model\.layers\.(\d+)\.", 0)
     want = _shape_fields(target, "embed.embedding", "layers.0.mlp.fc1.kernel", r"layers\.(\d+)\.", 1)
@@ -153,13 +149,14 @@ def import_phi(state_dict: Mapping[str, np.ndarray], target: Mapping[str, tuple[
     tied = hf_cfg is not None and hf_cfg.get("tie_word_embeddings", False)
     if tied and "lm_head.weight" not in source and "model.embed_tokens.weight" in source:
         source["lm_head.weight"] = source["model.embed_tokens.weight"]  # tied: the head is the embedding
-    return import_params(source, expand(RULES, {"layers": want["depth"] or 0}), target, WHAT, ignore=IGNORE)
+    return import_params(source, expand(RULES, {"layers": want["depth"] or 0}), target, WHAT, ignore=IGNORE,
+                         stacked=STACKED)
 
 
 def export_phi(params: Mapping) -> dict[str, np.ndarray]:
     """``PhiForCausalLM`` tensors (Hugging Face names) from our Phi parameter tree."""
-    depth = len(params.get("layers", {}))
-    return export_params(params, expand(RULES, {"layers": depth}), WHAT)
+    depth = np.shape(params["layers"]["input_layernorm"]["scale"])[0]
+    return export_params(params, expand(RULES, {"layers": depth}), WHAT, stacked=STACKED)
 
 
 def save_hf_dir(params: Mapping, size: PhiSize, path: str | pathlib.Path) -> None:

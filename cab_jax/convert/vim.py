@@ -35,9 +35,11 @@ from cab_jax.convert.mapping import (
     linear,
     patch_conv,
     patch_conv_back,
+    unstack_shapes,
 )
 
 WHAT = "Vim (original hustvl/Vim layout)"
+STACKED = ("layers",)  # our Vim stacks its layers
 # The rotary-embedding buffers of ``if_rope=True`` models: their forward differs from ours (no RoPE), so such a
 # checkpoint is refused rather than converted into a different network. The default Vim models carry none.
 _ROPE_KEYS = ("rope.freqs_cos", "rope.freqs_sin")
@@ -125,7 +127,7 @@ def checkpoint_sizes(state_dict: Mapping[str, np.ndarray]) -> dict[str, object]:
 
 
 def model_sizes(target: Mapping[str, tuple[int, ...]]) -> dict[str, object]:
-    """The same sizes read from our parameter shapes (dotted name -> shape)."""
+    """The same sizes read from our parameter shapes (per-layer dotted name -> shape, see ``_target_shapes``)."""
     f = "layers.0.mixer.fwd."
     sizes = {
         "embed_dim": _shape(target, "patch_embed.proj.kernel", 3) or _shape(target, "cls_token", 2),
@@ -144,10 +146,12 @@ def model_sizes(target: Mapping[str, tuple[int, ...]]) -> dict[str, object]:
 
 
 def _target_shapes(target: Mapping) -> dict[str, tuple[int, ...]]:
-    """Dotted name -> shape from either such a dict or a (nested) parameter tree of arrays."""
+    """Per-layer dotted name -> shape from our (stacked) parameter tree or its dotted name -> shape table."""
     if all(isinstance(v, tuple) for v in target.values()):
-        return {k: tuple(v) for k, v in target.items()}
-    return {k: tuple(np.shape(v)) for k, v in flatten(target).items()}
+        shapes = {k: tuple(v) for k, v in target.items()}
+    else:
+        shapes = {k: tuple(np.shape(v)) for k, v in flatten(target).items()}
+    return unstack_shapes(shapes, STACKED)
 
 
 def check_sizes(state_dict: Mapping[str, np.ndarray], target: Mapping[str, tuple[int, ...]]) -> None:
@@ -162,7 +166,7 @@ def check_sizes(state_dict: Mapping[str, np.ndarray], target: Mapping[str, tuple
 def import_vim(state_dict: Mapping[str, np.ndarray], target: Mapping) -> dict:
     """Our Vim parameter tree (pure dict of float32 arrays) from an original-layout ``state_dict``.
 
-    ``target``: our dotted parameter name -> shape (or our parameter tree itself), e.g. from
+    ``target``: our (stacked) parameter tree, or its dotted name -> shape table, e.g. from
     ``flatten(nnx.state(model).to_pure_dict())``; it fixes depth and direction(s).
     """
     shapes = _target_shapes(target)
@@ -171,10 +175,10 @@ def import_vim(state_dict: Mapping[str, np.ndarray], target: Mapping) -> dict:
                               "has no rotary position embedding, so it cannot reproduce that model")
     check_sizes(state_dict, shapes)
     sizes = model_sizes(shapes)
-    return import_params(state_dict, rules(sizes["depth"], sizes["bidirectional"]), shapes, WHAT)
+    return import_params(state_dict, rules(sizes["depth"], sizes["bidirectional"]), shapes, WHAT, stacked=STACKED)
 
 
 def export_vim(params: Mapping) -> dict[str, np.ndarray]:
     """Original-layout float32 tensors (names and shapes of hustvl/Vim's ``state_dict``) from our parameters."""
-    sizes = model_sizes({k: tuple(np.shape(v)) for k, v in flatten(params).items()})
-    return export_params(params, rules(sizes["depth"], sizes["bidirectional"]), WHAT)
+    sizes = model_sizes(_target_shapes(params))
+    return export_params(params, rules(sizes["depth"], sizes["bidirectional"]), WHAT, stacked=STACKED)

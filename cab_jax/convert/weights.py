@@ -1,6 +1,8 @@
-"""Model weights from a path, whatever it holds: PyTorch weights (converted on the fly) or our own checkpoint.
+"""Model weights from a path, whatever it holds: PyTorch weights (converted on the fly into the given model's
+layout) or a checkpoint written by this project.
 
-This is what ``teacher.init_from`` / ``student.init_from`` and ``python -m cab_jax.convert`` use.
+This is what ``teacher.init_from`` / ``student.init_from`` and ``python -m cab_jax.convert`` use. The model says
+what the weights are for (its class and sizes); nothing here knows configs or the trainer.
 """
 
 from __future__ import annotations
@@ -8,15 +10,25 @@ from __future__ import annotations
 import pathlib
 
 import jax
-import ml_collections
 import numpy as np
 from flax import nnx
 
-from cab_jax.convert import io, mapping, phi
-from cab_jax.models.phi import Phi, size_of
+from cab_jax import checkpoint
+from cab_jax.convert import deit, io, mapping, phi, vim
+from cab_jax.models.phi import Phi
+from cab_jax.models.vim import Vim
+from cab_jax.models.vit import ViT
 
-FORMATS = {"teacher": ("timm", "hf"), "student": ("vim",)}
 _PYTORCH_SUFFIXES = (*io.TORCH_SUFFIXES, ".safetensors")
+
+
+def formats(model: nnx.Module) -> tuple[str, ...]:
+    """The PyTorch layouts that convert into ``model``: timm/hf for a ViT, vim for a Vim, hf for a Phi."""
+    for cls, names in ((ViT, deit.FORMATS), (Vim, ("vim",)), (Phi, ("hf",))):
+        if isinstance(model, cls):
+            return names
+    raise mapping.ConversionError(f"no PyTorch weights convert into a {type(model).__name__}; PyTorch imports "
+                                  "exist for ViT (timm, hf), Vim (vim) and Phi (hf)")
 
 
 def is_pytorch_source(path: str | pathlib.Path) -> bool:
@@ -24,80 +36,45 @@ def is_pytorch_source(path: str | pathlib.Path) -> bool:
     return pathlib.Path(path).suffix in _PYTORCH_SUFFIXES or io.is_hf_dir(path)
 
 
-def default_format(path: str | pathlib.Path, role: str) -> str:
-    if role == "student":
-        return "vim"
-    return "hf" if io.is_hf_dir(path) else "timm"
-
-
-def build_model(c: ml_collections.ConfigDict, role: str) -> nnx.Module:
-    from cab_jax import train  # the model builders; imported here to keep this module light
-
-    return (train.build_teacher if role == "teacher" else train.build_student)(c, nnx.Rngs(0))
-
-
-def abstract_model(c: ml_collections.ConfigDict, role: str) -> nnx.Module:
-    """``c``'s ``role`` model with ShapeDtypeStructs for parameters (nothing allocated)."""
-    return nnx.eval_shape(lambda: build_model(c, role))
-
-
-def abstract_params(c: ml_collections.ConfigDict, role: str) -> dict:
-    """Our parameter tree for ``c``'s ``role`` model as ShapeDtypeStructs (nothing allocated)."""
-    return nnx.state(abstract_model(c, role)).to_pure_dict()
-
-
-def import_pytorch(path: str | pathlib.Path, c: ml_collections.ConfigDict, role: str,
-                   fmt: str | None = None) -> dict:
-    """PyTorch weights at ``path`` as our ``role`` model's parameter tree (float32 numpy arrays)."""
-    requested, fmt = fmt, fmt or default_format(path, role)
-    if fmt not in FORMATS[role]:
-        raise ValueError(f"format {fmt!r} does not fit a {role}; expected one of {FORMATS[role]}")
-    state_dict = _select_role(io.load_state_dict(path), role)
-    model = abstract_model(c, role)
-    target = {k: tuple(v.shape) for k, v in mapping.flatten(nnx.state(model).to_pure_dict()).items()}
-    if role == "student":
-        from cab_jax.convert import vim
-
-        return vim.import_vim(state_dict, target)
+def import_pytorch(path: str | pathlib.Path, model: nnx.Module, fmt: str | None = None) -> dict:
+    """PyTorch weights at ``path`` as ``model``'s parameter tree (float32 NumPy arrays); ``model`` may be abstract
+    (``nnx.eval_shape``). ``fmt``: one of ``formats(model)``; by default "hf" for a Hugging Face directory,
+    else the model's first format."""
     hf_cfg = io.hf_config(path) if io.is_hf_dir(path) else None
-    if isinstance(model, Phi) or phi.is_phi_config(hf_cfg):
-        return _import_phi(path, state_dict, requested, model, target, hf_cfg)
-    from cab_jax.convert import deit
-
-    return deit.import_teacher(state_dict, fmt, target, io.hf_config(path) if fmt == "hf" else None,
-                               num_heads=c.teacher.num_heads)
-
-
-def _import_phi(path: str | pathlib.Path, state_dict: io.StateDict, fmt: str | None, model: nnx.Module,
-                target: dict[str, tuple[int, ...]], hf_cfg: dict | None) -> dict:
-    """A Hugging Face ``PhiForCausalLM`` checkpoint (directory or weights file; ``fmt`` "hf" or unset) as the
-    configured Phi teacher's parameters."""
-    if not isinstance(model, Phi):
+    if phi.is_phi_config(hf_cfg) and not isinstance(model, Phi):
         raise mapping.ConversionError(f"{path} holds a Phi language model (config.json model_type 'phi'), but the "
                                       f"configured teacher is a {type(model).__name__}")
-    if fmt not in (None, "hf"):
-        raise ValueError(f"format {fmt!r} does not fit a Phi teacher; Phi checkpoints are Hugging Face ('hf')")
-    return phi.import_phi(state_dict, target, hf_cfg, size=size_of(model))
+    allowed = formats(model)
+    fmt = fmt or ("hf" if hf_cfg is not None and "hf" in allowed else allowed[0])
+    if fmt not in allowed:
+        kind = "a Phi teacher: Phi checkpoints are Hugging Face ('hf')" if isinstance(model, Phi) else \
+            f"a {type(model).__name__}"
+        raise ValueError(f"format {fmt!r} does not fit {kind}; expected one of {allowed}")
+    state_dict = _select_model(io.load_state_dict(path), "student" if isinstance(model, Vim) else "teacher")
+    target = {k: tuple(v.shape) for k, v in mapping.flatten(nnx.state(model).to_pure_dict()).items()}
+    if isinstance(model, Vim):
+        return vim.import_vim(state_dict, target)
+    if isinstance(model, Phi):
+        return phi.import_phi(state_dict, target, hf_cfg, size=model.size)
+    return deit.import_teacher(state_dict, fmt, target, hf_cfg if fmt == "hf" else None, num_heads=model.num_heads)
 
 
-def _select_role(state_dict: io.StateDict, role: str) -> io.StateDict:
+def _select_model(state_dict: io.StateDict, prefix: str) -> io.StateDict:
     """A CAB training checkpoint holds the whole distillation model (``student.*``, ``teacher.*``, ``aligner.*``):
-    keep the ``role``'s tensors, without the prefix. Other checkpoints pass through unchanged."""
-    prefix = f"{role}."
+    keep the tensors under ``prefix`` ("student" or "teacher"), without it. Other checkpoints pass through."""
+    prefix += "."
     if not any(k.startswith(prefix) for k in state_dict):
         return state_dict
     return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
-def load_model_weights(path: str | pathlib.Path, c: ml_collections.ConfigDict, role: str, like: dict) -> dict:
-    """Parameters for ``like`` (a tree of arrays or ShapeDtypeStructs, possibly sharded) from ``path``:
-    PyTorch weights converted on the fly, else a checkpoint written by this project (a run workdir or
-    ``python -m cab_jax.convert`` output)."""
+def load_model_weights(path: str | pathlib.Path, model: nnx.Module, like: dict) -> dict:
+    """Parameters of ``model`` shaped like ``like`` (a tree of arrays or ShapeDtypeStructs, possibly sharded)
+    from ``path``: PyTorch weights converted on the fly, else a checkpoint written by this project (a run
+    workdir or ``python -m cab_jax.convert`` output)."""
     if is_pytorch_source(path):
-        params = import_pytorch(path, c, role)
+        params = import_pytorch(path, model)
         return jax.tree.map(lambda x, ref: np.asarray(x, ref.dtype), params, like)
-    from cab_jax import checkpoint
-
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
                           like)
     return checkpoint.load_model_params(path, target)

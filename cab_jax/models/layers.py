@@ -1,16 +1,19 @@
-"""Small building blocks shared by the teacher and student models.
+"""Building blocks shared by the teacher and student models: tagged dense layers and norms, patch and token
+embeddings, drop path, and stacked layers applied with one ``lax.scan``.
 
 Parameters carry a ``logical_axes`` metadata tuple (one name per dimension); ``cab_jax.sharding`` maps
-those names onto mesh axes.
+those names onto mesh axes. Stacked layers add a leading ``"layers"`` axis.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 Dtype = Any
@@ -53,20 +56,69 @@ def param(init, rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, 
     return nnx.Param(init(rngs.params(), shape, dtype), logical_axes=axes)
 
 
-def drop_path(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
-    """Stochastic depth: zero whole samples with probability ``rate`` (identity when ``key`` is None)."""
-    if key is None or rate == 0.0:
+def layer_norm(dim: int, eps: float, *, rngs: nnx.Rngs, dtype: Dtype) -> nnx.LayerNorm:
+    """LayerNorm over the last axis with scale and bias tagged ``("embed",)``."""
+    return nnx.LayerNorm(dim, epsilon=eps, dtype=dtype, rngs=rngs,
+                         scale_metadata={"logical_axes": ("embed",)}, bias_metadata={"logical_axes": ("embed",)})
+
+
+def check_tokens(tokens: jax.Array) -> None:
+    """ValueError unless ``tokens`` is an integer (batch, length >= 1) array."""
+    if tokens.ndim != 2 or tokens.shape[1] == 0 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(f"expected integer tokens (batch, length >= 1), got {tokens.dtype} {tokens.shape}")
+
+
+def drop_path(x: jax.Array, rate: jax.Array | float, key: jax.Array | None) -> jax.Array:
+    """Stochastic depth: zero whole samples with probability ``rate`` (identity when ``key`` is None).
+    ``rate`` may be traced (one per layer of a scan)."""
+    if key is None:
         return x
     keep = 1.0 - rate
     mask = jax.random.bernoulli(key, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
-    return jnp.where(mask, x / keep, jnp.zeros_like(x))
+    return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros_like(x))
 
 
-def split_key(key: jax.Array | None, num: int) -> list[jax.Array | None]:
-    """``jax.random.split`` that passes ``None`` (deterministic mode) through."""
-    if key is None:
-        return [None] * num
-    return list(jax.random.split(key, num))
+def split_key(key: jax.Array | None, num: int) -> jax.Array | list[None]:
+    """``jax.random.split`` that passes ``None`` (deterministic mode) through as ``num`` Nones."""
+    return [None] * num if key is None else jax.random.split(key, num)
+
+
+def drop_path_rates(rate: float, depth: int) -> tuple[float, ...]:
+    """Per-layer stochastic-depth rates rising linearly from 0 to ``rate`` (float32 values, as timm computes
+    them; NumPy, so they are Python floats even when a model is built under a trace)."""
+    return tuple(float(r) for r in np.linspace(0.0, rate, depth, dtype=np.float32))
+
+
+def stack_layers(layers: Sequence[nnx.Module]) -> nnx.Module:
+    """One module holding ``layers`` (identical in structure) with every parameter stacked on a new leading
+    axis, tagged ``"layers"``: layer i's values at index i. Build the layers one by one first, so that their
+    initial values are those of an unrolled model."""
+    graphdef, first = nnx.split(layers[0])
+    states = [first] + [nnx.state(layer) for layer in layers[1:]]
+    if any(nnx.graphdef(layer) != graphdef for layer in layers[1:]):
+        raise ValueError("stack_layers: the layers differ in structure or static attributes")
+    stacked = nnx.merge(graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *states))
+    for _, variable in nnx.iter_graph(stacked):
+        if isinstance(variable, nnx.Variable):
+            axes = variable.get_metadata().get("logical_axes")
+            variable.set_metadata("logical_axes", None if axes is None else ("layers", *axes))
+    return stacked
+
+
+def scan_layers(layers: nnx.Module, fn: Callable, carry: Any, xs: Any = None, *, remat: bool = False
+                ) -> tuple[Any, Any]:
+    """Apply stacked ``layers`` in order with one ``lax.scan`` (compiled once, whatever the depth):
+    ``fn(layer, carry, x) -> (carry, y)`` with layer i and ``x = xs[i]``; returns the last carry and the ys
+    stacked on a leading layer axis. ``remat`` recomputes each layer in the backward pass."""
+    graphdef, state = nnx.split(layers)
+
+    def body(carry, inputs):
+        layer_state, x = inputs
+        return fn(nnx.merge(graphdef, layer_state), carry, x)
+
+    if remat:
+        body = jax.checkpoint(body, prevent_cse=False)
+    return jax.lax.scan(body, carry, (state, xs))
 
 
 class PatchEmbed(nnx.Module):

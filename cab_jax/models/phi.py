@@ -1,4 +1,5 @@
-"""Phi-1.5 language teacher (Hugging Face ``PhiForCausalLM`` layout): logits, per-layer (q, k), KV-cache decoding.
+"""Phi-1.5 language teacher (Hugging Face ``PhiForCausalLM`` layout, layers stacked and scanned): logits, per-layer
+(q, k), KV-cache decoding.
 
 One LayerNorm per block feeds attention and MLP in parallel: ``x + attn(ln(x)) + mlp(ln(x))``. Rotary position
 embedding (rotate-half form) on the first ``partial_rotary_factor * head_dim`` dimensions of each head's q and k;
@@ -13,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cab_jax.models.layers import Dtype, dense
+from cab_jax.models.layers import Dtype, check_tokens, dense, layer_norm, scan_layers, stack_layers
 
 normal_02 = nnx.initializers.normal(stddev=0.02)
 
@@ -36,16 +37,17 @@ PHI_SIZES = {"phi_1_5": PhiSize(51200, 2048, 24, 32, 8192)}
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    """Keys (after rotary) and values of every layer, each (batch, heads, max_length, head_dim), and the number
-    of positions filled so far (an int32 scalar); positions >= ``length`` hold garbage and are never attended."""
+    """Keys (after rotary) and values of every layer, each (depth, batch, heads, max_length, head_dim), and the
+    number of positions filled so far (an int32 scalar); positions >= ``length`` hold garbage and are never
+    attended."""
 
-    keys: tuple[jax.Array, ...]
-    values: tuple[jax.Array, ...]
+    keys: jax.Array
+    values: jax.Array
     length: jax.Array
 
     @property
     def max_length(self) -> int:
-        return self.keys[0].shape[2]
+        return self.keys.shape[3]
 
 
 def rotary(x: jax.Array, positions: jax.Array, rotary_dim: int, theta: float) -> jax.Array:
@@ -119,11 +121,6 @@ class PhiMlp(nnx.Module):
         return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
 
 
-def layer_norm(dim: int, eps: float, *, rngs: nnx.Rngs, dtype: Dtype) -> nnx.LayerNorm:
-    return nnx.LayerNorm(dim, epsilon=eps, dtype=dtype, rngs=rngs,
-                         scale_metadata={"logical_axes": ("embed",)}, bias_metadata={"logical_axes": ("embed",)})
-
-
 class PhiBlock(nnx.Module):
     """Parallel block: one LayerNorm feeding both attention and MLP, both added to the residual."""
 
@@ -169,12 +166,11 @@ class Phi(nnx.Module):
         if rotary_dim % 2 or not 0 < rotary_dim <= head_dim:
             raise ValueError(f"partial_rotary_factor {partial_rotary_factor} of head_dim {head_dim} gives "
                              f"{rotary_dim} rotary dimensions; expected an even number in (0, head_dim]")
-        self.vocab_size, self.hidden_size, self.num_heads = vocab_size, hidden_size, num_heads
-        self.partial_rotary_factor, self.rope_theta = partial_rotary_factor, rope_theta
-        self.layer_norm_eps = layer_norm_eps
+        self.size = PhiSize(vocab_size, hidden_size, depth, num_heads, intermediate_size, partial_rotary_factor,
+                            rope_theta, layer_norm_eps)
         self.embed = nnx.Embed(vocab_size, hidden_size, dtype=dtype, embedding_init=normal_02, rngs=rngs,
                                embedding_metadata={"logical_axes": ("vocab", "embed")})
-        self.layers = nnx.List([
+        self.layers = stack_layers([
             PhiBlock(hidden_size, num_heads, intermediate_size, rotary_dim, rope_theta, layer_norm_eps, rngs=rngs,
                      dtype=dtype)
             for _ in range(depth)])
@@ -183,29 +179,23 @@ class Phi(nnx.Module):
                              kernel_init=normal_02)
         self.dtype, self.remat = dtype, remat
 
-    def __call__(self, tokens: jax.Array) -> tuple[jax.Array, list[tuple[jax.Array, jax.Array]]]:
-        """tokens (batch, length) int -> float32 logits (batch, length, vocab) and per layer (q, k), each
-        (batch, heads, length, head_dim) in the compute dtype.
+    def __call__(self, tokens: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """tokens (batch, length) int -> float32 logits (batch, length, vocab) and every layer's (q, k), each
+        stacked over layers: (depth, batch, heads, length, head_dim) in the compute dtype.
 
         q and k are what CAB's ``output_QK`` exposes: after the partial rotary embedding, before the
         1/sqrt(head_dim) scale and the softmax."""
-        self._check_tokens(tokens)
-        x = self.embed(tokens)
+        check_tokens(tokens)
         positions = jnp.arange(tokens.shape[1])
-        apply = lambda blk, h: blk(h, positions)[:2]
-        if self.remat:
-            apply = nnx.remat(apply)
-        qks = []
-        for layer in self.layers:
-            x, qk = apply(layer, x)
-            qks.append(qk)
-        return self._logits(x), qks
+        step = lambda block, x, _: block(x, positions)[:2]
+        x, qk = scan_layers(self.layers, step, self.embed(tokens), remat=self.remat)
+        return self._logits(x), qk
 
     def init_cache(self, batch: int, max_length: int, dtype: Dtype | None = None) -> KVCache:
         """An empty cache for ``batch`` sequences of up to ``max_length`` tokens (default dtype: compute dtype)."""
-        shape = (batch, self.num_heads, max_length, self.hidden_size // self.num_heads)
-        zeros = tuple(jnp.zeros(shape, dtype or self.dtype) for _ in self.layers)
-        return KVCache(zeros, tuple(jnp.zeros_like(z) for z in zeros), jnp.zeros((), jnp.int32))
+        s = self.size
+        zeros = jnp.zeros((s.depth, batch, s.num_heads, max_length, s.hidden_size // s.num_heads), dtype or self.dtype)
+        return KVCache(zeros, jnp.zeros_like(zeros), jnp.zeros((), jnp.int32))
 
     def decode(self, tokens: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
         """Run (batch, n) new tokens at positions cache.length .. cache.length + n - 1 (n >= 1: a prefill or one
@@ -213,7 +203,7 @@ class Phi(nnx.Module):
 
         The cache arrays keep their size, so a jitted step has static shapes. Running past ``max_length`` raises
         when the length is known at trace time (eager calls); under ``jit`` the logits of such a call are NaN."""
-        self._check_tokens(tokens)
+        check_tokens(tokens)
         n = tokens.shape[1]
         if n > cache.max_length:
             raise ValueError(f"{n} tokens do not fit a KV cache of max_length {cache.max_length}")
@@ -224,38 +214,15 @@ class Phi(nnx.Module):
         if start is not None and start + n > cache.max_length:
             raise ValueError(f"positions {start}..{start + n - 1} are beyond the KV cache's max_length "
                              f"{cache.max_length}")
-        x = self.embed(tokens)
         positions = cache.length + jnp.arange(n)
-        keys, values = [], []
-        for layer, kv in zip(self.layers, zip(cache.keys, cache.values, strict=True), strict=True):
-            x, _, (k, v) = layer(x, positions, kv, cache.length)
-            keys.append(k)
-            values.append(v)
-        logits = self._logits(x)
-        logits = jnp.where(cache.length + n > cache.max_length, jnp.nan, logits)
-        return logits, KVCache(tuple(keys), tuple(values), cache.length + n)
+
+        def step(block, x, kv):
+            x, _, kv = block(x, positions, kv, cache.length)
+            return x, kv
+
+        x, (keys, values) = scan_layers(self.layers, step, self.embed(tokens), (cache.keys, cache.values))
+        logits = jnp.where(cache.length + n > cache.max_length, jnp.nan, self._logits(x))
+        return logits, KVCache(keys, values, cache.length + n)
 
     def _logits(self, x: jax.Array) -> jax.Array:
         return self.lm_head(self.final_layernorm(x)).astype(jnp.float32)
-
-    def _check_tokens(self, tokens: jax.Array) -> None:
-        if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-            raise ValueError(f"expected integer tokens (batch, length), got {tokens.dtype} {tokens.shape}")
-
-
-def phi(size: str, **kwargs) -> Phi:
-    """Named Phi size (see ``PHI_SIZES``); keyword arguments override the size's fields."""
-    if size not in PHI_SIZES:
-        raise ValueError(f"unknown Phi size {size!r}; expected one of {sorted(PHI_SIZES)}")
-    return Phi(**{**dataclasses.asdict(PHI_SIZES[size]), **kwargs})
-
-
-def size_of(model: Phi) -> PhiSize:
-    """The architecture of ``model`` (also of an abstract one from ``nnx.eval_shape``)."""
-    return PhiSize(vocab_size=model.vocab_size, hidden_size=model.hidden_size, depth=len(model.layers),
-                   num_heads=model.num_heads, intermediate_size=model.layers[0].mlp.fc1.out_features,
-                   partial_rotary_factor=model.partial_rotary_factor, rope_theta=model.rope_theta,
-                   layer_norm_eps=model.layer_norm_eps)
-
-
-__all__ = ["PHI_SIZES", "KVCache", "Phi", "PhiSize", "phi", "rotary", "size_of"]

@@ -1,4 +1,5 @@
-"""Phi-Mamba: Phi-1.5's architecture with each attention replaced by a discrete Mamba-2 mixer.
+"""Phi-Mamba: Phi-1.5's architecture with each attention replaced by a discrete Mamba-2 mixer (layers stacked and
+scanned), and its initialisation from a Phi teacher's attention.
 
 Token embedding, ``depth`` parallel Phi blocks (x + mixer(LN(x)) + mlp(LN(x))), final LayerNorm and an LM
 head with bias. The residual stream is kept in float32. ``init_from_attention`` starts the student from a
@@ -14,9 +15,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cab_jax.models.layers import Dtype
+from cab_jax.models.layers import Dtype, check_tokens, layer_norm, scan_layers, stack_layers
 from cab_jax.models.mamba2 import DiscreteMamba2, Mamba2Cache, torch_linear
-from cab_jax.models.phi import Phi, PhiMlp, layer_norm, size_of
+from cab_jax.models.phi import Phi, PhiMlp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,11 +57,6 @@ class PhiMambaBlock(nnx.Module):
         return x + y.astype(x.dtype) + self.mlp(h).astype(x.dtype), cache
 
 
-def _check_tokens(tokens: jax.Array) -> None:
-    if tokens.ndim != 2 or tokens.shape[1] == 0 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-        raise ValueError(f"expected integer tokens (batch, length >= 1), got {tokens.dtype} {tokens.shape}")
-
-
 class PhiMamba(nnx.Module):
     """Phi-Mamba language model; ``__call__`` for training, ``init_cache``/``decode`` for generation."""
 
@@ -85,11 +81,11 @@ class PhiMamba(nnx.Module):
         rngs: nnx.Rngs,
     ):
         intermediate_size = intermediate_size or 4 * d_model
-        self.dtype, self.remat = dtype, remat
+        self.dtype, self.remat, self.depth = dtype, remat, depth
         # PyTorch's nn.Embedding default: N(0, 1). Looked up in float32: the residual stream is float32.
         self.embed = nnx.Embed(vocab_size, d_model, dtype=jnp.float32, embedding_init=nnx.initializers.normal(1.0),
                                embedding_metadata={"logical_axes": ("vocab", "embed")}, rngs=rngs)
-        self.layers = nnx.List([
+        self.layers = stack_layers([
             PhiMambaBlock(
                 d_model, intermediate_size, layer_norm_eps,
                 DiscreteMamba2(d_model, d_state=d_state, n_qk_heads=n_qk_heads, n_v_heads=n_v_heads, expand=expand,
@@ -104,47 +100,29 @@ class PhiMamba(nnx.Module):
     def _logits(self, x: jax.Array) -> jax.Array:
         return self.lm_head(self.final_layernorm(x).astype(self.dtype)).astype(jnp.float32)
 
-    def __call__(self, tokens: jax.Array) -> tuple[jax.Array, list[tuple[jax.Array, jax.Array]]]:
-        """tokens (batch, length) int -> float32 logits (batch, length, vocab) and per layer (B, C), each
-        (batch, length, n_qk_heads, d_state)."""
-        _check_tokens(tokens)
-        x = self.embed(tokens)
-        apply = lambda blk, h: blk(h)
-        if self.remat:
-            apply = nnx.remat(apply)
-        projections = []
-        for layer in self.layers:
-            x, bc = apply(layer, x)
-            projections.append(bc)
+    def __call__(self, tokens: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """tokens (batch, length) int -> float32 logits (batch, length, vocab) and every layer's (B, C), each
+        stacked over layers: (depth, batch, length, n_qk_heads, d_state)."""
+        check_tokens(tokens)
+        step = lambda block, x, _: block(x)
+        x, projections = scan_layers(self.layers, step, self.embed(tokens), remat=self.remat)
         return self._logits(x), projections
 
-    def init_cache(self, batch: int, max_length: int | None = None, dtype: Dtype | None = None
-                   ) -> tuple[Mamba2Cache, ...]:
-        """Per layer the last d_conv - 1 convolution inputs and the float32 SSM state; ``max_length`` is unused
-        (the cache does not grow) and kept for the teacher's signature."""
+    def init_cache(self, batch: int, max_length: int | None = None, dtype: Dtype | None = None) -> Mamba2Cache:
+        """Every layer's last d_conv - 1 convolution inputs and float32 SSM state, stacked over layers (leading
+        axis depth); ``max_length`` is unused (the cache does not grow) and kept for the teacher's signature."""
         del max_length
-        return tuple(layer.mixer.init_cache(batch, dtype) for layer in self.layers)
+        layer = self.layers.mixer.init_cache(batch, dtype)
+        return jax.tree.map(lambda z: jnp.zeros((self.depth, *z.shape), z.dtype), layer)
 
-    def decode(self, tokens: jax.Array, cache: tuple[Mamba2Cache, ...]
-               ) -> tuple[jax.Array, tuple[Mamba2Cache, ...]]:
+    def decode(self, tokens: jax.Array, cache: Mamba2Cache) -> tuple[jax.Array, Mamba2Cache]:
         """tokens (batch, n), n >= 1 new tokens after the cached context -> float32 logits (batch, n, vocab)
         and the updated cache."""
-        if len(cache) != len(self.layers):
-            raise ValueError(f"cache has {len(cache)} layers, the model {len(self.layers)}")
-        _check_tokens(tokens)
-        x = self.embed(tokens)
-        new_cache = []
-        for layer, layer_cache in zip(self.layers, cache, strict=True):
-            x, layer_cache = layer.decode(x, layer_cache)
-            new_cache.append(layer_cache)
-        return self._logits(x), tuple(new_cache)
-
-
-def phi_mamba(size: str, **kwargs) -> PhiMamba:
-    """Named Phi-Mamba size ("phi_mamba_1_5"); keyword arguments override the size's fields."""
-    if size not in PHI_MAMBA_SIZES:
-        raise ValueError(f"unknown Phi-Mamba size {size!r}; expected one of {sorted(PHI_MAMBA_SIZES)}")
-    return PhiMamba(**{**dataclasses.asdict(PHI_MAMBA_SIZES[size]), **kwargs})
+        if cache.ssm.shape[0] != self.depth:
+            raise ValueError(f"cache has {cache.ssm.shape[0]} layers, the model {self.depth}")
+        check_tokens(tokens)
+        x, cache = scan_layers(self.layers, lambda block, x, c: block.decode(x, c), self.embed(tokens), cache)
+        return self._logits(x), cache
 
 
 _NORM, _LINEAR = ("scale", "bias"), ("kernel", "bias")
@@ -158,15 +136,15 @@ def _copy_params(student: nnx.Module, teacher: nnx.Module, names: tuple[str, ...
 
 
 def _check_fits(student: PhiMamba, teacher: Phi) -> None:
-    mixer = student.layers[0].mixer
-    t = size_of(teacher)
+    mixer = student.layers.mixer
+    t = teacher.size
     head_dim = t.hidden_size // t.num_heads
     pairs = {
         "vocab_size": (student.embed.num_embeddings, t.vocab_size),
         "d_model / hidden_size": (student.embed.features, t.hidden_size),
         "d_inner = expand * d_model / hidden_size": (mixer.d_inner, t.hidden_size),
-        "depth": (len(student.layers), t.depth),
-        "intermediate_size": (student.layers[0].mlp.fc1.out_features, t.intermediate_size),
+        "depth": (student.depth, t.depth),
+        "intermediate_size": (student.layers.mlp.fc1.out_features, t.intermediate_size),
         "n_qk_heads / num_heads": (mixer.n_qk_heads, t.num_heads),
         "n_v_heads / num_heads": (mixer.n_v_heads, t.num_heads),
         "d_state / teacher head_dim": (mixer.d_state, head_dim),
@@ -178,7 +156,7 @@ def _check_fits(student: PhiMamba, teacher: Phi) -> None:
 def init_from_attention(student: PhiMamba, teacher: Phi, *, embeddings: bool = True) -> None:
     """Start the student from a Phi teacher, in place (MOHAWK's / CAB's "initkl" initialisation).
 
-    Per layer: the input LayerNorm and the MLP (fc1, fc2 with biases) are copied; the mixer's in_proj columns for
+    In every layer (the layers are stacked: each copy covers all of them at once): the input LayerNorm and the MLP (fc1, fc2 with biases) are copied; the mixer's in_proj columns for
     x, B and C get the teacher's V, K and Q kernels (head h of V, K, Q lands in value head h and B/C head h);
     out_proj gets the attention output kernel. The teacher's q/k/v/dense biases are dropped (the student has
     none) and rotary embedding has no counterpart. The in_proj columns for z and the decay input ``a``, z_bias,
@@ -188,18 +166,18 @@ def init_from_attention(student: PhiMamba, teacher: Phi, *, embeddings: bool = T
     d_state = head_dim (ValueError naming every mismatch otherwise).
     """
     _check_fits(student, teacher)
-    for s, t in zip(student.layers, teacher.layers, strict=True):
-        _copy_params(s.input_layernorm, t.input_layernorm, _NORM)
-        _copy_params(s.mlp.fc1, t.mlp.fc1, _LINEAR)
-        _copy_params(s.mlp.fc2, t.mlp.fc2, _LINEAR)
-        mixer, attn = s.mixer, t.attn
-        d_inner, qk = mixer.d_inner, mixer.n_qk_heads * mixer.d_state
-        kernel = mixer.in_proj.kernel[...]
-        kernel = kernel.at[:, :d_inner].set(attn.v.kernel[...].astype(kernel.dtype))
-        kernel = kernel.at[:, d_inner : d_inner + qk].set(attn.k.kernel[...].astype(kernel.dtype))
-        kernel = kernel.at[:, d_inner + qk : d_inner + 2 * qk].set(attn.q.kernel[...].astype(kernel.dtype))
-        mixer.in_proj.kernel.set_value(kernel)
-        _copy_params(mixer.out_proj, attn.dense, ("kernel",))
+    s, t = student.layers, teacher.layers
+    _copy_params(s.input_layernorm, t.input_layernorm, _NORM)
+    _copy_params(s.mlp.fc1, t.mlp.fc1, _LINEAR)
+    _copy_params(s.mlp.fc2, t.mlp.fc2, _LINEAR)
+    mixer, attn = s.mixer, t.attn
+    d_inner, qk = mixer.d_inner, mixer.n_qk_heads * mixer.d_state
+    kernel = mixer.in_proj.kernel[...]  # (depth, d_model, columns)
+    kernel = kernel.at[..., :d_inner].set(attn.v.kernel[...].astype(kernel.dtype))
+    kernel = kernel.at[..., d_inner : d_inner + qk].set(attn.k.kernel[...].astype(kernel.dtype))
+    kernel = kernel.at[..., d_inner + qk : d_inner + 2 * qk].set(attn.q.kernel[...].astype(kernel.dtype))
+    mixer.in_proj.kernel.set_value(kernel)
+    _copy_params(mixer.out_proj, attn.dense, ("kernel",))
     if embeddings:
         _copy_params(student.embed, teacher.embed, ("embedding",))
         _copy_params(student.final_layernorm, teacher.final_layernorm, _NORM)

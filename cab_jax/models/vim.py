@@ -1,4 +1,5 @@
-"""Vision Mamba (Vim) student: patch embedding, middle cls token, bidirectional Mamba blocks, head."""
+"""Vision Mamba (Vim) student: patch embedding, middle cls token, bidirectional Mamba blocks (stacked and
+scanned), head."""
 
 from __future__ import annotations
 
@@ -6,11 +7,19 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from cab_jax.kernels.selective_scan import BlockSizes
-from cab_jax.models.layers import Dtype, dense, drop_path, embed_tokens, split_key, token_params
+from cab_jax.models.layers import (
+    Dtype,
+    dense,
+    drop_path,
+    drop_path_rates,
+    embed_tokens,
+    scan_layers,
+    stack_layers,
+    token_params,
+)
 from cab_jax.models.mamba import Mamba, SSMProjections
 
 
@@ -30,19 +39,16 @@ def rms_norm(dim: int, *, rngs: nnx.Rngs) -> nnx.RMSNorm:
 
 
 class VimBlock(nnx.Module):
-    """Vim's block ordering: residual += drop_path(hidden); hidden = mixer(norm(residual))."""
+    """Vim's block ordering: residual += drop_path(hidden); hidden = mixer(norm(residual)). The first block
+    gets a zero residual (Vim's "no residual yet": the sum is the embedding itself)."""
 
-    def __init__(self, dim: int, mixer: Mamba, drop_path_rate: float, *, rngs: nnx.Rngs):
+    def __init__(self, dim: int, mixer: Mamba, *, rngs: nnx.Rngs):
         self.norm = rms_norm(dim, rngs=rngs)
         self.mixer = mixer
-        self.drop_path = drop_path_rate
 
-    def __call__(self, hidden: jax.Array, residual: jax.Array | None, key: jax.Array | None
+    def __call__(self, hidden: jax.Array, residual: jax.Array, drop_rate: jax.Array, key: jax.Array | None
                  ) -> tuple[jax.Array, jax.Array, SSMProjections]:
-        if residual is None:
-            residual = hidden.astype(jnp.float32)
-        else:
-            residual = residual + drop_path(hidden, self.drop_path, key).astype(jnp.float32)
+        residual = residual + drop_path(hidden, drop_rate, key).astype(jnp.float32)
         hidden, proj = self.mixer(self.norm(residual).astype(hidden.dtype))
         return hidden, residual, proj
 
@@ -74,18 +80,17 @@ class Vim(nnx.Module):
         num_patches, self.patch_embed, self.cls_token, self.pos_embed = token_params(
             img_size, patch_size, in_chans, embed_dim, rngs=rngs, dtype=dtype)
         self.cls_position = num_patches // 2
-        self.dtype, self.remat = dtype, remat
+        self.dtype, self.remat, self.depth = dtype, remat, depth
         # As in Vim: block i gets ([0] + linspace(0, rate, depth))[i]; the first block has no residual input.
-        # NumPy, not jnp: the rates are Python floats even when the model is built under a trace (eval_shape, jit).
-        rates = [0.0, *[float(r) for r in np.linspace(0.0, drop_path_rate, depth, dtype=np.float32)][:depth - 1]]
-        self.layers = nnx.List([
+        self.drop_path_rates = (0.0, *drop_path_rates(drop_path_rate, depth)[:depth - 1])
+        self.layers = stack_layers([
             VimBlock(
                 embed_dim,
                 Mamba(embed_dim, d_state=d_state, d_conv=d_conv, expand=expand, bidirectional=bidirectional,
                       a_init=a_init, scan_impl=scan_impl, scan_blocks=scan_blocks, num_layers_for_init=depth,
                       dtype=dtype, rngs=rngs),
-                rate, rngs=rngs)
-            for rate in rates
+                rngs=rngs)
+            for _ in range(depth)
         ])
         self.norm_f = rms_norm(embed_dim, rngs=rngs)
         self.head = dense(embed_dim, num_classes, ("embed", "classes"), rngs=rngs, dtype=dtype)
@@ -94,23 +99,18 @@ class Vim(nnx.Module):
         """Patches with the cls token inserted in the middle, plus the position embedding."""
         return embed_tokens(images, self.patch_embed, self.cls_token, self.pos_embed, self.cls_position, self.dtype)
 
-    def __call__(self, images: jax.Array, *, key: jax.Array | None = None
-                 ) -> tuple[jax.Array, list[SSMProjections]]:
-        """Returns float32 logits (batch, classes) and each layer's SSM projections (B, C, B_b, C_b)."""
-        hidden, residual = self.embed(images), None
-        apply = lambda blk, h, r, k: blk(h, r, k)
-        if self.remat:
-            apply = nnx.remat(apply)
-        projections = []
-        for layer, layer_key in zip(self.layers, split_key(key, len(self.layers)), strict=True):
-            hidden, residual, proj = apply(layer, hidden, residual, layer_key)
-            projections.append(proj)
+    def __call__(self, images: jax.Array, *, key: jax.Array | None = None) -> tuple[jax.Array, SSMProjections]:
+        """Returns float32 logits (batch, classes) and every layer's SSM projections (B, C, B_b, C_b), each
+        stacked over layers: (depth, batch, tokens, d_state). ``key`` draws the stochastic-depth masks."""
+        hidden = self.embed(images)
+        keys = None if key is None else jax.random.split(key, self.depth)
+
+        def step(block, carry, inputs):
+            hidden, residual, proj = block(*carry, *inputs)
+            return (hidden, residual), proj
+
+        carry = (hidden, jnp.zeros(hidden.shape, jnp.float32))
+        (hidden, residual), projections = scan_layers(
+            self.layers, step, carry, (jnp.asarray(self.drop_path_rates), keys), remat=self.remat)
         features = self.norm_f(residual + hidden.astype(jnp.float32))
         return self.head(features[:, self.cls_position].astype(self.dtype)).astype(jnp.float32), projections
-
-
-def vim(size: str, **kwargs) -> Vim:
-    """Named Vim size ("tiny", "small", "base"); keyword arguments override the size's fields."""
-    if size not in VIM_SIZES:
-        raise ValueError(f"unknown Vim size {size!r}; expected one of {sorted(VIM_SIZES)}")
-    return Vim(**{**dataclasses.asdict(VIM_SIZES[size]), **kwargs})

@@ -1,4 +1,5 @@
-"""DeiT / ViT teacher (timm layout): returns logits and every block's attention queries and keys."""
+"""DeiT / ViT teacher (timm layout, blocks stacked and scanned): returns logits and every block's attention
+queries and keys."""
 
 from __future__ import annotations
 
@@ -6,10 +7,22 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from cab_jax.models.layers import Dtype, dense, drop_path, embed_tokens, split_key, token_params
+from cab_jax.models.layers import (
+    Dtype,
+    dense,
+    drop_path,
+    drop_path_rates,
+    embed_tokens,
+    layer_norm,
+    scan_layers,
+    split_key,
+    stack_layers,
+    token_params,
+)
+
+LN_EPS = 1e-6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,27 +75,21 @@ class Mlp(nnx.Module):
         return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
 
 
-def layer_norm(dim: int, *, rngs: nnx.Rngs, dtype: Dtype) -> nnx.LayerNorm:
-    return nnx.LayerNorm(dim, epsilon=1e-6, dtype=dtype, rngs=rngs,
-                         scale_metadata={"logical_axes": ("embed",)}, bias_metadata={"logical_axes": ("embed",)})
-
-
 class Block(nnx.Module):
     """Pre-LN transformer block."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_path: float, *, rngs: nnx.Rngs,
-                 dtype: Dtype):
-        self.norm1 = layer_norm(dim, rngs=rngs, dtype=dtype)
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, *, rngs: nnx.Rngs, dtype: Dtype):
+        self.norm1 = layer_norm(dim, LN_EPS, rngs=rngs, dtype=dtype)
         self.attn = Attention(dim, num_heads, rngs=rngs, dtype=dtype)
-        self.norm2 = layer_norm(dim, rngs=rngs, dtype=dtype)
+        self.norm2 = layer_norm(dim, LN_EPS, rngs=rngs, dtype=dtype)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), rngs=rngs, dtype=dtype)
-        self.drop_path = drop_path
 
-    def __call__(self, x: jax.Array, key: jax.Array | None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    def __call__(self, x: jax.Array, drop_rate: jax.Array, key: jax.Array | None
+                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         key_attn, key_mlp = split_key(key, 2)
         y, qk = self.attn(self.norm1(x))
-        x = x + drop_path(y, self.drop_path, key_attn)
-        x = x + drop_path(self.mlp(self.norm2(x)), self.drop_path, key_mlp)
+        x = x + drop_path(y, drop_rate, key_attn)
+        x = x + drop_path(self.mlp(self.norm2(x)), drop_rate, key_mlp)
         return x, qk
 
 
@@ -106,32 +113,21 @@ class ViT(nnx.Module):
     ):
         _, self.patch_embed, self.cls_token, self.pos_embed = token_params(
             img_size, patch_size, in_chans, embed_dim, rngs=rngs, dtype=dtype)
-        self.num_heads = num_heads
-        # NumPy, not jnp: the rates are Python floats even when the model is built under a trace (eval_shape, jit).
-        rates = [float(r) for r in np.linspace(0.0, drop_path_rate, depth, dtype=np.float32)]
-        self.blocks = nnx.List(
-            [Block(embed_dim, num_heads, mlp_ratio, r, rngs=rngs, dtype=dtype) for r in rates]
-        )
-        self.norm = layer_norm(embed_dim, rngs=rngs, dtype=dtype)
+        self.num_heads, self.depth = num_heads, depth
+        self.drop_path_rates = drop_path_rates(drop_path_rate, depth)  # block i's rate
+        self.blocks = stack_layers([Block(embed_dim, num_heads, mlp_ratio, rngs=rngs, dtype=dtype)
+                                    for _ in range(depth)])
+        self.norm = layer_norm(embed_dim, LN_EPS, rngs=rngs, dtype=dtype)
         self.head = dense(embed_dim, num_classes, ("embed", "classes"), rngs=rngs, dtype=dtype)
         self.dtype = dtype
 
-    def __call__(
-        self, images: jax.Array, *, key: jax.Array | None = None
-    ) -> tuple[jax.Array, list[tuple[jax.Array, jax.Array]]]:
-        """Returns float32 logits (batch, classes) and per block (q, k), each (batch, heads, tokens, head_dim),
-        taken before the 1/sqrt(head_dim) scale and the softmax."""
+    def __call__(self, images: jax.Array, *, key: jax.Array | None = None
+                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """Returns float32 logits (batch, classes) and every block's (q, k), each stacked over blocks:
+        (depth, batch, heads, tokens, head_dim), taken before the 1/sqrt(head_dim) scale and the softmax.
+        ``key`` draws the stochastic-depth masks (None: no drop path)."""
         x = embed_tokens(images, self.patch_embed, self.cls_token, self.pos_embed, 0, self.dtype)
-        qks = []
-        for block, block_key in zip(self.blocks, split_key(key, len(self.blocks)), strict=True):
-            x, qk = block(x, block_key)
-            qks.append(qk)
-        x = self.norm(x)
-        return self.head(x[:, 0]).astype(jnp.float32), qks
-
-
-def vit(size: str, **kwargs) -> ViT:
-    """Named DeiT size ("tiny", "small", "base"); keyword arguments override the size's fields."""
-    if size not in VIT_SIZES:
-        raise ValueError(f"unknown ViT size {size!r}; expected one of {sorted(VIT_SIZES)}")
-    return ViT(**{**dataclasses.asdict(VIT_SIZES[size]), **kwargs})
+        keys = None if key is None else jax.random.split(key, self.depth)
+        step = lambda block, x, inputs: block(x, *inputs)
+        x, qk = scan_layers(self.blocks, step, x, (jnp.asarray(self.drop_path_rates), keys))
+        return self.head(self.norm(x)[:, 0]).astype(jnp.float32), qk

@@ -1,8 +1,9 @@
-"""The demo task: train a teacher on an embedded dataset, distil one student per loss mode, evaluate each on the
-held-out split and print a results table.
+"""The study runner (``config.task = "study"``): train the teacher once, then one student per loss mode of
+``config.study.modes``, evaluate each on the held-out split and write a results table.
 
 Vision (``configs/demo.py``): DeiT teacher, Vim students on a small per-class subset, top-1/top-5.
-Language (``configs/demo_lm.py``): Phi teacher, Phi-Mamba students, held-out perplexity and tokens/s.
+Language (``configs/demo_lm.py``): Phi teacher, Phi-Mamba students, held-out perplexity and tokens/s; the modes in
+``config.study.init_from_attention_modes`` start from the teacher's attention.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import ml_collections
 from absl import logging
 from etils import epath
 
+from cab_jax import config as config_lib
 from cab_jax import train
 
 VISION_COLUMNS = ("model", "mode", "train images", "top-1", "top-5", "steps", "wall time (s)")
@@ -21,31 +23,40 @@ LANGUAGE_COLUMNS = ("model", "mode", "init from attention", "train tokens", "hel
                     "train tokens/s", "steps", "wall time (s)")
 
 
+def _stage(c: ml_collections.ConfigDict, **changes) -> ml_collections.ConfigDict:
+    """A copy of ``c`` for one stage of the study, with dotted-key ``changes`` (e.g. ``{"loss.mode": "soft"}``)."""
+    stage = ml_collections.ConfigDict(c.to_dict())
+    for key, value in changes.items():
+        section, name = key.rsplit(".", 1) if "." in key else ("", key)
+        (stage[section] if section else stage)[name] = value
+    return stage
+
+
 def run(c: ml_collections.ConfigDict, workdir: str) -> list[dict]:
-    """Teacher in ``workdir/teacher`` (reused when finished), students in ``workdir/students/MODE``."""
+    """Teacher in ``workdir/teacher`` (reused when finished), students in ``workdir/students/MODE``; the table in
+    ``workdir/results.md`` and ``results.json``."""
+    config_lib.validate(c)
     root = epath.Path(workdir)
-    if not c.data.data_dir:  # the embedded dataset is built inside the workdir unless told otherwise
-        c = ml_collections.ConfigDict(c.to_dict())
-        c.data.data_dir = str(root / "tfds")
+    # The embedded datasets are built inside the workdir unless told otherwise.
+    data_dir = c.data.data_dir or str(root / "tfds")
     language = c.domain == "language"
     teacher_dir = root / "teacher"
-    logging.info("Demo stage 1: teacher on the full train split (cached in %s).", teacher_dir)
-    teacher = train.run(c, str(teacher_dir), role="teacher")
+    logging.info("Study stage 1: teacher on the full train split (cached in %s).", teacher_dir)
+    teacher = train.train_and_evaluate(_stage(c, task="train_teacher", **{"data.data_dir": data_dir}), str(teacher_dir))
     rows = [_row(c, "teacher (Phi)" if language else "teacher (DeiT)", "supervised", False, teacher, teacher_dir)]
     if teacher.stopped_early:
         return rows
-    for mode in c.demo.modes:
-        sc = ml_collections.ConfigDict(c.to_dict())
-        sc.loss.mode = mode
-        sc.teacher.init_from = str(teacher_dir)
-        init = language and mode in c.demo.init_from_attention_modes
+    for mode in c.study.modes:
+        changes = {"task": "distill", "loss.mode": mode, "teacher.init_from": str(teacher_dir),
+                   "data.data_dir": data_dir}
+        init = language and mode in c.study.init_from_attention_modes
         if language:
-            sc.student.init_from_attention = init
-        logging.info("Demo stage 2: student with loss mode %r%s.", mode,
+            changes["student.init_from_attention"] = init
+        logging.info("Study stage 2: student with loss mode %r%s.", mode,
                      " initialised from the teacher's attention" if init else
                      "" if language else f" on {100 * c.data.subset_fraction:.0f}% of the train split")
         student_dir = root / "students" / mode
-        result = train.run(sc, str(student_dir), role="student")
+        result = train.train_and_evaluate(_stage(c, **changes), str(student_dir))
         rows.append(_row(c, "student (Phi-Mamba)" if language else "student (Vim)", mode, init, result, student_dir))
         if result.stopped_early:
             break
