@@ -70,9 +70,6 @@ class SyntheticSource(Synthetic):
         image = rng.integers(0, 256, size=shape, dtype=np.uint8)
         return {"image": image, "label": int(rng.integers(0, self._num_classes))}
 
-    def labels(self) -> np.ndarray:
-        return np.asarray([self[i]["label"] for i in range(self._size)], dtype=np.int64)
-
     def __repr__(self) -> str:
         return f"SyntheticSource(size={self._size}, image_size={self._image_size}, seed={self._seed})"
 
