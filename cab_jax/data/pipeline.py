@@ -55,9 +55,9 @@ import tensorflow_datasets as tfds
 from absl import flags
 from etils import epath
 
-from cab_jax.data.augment import EvalTransform, SelectKeys, TrainTransform
+from cab_jax.data.augment import EvalTransform, TrainTransform
 from cab_jax.data.digits import CabDigits
-from cab_jax.data.sources import IndexedSource, PaddedSource, SyntheticSource
+from cab_jax.data.sources import IndexedSource, PaddedSource, SelectKeys, SyntheticSource
 from cab_jax.data.subset import per_class_subset
 
 DIGITS_NAME = "cab_digits"
