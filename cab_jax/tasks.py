@@ -159,19 +159,19 @@ class VisionTask(_Task):
         return d
 
     def train_size(self) -> int:
-        from cab_jax import data
+        from cab_jax.data import images
 
-        return data.train_dataset_size(self.data_cfg())
+        return images.train_size(self.data_cfg())
 
     def train_iterator(self, global_batch_size: int, seed: int):
-        from cab_jax import data
+        from cab_jax.data import images
 
-        return data.make_train_iterator(self.data_cfg(), global_batch_size=global_batch_size, seed=seed)
+        return images.train_iterator(self.data_cfg(), global_batch_size=global_batch_size, seed=seed)
 
     def eval_batches(self, global_batch_size: int):
-        from cab_jax import data
+        from cab_jax.data import images
 
-        return data.make_eval_batches(self.data_cfg(), global_batch_size=global_batch_size)
+        return images.eval_batches(self.data_cfg(), global_batch_size=global_batch_size)
 
     # ---- losses and metrics
 
@@ -266,17 +266,17 @@ class LanguageTask(_Task):
     def train_size(self) -> int:
         from cab_jax.data import text
 
-        return text.text_train_dataset_size(self.c.data)
+        return text.train_size(self.c.data)
 
     def train_iterator(self, global_batch_size: int, seed: int):
         from cab_jax.data import text
 
-        return text.make_text_train_iterator(self.c.data, global_batch_size=global_batch_size, seed=seed)
+        return text.train_iterator(self.c.data, global_batch_size=global_batch_size, seed=seed)
 
     def eval_batches(self, global_batch_size: int):
         from cab_jax.data import text
 
-        return text.make_text_eval_batches(self.c.data, global_batch_size=global_batch_size)
+        return text.eval_batches(self.c.data, global_batch_size=global_batch_size)
 
     # ---- losses and metrics
 
