@@ -369,6 +369,17 @@ def test_missing_dataset_raises_one_clear_error(tmp_path):
     assert not list(tmp_path.iterdir())  # nothing was downloaded or created
 
 
+def test_prepare_builds_what_the_pipelines_read(tmp_path):
+    images.prepare(make_cfg(tmp_path, subset_fraction=0.1))
+    assert CabDigits(image_size=32, data_dir=str(tmp_path)).is_prepared()
+    assert len(list(tmp_path.glob("cab_digits/32px/1.0.0/cab_jax_labels.train.npy"))) == 1
+    absent = tmp_path / "absent"
+    images.prepare(make_cfg(absent, synthetic=True))  # synthetic data needs nothing
+    assert not absent.exists()
+    with pytest.raises(FileNotFoundError, match=r"imagenet2012.*manual_dir"):
+        images.prepare(make_cfg(absent, name="imagenet2012", num_classes=1000, eval_split="validation"))
+
+
 # --------------------------------------------------------------------------------------------------
 # The generic TFDS read path, on a tiny dataset of variable-size images.
 
