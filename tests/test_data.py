@@ -1,4 +1,4 @@
-"""Tests for cab_jax.data: the digits builder, subsets, augmentation and the grain pipelines."""
+"""Tests for the image data: the digits builder, subsets, augmentation and the grain image pipelines."""
 
 from __future__ import annotations
 
@@ -13,17 +13,10 @@ import pytest
 import tensorflow_datasets as tfds
 from data_helpers import assert_batches_equal, take
 
-from cab_jax.data import (
-    CabDigits,
-    augment,
-    digits,
-    make_eval_batches,
-    make_train_dataset,
-    make_train_iterator,
-    per_class_subset,
-    resize_bilinear,
-    train_dataset_size,
-)
+from cab_jax.data import augment, digits, images
+from cab_jax.data.augment import resize_bilinear
+from cab_jax.data.digits import CabDigits
+from cab_jax.data.subset import per_class_subset
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -55,9 +48,9 @@ def make_cfg(data_dir, **overrides) -> ml_collections.ConfigDict:
 
 def read_split(data_dir, split, image_size=32):
     source = CabDigits(image_size=image_size, data_dir=str(data_dir)).as_data_source(split=split)
-    images = np.stack([source[i]["image"] for i in range(len(source))])
+    split_images = np.stack([source[i]["image"] for i in range(len(source))])
     labels = np.asarray([source[i]["label"] for i in range(len(source))])
-    return images, labels
+    return split_images, labels
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +79,8 @@ def test_digits_builder_splits_are_stratified_and_cover_the_dataset(digits_dir):
         assert (train_labels == cls).sum() == n_cls - round(0.2 * n_cls)
 
     # The stored examples are exactly the 1797 upsampled digits, each in one split only.
-    def keys(images, labels):
-        return sorted(im.tobytes() + bytes([lab]) for im, lab in zip(images, labels, strict=True))
+    def keys(pixels, labels):
+        return sorted(im.tobytes() + bytes([lab]) for im, lab in zip(pixels, labels, strict=True))
 
     stored = keys(np.concatenate([train_images, test_images]), np.concatenate([train_labels, test_labels]))
     assert stored == keys(all_images, all_labels)
@@ -109,8 +102,8 @@ def test_digits_image_size_config():
     builder = CabDigits(image_size=16, data_dir="/nonexistent")
     assert builder.builder_config.name == "16px"
     assert builder.info.features["image"].shape == (16, 16, 3)
-    images, labels = digits.digits_images(16)
-    assert images.shape == (1797, 16, 16, 3) and labels.shape == (1797,)
+    all_images, labels = digits.digits_images(16)
+    assert all_images.shape == (1797, 16, 16, 3) and labels.shape == (1797,)
 
 
 def test_resize_bilinear_matches_half_pixel_bilinear():
@@ -199,8 +192,8 @@ def test_train_iterator_shapes_and_subset_only(digits_dir):
     cfg = make_cfg(digits_dir, subset_fraction=0.1)
     _, labels = read_split(digits_dir, "train")
     subset = per_class_subset(labels, 0.1, seed=0)
-    assert train_dataset_size(cfg) == len(subset) == 143
-    iterator = make_train_iterator(cfg, global_batch_size=32, seed=0, return_index=True)
+    assert images.train_size(cfg) == len(subset) == 143
+    iterator = images.train_iterator(cfg, global_batch_size=32, seed=0, return_index=True)
     steps_per_epoch = len(subset) // 32
     epoch1 = take(iterator, steps_per_epoch)
     epoch2 = take(iterator, steps_per_epoch)
@@ -216,10 +209,10 @@ def test_train_iterator_shapes_and_subset_only(digits_dir):
     order2 = np.concatenate([b["index"] for b in epoch2])
     assert not np.array_equal(order1, order2)  # a new shuffle each epoch
     # Same seed -> same stream; the default output has just image and label.
-    again = take(make_train_iterator(cfg, global_batch_size=32, seed=0), 2)
+    again = take(images.train_iterator(cfg, global_batch_size=32, seed=0), 2)
     assert set(again[0]) == {"image", "label"}
     np.testing.assert_array_equal(again[1]["image"], epoch1[1]["image"])
-    other = next(make_train_iterator(cfg, global_batch_size=32, seed=1, return_index=True))
+    other = next(images.train_iterator(cfg, global_batch_size=32, seed=1, return_index=True))
     assert not np.array_equal(other["index"], epoch1[0]["index"])
 
 
@@ -227,9 +220,9 @@ def test_train_iterator_process_shards_reassemble_the_global_batch(digits_dir):
     # 143 examples, global batch 16: 8 steps per epoch and 15 left over (more than a local batch), so
     # the shards must drop the same tail of every epoch to stay aligned over the 20 steps below.
     cfg = make_cfg(digits_dir, subset_fraction=0.1)
-    single = take(make_train_iterator(cfg, global_batch_size=16, seed=5, process_count=1, process_index=0), 20)
+    single = take(images.train_iterator(cfg, global_batch_size=16, seed=5, process_count=1, process_index=0), 20)
     shards = [
-        take(make_train_iterator(cfg, global_batch_size=16, seed=5, process_count=2, process_index=p), 20)
+        take(images.train_iterator(cfg, global_batch_size=16, seed=5, process_count=2, process_index=p), 20)
         for p in range(2)
     ]
     for step in range(20):
@@ -241,26 +234,26 @@ def test_train_iterator_process_shards_reassemble_the_global_batch(digits_dir):
 
 def test_train_iterator_resume_gives_the_same_batches(digits_dir):
     cfg = make_cfg(digits_dir, subset_fraction=0.1)
-    iterator = make_train_iterator(cfg, global_batch_size=16, seed=0)
+    iterator = images.train_iterator(cfg, global_batch_size=16, seed=0)
     take(iterator, 7)  # cross an epoch boundary below (143 // 16 = 8 steps per epoch)
     state = iterator.get_state()
     expected = take(iterator, 4)
     iterator.set_state(state)
     assert_batches_equal(take(iterator, 4), expected)
     # A restarted job: a fresh iterator restored from the saved state.
-    fresh = make_train_iterator(cfg, global_batch_size=16, seed=0)
+    fresh = images.train_iterator(cfg, global_batch_size=16, seed=0)
     fresh.set_state(state)
     assert_batches_equal(take(fresh, 4), expected)
 
 
 def test_train_iterator_state_is_independent_of_worker_processes(digits_dir):
     cfg = make_cfg(digits_dir, subset_fraction=0.1)
-    in_process = make_train_iterator(cfg, global_batch_size=16, seed=0)
+    in_process = images.train_iterator(cfg, global_batch_size=16, seed=0)
     reference = take(in_process, 6)
     in_process.set_state({"step": 2, "seed": 0, "global_batch_size": 16, "num_examples": 143})
     state = json.loads(json.dumps(in_process.get_state()))  # a state as stored in a checkpoint
     # Restore it into an iterator with two worker processes (started once, at the restored step).
-    with_workers = make_train_iterator(
+    with_workers = images.train_iterator(
         make_cfg(digits_dir, subset_fraction=0.1, num_workers=2), global_batch_size=16, seed=0
     )
     try:
@@ -275,20 +268,20 @@ def test_train_iterator_state_is_independent_of_worker_processes(digits_dir):
 
 def test_train_iterator_refuses_a_foreign_state(digits_dir):
     cfg = make_cfg(digits_dir, subset_fraction=0.1)
-    state = make_train_iterator(cfg, global_batch_size=16, seed=0).get_state()
+    state = images.train_iterator(cfg, global_batch_size=16, seed=0).get_state()
     with pytest.raises(ValueError, match=r"seed=\(0, 1\)"):
-        make_train_iterator(cfg, global_batch_size=16, seed=1).set_state(state)
+        images.train_iterator(cfg, global_batch_size=16, seed=1).set_state(state)
     with pytest.raises(ValueError, match=r"global_batch_size=\(16, 8\)"):
-        make_train_iterator(cfg, global_batch_size=8, seed=0).set_state(state)
+        images.train_iterator(cfg, global_batch_size=8, seed=0).set_state(state)
 
 
 def test_train_batch_size_errors(digits_dir):
     cfg = make_cfg(digits_dir, subset_fraction=0.1)
     with pytest.raises(ValueError, match="multiple of the number of processes"):
-        make_train_iterator(cfg, global_batch_size=15, seed=0, process_count=2, process_index=0)
+        images.train_iterator(cfg, global_batch_size=15, seed=0, process_count=2, process_index=0)
     with pytest.raises(ValueError, match="larger than the training set"):
-        make_train_iterator(cfg, global_batch_size=144, seed=0)
-    make_train_dataset(cfg, global_batch_size=143, seed=0)  # exactly the subset size is fine
+        images.train_iterator(cfg, global_batch_size=144, seed=0)
+    images.train_dataset(cfg, global_batch_size=143, seed=0)  # exactly the subset size is fine
 
 
 # --------------------------------------------------------------------------------------------------
@@ -301,7 +294,7 @@ def test_eval_batches_cover_the_split_once(digits_dir, process_count):
     test_images, test_labels = read_split(digits_dir, "test")
     n = len(test_labels)  # 359
     per_process = [
-        make_eval_batches(cfg, global_batch_size=64, process_count=process_count, process_index=p, return_index=True)
+        images.eval_batches(cfg, global_batch_size=64, process_count=process_count, process_index=p, return_index=True)
         for p in range(process_count)
     ]
     seen, mask_total = [], 0.0
@@ -336,8 +329,8 @@ def test_eval_batches_cover_the_split_once(digits_dir, process_count):
 def test_synthetic_mode_touches_no_files(tmp_path):
     data_dir = tmp_path / "absent"
     cfg = make_cfg(data_dir, synthetic=True, synthetic_size=48, num_classes=7, image_size=16, subset_fraction=0.5)
-    assert train_dataset_size(cfg) == 48
-    iterator = make_train_iterator(cfg, global_batch_size=8, seed=3, return_index=True)
+    assert images.train_size(cfg) == 48
+    iterator = images.train_iterator(cfg, global_batch_size=8, seed=3, return_index=True)
     batches = take(iterator, 6)
     assert batches[0]["image"].shape == (8, 16, 16, 3) and batches[0]["image"].dtype == np.float32
     labels = np.concatenate([b["label"] for b in batches])
@@ -347,9 +340,9 @@ def test_synthetic_mode_touches_no_files(tmp_path):
     expected = take(iterator, 2)
     iterator.set_state(state)
     assert_batches_equal(take(iterator, 2), expected)
-    same = take(make_train_iterator(cfg, global_batch_size=8, seed=3, return_index=True), 6)
+    same = take(images.train_iterator(cfg, global_batch_size=8, seed=3, return_index=True), 6)
     assert_batches_equal(same, batches)
-    other = take(make_train_iterator(cfg, global_batch_size=8, seed=4, return_index=True), 6)
+    other = take(images.train_iterator(cfg, global_batch_size=8, seed=4, return_index=True), 6)
     assert not np.array_equal(other[0]["image"], batches[0]["image"])
 
     def labels_by_index(stream):
@@ -357,7 +350,7 @@ def test_synthetic_mode_touches_no_files(tmp_path):
         return np.concatenate([b["label"] for b in stream])[np.argsort(index)]
 
     assert not np.array_equal(labels_by_index(other), labels_by_index(batches))  # other data, not just order
-    eval_batches = list(make_eval_batches(cfg, global_batch_size=20))
+    eval_batches = list(images.eval_batches(cfg, global_batch_size=20))
     assert sum(float(b["mask"].sum()) for b in eval_batches) == 48
     assert not data_dir.exists() and not list(tmp_path.iterdir())
 
@@ -366,14 +359,25 @@ def test_missing_dataset_raises_one_clear_error(tmp_path):
     cfg = make_cfg(tmp_path, name="imagenet2012", num_classes=1000, image_size=224, eval_split="validation")
     pattern = r"imagenet2012.*" + str(tmp_path) + r".*manual_dir"
     with pytest.raises(FileNotFoundError, match=pattern):
-        train_dataset_size(cfg)
+        images.train_size(cfg)
     with pytest.raises(FileNotFoundError, match=pattern):  # before the (also bad) batch size is checked
-        make_train_iterator(cfg, global_batch_size=3, seed=0, process_count=2, process_index=0)
+        images.train_iterator(cfg, global_batch_size=3, seed=0, process_count=2, process_index=0)
     with pytest.raises(FileNotFoundError, match=pattern):
-        make_eval_batches(cfg, global_batch_size=8, process_count=1, process_index=0)
+        images.eval_batches(cfg, global_batch_size=8, process_count=1, process_index=0)
     with pytest.raises(FileNotFoundError, match="no_such_dataset_xyz"):
-        train_dataset_size(make_cfg(tmp_path, name="no_such_dataset_xyz"))
+        images.train_size(make_cfg(tmp_path, name="no_such_dataset_xyz"))
     assert not list(tmp_path.iterdir())  # nothing was downloaded or created
+
+
+def test_prepare_builds_what_the_pipelines_read(tmp_path):
+    images.prepare(make_cfg(tmp_path, subset_fraction=0.1))
+    assert CabDigits(image_size=32, data_dir=str(tmp_path)).is_prepared()
+    assert len(list(tmp_path.glob("cab_digits/32px/1.0.0/cab_jax_labels.train.npy"))) == 1
+    absent = tmp_path / "absent"
+    images.prepare(make_cfg(absent, synthetic=True))  # synthetic data needs nothing
+    assert not absent.exists()
+    with pytest.raises(FileNotFoundError, match=r"imagenet2012.*manual_dir"):
+        images.prepare(make_cfg(absent, name="imagenet2012", num_classes=1000, eval_split="validation"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -421,17 +425,17 @@ def test_generic_tfds_dataset(tmp_path, encoding):
         tmp_path, name=name, num_classes=3, image_size=24, eval_split="validation", subset_fraction=0.5, hflip=False
     )
     with pytest.raises(FileNotFoundError, match=f"{name}.*tfds build"):
-        make_train_iterator(cfg, global_batch_size=4, seed=0)
+        images.train_iterator(cfg, global_batch_size=4, seed=0)
     tfds.builder(name, data_dir=str(tmp_path)).download_and_prepare(file_format="array_record")
 
-    assert train_dataset_size(cfg) == 15  # 10 per class, half of each
+    assert images.train_size(cfg) == 15  # 10 per class, half of each
     labels_cache = list(tmp_path.glob(f"cab_test_images/{encoding}/1.0.0/cab_jax_labels.train.npy"))
     assert len(labels_cache) == 1
     source = tfds.data_source(name, split="train", data_dir=str(tmp_path), download=False)
     subset = per_class_subset(np.asarray([source[i]["label"] for i in range(len(source))]), 0.5, seed=0)
     np.testing.assert_array_equal(np.load(labels_cache[0]), [source[i]["label"] for i in range(len(source))])
 
-    iterator = make_train_iterator(cfg, global_batch_size=4, seed=0, return_index=True)
+    iterator = images.train_iterator(cfg, global_batch_size=4, seed=0, return_index=True)
     batches = take(iterator, 6)  # two epochs of 15 // 4 = 3 steps
     for batch in batches:
         assert batch["image"].shape == (4, 24, 24, 3) and batch["image"].dtype == np.float32
@@ -441,7 +445,7 @@ def test_generic_tfds_dataset(tmp_path, encoding):
     iterator.set_state(state)
     assert_batches_equal(take(iterator, 3), expected)
 
-    eval_batches = list(make_eval_batches(cfg, global_batch_size=4, return_index=True))
+    eval_batches = list(images.eval_batches(cfg, global_batch_size=4, return_index=True))
     assert len(eval_batches) == 2 and eval_batches[0]["image"].shape == (4, 24, 24, 3)
     index = np.concatenate([b["index"] for b in eval_batches])
     np.testing.assert_array_equal(index, [0, 1, 2, 3, 4, 5, 6, -1])
@@ -449,10 +453,10 @@ def test_generic_tfds_dataset(tmp_path, encoding):
 
 
 def test_pipeline_is_a_grain_map_dataset(digits_dir):
-    ds = make_train_dataset(make_cfg(digits_dir), global_batch_size=8, seed=0)
+    ds = images.train_dataset(make_cfg(digits_dir), global_batch_size=8, seed=0)
     assert isinstance(ds, grain.MapDataset)
-    assert isinstance(make_train_iterator(make_cfg(digits_dir), global_batch_size=8, seed=0), grain.DatasetIterator)
+    assert isinstance(images.train_iterator(make_cfg(digits_dir), global_batch_size=8, seed=0), grain.DatasetIterator)
     # Random access by step: element s is global step s, whatever was read before.
-    iterator = make_train_iterator(make_cfg(digits_dir), global_batch_size=8, seed=0)
+    iterator = images.train_iterator(make_cfg(digits_dir), global_batch_size=8, seed=0)
     for step, batch in enumerate(itertools.islice(iterator, 3)):
         np.testing.assert_array_equal(batch["image"], ds[step]["image"])

@@ -60,7 +60,7 @@ def read_windows(builder_or_dir, split):
 @pytest.fixture(scope="module")
 def text_dir(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("tfds")
-    text.prepare_text_data(make_cfg(data_dir))
+    text.prepare(make_cfg(data_dir))
     return data_dir
 
 
@@ -108,7 +108,7 @@ def test_tokenizer_round_trips_and_has_the_configured_vocab(text_dir):
 
 
 def test_cab_text_build_is_deterministic(text_dir, tmp_path):
-    text.prepare_text_data(make_cfg(tmp_path))
+    text.prepare(make_cfg(tmp_path))
     for split in ("train", "test"):
         np.testing.assert_array_equal(read_windows(tmp_path, split), read_windows(text_dir, split))
     (first,) = text_dir.glob("cab_text/*/1.0.0/tokenizer.json")
@@ -144,7 +144,7 @@ def test_cab_text_windows_are_the_packed_documents(text_dir):
         windows = read_windows(text_dir, split)
         assert windows.dtype == np.int32
         np.testing.assert_array_equal(windows, packed_reference(token_lists, SEQ_LEN, eos_id))
-    assert text.text_train_dataset_size(cfg) == len(read_windows(text_dir, "train"))
+    assert text.train_size(cfg) == len(read_windows(text_dir, "train"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -153,9 +153,9 @@ def test_cab_text_windows_are_the_packed_documents(text_dir):
 
 def test_train_batches_shapes_and_process_shards_reassemble(text_dir):
     cfg = make_cfg(text_dir)
-    size = text.text_train_dataset_size(cfg)
+    size = text.train_size(cfg)
     steps = size // 8
-    full = text.make_text_train_dataset(cfg, global_batch_size=8, seed=1, return_index=True)
+    full = text.train_dataset(cfg, global_batch_size=8, seed=1, return_index=True)
     windows = read_windows(text_dir, "train")
     check_steps = [0, 1, steps - 1, steps, steps + 1]  # across the epoch boundary
     for step in check_steps:
@@ -166,7 +166,7 @@ def test_train_batches_shapes_and_process_shards_reassemble(text_dir):
         np.testing.assert_array_equal(batch["tokens"], windows[batch["index"]])
     for process_count in (2, 4):
         shards = [
-            text.make_text_train_dataset(
+            text.train_dataset(
                 cfg, global_batch_size=8, seed=1, process_index=p, process_count=process_count, return_index=True
             )
             for p in range(process_count)
@@ -180,38 +180,38 @@ def test_train_batches_shapes_and_process_shards_reassemble(text_dir):
 
 def test_epochs_are_permutations_and_reshuffle(text_dir):
     cfg = make_cfg(text_dir)
-    size = text.text_train_dataset_size(cfg)
+    size = text.train_size(cfg)
     batch = 128
     steps = size // batch
-    ds = text.make_text_train_dataset(cfg, global_batch_size=batch, seed=2, return_index=True)
+    ds = text.train_dataset(cfg, global_batch_size=batch, seed=2, return_index=True)
     epochs = [np.concatenate([ds[e * steps + s]["index"] for s in range(steps)]) for e in range(2)]
     for index in epochs:
         assert len(set(index.tolist())) == steps * batch and index.min() >= 0 and index.max() < size
     assert not np.array_equal(epochs[0], epochs[1])
-    other_seed = text.make_text_train_dataset(cfg, global_batch_size=batch, seed=3, return_index=True)
+    other_seed = text.train_dataset(cfg, global_batch_size=batch, seed=3, return_index=True)
     assert not np.array_equal(other_seed[0]["index"], ds[0]["index"])
 
 
 def test_train_iterator_resumes_exactly(text_dir):
     cfg = make_cfg(text_dir)
-    iterator = text.make_text_train_iterator(cfg, global_batch_size=6, seed=0, process_index=1, process_count=3)
+    iterator = text.train_iterator(cfg, global_batch_size=6, seed=0, process_index=1, process_count=3)
     take(iterator, 4)
     state = json.loads(json.dumps(iterator.get_state()))
     assert state["step"] == 4 and state["seq_len"] == SEQ_LEN
     expected = take(iterator, 3)
-    fresh = text.make_text_train_iterator(cfg, global_batch_size=6, seed=0, process_index=1, process_count=3)
+    fresh = text.train_iterator(cfg, global_batch_size=6, seed=0, process_index=1, process_count=3)
     fresh.set_state(state)
     assert_batches_equal(take(fresh, 3), expected)
     # The state restores into another process layout as well: its rows of the same global batches.
-    whole = text.make_text_train_iterator(cfg, global_batch_size=6, seed=0, process_index=0, process_count=1)
+    whole = text.train_iterator(cfg, global_batch_size=6, seed=0, process_index=0, process_count=1)
     whole.set_state(state)
     np.testing.assert_array_equal(next(whole)["tokens"][2:4], expected[0]["tokens"])
     with pytest.raises(ValueError, match="seed"):
-        text.make_text_train_iterator(cfg, global_batch_size=6, seed=9, process_count=1).set_state(state)
+        text.train_iterator(cfg, global_batch_size=6, seed=9, process_count=1).set_state(state)
     with pytest.raises(ValueError, match="multiple"):
-        text.make_text_train_iterator(cfg, global_batch_size=5, seed=0, process_index=0, process_count=2)
+        text.train_iterator(cfg, global_batch_size=5, seed=0, process_index=0, process_count=2)
     with pytest.raises(ValueError, match="larger than the training set"):
-        text.make_text_train_iterator(cfg, global_batch_size=10**6, seed=0, process_count=1)
+        text.train_iterator(cfg, global_batch_size=10**6, seed=0, process_count=1)
 
 
 @pytest.mark.parametrize("process_count", [1, 2])
@@ -221,7 +221,7 @@ def test_eval_covers_every_sequence_once_with_masked_padding(text_dir, process_c
     global_batch = 6 if len(windows) % 6 else 4 * 7  # the last batch must be padded
     assert len(windows) % global_batch
     per_process = [
-        text.make_text_eval_batches(
+        text.eval_batches(
             cfg, global_batch_size=global_batch, process_index=p, process_count=process_count, return_index=True
         )
         for p in range(process_count)
@@ -246,8 +246,8 @@ def test_eval_covers_every_sequence_once_with_masked_padding(text_dir, process_c
 
 def test_worker_processes_give_the_same_batches(text_dir):
     cfg = make_cfg(text_dir)
-    expected = take(text.make_text_train_iterator(cfg, global_batch_size=4, seed=5, process_count=1), 3)
-    iterator = text.make_text_train_iterator(make_cfg(text_dir, num_workers=1), global_batch_size=4, seed=5)
+    expected = take(text.train_iterator(cfg, global_batch_size=4, seed=5, process_count=1), 3)
+    iterator = text.train_iterator(make_cfg(text_dir, num_workers=1), global_batch_size=4, seed=5)
     try:
         assert_batches_equal(take(iterator, 3), expected)
     finally:
@@ -261,8 +261,8 @@ def test_worker_processes_give_the_same_batches(text_dir):
 def test_synthetic_mode_touches_no_files(tmp_path):
     data_dir = tmp_path / "absent"
     cfg = make_cfg(data_dir, synthetic=True, synthetic_size=40, vocab_size=37, seq_len=5)
-    assert text.text_train_dataset_size(cfg) == 40
-    iterator = text.make_text_train_iterator(cfg, global_batch_size=8, seed=3, process_count=1, return_index=True)
+    assert text.train_size(cfg) == 40
+    iterator = text.train_iterator(cfg, global_batch_size=8, seed=3, process_count=1, return_index=True)
     batches = take(iterator, 10)  # two epochs
     tokens = np.concatenate([b["tokens"] for b in batches])
     assert tokens.shape == (80, 6) and tokens.dtype == np.int32 and tokens.min() >= 0 and tokens.max() < 37
@@ -273,7 +273,7 @@ def test_synthetic_mode_touches_no_files(tmp_path):
     expected = take(iterator, 2)
     iterator.set_state(state)
     assert_batches_equal(take(iterator, 2), expected)
-    eval_batches = list(text.make_text_eval_batches(cfg, global_batch_size=16, process_count=1, return_index=True))
+    eval_batches = list(text.eval_batches(cfg, global_batch_size=16, process_count=1, return_index=True))
     assert len(eval_batches) == 3 and sum(float(b["loss_mask"].sum()) for b in eval_batches) == 40 * 5
     epoch = np.concatenate([b["index"] for b in batches[:5]])
     train_rows = np.concatenate([b["tokens"] for b in batches[:5]])[np.argsort(epoch)]
@@ -307,13 +307,13 @@ def test_missing_dataset_raises_one_clear_error(tmp_path):
     cfg = make_cfg(tmp_path, name="cab_test_texts", eval_split="validation", tokenizer=str(tmp_path / "tok.json"))
     pattern = rf"cab_test_texts.*{tmp_path}.*tfds build cab_test_texts --data_dir={tmp_path}"
     with pytest.raises(FileNotFoundError, match=pattern):
-        text.text_train_dataset_size(cfg)
+        text.train_size(cfg)
     with pytest.raises(FileNotFoundError, match=pattern):  # before the (also bad) batch size is checked
-        text.make_text_train_iterator(cfg, global_batch_size=3, seed=0, process_index=0, process_count=2)
+        text.train_iterator(cfg, global_batch_size=3, seed=0, process_index=0, process_count=2)
     with pytest.raises(FileNotFoundError, match=pattern):
-        text.make_text_eval_batches(cfg, global_batch_size=4, process_index=0, process_count=1)
+        text.eval_batches(cfg, global_batch_size=4, process_index=0, process_count=1)
     with pytest.raises(FileNotFoundError, match="no_such_text_xyz"):
-        text.text_train_dataset_size(make_cfg(tmp_path, name="no_such_text_xyz"))
+        text.train_size(make_cfg(tmp_path, name="no_such_text_xyz"))
     assert not list(tmp_path.iterdir())  # nothing was downloaded or created
 
 
@@ -342,7 +342,7 @@ def test_external_text_dataset_is_packed_with_a_saved_tokenizer(text_dir, tmp_pa
     assert "" in docs and any("数据" in d for d in docs)
     expected = packed_reference([tokenizer.encode(d, add_special_tokens=False).ids for d in docs], 7, eos_id)
 
-    eval_batches = list(text.make_text_eval_batches(cfg, global_batch_size=8, process_count=1, return_index=True))
+    eval_batches = list(text.eval_batches(cfg, global_batch_size=8, process_count=1, return_index=True))
     tokens = np.concatenate([b["tokens"] for b in eval_batches])
     mask = np.concatenate([b["loss_mask"] for b in eval_batches])
     np.testing.assert_array_equal(tokens[: len(expected)], expected)
@@ -352,8 +352,8 @@ def test_external_text_dataset_is_packed_with_a_saved_tokenizer(text_dir, tmp_pa
     written = cache.stat().st_mtime_ns
     meta = json.loads(cache.with_suffix(".json").read_text())
     assert meta["num_windows"] == len(expected) and meta["dtype"] == "uint16" and meta["eos_id"] == eos_id
-    size = text.text_train_dataset_size(cfg)
-    iterator = text.make_text_train_iterator(cfg, global_batch_size=4, seed=0, process_count=1, return_index=True)
+    size = text.train_size(cfg)
+    iterator = text.train_iterator(cfg, global_batch_size=4, seed=0, process_count=1, return_index=True)
     batches = take(iterator, size // 4 + 1)
     assert batches[0]["tokens"].shape == (4, 8) and batches[0]["tokens"].max() < VOCAB
     state = iterator.get_state()
@@ -361,19 +361,15 @@ def test_external_text_dataset_is_packed_with_a_saved_tokenizer(text_dir, tmp_pa
     iterator.set_state(state)
     assert_batches_equal(take(iterator, 2), expected_next)
     assert len(list(data_dir.glob("cab_test_texts/1.0.0/cab_jax_packed/*.bin"))) == 2
-    text.make_text_eval_batches(cfg, global_batch_size=8, process_count=1)
+    text.eval_batches(cfg, global_batch_size=8, process_count=1)
     assert cache.stat().st_mtime_ns == written  # read from the cache, not packed again
 
     restored = pickle.loads(pickle.dumps(text._eval_source(cfg)))  # what grain workers receive
     np.testing.assert_array_equal(restored[1]["tokens"], expected[1])
 
     with pytest.raises(ValueError, match="text feature 'body'"):
-        text.text_train_dataset_size(
-            make_cfg(data_dir, name="cab_test_texts", tokenizer=str(tokenizer_path), text_key="body")
-        )
+        text.train_size(make_cfg(data_dir, name="cab_test_texts", tokenizer=str(tokenizer_path), text_key="body"))
     with pytest.raises(ValueError, match=r"data\.vocab_size=100"):
-        text.text_train_dataset_size(
-            make_cfg(data_dir, name="cab_test_texts", tokenizer=str(tokenizer_path), vocab_size=100)
-        )
+        text.train_size(make_cfg(data_dir, name="cab_test_texts", tokenizer=str(tokenizer_path), vocab_size=100))
     with pytest.raises(FileNotFoundError, match="no tokenizer at"):
-        text.text_train_dataset_size(make_cfg(data_dir, name="cab_test_texts", tokenizer=str(tmp_path / "none")))
+        text.train_size(make_cfg(data_dir, name="cab_test_texts", tokenizer=str(tmp_path / "none")))

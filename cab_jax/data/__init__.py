@@ -1,45 +1,18 @@
-"""Data: the embedded cab_digits and cab_text TFDS builders, subsets, augmentation, image and text grain pipelines."""
+"""Input data: image and text pipelines with the same public names, over the generic grain/TFDS loader.
 
-from cab_jax.data.augment import EvalTransform, TrainTransform, resize_bilinear
-from cab_jax.data.digits import CabDigits
-from cab_jax.data.pipeline import (
-    EvalBatches,
-    TrainIterator,
-    make_eval_batches,
-    make_train_dataset,
-    make_train_iterator,
-    train_dataset_size,
-)
-from cab_jax.data.subset import per_class_subset
-from cab_jax.data.text import (
-    load_eos_id,
-    load_tokenizer,
-    make_text_eval_batches,
-    make_text_train_dataset,
-    make_text_train_iterator,
-    prepare_text_data,
-    text_train_dataset_size,
-)
-from cab_jax.data.text_builder import CabText
+Import the module you need (``from cab_jax.data import images``); nothing is re-exported here, so
+importing one module, as grain's worker processes do to unpickle sources and transforms, loads only its imports.
 
-__all__ = [
-    "CabDigits",
-    "CabText",
-    "EvalBatches",
-    "EvalTransform",
-    "TrainIterator",
-    "TrainTransform",
-    "load_eos_id",
-    "load_tokenizer",
-    "make_eval_batches",
-    "make_text_eval_batches",
-    "make_text_train_dataset",
-    "make_text_train_iterator",
-    "make_train_dataset",
-    "make_train_iterator",
-    "per_class_subset",
-    "prepare_text_data",
-    "resize_bilinear",
-    "text_train_dataset_size",
-    "train_dataset_size",
-]
+  images         image classification pipelines: train_size, train_dataset, train_iterator,
+                 eval_batches, prepare
+  text           language-model pipelines, the same names plus load_tokenizer and load_eos_id
+  loader         generic plumbing: prepared TFDS splits, the shuffled/sharded training stream, the
+                 padded eval pass, TrainIterator and EvalBatches
+  augment        per-example image transforms (DeiT-style train crop/flip, eval resize/center-crop)
+  subset         per-class training subsets
+  sources        random-access image sources and the shared source bases (JAX-free, for grain workers)
+  text_sources   random-access token-window sources (JAX-free, for grain workers)
+  digits         the TFDS builder of the embedded cab_digits dataset
+  text_corpus    the embedded text corpus (Python's standard library) and its BPE tokenizer
+  text_builder   packing token streams into windows, and the TFDS builder of cab_text
+"""

@@ -201,13 +201,3 @@ class EvalTransform(grain.transforms.Map):
     def map(self, element: dict[str, Any]) -> dict[str, Any]:
         image = resize_center_crop(to_rgb(element["image"]), self.image_size)
         return _passthrough(element, normalize(image, self.mean, self.std))
-
-
-class SelectKeys(grain.transforms.Map):
-    """Keeps only ``keys`` of a (batched) example dict."""
-
-    def __init__(self, keys: Sequence[str]):
-        self.keys = tuple(keys)
-
-    def map(self, element: dict[str, Any]) -> dict[str, Any]:
-        return {k: element[k] for k in self.keys}

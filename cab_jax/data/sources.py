@@ -1,11 +1,12 @@
-"""Random-access sources (``__len__`` + ``__getitem__``) that the grain pipelines read.
+"""What grain pickles into its worker processes: the image sources, the bases of the text sources, SelectKeys.
 
-They live in their own module, free of JAX, because grain's multiprocessing prefetch pickles the
-pipeline into freshly spawned worker processes that import these classes.
+Sources are random access (``__len__`` + ``__getitem__``). They live in their own module, free of JAX,
+because grain's multiprocessing prefetch pickles the pipeline into freshly spawned worker processes
+that import these classes (the text sources are in :mod:`cab_jax.data.text_sources`, on the same terms).
 
-Every source yields dicts ``{"image": (H, W, C) uint8, "label": int, "index": int64}`` where
+Every image source yields dicts ``{"image": (H, W, C) uint8, "label": int, "index": int64}`` where
 ``index`` is the example's position in the underlying split (-1 for padding). :class:`Synthetic` and
-:class:`Padded` are also the bases of the text sources (:mod:`cab_jax.data.text_sources`).
+:class:`Padded` are also the bases of the text sources; :class:`SelectKeys` trims the batches of both.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import grain
 import numpy as np
 
 
@@ -70,9 +72,6 @@ class SyntheticSource(Synthetic):
         image = rng.integers(0, 256, size=shape, dtype=np.uint8)
         return {"image": image, "label": int(rng.integers(0, self._num_classes))}
 
-    def labels(self) -> np.ndarray:
-        return np.asarray([self[i]["label"] for i in range(self._size)], dtype=np.int64)
-
     def __repr__(self) -> str:
         return f"SyntheticSource(size={self._size}, image_size={self._image_size}, seed={self._seed})"
 
@@ -124,3 +123,13 @@ class PaddedSource(Padded):
             "index": np.int64(-1),
             "mask": np.float32(0.0),
         }
+
+
+class SelectKeys(grain.transforms.Map):
+    """Keeps only ``keys`` of a (batched) example dict."""
+
+    def __init__(self, keys: Sequence[str]):
+        self.keys = tuple(keys)
+
+    def map(self, element: dict[str, Any]) -> dict[str, Any]:
+        return {k: element[k] for k in self.keys}

@@ -1,4 +1,10 @@
-"""Text input pipelines: packed token windows read by grain, sharded per process, resumable.
+"""Language-model pipelines: packed token windows of cab_text, of a prepared TFDS text dataset, or random tokens.
+
+cab_text is built on first use; an external dataset is packed once into a cache next to it (see Sequences).
+The same public names as :mod:`cab_jax.data.images`: :func:`train_size`, :func:`train_dataset`,
+:func:`train_iterator`, :func:`eval_batches` and :func:`prepare`; plus :func:`load_tokenizer` and
+:func:`load_eos_id`. This module tokenises and packs; the training order, sharding, resume and eval
+padding are :mod:`cab_jax.data.loader`'s.
 
 Config fields read (by attribute) from ``data_cfg``, an ``ml_collections.ConfigDict``:
 
@@ -30,13 +36,12 @@ so it stays deterministic and random access, and a resume is exact. Batches are
 ``{"tokens": int32 (L, seq_len + 1), "loss_mask": float32 (L, seq_len)}``; ``loss_mask[i, t]`` says
 whether target ``tokens[i, t + 1]`` counts (always 1 in training; 0 on eval padding).
 
-Training order, sharding and resume are those of the image pipelines (:mod:`cab_jax.data.pipeline`):
-each epoch a fresh permutation of the windows (seeded from ``seed`` and the epoch) cut into
-``n // G`` global batches, the remainder dropped; process ``p`` reads rows ``[p G/P, (p+1) G/P)`` of
-each global batch; the iterator state is the step (and restores into any process count or worker
-count).
+Training order, sharding and resume are :mod:`cab_jax.data.loader`'s, as for images: each epoch a
+fresh permutation of the windows (seeded from ``seed`` and the epoch) cut into ``n // G`` global
+batches, the remainder dropped; process ``p`` reads rows ``[p G/P, (p+1) G/P)`` of each global batch;
+the iterator state is the step (and restores into any process count or worker count).
 
-Multi-host: prepare once (:func:`prepare_text_data`) before launching many processes on one shared
+Multi-host: prepare once (:func:`prepare`) before launching many processes on one shared
 ``data_dir``; otherwise each process builds cab_text or the packed cache itself.
 """
 
@@ -46,8 +51,7 @@ import hashlib
 import json
 import logging
 import os
-import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import grain
@@ -55,15 +59,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from tokenizers import Tokenizer
 
-from cab_jax.data import text_corpus
-from cab_jax.data.pipeline import (
-    EvalBatches,
-    TrainIterator,
-    open_prepared_builder,
-    padded_eval_batches,
-    split_source,
-    train_batches,
-)
+from cab_jax.data import loader, text_corpus
 from cab_jax.data.text_builder import TOKENIZER_FILE, CabText, encode_texts, pack_windows
 from cab_jax.data.text_sources import (
     PackedFileSource,
@@ -74,12 +70,9 @@ from cab_jax.data.text_sources import (
 )
 
 TEXT_NAME = "cab_text"
-SYNTHETIC_EVAL_SEED = 0x5EED_E7A1
 _CACHE_DIR = "cab_jax_packed"
 _CACHE_FORMAT = 1
 _READ_CHUNK = 1024  # documents read from the TFDS source at a time when packing
-
-Source = Sequence[dict[str, Any]]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -96,7 +89,7 @@ def _cab_text_builder(data_cfg) -> CabText:
         seq_len=data_cfg.seq_len,
         vocab_size=data_cfg.vocab_size,
         max_corpus_bytes=data_cfg.max_corpus_bytes,
-        data_dir=data_cfg.data_dir or None,
+        data_dir=loader.tfds_data_dir(data_cfg),
     )
     if not builder.is_prepared():
         builder.download_and_prepare(file_format="array_record")
@@ -169,7 +162,7 @@ def load_eos_id(data_cfg) -> int:
 
 
 def _text_builder(data_cfg) -> tfds.core.DatasetBuilder:
-    builder = open_prepared_builder(data_cfg.name, data_cfg.data_dir or None)
+    builder = loader.open_prepared_builder(data_cfg.name, loader.tfds_data_dir(data_cfg))
     features = builder.info.features
     if data_cfg.text_key not in features or not isinstance(features[data_cfg.text_key], tfds.features.Text):
         raise ValueError(
@@ -182,7 +175,7 @@ def _text_builder(data_cfg) -> tfds.core.DatasetBuilder:
 def _split_texts(builder: tfds.core.DatasetBuilder, split: str, text_key: str) -> Iterator[str]:
     """The texts of ``split`` in order, read in chunks without decoding other features."""
     skip = {key: tfds.decode.SkipDecoding() for key in builder.info.features if key != text_key}
-    source = split_source(builder, split, decoders=skip)
+    source = loader.split_source(builder, split, decoders=skip)
     for start in range(0, len(source), _READ_CHUNK):
         for record in source.__getitems__(range(start, min(start + _READ_CHUNK, len(source)))):
             text = record[text_key]
@@ -230,8 +223,8 @@ def _packed_split(data_cfg, split: str) -> PackedFileSource:
         "dtype": "uint16" if tokenizer.get_vocab_size() <= 2**16 else "int32",
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    safe_split = re.sub(r"[^A-Za-z0-9_.-]", "_", split)
-    bin_path = epath.Path(builder.data_dir) / _CACHE_DIR / f"{safe_split}.seq{data_cfg.seq_len}.{digest}.bin"
+    name = f"{loader.split_file_name(split)}.seq{data_cfg.seq_len}.{digest}.bin"
+    bin_path = epath.Path(builder.data_dir) / _CACHE_DIR / name
     meta_path = bin_path.with_suffix(".json")
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())
@@ -252,9 +245,9 @@ def _packed_split(data_cfg, split: str) -> PackedFileSource:
 # Sources.
 
 
-def _split(data_cfg, split: str) -> Source:
+def _split(data_cfg, split: str) -> loader.Source:
     if _is_cab_text(data_cfg):
-        source: Source = WindowSource(split_source(_cab_text_builder(data_cfg), split))
+        source: loader.Source = WindowSource(loader.split_source(_cab_text_builder(data_cfg), split))
     else:
         source = _packed_split(data_cfg, split)
     if not len(source):
@@ -265,7 +258,7 @@ def _split(data_cfg, split: str) -> Source:
     return source
 
 
-def _train_source(data_cfg, seed: int) -> Source:
+def _train_source(data_cfg, seed: int) -> loader.Source:
     if data_cfg.synthetic:
         return SyntheticTokenSource(
             size=data_cfg.synthetic_size, seq_len=data_cfg.seq_len, vocab_size=data_cfg.vocab_size, seed=seed
@@ -273,22 +266,22 @@ def _train_source(data_cfg, seed: int) -> Source:
     return _split(data_cfg, data_cfg.train_split)
 
 
-def _eval_source(data_cfg) -> Source:
+def _eval_source(data_cfg) -> loader.Source:
     if data_cfg.synthetic:
         return SyntheticTokenSource(
             size=data_cfg.synthetic_size,
             seq_len=data_cfg.seq_len,
             vocab_size=data_cfg.vocab_size,
-            seed=SYNTHETIC_EVAL_SEED,
+            seed=loader.SYNTHETIC_EVAL_SEED,
         )
     return _split(data_cfg, data_cfg.eval_split)
 
 
 # --------------------------------------------------------------------------------------------------
-# Public API.
+# Public API (the same names as cab_jax.data.images).
 
 
-def prepare_text_data(data_cfg) -> None:
+def prepare(data_cfg) -> None:
     """Builds whatever the pipelines of ``data_cfg`` read (cab_text, or an external dataset's packed caches)."""
     if not data_cfg.synthetic:
         load_eos_id(data_cfg)
@@ -296,14 +289,14 @@ def prepare_text_data(data_cfg) -> None:
         _eval_source(data_cfg)
 
 
-def text_train_dataset_size(data_cfg) -> int:
+def train_size(data_cfg) -> int:
     """Number of training sequences (``synthetic_size`` if synthetic)."""
     if data_cfg.synthetic:
         return int(data_cfg.synthetic_size)
     return len(_train_source(data_cfg, seed=0))
 
 
-def make_text_train_dataset(
+def train_dataset(
     data_cfg,
     *,
     global_batch_size: int,
@@ -326,7 +319,7 @@ def _train_pipeline(
 ) -> tuple[grain.MapDataset, int]:
     """(local-batch MapDataset, number of training sequences)."""
     source = _train_source(data_cfg, seed)  # first: a missing dataset is the first error
-    ds = train_batches(
+    ds = loader.train_batches(
         source,
         global_batch_size=global_batch_size,
         seed=seed,
@@ -337,7 +330,7 @@ def _train_pipeline(
     return ds.map(TrainTokenBatch(return_index)), len(source)
 
 
-def make_text_train_iterator(
+def train_iterator(
     data_cfg,
     *,
     global_batch_size: int,
@@ -345,7 +338,7 @@ def make_text_train_iterator(
     process_index: int | None = None,
     process_count: int | None = None,
     return_index: bool = False,
-) -> TrainIterator:
+) -> loader.TrainIterator:
     """Infinite iterator of ``{"tokens": int32 (L, seq_len + 1), "loss_mask": float32 (L, seq_len)}``.
 
     ``L = global_batch_size // process_count``; each process reads only its rows of each global batch.
@@ -364,17 +357,17 @@ def make_text_train_iterator(
         "num_examples": size,
         "seq_len": int(data_cfg.seq_len),
     }
-    return TrainIterator(ds, num_workers=data_cfg.num_workers, identity=identity)
+    return loader.TrainIterator(ds, num_workers=data_cfg.num_workers, identity=identity)
 
 
-def make_text_eval_batches(
+def eval_batches(
     data_cfg,
     *,
     global_batch_size: int,
     process_index: int | None = None,
     process_count: int | None = None,
     return_index: bool = False,
-) -> EvalBatches:
+) -> loader.EvalBatches:
     """One pass over ``data_cfg.eval_split`` per iteration, every sequence once.
 
     Global batch ``k`` holds windows ``[k G, (k+1) G)``; the last one is padded with zero tokens whose
@@ -386,7 +379,7 @@ def make_text_eval_batches(
       ValueError: ``global_batch_size`` is not a multiple of ``process_count``.
     """
     source = _eval_source(data_cfg)
-    return padded_eval_batches(
+    return loader.padded_eval_batches(
         source,
         global_batch_size=global_batch_size,
         process_index=process_index,

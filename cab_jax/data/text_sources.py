@@ -1,4 +1,6 @@
-"""Random-access sources of token windows that the text pipelines read (free of JAX; see sources.py).
+"""What grain pickles into its worker processes for the text pipelines: token-window sources, TrainTokenBatch.
+
+Free of JAX, like :mod:`cab_jax.data.sources` (whose ``Synthetic`` and ``Padded`` bases they share).
 
 Every source yields ``{"tokens": int32 (seq_len + 1,), "index": int64}``, ``index`` being the window's
 position in its split (-1 for padding).
