@@ -6,8 +6,8 @@ Model sizes come from ``configs/phi_mamba.py`` (Phi-1.5 teacher, 24-layer d_mode
 ``--set=student.depth=4,teacher.depth=4`` style overrides; both models are random (synthetic tokens). Each
 measurement runs in its own process so peak memory is its own.
 
-- train: one optimizer step on device-resident batches of ``tokens_per_step`` tokens; mode ``ce`` is the student
-  alone, ``cab`` adds the frozen teacher's forward and the bridges (CE + 0.5 KL + 0.5 bridge), ``teacher`` trains
+- train: one optimizer step on device-resident batches of ``tokens_per_step`` tokens; mode ``vanilla`` is the
+  student alone (CE), ``cab`` adds the frozen teacher's forward and the bridges (CE + 0.5 KL + 0.5 bridge), ``teacher`` trains
   the teacher itself (CE), for comparison.
 - generate: prefill a ``length``-token context, then greedy decoding of ``new_tokens`` tokens one at a time; the
   student keeps a fixed-size recurrent state, the teacher a KV cache of ``length + new_tokens`` positions.
@@ -52,12 +52,12 @@ def measure_train(length: int, tokens_per_step: int, mode: str, dtype: str, step
 
     c = _config(dtype, overrides)
     batch = max(1, tokens_per_step // length)
-    role = "teacher" if mode == "teacher" else "student"
-    c.loss.mode, c.data.seq_len = "ce" if role == "teacher" else mode, length
+    c.task = "train_teacher" if mode == "teacher" else "distill"
+    c.loss.mode, c.data.seq_len = "vanilla" if mode == "teacher" else mode, length
     c.student.init_from_attention = False  # random teacher: nothing to copy, and it costs a teacher in memory
-    (c.teacher.train if role == "teacher" else c.train).update(dict(batch_size=batch, steps=steps))
+    (c.teacher.train if mode == "teacher" else c.train).update(dict(batch_size=batch, steps=steps))
     mesh = sharding.make_mesh(c.mesh)
-    built = train.setup(c, role=role, mesh=mesh, train_size=batch * steps)
+    built = train.create_trainer(c, mesh, train_size=batch * steps)
     rng = np.random.default_rng(0)
     batches = [sharding.global_batch({"tokens": rng.integers(0, c.data.vocab_size, (batch, length + 1), np.int32),
                                       "loss_mask": np.ones((batch, length), np.float32)}, mesh) for _ in range(2)]
@@ -72,12 +72,12 @@ def measure_generate(length: int, role: str, batch: int, new_tokens: int, dtype:
     import numpy as np
     from flax import nnx
 
+    from cab_jax import domains
     from cab_jax.generate import Generator
-    from cab_jax.tasks import task_for
 
     c = _config(dtype, overrides)
-    task = task_for(c, role)
-    model = (task.build_teacher if role == "teacher" else task.build_student)(nnx.Rngs(0))
+    domain = domains.for_config(c)
+    model = (domain.build_teacher if role == "teacher" else domain.build_student)(nnx.Rngs(0))
     prompt = np.random.default_rng(0).integers(0, c.data.vocab_size, (batch, length)).astype(np.int32)
     generator = Generator(model)
     start = time.perf_counter()
@@ -105,7 +105,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", default="2048,8192")
     parser.add_argument("--parts", default="train,generate")
-    parser.add_argument("--modes", default="ce,cab")
+    parser.add_argument("--modes", default="vanilla,cab")
     parser.add_argument("--tokens_per_step", type=int, default=16384)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--gen_batch", type=int, default=8)

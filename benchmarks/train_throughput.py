@@ -38,7 +38,7 @@ def measure(config_name: str, dtype: str, batch_size: int, steps: int, remat: bo
     c.data.synthetic = True
     c.train.batch_size, c.train.steps = batch_size, steps
     mesh = sharding.make_mesh(c.mesh)
-    built = train.setup(c, role="student", mesh=mesh, train_size=batch_size * steps)
+    built = train.create_trainer(c, mesh, train_size=batch_size * steps)
     rng = np.random.default_rng(0)
     size, classes = c.data.image_size, c.data.num_classes
     batches = [sharding.global_batch({"image": rng.normal(size=(batch_size, size, size, 3)).astype(np.float32),

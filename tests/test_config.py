@@ -12,8 +12,8 @@ from cab_jax import config as config_lib
 CONFIGS = sorted(pathlib.Path(__file__).parents[1].glob("configs/*.py"))
 
 
-def load(path: pathlib.Path, *overrides: str):
-    """Parse a config file with command-line style overrides, as main.py does."""
+def load(path: pathlib.Path | str, *overrides: str):
+    """Parse a config file (with an optional ``:variant``) and command-line style overrides, as main.py does."""
     from absl import flags
 
     argv = ["prog", f"--config={path}", *overrides]
@@ -32,6 +32,41 @@ def test_every_config_builds_and_validates(path):
 
 def test_there_are_the_three_documented_configs():
     assert {p.stem for p in CONFIGS} >= {"demo", "vim_small", "vim_tiny"}
+
+
+def test_variants_set_the_subset_and_its_epochs():
+    """``vim_small.py:subset=0.01`` trains on 1 % of each class for the recipe's 3000 epochs."""
+    path = CONFIGS[0].parent / "vim_small.py"
+    c = load(f"{path}:subset=0.01,mode=soft,synthetic=True")
+    assert (c.data.subset_fraction, c.loss.mode, c.data.synthetic) == (0.01, "soft", True)
+    config_lib.validate(c)
+    assert config_lib.schedule(c.train, 12_800, c.data.subset_fraction).total_steps == 3000 * 25
+    assert load(path).data.subset_fraction == 0.1  # the default variant
+    with pytest.raises(Exception, match="subsett"):
+        load(f"{path}:subsett=0.01")
+    with pytest.raises(Exception, match="expected a float"):
+        load(f"{path}:subset=lots")
+
+
+def test_parse_arg_types_and_errors():
+    arg = config_lib.parse_arg("n=3,x=0.5,flag=True,name=abc", n=1, x=0.1, flag=False, name="")
+    assert (arg.n, arg.x, arg.flag, arg.name) == (3, 0.5, True, "abc")
+    assert config_lib.parse_arg(None, n=1).n == 1
+    with pytest.raises(ValueError, match="True or False"):
+        config_lib.parse_arg("flag=maybe", flag=False)
+    with pytest.raises(ValueError, match="key=value"):
+        config_lib.parse_arg("n", n=1)
+
+
+def test_batch_must_divide_the_data_parallel_mesh():
+    c = load(CONFIGS[0].parent / "vim_small.py", "--config.train.batch_size=100")
+    config_lib.validate(c)  # no mesh given: nothing to divide
+    with pytest.raises(ValueError, match=r"config\.train\.batch_size.*divisible by the data-parallel mesh size"):
+        config_lib.validate(c, {"data": 2, "fsdp": 4, "tensor": 1})
+    config_lib.validate(c, {"data": 4, "fsdp": 1, "tensor": 2})
+    c.teacher.train.eval_batch_size = 6
+    with pytest.raises(ValueError, match=r"config\.teacher\.train\.eval_batch_size"):
+        config_lib.validate(c, {"data": 4, "fsdp": 1, "tensor": 2})
 
 
 def test_sizes_follow_the_paper():
@@ -70,6 +105,7 @@ def test_wrong_type_fails():
     ("--config.bridge.kernel_map=cosine", "bridge.kernel_map"),
     ("--config.bridge.layer_map=explicit", "bridge.layers"),
     ("--config.task=finetune", "task"),
+    ("--config.student.model=mamba", "student.model"),
     ("--config.dtype=float16", "dtype"),
     ("--config.train.batch_size=0", "train.batch_size"),
     ("--config.train.ema_decay=1.0", "train.ema_decay"),

@@ -11,9 +11,10 @@ import torch
 import transformers
 from flax import nnx
 
-from cab_jax import checkpoint, sharding, train
+from cab_jax import checkpoint, domains, sharding, train
 from cab_jax.convert import io, mapping, vim, weights
-from cab_jax.convert.__main__ import model_config
+from cab_jax.convert.__main__ import MODELS, vision_model
+from cab_jax.models import registry
 from configs import demo
 
 ROOT = pathlib.Path(__file__).parents[1]
@@ -58,9 +59,9 @@ def test_wrapped_training_checkpoint_is_unwrapped(tmp_path):
     np.testing.assert_array_equal(io.load_state_dict(path)["w"], [0.0, 1.0, 2.0])
 
 
-def random_vim_tensors(c) -> dict:
-    """Original-layout tensors of a randomly initialised Vim for config ``c``."""
-    return vim.export_vim(nnx.state(train.build_student(c, nnx.Rngs(1))).to_pure_dict())
+def random_vim_tensors(model) -> dict:
+    """Original-layout tensors of ``model``, a randomly initialised Vim."""
+    return vim.export_vim(nnx.state(model).to_pure_dict())
 
 
 def cli(*args):
@@ -71,13 +72,17 @@ def cli(*args):
 
 def test_cli_imports_and_exports_vim_losslessly(tmp_path):
     sizes = ("--model=vim_tiny", "--image_size=32", "--patch_size=16", "--num_classes=10")
-    c, role = model_config("vim_tiny", 32, 16, 10)
-    tensors = random_vim_tensors(c)
+    assert MODELS["vim_tiny"] == ("vim", "tiny")
+    model = vision_model("vim_tiny", 32, 16, 10)  # abstract
+    fields = {**registry.size_fields("vim", "tiny"), "num_classes": 10, "img_size": 32, "patch_size": 16}
+    tensors = random_vim_tensors(registry.build("vim", **fields, rngs=nnx.Rngs(1)))
+    assert {k: v.shape for k, v in mapping.flatten(nnx.state(model).to_pure_dict()).items()} == \
+        {k: v.shape for k, v in mapping.flatten(vim.import_vim(tensors, nnx.state(model).to_pure_dict())).items()}
     io.save_state_dict(tensors, tmp_path / "vim.pth")
 
     proc = cli(f"--src={tmp_path / 'vim.pth'}", "--format=vim", f"--out={tmp_path / 'ours'}", *sizes)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    params = checkpoint.load_model_params(tmp_path / "ours", weights.abstract_params(c, role))
+    params = checkpoint.load_model_params(tmp_path / "ours", nnx.state(model).to_pure_dict())
     assert {k: v.shape for k, v in vim.export_vim(params).items()} == {k: v.shape for k, v in tensors.items()}
 
     proc = cli("--export", f"--src={tmp_path / 'ours'}", "--format=vim", f"--out={tmp_path / 'back.safetensors'}",
@@ -97,6 +102,7 @@ def test_cli_rejects_a_format_that_does_not_fit_the_model(tmp_path):
 
 def small_config(tmp_path):
     c = demo.get_config()
+    c.task = "distill"
     c.data.synthetic = True
     c.data.data_dir = str(tmp_path / "tfds")
     c.teacher.update(dict(embed_dim=32, depth=2, num_heads=2))
@@ -107,10 +113,10 @@ def small_config(tmp_path):
 
 def test_student_init_from_original_vim_weights(tmp_path):
     c = small_config(tmp_path)
-    tensors = random_vim_tensors(c)
+    tensors = random_vim_tensors(domains.for_config(c).build_student(nnx.Rngs(1)))
     io.save_state_dict(tensors, tmp_path / "student.safetensors")
     c.student.init_from = str(tmp_path / "student.safetensors")
-    built = train.setup(c, role="student", mesh=sharding.make_mesh(c.mesh), train_size=64)
+    built = train.create_trainer(c, sharding.make_mesh(c.mesh), train_size=64)
     started = vim.export_vim(jax.device_get(built.state["params"]["model"]))
     for name, value in tensors.items():
         np.testing.assert_array_equal(started[name], value, err_msg=name)
@@ -119,11 +125,12 @@ def test_student_init_from_original_vim_weights(tmp_path):
 def test_cab_training_checkpoint_gives_its_student(tmp_path):
     """The CAB repo saves the whole DualViT2Vim (student.*, teacher.*, aligner.*) under "model"."""
     c = small_config(tmp_path)
-    tensors = random_vim_tensors(c)
+    domain = domains.for_config(c)
+    tensors = random_vim_tensors(domain.build_student(nnx.Rngs(1)))
     whole = {**{f"student.{k}": torch.from_numpy(v) for k, v in tensors.items()},
              "teacher.cls_token": torch.zeros(1, 1, 8), "aligner.proj_B.0.0.weight": torch.zeros(128, 4)}
     torch.save({"model": whole, "epoch": 3}, tmp_path / "cab.pth")
-    params = weights.import_pytorch(tmp_path / "cab.pth", c, "student")
+    params = weights.import_pytorch(tmp_path / "cab.pth", nnx.eval_shape(lambda: domain.build_student(nnx.Rngs(0))))
     for name, value in vim.export_vim(params).items():
         np.testing.assert_array_equal(value, tensors[name], err_msg=name)
 
@@ -137,14 +144,17 @@ def test_teacher_init_from_hugging_face_directory(tmp_path):
         num_labels=c.data.num_classes, layer_norm_eps=1e-6, qkv_bias=True))
     hf.save_pretrained(tmp_path / "hf")
     c.teacher.init_from = str(tmp_path / "hf")
-    built = train.setup(c, role="student", mesh=sharding.make_mesh(c.mesh), train_size=64)
+    built = train.create_trainer(c, sharding.make_mesh(c.mesh), train_size=64)
     loaded = mapping.flatten(jax.device_get(built.teacher_params))
-    expected = mapping.flatten(weights.import_pytorch(tmp_path / "hf", c, "teacher"))
+    teacher = nnx.eval_shape(lambda: domains.for_config(c).build_teacher(nnx.Rngs(0)))
+    expected = mapping.flatten(weights.import_pytorch(tmp_path / "hf", teacher))
     assert set(loaded) == set(expected)
     for name, value in expected.items():
         np.testing.assert_array_equal(loaded[name], value, err_msg=name)
     q0 = io.load_state_dict(tmp_path / "hf")["vit.encoder.layer.0.attention.attention.query.weight"]
-    np.testing.assert_array_equal(loaded["blocks.0.attn.q.kernel"], q0.T)
+    np.testing.assert_array_equal(loaded["blocks.attn.q.kernel"][0], q0.T)  # layer 0 of the stacked blocks
+    q1 = io.load_state_dict(tmp_path / "hf")["vit.encoder.layer.1.attention.attention.query.weight"]
+    np.testing.assert_array_equal(loaded["blocks.attn.q.kernel"][1], q1.T)
 
 
 def test_bfloat16_safetensors_are_read_as_float32(tmp_path):

@@ -8,34 +8,39 @@ import torch
 import transformers
 from flax import nnx
 
-from cab_jax import train
-from cab_jax.convert import deit
+from cab_jax.convert import deit, weights
 from cab_jax.convert.io import hf_config, load_state_dict, save_state_dict
-from cab_jax.convert.mapping import ConversionError
+from cab_jax.convert.mapping import ConversionError, flatten
 from cab_jax.convert.pos_embed import resize_pos_embed
-from configs import demo
+from cab_jax.models import registry
 
 DIM, DEPTH, HEADS, IMAGE, PATCH, CLASSES = 64, 2, 4, 32, 8, 10
 TOL = 1e-4
 
 
 def config(dim=DIM, depth=DEPTH, heads=HEADS, image=IMAGE, patch=PATCH, classes=CLASSES):
-    c = demo.get_config()
-    c.teacher.update(dict(embed_dim=dim, depth=depth, num_heads=heads, patch_size=patch, mlp_ratio=4.0))
-    c.data.image_size = image
-    c.data.num_classes = classes
-    return c
+    """The fields of our ViT teacher (for ``registry.build("vit", **config())``)."""
+    return dict(embed_dim=dim, depth=depth, num_heads=heads, mlp_ratio=4.0, img_size=image, patch_size=patch,
+                num_classes=classes)
+
+
+def teacher_target(c):
+    """Our dotted parameter name -> shape for the ViT with fields ``c`` (built abstractly; blocks stacked)."""
+    return {k: tuple(v.shape) for k, v in flatten(nnx.state(registry.abstract("vit", **c)).to_pure_dict()).items()}
 
 
 def our_forward(c, params, images_nchw):
-    """Our teacher with ``params`` on NCHW images: (logits, [(q, k)] per layer) as NumPy."""
-    model = train.build_teacher(c, nnx.Rngs(0))
+    """Our teacher with ``params`` on NCHW images: (logits, [(q, k)] per layer) as NumPy; the model's stacked
+    (depth, batch, heads, tokens, head_dim) q and k are split into their layers."""
+    model = registry.build("vit", **c, rngs=nnx.Rngs(0))
     state = nnx.state(model)
     nnx.replace_by_pure_dict(state, params)
     nnx.update(model, state)
     with jax.default_matmul_precision("highest"):
-        logits, qks = model(np.asarray(images_nchw).transpose(0, 2, 3, 1))
-    return np.asarray(logits), [(np.asarray(q), np.asarray(k)) for q, k in qks]
+        logits, (q, k) = model(np.asarray(images_nchw).transpose(0, 2, 3, 1))
+    q, k = np.asarray(q), np.asarray(k)
+    assert q.shape[0] == k.shape[0] == c["depth"]
+    return np.asarray(logits), list(zip(q, k, strict=True))
 
 
 def randomize(module, seed, scale=0.1):
@@ -175,7 +180,7 @@ def test_timm_layout_matches_pytorch(tmp_path, kind):
     else:
         save_state_dict(sd, path)
     c = config()
-    params = deit.import_teacher(load_state_dict(path), "timm", deit.teacher_target(c), num_heads=HEADS)
+    params = deit.import_teacher(load_state_dict(path), "timm", teacher_target(c), num_heads=HEADS)
     x = images()
     assert_parity(our_forward(c, params, x), torch_run(model, x), f"timm {kind}")
 
@@ -185,7 +190,7 @@ def test_timm_distilled_drops_the_distillation_token(monkeypatch):
     warnings = []
     monkeypatch.setattr(deit.logging, "warning", lambda msg, *args: warnings.append(msg % args))
     c = config()
-    params = deit.import_teacher(timm_state_dict(model), "timm", deit.teacher_target(c))
+    params = deit.import_teacher(timm_state_dict(model), "timm", teacher_target(c))
     assert len(warnings) == 1 and "dist_token" in warnings[0] and "head_dist" in warnings[0]
     x = images()
     ours = our_forward(c, params, x)
@@ -253,14 +258,19 @@ def test_hf_vit_matches_pytorch(tmp_path):
     sd = load_state_dict(tmp_path)
     assert any(".encoder.layer.0.attention.attention.query.weight" in k for k in sd)  # the checkpoint layout
     c = config()
-    params = deit.import_teacher(sd, "hf", deit.teacher_target(c), hf_config(tmp_path), num_heads=HEADS)
+    params = deit.import_teacher(sd, "hf", teacher_target(c), hf_config(tmp_path), num_heads=HEADS)
     x = images()
     ref = hf_run(model, x)
     assert_parity(our_forward(c, params, x), ref, "hf ViT (save_pretrained)")
+    # A Hugging Face directory converts as "hf" when no format is given (and the head count is the model's).
+    jax.tree.map(np.testing.assert_array_equal, weights.import_pytorch(tmp_path, registry.abstract("vit", **c)),
+                 params)
+    q0 = sd["vit.encoder.layer.1.attention.attention.query.weight"]
+    np.testing.assert_array_equal(params["blocks"]["attn"]["q"]["kernel"][1], q0.T)  # layer 1 of the stack
     # transformers >= 5 module names, as model.state_dict() gives them in memory.
     live = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     assert any(".layers.0.attention.q_proj.weight" in k for k in live)
-    params = deit.import_teacher(live, "hf", deit.teacher_target(c), num_heads=HEADS)
+    params = deit.import_teacher(live, "hf", teacher_target(c), num_heads=HEADS)
     assert_parity(our_forward(c, params, x), ref, "hf ViT (module names)")
 
 
@@ -271,7 +281,7 @@ def test_hf_deit_matches_pytorch_without_distillation_token(tmp_path, monkeypatc
     warnings = []
     monkeypatch.setattr(deit.logging, "warning", lambda msg, *args: warnings.append(msg % args))
     c = config()
-    params = deit.import_teacher(load_state_dict(tmp_path), "hf", deit.teacher_target(c), hf_config(tmp_path),
+    params = deit.import_teacher(load_state_dict(tmp_path), "hf", teacher_target(c), hf_config(tmp_path),
                                  num_heads=HEADS)
     assert len(warnings) == 1 and "distillation_token" in warnings[0]
     x = images()
@@ -330,9 +340,9 @@ def test_resized_teacher_runs_and_follows_the_original_on_smooth_images():
         model.pos_embed.copy_(torch.from_numpy(smooth_pos_embed(IMAGE // PATCH, DIM, np.random.default_rng(0))))
     sd = timm_state_dict(model)
     c32, c48 = config(), config(image=48)
-    params32 = deit.import_teacher(sd, "timm", deit.teacher_target(c32))
+    params32 = deit.import_teacher(sd, "timm", teacher_target(c32))
     assert np.array_equal(params32["pos_embed"], sd["pos_embed"])  # identity when the grid matches
-    params48 = deit.import_teacher(sd, "timm", deit.teacher_target(c48))
+    params48 = deit.import_teacher(sd, "timm", teacher_target(c48))
     assert params48["pos_embed"].shape == (1, 1 + 36, DIM)
     np.testing.assert_array_equal(params48["pos_embed"][:, 0], sd["pos_embed"][:, 0])
 
@@ -361,7 +371,7 @@ def test_resized_teacher_runs_and_follows_the_original_on_smooth_images():
 
 def test_deit_small_into_deit_tiny_names_both_sizes():
     small = {name: np.zeros(shape, np.float32) for name, shape in timm_shapes(384, 12, 1000).items()}
-    tiny = deit.teacher_target(config(dim=192, depth=12, heads=3, image=224, patch=16, classes=1000))
+    tiny = teacher_target(config(dim=192, depth=12, heads=3, image=224, patch=16, classes=1000))
     with pytest.raises(ConversionError) as e:
         deit.import_teacher(small, "timm", tiny)
     msg = str(e.value)
@@ -396,7 +406,7 @@ def test_missing_and_unexpected_keys_are_listed():
     del sd["blocks.1.mlp.fc2.bias"]
     sd["blocks.0.attn.extra_scale"] = np.zeros((DIM,), np.float32)
     with pytest.raises(ConversionError) as e:
-        deit.import_teacher(sd, "timm", deit.teacher_target(config()))
+        deit.import_teacher(sd, "timm", teacher_target(config()))
     msg = str(e.value)
     assert "missing in the checkpoint: ['blocks.1.mlp.fc2.bias']" in msg
     assert "unexpected in the checkpoint: ['blocks.0.attn.extra_scale']" in msg
@@ -406,25 +416,37 @@ def test_head_count_and_activation_checked_against_the_hf_config():
     sd = zeros_timm()
     hf = {f"vit.embeddings.{k}": v for k, v in sd.items() if k == "cls_token"}  # enough for the size check
     with pytest.raises(ConversionError, match=r"num_heads 8.*num_heads 4"):
-        deit.import_teacher(hf, "hf", deit.teacher_target(config()), {"num_attention_heads": 8}, num_heads=HEADS)
+        deit.import_teacher(hf, "hf", teacher_target(config()), {"num_attention_heads": 8}, num_heads=HEADS)
     with pytest.raises(ConversionError, match="exact GELU"):
-        deit.import_teacher(hf, "hf", deit.teacher_target(config()), {"hidden_act": "gelu_new"})
+        deit.import_teacher(hf, "hf", teacher_target(config()), {"hidden_act": "gelu_new"})
 
 
-def test_unknown_or_wrong_format():
+def test_unknown_or_wrong_format(tmp_path):
     with pytest.raises(ValueError, match="unknown checkpoint format 'keras'"):
-        deit.import_teacher({}, "keras", deit.teacher_target(config()))
+        deit.import_teacher({}, "keras", teacher_target(config()))
     sd = zeros_timm()
     with pytest.raises(ConversionError, match="fmt='timm'"):
-        deit.import_teacher(sd, "hf", deit.teacher_target(config()))
+        deit.import_teacher(sd, "hf", teacher_target(config()))
     with pytest.raises(ConversionError, match="fmt='hf'"):
-        deit.import_teacher({"vit.embeddings.cls_token": sd["cls_token"]}, "timm", deit.teacher_target(config()))
-    assert deit.detect_format(sd) == "timm"
-    assert deit.detect_format({"deit.embeddings.cls_token": sd["cls_token"]}) == "hf"
+        deit.import_teacher({"vit.embeddings.cls_token": sd["cls_token"]}, "timm", teacher_target(config()))
+    # The format, when not given (deit.detect_format is gone): "hf" for a Hugging Face directory (see
+    # test_hf_vit_matches_pytorch), else a ViT's first format, timm.
+    model = registry.abstract("vit", **config())
+    assert weights.formats(model) == deit.FORMATS == ("timm", "hf")
+    save_state_dict(sd, tmp_path / "timm.safetensors")
+    params = weights.import_pytorch(tmp_path / "timm.safetensors", model)
+    expected = deit.import_teacher(sd, "timm", teacher_target(config()), num_heads=HEADS)
+    assert flatten(params).keys() == flatten(expected).keys()
+    jax.tree.map(np.testing.assert_array_equal, params, expected)
+    save_state_dict({"deit.embeddings.cls_token": sd["cls_token"]}, tmp_path / "hf_names.safetensors")
+    with pytest.raises(ConversionError, match="fmt='hf'"):  # a weights file: timm, not guessed from the names
+        weights.import_pytorch(tmp_path / "hf_names.safetensors", model)
+    with pytest.raises(ValueError, match=r"format 'vim' does not fit a ViT; expected one of \('timm', 'hf'\)"):
+        weights.import_pytorch(tmp_path / "timm.safetensors", model, "vim")
 
 
 def test_not_a_square_grid():
     sd = zeros_timm()
     sd["pos_embed"] = np.zeros((1, 1 + 15, DIM), np.float32)
     with pytest.raises(ConversionError, match="square"):
-        deit.import_teacher(sd, "timm", deit.teacher_target(config()))
+        deit.import_teacher(sd, "timm", teacher_target(config()))

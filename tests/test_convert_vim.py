@@ -20,11 +20,11 @@ import torch.nn.functional as F
 from flax import nnx
 from torch import nn
 
-from cab_jax import train
-from cab_jax.convert import load_state_dict, save_state_dict
+from cab_jax.convert import load_state_dict, mapping, save_state_dict
+from cab_jax.convert import vim as convert_vim
 from cab_jax.convert.mapping import ConversionError, flatten, unflatten
 from cab_jax.convert.vim import export_vim, import_vim
-from configs import demo
+from cab_jax.models import registry
 
 EMBED, DEPTH, D_STATE, IMAGE, PATCH, CLASSES = 32, 2, 8, 32, 8, 10
 
@@ -169,16 +169,14 @@ def random_reference(bimamba: bool = True, seed: int = 0, **sizes) -> VisionMamb
 
 
 def config(bidirectional: bool = True, embed_dim: int = EMBED):
-    c = demo.get_config()
-    c.student.update(dict(embed_dim=embed_dim, depth=DEPTH, d_state=D_STATE, patch_size=PATCH,
-                          bidirectional=bidirectional, remat=False))
-    c.data.image_size, c.data.num_classes = IMAGE, CLASSES
-    return c
+    """The fields of our Vim student (for ``registry.build("vim", **config())``), CAB's A init as in the demo."""
+    return dict(embed_dim=embed_dim, depth=DEPTH, d_state=D_STATE, d_conv=4, expand=2, patch_size=PATCH,
+                img_size=IMAGE, num_classes=CLASSES, bidirectional=bidirectional, a_init="cab", remat=False)
 
 
 def ours(c):
-    """(model, its pure parameter dict, dotted name -> shape)."""
-    model = train.build_student(c, nnx.Rngs(0))
+    """(model, its pure parameter dict (layers stacked), dotted name -> shape)."""
+    model = registry.build("vim", **c, rngs=nnx.Rngs(0))
     params = nnx.to_pure_dict(nnx.state(model))
     return model, params, {k: tuple(v.shape) for k, v in flatten(params).items()}
 
@@ -216,10 +214,12 @@ def test_import_matches_reference_forward(reference, tmp_path, suffix):
         logits, projections = model(jnp.asarray(images))
     assert np.abs(want).max() > 0.1  # a forward that actually carries signal
     np.testing.assert_allclose(np.asarray(logits), want, atol=1e-4, rtol=0)
-    for layer, proj in zip(ref.layers, projections, strict=True):
+    for name in ("B", "C", "B_b", "C_b"):  # stacked over layers: (depth, batch, tokens, d_state)
+        assert getattr(projections, name).shape == (DEPTH, 2, (IMAGE // PATCH) ** 2 + 1, D_STATE), name
+    for i, layer in enumerate(ref.layers):
         for name in ("B", "C", "B_b", "C_b"):
-            np.testing.assert_allclose(np.asarray(getattr(proj, name)), getattr(layer.mixer, name).numpy(),
-                                       atol=1e-4, rtol=0, err_msg=name)
+            np.testing.assert_allclose(np.asarray(getattr(projections, name)[i]), getattr(layer.mixer, name).numpy(),
+                                       atol=1e-4, rtol=0, err_msg=f"layer {i} {name}")
 
 
 def test_unidirectional_import_matches_reference_forward():
@@ -234,7 +234,8 @@ def test_unidirectional_import_matches_reference_forward():
     with jax.default_matmul_precision("highest"):
         logits, projections = model(jnp.asarray(images))
     np.testing.assert_allclose(np.asarray(logits), want, atol=1e-4, rtol=0)
-    np.testing.assert_allclose(np.asarray(projections[-1].B), ref.layers[-1].mixer.B.numpy(), atol=1e-4, rtol=0)
+    assert projections.B.shape[0] == DEPTH and projections.B_b is None and projections.C_b is None
+    np.testing.assert_allclose(np.asarray(projections.B[-1]), ref.layers[-1].mixer.B.numpy(), atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("bidirectional", [True, False])
@@ -299,6 +300,10 @@ def test_missing_and_unexpected_keys_are_listed(reference):
         import_vim(state, shapes)
     assert "layers.1.mixer.conv1d_b.weight" in str(err.value)
     assert "layers.0.mixer.extra.weight" in str(err.value)
+    # Export: a tree without its stacked layers is named, not exported as a Vim of depth 0.
+    _, params, _ = ours(config())
+    with pytest.raises(ConversionError, match="expected stacked layers"):
+        export_vim({k: v for k, v in params.items() if k != "layers"})
 
 
 def test_rope_checkpoint_refused_and_direction_mismatch_named(reference):
@@ -310,3 +315,57 @@ def test_rope_checkpoint_refused_and_direction_mismatch_named(reference):
     _, _, uni_shapes = ours(config(bidirectional=False))
     with pytest.raises(ConversionError, match=r"bidirectional: True in the checkpoint, False in the model"):
         import_vim(state, uni_shapes)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The stacked layout: our models hold layer i of every per-layer parameter at index i of one stacked array.
+
+
+def test_stack_and_unstack_are_exact_inverses_and_layer_i_is_index_i(reference):
+    """``mapping.stack`` / ``unstack`` / ``unstack_shapes`` convert exactly between our stacked parameters and the
+    per-layer view the rule tables use, and a converted stacked parameter holds layer i's tensor at index i."""
+    _, params, shapes = ours(config())
+    flat = flatten(params)
+    assert flat["layers.mixer.fwd.A_log"].shape[0] == DEPTH  # the model stacks its layers
+    per_layer = mapping.unstack(flat, convert_vim.STACKED)
+    assert mapping.unstack_shapes(shapes, convert_vim.STACKED) == {k: v.shape for k, v in per_layer.items()}
+    assert not any(k.startswith("layers.") and not k.split(".")[1].isdigit() for k in per_layer)
+    for name, value in flat.items():
+        if name.startswith("layers."):
+            rest = name[len("layers."):]
+            for i in range(DEPTH):
+                np.testing.assert_array_equal(per_layer[f"layers.{i}.{rest}"], value[i], err_msg=f"{name}[{i}]")
+        else:
+            np.testing.assert_array_equal(per_layer[name], value, err_msg=name)  # outside the stack: as it was
+    restacked = mapping.stack(per_layer, convert_vim.STACKED)
+    assert restacked.keys() == flat.keys()
+    for name, value in flat.items():
+        assert restacked[name].shape == value.shape and restacked[name].dtype == value.dtype, name
+        np.testing.assert_array_equal(restacked[name], np.asarray(value), err_msg=name)
+    # Per-layer tensors that differ in every layer land in order, whatever order the dict holds them in.
+    layers = {f"blocks.{i}.w": np.full((2, 3), i, np.float32) for i in reversed(range(4))}
+    stacked = mapping.stack({**layers, "norm.scale": np.ones(3, np.float32)}, ("blocks",))
+    assert stacked.keys() == {"blocks.w", "norm.scale"}
+    np.testing.assert_array_equal(stacked["blocks.w"], np.arange(4, dtype=np.float32)[:, None, None] * np.ones((2, 3)))
+    assert mapping.unstack(stacked, ("blocks",)).keys() == {*layers, "norm.scale"}
+    with pytest.raises(ConversionError, match=r"blocks\.w: layers \[0, 2\] are not 0\.\.1"):
+        mapping.stack({"blocks.0.w": np.zeros(2), "blocks.2.w": np.zeros(2)}, ("blocks",))
+
+    # Import: every stacked parameter's layer i is the rule's transform of the checkpoint's layer-i tensor.
+    state = state_dict_numpy(reference)
+    imported = flatten(import_vim(state, shapes))
+    assert {k: v.shape for k, v in imported.items()} == shapes
+    per_layer = mapping.unstack(imported, convert_vim.STACKED)
+    table = convert_vim.rules(DEPTH, True)
+    assert {r.ours for r in table} == set(per_layer)
+    for rule in table:
+        np.testing.assert_array_equal(per_layer[rule.ours], rule.to_ours(state[rule.theirs]), err_msg=rule.ours)
+    layer1 = imported["layers.mixer.bwd.conv_kernel"][1]
+    np.testing.assert_array_equal(layer1, state["layers.1.mixer.conv1d_b.weight"][:, 0, :].T)
+    # Export: layer i of the stack goes to the checkpoint's layer-i names.
+    exported = export_vim(params)
+    for i in range(DEPTH):
+        np.testing.assert_array_equal(exported[f"layers.{i}.mixer.in_proj.weight"],
+                                      np.asarray(params["layers"]["mixer"]["in_proj"]["kernel"][i]).T)
+        np.testing.assert_array_equal(exported[f"layers.{i}.mixer.A_b_log"],
+                                      np.asarray(params["layers"]["mixer"]["bwd"]["A_log"][i]))

@@ -17,7 +17,7 @@ from flax import nnx
 from cab_jax import config as config_lib
 from cab_jax import generate, sharding, train
 from cab_jax.bridge import AttentionBridge
-from cab_jax.losses import LM_MODE_WEIGHTS, loss_weights, token_cross_entropy, token_kl_divergence
+from cab_jax.losses import LANGUAGE_MODE_WEIGHTS, loss_weights, token_cross_entropy, token_kl_divergence
 from cab_jax.models.mamba import SSMProjections
 
 ROOT = pathlib.Path(__file__).parents[1]
@@ -69,11 +69,14 @@ def test_token_losses_match_numpy():
 
 
 def test_language_mode_weights_follow_the_original():
-    assert {m: (w.ce, w.kl, w.bridge) for m, w in LM_MODE_WEIGHTS.items()} == {
-        "ce": (1.0, 0.0, 0.0), "kl": (1.0, 1.0, 0.0), "cab": (1.0, 0.5, 0.5)}
-    assert loss_weights("cab", kl=0.25, table=LM_MODE_WEIGHTS).kl == 0.25
-    with pytest.raises(ValueError, match="soft"):
-        loss_weights("soft", table=LM_MODE_WEIGHTS)
+    """One vocabulary with vision (vanilla/soft/cab); the earlier names ce/kl still select vanilla/soft."""
+    assert {m: (w.ce, w.kl, w.bridge) for m, w in LANGUAGE_MODE_WEIGHTS.items()} == {
+        "vanilla": (1.0, 0.0, 0.0), "soft": (1.0, 1.0, 0.0), "cab": (1.0, 0.5, 0.5)}
+    assert loss_weights("cab", LANGUAGE_MODE_WEIGHTS, kl=0.25).kl == 0.25
+    assert loss_weights("kl", LANGUAGE_MODE_WEIGHTS) == LANGUAGE_MODE_WEIGHTS["soft"]
+    assert loss_weights("ce", LANGUAGE_MODE_WEIGHTS) == LANGUAGE_MODE_WEIGHTS["vanilla"]
+    with pytest.raises(ValueError, match=r"'hard'.*'vanilla', 'soft', 'cab'.*'kl' for 'soft'"):
+        loss_weights("hard", LANGUAGE_MODE_WEIGHTS)
 
 
 @pytest.mark.parametrize("teacher_depth", [2, 4])
@@ -84,26 +87,24 @@ def test_language_bridge_matches_numpy(teacher_depth):
                              d_teacher=t_heads * head_dim, hidden=7, kind="mlp", kernel_map="none",
                              bidirectional=False, rngs=nnx.Rngs(0))
     rng = np.random.default_rng(1)
-    proj = [SSMProjections(*(rng.normal(size=(batch, length, heads, d_state)).astype(np.float32) for _ in "BC"))
-            for _ in range(2)]
-    qk = [tuple(rng.normal(size=(batch, t_heads, length, head_dim)).astype(np.float32) for _ in "qk")
-          for _ in range(teacher_depth)]
-    loss = float(bridge(proj, qk, None))
+    proj = SSMProjections(*(rng.normal(size=(2, batch, length, heads, d_state)).astype(np.float32) for _ in "BC"))
+    q_all, k_all = (rng.normal(size=(teacher_depth, batch, t_heads, length, head_dim)).astype(np.float32)
+                    for _ in "qk")
+    loss = float(bridge(proj, (q_all, k_all), None))
 
-    params = nnx.state(bridge).to_pure_dict()
+    params = nnx.state(bridge).to_pure_dict()["layers"]  # stacked over the bridged layers
 
-    def mlp(p, x):
-        h = x.reshape(batch, length, -1) @ p["layers"][0]["kernel"] + p["layers"][0]["bias"]
+    def mlp(p, layer, x):
+        h = x.reshape(batch, length, -1) @ p["layers"][0]["kernel"][layer] + p["layers"][0]["bias"][layer]
         h = h / (1 + np.exp(-h))
-        return h @ p["layers"][1]["kernel"] + p["layers"][1]["bias"]
+        return h @ p["layers"][1]["kernel"][layer] + p["layers"][1]["bias"][layer]
 
     flat = lambda t: t.transpose(0, 2, 1, 3).reshape(batch, length, -1)
     expected = []
     for layer in range(2):
-        p = params["bridges"][layer]
-        q, k = qk[layer * teacher_depth // 2]
-        expected.append(np.mean((mlp(p["b_to_k"], proj[layer].B) - flat(k)) ** 2)
-                        + np.mean((mlp(p["c_to_q"], proj[layer].C) - flat(q)) ** 2))
+        g = layer * teacher_depth // 2
+        expected.append(np.mean((mlp(params["b_to_k"], layer, proj.B[layer]) - flat(k_all[g])) ** 2)
+                        + np.mean((mlp(params["c_to_q"], layer, proj.C[layer]) - flat(q_all[g])) ** 2))
     assert loss == pytest.approx(np.mean(expected), rel=1e-5)
 
 
@@ -111,7 +112,7 @@ def test_train_step_learns_and_every_term_is_used(tmp_path):
     c = tiny_config(tmp_path, base_lr=3e-3)
     c.student.init_from_attention = False  # a student copied from the (random) teacher starts with KL ~ 0
     mesh = sharding.make_mesh(c.mesh)
-    built = train.setup(c, role="student", mesh=mesh, train_size=64)
+    built = train.create_trainer(c, mesh, train_size=64)
     state, batch = built.state, token_batch(mesh)
     history = []
     for _ in range(12):
@@ -130,26 +131,27 @@ def test_bridge_gradients_reach_the_student_mixer(tmp_path):
         c = tiny_config(tmp_path)
         c.loss.update(dict(ce_weight=0.0, kl_weight=0.0))
         c.bridge.detach_student = detach
-        built = train.setup(c, role="student", mesh=sharding.make_mesh(c.mesh), train_size=64)
+        built = train.create_trainer(c, sharding.make_mesh(c.mesh), train_size=64)
         trainer = built.trainer
-        inputs, targets = trainer.task.prepare(None, token_batch(trainer.mesh))
+        inputs, targets = trainer.domain.prepare(None, token_batch(trainer.mesh), trainer.job.train)
         teacher_out = trainer.teacher.module(built.teacher_params)(inputs)
-        g = jax.grad(lambda p: trainer._loss(p, inputs, targets, teacher_out, None)[0])(built.state["params"])
-        return float(jnp.abs(g["model"]["layers"][0]["mixer"]["in_proj"]["kernel"]).max())
+        g = jax.grad(lambda p: train.loss_fn(trainer, p, inputs, targets, teacher_out, None)[0])(
+            built.state["params"])
+        return float(jnp.abs(g["model"]["layers"]["mixer"]["in_proj"]["kernel"]).max())
 
     assert in_proj_grad(False) > 0 and in_proj_grad(True) == 0
 
 
 def test_setup_initialises_the_student_from_the_teacher(tmp_path):
     c = tiny_config(tmp_path, mode="cab")
-    built = train.setup(c, role="student", mesh=sharding.make_mesh(c.mesh), train_size=64)
+    built = train.create_trainer(c, sharding.make_mesh(c.mesh), train_size=64)
     student, teacher = built.state["params"]["model"], built.teacher_params
-    fc1 = lambda p: p["layers"][1]["mlp"]["fc1"]["kernel"]
+    fc1 = lambda p: p["layers"]["mlp"]["fc1"]["kernel"]  # every layer's, stacked
     np.testing.assert_array_equal(fc1(student), fc1(teacher))
     np.testing.assert_array_equal(student["embed"]["embedding"], teacher["embed"]["embedding"])
 
-    c = tiny_config(tmp_path, mode="kl")
-    built = train.setup(c, role="student", mesh=sharding.make_mesh(c.mesh), train_size=64)
+    c = tiny_config(tmp_path, mode="soft")
+    built = train.create_trainer(c, sharding.make_mesh(c.mesh), train_size=64)
     assert not np.array_equal(built.state["params"]["model"]["embed"]["embedding"],
                               built.teacher_params["embed"]["embedding"])
 
@@ -160,17 +162,17 @@ def test_run_logs_tokens_per_s_and_generation_follows_the_model(tmp_path):
     recomputed at every step."""
     c = tiny_config(tmp_path)
     c.task = "train_teacher"
-    train.run(c, str(tmp_path / "teacher"), role="teacher")
+    train.train_and_evaluate(c, str(tmp_path / "teacher"))
     c.task, c.teacher.init_from = "distill", str(tmp_path / "teacher")
-    result = train.run(c, str(tmp_path / "student"))
+    result = train.train_and_evaluate(c, str(tmp_path / "student"))
     assert np.isfinite(result.metrics["perplexity"]) and result.metrics["eval_tokens"] == 64 * SEQ
     records = [json.loads(line) for line in (tmp_path / "student" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["tokens_per_s"] > 0 for r in records if r["split"] == "train")
 
     prompt = np.random.default_rng(0).integers(0, VOCAB, (2, 5)).astype(np.int32)
-    for workdir, role in (("student", "student"), ("teacher", "teacher")):
-        _, loaded_role, model = generate.load_run(str(tmp_path / workdir))
-        assert loaded_role == role
+    for workdir in ("student", "teacher"):
+        _, trained, model = generate.load_run(str(tmp_path / workdir))
+        assert trained == workdir
         tokens, _ = generate.Generator(model, prefill_chunk=2)(prompt, max_new_tokens=6)  # prefill in 3 chunks
         context = prompt
         for i in range(6):
@@ -180,7 +182,7 @@ def test_run_logs_tokens_per_s_and_generation_follows_the_model(tmp_path):
 
 
 def test_a_vision_workdir_is_refused_by_generate(tmp_path):
-    (tmp_path / "run_config.json").write_text(json.dumps({"role": "student", "config": {"domain": "vision"}}))
+    (tmp_path / "run_config.json").write_text(json.dumps({"trains": "student", "config": {"domain": "vision"}}))
     with pytest.raises(ValueError, match="language"):
         generate.load_run(str(tmp_path))
 
@@ -191,15 +193,17 @@ def test_language_config_errors_name_the_field(tmp_path):
     with pytest.raises(ValueError, match=r"student\.vocab_size"):
         config_lib.validate(c)
     c = tiny_config(tmp_path)
-    c.loss.mode = "soft"
+    c.loss.mode = "hard"
     with pytest.raises(ValueError, match=r"loss\.mode"):
         config_lib.validate(c)
+    c.loss.mode = "kl"  # the earlier name of "soft"
+    config_lib.validate(c)
 
 
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
 def test_language_steps_lower_for_accelerators(tmp_path, platform):
     c = tiny_config(tmp_path)
-    built = train.setup(c, role="student", mesh=sharding.make_mesh(c.mesh), train_size=64)
+    built = train.create_trainer(c, sharding.make_mesh(c.mesh), train_size=64)
     batch = token_batch(built.trainer.mesh)
     exported = jax.export.export(built.trainer.jit_train_step, platforms=[platform])(
         built.state, built.teacher_params, batch)
@@ -220,12 +224,12 @@ SHARDED_SCRIPT = textwrap.dedent("""
         c = tiny_config(pathlib.Path({tmp!r}))
         c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh_cfg
         mesh = sharding.make_mesh(c.mesh, devices)
-        built = train.setup(c, role="student", mesh=mesh, train_size=64)
+        built = train.create_trainer(c, mesh, train_size=64)
         state, losses = built.state, []
         for step in range(3):
             state, metrics = built.trainer.jit_train_step(state, built.teacher_params, token_batch(mesh, step))
             losses.append(float(metrics["loss"]))
-        kernel = state["params"]["model"]["layers"][0]["mixer"]["in_proj"]["kernel"]
+        kernel = state["params"]["model"]["layers"]["mixer"]["in_proj"]["kernel"]
         out[name] = {{"losses": losses, "kernel": np.asarray(kernel).tolist(),
                      "shards": list(kernel.sharding.shard_shape(kernel.shape))}}
     print("RESULT" + json.dumps(out))

@@ -19,7 +19,8 @@ from cab_jax.convert import __main__ as convert_cli
 from cab_jax.convert import io, mapping, weights
 from cab_jax.convert import phi as convert_phi
 from cab_jax.convert.mapping import ConversionError
-from cab_jax.models.phi import PHI_SIZES, Phi, PhiSize, phi, size_of
+from cab_jax.models import registry
+from cab_jax.models.phi import PHI_SIZES, PhiSize
 
 SIZE = PhiSize(vocab_size=97, hidden_size=64, depth=3, num_heads=4, intermediate_size=128)
 LENGTH = 37  # awkward: not a multiple of anything
@@ -61,13 +62,14 @@ def tokens():
 
 
 def abstract_target(size: PhiSize) -> dict:
-    model = nnx.eval_shape(lambda: Phi(**dataclasses.asdict(size), rngs=nnx.Rngs(0)))
+    """Our dotted parameter name -> shape (layers stacked) for a Phi of ``size``."""
+    model = registry.abstract("phi", **dataclasses.asdict(size))
     return {k: tuple(v.shape) for k, v in mapping.flatten(nnx.to_pure_dict(nnx.state(model))).items()}
 
 
-def our_model(params: dict, size: PhiSize = SIZE, dtype=jnp.float32) -> Phi:
+def our_model(params: dict, size: PhiSize = SIZE, dtype=jnp.float32):
     """Our Phi holding ``params`` (built abstractly: no random initialisation)."""
-    model = nnx.eval_shape(lambda: Phi(**dataclasses.asdict(size), dtype=dtype, rngs=nnx.Rngs(0)))
+    model = registry.abstract("phi", **dataclasses.asdict(size), dtype=dtype)
     nnx.update(model, jax.tree.map(jnp.asarray, params))
     return model
 
@@ -112,11 +114,12 @@ def test_logits_and_qk_match_transformers(tmp_path, torch_model, hf_dir, tokens,
     want_logits, want_qks = torch_forward(torch_model, tokens)
     assert logits.dtype == jnp.float32 and logits.shape == (2, LENGTH, SIZE.vocab_size)
     np.testing.assert_allclose(logits, want_logits, atol=1e-4, rtol=0)
-    assert len(qks) == SIZE.depth
-    for (q, k), (want_q, want_k) in zip(qks, want_qks, strict=True):
-        assert q.shape == k.shape == (2, SIZE.num_heads, LENGTH, SIZE.hidden_size // SIZE.num_heads)
-        np.testing.assert_allclose(q, want_q, atol=1e-5, rtol=0)
-        np.testing.assert_allclose(k, want_k, atol=1e-5, rtol=0)
+    q, k = qks  # stacked over layers
+    assert q.shape == k.shape == (SIZE.depth, 2, SIZE.num_heads, LENGTH, SIZE.hidden_size // SIZE.num_heads)
+    assert len(want_qks) == SIZE.depth
+    for i, (want_q, want_k) in enumerate(want_qks):
+        np.testing.assert_allclose(q[i], want_q, atol=1e-5, rtol=0, err_msg=f"layer {i} q")
+        np.testing.assert_allclose(k[i], want_k, atol=1e-5, rtol=0, err_msg=f"layer {i} k")
 
 
 def test_export_round_trip_is_bitwise_and_loads_in_transformers(tmp_path, torch_model, hf_dir, tokens):
@@ -162,19 +165,34 @@ def test_missing_and_legacy_keys_are_reported(hf_dir):
         convert_phi.import_phi(partial, abstract_target(SIZE))
     with pytest.raises(ConversionError, match="MixFormer"):
         convert_phi.import_phi({"layers.0.wte.weight": np.zeros((97, 64), np.float32)}, abstract_target(SIZE))
+    # Export: a tree without stacked layers, or with a parameter that has no rule, is named, not a KeyError.
+    params = convert(hf_dir)
+    with pytest.raises(ConversionError, match=r"expected stacked layers.*got None"):
+        convert_phi.export_phi({k: v for k, v in params.items() if k != "layers"})
+    per_layer = mapping.unflatten(mapping.unstack(mapping.flatten(params), convert_phi.STACKED))  # not stacked
+    with pytest.raises(ConversionError, match=r"expected stacked layers.*got None"):
+        convert_phi.export_phi(per_layer)
+    extra = {**params, "layers": {**params["layers"], "extra": np.zeros((SIZE.depth, 3), np.float32)}}
+    with pytest.raises(ConversionError, match=r"unexpected \['layers.0.extra', 'layers.1.extra', 'layers.2.extra'\]"):
+        convert_phi.export_phi(extra)
 
 
-def test_init_from_hf_dir_through_weights(monkeypatch, hf_dir):
-    """``teacher.init_from=<HF dir>``: the configured Phi teacher is filled; a ViT teacher is refused."""
-    monkeypatch.setattr(weights, "build_model", lambda c, role: Phi(**dataclasses.asdict(SIZE), rngs=nnx.Rngs(0)))
+def test_init_from_hf_dir_through_weights(hf_dir):
+    """``teacher.init_from=<HF dir>``: the configured Phi teacher is filled; another model is refused."""
+    teacher = registry.abstract("phi", **dataclasses.asdict(SIZE))
+    assert weights.formats(teacher) == ("hf",)
     like = nnx.to_pure_dict(nnx.state(our_model(convert(hf_dir))))
-    params = weights.load_model_weights(hf_dir, None, "teacher", like)
+    params = weights.load_model_weights(hf_dir, teacher, like)
     jax.tree.map(np.testing.assert_array_equal, params, like)
+    source = io.load_state_dict(hf_dir)
+    np.testing.assert_array_equal(params["layers"]["attn"]["q"]["kernel"][2],  # layer 2 of the stack
+                                  source["model.layers.2.self_attn.q_proj.weight"].T)
     with pytest.raises(ValueError, match="Hugging Face"):
-        weights.import_pytorch(hf_dir, None, "teacher", "timm")
-    monkeypatch.setattr(weights, "build_model", lambda c, role: nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
+        weights.import_pytorch(hf_dir, teacher, "timm")
     with pytest.raises(ConversionError, match="configured teacher is a Linear"):
-        weights.import_pytorch(hf_dir, None, "teacher")
+        weights.import_pytorch(hf_dir, nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
+    with pytest.raises(ConversionError, match="configured teacher is a ViT"):
+        weights.import_pytorch(hf_dir, registry.abstract("vit", "tiny", num_classes=10, img_size=32, patch_size=16))
 
 
 def test_phi_1_5_config_and_logical_axes():
@@ -186,22 +204,24 @@ def test_phi_1_5_config_and_logical_axes():
                   "partial_rotary_factor": 0.5, "rope_theta": 10000.0, "rope_scaling": None, "qk_layernorm": False,
                   "tie_word_embeddings": False, "max_position_embeddings": 2048}
     assert convert_phi.size_from_hf_config(hub_config) == PHI_SIZES["phi_1_5"]
-    model = nnx.eval_shape(lambda: phi("phi_1_5", depth=2, rngs=nnx.Rngs(0)))  # 2 of the 24 layers: fast
-    assert size_of(model) == dataclasses.replace(PHI_SIZES["phi_1_5"], depth=2)
+    assert registry.size_fields("phi", "phi_1_5") == dataclasses.asdict(PHI_SIZES["phi_1_5"])
+    model = registry.abstract("phi", "phi_1_5", depth=2)  # 2 of the 24 layers: fast
+    assert model.size == dataclasses.replace(PHI_SIZES["phi_1_5"], depth=2)
     axes = mapping.flatten(sharding.logical_axes(model))
     expected = {"embed.embedding": ("vocab", "embed"), "lm_head.kernel": ("embed", "vocab"), "lm_head.bias": ("vocab",),
                 "final_layernorm.scale": ("embed",), "final_layernorm.bias": ("embed",)}
-    for i in range(2):
-        p = f"layers.{i}"
-        expected |= {f"{p}.input_layernorm.scale": ("embed",), f"{p}.input_layernorm.bias": ("embed",),
-                     **{f"{p}.attn.{n}.kernel": ("embed", "heads") for n in "qkv"},
-                     **{f"{p}.attn.{n}.bias": ("heads",) for n in "qkv"},
-                     f"{p}.attn.dense.kernel": ("heads", "embed"), f"{p}.attn.dense.bias": ("embed",),
-                     f"{p}.mlp.fc1.kernel": ("embed", "mlp"), f"{p}.mlp.fc1.bias": ("mlp",),
-                     f"{p}.mlp.fc2.kernel": ("mlp", "embed"), f"{p}.mlp.fc2.bias": ("embed",)}
+    p, L = "layers", "layers"  # the stacked layers: one parameter each, with a leading "layers" axis
+    expected |= {f"{p}.input_layernorm.scale": (L, "embed"), f"{p}.input_layernorm.bias": (L, "embed"),
+                 **{f"{p}.attn.{n}.kernel": (L, "embed", "heads") for n in "qkv"},
+                 **{f"{p}.attn.{n}.bias": (L, "heads") for n in "qkv"},
+                 f"{p}.attn.dense.kernel": (L, "heads", "embed"), f"{p}.attn.dense.bias": (L, "embed"),
+                 f"{p}.mlp.fc1.kernel": (L, "embed", "mlp"), f"{p}.mlp.fc1.bias": (L, "mlp"),
+                 f"{p}.mlp.fc2.kernel": (L, "mlp", "embed"), f"{p}.mlp.fc2.bias": (L, "embed")}
     assert axes == expected
-    sizes = {k: int(np.prod(v.shape)) for k, v in mapping.flatten(nnx.to_pure_dict(nnx.state(model))).items()}
-    per_layer = sum(n for k, n in sizes.items() if k.startswith("layers.0."))
+    shapes = {k: v.shape for k, v in mapping.flatten(nnx.to_pure_dict(nnx.state(model))).items()}
+    assert all(shape[0] == 2 for k, shape in shapes.items() if k.startswith("layers."))
+    sizes = {k: int(np.prod(shape)) for k, shape in shapes.items()}
+    per_layer = sum(n for k, n in sizes.items() if k.startswith("layers.")) // 2
     outside = sum(n for k, n in sizes.items() if not k.startswith("layers."))
     assert outside + 24 * per_layer == 1_418_270_720  # phi-1.5's parameter count (1.42e9 with the untied head)
 
@@ -216,7 +236,10 @@ PROMPT, MAX_LENGTH = 5, LENGTH + 3  # shared by the decoding tests, so each comp
 
 def test_kv_cache_decoding_matches_full_forward(model, tokens):
     full, _ = forward(model, jnp.asarray(tokens))
-    logits, cache = step(model, jnp.asarray(tokens[:, :PROMPT]), model.init_cache(2, MAX_LENGTH))
+    empty = model.init_cache(2, MAX_LENGTH)
+    head_dim = SIZE.hidden_size // SIZE.num_heads
+    assert empty.keys.shape == empty.values.shape == (SIZE.depth, 2, SIZE.num_heads, MAX_LENGTH, head_dim)
+    logits, cache = step(model, jnp.asarray(tokens[:, :PROMPT]), empty)
     steps = [logits]
     for i in range(PROMPT, LENGTH):
         logits, cache = step(model, jnp.asarray(tokens[:, i:i + 1]), cache)
@@ -258,12 +281,13 @@ def test_bfloat16_forward_stays_close_to_float32(hf_dir, tokens):
     params = convert(hf_dir)
     want, want_qks = forward(our_model(params), jnp.asarray(tokens))
     logits, qks = forward(our_model(params, dtype=jnp.bfloat16), jnp.asarray(tokens))
-    assert logits.dtype == jnp.float32 and qks[0][0].dtype == jnp.bfloat16
+    (q, k), (_, want_k) = qks, want_qks  # stacked over layers
+    assert logits.dtype == jnp.float32 and q.dtype == k.dtype == jnp.bfloat16
     scale = float(jnp.abs(want).max())
     # bfloat16 keeps 8 mantissa bits; through 3 layers the logits stay within 5 % of their largest magnitude.
     assert float(jnp.abs(logits - want).max()) <= 0.05 * scale
-    np.testing.assert_array_less(jnp.abs(qks[-1][1].astype(jnp.float32) - want_qks[-1][1]),
-                                 0.05 * float(jnp.abs(want_qks[-1][1]).max()))
+    np.testing.assert_array_less(jnp.abs(k[-1].astype(jnp.float32) - want_k[-1]),  # the last layer's k
+                                 0.05 * float(jnp.abs(want_k[-1]).max()))
 
 
 def test_cli_import_and_export(tmp_path, hf_dir, torch_model):
@@ -289,11 +313,12 @@ def test_cli_import_and_export(tmp_path, hf_dir, torch_model):
 
 def test_remat_gives_the_same_logits_qk_and_gradients(tokens):
     """``remat`` only changes what the backward pass keeps, never the values."""
-    models = [Phi(**dataclasses.asdict(SIZE), remat=remat, rngs=nnx.Rngs(3)) for remat in (False, True)]
+    models = [registry.build("phi", **dataclasses.asdict(SIZE), remat=remat, rngs=nnx.Rngs(3))
+              for remat in (False, True)]
 
     def loss(model):
-        logits, qks = model(jnp.asarray(tokens))
-        return jnp.mean(logits**2) + sum(jnp.mean(q * k) for q, k in qks)
+        logits, (q, k) = model(jnp.asarray(tokens))  # q, k stacked: (depth, batch, heads, length, head_dim)
+        return jnp.mean(logits**2) + jnp.sum(jnp.mean(q * k, axis=(1, 2, 3, 4)))  # the sum of per-layer means
 
     (plain, plain_grads), (remat, remat_grads) = [nnx.value_and_grad(loss)(m) for m in models]
     assert float(remat) == pytest.approx(float(plain), rel=1e-6)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cab_jax import sharding, tasks, train
+from cab_jax import domains, sharding, train
 
 ROOT = pathlib.Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT / "configs"))
@@ -42,8 +42,7 @@ def read_metrics(workdir, split="train"):
 def build_trainer(c, mesh):
     """The student's Trainer (with bridge and random frozen teacher), its initial state and teacher params."""
     c.data.synthetic = True
-    built = train.setup(c, role="student", mesh=mesh, train_size=1024)
-    return built.trainer, built.state, built.teacher_params
+    return train.create_trainer(c, mesh, train_size=1024)
 
 
 def test_loss_goes_down_on_a_fixed_batch(tmp_path):
@@ -125,7 +124,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
                                            "label": rng.integers(0, 10, 16).astype(np.int32)}}, mesh)
             state, metrics = trainer.jit_train_step(state, teacher, batch)
             losses.append(float(metrics["loss"]))
-        kernel = state["params"]["model"]["layers"][0]["mixer"]["in_proj"]["kernel"]
+        kernel = state["params"]["model"]["layers"]["mixer"]["in_proj"]["kernel"]  # (depth, embed, 2 * inner)
         out[name] = {{"losses": losses, "kernel": np.asarray(kernel).tolist(),
                      "shard_shape": list(kernel.sharding.shard_shape(kernel.shape))}}
     print("RESULT" + json.dumps(out))
@@ -143,8 +142,9 @@ def test_sharded_step_on_8_devices_equals_1_device(tmp_path, scan_impl):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.split("RESULT", 1)[1])
     one, eight = result["one"], result["eight"]
-    assert eight["shard_shape"] == [one["shard_shape"][0] // 2, one["shard_shape"][1] // 2], \
-        "the 2x2x2 mesh should shard in_proj over fsdp and tensor"
+    depth, embed, inner = one["shard_shape"]
+    assert eight["shard_shape"] == [depth, embed // 2, inner // 2], \
+        "the 2x2x2 mesh should shard in_proj over fsdp and tensor, and never its layer axis"
     np.testing.assert_allclose(eight["losses"], one["losses"], rtol=2e-5, atol=1e-6)
     np.testing.assert_allclose(np.array(eight["kernel"]), np.array(one["kernel"]), rtol=1e-4, atol=1e-6)
 
@@ -155,17 +155,18 @@ class Crash(Exception):
 
 def test_crash_then_resume_continues_the_same_trajectory(tmp_path):
     c = small_config(tmp_path)
-    c.teacher.init_from = str(tmp_path / "teacher")
-    train.run(c, str(tmp_path / "teacher"), role="teacher")
+    c.task = "train_teacher"
+    train.train_and_evaluate(c, str(tmp_path / "teacher"))
+    c.task, c.teacher.init_from = "distill", str(tmp_path / "teacher")
 
-    straight = train.run(c, str(tmp_path / "straight"))
+    straight = train.train_and_evaluate(c, str(tmp_path / "straight"))
 
     def crash_after_4(step):
         if step == 4:
             raise Crash  # the checkpoint of step 3 exists; step 4's update is lost, like a kill
     with pytest.raises(Crash):
-        train.run(c, str(tmp_path / "resumed"), on_step=crash_after_4)
-    resumed = train.run(c, str(tmp_path / "resumed"))
+        train.train_and_evaluate(c, str(tmp_path / "resumed"), on_step=crash_after_4)
+    resumed = train.train_and_evaluate(c, str(tmp_path / "resumed"))
 
     expected = {r["step"]: r for r in read_metrics(tmp_path / "straight")}
     after = read_metrics(tmp_path / "resumed")
@@ -181,23 +182,24 @@ def test_crash_then_resume_continues_the_same_trajectory(tmp_path):
 def test_teacher_is_not_saved_with_the_student(tmp_path):
     c = small_config(tmp_path, steps=2)
     c.data.synthetic = True  # random teacher allowed
-    train.run(c, str(tmp_path / "run"))
+    train.train_and_evaluate(c, str(tmp_path / "run"))
     import orbax.checkpoint as ocp
     step_dir = next(p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
     meta = ocp.PyTreeCheckpointer().metadata(step_dir / "state")
     tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
     assert set(tree["params"]) == {"model", "bridge"}
-    teacher_leaves = jax.tree.leaves(nnx.state(train.build_teacher(c, nnx.Rngs(0))))
+    domain = domains.for_config(c)
+    teacher_leaves = jax.tree.leaves(nnx.state(domain.build_teacher(nnx.Rngs(0))))
     saved = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree["params"], is_leaf=lambda x: hasattr(x, "shape")))
-    student = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(train.build_student(c, nnx.Rngs(0)))))
-    bridge = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(train.build_bridge(c, nnx.Rngs(0)))))
+    student = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(domain.build_student(nnx.Rngs(0)))))
+    bridge = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(domain.build_bridge(nnx.Rngs(0)))))
     assert saved == student + bridge and teacher_leaves
 
 
 def test_distill_without_teacher_weights_on_real_data_fails_clearly(tmp_path):
     c = small_config(tmp_path)
     with pytest.raises(ValueError, match=r"teacher\.init_from"):
-        train.run(c, str(tmp_path / "run"))
+        train.train_and_evaluate(c, str(tmp_path / "run"))
 
 
 def test_mixup_and_cutmix_targets_are_distributions():
@@ -207,7 +209,7 @@ def test_mixup_and_cutmix_targets_are_distributions():
     labels = jnp.array([0, 1, 2, 3])
     seen_cut = seen_mix = False
     for seed in range(12):
-        mixed, targets = tasks.mix_batch(jax.random.key(seed), images, labels, 5, c)
+        mixed, targets = domains.mix_batch(jax.random.key(seed), images, labels, 5, c)
         np.testing.assert_allclose(targets.sum(-1), 1.0, rtol=1e-6)
         lam = float(targets[0, 0] - c.label_smoothing / 5) / (1 - c.label_smoothing)
         is_pair = jnp.isclose(mixed, images) | jnp.isclose(mixed, images[::-1])
@@ -222,11 +224,33 @@ def test_mixup_and_cutmix_targets_are_distributions():
 
 
 def test_decay_mask():
+    """Decay on weight matrices only; a stacked layer's parameters count by their per-layer shape."""
     params = {"pos_embed": jnp.zeros((1, 3, 4)), "blk": {"kernel": jnp.zeros((4, 4)), "bias": jnp.zeros(4),
-              "A_log": jnp.zeros((4, 2)), "D": jnp.zeros(4)}, "cls_token": jnp.zeros((1, 1, 4))}
-    mask = train.decay_mask(params)
+              "A_log": jnp.zeros((4, 2)), "D": jnp.zeros(4)}, "cls_token": jnp.zeros((1, 1, 4)),
+              "layers": {"kernel": jnp.zeros((3, 4, 4)), "bias": jnp.zeros((3, 4)), "D": jnp.zeros((3, 4)),
+                         "A_log": jnp.zeros((3, 4, 2))}}
+    axes = {"blk": {"kernel": ("embed", "mlp"), "bias": ("mlp",)},
+            "layers": {"kernel": ("layers", "embed", "mlp"), "bias": ("layers", "mlp"), "D": ("layers", "inner"),
+                       "A_log": ("layers", "inner", None)}}
+    mask = train.decay_mask(params, axes)
     assert mask == {"pos_embed": False, "cls_token": False,
-                    "blk": {"kernel": True, "bias": False, "A_log": False, "D": False}}
+                    "blk": {"kernel": True, "bias": False, "A_log": False, "D": False},
+                    "layers": {"kernel": True, "bias": False, "D": False, "A_log": False}}
+
+
+def test_decay_mask_of_the_real_models(tmp_path):
+    """In the built Vim student and bridge, exactly the matrices decay: in_proj, x_proj, dt_proj, out_proj, the
+    conv kernels (per layer (d_conv, d_inner)), the patch embedding, the head and the bridge kernels."""
+    c = small_config(tmp_path)
+    trainer, state, _ = build_trainer(c, sharding.make_mesh(c.mesh))
+    axes = {"model": sharding.logical_axes(domains.for_config(c).build_student(nnx.Rngs(0))),
+            "bridge": sharding.logical_axes(domains.for_config(c).build_bridge(nnx.Rngs(0)))}
+    flat = jax.tree_util.tree_flatten_with_path(train.decay_mask(state["params"], axes))[0]
+    decayed = {jax.tree_util.keystr(path) for path, decays in flat if decays}
+    assert "['model']['layers']['mixer']['in_proj']['kernel']" in decayed
+    assert "['model']['layers']['mixer']['fwd']['conv_kernel']" in decayed
+    assert not any(name in path for path in decayed for name in ("bias", "'D'", "A_log", "scale", "pos_embed"))
+    assert any("['bridge']" in path for path in decayed)
 
 
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])

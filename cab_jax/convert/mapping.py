@@ -178,7 +178,8 @@ def import_params(source: Mapping[str, np.ndarray], rules: list[Rule], target: M
     return unflatten(stack(out, stacked))
 
 
-def export_params(params: Mapping, rules: list[Rule], what: str, stacked: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+def export_params(params: Mapping, rules: list[Rule], what: str, stacked: tuple[str, ...] = ()
+                  ) -> dict[str, np.ndarray]:
     """PyTorch-named tensors from our parameter tree (layers under the ``stacked`` prefixes stacked) through
     expanded ``rules`` (each must be invertible)."""
     flat = unstack(flatten(params), stacked)

@@ -21,7 +21,15 @@ from collections.abc import Mapping
 import numpy as np
 
 from cab_jax.convert import io
-from cab_jax.convert.mapping import ConversionError, Rule, expand, export_params, import_params, unstack_shapes
+from cab_jax.convert.mapping import (
+    ConversionError,
+    Rule,
+    expand,
+    export_params,
+    flatten,
+    import_params,
+    unstack_shapes,
+)
 from cab_jax.convert.mapping import dense_rules as _dense
 from cab_jax.convert.mapping import norm_rules as _norm
 from cab_jax.models.phi import PhiSize
@@ -126,9 +134,10 @@ def import_phi(state_dict: Mapping[str, np.ndarray], target: Mapping[str, tuple[
                hf_cfg: Mapping | None = None, *, size: PhiSize | None = None) -> dict:
     """Our Phi parameter tree (nested pure dict of float32 arrays) from a ``PhiForCausalLM`` state dict.
 
-    ``target``: our dotted parameter name -> shape for the model to fill (its layers stacked). ``hf_cfg``: the checkpoint's
-    ``config.json`` (its variant is checked; its head count, rotary settings and eps are compared with ``size``,
-    the target model's full architecture, when given). Raises ``ConversionError`` when the checkpoint does not fit.
+    ``target``: our dotted parameter name -> shape for the model to fill (its layers stacked). ``hf_cfg``: the
+    checkpoint's ``config.json`` (its variant is checked; its head count, rotary settings and eps are compared with
+    ``size``, the target model's full architecture, when given). Raises ``ConversionError`` when the checkpoint
+    does not fit.
     """
     if any(_LEGACY.fullmatch(k) for k in state_dict):
         raise ConversionError(f"{WHAT}: this is the old remote-code (MixFormer) layout of Phi (layers.*.mixer.Wqkv); "
@@ -155,8 +164,12 @@ def import_phi(state_dict: Mapping[str, np.ndarray], target: Mapping[str, tuple[
 
 def export_phi(params: Mapping) -> dict[str, np.ndarray]:
     """``PhiForCausalLM`` tensors (Hugging Face names) from our Phi parameter tree."""
-    depth = np.shape(params["layers"]["input_layernorm"]["scale"])[0]
-    return export_params(params, expand(RULES, {"layers": depth}), WHAT, stacked=STACKED)
+    scale = flatten(params).get("layers.input_layernorm.scale")  # (depth, hidden): the layers are stacked
+    if np.ndim(scale) != 2 or not np.shape(scale)[0]:
+        raise ConversionError(f"{WHAT}: not a Phi parameter tree: expected stacked layers, "
+                              f"layers.input_layernorm.scale of shape (depth, hidden_size), got "
+                              f"{None if scale is None else np.shape(scale)}")
+    return export_params(params, expand(RULES, {"layers": np.shape(scale)[0]}), WHAT, stacked=STACKED)
 
 
 def save_hf_dir(params: Mapping, size: PhiSize, path: str | pathlib.Path) -> None:

@@ -181,4 +181,7 @@ def import_vim(state_dict: Mapping[str, np.ndarray], target: Mapping) -> dict:
 def export_vim(params: Mapping) -> dict[str, np.ndarray]:
     """Original-layout float32 tensors (names and shapes of hustvl/Vim's ``state_dict``) from our parameters."""
     sizes = model_sizes(_target_shapes(params))
+    if not sizes["depth"]:
+        raise ConversionError(f"{WHAT}: not a Vim parameter tree: expected stacked layers (layers.*, leading axis "
+                              f"depth), got {sorted(flatten(params))[:8]}")
     return export_params(params, rules(sizes["depth"], sizes["bidirectional"]), WHAT, stacked=STACKED)

@@ -1,7 +1,8 @@
 """Mamba-1 selective-SSM mixer, unidirectional or bidirectional ("bimamba v2" as in Vim).
 
 The mixer returns its output and the selective projections B and C (the x_proj outputs, per token,
-before discretisation) that the attention bridge maps onto the teacher's keys and queries.
+before discretisation) that the attention bridge maps onto the teacher's keys and queries. Under a device
+mesh, a Pallas scan kernel runs once per device on its batch / d_inner shard.
 """
 
 from __future__ import annotations
@@ -13,7 +14,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cab_jax.kernels.selective_scan import BlockSizes, ScanDirection, selective_scan, selective_scan_bidirectional
+from jax.sharding import PartitionSpec as P
+
+from cab_jax import sharding
+from cab_jax.kernels.selective_scan import (
+    BlockSizes,
+    ScanDirection,
+    resolve_impl,
+    selective_scan,
+    selective_scan_bidirectional,
+)
 from cab_jax.models.layers import Dtype, dense, torch_uniform
 
 A_INITS = ("s4d", "cab")
@@ -141,11 +151,31 @@ class Mamba(nnx.Module):
         x, z = jnp.split(self.in_proj(hidden), 2, axis=-1)
         fwd = self.fwd.scan_inputs(x)
         if self.bwd is None:
-            y = selective_scan(fwd.u, fwd.delta, fwd.A, fwd.B, fwd.C, D=fwd.D, z=z, delta_bias=fwd.delta_bias,
-                               delta_softplus=True, impl=self.scan_impl, blocks=self.scan_blocks)
+            y = self._scan((fwd,), z)
             return self.out_proj(y), SSMProjections(fwd.B, fwd.C)
         # Both directions in token order; the backward one is scanned last-to-first (no flipped copies).
         bwd = self.bwd.scan_inputs(x, reverse=True)
-        y = selective_scan_bidirectional(fwd, bwd, z, delta_softplus=True, impl=self.scan_impl,
-                                         blocks=self.scan_blocks) * 0.5
+        y = self._scan((fwd, bwd), z) * 0.5
         return self.out_proj(y), SSMProjections(fwd.B, fwd.C, bwd.B, bwd.C)
+
+    def _scan(self, dirs: tuple[ScanDirection, ...], z: jax.Array) -> jax.Array:
+        """The gated scan of one direction, or of Vim's two (the second read last-to-first). A Pallas kernel is a
+        custom call the SPMD partitioner cannot split, so under a mesh it runs once per device on its shard:
+        batch over the data-parallel axes, d_inner over the axis of the "inner" logical rule."""
+
+        def scan(dirs, z):
+            if len(dirs) == 2:
+                return selective_scan_bidirectional(*dirs, z, delta_softplus=True, impl=self.scan_impl,
+                                                    blocks=self.scan_blocks)
+            d = dirs[0]
+            return selective_scan(d.u, d.delta, d.A, d.B, d.C, D=d.D, z=z, delta_bias=d.delta_bias,
+                                  delta_softplus=True, impl=self.scan_impl, blocks=self.scan_blocks)
+
+        batch, _, d_inner = z.shape
+        rows = sharding.split_axes(batch, sharding.BATCH_AXES)
+        channels = sharding.split_axes(d_inner, (sharding.LOGICAL_RULES["inner"],))
+        if resolve_impl(self.scan_impl) != "pallas" or (rows is None and channels is None):
+            return scan(dirs, z)
+        act, seq, per_channel = P(rows, None, channels), P(rows, None, None), P(channels)
+        direction = ScanDirection(act, act, P(channels, None), seq, seq, per_channel, per_channel)
+        return sharding.call_per_device(scan, (dirs, z), ((direction,) * len(dirs), act), act)

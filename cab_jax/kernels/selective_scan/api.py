@@ -23,7 +23,8 @@ from cab_jax.kernels.selective_scan.reference import finish_output, selective_sc
 SCAN_IMPLS: tuple[str, ...] = ("auto", "reference", "associative", "pallas")
 
 
-def _resolve_name(impl: str) -> str:
+def resolve_impl(impl: str) -> str:
+    """The implementation ``impl`` names on the current backend ("auto" resolved)."""
     if impl not in SCAN_IMPLS:
         raise ValueError(f"selective_scan: unknown impl {impl!r}; valid choices are {SCAN_IMPLS}")
     backend = jax.default_backend()
@@ -47,7 +48,7 @@ def _pallas_pair() -> tuple[Callable[..., jax.Array], Callable[..., jax.Array]]:
 
 
 def _resolve(impl: str, blocks: BlockSizes | None) -> Callable[..., jax.Array]:
-    name = _resolve_name(impl)
+    name = resolve_impl(impl)
     if name == "pallas":
         return functools.partial(_pallas_pair()[0], blocks=blocks)
     return {"associative": selective_scan_associative, "reference": selective_scan_reference}[name]
@@ -128,7 +129,7 @@ def selective_scan_bidirectional(
     if fwd.u.shape != bwd.u.shape or fwd.A.shape != bwd.A.shape:
         raise ValueError(f"selective_scan_bidirectional: the directions differ in shape: u {tuple(fwd.u.shape)} vs "
                          f"{tuple(bwd.u.shape)}, A {tuple(fwd.A.shape)} vs {tuple(bwd.A.shape)}")
-    name = _resolve_name(impl)
+    name = resolve_impl(impl)
     if name == "pallas":
         return _pallas_pair()[1](fwd, bwd, z, delta_softplus, blocks=blocks)
     fn = _resolve(name, None)
