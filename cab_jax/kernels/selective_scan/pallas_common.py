@@ -91,6 +91,8 @@ class KernelConfig:
 
 
 class DirectionGrads(NamedTuple):
+    """The gradients of one direction's inputs (in the kernels: the refs of their per-block partial sums)."""
+
     du: jax.Array
     ddelta: jax.Array
     dA: jax.Array

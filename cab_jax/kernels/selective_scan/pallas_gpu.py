@@ -1,4 +1,5 @@
-"""Mamba-1 selective scan as Pallas kernels lowered through Triton (GPU), forward and backward.
+"""Mamba-1 selective scan as Pallas kernels lowered through Triton (GPU), forward and backward, and ``scan``,
+their ``custom_vjp`` that ``api.py`` calls.
 
 One program owns one batch element and ``block_d`` channels of d_inner; its state (d_state, block_d) stays
 in registers, float32, while it walks the length in chunks of ``chunk`` positions (unrolled inside a

@@ -1,4 +1,5 @@
-"""Mamba-1 selective scan as Pallas kernels lowered through Mosaic (TPU), forward and backward.
+"""Mamba-1 selective scan as Pallas kernels lowered through Mosaic (TPU), forward and backward, and ``scan``,
+their ``custom_vjp`` that ``api.py`` calls.
 
 Grid (batch, d_inner blocks, [direction,] chunk): the chunk axis (and the direction axis) runs in order
 ("arbitrary") and carries the float32 state, laid out (d_state_padded, block_d) with d_inner on lanes, in a
