@@ -9,6 +9,7 @@ by ``jax.export`` for the TPU platform.
 from __future__ import annotations
 
 import functools
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -27,21 +28,34 @@ from cab_jax.kernels.selective_scan import (
     selective_scan_bidirectional,
 )
 from cab_jax.kernels.selective_scan import api as scan_api
+from cab_jax.kernels.selective_scan.pallas_common import KernelConfig
 
 ON_CPU = jax.default_backend() == "cpu"
+
+
+def _pallas_fns(module, interpret: bool):
+    """(selective_scan, selective_scan_bidirectional) with impl="pallas" running ``module``'s kernel, compiled or
+    interpreted, whatever the current backend: the public path, api -> ``module.scan`` -> the launchers."""
+
+    def on_module(fn):
+        def run(*args, **kwargs):
+            with mock.patch.object(scan_api, "_pallas_backend", lambda: (module, interpret)):
+                return fn(*args, impl="pallas", **kwargs)
+
+        return run
+
+    return on_module(selective_scan), on_module(selective_scan_bidirectional)
+
 
 # Per kernel: (unidirectional fn, bidirectional fn, block sizes, d_inner). Small blocks so that d_inner spans
 # several channel blocks with a partial last one, and lengths span several chunks with a partial last one
 # (on GPU, several segments of 3 chunks with a partial last one; "gpu_every_chunk" saves every chunk start,
 # like the default).
-_GPU_FNS = (functools.partial(pallas_gpu.selective_scan_pallas_gpu, interpret=ON_CPU),
-            functools.partial(pallas_gpu.selective_scan_bidirectional_pallas_gpu, interpret=ON_CPU))
+_GPU_FNS = _pallas_fns(pallas_gpu, interpret=ON_CPU)
 KERNELS = {
     "gpu": (*_GPU_FNS, BlockSizes(chunk=4, block_d=16, save_every=3), 40),
     "gpu_every_chunk": (*_GPU_FNS, BlockSizes(chunk=4, block_d=16, save_every=1), 40),
-    "tpu": (functools.partial(pallas_tpu.selective_scan_pallas_tpu, interpret=True),
-            functools.partial(pallas_tpu.selective_scan_bidirectional_pallas_tpu, interpret=True),
-            BlockSizes(chunk=8, block_d=128), 200),
+    "tpu": (*_pallas_fns(pallas_tpu, interpret=True), BlockSizes(chunk=8, block_d=128), 200),
 }
 
 # The kernels and the reference both accumulate in float32 but in different orders; gradients that sum
@@ -239,14 +253,29 @@ def test_auto_picks_pallas_on_accelerators(monkeypatch, backend, expected):
 
 
 @pytest.mark.parametrize("backend,module,interpret", [("cpu", pallas_gpu, True), ("gpu", pallas_gpu, False),
-                                                      ("tpu", pallas_tpu, None)])
+                                                      ("tpu", pallas_tpu, False)])
 def test_pallas_is_the_backends_kernel(monkeypatch, backend, module, interpret):
+    """impl="pallas" calls the backend module's ``scan`` with the launch config of the call: the directions'
+    order, softplus, the given block sizes or the backend's defaults, interpreted only on CPU."""
     monkeypatch.setattr(scan_api.jax, "default_backend", lambda: backend)
-    uni, bi = scan_api._pallas_pair()
-    for fn in (uni, bi):
-        base = getattr(fn, "func", fn)
-        assert base.__module__ == module.__name__
-        assert getattr(fn, "keywords", {}).get("interpret") == interpret
+    assert scan_api._pallas_backend() == (module, interpret)
+    launched = []
+
+    def scan(dirs, z, cfg):
+        launched.append((len(dirs), z is not None, cfg))
+        assert all(d.D is not None and d.delta_bias is not None for d in dirs)  # the kernels take both
+        return jnp.zeros_like(dirs[0].u)
+
+    monkeypatch.setattr(module, "scan", scan)
+    (kf, _), (kb, _) = _directions(7, 16, "float32", "bare", 12, 2)  # no D, delta_bias or z
+    kf.pop("z")
+    kb.pop("z")
+    z = jnp.ones_like(kf["u"])
+    blocks = BlockSizes(chunk=8, block_d=128)
+    selective_scan(**kf, z=z, delta_softplus=True, reverse=True, impl="pallas")
+    selective_scan_bidirectional(ScanDirection(**kf), ScanDirection(**kb), impl="pallas", blocks=blocks)
+    assert launched == [(1, True, KernelConfig((True,), True, module.default_blocks(16), interpret)),
+                        (2, False, KernelConfig((False, True), False, blocks, interpret))]
 
 
 def test_api_pallas_matches_reference_bidirectional():
@@ -281,12 +310,11 @@ def _export_grad(fn, platform: str, dtype: str, bidirectional: bool, reverse: bo
                  "delta_bias": sds((d_inner,), "float32")}
     uni, bi = fn
     if bidirectional:
-        loss = lambda dirs, z: jnp.sum(bi(ScanDirection(**dirs[0]), ScanDirection(**dirs[1]), z, True,
-                                          interpret=False).astype(jnp.float32))
+        loss = lambda dirs, z: jnp.sum(bi(ScanDirection(**dirs[0]), ScanDirection(**dirs[1]), z,
+                                          True).astype(jnp.float32))
         args = ([direction, direction], sds((batch, length, d_inner)))
     else:
-        loss = lambda dirs, z: jnp.sum(uni(**dirs[0], z=z, delta_softplus=True, reverse=reverse,
-                                           interpret=False).astype(jnp.float32))
+        loss = lambda dirs, z: jnp.sum(uni(**dirs[0], z=z, delta_softplus=True, reverse=reverse).astype(jnp.float32))
         args = ([direction], sds((batch, length, d_inner)))
     target = {"cuda": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}[platform]
     exported = jax.export.export(
@@ -300,10 +328,7 @@ def _export_grad(fn, platform: str, dtype: str, bidirectional: bool, reverse: bo
 @pytest.mark.parametrize("bidirectional,reverse", [(False, False), (False, True), (True, False)])
 def test_forward_and_backward_lower_for_gpu_and_tpu(platform, dtype, bidirectional, reverse):
     module = pallas_gpu if platform == "cuda" else pallas_tpu
-    suffix = module.__name__.rsplit("_", 1)[-1]
-    fns = (getattr(module, f"selective_scan_pallas_{suffix}"),
-           getattr(module, f"selective_scan_bidirectional_pallas_{suffix}"))
-    text = _export_grad(fns, platform, dtype, bidirectional, reverse)
+    text = _export_grad(_pallas_fns(module, interpret=False), platform, dtype, bidirectional, reverse)
     target = "__gpu$xla.gpu.triton" if platform == "cuda" else "tpu_custom_call"
     # Forward (with residuals) and backward are both kernels: two custom calls, no XLA scan.
     assert text.count(f"@{target}") == 2, text.count(f"@{target}")
@@ -329,8 +354,7 @@ def test_tpu_long_sequence_fallbacks_match_reference(monkeypatch, resident_bytes
     fwd, bwd = ScanDirection(**kf), ScanDirection(**kb)
     blocks = BlockSizes(chunk=8, block_d=256)
     loss = lambda fn: lambda f, b: jnp.sum(fn(f, b) ** 2)
-    kernel = lambda f, b: pallas_tpu.selective_scan_bidirectional_pallas_tpu(f, b, z, True, blocks=blocks,
-                                                                             interpret=True)
+    kernel = lambda f, b: KERNELS["tpu"][1](f, b, z, True, blocks=blocks)
     reference = lambda f, b: selective_scan_bidirectional(f, b, z, True, impl="reference")
     _assert_close(kernel(fwd, bwd), reference(fwd, bwd), VALUE_TOL["float32"], path)
     assert seen == launches

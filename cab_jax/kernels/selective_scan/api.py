@@ -1,4 +1,5 @@
-"""Public entry points of the Mamba-1 selective scan: shape checks and dispatch on ``impl``.
+"""Public entry points of the Mamba-1 selective scan: shape checks, dispatch on ``impl`` and, for the Pallas
+kernels, the launch config handed to the backend's ``scan``.
 
 ``impl``: "reference" (sequential ``lax.scan``), "associative" (``lax.associative_scan``), "pallas" (the
 Pallas kernel of the current backend: Triton on GPU, Mosaic on TPU, the GPU kernel interpreted on CPU,
@@ -9,14 +10,14 @@ is ignored by the XLA implementations.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
+from types import ModuleType
 
 import jax
 import jax.numpy as jnp
 
 from cab_jax.kernels.selective_scan.associative import selective_scan_associative
-from cab_jax.kernels.selective_scan.pallas_common import BlockSizes, ScanDirection
+from cab_jax.kernels.selective_scan.pallas_common import BlockSizes, KernelConfig, ScanDirection, with_defaults
 from cab_jax.kernels.selective_scan.reference import finish_output, selective_scan_reference
 
 # Valid values of ``impl`` (and of the config's ``student.scan_impl``).
@@ -33,24 +34,27 @@ def resolve_impl(impl: str) -> str:
     return impl
 
 
-def _pallas_pair() -> tuple[Callable[..., jax.Array], Callable[..., jax.Array]]:
-    """(unidirectional, bidirectional) Pallas scans of the current backend."""
+def _pallas_backend() -> tuple[ModuleType, bool]:
+    """(the Pallas kernel module of the current backend, whether it runs interpreted)."""
     backend = jax.default_backend()
     if backend == "tpu":
         from cab_jax.kernels.selective_scan import pallas_tpu
 
-        return pallas_tpu.selective_scan_pallas_tpu, pallas_tpu.selective_scan_bidirectional_pallas_tpu
+        return pallas_tpu, False
     from cab_jax.kernels.selective_scan import pallas_gpu
 
-    interpret = backend == "cpu"
-    return (functools.partial(pallas_gpu.selective_scan_pallas_gpu, interpret=interpret),
-            functools.partial(pallas_gpu.selective_scan_bidirectional_pallas_gpu, interpret=interpret))
+    return pallas_gpu, backend == "cpu"
 
 
-def _resolve(impl: str, blocks: BlockSizes | None) -> Callable[..., jax.Array]:
-    name = resolve_impl(impl)
-    if name == "pallas":
-        return functools.partial(_pallas_pair()[0], blocks=blocks)
+def _pallas_launch(reverses: tuple[bool, ...], delta_softplus: bool, blocks: BlockSizes | None,
+                   d_state: int) -> tuple[Callable[..., jax.Array], KernelConfig]:
+    """The current backend's ``scan(dirs, z, cfg)`` and the ``KernelConfig`` of one launch (``blocks`` None: the
+    backend's ``default_blocks``)."""
+    module, interpret = _pallas_backend()
+    return module.scan, KernelConfig(reverses, delta_softplus, blocks or module.default_blocks(d_state), interpret)
+
+
+def _xla_impl(name: str) -> Callable[..., jax.Array]:
     return {"associative": selective_scan_associative, "reference": selective_scan_reference}[name]
 
 
@@ -105,9 +109,13 @@ def selective_scan(
     D, delta_bias: (d_inner,). Returns y of shape (batch, length, d_inner) and dtype ``u.dtype``.
     ``impl`` is one of ``SCAN_IMPLS``.
     """
-    fn = _resolve(impl, blocks)
+    name = resolve_impl(impl)
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
-    return fn(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus, reverse=reverse)
+    if name == "pallas":
+        scan, cfg = _pallas_launch((reverse,), delta_softplus, blocks, A.shape[1])
+        return scan((with_defaults(ScanDirection(u, delta, A, B, C, D, delta_bias)),), z, cfg)
+    return _xla_impl(name)(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
+                           reverse=reverse)
 
 
 def selective_scan_bidirectional(
@@ -131,8 +139,9 @@ def selective_scan_bidirectional(
                          f"{tuple(bwd.u.shape)}, A {tuple(fwd.A.shape)} vs {tuple(bwd.A.shape)}")
     name = resolve_impl(impl)
     if name == "pallas":
-        return _pallas_pair()[1](fwd, bwd, z, delta_softplus, blocks=blocks)
-    fn = _resolve(name, None)
+        scan, cfg = _pallas_launch((False, True), delta_softplus, blocks, fwd.A.shape[1])
+        return scan((with_defaults(fwd), with_defaults(bwd)), z, cfg)
+    fn = _xla_impl(name)
     # Each direction ungated in float32 (inputs upcast: exact), then one gate and one cast.
     pre = sum(fn(d.u.astype(jnp.float32), d.delta, d.A, d.B, d.C, D=d.D, delta_bias=d.delta_bias,
                  delta_softplus=delta_softplus, reverse=reverse) for d, reverse in ((fwd, False), (bwd, True)))

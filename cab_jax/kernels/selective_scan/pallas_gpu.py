@@ -1,4 +1,5 @@
-"""Mamba-1 selective scan as Pallas kernels lowered through Triton (GPU), forward and backward.
+"""Mamba-1 selective scan as Pallas kernels lowered through Triton (GPU), forward and backward, and ``scan``,
+their ``custom_vjp`` that ``api.py`` calls.
 
 One program owns one batch element and ``block_d`` channels of d_inner; its state (d_state, block_d) stays
 in registers, float32, while it walks the length in chunks of ``chunk`` positions (unrolled inside a
@@ -33,7 +34,6 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
-from jax.sharding import PartitionSpec as P
 
 from cab_jax.kernels.selective_scan.pallas_common import (
     BlockSizes,
@@ -43,17 +43,15 @@ from cab_jax.kernels.selective_scan.pallas_common import (
     make_scan,
     num_chunks,
     sigmoid,
-    with_defaults,
 )
 
 _F32 = jnp.float32
-_N_INPUTS = len(ScanDirection._fields)
 _LOG2E = 1.0 / math.log(2.0)
 
 # Tuned on an H100 at the Vim-S shape (BENCHMARKS.md): short chunks keep the unrolled chunk (its states and
-# the next chunk's prefetched rows) in registers. Saving every chunk start is fastest (Nsight: 2.33 ms fwd+bwd
-# at Vim-S against 2.49 with save_every 4; 11 % at length 4096); save_every 8 keeps a third of the memory.
-# Larger states get fewer channels per program.
+# the next chunk's prefetched rows) in registers. Saving every chunk start is fastest, at Vim shapes and at long
+# sequences; a larger save_every trades some speed for much less memory (BENCHMARKS.md). Larger states get
+# fewer channels per program.
 DEFAULT_BLOCKS = BlockSizes(chunk=2, block_d=32, num_warps=1, num_stages=1, save_every=1)
 
 
@@ -98,10 +96,12 @@ class _Geometry:
     def full_spec(self, shape: tuple[int, ...]) -> pl.BlockSpec:
         return pl.BlockSpec(shape, lambda b, d: (0,) * len(shape))
 
-    def dir_specs(self) -> list[pl.BlockSpec]:
-        return [self.seq_spec(self.d_inner), self.seq_spec(self.d_inner), self.full_spec((self.d_state, self.d_inner)),
-                self.seq_spec(self.d_state), self.seq_spec(self.d_state), self.full_spec((self.d_inner,)),
-                self.full_spec((self.d_inner,))]
+    def dir_specs(self) -> ScanDirection:
+        """One direction's inputs, A as (d_state, d_inner) (see ``_channels_last``)."""
+        return ScanDirection(self.seq_spec(self.d_inner), self.seq_spec(self.d_inner),
+                             self.full_spec((self.d_state, self.d_inner)), self.seq_spec(self.d_state),
+                             self.seq_spec(self.d_state), self.full_spec((self.d_inner,)),
+                             self.full_spec((self.d_inner,)))
 
     def states_spec(self) -> pl.BlockSpec:
         return pl.BlockSpec((pl.squeezed, self.n_segments, self.n_pad, self.d_inner), lambda b, d: (b, 0, 0, 0))
@@ -135,28 +135,31 @@ class _Step(NamedTuple):
 
 
 class _Direction:
-    """One direction's parameters, loaded once per program, and its per-chunk loads."""
+    """One direction's parameters, loaded once per program, and its per-chunk loads from ``refs`` (the
+    direction's input refs, A as (d_state, d_inner))."""
 
-    def __init__(self, refs, geo: _Geometry, reverse: bool, cfg: KernelConfig):
-        self.u, self.delta, a_ref, self.B, self.C, d_ref, bias_ref = refs
-        self.geo, self.reverse, self.delta_softplus, self.asm = geo, reverse, cfg.delta_softplus, not cfg.interpret
+    def __init__(self, refs: ScanDirection, geo: _Geometry, reverse: bool, cfg: KernelConfig):
+        self.refs, self.geo, self.reverse = refs, geo, reverse
+        self.delta_softplus, self.asm = cfg.delta_softplus, not cfg.interpret
         self.cols, self.dmask = geo.channels()
         self.nmask = jnp.arange(geo.n_pad) < geo.d_state
         self.ncols = pl.ds(0, geo.n_pad)
-        self.A = plgpu.load(a_ref.at[self.ncols, self.cols], mask=self.nmask[:, None] & self.dmask[None, :],
+        self.A = plgpu.load(refs.A.at[self.ncols, self.cols], mask=self.nmask[:, None] & self.dmask[None, :],
                             other=0.0).astype(_F32)
-        self.D = plgpu.load(d_ref.at[self.cols], mask=self.dmask, other=0.0).astype(_F32)
-        self.bias = plgpu.load(bias_ref.at[self.cols], mask=self.dmask, other=0.0).astype(_F32)
+        self.D = plgpu.load(refs.D.at[self.cols], mask=self.dmask, other=0.0).astype(_F32)
+        self.bias = plgpu.load(refs.delta_bias.at[self.cols], mask=self.dmask, other=0.0).astype(_F32)
 
     def load_chunk(self, c, extra_refs: tuple = ()) -> tuple[list[jax.Array], ...]:
         """All loads of chunk ``c``: per step, u, delta, B, C and a row of every (length, d_inner) ref in
         ``extra_refs`` (None entries load nothing). Masked: a chunk past either end loads nothing. (Unmasked
-        loads of the clamped position measured slower on the H100: the compiler then issues them later.)"""
+        loads of the clamped position were slower on the H100, the compiler then issues them later; see
+        BENCHMARKS.md.)"""
         rows = []
+        r = self.refs
         for t, inside in self._positions(c):
             mask, nmask = self.dmask & inside, self.nmask & inside
-            rows.append((_load_row(self.u, t, self.cols, mask), _load_row(self.delta, t, self.cols, mask),
-                         _load_row(self.B, t, self.ncols, nmask), _load_row(self.C, t, self.ncols, nmask),
+            rows.append((_load_row(r.u, t, self.cols, mask), _load_row(r.delta, t, self.cols, mask),
+                         _load_row(r.B, t, self.ncols, nmask), _load_row(r.C, t, self.ncols, nmask),
                          *(None if r is None else _load_row(r, t, self.cols, mask) for r in extra_refs)))
         return rows
 
@@ -248,133 +251,153 @@ def _softplus(x: jax.Array, asm: bool) -> jax.Array:
     return jnp.where(x > 20.0, x, log1p)
 
 
-def _forward_kernel(*refs, geo: _Geometry, cfg: KernelConfig, has_z: bool, save: bool):
-    n_dirs = len(cfg.reverses)
-    dir_refs = [refs[i * _N_INPUTS:(i + 1) * _N_INPUTS] for i in range(n_dirs)]
-    rest = list(refs[n_dirs * _N_INPUTS:])
-    z_ref = rest.pop(0) if has_z else None
-    out_ref = rest.pop(0)
-    acc_ref = rest.pop(0) if (save or n_dirs > 1) else None
-    state_refs = rest if save else [None] * n_dirs
+def _forward_kernel(dirs: tuple[ScanDirection, ...], z_ref, out_ref, acc_ref, state_refs, *, geo: _Geometry,
+                    cfg: KernelConfig):
+    """One program: the directions one after the other over one batch element and ``block_d`` channels.
 
-    for k, (drefs, reverse, state_ref) in enumerate(zip(dir_refs, cfg.reverses, state_refs, strict=True)):
-        d = _Direction(drefs, geo, reverse, cfg)
+    dirs: per direction, its input refs; z_ref: the gate (None: no gate); out_ref: the gated output;
+    acc_ref: the float32 sum of the directions so far (None for one direction without ``save``);
+    state_refs: per direction, its saved segment-start states (None without ``save``).
+    """
+    n_dirs = len(dirs)
+    for k, (refs, reverse) in enumerate(zip(dirs, cfg.reverses, strict=True)):
+        d = _Direction(refs, geo, reverse, cfg)
         first, last = k == 0, k == n_dirs - 1
         if not first and not cfg.interpret:  # (the interpreter has no threads to synchronise)
             plgpu.debug_barrier()  # the previous direction's sums in acc_ref are visible to every thread
-
         extra = (None if first else acc_ref, z_ref if last else None)
-
-        def chunk_body(c, rows, h, d=d, first=first, last=last, state_ref=state_ref):
-            if state_ref is not None:  # at segment starts only (c >= 0: lax's truncating div and rem)
-                every = jnp.int32(geo.save_every)
-                plgpu.store(state_ref.at[jax.lax.div(c, every), d.ncols, d.cols], h,
-                            mask=d.dmask[None, :] & (jax.lax.rem(c, every) == 0))
-            for s, (*_, acc, z) in zip(d.steps(c, rows), rows, strict=True):
-                h = d.update(h, s)
-                y = jnp.sum(h * s.c[:, None], axis=0) + d.D * s.u
-                if acc is not None:
-                    y = y + acc
-                if acc_ref is not None:
-                    _store_row(acc_ref, s.t, d.cols, y, s.mask)
-                if last:
-                    _store_row(out_ref, s.t, d.cols, y if z is None else y * z * _sigmoid(z, d.asm), s.mask)
-            return h
-
+        body = functools.partial(_forward_chunk, d=d, acc_ref=acc_ref, out_ref=out_ref if last else None,
+                                 state_ref=None if state_refs is None else state_refs[k])
         _prefetched_chunk_loop(0, geo.n_chunks, False, functools.partial(d.load_chunk, extra_refs=extra),
-                               chunk_body, jnp.zeros((geo.n_pad, geo.block_d), _F32))
+                               body, jnp.zeros((geo.n_pad, geo.block_d), _F32))
 
 
-def _backward_kernel(*refs, geo: _Geometry, cfg: KernelConfig, has_z: bool):
-    n_dirs = len(cfg.reverses)
-    dir_refs = [refs[i * _N_INPUTS:(i + 1) * _N_INPUTS] for i in range(n_dirs)]
-    rest = list(refs[n_dirs * _N_INPUTS:])
-    z_ref = rest.pop(0) if has_z else None
-    ypre_ref = rest.pop(0) if has_z else None
-    dout_ref = rest.pop(0)
-    state_refs = [rest.pop(0) for _ in range(n_dirs)]
-    dz_ref = rest.pop(0) if has_z else None
-    scratch_ref = rest.pop() if geo.save_every > 1 else None
-    grad_refs = [rest[i * _N_INPUTS:(i + 1) * _N_INPUTS] for i in range(n_dirs)]
+def _forward_chunk(c, rows, h, *, d: _Direction, acc_ref, out_ref, state_ref):
+    """Chunk ``c`` of direction ``d`` from state ``h`` -> the state after it. ``rows`` are the chunk's loads, each
+    with the earlier directions' sum and z where those are read. Stores the state at segment starts
+    (``state_ref``), the running sum (``acc_ref``) and the gated output (``out_ref``), where those are given."""
+    geo = d.geo
+    if state_ref is not None:  # at segment starts only (c >= 0: lax's truncating div and rem)
+        every = jnp.int32(geo.save_every)
+        plgpu.store(state_ref.at[jax.lax.div(c, every), d.ncols, d.cols], h,
+                    mask=d.dmask[None, :] & (jax.lax.rem(c, every) == 0))
+    for s, (*_, acc, z) in zip(d.steps(c, rows), rows, strict=True):
+        h = d.update(h, s)
+        y = jnp.sum(h * s.c[:, None], axis=0) + d.D * s.u
+        if acc is not None:
+            y = y + acc
+        if acc_ref is not None:
+            _store_row(acc_ref, s.t, d.cols, y, s.mask)
+        if out_ref is not None:
+            _store_row(out_ref, s.t, d.cols, y if z is None else y * z * _sigmoid(z, d.asm), s.mask)
+    return h
+
+
+def _backward_kernel(dirs: tuple[ScanDirection, ...], z_ref, ypre_ref, dout_ref, state_refs, dz_ref,
+                     grads: tuple[DirectionGrads, ...], scratch_ref, *, geo: _Geometry, cfg: KernelConfig):
+    """One program: the directions one after the other over one batch element and ``block_d`` channels.
+
+    dirs: per direction, its input refs; z_ref, ypre_ref: the gate and the ungated forward output, dz_ref: the
+    gate's gradient (all three None without a gate); dout_ref: the output's gradient; state_refs: per
+    direction, its saved segment-start states; grads: per direction, its gradients' refs (dB, dC per channel
+    block, dA, dD, d delta_bias per batch element); scratch_ref: this program's ``save_every`` chunk-start
+    states (None for ``save_every`` 1).
+    """
     cols, dmask = geo.channels()
-    barrier = (lambda: None) if cfg.interpret else plgpu.debug_barrier  # scratch written by other threads
-
-    for k, (drefs, reverse, state_ref, grefs) in enumerate(
-            zip(dir_refs, cfg.reverses, state_refs, grad_refs, strict=True)):
-        d = _Direction(drefs, geo, reverse, cfg)
-        du_ref, ddelta_ref, da_ref, db_ref, dc_ref, dd_ref, dbias_ref = grefs
-        write_dz = has_z and k == 0
-
+    for k, (refs, reverse, state_ref, g) in enumerate(zip(dirs, cfg.reverses, state_refs, grads, strict=True)):
+        d = _Direction(refs, geo, reverse, cfg)
+        write_dz = z_ref is not None and k == 0
         extra = (dout_ref, z_ref, ypre_ref if write_dz else None)
-
-        def recompute_body(c, rows, h, d=d, first=None):
-            scratch_ref[c - first] = h
-            for s in d.steps(c, rows):
-                h = d.update(h, s)
-            return h
-
-        def chunk_body(c, loaded, carry, d=d, write_dz=write_dz, du_ref=du_ref, ddelta_ref=ddelta_ref,
-                       db_ref=db_ref, dc_ref=dc_ref, start_state=None):
-            # saved: the chunk's start state where it was prefetched with the rows (one level), else None. (The
-            # two-level path reads its scratch here instead: prefetching that measured 2.5 % slower.)
-            rows, saved = loaded
-            dh, dA, dD, dbias = carry
-            steps = d.steps(c, rows)
-            states = [saved if start_state is None else start_state(c)]
-            decays = [d.decay(s) for s in steps]  # one exp per state entry, reused by both sweeps
-            for s, a in zip(steps, decays, strict=True):  # Recompute the chunk's states from its start.
-                states.append(d.update(states[-1], s, a))
-            for i in reversed(range(geo.chunk)):
-                s, (*_, dy, z, ypre) = steps[i], rows[i]
-                if z is not None:
-                    sig = sigmoid(z)  # (IEEE here: the approximate one measured 3 % slower in this kernel)
-                    if write_dz:
-                        _store_row(dz_ref, s.t, d.cols, dy * ypre * sig * (1.0 + z * (1.0 - sig)), s.mask)
-                    dy = dy * z * sig
-                dh = _fma(s.c[:, None], dy[None, :], dh, d.asm)
-                _store_row(dc_ref, s.t, d.ncols, jnp.sum(states[i + 1] * dy[None, :], axis=1), s.nmask)
-                dh_a = dh * decays[i]  # dh of the previous position, before its output's term
-                dh_a_hprev = dh_a * states[i]
-                b_dh = jnp.sum(dh * s.b[:, None], axis=0)  # shared by du and d delta
-                ddt = jnp.sum(dh_a_hprev * d.A, axis=0) + s.u * b_dh
-                dA = _fma(dh_a_hprev, s.dt[None, :], dA, d.asm)
-                _store_row(db_ref, s.t, d.ncols, jnp.sum(dh * (s.dt * s.u)[None, :], axis=1), s.nmask)
-                _store_row(du_ref, s.t, d.cols, b_dh * s.dt + d.D * dy, s.mask)
-                dD = dD + dy * s.u
-                dpre = ddt * sigmoid(s.pre) if cfg.delta_softplus else ddt
-                dpre = jnp.where(s.mask, dpre, 0.0)
-                dbias = dbias + dpre
-                _store_row(ddelta_ref, s.t, d.cols, dpre, s.mask)
-                dh = dh_a
-            return dh, dA, dD, dbias
-
-        def segment_body(j, carry, d=d, state_ref=state_ref, recompute_body=recompute_body,
-                         chunk_body=chunk_body, extra=extra):
-            segment = geo.n_segments - 1 - j
-            first = segment * geo.save_every
-            h = d.load_state(state_ref, segment)
-            barrier()  # the previous segment's reads of the scratch are done
-            h = _prefetched_chunk_loop(first, geo.save_every - 1, False, d.load_chunk,
-                                       functools.partial(recompute_body, first=first), h)
-            scratch_ref[geo.save_every - 1] = h  # (the state after the last chunk is not needed)
-            barrier()
-            return _prefetched_chunk_loop(first, geo.save_every, True, lambda c: (d.load_chunk(c, extra), None),
-                                          functools.partial(chunk_body, start_state=lambda c: scratch_ref[c - first]),
-                                          carry)
-
+        chunk_body = functools.partial(_backward_chunk, d=d, grads=g, dz_ref=dz_ref if write_dz else None)
         zeros_dn = jnp.zeros((geo.n_pad, geo.block_d), _F32)
         zeros_d = jnp.zeros((geo.block_d,), _F32)
         init = (zeros_dn, zeros_dn, zeros_d, zeros_d)
         if geo.save_every == 1:  # every chunk start was saved, and is prefetched with the chunk: no scratch
-            def load(c, d=d, state_ref=state_ref, extra=extra):
-                return d.load_chunk(c, extra), d.load_state(state_ref, jnp.maximum(c, 0))
-
+            load = functools.partial(_load_chunk_and_state, d=d, state_ref=state_ref, extra=extra)
             _, dA, dD, dbias = _prefetched_chunk_loop(0, geo.n_chunks, True, load, chunk_body, init)
         else:
+            segment_body = functools.partial(_backward_segment, d=d, state_ref=state_ref, scratch_ref=scratch_ref,
+                                             extra=extra, chunk_body=chunk_body)
             _, dA, dD, dbias = jax.lax.fori_loop(0, geo.n_segments, segment_body, init)
-        plgpu.store(da_ref.at[d.ncols, cols], dA, mask=dmask[None, :])
-        plgpu.store(dd_ref.at[cols], dD, mask=dmask)
-        plgpu.store(dbias_ref.at[cols], dbias, mask=dmask)
+        plgpu.store(g.dA.at[d.ncols, cols], dA, mask=dmask[None, :])
+        plgpu.store(g.dD.at[cols], dD, mask=dmask)
+        plgpu.store(g.ddelta_bias.at[cols], dbias, mask=dmask)
+
+
+def _load_chunk_and_state(c, *, d: _Direction, state_ref, extra: tuple):
+    """The one-level backward's loads of chunk ``c``: its rows and its saved start state."""
+    return d.load_chunk(c, extra), d.load_state(state_ref, jnp.maximum(c, 0))
+
+
+def _backward_segment(j, carry, *, d: _Direction, state_ref, scratch_ref, extra: tuple, chunk_body):
+    """The two-level backward's ``j``-th segment from the end: recompute its chunk-start states from the saved
+    one into ``scratch_ref``, then walk its chunks backwards with ``chunk_body``."""
+    geo = d.geo
+    segment = geo.n_segments - 1 - j
+    first = segment * geo.save_every
+    h = d.load_state(state_ref, segment)
+    _barrier(d.asm)  # the previous segment's reads of the scratch are done
+    h = _prefetched_chunk_loop(first, geo.save_every - 1, False, d.load_chunk,
+                               functools.partial(_recompute_chunk, d=d, scratch_ref=scratch_ref, first=first), h)
+    scratch_ref[geo.save_every - 1] = h  # (the state after the last chunk is not needed)
+    _barrier(d.asm)
+    return _prefetched_chunk_loop(first, geo.save_every, True, lambda c: (d.load_chunk(c, extra), None),
+                                  functools.partial(chunk_body, start_state=lambda c: scratch_ref[c - first]),
+                                  carry)
+
+
+def _barrier(asm: bool) -> None:
+    """Compiled, a barrier of the program's threads (the scratch is written and read by different ones)."""
+    if asm:
+        plgpu.debug_barrier()
+
+
+def _recompute_chunk(c, rows, h, *, d: _Direction, scratch_ref, first):
+    """Stores chunk ``c``'s start state ``h`` in the segment's scratch (its chunk ``first`` at index 0) and
+    returns the state after the chunk."""
+    scratch_ref[c - first] = h
+    for s in d.steps(c, rows):
+        h = d.update(h, s)
+    return h
+
+
+def _backward_chunk(c, loaded, carry, *, d: _Direction, grads: DirectionGrads, dz_ref, start_state=None):
+    """Chunk ``c`` of direction ``d`` backwards: (dh, dA, dD, d delta_bias) after it -> before it. Writes the
+    chunk's du, d delta, dB, dC rows into ``grads`` and, where ``dz_ref`` is given, dz. ``loaded`` is (rows,
+    the chunk's start state where it was prefetched with them (one level), else None); ``start_state(c)``
+    gives it otherwise. (The two-level path reads its scratch here instead: prefetching that was slower on
+    the H100, see BENCHMARKS.md.)"""
+    geo = d.geo
+    rows, saved = loaded
+    dh, dA, dD, dbias = carry
+    steps = d.steps(c, rows)
+    states = [saved if start_state is None else start_state(c)]
+    decays = [d.decay(s) for s in steps]  # one exp per state entry, reused by both sweeps
+    for s, a in zip(steps, decays, strict=True):  # Recompute the chunk's states from its start.
+        states.append(d.update(states[-1], s, a))
+    for i in reversed(range(geo.chunk)):
+        s, (*_, dy, z, ypre) = steps[i], rows[i]
+        if z is not None:
+            sig = sigmoid(z)  # (IEEE here: the approximate one was slower in this kernel, see BENCHMARKS.md)
+            if dz_ref is not None:
+                _store_row(dz_ref, s.t, d.cols, dy * ypre * sig * (1.0 + z * (1.0 - sig)), s.mask)
+            dy = dy * z * sig
+        dh = _fma(s.c[:, None], dy[None, :], dh, d.asm)
+        _store_row(grads.dC, s.t, d.ncols, jnp.sum(states[i + 1] * dy[None, :], axis=1), s.nmask)
+        dh_a = dh * decays[i]  # dh of the previous position, before its output's term
+        dh_a_hprev = dh_a * states[i]
+        b_dh = jnp.sum(dh * s.b[:, None], axis=0)  # shared by du and d delta
+        ddt = jnp.sum(dh_a_hprev * d.A, axis=0) + s.u * b_dh
+        dA = _fma(dh_a_hprev, s.dt[None, :], dA, d.asm)
+        _store_row(grads.dB, s.t, d.ncols, jnp.sum(dh * (s.dt * s.u)[None, :], axis=1), s.nmask)
+        _store_row(grads.du, s.t, d.cols, b_dh * s.dt + d.D * dy, s.mask)
+        dD = dD + dy * s.u
+        dpre = ddt * sigmoid(s.pre) if d.delta_softplus else ddt
+        dpre = jnp.where(s.mask, dpre, 0.0)
+        dbias = dbias + dpre
+        _store_row(grads.ddelta, s.t, d.cols, dpre, s.mask)
+        dh = dh_a
+    return dh, dA, dD, dbias
 
 
 def _channels_last(dirs: tuple[ScanDirection, ...]) -> tuple[ScanDirection, ...]:
@@ -390,22 +413,21 @@ def _compiler_params(blocks: BlockSizes) -> plgpu.CompilerParams:
 def _forward(dirs: tuple[ScanDirection, ...], z: jax.Array | None, cfg: KernelConfig, save: bool):
     u = dirs[0].u
     geo = _Geometry(u, dirs[0].A.shape[1], cfg.blocks)
-    act = jax.ShapeDtypeStruct(u.shape, u.dtype)
-    act32 = jax.ShapeDtypeStruct(u.shape, _F32)
-    states = jax.ShapeDtypeStruct((geo.batch, geo.n_segments, geo.n_pad, geo.d_inner), _F32)
+    seq = geo.seq_spec(geo.d_inner)
     keep_acc = save or len(dirs) > 1
-    out_shape = [act] + ([act32] if keep_acc else []) + ([states] * len(dirs) if save else [])
-    out_specs = ([geo.seq_spec(geo.d_inner)] * (2 if keep_acc else 1)
-                 + ([geo.states_spec()] * len(dirs) if save else []))
-    in_specs = geo.dir_specs() * len(dirs) + ([geo.seq_spec(geo.d_inner)] if z is not None else [])
-    outs = pl.pallas_call(
-        functools.partial(_forward_kernel, geo=geo, cfg=cfg, has_z=z is not None, save=save),
-        grid=geo.grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+    states = jax.ShapeDtypeStruct((geo.batch, geo.n_segments, geo.n_pad, geo.d_inner), _F32)
+    out, acc, states = pl.pallas_call(
+        functools.partial(_forward_kernel, geo=geo, cfg=cfg),
+        grid=geo.grid,
+        in_specs=((geo.dir_specs(),) * len(dirs), None if z is None else seq),
+        out_specs=(seq, seq if keep_acc else None, (geo.states_spec(),) * len(dirs) if save else None),
+        out_shape=(jax.ShapeDtypeStruct(u.shape, u.dtype), jax.ShapeDtypeStruct(u.shape, _F32) if keep_acc else None,
+                   (states,) * len(dirs) if save else None),
         compiler_params=_compiler_params(cfg.blocks), interpret=cfg.interpret, name="selective_scan_fwd",
-    )(*[x for d in _channels_last(dirs) for x in d], *([z] if z is not None else []))
+    )(_channels_last(dirs), z)
     if not save:
-        return outs[0], None, None
-    return outs[0], outs[1], tuple(outs[2:])
+        return out, None, None
+    return out, acc, states
 
 
 def _backward(dirs, z, ypre, states, dout, cfg: KernelConfig):
@@ -419,64 +441,26 @@ def _backward(dirs, z, ypre, states, dout, cfg: KernelConfig):
     per_batch_d = jax.ShapeDtypeStruct((b, d_inner), _F32)
     batch_dn_spec = pl.BlockSpec((pl.squeezed, n_pad, d_inner), lambda i, j: (i, 0, 0))
     batch_d_spec = pl.BlockSpec((pl.squeezed, d_inner), lambda i, j: (i, 0))
-    grad_shapes = [act32, act32, per_batch_dn, per_dblock, per_dblock, per_batch_d, per_batch_d]
-    grad_specs = [geo.seq_spec(d_inner)] * 2 + [batch_dn_spec, per_dblock_spec, per_dblock_spec,
-                                                batch_d_spec, batch_d_spec]
-    has_z = z is not None
+    grad_shapes = DirectionGrads(act32, act32, per_batch_dn, per_dblock, per_dblock, per_batch_d, per_batch_d)
     seq = geo.seq_spec(d_inner)
-    in_specs = (geo.dir_specs() * len(dirs) + ([seq, seq] if has_z else []) + [seq]
-                + [geo.states_spec()] * len(dirs))
-    scratch = [geo.scratch()] if geo.save_every > 1 else []
-    out_shape = ([act32] if has_z else []) + grad_shapes * len(dirs) + [shape for shape, _ in scratch]
-    out_specs = ([seq] if has_z else []) + grad_specs * len(dirs) + [spec for _, spec in scratch]
-    outs = pl.pallas_call(
-        functools.partial(_backward_kernel, geo=geo, cfg=cfg, has_z=has_z),
-        grid=geo.grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+    grad_specs = DirectionGrads(seq, seq, batch_dn_spec, per_dblock_spec, per_dblock_spec, batch_d_spec,
+                                batch_d_spec)
+    has_z = z is not None
+    scratch, scratch_spec = geo.scratch() if geo.save_every > 1 else (None, None)
+    dz, raw, _ = pl.pallas_call(
+        functools.partial(_backward_kernel, geo=geo, cfg=cfg),
+        grid=geo.grid,
+        in_specs=((geo.dir_specs(),) * len(dirs), seq if has_z else None, seq if has_z else None, seq,
+                  (geo.states_spec(),) * len(dirs)),
+        out_specs=(seq if has_z else None, (grad_specs,) * len(dirs), scratch_spec),
+        out_shape=(act32 if has_z else None, (grad_shapes,) * len(dirs), scratch),
         compiler_params=_compiler_params(cfg.blocks), interpret=cfg.interpret, name="selective_scan_bwd",
-    )(*[x for d in _channels_last(dirs) for x in d], *([z, ypre] if has_z else []), dout, *states)
-    dz = outs[0] if has_z else None
-    raw = outs[int(has_z):int(has_z) + _N_INPUTS * len(dirs)]
-    grads = []
-    for k in range(len(dirs)):
-        du, ddelta, dA, dB, dC, dD, dbias = raw[k * _N_INPUTS:(k + 1) * _N_INPUTS]
-        n = geo.d_state
-        grads.append(DirectionGrads(du, ddelta, dA.sum(0)[:n].T, dB.sum(1)[..., :n], dC.sum(1)[..., :n],
-                                    dD.sum(0), dbias.sum(0)))
-    return tuple(grads), dz
+    )(_channels_last(dirs), z, ypre if has_z else None, dout, states)
+    n = geo.d_state
+    grads = tuple(DirectionGrads(g.du, g.ddelta, g.dA.sum(0)[:n].T, g.dB.sum(1)[..., :n], g.dC.sum(1)[..., :n],
+                                 g.dD.sum(0), g.ddelta_bias.sum(0)) for g in raw)
+    return grads, dz
 
 
-_scan = make_scan(_forward, _backward, lambda batch, channels: P(batch, None, None, channels))
-
-
-def selective_scan_pallas_gpu(
-    u: jax.Array,
-    delta: jax.Array,
-    A: jax.Array,
-    B: jax.Array,
-    C: jax.Array,
-    D: jax.Array | None = None,
-    z: jax.Array | None = None,
-    delta_bias: jax.Array | None = None,
-    delta_softplus: bool = False,
-    reverse: bool = False,
-    *,
-    blocks: BlockSizes | None = None,
-    interpret: bool = False,
-) -> jax.Array:
-    """Selective scan (semantics of ``reference.selective_scan_reference``) as a Triton Pallas kernel."""
-    cfg = KernelConfig((reverse,), delta_softplus, blocks or default_blocks(A.shape[1]), interpret)
-    return _scan((with_defaults(ScanDirection(u, delta, A, B, C, D, delta_bias)),), z, cfg)
-
-
-def selective_scan_bidirectional_pallas_gpu(
-    fwd: ScanDirection,
-    bwd: ScanDirection,
-    z: jax.Array | None = None,
-    delta_softplus: bool = False,
-    *,
-    blocks: BlockSizes | None = None,
-    interpret: bool = False,
-) -> jax.Array:
-    """(scan(fwd) + scan(bwd, reverse=True)) * silu(z) in one launch; ``bwd`` is read back to front in place."""
-    cfg = KernelConfig((False, True), delta_softplus, blocks or default_blocks(fwd.A.shape[1]), interpret)
-    return _scan((with_defaults(fwd), with_defaults(bwd)), z, cfg)
+# The Triton kernels as scan(dirs, z, cfg) -> out, with their custom_vjp (what api.py calls).
+scan = make_scan(_forward, _backward)

@@ -1,4 +1,5 @@
-"""Mamba-1 selective scan as Pallas kernels lowered through Mosaic (TPU), forward and backward.
+"""Mamba-1 selective scan as Pallas kernels lowered through Mosaic (TPU), forward and backward, and ``scan``,
+their ``custom_vjp`` that ``api.py`` calls.
 
 Grid (batch, d_inner blocks, [direction,] chunk): the chunk axis (and the direction axis) runs in order
 ("arbitrary") and carries the float32 state, laid out (d_state_padded, block_d) with d_inner on lanes, in a
@@ -32,7 +33,6 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-from jax.sharding import PartitionSpec as P
 
 from cab_jax.kernels.selective_scan.pallas_common import (
     BlockSizes,
@@ -43,12 +43,10 @@ from cab_jax.kernels.selective_scan.pallas_common import (
     num_chunks,
     sigmoid,
     softplus,
-    with_defaults,
 )
 
 _F32 = jnp.float32
 _I32 = jnp.int32
-_N_INPUTS = len(ScanDirection._fields)
 _SUBLANES, _LANES = 8, 128
 _SQ = pl.squeezed
 
@@ -88,11 +86,12 @@ class _Geometry:
         x = jnp.swapaxes(x, 2, 3).reshape(self.batch, self.n_chunks * self.chunk, self.n_pad)
         return x[:, :self.length, :self.d_state]
 
-    def kernel_inputs(self, d: ScanDirection) -> list[jax.Array]:
+    def kernel_inputs(self, d: ScanDirection) -> ScanDirection:
         """u, delta as given; A transposed to (n_pad, d_inner); B, C in chunks; D, delta_bias as (1, d_inner)."""
         a_t = jnp.pad(d.A.astype(_F32).T, ((0, self.n_pad - self.d_state), (0, 0)))
         row = lambda x: x.astype(_F32).reshape(1, self.d_inner)
-        return [d.u, d.delta, a_t, self.to_chunks(d.B), self.to_chunks(d.C), row(d.D), row(d.delta_bias)]
+        return ScanDirection(d.u, d.delta, a_t, self.to_chunks(d.B), self.to_chunks(d.C), row(d.D),
+                             row(d.delta_bias))
 
 
 class _Specs:
@@ -119,9 +118,10 @@ class _Specs:
     def params(self, rows: int) -> pl.BlockSpec:
         return self._spec((rows, self.geo.block_d), lambda b, d, ci, c: (0, d))
 
-    def inputs(self) -> list[pl.BlockSpec]:
+    def inputs(self) -> ScanDirection:
+        """The specs of ``_Geometry.kernel_inputs``."""
         act, cols, row = self.act(), self.chunk_cols(), self.params(1)
-        return [act, act, self.params(self.geo.n_pad), cols, cols, row, row]
+        return ScanDirection(act, act, self.params(self.geo.n_pad), cols, cols, row, row)
 
     def state(self) -> pl.BlockSpec:
         return self._spec((_SQ, _SQ, self.geo.n_pad, self.geo.block_d), lambda b, d, ci, c: (b, c, 0, d))
@@ -149,16 +149,17 @@ def _lane_mask(geo: _Geometry, rows: int, lanes: jax.Array) -> jax.Array:
     return jax.lax.broadcasted_iota(_I32, (rows, geo.block_d), 1) < lanes
 
 
-def _load_tiles(refs, geo: _Geometry, ci: jax.Array, d: jax.Array, delta_softplus: bool) -> _Tiles:
-    u_ref, delta_ref, a_ref, _, _, d_ref, bias_ref = refs
-    lanes = geo.d_inner - d * geo.block_d
+def _load_tiles(refs: ScanDirection, geo: _Geometry, ci: jax.Array, dblock: jax.Array,
+                delta_softplus: bool) -> _Tiles:
+    """Chunk ``ci`` (in array order) of channel block ``dblock`` of one direction's input refs."""
+    lanes = geo.d_inner - dblock * geo.block_d
     rows = jax.lax.broadcasted_iota(_I32, (geo.chunk, geo.block_d), 0)
     mask = (rows < geo.length - ci * geo.chunk) & _lane_mask(geo, geo.chunk, lanes)
     keep = lambda ok, ref: jnp.where(ok, ref[...].astype(_F32), 0.0)
-    pre = delta_ref[...].astype(_F32) + keep(_lane_mask(geo, 1, lanes), bias_ref)
+    pre = refs.delta[...].astype(_F32) + keep(_lane_mask(geo, 1, lanes), refs.delta_bias)
     dt = jnp.where(mask, softplus(pre) if delta_softplus else pre, 0.0)
-    return _Tiles(mask, lanes, keep(mask, u_ref), pre, dt, keep(_lane_mask(geo, geo.n_pad, lanes), a_ref),
-                  keep(_lane_mask(geo, 1, lanes), d_ref))
+    return _Tiles(mask, lanes, keep(mask, refs.u), pre, dt, keep(_lane_mask(geo, geo.n_pad, lanes), refs.A),
+                  keep(_lane_mask(geo, 1, lanes), refs.D))
 
 
 def _scan_rows(geo: _Geometry, reverse: bool) -> list[int]:
@@ -174,126 +175,168 @@ def _col(ref, r: int) -> jax.Array:
     return ref[:, r:r + 1]
 
 
-def _forward_kernel(*refs, geo: _Geometry, cfg: KernelConfig, has_z: bool, has_carry: bool, has_ypre: bool,
-                    save: bool):
-    n_dirs = len(cfg.reverses)
-    it = iter(refs)
-    dir_refs = [[next(it) for _ in range(_N_INPUTS)] for _ in range(n_dirs)]
-    z_ref = next(it) if has_z else None
-    carry_ref = next(it) if has_carry else None  # float32 sum of earlier directions (from another launch)
-    out_ref = next(it)
-    ypre_ref = next(it) if has_ypre else None
-    state_refs = [next(it) if save else None for _ in range(n_dirs)]
-    h_s, dt_s, dtu_s, y_s = next(it), next(it), next(it), next(it)
-    acc_s = next(it, None)  # (n_chunks, chunk, block_d): the sum of the directions before the last one
-    d, k, c = pl.program_id(1), pl.program_id(2), pl.program_id(3)
+class _ForwardScratch(NamedTuple):
+    """The forward kernel's VMEM scratch, float32."""
 
-    def run(j: int, drefs, reverse: bool, state_ref):
-        ci = geo.n_chunks - 1 - c if reverse else c
-        bt_ref, ct_ref = drefs[3], drefs[4]
-
-        @pl.when(c == 0)
-        def _():
-            h_s[...] = jnp.zeros(h_s.shape, _F32)
-
-        if state_ref is not None:
-            state_ref[...] = h_s[...]
-        t = _load_tiles(drefs, geo, ci, d, cfg.delta_softplus)
-        dt_s[...] = t.dt
-        dtu_s[...] = t.dt * t.u
-        h = h_s[...]
-        for r in _scan_rows(geo, reverse):
-            h = jnp.exp(_row(dt_s, r) * t.A) * h + _col(bt_ref, r) * _row(dtu_s, r)
-            y_s[r:r + 1, :] = jnp.sum(h * _col(ct_ref, r), axis=0, keepdims=True)
-        h_s[...] = h
-        y = y_s[...] + t.D * t.u
-        if j > 0:
-            y = y + acc_s[ci]
-        if j < n_dirs - 1:
-            acc_s[ci] = y
-            return
-        if carry_ref is not None:
-            y = y + carry_ref[...]
-        if ypre_ref is not None:
-            ypre_ref[...] = y
-        if z_ref is not None:
-            z = z_ref[...].astype(_F32)
-            y = y * z * sigmoid(z)
-        out_ref[...] = y.astype(out_ref.dtype)
-
-    for j, args in enumerate(zip(dir_refs, cfg.reverses, state_refs, strict=True)):
-        pl.when(k == j)(functools.partial(run, j, *args))
+    h: jax.Array  # (n_pad, block_d): the state, carried over the chunk axis
+    dt: jax.Array  # (chunk, block_d) per-step rows: dt, dt * u, the scan's output
+    dtu: jax.Array
+    y: jax.Array
+    acc: jax.Array | None  # (n_chunks, chunk, block_d): the sum of the directions before the last one
 
 
-def _backward_kernel(*refs, geo: _Geometry, cfg: KernelConfig, has_z: bool):
-    n_dirs = len(cfg.reverses)
-    it = iter(refs)
-    # Per direction: its 7 inputs, the saved states, dout [and z], each with the direction's chunk order.
-    dir_refs = [[next(it) for _ in range(_N_INPUTS + 2 + has_z)] for _ in range(n_dirs)]
-    ypre_ref = next(it) if has_z else None
-    dz_ref = next(it) if has_z else None
-    grad_refs = [[next(it) for _ in range(_N_INPUTS)] for _ in range(n_dirs)]
-    dt_s, dtu_s, dy_s, ga_s, sb_s, hs_s, dh_s = it
-    d, s = pl.program_id(1), pl.program_id(2)
+class _BackwardScratch(NamedTuple):
+    """The backward kernel's VMEM scratch, float32."""
+
+    dt: jax.Array  # (chunk, block_d) per-step rows: dt, dt * u, dy, sum_n dh * A * h_prev, sum_n dh * B
+    dtu: jax.Array
+    dy: jax.Array
+    ga: jax.Array
+    sb: jax.Array
+    hs: jax.Array  # (chunk + 1, n_pad, block_d): the chunk's states
+    dh: jax.Array  # (n_dirs, n_pad, block_d): per direction, dh carried over the chunk axis
+
+
+class _BackwardDirection(NamedTuple):
+    """What the backward kernel reads of one direction, each in that direction's chunk order."""
+
+    inputs: ScanDirection
+    state: jax.Array  # the state at the chunk's start
+    dout: jax.Array
+    z: jax.Array | None
+
+
+def _zero(*refs) -> None:
+    for ref in refs:
+        ref[...] = jnp.zeros(ref.shape, _F32)
+
+
+def _forward_kernel(dirs: tuple[ScanDirection, ...], z_ref, carry_ref, out_ref, ypre_ref, state_refs,
+                    scratch: _ForwardScratch, *, geo: _Geometry, cfg: KernelConfig):
+    """Grid step (batch, channel block, direction, chunk): chunk c of one direction.
+
+    dirs: per direction, its input refs; z_ref: the gate (None: no gate); carry_ref: a float32 sum of earlier
+    directions from another launch (None: none); out_ref: the (gated) output; ypre_ref: the ungated float32
+    sum (None: not kept); state_refs: per direction, the state at the chunk's start (None without ``save``).
+    """
+    dblock, k, c = pl.program_id(1), pl.program_id(2), pl.program_id(3)
+    n_dirs = len(dirs)
+    for j, (refs, reverse) in enumerate(zip(dirs, cfg.reverses, strict=True)):
+        pl.when(k == j)(functools.partial(
+            _forward_direction, refs, None if state_refs is None else state_refs[j], dblock, c, geo=geo, cfg=cfg,
+            reverse=reverse, first=j == 0, last=j == n_dirs - 1, z_ref=z_ref, carry_ref=carry_ref,
+            out_ref=out_ref, ypre_ref=ypre_ref, scratch=scratch))
+
+
+def _forward_direction(refs: ScanDirection, state_ref, dblock, c, *, geo: _Geometry, cfg: KernelConfig,
+                       reverse: bool, first: bool, last: bool, z_ref, carry_ref, out_ref, ypre_ref,
+                       scratch: _ForwardScratch):
+    """Chunk ``c`` (in scan order) of one direction. Before the last direction, its sum with the earlier ones
+    goes to ``scratch.acc``; the last one writes the output."""
+    sc = scratch
+    ci = geo.n_chunks - 1 - c if reverse else c
+    pl.when(c == 0)(functools.partial(_zero, sc.h))
+    if state_ref is not None:
+        state_ref[...] = sc.h[...]
+    t = _load_tiles(refs, geo, ci, dblock, cfg.delta_softplus)
+    sc.dt[...] = t.dt
+    sc.dtu[...] = t.dt * t.u
+    h = sc.h[...]
+    for r in _scan_rows(geo, reverse):
+        h = jnp.exp(_row(sc.dt, r) * t.A) * h + _col(refs.B, r) * _row(sc.dtu, r)
+        sc.y[r:r + 1, :] = jnp.sum(h * _col(refs.C, r), axis=0, keepdims=True)
+    sc.h[...] = h
+    y = sc.y[...] + t.D * t.u
+    if not first:
+        y = y + sc.acc[ci]
+    if not last:
+        sc.acc[ci] = y
+        return
+    if carry_ref is not None:
+        y = y + carry_ref[...]
+    if ypre_ref is not None:
+        ypre_ref[...] = y
+    if z_ref is not None:
+        z = z_ref[...].astype(_F32)
+        y = y * z * sigmoid(z)
+    out_ref[...] = y.astype(out_ref.dtype)
+
+
+def _backward_kernel(dirs: tuple[_BackwardDirection, ...], ypre_ref, dz_ref, grads: tuple[DirectionGrads, ...],
+                     scratch: _BackwardScratch, *, geo: _Geometry, cfg: KernelConfig):
+    """Grid step (batch, channel block, s): chunk s from the end of every direction, one after the other.
+
+    dirs: per direction, its inputs, saved state, output gradient and gate (None: no gate) in its chunk
+    order; ypre_ref: the ungated forward output and dz_ref the gate's gradient (both None without a gate);
+    grads: per direction, its gradients' refs (dB, dC per channel block and chunk, dA, dD, d delta_bias
+    accumulated over the chunk axis).
+    """
+    dblock, s = pl.program_id(1), pl.program_id(2)
     cols = jax.lax.broadcasted_iota(_I32, (geo.n_pad, geo.chunk), 1)
+    for j, (refs, g, reverse) in enumerate(zip(dirs, grads, cfg.reverses, strict=True)):
+        _backward_direction(j, refs, g, dblock, s, cols, geo=geo, cfg=cfg, reverse=reverse, ypre_ref=ypre_ref,
+                            dz_ref=dz_ref if j == 0 else None, scratch=scratch)
 
-    for j, (drefs, grefs, reverse) in enumerate(zip(dir_refs, grad_refs, cfg.reverses, strict=True)):
-        bt_ref, ct_ref, state_ref, dout_ref = drefs[3], drefs[4], drefs[_N_INPUTS], drefs[_N_INPUTS + 1]
-        du_ref, ddelta_ref, da_ref, db_ref, dc_ref, dd_ref, dbias_ref = grefs
-        ci = s if reverse else geo.n_chunks - 1 - s
 
-        @pl.when(s == 0)
-        def _(j=j, da_ref=da_ref, dd_ref=dd_ref, dbias_ref=dbias_ref):
-            dh_s[j] = jnp.zeros(dh_s.shape[1:], _F32)
-            for ref in (da_ref, dd_ref, dbias_ref):
-                ref[...] = jnp.zeros(ref.shape, _F32)
+def _start_backward_direction(dh_s, j: int, g: DirectionGrads) -> None:
+    dh_s[j] = jnp.zeros(dh_s.shape[1:], _F32)
+    _zero(g.dA, g.dD, g.ddelta_bias)
 
-        t = _load_tiles(drefs[:_N_INPUTS], geo, ci, d, cfg.delta_softplus)
-        dy = dout_ref[...].astype(_F32)
-        if has_z:
-            z = drefs[_N_INPUTS + 2][...].astype(_F32)
-            sig = sigmoid(z)
-            if j == 0:
-                dz_ref[...] = (dy * ypre_ref[...] * sig * (1.0 + z * (1.0 - sig))).astype(dz_ref.dtype)
-            dy = dy * z * sig
-        dy = jnp.where(t.mask, dy, 0.0)
-        dt_s[...] = t.dt
-        dtu_s[...] = t.dt * t.u
-        dy_s[...] = dy
 
-        rows = _scan_rows(geo, reverse)
-        h = jnp.where(_lane_mask(geo, geo.n_pad, t.lanes), state_ref[...], 0.0)
-        hs_s[0] = h
-        for i, r in enumerate(rows):  # Recompute the states inside the chunk: hs_s[i + 1] after step i.
-            h = jnp.exp(_row(dt_s, r) * t.A) * h + _col(bt_ref, r) * _row(dtu_s, r)
-            hs_s[i + 1] = h
+def _backward_direction(j: int, refs: _BackwardDirection, g: DirectionGrads, dblock, s, cols, *, geo: _Geometry,
+                        cfg: KernelConfig, reverse: bool, ypre_ref, dz_ref, scratch: _BackwardScratch):
+    """Direction ``j``'s chunk s from its end: recompute the chunk's states, carry dh back through it, write
+    the chunk's gradients (and dz, where ``dz_ref`` is given)."""
+    sc, x = scratch, refs.inputs
+    ci = s if reverse else geo.n_chunks - 1 - s
+    pl.when(s == 0)(functools.partial(_start_backward_direction, sc.dh, j, g))
 
-        dh, dA = dh_s[j], jnp.zeros((geo.n_pad, geo.block_d), _F32)
-        db = dc = jnp.zeros((geo.n_pad, geo.chunk), _F32)
-        for i in reversed(range(geo.chunk)):
-            r = rows[i]
-            dt_r, dy_r, b_col = _row(dt_s, r), _row(dy_s, r), _col(bt_ref, r)
-            dh = dh + _col(ct_ref, r) * dy_r
-            dc = jnp.where(cols == r, jnp.sum(hs_s[i + 1] * dy_r, axis=1, keepdims=True), dc)
-            a = jnp.exp(dt_r * t.A)
-            g = dh * a * hs_s[i]
-            dA = dA + dt_r * g
-            ga_s[r:r + 1, :] = jnp.sum(g * t.A, axis=0, keepdims=True)
-            sb_s[r:r + 1, :] = jnp.sum(dh * b_col, axis=0, keepdims=True)
-            db = jnp.where(cols == r, jnp.sum(dh * _row(dtu_s, r), axis=1, keepdims=True), db)
-            dh = a * dh
-        dh_s[j] = dh
+    t = _load_tiles(x, geo, ci, dblock, cfg.delta_softplus)
+    dy = refs.dout[...].astype(_F32)
+    if refs.z is not None:
+        z = refs.z[...].astype(_F32)
+        sig = sigmoid(z)
+        if dz_ref is not None:
+            dz_ref[...] = (dy * ypre_ref[...] * sig * (1.0 + z * (1.0 - sig))).astype(dz_ref.dtype)
+        dy = dy * z * sig
+    dy = jnp.where(t.mask, dy, 0.0)
+    sc.dt[...] = t.dt
+    sc.dtu[...] = t.dt * t.u
+    sc.dy[...] = dy
 
-        sb = sb_s[...]  # sum_n dh * B: d/d(dt * u)
-        ddt = ga_s[...] + sb * t.u
-        dpre = jnp.where(t.mask, ddt * sigmoid(t.pre) if cfg.delta_softplus else ddt, 0.0)
-        du_ref[...] = (sb * t.dt + t.D * dy).astype(du_ref.dtype)
-        ddelta_ref[...] = dpre.astype(ddelta_ref.dtype)
-        db_ref[...] = db
-        dc_ref[...] = dc
-        da_ref[...] += dA
-        dd_ref[...] += jnp.sum(dy * t.u, axis=0, keepdims=True)
-        dbias_ref[...] += jnp.sum(dpre, axis=0, keepdims=True)
+    rows = _scan_rows(geo, reverse)
+    h = jnp.where(_lane_mask(geo, geo.n_pad, t.lanes), refs.state[...], 0.0)
+    sc.hs[0] = h
+    for i, r in enumerate(rows):  # Recompute the states inside the chunk: hs[i + 1] after step i.
+        h = jnp.exp(_row(sc.dt, r) * t.A) * h + _col(x.B, r) * _row(sc.dtu, r)
+        sc.hs[i + 1] = h
+
+    dh, dA = sc.dh[j], jnp.zeros((geo.n_pad, geo.block_d), _F32)
+    db = dc = jnp.zeros((geo.n_pad, geo.chunk), _F32)
+    for i in reversed(range(geo.chunk)):
+        r = rows[i]
+        dt_r, dy_r, b_col = _row(sc.dt, r), _row(sc.dy, r), _col(x.B, r)
+        dh = dh + _col(x.C, r) * dy_r
+        dc = jnp.where(cols == r, jnp.sum(sc.hs[i + 1] * dy_r, axis=1, keepdims=True), dc)
+        a = jnp.exp(dt_r * t.A)
+        ga = dh * a * sc.hs[i]
+        dA = dA + dt_r * ga
+        sc.ga[r:r + 1, :] = jnp.sum(ga * t.A, axis=0, keepdims=True)
+        sc.sb[r:r + 1, :] = jnp.sum(dh * b_col, axis=0, keepdims=True)
+        db = jnp.where(cols == r, jnp.sum(dh * _row(sc.dtu, r), axis=1, keepdims=True), db)
+        dh = a * dh
+    sc.dh[j] = dh
+
+    sb = sc.sb[...]  # sum_n dh * B: d/d(dt * u)
+    ddt = sc.ga[...] + sb * t.u
+    dpre = jnp.where(t.mask, ddt * sigmoid(t.pre) if cfg.delta_softplus else ddt, 0.0)
+    g.du[...] = (sb * t.dt + t.D * dy).astype(g.du.dtype)
+    g.ddelta[...] = dpre.astype(g.ddelta.dtype)
+    g.dB[...] = db
+    g.dC[...] = dc
+    g.dA[...] += dA
+    g.dD[...] += jnp.sum(dy * t.u, axis=0, keepdims=True)
+    g.ddelta_bias[...] += jnp.sum(dpre, axis=0, keepdims=True)
 
 
 def _vmem(shape: tuple[int, ...]) -> pltpu.VMEM:
@@ -337,27 +380,22 @@ def _forward_call(dirs: tuple[ScanDirection, ...], z: jax.Array | None, cfg: Ker
         return lambda b, d, k, c: (b, d, jnp.where(k < j, 0, jnp.where(k > j, last, c)))
 
     specs = [_Specs(geo, scan(j), r) for j, r in enumerate(cfg.reverses)]
-    extra = ([z] if has_z else []) + ([carry] if carry is not None else [])
+    act = specs[-1].act()
     states = jax.ShapeDtypeStruct((geo.batch, geo.n_chunks, geo.n_pad, geo.d_inner), _F32)
-    out_shape = [jax.ShapeDtypeStruct(u.shape, u.dtype if finish else _F32)]
-    out_shape += [jax.ShapeDtypeStruct(u.shape, _F32)] if has_ypre else []
-    out_shape += [states] * n_dirs if save else []
-    out_specs = [specs[-1].act()] * (2 if has_ypre else 1) + ([sp.state() for sp in specs] if save else [])
     tile = (geo.chunk, geo.block_d)
-    scratch = [_vmem((geo.n_pad, geo.block_d)), _vmem(tile), _vmem(tile), _vmem(tile)]
-    if n_dirs > 1:
-        scratch.append(_vmem((geo.n_chunks, *tile)))
-    outs = pl.pallas_call(
-        functools.partial(_forward_kernel, geo=geo, cfg=cfg, has_z=has_z, has_carry=carry is not None,
-                          has_ypre=has_ypre, save=save),
+    scratch = _ForwardScratch(_vmem((geo.n_pad, geo.block_d)), _vmem(tile), _vmem(tile), _vmem(tile),
+                              _vmem((geo.n_chunks, *tile)) if n_dirs > 1 else None)
+    out, ypre, states = pl.pallas_call(
+        functools.partial(_forward_kernel, geo=geo, cfg=cfg),
         grid=(geo.batch, geo.n_dblocks, n_dirs, geo.n_chunks),
-        in_specs=[s for sp in specs for s in sp.inputs()] + [specs[-1].act()] * len(extra),
-        out_specs=out_specs, out_shape=out_shape, scratch_shapes=scratch,
+        in_specs=(tuple(sp.inputs() for sp in specs), act if has_z else None, act if carry is not None else None),
+        out_specs=(act, act if has_ypre else None, tuple(sp.state() for sp in specs) if save else None),
+        out_shape=(jax.ShapeDtypeStruct(u.shape, u.dtype if finish else _F32),
+                   jax.ShapeDtypeStruct(u.shape, _F32) if has_ypre else None, (states,) * n_dirs if save else None),
+        scratch_shapes=(scratch,),
         compiler_params=_compiler_params(2, 2), interpret=cfg.interpret, name="selective_scan_fwd",
-    )(*[x for d in dirs for x in geo.kernel_inputs(d)], *extra)
-    out, outs = outs[0], list(outs[1:])
-    ypre = outs.pop(0) if has_ypre else None
-    return out, ypre, (tuple(outs) if save else None)
+    )(tuple(geo.kernel_inputs(d) for d in dirs), z if has_z else None, carry)
+    return out, ypre, states
 
 
 def _backward(dirs, z, ypre, states, dout, cfg: KernelConfig):
@@ -365,75 +403,35 @@ def _backward(dirs, z, ypre, states, dout, cfg: KernelConfig):
     geo = _Geometry(u, dirs[0].A.shape[1], cfg.blocks)
     has_z = z is not None
     specs = [_Specs(geo, lambda b, d, s: (b, d, geo.n_chunks - 1 - s), r) for r in cfg.reverses]
-    in_specs, args = [], []
-    for sp, direction, state in zip(specs, dirs, states, strict=True):
-        in_specs += sp.inputs() + [sp.state(), sp.act()] + ([sp.act()] if has_z else [])
-        args += geo.kernel_inputs(direction) + [state, dout] + ([z] if has_z else [])
-    out_shape, out_specs = [], []
-    if has_z:
-        in_specs.append(specs[0].act())
-        args.append(ypre)
-        out_shape.append(jax.ShapeDtypeStruct(u.shape, z.dtype))
-        out_specs.append(specs[0].act())
+    inputs = tuple(_BackwardDirection(geo.kernel_inputs(direction), state, dout, z)
+                   for direction, state in zip(dirs, states, strict=True))
+    in_specs = tuple(_BackwardDirection(sp.inputs(), sp.state(), sp.act(), sp.act() if has_z else None)
+                     for sp in specs)
     cols = jax.ShapeDtypeStruct((geo.batch, geo.n_dblocks, geo.n_chunks, geo.n_pad, geo.chunk), _F32)
     per_batch = lambda rows: jax.ShapeDtypeStruct((geo.batch, rows, geo.d_inner), _F32)
-    for sp, direction in zip(specs, dirs, strict=True):
-        out_shape += [jax.ShapeDtypeStruct(u.shape, direction.u.dtype),
-                      jax.ShapeDtypeStruct(u.shape, direction.delta.dtype),
-                      per_batch(geo.n_pad), cols, cols, per_batch(1), per_batch(1)]
-        out_specs += [sp.act(), sp.act(), sp.per_batch(geo.n_pad), sp.per_dblock_cols(), sp.per_dblock_cols(),
-                      sp.per_batch(1), sp.per_batch(1)]
+    grad_shapes = tuple(DirectionGrads(jax.ShapeDtypeStruct(u.shape, direction.u.dtype),
+                                       jax.ShapeDtypeStruct(u.shape, direction.delta.dtype),
+                                       per_batch(geo.n_pad), cols, cols, per_batch(1), per_batch(1))
+                        for direction in dirs)
+    grad_specs = tuple(DirectionGrads(sp.act(), sp.act(), sp.per_batch(geo.n_pad), sp.per_dblock_cols(),
+                                      sp.per_dblock_cols(), sp.per_batch(1), sp.per_batch(1)) for sp in specs)
     tile = (geo.chunk, geo.block_d)
-    scratch = [_vmem(tile) for _ in range(5)] + [_vmem((geo.chunk + 1, geo.n_pad, geo.block_d)),
-                                                 _vmem((len(dirs), geo.n_pad, geo.block_d))]
-    outs = pl.pallas_call(
-        functools.partial(_backward_kernel, geo=geo, cfg=cfg, has_z=has_z),
+    scratch = _BackwardScratch(*(_vmem(tile) for _ in range(5)), _vmem((geo.chunk + 1, geo.n_pad, geo.block_d)),
+                               _vmem((len(dirs), geo.n_pad, geo.block_d)))
+    ypre_spec = dz_spec = specs[0].act() if has_z else None
+    dz, raw = pl.pallas_call(
+        functools.partial(_backward_kernel, geo=geo, cfg=cfg),
         grid=(geo.batch, geo.n_dblocks, geo.n_chunks),
-        in_specs=in_specs, out_specs=out_specs, out_shape=out_shape, scratch_shapes=scratch,
+        in_specs=(in_specs, ypre_spec), out_specs=(dz_spec, grad_specs),
+        out_shape=(jax.ShapeDtypeStruct(u.shape, z.dtype) if has_z else None, grad_shapes),
+        scratch_shapes=(scratch,),
         compiler_params=_compiler_params(2, 1), interpret=cfg.interpret, name="selective_scan_bwd",
-    )(*args)
-    dz = outs[0] if has_z else None
-    raw = outs[1:] if has_z else outs
-    grads = []
-    for k in range(len(dirs)):
-        du, ddelta, da, db, dc, dd, dbias = raw[k * _N_INPUTS:(k + 1) * _N_INPUTS]
-        grads.append(DirectionGrads(du, ddelta, da.sum(0).T[:, :geo.d_state], geo.from_chunks(db.sum(1)),
-                                    geo.from_chunks(dc.sum(1)), dd.sum((0, 1)), dbias.sum((0, 1))))
-    return tuple(grads), dz
+    )(inputs, ypre if has_z else None)
+    grads = tuple(DirectionGrads(g.du, g.ddelta, g.dA.sum(0).T[:, :geo.d_state], geo.from_chunks(g.dB.sum(1)),
+                                 geo.from_chunks(g.dC.sum(1)), g.dD.sum((0, 1)), g.ddelta_bias.sum((0, 1)))
+                  for g in raw)
+    return grads, dz
 
 
-_scan = make_scan(_forward, _backward, lambda batch, channels: P(batch, None, None, channels))
-
-
-def selective_scan_pallas_tpu(
-    u: jax.Array,
-    delta: jax.Array,
-    A: jax.Array,
-    B: jax.Array,
-    C: jax.Array,
-    D: jax.Array | None = None,
-    z: jax.Array | None = None,
-    delta_bias: jax.Array | None = None,
-    delta_softplus: bool = False,
-    reverse: bool = False,
-    *,
-    blocks: BlockSizes | None = None,
-    interpret: bool = False,
-) -> jax.Array:
-    """Selective scan (semantics of ``reference.selective_scan_reference``) as a Mosaic TPU Pallas kernel."""
-    cfg = KernelConfig((reverse,), delta_softplus, blocks or default_blocks(A.shape[1]), interpret)
-    return _scan((with_defaults(ScanDirection(u, delta, A, B, C, D, delta_bias)),), z, cfg)
-
-
-def selective_scan_bidirectional_pallas_tpu(
-    fwd: ScanDirection,
-    bwd: ScanDirection,
-    z: jax.Array | None = None,
-    delta_softplus: bool = False,
-    *,
-    blocks: BlockSizes | None = None,
-    interpret: bool = False,
-) -> jax.Array:
-    """(scan(fwd) + scan(bwd, reverse=True)) * silu(z) in one launch; ``bwd`` is read back to front in place."""
-    cfg = KernelConfig((False, True), delta_softplus, blocks or default_blocks(fwd.A.shape[1]), interpret)
-    return _scan((with_defaults(fwd), with_defaults(bwd)), z, cfg)
+# The Mosaic kernels as scan(dirs, z, cfg) -> out, with their custom_vjp (what api.py calls).
+scan = make_scan(_forward, _backward)
