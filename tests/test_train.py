@@ -68,9 +68,8 @@ def test_pallas_scan_train_step_matches_associative(tmp_path, monkeypatch):
     kernels run with the block sizes of ``student.scan_blocks``."""
     from cab_jax.kernels.selective_scan import BlockSizes, pallas_gpu
 
-    launched, kernel = [], pallas_gpu.selective_scan_bidirectional_pallas_gpu
-    monkeypatch.setattr(pallas_gpu, "selective_scan_bidirectional_pallas_gpu",
-                        lambda *a, blocks, **kw: launched.append(blocks) or kernel(*a, blocks=blocks, **kw))
+    launched, kernel = [], pallas_gpu.scan
+    monkeypatch.setattr(pallas_gpu, "scan", lambda dirs, z, cfg: launched.append(cfg.blocks) or kernel(dirs, z, cfg))
     results = {}
     for impl in ("associative", "pallas"):
         c = small_config(tmp_path, mixup_alpha=0.0, cutmix_alpha=0.0)
