@@ -7,8 +7,8 @@ Model sizes come from ``configs/phi_mamba.py`` (Phi-1.5 teacher, 24-layer d_mode
 measurement runs in its own process so peak memory is its own.
 
 - train: one optimizer step on device-resident batches of ``tokens_per_step`` tokens; mode ``vanilla`` is the
-  student alone (CE), ``cab`` adds the frozen teacher's forward and the bridges (CE + 0.5 KL + 0.5 bridge), ``teacher`` trains
-  the teacher itself (CE), for comparison.
+  student alone (CE), ``cab`` adds the frozen teacher's forward and the bridges (CE + 0.5 KL + 0.5 bridge),
+  ``teacher`` trains the teacher itself (CE), for comparison.
 - generate: prefill a ``length``-token context, then greedy decoding of ``new_tokens`` tokens one at a time; the
   student keeps a fixed-size recurrent state, the teacher a KV cache of ``length + new_tokens`` positions.
 """

@@ -241,7 +241,7 @@ def test_decay_mask_of_the_real_models(tmp_path):
     """In the built Vim student and bridge, exactly the matrices decay: in_proj, x_proj, dt_proj, out_proj, the
     conv kernels (per layer (d_conv, d_inner)), the patch embedding, the head and the bridge kernels."""
     c = small_config(tmp_path)
-    trainer, state, _ = build_trainer(c, sharding.make_mesh(c.mesh))
+    state = build_trainer(c, sharding.make_mesh(c.mesh)).state
     axes = {"model": sharding.logical_axes(domains.for_config(c).build_student(nnx.Rngs(0))),
             "bridge": sharding.logical_axes(domains.for_config(c).build_bridge(nnx.Rngs(0)))}
     flat = jax.tree_util.tree_flatten_with_path(train.decay_mask(state["params"], axes))[0]

@@ -4,4 +4,6 @@ Pallas kernels, and ``selective_scan_bidirectional`` for Vim's two directions.""
 from cab_jax.kernels.selective_scan.api import SCAN_IMPLS, resolve_impl, selective_scan, selective_scan_bidirectional
 from cab_jax.kernels.selective_scan.pallas_common import BlockSizes, ScanDirection
 
-__all__ = ["SCAN_IMPLS", "BlockSizes", "ScanDirection", "resolve_impl", "selective_scan", "selective_scan_bidirectional"]
+__all__ = [
+    "SCAN_IMPLS", "BlockSizes", "ScanDirection", "resolve_impl", "selective_scan", "selective_scan_bidirectional",
+]
