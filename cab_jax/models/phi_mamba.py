@@ -159,11 +159,12 @@ def init_from_attention(student: PhiMamba, teacher: Phi, *, embeddings: bool = T
     In every layer (stacked: each copy covers all layers at once), the input LayerNorm and the MLP (fc1, fc2 with
     biases) are copied; the mixer's in_proj columns for x, B and C get the teacher's V, K and Q kernels (head h
     of V, K, Q lands in value head h and B/C head h); out_proj gets the attention output kernel. The teacher's
-    q/k/v/dense biases are dropped (the student has none) and rotary embedding has no counterpart. The in_proj columns for z and the decay input ``a``, z_bias,
-    the convolution and D keep their initialisation. ``embeddings``: also copy the token embedding, the final
-    LayerNorm and the LM head (CAB's initkl leaves them at their random init: ``embeddings=False``).
-    Requires equal depth, widths and heads: d_model = d_inner = hidden_size, n_qk_heads = n_v_heads = num_heads,
-    d_state = head_dim (ValueError naming every mismatch otherwise).
+    q/k/v/dense biases are dropped (the student has none) and rotary embedding has no counterpart. The in_proj
+    columns for z and the decay input ``a``, z_bias, the convolution and D keep their initialisation.
+    ``embeddings``: also copy the token embedding, the final LayerNorm and the LM head (CAB's initkl leaves them
+    at their random init: ``embeddings=False``). Requires equal depth, widths and heads: d_model = d_inner =
+    hidden_size, n_qk_heads = n_v_heads = num_heads, d_state = head_dim (ValueError naming every mismatch
+    otherwise).
     """
     _check_fits(student, teacher)
     s, t = student.layers, teacher.layers
