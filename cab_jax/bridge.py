@@ -133,7 +133,7 @@ class AttentionBridge(nnx.Module):
         rngs: nnx.Rngs,
     ):
         apply_kernel_map(jnp.zeros((1, 1)), kernel_map, token_axis=False)  # validates the name early
-        self.kernel_map, self.bidirectional = kernel_map, bidirectional
+        self.kernel_map, self.bidirectional, self.teacher_depth = kernel_map, bidirectional, teacher_depth
         self.mapping = layer_map(student_depth, teacher_depth, layers)
         self.student_layers = tuple(i for i, g in enumerate(self.mapping) if g >= 0)  # the bridged ones
         self.layers = stack_layers([LayerBridge(d_in, d_teacher, hidden, kind, bidirectional, rngs=rngs)
@@ -147,7 +147,11 @@ class AttentionBridge(nnx.Module):
         teacher_qk: (q, k), each (teacher depth, batch, heads, tokens, head_dim)."""
         if projections.B.shape[0] != len(self.mapping):
             raise ValueError(f"bridge built for {len(self.mapping)} student layers, got {projections.B.shape[0]}")
-        q_all, k_all = teacher_qk
+        q_all, k_all = jnp.asarray(teacher_qk[0]), jnp.asarray(teacher_qk[1])  # NumPy arrays take no traced index
+        if q_all.shape[0] != self.teacher_depth or k_all.shape[0] != self.teacher_depth:
+            # Checked here: indexing a traced layer past the end would silently read the teacher's last layer.
+            raise ValueError(f"bridge built for a teacher of {self.teacher_depth} layers, got (q, k) of "
+                             f"{q_all.shape[0]} and {k_all.shape[0]} layers")
         if q_all.shape[-2] != projections.B.shape[2]:
             raise ValueError(f"teacher has {q_all.shape[-2]} tokens but the student {projections.B.shape[2]}: the "
                              "image and patch sizes must give both the same token count")

@@ -1,5 +1,6 @@
-"""Tests of the attention bridge: layer maps, kernel maps, teacher targets (cls moved to the middle) and the
-bridge loss against a float64 NumPy computation written from the method's description."""
+"""Tests of the attention bridge: layer maps, kernel maps, teacher targets (cls moved to the middle), the bridged
+layers' maps stacked (equal to an unrolled build) and the bridge loss on stacked per-layer inputs against a
+layer-by-layer float64 NumPy computation written from the method's description."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cab_jax.bridge import AttentionBridge, apply_kernel_map, layer_map, teacher_targets
+from cab_jax.bridge import AttentionBridge, LayerBridge, apply_kernel_map, layer_map, teacher_targets
 from cab_jax.models.mamba import SSMProjections
 
 BATCH, HEADS, HEAD_DIM, TOKENS, D_STATE, HIDDEN = 2, 2, 4, 5, 8, 16
@@ -141,13 +142,14 @@ def test_teacher_targets_apply_the_kernel_map_per_role():
 # --------------------------------------------------------------------------------------------- bridge loss
 
 
-def np_net(net, x: np.ndarray) -> np.ndarray:
-    """BridgeNet in NumPy: Linear, then (SiLU, Linear) for each further layer."""
+def np_net(net, x: np.ndarray, j: int) -> np.ndarray:
+    """Bridged layer j's BridgeNet (index j of each stacked parameter of ``net``) in NumPy: Linear, then (SiLU,
+    Linear) for each further layer."""
     first, *rest = net.layers
-    h = x @ f64(first.kernel[...]) + f64(first.bias[...])
+    h = x @ f64(first.kernel[...])[j] + f64(first.bias[...])[j]
     for layer in rest:
         h = h / (1.0 + np.exp(-h))  # SiLU
-        h = h @ f64(layer.kernel[...]) + f64(layer.bias[...])
+        h = h @ f64(layer.kernel[...])[j] + f64(layer.bias[...])[j]
     return h
 
 
@@ -161,34 +163,45 @@ def np_targets(t: np.ndarray, kernel_map: str, role: str, cls_position: int) -> 
 
 
 def np_bridge_loss(bridge: AttentionBridge, mapping, projections, teacher_qk, kernel_map, cls_position):
+    """Layer by layer: student layer l with teacher layer g = mapping[l] >= 0 uses the j-th stacked set of maps,
+    j counting the bridged layers before l; the loss is the mean over bridged layers."""
     mse = lambda a, b: np.mean((a - b) ** 2)
+    nets = bridge.layers
+    q_all, k_all = f64(teacher_qk[0]), f64(teacher_qk[1])
     losses = []
     for layer, g in enumerate(mapping):
         if g < 0:
             continue
-        nets, proj = bridge.bridges[layer], projections[layer]
-        q = np_targets(f64(teacher_qk[g][0]), kernel_map, "q", cls_position)
-        k = np_targets(f64(teacher_qk[g][1]), kernel_map, "k", cls_position)
-        loss = mse(np_net(nets.b_to_k, f64(proj.B)), k) + mse(np_net(nets.c_to_q, f64(proj.C)), q)
-        if proj.B_b is not None:
-            loss += mse(np_net(nets.b_to_k_b, f64(proj.B_b)), k)
-            loss += mse(np_net(nets.c_to_q_b, f64(proj.C_b)), q)
+        j = len(losses)
+        B, C = f64(projections.B[layer]), f64(projections.C[layer])
+        q = np_targets(q_all[g], kernel_map, "q", cls_position)
+        k = np_targets(k_all[g], kernel_map, "k", cls_position)
+        loss = mse(np_net(nets.b_to_k, B, j), k) + mse(np_net(nets.c_to_q, C, j), q)
+        if projections.B_b is not None:
+            loss += mse(np_net(nets.b_to_k_b, f64(projections.B_b[layer]), j), k)
+            loss += mse(np_net(nets.c_to_q_b, f64(projections.C_b[layer]), j), q)
         losses.append(loss)
     return np.mean(losses)
 
 
 def random_inputs(student_depth: int, teacher_depth: int, bidirectional: bool = True, tokens: int = TOKENS,
-                  seed: int = 0):
-    keys = iter(jax.random.split(jax.random.key(seed), 4 * student_depth + 2 * teacher_depth))
-    shape = (BATCH, tokens, D_STATE)
-    projections = []
-    for _ in range(student_depth):
-        b, c, b_b, c_b = (jax.random.normal(next(keys), shape) for _ in range(4))
-        projections.append(SSMProjections(b, c, b_b, c_b) if bidirectional else SSMProjections(b, c))
-    qk_shape = (BATCH, HEADS, TOKENS, HEAD_DIM)
-    teacher_qk = [(2.0 * jax.random.normal(next(keys), qk_shape), 2.0 * jax.random.normal(next(keys), qk_shape))
-                  for _ in range(teacher_depth)]
-    return projections, teacher_qk
+                  seed: int = 0) -> tuple[SSMProjections, tuple[jax.Array, jax.Array]]:
+    """Stacked student projections, each (student_depth, batch, tokens, d_state), and stacked teacher (q, k),
+    each (teacher_depth, batch, heads, tokens, head_dim). Layer l's values are scaled by l + 1, so that a layer
+    paired with the wrong maps or targets changes the loss markedly."""
+    keys = iter(jax.random.split(jax.random.key(seed), 6))
+    shape = (student_depth, BATCH, tokens, D_STATE)
+    scale = jnp.arange(1.0, student_depth + 1.0)[:, None, None, None]
+    b, c, b_b, c_b = (scale * jax.random.normal(next(keys), shape) for _ in range(4))
+    projections = SSMProjections(b, c, b_b, c_b) if bidirectional else SSMProjections(b, c)
+    qk_shape = (teacher_depth, BATCH, HEADS, TOKENS, HEAD_DIM)
+    scale = jnp.arange(1.0, teacher_depth + 1.0)[:, None, None, None, None]
+    q, k = (scale * jax.random.normal(next(keys), qk_shape) for _ in range(2))
+    return projections, (q, k)
+
+
+def layer_slice(projections: SSMProjections, index) -> SSMProjections:
+    return jax.tree.map(lambda t: t[index], projections)
 
 
 def make_bridge(student_depth, teacher_depth, **kw) -> AttentionBridge:
@@ -197,47 +210,93 @@ def make_bridge(student_depth, teacher_depth, **kw) -> AttentionBridge:
                            d_teacher=D_TEACHER, hidden=HIDDEN, rngs=nnx.Rngs(seed), **kw)
 
 
+def randomise(bridge: AttentionBridge, seed: int = 1) -> AttentionBridge:
+    """Kernels N(0, 1/fan_in) and biases N(0, 0.25) in place of the init (std 0.02 kernels, zero biases, whose
+    near-zero outputs would leave the loss nearly the targets' mean square, whatever the maps and inputs)."""
+    rng = np.random.default_rng(seed)
+    for path, var in nnx.iter_graph(bridge):
+        if isinstance(var, nnx.Param):
+            scale = var.shape[-2] ** -0.5 if path[-1] == "kernel" else 0.5
+            var.set_value(jnp.asarray(scale * rng.standard_normal(var.shape), jnp.float32))
+    return bridge
+
+
 @pytest.mark.parametrize(
-    "kind,kernel_map,bidirectional,layers",
+    "kind,kernel_map,bidirectional,layers,mapping",
     [
-        ("mlp", "softmax", True, "proportional"),
-        ("linear", "none", True, "proportional"),
-        ("mlp", "exp", False, "last"),
-        ("mlp", "relu", True, [1, -1, 0, -1]),
+        ("mlp", "softmax", True, "proportional", (0, 0, 1, 1)),  # every teacher layer taught twice
+        ("linear", "none", True, "proportional", (0, 0, 1, 1)),
+        ("mlp", "exp", False, "last", (1, 1, 1, 1)),
+        ("mlp", "relu", True, [1, -1, 0, -1], (1, -1, 0, -1)),  # skips layers, teacher layers out of order
+        ("mlp", "softmax", True, [-1, 1, 1, 0], (-1, 1, 1, 0)),  # skips the first, reuses a teacher layer
     ],
 )
-def test_bridge_loss_matches_numpy(kind, kernel_map, bidirectional, layers):
-    bridge = make_bridge(4, 2, kind=kind, kernel_map=kernel_map, bidirectional=bidirectional, layers=layers)
+def test_bridge_loss_matches_numpy(kind, kernel_map, bidirectional, layers, mapping):
+    bridge = randomise(make_bridge(4, 2, kind=kind, kernel_map=kernel_map, bidirectional=bidirectional,
+                                   layers=layers))
     projections, teacher_qk = random_inputs(4, 2, bidirectional)
-    mapping = {"proportional": (0, 0, 1, 1), "last": (1, 1, 1, 1)}[layers] if isinstance(layers, str) else layers
-    assert bridge.mapping == tuple(mapping)
+    assert bridge.mapping == mapping
+    assert bridge.student_layers == tuple(i for i, g in enumerate(mapping) if g >= 0)
     loss = bridge(projections, teacher_qk, CLS)
     assert loss.shape == () and loss.dtype == jnp.float32
     expected = np_bridge_loss(bridge, mapping, projections, teacher_qk, kernel_map, CLS)
     np.testing.assert_allclose(loss, expected, rtol=2e-5)
+    # The comparison above tells pairings apart: each student layer's projections with another layer's maps, or
+    # with another teacher layer's targets, give a loss further off than 10x its tolerance.
+    roll = lambda tree: jax.tree.map(lambda t: jnp.roll(t, 1, axis=0), tree)
+    for other in (np_bridge_loss(bridge, mapping, roll(projections), teacher_qk, kernel_map, CLS),
+                  np_bridge_loss(bridge, mapping, projections, roll(teacher_qk), kernel_map, CLS)):
+        assert abs(other - expected) > 2e-4 * expected
+
+
+@pytest.mark.parametrize("layers", ["proportional", [1, -1, 0, -1]])
+def test_stacked_bridge_equals_an_unrolled_build(layers):
+    """The bridged layers' maps, stacked, are those of LayerBridges built one by one from the same Rngs, one per
+    bridged student layer (none for a skipped one), with "layers" in front of their logical axes."""
+    bridge = make_bridge(4, 2, layers=layers, seed=3)
+    rngs = nnx.Rngs(3)
+    unrolled = [LayerBridge(D_STATE, D_TEACHER, HIDDEN, "mlp", True, rngs=rngs) for _ in bridge.student_layers]
+    assert len(unrolled) == (4 if layers == "proportional" else 2)
+    got = {path: v for path, v in nnx.iter_graph(bridge.layers) if isinstance(v, nnx.Variable)}
+    assert len(got) == 4 * 2 * 2  # four maps of two linear layers with kernel and bias
+    for i, module in enumerate(unrolled):
+        want = {path: v for path, v in nnx.iter_graph(module) if isinstance(v, nnx.Variable)}
+        assert got.keys() == want.keys()
+        for path, var in want.items():
+            assert got[path][...].shape == (len(unrolled), *var[...].shape)
+            np.testing.assert_array_equal(got[path][...][i], var[...], err_msg=str((i, path)))
+            assert got[path].get_metadata()["logical_axes"] == ("layers", *var.get_metadata()["logical_axes"])
+    assert not np.array_equal(got[("b_to_k", "layers", 0, "kernel")][...][0],
+                              got[("b_to_k", "layers", 0, "kernel")][...][1])
 
 
 def test_bridge_skips_unmapped_layers():
     bridge = make_bridge(4, 2, layers=[1, -1, 0, -1], kernel_map="none")
-    assert bridge.bridges[1] is None and bridge.bridges[3] is None
+    assert bridge.student_layers == (0, 2)  # maps only for the bridged layers
+    assert bridge.layers.b_to_k.layers[0].kernel.shape == (2, D_STATE, HIDDEN)
     projections, teacher_qk = random_inputs(4, 2)
     loss = bridge(projections, teacher_qk, CLS)
     # Changing a skipped layer's projections changes nothing; changing a bridged one does.
-    changed = list(projections)
-    changed[1] = SSMProjections(*(t + 5.0 for t in projections[1]))
+    changed = jax.tree.map(lambda t: t.at[1].add(5.0), projections)
     np.testing.assert_array_equal(bridge(changed, teacher_qk, CLS), loss)
-    changed[2] = SSMProjections(*(t + 5.0 for t in projections[2]))
+    changed = jax.tree.map(lambda t: t.at[2].add(5.0), changed)
     assert abs(float(bridge(changed, teacher_qk, CLS)) - float(loss)) > 1e-3
+    # Likewise for a teacher layer no student layer learns (teacher layer 1 of a 3-layer teacher here).
+    bridge = make_bridge(4, 3, layers=[0, -1, 2, 2], kernel_map="none")
+    projections, (q, k) = random_inputs(4, 3)
+    loss = bridge(projections, (q, k), CLS)
+    np.testing.assert_array_equal(bridge(projections, (q.at[1].add(5.0), k.at[1].add(5.0)), CLS), loss)
+    assert abs(float(bridge(projections, (q.at[2].add(5.0), k), CLS)) - float(loss)) > 1e-3
 
 
 def test_bridge_kinds_and_shapes():
-    mlp = make_bridge(2, 2, kind="mlp").bridges[0]
-    linear = make_bridge(2, 2, kind="linear").bridges[0]
-    for net in (mlp.b_to_k, mlp.c_to_q, mlp.b_to_k_b, mlp.c_to_q_b):
-        assert [layer.kernel.shape for layer in net.layers] == [(D_STATE, HIDDEN), (HIDDEN, D_TEACHER)]
+    mlp = make_bridge(2, 2, kind="mlp").layers
+    linear = make_bridge(2, 2, kind="linear").layers
+    for net in (mlp.b_to_k, mlp.c_to_q, mlp.b_to_k_b, mlp.c_to_q_b):  # stacked over the 2 bridged layers
+        assert [layer.kernel.shape for layer in net.layers] == [(2, D_STATE, HIDDEN), (2, HIDDEN, D_TEACHER)]
     for net in (linear.b_to_k, linear.c_to_q, linear.b_to_k_b, linear.c_to_q_b):
-        assert [layer.kernel.shape for layer in net.layers] == [(D_STATE, D_TEACHER)]
-    uni = make_bridge(2, 2, bidirectional=False).bridges[0]
+        assert [layer.kernel.shape for layer in net.layers] == [(2, D_STATE, D_TEACHER)]
+    uni = make_bridge(2, 2, bidirectional=False).layers
     assert uni.b_to_k_b is None and uni.c_to_q_b is None
     with pytest.raises(ValueError, match="unknown bridge kind"):
         make_bridge(2, 2, kind="attention")
@@ -250,7 +309,21 @@ def test_bridge_shape_errors():
         bridge(projections, teacher_qk, CLS)
     projections, teacher_qk = random_inputs(4, 2)
     with pytest.raises(ValueError, match="4 student layers, got 3"):
-        bridge(projections[:3], teacher_qk, CLS)
+        bridge(layer_slice(projections, slice(0, 3)), teacher_qk, CLS)
+    # A teacher of another depth (a dynamic index past the end would silently read its last layer).
+    for depth in (1, 3):
+        _, other = random_inputs(4, depth)
+        with pytest.raises(ValueError, match=f"teacher of 2 layers, got \\(q, k\\) of {depth} and {depth} layers"):
+            bridge(projections, other, CLS)
+
+
+def test_bridge_takes_numpy_inputs():
+    """Host arrays (as a data pipeline or a test gives them) give the same loss as device arrays."""
+    bridge = make_bridge(4, 2, layers=[1, -1, 0, 0])
+    projections, (q, k) = random_inputs(4, 2)
+    loss = bridge(projections, (q, k), CLS)
+    host = jax.tree.map(np.asarray, projections)
+    np.testing.assert_array_equal(bridge(host, (np.asarray(q), np.asarray(k)), CLS), loss)
 
 
 def test_bridge_gradients():
@@ -258,8 +331,8 @@ def test_bridge_gradients():
     projections, teacher_qk = random_inputs(4, 2)
 
     grads = jax.grad(lambda p: bridge(p, teacher_qk, CLS))(projections)
-    for layer, g in enumerate(grads):
-        norms = [float(jnp.max(jnp.abs(t))) for t in g]
+    for layer in range(4):
+        norms = [float(jnp.max(jnp.abs(t[layer]))) for t in grads]
         if layer == 1:
             assert norms == [0.0] * 4  # skipped layer
         else:
@@ -267,4 +340,5 @@ def test_bridge_gradients():
 
     param_grads = nnx.grad(lambda b: b(projections, teacher_qk, CLS))(bridge)
     leaves = jax.tree.leaves(param_grads)
-    assert leaves and all(float(jnp.max(jnp.abs(g))) > 0 for g in leaves)
+    # Every bridged layer's maps (index j of every stacked parameter) receive a gradient.
+    assert leaves and all(float(jnp.max(jnp.abs(g[j]))) > 0 for g in leaves for j in range(3))

@@ -1,5 +1,6 @@
 """Tests of the distillation losses: KL against hand-computed values, soft-target cross-entropy against optax,
-label smoothing, the per-mode loss weights and top-k accuracy."""
+label smoothing, the loss modes (one vocabulary with the earlier language names as aliases) and each domain's
+weights for them, and top-k accuracy."""
 
 from __future__ import annotations
 
@@ -9,7 +10,19 @@ import numpy as np
 import optax
 import pytest
 
-from cab_jax.losses import LossWeights, kl_divergence, loss_weights, smooth_labels, soft_cross_entropy, topk_correct
+from cab_jax.losses import (
+    LANGUAGE_MODE_WEIGHTS,
+    LOSS_MODES,
+    MODE_ALIASES,
+    VISION_MODE_WEIGHTS,
+    LossWeights,
+    canonical_mode,
+    kl_divergence,
+    loss_weights,
+    smooth_labels,
+    soft_cross_entropy,
+    topk_correct,
+)
 
 
 def np_log_softmax(x: np.ndarray) -> np.ndarray:
@@ -123,26 +136,62 @@ def test_smooth_labels(smoothing):
         ("cab", (0.0, 1.0, 3.0), True),  # KL + 3 x bridge
     ],
 )
-def test_loss_weights_per_mode(mode, expected, needs_teacher):
-    w = loss_weights(mode)
+def test_vision_loss_weights_per_mode(mode, expected, needs_teacher):
+    w = loss_weights(mode, VISION_MODE_WEIGHTS)
     assert isinstance(w, LossWeights)
     assert (w.ce, w.kl, w.bridge) == expected
     assert w.needs_teacher is needs_teacher
 
 
+@pytest.mark.parametrize(
+    "mode,expected,needs_teacher",
+    [
+        ("vanilla", (1.0, 0.0, 0.0), False),  # CE only
+        ("soft", (1.0, 1.0, 0.0), True),  # CE + KL
+        ("cab", (1.0, 0.5, 0.5), True),  # CE + 0.5 KL + 0.5 bridge
+        ("ce", (1.0, 0.0, 0.0), False),  # the earlier language names
+        ("kl", (1.0, 1.0, 0.0), True),
+    ],
+)
+def test_language_loss_weights_per_mode(mode, expected, needs_teacher):
+    w = loss_weights(mode, LANGUAGE_MODE_WEIGHTS)
+    assert isinstance(w, LossWeights)
+    assert (w.ce, w.kl, w.bridge) == expected
+    assert w.needs_teacher is needs_teacher
+
+
+def test_one_mode_vocabulary_for_both_domains():
+    assert LOSS_MODES == ("vanilla", "soft", "cab")
+    assert tuple(VISION_MODE_WEIGHTS) == tuple(LANGUAGE_MODE_WEIGHTS) == LOSS_MODES
+    assert MODE_ALIASES == {"ce": "vanilla", "kl": "soft"}
+    assert [canonical_mode(m) for m in (*LOSS_MODES, "ce", "kl")] == [*LOSS_MODES, "vanilla", "soft"]
+    for alias, mode in MODE_ALIASES.items():  # an alias means the same weights in either table
+        for table in (VISION_MODE_WEIGHTS, LANGUAGE_MODE_WEIGHTS):
+            assert loss_weights(alias, table) == loss_weights(mode, table) == table[mode]
+
+
 def test_loss_weights_overrides():
-    w = loss_weights("cab", ce=0.5)
+    w = loss_weights("cab", VISION_MODE_WEIGHTS, ce=0.5)
     assert (w.ce, w.kl, w.bridge) == (0.5, 1.0, 3.0)
-    w = loss_weights("cab", kl=0.0, bridge=1.5)
+    w = loss_weights("cab", VISION_MODE_WEIGHTS, kl=0.0, bridge=1.5)
     assert (w.ce, w.kl, w.bridge) == (0.0, 0.0, 1.5)
-    assert loss_weights("vanilla", kl=0.5).needs_teacher
-    assert loss_weights("vanilla", bridge=1.0).needs_teacher
-    assert not loss_weights("cab", ce=1.0, kl=0.0, bridge=0.0).needs_teacher
+    assert loss_weights("vanilla", VISION_MODE_WEIGHTS, kl=0.5).needs_teacher
+    assert loss_weights("vanilla", VISION_MODE_WEIGHTS, bridge=1.0).needs_teacher
+    assert not loss_weights("cab", VISION_MODE_WEIGHTS, ce=1.0, kl=0.0, bridge=0.0).needs_teacher
+    # Positionally, as the domains pass the config's weights (None: the mode's own).
+    w = loss_weights("kl", LANGUAGE_MODE_WEIGHTS, None, 0.25, None)
+    assert (w.ce, w.kl, w.bridge) == (1.0, 0.25, 0.0)
+    w = loss_weights("cab", LANGUAGE_MODE_WEIGHTS, 0.0, None, 2.0)
+    assert (w.ce, w.kl, w.bridge) == (0.0, 0.5, 2.0)
 
 
-def test_loss_weights_unknown_mode():
-    with pytest.raises(ValueError, match="unknown loss mode 'distill'"):
-        loss_weights("distill")
+@pytest.mark.parametrize("table", [VISION_MODE_WEIGHTS, LANGUAGE_MODE_WEIGHTS])
+def test_loss_weights_unknown_mode(table):
+    message = r"unknown loss mode 'distill'; expected one of \('vanilla', 'soft', 'cab'\) .*'ce' for 'vanilla'"
+    with pytest.raises(ValueError, match=message):
+        loss_weights("distill", table)
+    with pytest.raises(ValueError, match="unknown loss mode 'CAB'"):
+        canonical_mode("CAB")
 
 
 # ------------------------------------------------------------------------------------------------ top-k

@@ -1,6 +1,7 @@
 """Tests of the DeiT teacher, the Mamba mixer and the Vim student: shapes, parameter counts against analytic
 formulas of the original PyTorch models, the middle cls token, the bidirectional "v2" mixer against a
-float64 NumPy reference, pre-scale teacher q/k, initialisation, drop path, remat and bfloat16."""
+float64 NumPy reference, pre-scale teacher q/k, initialisation, stacked layers (equal to an unrolled build,
+scanned forward equal to a Python loop over the layers), drop path, remat, bfloat16 and the model registry."""
 
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cab_jax.models.layers import drop_path
+from cab_jax.models import registry
+from cab_jax.models.layers import dense, drop_path, drop_path_rates, layer_norm, stack_layers, token_params
 from cab_jax.models.mamba import CAB_A_LOG, Mamba, SSMProjections
-from cab_jax.models.vim import Vim, vim
-from cab_jax.models.vit import ViT, vit
+from cab_jax.models.vim import Vim, VimBlock, rms_norm
+from cab_jax.models.vit import Block, ViT
 
 # Small models: 32x32 images, 8x8 patches -> 16 patches + cls = 17 tokens. The stand-alone mixers use the
 # same widths as the small Vim's (d_inner 64, dt_rank 2) so that eager op compilations are shared.
@@ -28,7 +30,7 @@ TOKENS = NUM_PATCHES + 1
 def small_vit(**kw) -> ViT:
     args = dict(num_classes=CLASSES, img_size=IMG, patch_size=PATCH, embed_dim=32, depth=2, num_heads=4)
     seed = kw.pop("seed", 0)
-    return ViT(**{**args, **kw}, rngs=nnx.Rngs(seed))
+    return registry.build("vit", **{**args, **kw}, rngs=nnx.Rngs(seed))
 
 
 def small_vim(**kw) -> Vim:
@@ -37,7 +39,7 @@ def small_vim(**kw) -> Vim:
     args = dict(num_classes=CLASSES, img_size=IMG, patch_size=PATCH, embed_dim=D_MODEL, depth=2, d_state=D_STATE,
                 scan_impl="reference")
     seed = kw.pop("seed", 0)
-    return Vim(**{**args, **kw}, rngs=nnx.Rngs(seed))
+    return registry.build("vim", **{**args, **kw}, rngs=nnx.Rngs(seed))
 
 
 def images(batch: int = 2, seed: int = 0, size: int = IMG) -> jax.Array:
@@ -48,8 +50,44 @@ def f64(x) -> np.ndarray:
     return np.asarray(jnp.asarray(x, jnp.float32), np.float64)
 
 
+@nnx.jit
+def _forward(model: nnx.Module, imgs: jax.Array, key: jax.Array | None):
+    return model(imgs, key=key)
+
+
+def forward(model: nnx.Module, imgs: jax.Array, key: jax.Array | None = None):
+    """``model(imgs, key=key)`` compiled once per model configuration (an eager call compiles its layer scan anew
+    every time)."""
+    return _forward(model, imgs, key)
+
+
 def num_params(model: nnx.Module) -> int:
     return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def layer(stacked: nnx.Module, i: int) -> nnx.Module:
+    """Layer i of stacked layers as a module of its own (every parameter's index i)."""
+    graphdef, state = nnx.split(stacked)
+    return nnx.merge(graphdef, jax.tree.map(lambda x: x[i], state))
+
+
+def variables(module: nnx.Module) -> dict[tuple, nnx.Variable]:
+    return {path: v for path, v in nnx.iter_graph(module) if isinstance(v, nnx.Variable)}
+
+
+def assert_stacked_equals_unrolled(stacked: nnx.Module, unrolled: list[nnx.Module]) -> None:
+    """Every parameter of ``stacked`` is the unrolled layers' parameters stacked (bitwise, in order), with the
+    logical axes of the unrolled parameter behind a leading "layers"."""
+    got = variables(stacked)
+    assert got and all(v[...].shape[0] == len(unrolled) for v in got.values())
+    for i, module in enumerate(unrolled):
+        want = variables(module)
+        assert got.keys() == want.keys()
+        for path, var in want.items():
+            np.testing.assert_array_equal(got[path][...][i], var[...], err_msg=str((i, path)))
+            axes = var.get_metadata()["logical_axes"]
+            assert got[path].get_metadata()["logical_axes"] == ("layers", *axes), path
+            assert len(axes) + 1 == got[path][...].ndim, path
 
 
 # ----------------------------------------------------------------------------------------------- shapes
@@ -57,26 +95,22 @@ def num_params(model: nnx.Module) -> int:
 
 def test_vit_output_shapes():
     model = small_vit()
-    logits, qks = model(images())
+    logits, (q, k) = forward(model, images())
     assert logits.shape == (2, CLASSES) and logits.dtype == jnp.float32
-    assert len(qks) == 2  # one (q, k) per block
-    for q, k in qks:
-        assert q.shape == k.shape == (2, 4, TOKENS, 32 // 4)
+    assert q.shape == k.shape == (2, 2, 4, TOKENS, 32 // 4)  # (depth, batch, heads, tokens, head_dim)
 
 
 @pytest.mark.parametrize("bidirectional", [True, False])
 def test_vim_output_shapes(bidirectional):
     model = small_vim(depth=3, bidirectional=bidirectional)
-    logits, projections = model(images())
+    logits, proj = forward(model, images())
     assert logits.shape == (2, CLASSES) and logits.dtype == jnp.float32
-    assert len(projections) == 3  # one per layer
-    for proj in projections:
-        assert isinstance(proj, SSMProjections)
-        assert proj.B.shape == proj.C.shape == (2, TOKENS, D_STATE)
-        if bidirectional:
-            assert proj.B_b.shape == proj.C_b.shape == (2, TOKENS, D_STATE)
-        else:
-            assert proj.B_b is None and proj.C_b is None
+    assert isinstance(proj, SSMProjections)
+    assert proj.B.shape == proj.C.shape == (3, 2, TOKENS, D_STATE)  # (depth, batch, tokens, d_state)
+    if bidirectional:
+        assert proj.B_b.shape == proj.C_b.shape == (3, 2, TOKENS, D_STATE)
+    else:
+        assert proj.B_b is None and proj.C_b is None
 
 
 # ------------------------------------------------------------------------------------- parameter counts
@@ -120,7 +154,7 @@ def test_formulas_reproduce_published_hand_counts():
 
 @pytest.mark.parametrize("size,published", [("tiny", 5.7e6), ("small", 22e6)])
 def test_deit_parameter_count(size, published):
-    model = nnx.eval_shape(lambda: vit(size, num_classes=1000, rngs=nnx.Rngs(0)))
+    model = registry.abstract("vit", size, num_classes=1000)
     count = num_params(model)
     assert count == deit_params_formula({"tiny": 192, "small": 384}[size])
     assert abs(count - published) / published < 0.02
@@ -128,7 +162,7 @@ def test_deit_parameter_count(size, published):
 
 @pytest.mark.parametrize("size", ["tiny", "small"])
 def test_vim_parameter_count(size):
-    model = nnx.eval_shape(lambda: vim(size, num_classes=1000, rngs=nnx.Rngs(0)))
+    model = registry.abstract("vim", size, num_classes=1000)
     count = num_params(model)
     assert count == vim_params_formula({"tiny": 192, "small": 384}[size])
     if size == "small":
@@ -192,14 +226,14 @@ def test_vim_head_reads_the_cls_position():
         r, c = divmod(index, grid)
         return x.at[:, r * PATCH:(r + 1) * PATCH, c * PATCH:(c + 1) * PATCH].add(3.0)
 
-    base, _ = model(imgs)
-    after_patch_m, _ = model(perturb_patch(imgs, m))
-    after_patch_before, _ = model(perturb_patch(imgs, m - 1))
+    base, _ = forward(model, imgs)
+    after_patch_m, _ = forward(model, perturb_patch(imgs, m))
+    after_patch_before, _ = forward(model, perturb_patch(imgs, m - 1))
     np.testing.assert_allclose(after_patch_m, base, rtol=0, atol=1e-6)
     assert np.max(np.abs(after_patch_before - base)) > 1e-3
 
     model.cls_token.set_value(model.cls_token[...] + 3.0)
-    after_cls, _ = model(imgs)
+    after_cls, _ = forward(model, imgs)
     assert np.max(np.abs(after_cls - base)) > 1e-3
 
 
@@ -313,24 +347,24 @@ def test_bidirectional_mixer_reversal_symmetry():
 
 def test_teacher_qk_are_pre_scale_projections_of_norm1():
     model = small_vit()
-    block = model.blocks[0]
+    blocks = model.blocks  # stacked: block 0 is index 0 of each parameter
     keys = iter(jax.random.split(jax.random.key(7), 8))
     # Non-trivial norm1 and q/k biases (their inits are ones/zeros, which would hide a wrong norm or bias).
-    for var in (block.norm1.scale, block.norm1.bias, block.attn.q.bias, block.attn.k.bias):
+    for var in (blocks.norm1.scale, blocks.norm1.bias, blocks.attn.q.bias, blocks.attn.k.bias):
         var.set_value(var[...] + 0.5 * jax.random.normal(next(keys), var.shape))
     imgs = images()
     with jax.default_matmul_precision("highest"):  # float32 matmuls (GPUs default to TF32)
-        _, qks = model(imgs)
+        _, (q_all, k_all) = forward(model, imgs)
 
     cls = f64(model.cls_token[...])
     patches = patch_tokens_np(model, imgs)
     x = np.concatenate([np.broadcast_to(cls, (2, 1, cls.shape[-1])), patches], axis=1) + f64(model.pos_embed[...])
     mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
-    ln = (x - mean) / np.sqrt(var + 1e-6) * f64(block.norm1.scale[...]) + f64(block.norm1.bias[...])
+    ln = (x - mean) / np.sqrt(var + 1e-6) * f64(blocks.norm1.scale[...])[0] + f64(blocks.norm1.bias[...])[0]
 
     heads, head_dim = 4, 8
-    for proj, got in ((block.attn.q, qks[0][0]), (block.attn.k, qks[0][1])):
-        t = ln @ f64(proj.kernel[...]) + f64(proj.bias[...])
+    for proj, got in ((blocks.attn.q, q_all[0]), (blocks.attn.k, k_all[0])):
+        t = ln @ f64(proj.kernel[...])[0] + f64(proj.bias[...])[0]
         want = t.reshape(2, TOKENS, heads, head_dim).transpose(0, 2, 1, 3)
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
@@ -357,22 +391,24 @@ def test_a_log_inits():
 
 def test_vim_a_init_reaches_every_layer():
     model = small_vim(a_init="cab", depth=2)
-    for layer in model.layers:
-        np.testing.assert_array_equal(f64(layer.mixer.fwd.A_log[...]), -20.0)
-        np.testing.assert_array_equal(f64(layer.mixer.bwd.A_log[...]), -20.0)
+    for direction in (model.layers.mixer.fwd, model.layers.mixer.bwd):
+        assert direction.A_log.shape == (2, 2 * D_MODEL, D_STATE)  # stacked over the 2 layers
+        np.testing.assert_array_equal(f64(direction.A_log[...]), -20.0)
 
 
 def test_dt_bias_init_is_inverse_softplus_of_log_uniform_dt():
     model = small_vim(depth=6)  # 6 layers x 2 directions x d_inner 64 = 768 samples
-    directions = [d for layer in model.layers for d in (layer.mixer.fwd, layer.mixer.bwd)]
-    dt = np.logaddexp(0.0, np.concatenate([f64(d.dt_proj.bias[...]) for d in directions]))
+    fwd, bwd = model.layers.mixer.fwd.dt_proj.bias[...], model.layers.mixer.bwd.dt_proj.bias[...]
+    assert fwd.shape == bwd.shape == (6, 2 * D_MODEL)
+    dt = np.logaddexp(0.0, np.concatenate([f64(fwd).ravel(), f64(bwd).ravel()]))
     assert dt.min() >= 1e-4 * (1 - 1e-4) and dt.max() <= 0.1 * (1 + 1e-4)
     # log-uniform on [1e-3, 1e-1]: log dt has mean log(1e-2) and std ln(100)/sqrt(12) ~ 1.33 (standard error
     # of the mean ~ 0.05 here; a uniform dt would have mean log ~ -3.3).
     log_dt = np.log(dt)
     assert abs(log_dt.mean() - np.log(1e-2)) < 0.25
     assert abs(log_dt.std() - np.log(100) / np.sqrt(12)) < 0.15
-    assert not np.allclose(directions[0].dt_proj.bias[...], directions[1].dt_proj.bias[...])
+    assert not np.allclose(fwd[0], bwd[0])  # each direction and each layer draws its own
+    assert not np.allclose(fwd[0], fwd[1])
 
 
 # ----------------------------------------------------------------------------------- drop path, remat
@@ -397,45 +433,173 @@ def test_drop_path_deterministic_without_key_random_with_key(family):
     imgs = images()
     # depth 4: Vim's rates are [0, 0, r/3, 2r/3], ViT's [0, r/3, 2r/3, r].
     model = build(depth=4, drop_path_rate=0.6)
+    want_rates = (0.0, 0.0, 0.2, 0.4) if family == "vim" else (0.0, 0.2, 0.4, 0.6)
+    assert all(isinstance(r, float) for r in model.drop_path_rates)
+    np.testing.assert_allclose(model.drop_path_rates, want_rates, rtol=1e-6)
     reference = build(depth=4, drop_path_rate=0.0)  # same seed -> same parameters
-    det1, _ = model(imgs)
-    det2, _ = model(imgs)
-    plain, _ = reference(imgs)
+    det1, _ = forward(model, imgs)
+    det2, _ = forward(model, imgs)
+    plain, _ = forward(reference, imgs)
     np.testing.assert_array_equal(det1, det2)
     np.testing.assert_allclose(det1, plain, rtol=1e-6, atol=1e-6)  # no key: drop path is the identity
 
-    rand1, _ = model(imgs, key=jax.random.key(1))
-    rand1_again, _ = model(imgs, key=jax.random.key(1))
+    rand1, _ = forward(model, imgs, jax.random.key(1))
+    rand1_again, _ = forward(model, imgs, jax.random.key(1))
     assert np.max(np.abs(rand1 - det1)) > 1e-4
     np.testing.assert_array_equal(rand1, rand1_again)
     # A key without drop path changes nothing.
-    plain_key, _ = reference(imgs, key=jax.random.key(1))
+    plain_key, _ = forward(reference, imgs, jax.random.key(1))
     np.testing.assert_allclose(plain_key, plain, rtol=1e-6, atol=1e-6)
 
 
-def test_vim_remat_same_logits_and_gradients():
+def test_drop_path_traced_rate_draws_the_same_masks_as_a_python_float():
+    """The models scan over layers with the per-layer rates as a traced array: each layer must drop the same
+    samples, and scale the kept ones by the same 1/keep, as with its rate as a Python float."""
+    x = 1.0 + jax.random.uniform(jax.random.key(0), (256, 3, 2))  # no zeros of its own
+    rates = (*drop_path_rates(0.6, 5), 0.25)  # float32 values, as the models hold them
+    keys = jax.random.split(jax.random.key(1), len(rates))
+    _, traced = jax.lax.scan(lambda c, rate_key: (c, drop_path(x, *rate_key)), None, (jnp.asarray(rates), keys))
+    for i, (rate, key) in enumerate(zip(rates, keys, strict=True)):
+        assert isinstance(rate, float)
+        want = np.asarray(drop_path(x, rate, key))
+        np.testing.assert_array_equal(np.asarray(traced[i]) == 0.0, want == 0.0)  # the same mask
+        np.testing.assert_allclose(traced[i], want, rtol=3e-7, atol=0)  # and the same 1/keep (to an ulp)
+        dropped = np.all(want == 0.0, axis=(1, 2))
+        assert abs(dropped.mean() - rate) < 0.1, (rate, dropped.mean())
+    np.testing.assert_array_equal(traced[0], x)  # rate 0: identity
+    assert not np.array_equal(traced[4] == 0.0, traced[5] == 0.0)
+
+
+# ------------------------------------------------------------------------------------------ stacked layers
+
+
+def unrolled_layers(family: str, depth: int, seed: int) -> tuple[list[nnx.Module], nnx.Linear]:
+    """The model's repeated layers built one by one from Rngs(seed), in the model's order of construction (the
+    embeddings first), and the head built after them from the same Rngs."""
+    rngs = nnx.Rngs(seed)
+    if family == "vit":
+        token_params(IMG, PATCH, 3, 32, rngs=rngs, dtype=jnp.float32)
+        layers = [Block(32, 4, 4.0, rngs=rngs, dtype=jnp.float32) for _ in range(depth)]
+        layer_norm(32, 1e-6, rngs=rngs, dtype=jnp.float32)
+        return layers, dense(32, CLASSES, ("embed", "classes"), rngs=rngs)
+    token_params(IMG, PATCH, 3, D_MODEL, rngs=rngs, dtype=jnp.float32)
+    layers = [VimBlock(D_MODEL, Mamba(D_MODEL, d_state=D_STATE, num_layers_for_init=depth, scan_impl="reference",
+                                      rngs=rngs), rngs=rngs)
+              for _ in range(depth)]
+    rms_norm(D_MODEL, rngs=rngs)
+    return layers, dense(D_MODEL, CLASSES, ("embed", "classes"), rngs=rngs)
+
+
+@pytest.mark.parametrize("family", ["vit", "vim"])
+def test_stacked_layers_equal_an_unrolled_build(family):
+    model = (small_vit if family == "vit" else small_vim)(depth=3, seed=5)
+    stacked = model.blocks if family == "vit" else model.layers
+    unrolled, head = unrolled_layers(family, 3, seed=5)
+    assert_stacked_equals_unrolled(stacked, unrolled)
+    np.testing.assert_array_equal(model.head.kernel[...], head.kernel[...])  # the same draws after the layers
+    # The layers really differ (each drew its own values).
+    kernels = [v[...] for path, v in variables(stacked).items() if path[-1] == "kernel"]
+    assert kernels and all(not np.array_equal(k[0], k[1]) for k in kernels)
+
+
+def test_stack_layers_errors():
+    rngs = nnx.Rngs(0)
+    with pytest.raises(ValueError, match="differ in structure"):
+        stack_layers([dense(4, 4, ("embed", "mlp"), rngs=rngs), dense(4, 4, ("embed", "mlp"), rngs=rngs,
+                                                                      use_bias=False)])
+    with pytest.raises(ValueError, match="no layers"):
+        small_vim(depth=0)
+
+
+def vit_loop(model: ViT, imgs: jax.Array, key: jax.Array | None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """ViT's forward as a Python loop over its blocks (block i: index i of the stacked parameters), with each
+    block's drop-path rate as a Python float."""
+    x = model.patch_embed(imgs)
+    cls = jnp.broadcast_to(model.cls_token[...], (x.shape[0], 1, x.shape[-1]))
+    x = jnp.concatenate([cls, x], axis=1) + model.pos_embed[...]
+    keys = [None] * model.depth if key is None else jax.random.split(key, model.depth)
+    qs, ks = [], []
+    for i, (rate, block_key) in enumerate(zip(model.drop_path_rates, keys, strict=True)):
+        block = layer(model.blocks, i)
+        key_attn, key_mlp = (None, None) if block_key is None else jax.random.split(block_key)
+        y, (q, k) = block.attn(block.norm1(x))
+        x = x + drop_path(y, rate, key_attn)
+        x = x + drop_path(block.mlp(block.norm2(x)), rate, key_mlp)
+        qs.append(q)
+        ks.append(k)
+    return model.head(model.norm(x)[:, 0]), (jnp.stack(qs), jnp.stack(ks))
+
+
+def vim_loop(model: Vim, imgs: jax.Array, key: jax.Array | None) -> tuple[jax.Array, SSMProjections]:
+    """Vim's forward as a Python loop over its layers, written as the original: the first block has no residual
+    input (the residual starts as the embedding), later ones add drop_path(hidden) with a Python-float rate."""
+    hidden, residual = model.embed(imgs), None
+    keys = [None] * model.depth if key is None else jax.random.split(key, model.depth)
+    projections = []
+    for i, (rate, layer_key) in enumerate(zip(model.drop_path_rates, keys, strict=True)):
+        block = layer(model.layers, i)
+        if residual is None:
+            residual = hidden.astype(jnp.float32)
+        else:
+            residual = residual + drop_path(hidden, rate, layer_key).astype(jnp.float32)
+        hidden, proj = block.mixer(block.norm(residual).astype(hidden.dtype))
+        projections.append(proj)
+    features = model.norm_f(residual + hidden.astype(jnp.float32))
+    return model.head(features[:, model.cls_position]), jax.tree.map(lambda *t: jnp.stack(t), *projections)
+
+
+def test_vit_scan_equals_python_loop():
+    model = small_vit(depth=3, drop_path_rate=0.8)  # rates [0, 0.4, 0.8]
+    imgs = images(batch=8)  # enough samples that each layer's masks differ
+    results = []
+    for key in (None, jax.random.key(3)):
+        logits, (q, k) = forward(model, imgs, key)
+        want_logits, (want_q, want_k) = vit_loop(model, imgs, key)
+        np.testing.assert_allclose(logits, want_logits, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(q, want_q, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(k, want_k, rtol=1e-5, atol=1e-5)
+        results.append(logits)
+    assert not np.allclose(q[0], q[1])  # per-layer outputs in layer order, not one layer repeated
+    assert np.max(np.abs(results[1] - results[0])) > 1e-3  # the key really dropped paths
+
+
+def test_vim_scan_equals_python_loop_with_and_without_remat():
+    """Logits, every layer's B/C/B_b/C_b and the gradients of a loss on both: the scan (remat off and on) equals
+    the Python loop; drop path is on (rates [0, 0, 0.45]), so the key is used inside the rematerialised block."""
     imgs = images()
     labels = jnp.array([1, 3])
     key = jax.random.key(2)
 
-    def loss_fn(model):
-        logits, projections = model(imgs, key=key)
+    def loss(logits, proj):
         ce = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=1))
-        return ce + 0.1 * sum(jnp.mean(p.B**2) + jnp.mean(p.C_b**2) for p in projections), logits
+        # Every layer's mean (the sum over layers of each layer's mean over batch, tokens and state).
+        per_layer = jnp.mean(proj.B**2, axis=(1, 2, 3)) + jnp.mean(proj.C_b**2, axis=(1, 2, 3))
+        return ce + 0.1 * jnp.sum(per_layer)
+
+    def scanned(model):
+        logits, proj = model(imgs, key=key)
+        return loss(logits, proj), (logits, proj)
+
+    def looped(model):
+        logits, proj = vim_loop(model, imgs, key)
+        return loss(logits, proj), (logits, proj)
 
     results = []
-    for remat in (False, True):
-        # depth 3: drop-path rates [0, 0, 0.15], so the key is used inside the rematerialised block.
-        model = small_vim(depth=3, drop_path_rate=0.3, remat=remat)
-        (loss, logits), grads = nnx.jit(nnx.value_and_grad(loss_fn, has_aux=True))(model)
-        results.append((loss, logits, jax.tree.leaves(grads)))
-    (loss0, logits0, g0), (loss1, logits1, g1) = results
-    np.testing.assert_allclose(logits1, logits0, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(loss1, loss0, rtol=1e-5)
-    assert len(g0) == len(g1) > 0
-    assert any(np.max(np.abs(g)) > 0 for g in g0)
-    for a, b in zip(g0, g1, strict=True):
-        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+    for remat, fn in ((False, looped), (False, scanned), (True, scanned)):
+        model = small_vim(depth=3, drop_path_rate=0.9, remat=remat)
+        (value, (logits, proj)), grads = nnx.jit(nnx.value_and_grad(fn, has_aux=True))(model)
+        results.append((value, logits, proj, jax.tree.leaves(grads)))
+    (loss_ref, logits_ref, proj_ref, g_ref) = results[0]
+    assert len(g_ref) > 0 and all(np.max(np.abs(g)) > 0 for g in g_ref)
+    assert proj_ref.B.shape == (3, 2, TOKENS, D_STATE) and not np.allclose(proj_ref.B[1], proj_ref.B[2])
+    for value, logits, proj, grads in results[1:]:
+        np.testing.assert_allclose(logits, logits_ref, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(value, loss_ref, rtol=1e-5)
+        for got, want in zip(proj, proj_ref, strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        assert len(grads) == len(g_ref)
+        for a, b in zip(g_ref, grads, strict=True):
+            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------- bfloat16
@@ -445,10 +609,27 @@ def test_vim_remat_same_logits_and_gradients():
 def test_bfloat16_compute_close_to_float32(family):
     build = small_vit if family == "vit" else small_vim
     imgs = images()
-    logits32, aux32 = build()(imgs)
-    logits16, aux16 = build(dtype=jnp.bfloat16)(imgs)
+    logits32, aux32 = forward(build(), imgs)
+    logits16, aux16 = forward(build(dtype=jnp.bfloat16), imgs)
     assert logits16.dtype == jnp.float32
     assert np.all(np.isfinite(logits16))
     scale = np.max(np.abs(logits32))
     np.testing.assert_allclose(logits16, logits32, rtol=0, atol=0.05 * scale)
-    assert len(aux16) == len(aux32)
+    assert jax.tree.structure(aux16) == jax.tree.structure(aux32)
+    assert [a.shape for a in jax.tree.leaves(aux16)] == [a.shape for a in jax.tree.leaves(aux32)]
+
+
+# ------------------------------------------------------------------------------------------------ registry
+
+
+def test_registry_sizes_overrides_and_errors():
+    assert registry.size_fields("vim", "small") == {"embed_dim": 384, "depth": 24}
+    assert registry.size_fields("vit", "base") == {"embed_dim": 768, "depth": 12, "num_heads": 12, "mlp_ratio": 4.0}
+    model = registry.abstract("vim", "small", num_classes=7, depth=2)  # explicit fields override the size's
+    assert isinstance(model, Vim) and model.depth == 2 and model.head.kernel.shape == (384, 7)
+    assert model.layers.mixer.in_proj.kernel.shape == (2, 384, 4 * 384)
+    assert isinstance(registry.abstract("vit", "tiny", num_classes=3, depth=1), ViT)
+    with pytest.raises(ValueError, match=r"unknown model 'deit'; expected one of \['phi', 'phi_mamba', 'vim', 'vit'\]"):
+        registry.build("deit", "tiny", num_classes=3, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"unknown vim size 'huge'; expected one of \['base', 'small', 'tiny'\]"):
+        registry.size_fields("vim", "huge")

@@ -1,5 +1,7 @@
 """Phi-Mamba student: the discrete Mamba-2 mixer against a float64 NumPy loop, cached decoding against the full
-forward, init from a Phi teacher's attention (an exact linear-attention identity), dtypes, remat and errors."""
+forward, init from a Phi teacher's attention (an exact linear-attention identity), stacked layers (equal to an
+unrolled build; the scanned forward of Phi-Mamba and of the Phi teacher equal to a Python loop over the layers),
+dtypes, remat and errors."""
 
 from __future__ import annotations
 
@@ -12,9 +14,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cab_jax.models.mamba2 import DiscreteMamba2
-from cab_jax.models.phi import Phi
-from cab_jax.models.phi_mamba import PhiMamba, init_from_attention, phi_mamba
+from cab_jax.models import registry
+from cab_jax.models.layers import dense, layer_norm
+from cab_jax.models.mamba2 import DiscreteMamba2, Mamba2Cache, torch_linear
+from cab_jax.models.phi import Phi, PhiBlock, normal_02
+from cab_jax.models.phi_mamba import PhiMamba, PhiMambaBlock, init_from_attention
 
 VOCAB, D_MODEL, DEPTH = 50, 32, 2
 
@@ -23,7 +27,7 @@ def small(**kwargs) -> PhiMamba:
     """Grouped heads (4 value heads read 2 B/C heads), chunk 8 so that test lengths span several chunks."""
     args = dict(vocab_size=VOCAB, d_model=D_MODEL, depth=DEPTH, d_state=8, n_qk_heads=2, n_v_heads=4, chunk_size=8,
                 rngs=nnx.Rngs(0))
-    return PhiMamba(**{**args, **kwargs})
+    return registry.build("phi_mamba", **{**args, **kwargs})
 
 
 def tokens(batch: int, length: int, seed: int = 1) -> jax.Array:
@@ -42,6 +46,12 @@ def randomise(module: nnx.Module, seed: int, scale: float = 0.3) -> None:
 
 forward = nnx.jit(lambda model, toks: model(toks))
 decode = nnx.jit(lambda model, toks, cache: model.decode(toks, cache))
+
+
+def layer(stacked: nnx.Module, i: int) -> nnx.Module:
+    """Layer i of stacked layers as a module of its own (every parameter's index i)."""
+    graphdef, state = nnx.split(stacked)
+    return nnx.merge(graphdef, jax.tree.map(lambda x: x[i], state))
 
 
 # ------------------------------------------------------------------------------------------ NumPy reference
@@ -121,10 +131,11 @@ def test_decode_matches_full_forward():
         assert logits.shape == (2, stop - start, VOCAB) and logits.dtype == jnp.float32
         got.append(logits)
     np.testing.assert_allclose(np.concatenate(got, axis=1), want, rtol=0, atol=1e-5 * np.max(np.abs(want)))
-    # Constant-size cache: the last d_conv - 1 conv inputs and a float32 state per layer.
-    assert len(cache) == DEPTH
-    assert all(c.conv.shape == (2, 3, D_MODEL + 2 * 2 * 8) and c.conv.dtype == jnp.float32 for c in cache)
-    assert all(c.ssm.shape == (2, 4, 8, 8) and c.ssm.dtype == jnp.float32 for c in cache)
+    # Constant-size cache: the last d_conv - 1 conv inputs and a float32 state per layer, stacked over layers.
+    assert isinstance(cache, Mamba2Cache)
+    assert cache.conv.shape == (DEPTH, 2, 3, D_MODEL + 2 * 2 * 8) and cache.conv.dtype == jnp.float32
+    assert cache.ssm.shape == (DEPTH, 2, 4, 8, 8) and cache.ssm.dtype == jnp.float32
+    assert not np.allclose(cache.ssm[0], cache.ssm[1])  # each layer its own state
 
 
 def test_greedy_decoding_equals_argmax_of_full_forward():
@@ -152,10 +163,10 @@ STUDENT = dict(vocab_size=VOCAB, d_model=D_MODEL, depth=DEPTH, d_state=8, n_qk_h
 
 @functools.cache
 def _teacher_and_student() -> tuple[Phi, PhiMamba]:
-    teacher = Phi(vocab_size=VOCAB, hidden_size=D_MODEL, depth=DEPTH, num_heads=4, intermediate_size=96,
-                  rngs=nnx.Rngs(10))
+    teacher = registry.build("phi", vocab_size=VOCAB, hidden_size=D_MODEL, depth=DEPTH, num_heads=4,
+                             intermediate_size=96, rngs=nnx.Rngs(10))
     randomise(teacher, seed=11)
-    student = PhiMamba(**STUDENT, rngs=nnx.Rngs(12))
+    student = registry.build("phi_mamba", **STUDENT, rngs=nnx.Rngs(12))
     randomise(student, seed=13)
     return teacher, student
 
@@ -175,7 +186,9 @@ def test_init_from_attention_copies_bitwise():
     eq(student.lm_head.bias, teacher.lm_head.bias)
     eq(student.final_layernorm.scale, teacher.final_layernorm.scale)
     eq(student.final_layernorm.bias, teacher.final_layernorm.bias)
-    for s, t, old in zip(student.layers, teacher.layers, before.layers, strict=True):
+    assert student.layers.mixer.in_proj.kernel.shape[0] == DEPTH
+    for i in range(DEPTH):  # layer i: index i of every stacked parameter
+        s, t, old = layer(student.layers, i), layer(teacher.layers, i), layer(before.layers, i)
         eq(s.input_layernorm.scale, t.input_layernorm.scale)
         eq(s.input_layernorm.bias, t.input_layernorm.bias)
         for fc in ("fc1", "fc2"):
@@ -189,6 +202,8 @@ def test_init_from_attention_copies_bitwise():
         eq(s.mixer.out_proj.kernel, t.attn.dense.kernel)
         for name in ("conv_kernel", "conv_bias", "D", "z_bias"):
             eq(getattr(s.mixer, name), getattr(old.mixer, name))
+    # The layers differ, so the copy did not put one layer's weights everywhere.
+    assert not np.array_equal(student.layers.mlp.fc1.kernel[...][0], student.layers.mlp.fc1.kernel[...][1])
     # Fresh buffers, not shared with the teacher (a donated student must not delete the teacher's weights).
     assert student.embed.embedding[...].unsafe_buffer_pointer() != teacher.embed.embedding[...].unsafe_buffer_pointer()
 
@@ -199,7 +214,7 @@ def test_init_from_attention_without_embeddings_keeps_them():
     init_from_attention(student, teacher, embeddings=False)
     for get in (lambda m: m.embed.embedding, lambda m: m.lm_head.kernel, lambda m: m.final_layernorm.scale):
         np.testing.assert_array_equal(get(student)[...], get(before)[...])
-    np.testing.assert_array_equal(student.layers[1].mlp.fc1.kernel[...], teacher.layers[1].mlp.fc1.kernel[...])
+    np.testing.assert_array_equal(student.layers.mlp.fc1.kernel[...][1], teacher.layers.mlp.fc1.kernel[...][1])
 
 
 def test_init_from_attention_mixer_is_decayed_linear_attention_of_the_teacher():
@@ -214,7 +229,7 @@ def test_init_from_attention_mixer_is_decayed_linear_attention_of_the_teacher():
     the teacher's k and q exactly."""
     teacher, student = teacher_and_student()
     init_from_attention(student, teacher)
-    mixer, attn = student.layers[1].mixer, teacher.layers[1].attn
+    mixer, attn = layer(student.layers, 1).mixer, layer(teacher.layers, 1).attn
     kernel = np.zeros((4, mixer.conv_dim), np.float32)
     kernel[-1] = 1.0
     mixer.conv_kernel.set_value(jnp.asarray(kernel))
@@ -242,12 +257,103 @@ def test_init_from_attention_mixer_is_decayed_linear_attention_of_the_teacher():
 
 def test_init_from_attention_rejects_misfits():
     teacher, _ = teacher_and_student()
-    student = nnx.eval_shape(lambda: PhiMamba(**{**STUDENT, "d_state": 4, "n_qk_heads": 8, "n_v_heads": 8,
-                                                  "depth": 3}, rngs=nnx.Rngs(0)))
+    student = registry.abstract("phi_mamba", **{**STUDENT, "d_state": 4, "n_qk_heads": 8, "n_v_heads": 8, "depth": 3})
     misfits = (r"depth: student 3, teacher 2.*n_qk_heads / num_heads: student 8, teacher 4.*"
                r"n_v_heads / num_heads: student 8, teacher 4.*d_state / teacher head_dim: student 4, teacher 8")
     with pytest.raises(ValueError, match=misfits):
         init_from_attention(student, teacher)
+
+
+# ------------------------------------------------------------------------------------------- stacked layers
+
+
+PHI = dict(vocab_size=VOCAB, hidden_size=D_MODEL, depth=3, num_heads=4, intermediate_size=96)
+
+
+def unrolled_build(family: str, seed: int) -> tuple[list[nnx.Module], nnx.Linear]:
+    """The model's layers built one by one from Rngs(seed) in the model's order of construction (the embedding
+    first, each Phi-Mamba mixer before its block's norm and MLP), and the LM head built after them."""
+    rngs = nnx.Rngs(seed)
+    if family == "phi":
+        nnx.Embed(VOCAB, D_MODEL, embedding_init=normal_02, rngs=rngs)
+        layers = [PhiBlock(D_MODEL, 4, 96, 4, 10000.0, 1e-5, rngs=rngs, dtype=jnp.float32) for _ in range(3)]
+        layer_norm(D_MODEL, 1e-5, rngs=rngs, dtype=jnp.float32)
+        return layers, dense(D_MODEL, VOCAB, ("embed", "vocab"), rngs=rngs, kernel_init=normal_02)
+    nnx.Embed(VOCAB, D_MODEL, embedding_init=nnx.initializers.normal(1.0), rngs=rngs)
+    layers = [PhiMambaBlock(D_MODEL, 4 * D_MODEL, 1e-5,
+                            DiscreteMamba2(D_MODEL, d_state=8, n_qk_heads=2, n_v_heads=4, chunk_size=8, rngs=rngs),
+                            rngs=rngs, dtype=jnp.float32)
+              for _ in range(3)]
+    layer_norm(D_MODEL, 1e-5, rngs=rngs, dtype=jnp.float32)
+    return layers, torch_linear(D_MODEL, VOCAB, ("embed", "vocab"), rngs=rngs)
+
+
+@pytest.mark.parametrize("family", ["phi", "phi_mamba"])
+def test_stacked_layers_equal_an_unrolled_build(family):
+    model = registry.build("phi", **PHI, rngs=nnx.Rngs(4)) if family == "phi" else small(depth=3, rngs=nnx.Rngs(4))
+    unrolled, head = unrolled_build(family, seed=4)
+    got = {path: v for path, v in nnx.iter_graph(model.layers) if isinstance(v, nnx.Variable)}
+    assert len(got) > 10
+    for i, module in enumerate(unrolled):
+        want = {path: v for path, v in nnx.iter_graph(module) if isinstance(v, nnx.Variable)}
+        assert got.keys() == want.keys()
+        for path, var in want.items():
+            assert got[path][...].shape == (3, *var[...].shape), path
+            np.testing.assert_array_equal(got[path][...][i], var[...], err_msg=str((i, path)))
+            assert got[path].get_metadata()["logical_axes"] == ("layers", *var.get_metadata()["logical_axes"])
+    np.testing.assert_array_equal(model.lm_head.kernel[...], head.kernel[...])  # the same draws after the layers
+    np.testing.assert_array_equal(model.lm_head.bias[...], head.bias[...])
+    kernels = [v[...] for path, v in got.items() if path[-1] == "kernel"]
+    assert kernels and all(not np.array_equal(k[0], k[1]) for k in kernels)  # each layer drew its own
+
+
+@nnx.jit
+def phi_loop(model: Phi, toks: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """Phi's forward as a Python loop over its layers (layer i: index i of the stacked parameters)."""
+    x, positions = model.embed(toks), jnp.arange(toks.shape[1])
+    qs, ks = [], []
+    for i in range(model.size.depth):
+        block = layer(model.layers, i)
+        h = block.input_layernorm(x)
+        y, (q, k), _ = block.attn(h, positions)
+        x = x + y + block.mlp(h)
+        qs.append(q)
+        ks.append(k)
+    return model.lm_head(model.final_layernorm(x)), (jnp.stack(qs), jnp.stack(ks))
+
+
+@nnx.jit
+def phi_mamba_loop(model: PhiMamba, toks: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """Phi-Mamba's forward as a Python loop over its layers."""
+    x = model.embed(toks)
+    Bs, Cs = [], []
+    for i in range(model.depth):
+        block = layer(model.layers, i)
+        h = block.input_layernorm(x)
+        y, B, C = block.mixer(h)
+        x = x + y + block.mlp(h)
+        Bs.append(B)
+        Cs.append(C)
+    return model.lm_head(model.final_layernorm(x)), (jnp.stack(Bs), jnp.stack(Cs))
+
+
+@pytest.mark.parametrize("family", ["phi", "phi_mamba"])
+def test_scanned_forward_equals_python_loop(family):
+    """Logits and every layer's (q, k) (Phi) or (B, C) (Phi-Mamba), stacked in layer order."""
+    if family == "phi":
+        model, loop = registry.build("phi", **PHI, rngs=nnx.Rngs(4)), phi_loop
+    else:
+        model, loop = small(), phi_mamba_loop
+    randomise(model, seed=9)
+    toks = tokens(2, 30)
+    logits, (a, b) = forward(model, toks)
+    want_logits, (want_a, want_b) = loop(model, toks)
+    assert a.shape[0] == b.shape[0] == want_a.shape[0] and logits.shape == (2, 30, VOCAB)
+    scale = np.max(np.abs(want_logits))
+    np.testing.assert_allclose(logits, want_logits, rtol=0, atol=1e-5 * scale)
+    for got, want in ((a, want_a), (b, want_b)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.max(np.abs(want)))
+        assert not np.allclose(want[0], want[1])  # the layers' outputs differ: order matters
 
 
 # ---------------------------------------------------------------------------------- dtypes, remat, errors
@@ -259,15 +365,17 @@ def test_bfloat16_forward_close_to_float32_and_decode_close_to_forward():
     model16 = small(dtype=jnp.bfloat16)
     logits16, bc16 = forward(model16, toks)
     assert logits32.shape == (2, 30, VOCAB) and logits16.dtype == logits32.dtype == jnp.float32
-    assert len(bc32) == len(bc16) == DEPTH
-    assert all(B.shape == C.shape == (2, 30, 2, 8) and B.dtype == jnp.bfloat16 for B, C in bc16)
+    (B16, C16), (B32, C32) = bc16, bc32
+    assert B16.shape == C16.shape == B32.shape == C32.shape == (DEPTH, 2, 30, 2, 8)  # stacked over layers
+    assert B16.dtype == C16.dtype == jnp.bfloat16
     # bfloat16 keeps ~3 significant digits per op; 5 % of the largest value bounds its drift over 2 layers.
     for got, want in [(logits16, logits32), *zip(jax.tree.leaves(bc16), jax.tree.leaves(bc32), strict=True)]:
         assert np.all(np.isfinite(np.asarray(got, np.float32)))
         np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=0, atol=0.05 * np.max(np.abs(want)))
     # bfloat16 decoding (chunked prefill from a cached state, then ssd_step) stays as close to the bfloat16 forward.
     cache = model16.init_cache(2)
-    assert cache[0].conv.dtype == jnp.bfloat16 and cache[0].ssm.dtype == jnp.float32
+    assert cache.conv.dtype == jnp.bfloat16 and cache.ssm.dtype == jnp.float32
+    assert cache.conv.shape[0] == cache.ssm.shape[0] == DEPTH
     got = []
     for start, stop in [(0, 11), (11, 22), (22, 23), (23, 24)]:
         logits, cache = decode(model16, toks[:, start:stop], cache)
@@ -282,7 +390,8 @@ def test_remat_same_values_and_gradients():
     def loss_fn(model):
         logits, bc = model(toks)
         ce = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]), toks[:, 1:, None], axis=-1))
-        return ce + 0.1 * sum(jnp.mean(B**2) + jnp.mean(C**2) for B, C in bc), logits
+        B, C = bc  # (depth, batch, length, heads, d_state): the sum over layers of each layer's mean
+        return ce + 0.1 * jnp.sum(jnp.mean(B**2, axis=(1, 2, 3, 4)) + jnp.mean(C**2, axis=(1, 2, 3, 4))), logits
 
     results = []
     for remat in (False, True):
@@ -314,7 +423,7 @@ def test_bad_tokens_and_cache_raise():
     with pytest.raises(ValueError, match=r"expected integer tokens \(batch, length >= 1\), got float32 \(2, 3\)"):
         model(jnp.zeros((2, 3)))
     with pytest.raises(ValueError, match=r"cache has 1 layers, the model 2"):
-        model.decode(jnp.zeros((2, 1), jnp.int32), model.init_cache(2)[:1])
+        model.decode(jnp.zeros((2, 1), jnp.int32), jax.tree.map(lambda c: c[:1], model.init_cache(2)))
 
 
 def test_every_parameter_has_logical_axes():
@@ -325,6 +434,7 @@ def test_every_parameter_has_logical_axes():
         if isinstance(var, nnx.Param):
             axes = var.get_metadata().get("logical_axes")
             assert axes is not None and len(axes) == var[...].ndim, (path, axes)
+            assert (axes[0] == "layers") == (path[0] == "layers"), (path, axes)  # stacked: a leading layer axis
             checked += 1
     assert checked > 10
 
@@ -332,9 +442,10 @@ def test_every_parameter_has_logical_axes():
 def test_phi_mamba_1_5_shapes_and_size():
     """The paper's student (24 x 2048, d_state 64, 32 heads): ~1.5 B parameters, in_proj of 2048 -> 8224."""
     size = lambda m: sum(math.prod(v.shape) for v in jax.tree.leaves(nnx.state(m, nnx.Param)))
-    one, two = (nnx.eval_shape(lambda d=d: phi_mamba("phi_mamba_1_5", depth=d, rngs=nnx.Rngs(0))) for d in (1, 2))
-    assert one.layers[0].mixer.in_proj.kernel.shape == (2048, 2 * 2048 + 2 * 32 * 64 + 32)
-    assert one.layers[0].mixer.conv_kernel.shape == (4, 2048 + 2 * 32 * 64)
-    assert one.layers[0].mlp.fc1.kernel.shape == (2048, 4 * 2048)
+    one, two = (registry.abstract("phi_mamba", "phi_mamba_1_5", depth=d) for d in (1, 2))
+    assert one.layers.mixer.in_proj.kernel.shape == (1, 2048, 2 * 2048 + 2 * 32 * 64 + 32)
+    assert two.layers.mixer.in_proj.kernel.shape == (2, 2048, 2 * 2048 + 2 * 32 * 64 + 32)
+    assert one.layers.mixer.conv_kernel.shape == (1, 4, 2048 + 2 * 32 * 64)
+    assert one.layers.mlp.fc1.kernel.shape == (1, 2048, 4 * 2048)
     total = size(one) + 23 * (size(two) - size(one))
     assert 1.4e9 < total < 1.6e9, total

@@ -93,6 +93,8 @@ def stack_layers(layers: Sequence[nnx.Module]) -> nnx.Module:
     """One module holding ``layers`` (identical in structure) with every parameter stacked on a new leading
     axis, tagged ``"layers"``: layer i's values at index i. Build the layers one by one first, so that their
     initial values are those of an unrolled model."""
+    if not layers:
+        raise ValueError("stack_layers: no layers to stack (a depth of 0?)")
     graphdef, first = nnx.split(layers[0])
     states = [first] + [nnx.state(layer) for layer in layers[1:]]
     if any(nnx.graphdef(layer) != graphdef for layer in layers[1:]):
