@@ -11,6 +11,7 @@ The bridged layers' networks are stacked and applied with one scan over layers.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cab_jax.models.layers import dense, scan_layers, stack_layers
+from cab_jax.models.layers import dense, stack_layers
 from cab_jax.models.mamba import SSMProjections
 
 BRIDGE_KINDS = ("mlp", "linear")
@@ -112,6 +113,56 @@ def mse(pred: jax.Array, target: jax.Array) -> jax.Array:
     return jnp.mean(jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)))
 
 
+def _layer_loss(bridge: LayerBridge, proj: SSMProjections, targets: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """The sum of one layer's (up to) four MSEs."""
+    q, k = targets
+    loss = mse(bridge.b_to_k(proj.B), k) + mse(bridge.c_to_q(proj.C), q)
+    if bridge.b_to_k_b is not None:
+        loss += mse(bridge.b_to_k_b(proj.B_b), k) + mse(bridge.c_to_q_b(proj.C_b), q)
+    return loss
+
+
+def _scan_bridged_layers(graphdef: nnx.GraphDef, state: nnx.State, projections: SSMProjections,
+                         targets: tuple[jax.Array, jax.Array], teacher_layers: jax.Array, with_grads: bool):
+    """Every bridged layer's loss (and, ``with_grads``, its gradients w.r.t. the layer's maps and projections)
+    in one scan over the stacked maps; layer l learns ``targets[teacher_layers[l]]``."""
+
+    def loss(layer_state, proj, g):
+        return _layer_loss(nnx.merge(graphdef, layer_state), proj, (targets[0][g], targets[1][g]))
+
+    def body(_, inputs):
+        if with_grads:
+            value, grads = jax.value_and_grad(loss, argnums=(0, 1))(*inputs)
+            return None, (value, grads)
+        return None, loss(*inputs)
+
+    return jax.lax.scan(body, None, (state, projections, teacher_layers))[1]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _bridge_loss(graphdef: nnx.GraphDef, state: nnx.State, projections: SSMProjections,
+                 targets: tuple[jax.Array, jax.Array], teacher_layers: jax.Array) -> jax.Array:
+    """Mean over bridged layers of ``_layer_loss``. Its gradients are computed layer by layer in the forward
+    pass (the loss is a plain mean of independent layer terms), so the backward pass only scales them: nothing
+    of a layer (targets, hidden activations, predictions) is kept or recomputed for later."""
+    return jnp.mean(_scan_bridged_layers(graphdef, state, projections, targets, teacher_layers, False))
+
+
+def _bridge_loss_fwd(graphdef, state, projections, targets, teacher_layers):
+    losses, (d_state, d_projections) = _scan_bridged_layers(graphdef, state, projections, targets, teacher_layers,
+                                                             True)
+    scale = 1.0 / losses.shape[0]
+    return jnp.mean(losses), jax.tree.map(lambda g: g * scale, (d_state, d_projections))
+
+
+def _bridge_loss_bwd(graphdef, grads, g):
+    d_state, d_projections = jax.tree.map(lambda x: (x * g).astype(x.dtype), grads)
+    return d_state, d_projections, None, None
+
+
+_bridge_loss.defvjp(_bridge_loss_fwd, _bridge_loss_bwd)
+
+
 class AttentionBridge(nnx.Module):
     """The bridged layers' maps (stacked) plus the student->teacher layer map; ``__call__`` returns the bridge
     loss.
@@ -133,7 +184,7 @@ class AttentionBridge(nnx.Module):
         rngs: nnx.Rngs,
     ):
         apply_kernel_map(jnp.zeros((1, 1)), kernel_map, token_axis=False)  # validates the name early
-        self.kernel_map, self.bidirectional, self.teacher_depth = kernel_map, bidirectional, teacher_depth
+        self.kernel_map, self.teacher_depth = kernel_map, teacher_depth
         self.mapping = layer_map(student_depth, teacher_depth, layers)
         self.student_layers = tuple(i for i, g in enumerate(self.mapping) if g >= 0)  # the bridged ones
         self.layers = stack_layers([LayerBridge(d_in, d_teacher, hidden, kind, bidirectional, rngs=rngs)
@@ -158,14 +209,7 @@ class AttentionBridge(nnx.Module):
         if len(self.student_layers) < len(self.mapping):  # some layers are not bridged
             projections = jax.tree.map(lambda x: x[np.asarray(self.student_layers)], projections)
         teacher_layers = jnp.asarray([self.mapping[i] for i in self.student_layers], jnp.int32)
-
-        def layer_loss(bridge: LayerBridge, _, inputs):
-            proj, g = inputs
-            q, k = teacher_targets(q_all[g], k_all[g], self.kernel_map, cls_position)
-            loss = mse(bridge.b_to_k(proj.B), k) + mse(bridge.c_to_q(proj.C), q)
-            if self.bidirectional:
-                loss += mse(bridge.b_to_k_b(proj.B_b), k) + mse(bridge.c_to_q_b(proj.C_b), q)
-            return None, loss
-
-        _, losses = scan_layers(self.layers, layer_loss, None, (projections, teacher_layers))
-        return jnp.mean(losses)
+        # Each teacher layer's targets once, also where several student layers learn the same teacher layer.
+        targets = jax.vmap(lambda q, k: teacher_targets(q, k, self.kernel_map, cls_position))(q_all, k_all)
+        graphdef, state = nnx.split(self.layers)
+        return _bridge_loss(graphdef, state, projections, targets, teacher_layers)

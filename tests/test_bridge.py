@@ -342,3 +342,64 @@ def test_bridge_gradients():
     leaves = jax.tree.leaves(param_grads)
     # Every bridged layer's maps (index j of every stacked parameter) receive a gradient.
     assert leaves and all(float(jnp.max(jnp.abs(g[j]))) > 0 for g in leaves for j in range(3))
+
+
+def jnp_bridge_loss(params: dict, mapping, projections, teacher_qk, kernel_map, cls_position, bidirectional=True):
+    """``np_bridge_loss`` in jnp on a pure-dict of the stacked maps, differentiable by plain autodiff: the
+    reference for the bridge's fused gradients."""
+
+    def net(p, x, j):
+        first, *rest = (p["layers"][i] for i in sorted(p["layers"]))
+        h = x.reshape(*x.shape[:2], -1) @ first["kernel"][j] + first["bias"][j]
+        for layer in rest:
+            h = jax.nn.silu(h) @ layer["kernel"][j] + layer["bias"][j]
+        return h
+
+    mse = lambda a, b: jnp.mean((a - b) ** 2)
+    losses = []
+    for layer, g in enumerate(mapping):
+        if g < 0:
+            continue
+        j = len(losses)
+        q, k = teacher_targets(teacher_qk[0][g], teacher_qk[1][g], kernel_map, cls_position)
+        loss = mse(net(params["b_to_k"], projections.B[layer], j), k) + mse(net(params["c_to_q"],
+                                                                            projections.C[layer], j), q)
+        if bidirectional:
+            loss += mse(net(params["b_to_k_b"], projections.B_b[layer], j), k)
+            loss += mse(net(params["c_to_q_b"], projections.C_b[layer], j), q)
+        losses.append(loss)
+    return jnp.mean(jnp.stack(losses))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("layers,bidirectional", [("proportional", True), ([1, -1, 0, 0], True),
+                                                  ([-1, 1, 1, 0], False)])
+def test_bridge_gradients_equal_plain_autodiff(dtype, layers, bidirectional):
+    """The bridge computes each layer's gradients in its forward pass and only scales them in the backward one;
+    they must equal plain autodiff of the same loss, w.r.t. the maps and the projections, scaled by the
+    cotangent (the loss weight), also under jit and for bfloat16 projections."""
+    bridge = randomise(make_bridge(4, 2, layers=layers, bidirectional=bidirectional))
+    projections, teacher_qk = random_inputs(4, 2, bidirectional)
+    projections = jax.tree.map(lambda t: t.astype(dtype), projections)
+    graphdef, state = nnx.split(bridge)
+    params = state.to_pure_dict()
+
+    def ours(params, projections):
+        s = jax.tree.map(lambda x: x, state)
+        nnx.replace_by_pure_dict(s, params)
+        return 3.0 * nnx.merge(graphdef, s)(projections, teacher_qk, CLS)
+
+    reference = lambda params, projections: 3.0 * jnp_bridge_loss(
+        params["layers"], bridge.mapping, jax.tree.map(lambda t: t.astype(jnp.float32), projections), teacher_qk,
+        bridge.kernel_map, CLS, bidirectional)
+    (loss, grads), (ref_loss, ref_grads) = (jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(params, projections)
+                                            for f in (ours, reference))
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    tol = 1e-5 if dtype == jnp.float32 else 1e-2
+    flat, ref_flat = jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads)
+    assert len(flat) == len(ref_flat)
+    for (path, g), r in zip(flat, ref_flat, strict=True):
+        assert g.dtype == r.dtype, jax.tree_util.keystr(path)
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32), rtol=tol,
+                                   atol=tol * float(jnp.max(jnp.abs(r.astype(jnp.float32)))),
+                                   err_msg=jax.tree_util.keystr(path))
