@@ -249,7 +249,7 @@ def test_block_sizes_validate():
                                               ("tpu", "pallas")])
 def test_auto_picks_pallas_on_accelerators(monkeypatch, backend, expected):
     monkeypatch.setattr(scan_api.jax, "default_backend", lambda: backend)
-    assert scan_api._resolve_name("auto") == expected
+    assert scan_api.resolve_impl("auto") == expected
 
 
 @pytest.mark.parametrize("backend,module,interpret", [("cpu", pallas_gpu, True), ("gpu", pallas_gpu, False),
