@@ -7,6 +7,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 
 # One vocabulary for both domains: vanilla (labels only), soft (soft distillation), cab (soft + bridge).
 LOSS_MODES = ("vanilla", "soft", "cab")
@@ -43,8 +44,12 @@ LANGUAGE_MODE_WEIGHTS = {
 
 
 def canonical_mode(mode: str) -> str:
-    """``mode`` in the one vocabulary (an earlier name such as "kl" becomes "soft"); ValueError when unknown."""
-    mode = MODE_ALIASES.get(mode, mode)
+    """``mode`` in the one vocabulary (an earlier name such as "kl" becomes "soft", with a warning); ValueError
+    when unknown."""
+    if mode in MODE_ALIASES:
+        logging.warning("loss mode %r is now called %r (both domains use vanilla/soft/cab); running %r.", mode,
+                        MODE_ALIASES[mode], MODE_ALIASES[mode])
+        mode = MODE_ALIASES[mode]
     if mode not in LOSS_MODES:
         raise ValueError(f"unknown loss mode {mode!r}; expected one of {LOSS_MODES} (or the earlier names "
                          f"{', '.join(f'{old!r} for {new!r}' for old, new in MODE_ALIASES.items())})")

@@ -216,3 +216,13 @@ def test_topk_correct_matches_numpy(k):
     got = np.asarray(topk_correct(logits, labels, k))
     np.testing.assert_array_equal(got, expected)
     assert 0 < got.sum() < 64
+
+
+def test_an_earlier_mode_name_says_what_it_is_now(caplog):
+    with caplog.at_level("WARNING"):
+        assert canonical_mode("kl") == "soft"
+    assert "'kl' is now called 'soft'" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert canonical_mode("cab") == "cab"
+    assert not caplog.text
