@@ -12,6 +12,8 @@ import grain
 import orbax.checkpoint as ocp
 from etils import epath
 
+from cab_jax.errors import PathError
+
 STATE, DATA = "state", "data"
 
 
@@ -53,19 +55,26 @@ class RunCheckpointer:
         self.manager.close()
 
 
-def load_model_params(path: str | os.PathLike, target: dict) -> dict:
-    """Model parameters from a run directory written by this trainer (``.../checkpoints``, latest step,
-    ``params/model``), restored into the shapes/shardings of ``target`` (a pure-dict tree)."""
+def model_params_dir(path: str | os.PathLike) -> epath.Path:
+    """The checkpoints folder of a run workdir (or the folder itself) holding at least one step; ``PathError``
+    naming what was expected otherwise."""
     root = epath.Path(path)
     ckpt_dir = root / "checkpoints" if (root / "checkpoints").exists() else root
     if not ckpt_dir.exists():
-        raise FileNotFoundError(f"no checkpoint directory at {ckpt_dir} (expected a workdir of a finished "
-                                "train_teacher/distill run, or its checkpoints/ folder)")
+        raise PathError(f"no checkpoint directory at {ckpt_dir} (expected a workdir of a finished "
+                        "train_teacher/distill run, or its checkpoints/ folder)")
+    if not any(p.name.isdigit() for p in ckpt_dir.iterdir()):
+        raise PathError(f"{ckpt_dir} holds no checkpoint steps")
+    return ckpt_dir
+
+
+def load_model_params(path: str | os.PathLike, target: dict) -> dict:
+    """Model parameters from a run directory written by this trainer (``.../checkpoints``, latest step,
+    ``params/model``), restored into the shapes/shardings of ``target`` (a pure-dict tree)."""
+    ckpt_dir = model_params_dir(path)
     manager = ocp.CheckpointManager(ckpt_dir.absolute(), item_handlers={STATE: ocp.PyTreeCheckpointHandler()},
                                     options=ocp.CheckpointManagerOptions(read_only=True))
     step = manager.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"{ckpt_dir} holds no checkpoint steps")
     restored = manager.restore(step, args=ocp.args.Composite(
         **{STATE: ocp.args.PyTreeRestore(
             item={"params": {"model": target}},

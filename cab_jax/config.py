@@ -1,19 +1,22 @@
 """What config files share: variant parsing, the recipes' default sections, validation with messages that name the
 field, and the values derived from a config (steps, warmup, peak learning rate).
 
-It imports nothing of the package when loaded, so a config file loads without JAX or model code; ``validate``
-asks the kernels, models, bridge and losses for the values they accept when it runs.
+It imports nothing of the package but its errors when loaded, so a config file loads without JAX or model code;
+``validate`` asks the kernels, models, bridge and losses for the values they accept when it runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
 from ml_collections import config_dict
+
+from cab_jax.errors import ConfigError
 
 TASKS = ("distill", "train_teacher", "study")
 DOMAINS = ("vision", "language")
@@ -36,7 +39,7 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
         key, sep, text = item.partition("=")
         key = key.strip()
         if not sep or key not in defaults:
-            raise ValueError(f"config variant {item!r}: expected key=value with a key among {sorted(defaults)}")
+            raise ConfigError(f"config variant {item!r}: expected key=value with a key among {sorted(defaults)}")
         out[key] = _parse_value(key, text.strip(), defaults[key])
     return out
 
@@ -44,12 +47,12 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
 def _parse_value(key: str, text: str, default: Any) -> Any:
     if isinstance(default, bool):
         if text.lower() not in ("true", "false", "1", "0"):
-            raise ValueError(f"config variant {key}={text!r}: expected True or False")
+            raise ConfigError(f"config variant {key}={text!r}: expected True or False")
         return text.lower() in ("true", "1")
     try:
         return type(default)(text)
     except ValueError as e:
-        raise ValueError(f"config variant {key}={text!r}: expected a {type(default).__name__}") from e
+        raise ConfigError(f"config variant {key}={text!r}: expected a {type(default).__name__}") from e
 
 
 # ------------------------------------------------------------------------------------ default sections
@@ -79,7 +82,7 @@ def vision_train(**overrides: Any) -> ml_collections.ConfigDict:
         eval_every=0,  # steps between evaluations; 0: only at the end
         checkpoint_every=1000,
         keep_checkpoints=2,
-        eval_batch_size=256,
+        eval_batch_size=config_dict.placeholder(int),  # unset: batch_size
     ))
     t.update(overrides)
     return t
@@ -89,7 +92,7 @@ def language_train(**overrides: Any) -> ml_collections.ConfigDict:
     """The original language recipe (HF Trainer defaults of CAB's kd_trainer): AdamW lr 5e-4 without weight
     decay, 10 % linear warmup then linear decay to 0, gradient clipping at 1, one epoch."""
     t = vision_train(batch_size=32, epochs=1.0, lr_reference_batch=32, weight_decay=0.0, warmup_epochs=0.1,
-                     warmup_lr=0.0, min_lr=0.0, lr_decay="linear", grad_clip=1.0, eval_batch_size=32)
+                     warmup_lr=0.0, min_lr=0.0, lr_decay="linear", grad_clip=1.0)
     for name in ("label_smoothing", "mixup_alpha", "cutmix_alpha", "mixup_prob", "mixup_switch_prob"):
         del t[name]
     t.update(overrides)
@@ -113,11 +116,13 @@ def mesh(data: int = -1, fsdp: int = 1, tensor: int = 1) -> ml_collections.Confi
 
 def _check(ok: bool, key: str, message: str) -> None:
     if not ok:
-        raise ValueError(f"config.{key}: {message}")
+        raise ConfigError(f"config.{key}: {message}")
 
 
 def _check_choice(value, key: str, choices) -> None:
-    _check(value in choices, key, f"got {value!r}, expected one of {tuple(choices)}")
+    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    _check(value in choices, key, f"got {value!r}, expected one of {tuple(choices)}{hint}")
 
 
 def _validate_train(t: ml_collections.ConfigDict, key: str, data_parallel: int | None) -> None:
@@ -128,8 +133,10 @@ def _validate_train(t: ml_collections.ConfigDict, key: str, data_parallel: int |
         _check(t[name] >= 0, f"{key}.{name}", f"must be >= 0, got {t[name]}")
     _check_choice(t.lr_decay, f"{key}.lr_decay", LR_DECAYS)
     _check(0.0 <= t.ema_decay < 1.0, f"{key}.ema_decay", f"must be in [0, 1), got {t.ema_decay}")
-    for name in ("log_every", "checkpoint_every", "keep_checkpoints", "eval_batch_size"):
+    for name in ("log_every", "checkpoint_every", "keep_checkpoints"):
         _check(t[name] > 0, f"{key}.{name}", f"must be positive, got {t[name]}")
+    _check(t.eval_batch_size is None or t.eval_batch_size > 0, f"{key}.eval_batch_size",
+           f"must be positive (or unset: batch_size), got {t.eval_batch_size}")
     _check(t.eval_every >= 0, f"{key}.eval_every", f"must be >= 0, got {t.eval_every}")
     if "mixup_alpha" in t:  # vision only
         for name in ("mixup_alpha", "cutmix_alpha", "label_smoothing"):
@@ -137,15 +144,16 @@ def _validate_train(t: ml_collections.ConfigDict, key: str, data_parallel: int |
         _check(0.0 <= t.mixup_prob <= 1.0, f"{key}.mixup_prob", f"must be in [0, 1], got {t.mixup_prob}")
         _check(t.label_smoothing < 1.0, f"{key}.label_smoothing", f"must be < 1, got {t.label_smoothing}")
     if data_parallel is not None:
-        for name in ("batch_size", "eval_batch_size"):
-            _check(t[name] % data_parallel == 0, f"{key}.{name}",
-                   f"{t[name]} must be divisible by the data-parallel mesh size (mesh.data x mesh.fsdp = "
+        for name, size in (("batch_size", t.batch_size), ("eval_batch_size", eval_batch_size(t))):
+            _check(size % data_parallel == 0, f"{key}.{name}",
+                   f"{size} must be divisible by the data-parallel mesh size (mesh.data x mesh.fsdp = "
                    f"{data_parallel})")
 
 
 def validate(c: ml_collections.ConfigDict, mesh_shape: Mapping[str, int] | None = None) -> None:
-    """Raise ValueError naming the first bad field; called before any work starts. ``mesh_shape`` (the axis
-    sizes of the mesh built from ``c.mesh``) adds the checks that depend on the devices present."""
+    """Raise ConfigError (a ValueError) naming the first bad field; called before any work starts.
+    ``mesh_shape`` (the axis sizes of the mesh built from ``c.mesh``) adds the checks that depend on the
+    devices present."""
     from cab_jax.bridge import BRIDGE_KINDS, KERNEL_MAPS, LAYER_MAPS
     from cab_jax.losses import LOSS_MODES, MODE_ALIASES
 
@@ -243,6 +251,11 @@ def _validate_language(c: ml_collections.ConfigDict) -> None:
 
 
 # ----------------------------------------------------------------------------------------- derived values
+
+
+def eval_batch_size(t: ml_collections.ConfigDict) -> int:
+    """The global eval batch: ``eval_batch_size``, or the train batch when unset."""
+    return t.batch_size if t.eval_batch_size is None else t.eval_batch_size
 
 
 @dataclasses.dataclass(frozen=True)

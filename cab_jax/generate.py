@@ -15,11 +15,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 from etils import epath
 from flax import nnx
 
-from cab_jax import checkpoint, domains
+from cab_jax import checkpoint, cli, domains
+from cab_jax.errors import ConfigError, PathError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a language training run (holds run_config.json).")
 _PROMPT = flags.DEFINE_string("prompt", "def fib(", "Text to continue.")
@@ -78,11 +79,11 @@ def load_run(workdir: str) -> tuple[ml_collections.ConfigDict, str, nnx.Module]:
     root = epath.Path(workdir)
     meta_path = root / "run_config.json"
     if not meta_path.exists():
-        raise FileNotFoundError(f"{meta_path} not found: --workdir must be the workdir of a training run")
+        raise PathError(f"{meta_path} not found: --workdir must be the workdir of a training run")
     meta = json.loads(meta_path.read_text())
     c = ml_collections.ConfigDict(meta["config"])
     if c.domain != "language":
-        raise ValueError(f"{workdir} holds a {c.domain} run; generation needs a language model")
+        raise ConfigError(f"{workdir} holds a {c.domain} run; generation needs a language model")
     domain = domains.for_config(c)
     build = domain.build_teacher if meta["trains"] == "teacher" else domain.build_student
     model = nnx.eval_shape(lambda: build(nnx.Rngs(0)))
@@ -95,7 +96,7 @@ def load_run(workdir: str) -> tuple[ml_collections.ConfigDict, str, nnx.Module]:
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        cli.fail(f"unexpected arguments: {' '.join(argv[1:])} (flags are --name=value)")
     from cab_jax.data import text
 
     c, trained, model = load_run(_WORKDIR.value)
@@ -109,4 +110,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["workdir"])
-    app.run(main)
+    cli.run(main)

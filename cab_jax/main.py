@@ -1,37 +1,51 @@
-"""Entry point: ``python -m cab_jax.main --config=configs/NAME.py[:variant] --workdir=DIR [--config.x.y=value ...]``
-runs the config's task: one training run (distill, train_teacher) or a study.
+"""Train or study what a config file describes.
 
-The same command runs on a laptop CPU, a GPU host and a TPU pod; pass ``--jax_distributed`` on
-multi-process launches (TPU pods, multi-host GPU) so ``jax.distributed.initialize()`` runs first.
+    python -m cab_jax.main --config=configs/NAME.py[:variant] --workdir=DIR [--config.FIELD=VALUE ...]
+    python -m cab_jax.main --config=configs/NAME.py[:variant] [--config.FIELD=VALUE ...] --print_config
+
+The config's task says what runs: one training run (distill, train_teacher) or a study (the teacher once, then one
+student per loss mode). ``--print_config`` prints every field and the values derived from them for the devices
+present (steps, warmup, learning rate, epochs, batches, mesh, parameter counts) and exits without training. The
+same command runs on a laptop CPU, a GPU host and a TPU pod; pass ``--jax_distributed`` on multi-process launches
+(TPU pods, multi-host GPU) so that ``jax.distributed.initialize()`` runs first.
 """
 
 from __future__ import annotations
 
-import logging as std_logging
+import tempfile
 
 import jax
-from absl import app, flags, logging
+from absl import flags, logging
+from etils import epath
 from ml_collections import config_flags
 
-from cab_jax import study, train
+from cab_jax import cli, study, summary, train
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/NAME.py).",
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/NAME.py[:variant]).",
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results (created when the "
+                               "run starts).")
+_PRINT_CONFIG = flags.DEFINE_bool("print_config", False, "Print the resolved config and its derived values (steps, "
+                                  "lr, batches, mesh, parameter counts), then exit without training.")
 _DISTRIBUTED = flags.DEFINE_bool("jax_distributed", False, "Call jax.distributed.initialize() (multi-process).")
-flags.mark_flags_as_required(["config", "workdir"])
-
-
-def _quiet_orbax(record) -> bool:
-    """Hide orbax's per-save INFO lines; its warnings and errors still show."""
-    return "orbax" not in record.pathname or record.levelno >= std_logging.WARNING
+flags.mark_flag_as_required("config")
 
 
 def main(argv: list[str]) -> None:
-    logging.get_absl_handler().python_handler.addFilter(_quiet_orbax)
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        cli.fail(f"unexpected arguments: {' '.join(argv[1:])} (flags are --name=value)")
     c = _CONFIG.value
+    if _PRINT_CONFIG.value:
+        if c.task != "study":
+            print(summary.describe(c), flush=True)
+        elif _WORKDIR.value:  # a study builds the embedded datasets in its workdir
+            print(summary.describe(c, str(epath.Path(_WORKDIR.value) / "tfds")), flush=True)
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                print(summary.describe(c, tmp), flush=True)
+        return
+    if not _WORKDIR.value:
+        cli.fail("--workdir is required: the run's checkpoints, metrics and results go there")
     if _DISTRIBUTED.value:
         jax.distributed.initialize()
     logging.info("JAX %s, process %d/%d, devices: %s", jax.__version__, jax.process_index(), jax.process_count(),
@@ -44,4 +58,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -20,6 +20,8 @@ import numpy as np
 from flax import nnx, traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from cab_jax.errors import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 LOGICAL_RULES: Mapping[str, str | None] = {
@@ -38,15 +40,15 @@ def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices: list | None = None) 
     devices = jax.devices() if devices is None else devices
     sizes = [mesh_cfg[a] for a in MESH_AXES]
     if sizes.count(-1) > 1:
-        raise ValueError(f"config.mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes, strict=True))}")
+        raise ConfigError(f"config.mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes, strict=True))}")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if len(devices) % known:
-            raise ValueError(f"config.mesh: {len(devices)} devices are not divisible by the fixed axes' "
+            raise ConfigError(f"config.mesh: {len(devices)} devices are not divisible by the fixed axes' "
                              f"product {known}")
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) != len(devices):
-        raise ValueError(f"config.mesh: {dict(zip(MESH_AXES, sizes, strict=True))} needs {math.prod(sizes)} devices, "
+        raise ConfigError(f"config.mesh: {dict(zip(MESH_AXES, sizes, strict=True))} needs {math.prod(sizes)} devices, "
                          f"but {len(devices)} are available")
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 

@@ -18,9 +18,9 @@ from etils import epath
 from cab_jax import config as config_lib
 from cab_jax import train
 
-VISION_COLUMNS = ("model", "mode", "train images", "top-1", "top-5", "steps", "wall time (s)")
+VISION_COLUMNS = ("model", "mode", "train images", "top-1", "top-5", "steps", "this run", "wall time (s)")
 LANGUAGE_COLUMNS = ("model", "mode", "init from attention", "train tokens", "held-out perplexity", "token acc (%)",
-                    "train tokens/s", "steps", "wall time (s)")
+                    "train tokens/s", "steps", "this run", "wall time (s)")
 
 
 def _stage(c: ml_collections.ConfigDict, **changes) -> ml_collections.ConfigDict:
@@ -70,7 +70,8 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> list[dict]:
 def _row(c: ml_collections.ConfigDict, model: str, mode: str, init: bool, result: train.RunResult,
          workdir: epath.Path) -> dict:
     m, nan = result.metrics, float("nan")
-    row = {"model": model, "mode": mode, "steps": result.steps, "wall time (s)": round(result.wall_time_s, 1)}
+    row = {"model": model, "mode": mode, "steps": result.steps, "this run": _this_run(result),
+           "wall time (s)": round(result.wall_time_s, 1)}
     if c.domain != "language":
         return {**row, "train images": result.train_examples, "top-1": round(m.get("top1", nan), 2),
                 "top-5": round(m.get("top5", nan), 2)}
@@ -79,6 +80,15 @@ def _row(c: ml_collections.ConfigDict, model: str, mode: str, init: bool, result
             "held-out perplexity": round(m.get("perplexity", nan), 2),
             "token acc (%)": round(m.get("token_acc", nan), 2),
             "train tokens/s": round(_steady_tokens_per_s(workdir), 1)}
+
+
+def _this_run(result: train.RunResult) -> str:
+    """What this invocation did for a row: trained it, resumed it, or reused one finished earlier."""
+    if result.resumed_at is None:
+        return "trained"
+    if result.resumed_at >= result.steps:
+        return "reused"
+    return f"resumed at step {result.resumed_at}"
 
 
 def _steady_tokens_per_s(workdir: epath.Path) -> float:

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import os
 import signal
 import time
 from collections.abc import Callable, Iterable
@@ -28,7 +29,8 @@ from jax.sharding import Mesh
 
 from cab_jax import checkpoint, domains, sharding
 from cab_jax import config as config_lib
-from cab_jax.convert.weights import load_model_weights
+from cab_jax.convert.weights import check_source, load_model_weights
+from cab_jax.errors import ConfigError, UserError
 
 NO_DECAY_NAMES = frozenset({"pos_embed", "cls_token", "A_log"})
 State = dict[str, Any]
@@ -132,11 +134,7 @@ class Trainer:
 
     def evaluate(self, params: dict, batches: Iterable[dict]) -> dict[str, float]:
         """The domain's metrics over one pass of ``batches`` (each process's local batches)."""
-        totals = None
-        for local in batches:
-            out = self.jit_eval_step(params, sharding.global_batch(local, self.mesh))
-            totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
-        return self.domain.summarize(jax.device_get(totals))
+        return evaluate(self, self.jit_eval_step, params, batches)
 
 
 class Setup(NamedTuple):
@@ -262,13 +260,87 @@ def eval_step(trainer: Trainer, params: dict, batch: dict) -> dict:
     return trainer.domain.eval_sums(logits, batch)
 
 
+def evaluate(trainer: Trainer, step: Callable[[dict, dict], dict], params: dict, batches: Iterable[dict]
+             ) -> dict[str, float]:
+    """The domain's metrics over one pass of ``batches`` (each process's local batches) with the eval ``step``."""
+    totals = None
+    for local in batches:
+        out = step(params, sharding.global_batch(local, trainer.mesh))
+        totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+    return trainer.domain.summarize(jax.device_get(totals))
+
+
+class CompiledSteps(NamedTuple):
+    train: Callable[[State, dict | None, dict], tuple[State, dict]] | None  # None: nothing left to train
+    eval: Callable[[dict, dict], dict]
+
+
+def compile_steps(trainer: Trainer, state: State, teacher_params: dict | None, train_batch: dict | None,
+                  eval_batch: dict) -> CompiledSteps:
+    """The steps compiled for these global batches before anything runs (the train step only when there is a
+    ``train_batch``); ``ConfigError`` when XLA's estimate of a step's memory exceeds what a device has (the host's
+    memory, shared by its devices, on CPU)."""
+    train = None if train_batch is None else trainer.jit_train_step.lower(state, teacher_params, train_batch).compile()
+    eval_ = trainer.jit_eval_step.lower(state["params"]["model"], eval_batch).compile()
+    available = device_memory_bytes()
+    key = "teacher.train" if trainer.job.trains == "teacher" else "train"
+    for name, compiled, field in (("train", train, "batch_size"), ("eval", eval_, "eval_batch_size")):
+        if compiled is None:
+            continue
+        need = step_memory_bytes(compiled)
+        if available is not None and need > available:
+            raise ConfigError(
+                f"config.{key}.{field}: the {name} step needs about {need / 2**30:.1f} GiB per device (XLA's "
+                f"estimate), more than the {available / 2**30:.1f} GiB a {jax.local_devices()[0].platform} device "
+                f"has here; lower config.{key}.{field}, or turn on remat (student.remat, teacher.remat)")
+    return CompiledSteps(train, eval_)
+
+
+def step_memory_bytes(compiled: jax.stages.Compiled) -> int:
+    """XLA's estimate of a compiled step's peak memory per device: arguments, outputs not aliased to (donated)
+    arguments, and temporaries."""
+    m = compiled.memory_analysis()
+    if m is None:
+        return 0
+    return m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+
+
+def device_memory_bytes() -> int | None:
+    """Memory of one local device: ``CAB_JAX_DEVICE_MEMORY_GIB`` when set (to leave room on a shared machine),
+    else the accelerator's limit, or on CPU the host's physical memory divided among its devices (None where
+    neither is known)."""
+    if os.environ.get("CAB_JAX_DEVICE_MEMORY_GIB"):
+        return int(float(os.environ["CAB_JAX_DEVICE_MEMORY_GIB"]) * 2**30)
+    device = jax.local_devices()[0]
+    stats = device.memory_stats() or {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"])
+    if device.platform == "cpu" and hasattr(os, "sysconf"):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // jax.local_device_count()
+    return None
+
+
+def check_weights_paths(c: ml_collections.ConfigDict, job: domains.Job) -> None:
+    """``PathError`` / ``FileFormatError`` naming the config field when a weights path the job will read does not
+    exist or cannot be read as weights (headers only: fast)."""
+    paths = [("student.init_from" if job.trains == "student" else "teacher.init_from", job.init_from)]
+    if job.teacher is not None:
+        paths.append(("teacher.init_from", c.teacher.init_from))
+    for key, path in paths:
+        if path:
+            try:
+                check_source(path)
+            except UserError as e:
+                raise type(e)(f"config.{key}: {e}") from None
+
+
 def load_teacher(c: ml_collections.ConfigDict, teacher: nnx.Module, params: dict, shardings: dict) -> dict:
     """The frozen teacher's parameters: from ``c.teacher.init_from``, or random (synthetic data only)."""
     if c.teacher.init_from:
         target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, shardings)
         return jax.device_put(load_model_weights(c.teacher.init_from, teacher, target), shardings)
     if not c.data.synthetic:
-        raise ValueError("config.teacher.init_from is empty: distillation needs trained teacher weights (a "
+        raise ConfigError("config.teacher.init_from is empty: distillation needs trained teacher weights (a "
                          "train_teacher workdir); only data.synthetic=True runs allow a random teacher")
     logging.warning("No teacher.init_from: using a randomly initialised teacher (synthetic-data run).")
     return jax.device_put(params, shardings)
@@ -318,9 +390,10 @@ class MetricsWriter:
 class RunResult:
     metrics: dict[str, float]  # the final evaluation (top1/top5, or eval_loss/perplexity/token_acc)
     steps: int
-    wall_time_s: float
+    wall_time_s: float  # of this invocation
     train_examples: int
     stopped_early: bool = False
+    resumed_at: int | None = None  # the step a checkpoint of an earlier invocation restored
 
 
 def save_run_config(workdir: epath.Path, c: ml_collections.ConfigDict, trains: str) -> None:
@@ -335,23 +408,29 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *,
     """Train what ``c.task`` asks for ("distill": the student, per ``c.loss``; "train_teacher": the teacher on
     labels, on the full train split, with ``c.teacher.train``), resuming from the latest checkpoint in
     ``workdir``, then evaluate. ``on_step`` is called after each step (tests use it)."""
+    # Everything that can be checked before work is, in order of cost; the workdir is created once it passes.
     mesh = sharding.make_mesh(c.mesh)
     config_lib.validate(c, mesh.shape)
-    workdir_path = epath.Path(workdir)
-    workdir_path.mkdir(parents=True, exist_ok=True)
     domain = domains.for_config(c)
     job = domain.job()
-    train_size = domain.data.train_size(job.data)
+    check_weights_paths(c, job)
+    train_size = domain.data.train_size(job.data)  # the dataset is there (embedded ones are built)
     trainer, state, teacher_params = create_trainer(c, mesh, train_size)
     t, sched = job.train, trainer.sched
-
     train_iter = domain.data.train_iterator(job.data, global_batch_size=t.batch_size, seed=c.seed)
-    eval_batches = domain.data.eval_batches(job.data, global_batch_size=t.eval_batch_size)
+    eval_batches = domain.data.eval_batches(job.data, global_batch_size=config_lib.eval_batch_size(t))
+
+    workdir_path = epath.Path(workdir)
+    workdir_path.mkdir(parents=True, exist_ok=True)
     ckpt = checkpoint.RunCheckpointer(workdir_path / "checkpoints", keep=t.keep_checkpoints)
     state, restored_step = ckpt.restore(state, train_iter)
+    step = int(restored_step or 0)
+    # The first step's batch: the steps compile for its shape (none when a finished run is only evaluated again).
+    batch = sharding.global_batch(next(train_iter), mesh) if step < sched.total_steps else None
+    steps = compile_steps(trainer, state, teacher_params, batch,
+                          sharding.global_batch(next(iter(eval_batches)), mesh))
     save_run_config(workdir_path, c, job.trains)
     writer = MetricsWriter(workdir_path)
-    step = int(restored_step or 0)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]["model"]))
     logging.info("%s: %d parameters, %d train examples, %d steps (%d warmup, %d per epoch), peak lr %.3g, "
                  "mesh %s, %s", job.trains, n_params, train_size, sched.total_steps, sched.warmup_steps,
@@ -362,8 +441,10 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *,
     eval_params = lambda s: s["ema"]["model"] if "ema" in s else s["params"]["model"]
     with StopRequest() as stop:
         while step < sched.total_steps:
-            batch = sharding.global_batch(next(train_iter), mesh)
-            state, metrics = trainer.jit_train_step(state, teacher_params, batch)
+            if batch is None:
+                batch = sharding.global_batch(next(train_iter), mesh)
+            state, metrics = steps.train(state, teacher_params, batch)
+            batch = None
             step += 1
             interval_steps += 1
             if on_step is not None:
@@ -377,7 +458,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *,
                              " ".join(f"{k}={v:.4g}" for k, v in values.items()))
                 interval_start, interval_steps = time.time(), 0
             if t.eval_every and step % t.eval_every == 0 and step < sched.total_steps:
-                result = trainer.evaluate(eval_params(state), eval_batches)
+                result = evaluate(trainer, steps.eval, eval_params(state), eval_batches)
                 writer.write(step, "eval", result)
                 logging.info("[%s %d/%d] eval %s", job.trains, step, sched.total_steps, result)
             if (step % t.checkpoint_every == 0 and step < sched.total_steps) or stop.requested:
@@ -391,8 +472,8 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *,
     ckpt.close()
     if stopped:
         logging.warning("Stopped at step %d; run the same command again to resume.", step)
-        return RunResult({}, step, time.time() - start, train_size, stopped_early=True)
-    result = trainer.evaluate(eval_params(state), eval_batches)
+        return RunResult({}, step, time.time() - start, train_size, stopped_early=True, resumed_at=restored_step)
+    result = evaluate(trainer, steps.eval, eval_params(state), eval_batches)
     writer.write(step, "eval", result)
     logging.info("[%s] final eval at step %d: %s", job.trains, step, result)
-    return RunResult(result, step, time.time() - start, train_size)
+    return RunResult(result, step, time.time() - start, train_size, resumed_at=restored_step)

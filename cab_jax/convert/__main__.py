@@ -23,11 +23,12 @@ import dataclasses
 import json
 import pathlib
 
-from absl import app, flags, logging
+from absl import flags, logging
 from flax import nnx
 
-from cab_jax import checkpoint
+from cab_jax import checkpoint, cli
 from cab_jax.convert import io, mapping, phi, vim, weights
+from cab_jax.errors import ConfigError
 from cab_jax.models import registry
 from cab_jax.models.phi import PHI_SIZES, PhiSize
 from cab_jax.models.vim import VIM_SIZES
@@ -65,7 +66,7 @@ def _phi_size(model: str, hf_cfg: dict | None, size_file: pathlib.Path | None) -
         return phi.size_from_hf_config(hf_cfg)
     if size_file is not None and size_file.exists():
         return PhiSize(**json.loads(size_file.read_text()))
-    raise app.UsageError("--model=phi_custom needs a Hugging Face directory with config.json (import) or our "
+    raise ConfigError("--model=phi_custom needs a Hugging Face directory with config.json (import) or our "
                          f"checkpoint with its {PHI_SIZE_FILE} (export); otherwise name a size: {sorted(PHI_SIZES)}")
 
 
@@ -95,16 +96,16 @@ def main(argv: list[str]) -> None:
     del argv
     if _MODEL.value.startswith("phi_"):
         if _FORMAT.value != "hf":
-            raise app.UsageError(f"--model={_MODEL.value} reads Hugging Face weights: use --format=hf")
+            raise ConfigError(f"--model={_MODEL.value} reads Hugging Face weights: use --format=hf")
         phi_main(_MODEL.value, _SRC.value, _OUT.value, _EXPORT.value)
         return
     model = vision_model(_MODEL.value, _IMAGE_SIZE.value, _PATCH_SIZE.value, _NUM_CLASSES.value)
     if _FORMAT.value not in weights.formats(model):
-        raise app.UsageError(f"--format={_FORMAT.value} does not fit --model={_MODEL.value}; "
+        raise ConfigError(f"--format={_FORMAT.value} does not fit --model={_MODEL.value}; "
                              f"expected one of {weights.formats(model)}")
     if _EXPORT.value:
         if MODELS[_MODEL.value][0] != "vim":
-            raise app.UsageError("--export writes Vim students (--format=vim); teachers are import-only")
+            raise ConfigError("--export writes Vim students (--format=vim); teachers are import-only")
         tensors = vim.export_vim(checkpoint.load_model_params(_SRC.value, nnx.state(model).to_pure_dict()))
         io.save_state_dict(tensors, _OUT.value)
         logging.info("Wrote %s (%d tensors) from %s", _OUT.value, len(tensors), _SRC.value)
@@ -116,4 +117,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

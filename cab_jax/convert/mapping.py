@@ -17,6 +17,8 @@ from collections.abc import Callable, Mapping
 import numpy as np
 from flax import traverse_util
 
+from cab_jax.errors import UserError
+
 Transform = Callable[[np.ndarray], np.ndarray]
 
 
@@ -142,7 +144,7 @@ def expand(rules: list[Rule], layers: Mapping[str, int]) -> list[Rule]:
     return out
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
     """A checkpoint that does not fit the model; the message lists every offending name and shape."""
 
 

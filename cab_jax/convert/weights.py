@@ -15,6 +15,7 @@ from flax import nnx
 
 from cab_jax import checkpoint
 from cab_jax.convert import deit, io, mapping, phi, vim
+from cab_jax.errors import ConfigError
 from cab_jax.models.phi import Phi
 from cab_jax.models.vim import Vim
 from cab_jax.models.vit import ViT
@@ -36,6 +37,15 @@ def is_pytorch_source(path: str | pathlib.Path) -> bool:
     return pathlib.Path(path).suffix in _PYTORCH_SUFFIXES or io.is_hf_dir(path)
 
 
+def check_source(path: str | pathlib.Path) -> None:
+    """``PathError`` / ``FileFormatError`` unless ``path`` holds weights ``load_model_weights`` can read: PyTorch
+    weights (their headers are checked) or a checkpoint of ours with a step. Cheap: nothing is loaded."""
+    if is_pytorch_source(path):
+        io.check_readable(path)
+    else:
+        checkpoint.model_params_dir(path)
+
+
 def import_pytorch(path: str | pathlib.Path, model: nnx.Module, fmt: str | None = None) -> dict:
     """PyTorch weights at ``path`` as ``model``'s parameter tree (float32 NumPy arrays); ``model`` may be abstract
     (``nnx.eval_shape``). ``fmt``: one of ``formats(model)``; by default "hf" for a Hugging Face directory,
@@ -49,7 +59,7 @@ def import_pytorch(path: str | pathlib.Path, model: nnx.Module, fmt: str | None 
     if fmt not in allowed:
         kind = "a Phi teacher: Phi checkpoints are Hugging Face ('hf')" if isinstance(model, Phi) else \
             f"a {type(model).__name__}"
-        raise ValueError(f"format {fmt!r} does not fit {kind}; expected one of {allowed}")
+        raise ConfigError(f"format {fmt!r} does not fit {kind}; expected one of {allowed}")
     state_dict = _select_model(io.load_state_dict(path), "student" if isinstance(model, Vim) else "teacher")
     target = {k: tuple(v.shape) for k, v in mapping.flatten(nnx.state(model).to_pure_dict()).items()}
     if isinstance(model, Vim):

@@ -20,6 +20,7 @@ from typing import ClassVar
 
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging
 
 from cab_jax.data.augment import resize_bilinear
 
@@ -93,6 +94,11 @@ class CabDigits(tfds.core.GeneratorBasedBuilder):
             known = {c.name for c in self.BUILDER_CONFIGS}
             kwargs["config"] = config.name if config.name in known else config
         super().__init__(**kwargs)
+
+    def _log_download_bytes(self) -> None:
+        """TFDS prints "Downloading and preparing dataset Unknown size" here; nothing is downloaded: say what is
+        built instead."""
+        logging.info("Building the embedded dataset cab_digits in %s (once).", self.data_dir)
 
     def _info(self) -> tfds.core.DatasetInfo:
         size = self.builder_config.image_size

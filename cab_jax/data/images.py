@@ -46,6 +46,7 @@ from cab_jax.data.augment import EvalTransform, TrainTransform
 from cab_jax.data.digits import CabDigits
 from cab_jax.data.sources import IndexedSource, PaddedSource, SelectKeys, SyntheticSource
 from cab_jax.data.subset import per_class_subset
+from cab_jax.errors import ConfigError
 
 DIGITS_NAME = "cab_digits"
 _LABEL_SCAN_CHUNK = 8192
@@ -70,7 +71,7 @@ def _open_builder(data_cfg) -> tfds.core.DatasetBuilder:
     except KeyError:
         label = None
     if label is None or getattr(label, "num_classes", None) != data_cfg.num_classes:
-        raise ValueError(
+        raise ConfigError(
             f"Dataset '{name}' label feature is {label!r}; expected a ClassLabel with "
             f"num_classes={data_cfg.num_classes} (data_cfg.num_classes)."
         )

@@ -38,6 +38,7 @@ import tensorflow_datasets as tfds
 from absl import flags
 
 from cab_jax.data.sources import SelectKeys
+from cab_jax.errors import ConfigError, FileFormatError, PathError
 
 # The seed of the synthetic eval set (the train set is seeded from the run's seed).
 SYNTHETIC_EVAL_SEED = 0x5EED_E7A1
@@ -78,8 +79,9 @@ def open_prepared_builder(name: str, data_dir: str | None) -> tfds.core.DatasetB
     """The builder of TFDS dataset ``name`` already prepared in ``data_dir`` as array_record; never downloads.
 
     Raises:
-      FileNotFoundError: the dataset is not prepared there (naming the directory and how to prepare it).
-      ValueError: it is prepared in another file format.
+      PathError (a FileNotFoundError): the dataset is not prepared there (naming the directory and how to
+        prepare it).
+      FileFormatError (a ValueError): it is prepared in another file format.
     """
     missing = (
         f"Dataset '{name}' is not prepared in data_dir '{data_dir or '(TFDS default)'}'; this "
@@ -87,13 +89,13 @@ def open_prepared_builder(name: str, data_dir: str | None) -> tfds.core.DatasetB
     )
     try:
         builder = tfds.builder(name, data_dir=data_dir)
-    except tfds.core.registered.DatasetNotFoundError as e:
-        raise FileNotFoundError(f"{missing} (TFDS knows no dataset of that name either.)") from e
+    except tfds.core.registered.DatasetNotFoundError:
+        raise PathError(f"{missing} (TFDS knows no dataset of that name either.)") from None
     if not builder.is_prepared():
-        raise FileNotFoundError(f"{missing} (Looked in {builder.data_dir}.)")
+        raise PathError(f"{missing} (Looked in {builder.data_dir}.)")
     file_format = builder.info.file_format
     if file_format is None or file_format.name != "ARRAY_RECORD":
-        raise ValueError(
+        raise FileFormatError(
             f"Dataset '{name}' in {builder.data_dir} is stored as {file_format}, which grain cannot "
             "read by random access; re-prepare it with --file_format=array_record."
         )
@@ -105,7 +107,7 @@ def split_source(builder: tfds.core.DatasetBuilder, split: str, **kwargs) -> Sou
     try:
         builder.info.splits[split]
     except (KeyError, ValueError) as e:
-        raise ValueError(
+        raise ConfigError(
             f"Dataset '{builder.name}' has no split {split!r}; it has {sorted(builder.info.splits)}."
         ) from e
     return builder.as_data_source(split=split, **kwargs)
@@ -170,7 +172,7 @@ def train_batches(
     process_index, process_count, local_batch = process_layout(global_batch_size, process_index, process_count)
     size = len(source)
     if global_batch_size > size:
-        raise ValueError(
+        raise ConfigError(
             f"global_batch_size={global_batch_size} is larger than the training set ({size} {description})."
         )
     steps_per_epoch = size // global_batch_size

@@ -68,6 +68,7 @@ from cab_jax.data.text_sources import (
     TrainTokenBatch,
     WindowSource,
 )
+from cab_jax.errors import ConfigError, FileFormatError, PathError
 
 TEXT_NAME = "cab_text"
 _CACHE_DIR = "cab_jax_packed"
@@ -100,17 +101,17 @@ def _tokenizer_file(data_cfg) -> epath.Path:
     """The tokenizer.json of ``data_cfg`` (building cab_text if needed)."""
     if _is_cab_text(data_cfg):
         if data_cfg.tokenizer:
-            raise ValueError(
+            raise ConfigError(
                 f"data.tokenizer={data_cfg.tokenizer!r} is set, but cab_text trains and uses its own tokenizer; "
                 "leave data.tokenizer empty (it is for external datasets)."
             )
         return _cab_text_builder(data_cfg).tokenizer_path
     if not data_cfg.tokenizer:
-        raise ValueError(f"dataset '{data_cfg.name}' needs data.tokenizer (a tokenizer.json or a directory with one).")
+        raise ConfigError(f"dataset '{data_cfg.name}' needs data.tokenizer (a tokenizer.json or a directory with one).")
     path = epath.Path(data_cfg.tokenizer)
     file = path / TOKENIZER_FILE if path.is_dir() else path
     if not file.exists():
-        raise FileNotFoundError(
+        raise PathError(
             f"no tokenizer at {file} (data.tokenizer={data_cfg.tokenizer!r}); expected a tokenizer.json file "
             "or a Hugging Face tokenizer directory containing one."
         )
@@ -144,9 +145,9 @@ def _tokenizer_and_eos(data_cfg) -> tuple[Tokenizer, int]:
     token = _eos_token(file)
     eos_id = tokenizer.token_to_id(token)
     if eos_id is None:
-        raise ValueError(f"the tokenizer {file} has no end-of-text token {token!r}.")
+        raise FileFormatError(f"the tokenizer {file} has no end-of-text token {token!r}.")
     if tokenizer.get_vocab_size() > data_cfg.vocab_size:
-        raise ValueError(
+        raise ConfigError(
             f"the tokenizer {file} has {tokenizer.get_vocab_size()} tokens > data.vocab_size={data_cfg.vocab_size}."
         )
     return tokenizer, eos_id
@@ -165,7 +166,7 @@ def _text_builder(data_cfg) -> tfds.core.DatasetBuilder:
     builder = loader.open_prepared_builder(data_cfg.name, loader.tfds_data_dir(data_cfg))
     features = builder.info.features
     if data_cfg.text_key not in features or not isinstance(features[data_cfg.text_key], tfds.features.Text):
-        raise ValueError(
+        raise ConfigError(
             f"Dataset '{data_cfg.name}' has no text feature {data_cfg.text_key!r} (data.text_key); its features "
             f"are {dict(features)}."
         )
@@ -251,7 +252,7 @@ def _split(data_cfg, split: str) -> loader.Source:
     else:
         source = _packed_split(data_cfg, split)
     if not len(source):
-        raise ValueError(
+        raise ConfigError(
             f"'{data_cfg.name}' [{split}] holds no window of seq_len + 1 = {data_cfg.seq_len + 1} tokens; "
             "use more text or a shorter seq_len."
         )

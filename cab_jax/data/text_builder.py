@@ -25,6 +25,7 @@ from typing import ClassVar
 import numpy as np
 import numpy.typing as npt
 import tensorflow_datasets as tfds
+from absl import logging
 from etils import epath
 
 from cab_jax.data import text_corpus
@@ -130,6 +131,11 @@ class CabText(tfds.core.GeneratorBasedBuilder):
     def tokenizer_path(self) -> epath.Path:
         """Where the tokenizer of this dataset is stored."""
         return epath.Path(self.data_dir) / TOKENIZER_FILE
+
+    def _log_download_bytes(self) -> None:
+        """TFDS prints "Downloading and preparing dataset Unknown size" here; nothing is downloaded: say what is
+        built instead."""
+        logging.info("Building the embedded dataset cab_text in %s (once).", self.data_dir)
 
     def _info(self) -> tfds.core.DatasetInfo:
         seq_len = self.builder_config.seq_len

@@ -1,0 +1,18 @@
+"""The errors that are the user's to fix (a flag, a config value, a path, a file): entry points print them as one
+line and exit with status 2. Any other exception is a bug and keeps its traceback."""
+
+
+class UserError(Exception):
+    """A problem with what the user asked for; the message says what was given and what is expected."""
+
+
+class ConfigError(UserError, ValueError):
+    """A config value or flag that cannot work (the message names the field)."""
+
+
+class PathError(UserError, FileNotFoundError):
+    """A path the config or a flag names that does not exist or holds nothing usable."""
+
+
+class FileFormatError(UserError, ValueError):
+    """A file that exists but is not what it should be (e.g. not a PyTorch checkpoint)."""
