@@ -26,6 +26,7 @@ _NOISE = (
     ("dataset_builder.py", "Generating dataset"),
     ("dataset_builder.py", "Using custom data configuration"),  # our builders' configs are made per setting
     ("file_utils.py", "Variant folder"),  # TFDS, while an embedded dataset is being built
+    ("writer.py", "Done writing"),
     ("checkpoint_manager.py", "CheckpointManagerOptions.read_only=True"),  # orbax, on every read-only load
     ("checkpoint_manager.py", "Given directory is read only"),
 )

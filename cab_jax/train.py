@@ -396,6 +396,10 @@ class RunResult:
     resumed_at: int | None = None  # the step a checkpoint of an earlier invocation restored
 
 
+def _format(values: dict[str, float]) -> str:
+    return " ".join(f"{k}={v}" if isinstance(v, int) else f"{k}={v:.4g}" for k, v in values.items())
+
+
 def save_run_config(workdir: epath.Path, c: ml_collections.ConfigDict, trains: str) -> None:
     """``workdir/run_config.json``: what was trained, so tools (``cab_jax.generate``) can rebuild the model."""
     if jax.process_index() == 0:
@@ -454,13 +458,12 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *,
                 elapsed = time.time() - interval_start
                 values.update(domain.throughput(interval_steps * t.batch_size / max(elapsed, 1e-9)))
                 writer.write(step, "train", values)
-                logging.info("[%s %d/%d] %s", job.trains, step, sched.total_steps,
-                             " ".join(f"{k}={v:.4g}" for k, v in values.items()))
+                logging.info("[%s %d/%d] %s", job.trains, step, sched.total_steps, _format(values))
                 interval_start, interval_steps = time.time(), 0
             if t.eval_every and step % t.eval_every == 0 and step < sched.total_steps:
                 result = evaluate(trainer, steps.eval, eval_params(state), eval_batches)
                 writer.write(step, "eval", result)
-                logging.info("[%s %d/%d] eval %s", job.trains, step, sched.total_steps, result)
+                logging.info("[%s %d/%d] eval %s", job.trains, step, sched.total_steps, _format(result))
             if (step % t.checkpoint_every == 0 and step < sched.total_steps) or stop.requested:
                 ckpt.save(step, state, train_iter)
             if stop.requested:
@@ -475,5 +478,5 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *,
         return RunResult({}, step, time.time() - start, train_size, stopped_early=True, resumed_at=restored_step)
     result = evaluate(trainer, steps.eval, eval_params(state), eval_batches)
     writer.write(step, "eval", result)
-    logging.info("[%s] final eval at step %d: %s", job.trains, step, result)
+    logging.info("[%s] final eval at step %d: %s", job.trains, step, _format(result))
     return RunResult(result, step, time.time() - start, train_size, resumed_at=restored_step)

@@ -106,8 +106,9 @@ def test_a_step_that_does_not_fit_stops_before_training(tmp_path):
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
-NOISE = ("Downloading and preparing", "\x1b[A", "Variant folder", "Unable to initialize backend", "Load dataset info",
-         "read_only=True", "Given directory is read only", "Using custom data configuration", "Traceback")
+NOISE = ("Downloading and preparing", "downloaded and prepared", "\x1b[A", "Variant folder", "Done writing",
+         "Unable to initialize backend", "Load dataset info", "read_only=True", "Given directory is read only",
+         "Using custom data configuration", "Traceback")
 
 
 @pytest.mark.slow

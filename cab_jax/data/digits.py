@@ -100,6 +100,9 @@ class CabDigits(tfds.core.GeneratorBasedBuilder):
         built instead."""
         logging.info("Building the embedded dataset cab_digits in %s (once).", self.data_dir)
 
+    def _log_download_done(self) -> None:
+        """TFDS prints "... downloaded and prepared ..." here; the line above said it all."""
+
     def _info(self) -> tfds.core.DatasetInfo:
         size = self.builder_config.image_size
         return tfds.core.DatasetInfo(

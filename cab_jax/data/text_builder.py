@@ -137,6 +137,9 @@ class CabText(tfds.core.GeneratorBasedBuilder):
         built instead."""
         logging.info("Building the embedded dataset cab_text in %s (once).", self.data_dir)
 
+    def _log_download_done(self) -> None:
+        """TFDS prints "... downloaded and prepared ..." here; the line above said it all."""
+
     def _info(self) -> tfds.core.DatasetInfo:
         seq_len = self.builder_config.seq_len
         return tfds.core.DatasetInfo(
