@@ -53,7 +53,9 @@ wait_for() {  # the exit status of background job $1, waiting again when a trapp
 }
 
 run_dir() { echo "$ROOT/s$(awk -v s="$1" 'BEGIN { printf "%g", 100 * s }')_$2"; }  # run_dir 0.1 cab: ROOT/s10_cab
-config_for() { if [[ "$CONFIG" == *:* ]]; then echo "$CONFIG,subset=$1,mode=$2"; else echo "$CONFIG:subset=$1,mode=$2"; fi; }
+config_for() {  # config_for 0.1 cab: CONFIG:subset=0.1,mode=cab (after the config's own variant, if any)
+  if [[ "$CONFIG" == *:* ]]; then echo "$CONFIG,subset=$1,mode=$2"; else echo "$CONFIG:subset=$1,mode=$2"; fi
+}
 
 stopping=0
 child=""
@@ -123,7 +125,9 @@ done
 [[ "$SUBMIT" == local || "$SUBMIT" == slurm ]] || die "--submit=$SUBMIT: expected local or slurm"
 [[ "$MAX_RESTARTS" =~ ^[0-9]+$ ]] || die "--max_restarts=$MAX_RESTARTS: expected a count"
 for arg in "${MAIN_ARGS[@]}"; do
-  case "$arg" in --config=*|--workdir=*) die "$arg: the sweep sets --config and --workdir itself (see --config, --root)" ;; esac
+  case "$arg" in
+    --config=*|--workdir=*) die "$arg: the sweep sets --config and --workdir itself (see --config, --root)" ;;
+  esac
 done
 [[ "$ROOT" == /* ]] || ROOT="$PWD/$ROOT"  # the runs start in the project's root
 [[ "$CONFIG" == /* || "$PWD" == "$REPO" || ! -f "${CONFIG%%:*}" ]] || CONFIG="$PWD/$CONFIG"  # named from here

@@ -63,7 +63,11 @@ gcloud_tpus() {  # gcloud compute tpus ARGS --zone [--project]
 }
 
 query() {  # a describe that prints one field, or NOT_FOUND; in a dry run only shown
-  if dry; then echo "# a slice found by this is reused: $(quote gcloud compute tpus "$@" --zone="$ZONE")" >&2; echo NOT_FOUND; return; fi
+  if dry; then
+    echo "# a slice found by this is reused: $(quote gcloud compute tpus "$@" --zone="$ZONE")" >&2
+    echo NOT_FOUND
+    return
+  fi
   gcloud_tpus "$@" 2>/dev/null || echo NOT_FOUND
 }
 
