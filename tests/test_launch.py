@@ -67,7 +67,7 @@ def fakes(tmp_path):
     (tmp_path / "calls").write_text("")
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "FAKE_DIR": str(tmp_path),
            "POLL_S": "0", "TMPDIR": str(tmp_path)}
-    for name in ("DRY_RUN", "PYTHON", "SLURM_JOB_ID", "SLURM_RESTART_COUNT"):
+    for name in [*(k for k in env if k.startswith("SLURM_")), "DRY_RUN", "PYTHON"]:
         env.pop(name, None)
     return env, lambda: (tmp_path / "calls").read_text().splitlines()
 
@@ -223,9 +223,10 @@ def test_tpu_pod_recreates_a_preempted_slice(fakes):
 def test_slurm_requeues_on_75_only(fakes, status, job_state, returncode, requeued):
     env, calls = fakes
     set_statuses(env, status)
-    proc = script("slurm_gpu.sbatch", *MAIN_FLAGS, env={**env, "SLURM_JOB_ID": "42", "FAKE_JOB_STATE": job_state})
+    proc = script("slurm_gpu.sbatch", *MAIN_FLAGS, env={**env, "SLURM_JOB_ID": "42", "FAKE_JOB_STATE": job_state,
+                                                         "SLURM_CPUS_PER_TASK": "12"})
     assert proc.returncode == returncode, proc.stdout + proc.stderr
-    assert calls()[0].startswith("srun --kill-on-bad-exit=0 --label python -m cab_jax.main")
+    assert calls()[0].startswith("srun --kill-on-bad-exit=0 --label --cpus-per-task=12 python -m cab_jax.main")
     assert ("scontrol requeue 42" in calls()) == requeued
 
 
