@@ -9,22 +9,31 @@ from __future__ import annotations
 import os
 
 import grain
+import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 
-from cab_jax.errors import PathError
+from cab_jax.errors import FileFormatError, PathError
 
 STATE, DATA = "state", "data"
 
 
 class RunCheckpointer:
-    """Save/restore ``(state, data iterator)`` pairs under ``directory``; keeps the newest ``keep``."""
+    """Save/restore ``(state, data iterator)`` pairs under ``directory``; keeps the newest ``keep``.
+
+    One checkpoint per step for the whole job: each process writes its shards of the state, the primary process
+    the iterator's state (a small JSON dict, the same on every process, see
+    :class:`cab_jax.data.loader.TrainIterator`), so a run restores with another process count or mesh. Saves are
+    asynchronous: training goes on while the files are written (:meth:`wait` blocks until they are)."""
 
     def __init__(self, directory: str | os.PathLike, *, keep: int = 2):
+        self.directory = epath.Path(directory).absolute()
         self.manager = ocp.CheckpointManager(
-            epath.Path(directory).absolute(),
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
-            item_handlers={STATE: ocp.StandardCheckpointHandler(), DATA: grain.checkpoint.CheckpointHandler()},
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True),
+            item_handlers={STATE: ocp.StandardCheckpointHandler(), DATA: ocp.JsonCheckpointHandler()},
         )
 
     def latest_step(self) -> int | None:
@@ -33,26 +42,55 @@ class RunCheckpointer:
     def save(self, step: int, state, data_iter: grain.DatasetIterator | None) -> None:
         items = {STATE: ocp.args.StandardSave(state)}
         if data_iter is not None:
-            items[DATA] = grain.checkpoint.CheckpointSave(data_iter)
+            items[DATA] = ocp.args.JsonSave(data_iter.get_state())
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def restore(self, state, data_iter: grain.DatasetIterator | None):
-        """Restore the latest checkpoint into the shapes/shardings of ``state`` (and ``data_iter`` in
-        place). Returns ``(state, step)``, or ``(state, None)`` unchanged when there is no checkpoint."""
-        step = self.manager.latest_step()
-        if step is None:
-            return state, None
+        """Restore the newest readable checkpoint into the shapes/shardings of ``state`` (and ``data_iter`` in
+        place). Returns ``(state, step)``, or ``(state, None)`` unchanged when there is no checkpoint.
+
+        A step that cannot be read (truncated files, non-finite parameters) is skipped with a warning naming it,
+        and the next older one is tried; when none can be read, the newest step's error is raised."""
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        first_error = None
+        for step in steps:
+            try:
+                restored, iterator_state = self._restore_step(step, state, data_iter is not None)
+            except Exception as e:  # any unreadable step; the newest step's error is raised when none is readable
+                logging.warning("Checkpoint step %d in %s cannot be restored (%s: %s); trying an older one.", step,
+                                self.directory, type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "")
+                first_error = first_error or e
+                continue
+            if iterator_state is not None:
+                data_iter.set_state(iterator_state)
+            if step != steps[0]:
+                logging.warning("Resuming from checkpoint step %d: the newer steps %s could not be restored.", step,
+                                [s for s in steps if s > step])
+            return restored, step
+        if first_error is not None:
+            raise first_error
+        return state, None
+
+    def _restore_step(self, step: int, state, with_data: bool):
         items = {STATE: ocp.args.StandardRestore(state)}
-        if data_iter is not None:
-            items[DATA] = grain.checkpoint.CheckpointRestore(data_iter)
+        if with_data:
+            items[DATA] = ocp.args.JsonRestore()
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        return restored[STATE], step
+        if not bool(all_finite(restored[STATE]["params"])):
+            raise FileFormatError(f"checkpoint step {step} holds non-finite parameters")
+        return restored[STATE], restored[DATA] if with_data else None
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.close()
+
+
+@jax.jit
+def all_finite(tree) -> jax.Array:
+    """Whether every entry of every array in ``tree`` is finite (a replicated boolean, readable on each process)."""
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
 
 
 def model_params_dir(path: str | os.PathLike) -> epath.Path:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from absl import app, flags, logging
 from ml_collections import config_dict
 
-from cab_jax.errors import UserError
+from cab_jax.errors import DivergedError, UserError
 
 USAGE_ERROR = 2  # exit status for a usage error, as argparse and most Unix tools use
 _HELP_FLAGS = ("-h", "-?", "--help", "--helpshort", "--helpfull")
@@ -48,10 +48,10 @@ def quiet_library_logs() -> None:
     tfds.disable_progress_bar()
 
 
-def fail(message: str) -> None:
-    """Print ``error: message`` (one line) to stderr and exit with the usage-error status."""
+def fail(message: str, status: int = USAGE_ERROR) -> None:
+    """Print ``error: message`` (one line) to stderr and exit with ``status`` (a usage error unless given)."""
     print(f"error: {' '.join(message.split())}", file=sys.stderr, flush=True)
-    sys.exit(USAGE_ERROR)
+    sys.exit(status)
 
 
 def run(main: Callable[[list[str]], None]) -> None:
@@ -63,6 +63,8 @@ def run(main: Callable[[list[str]], None]) -> None:
             main(argv)
         except UserError as e:
             fail(str(e))
+        except DivergedError as e:
+            fail(str(e), status=1)
 
     app.run(guarded, flags_parser=parse_flags)
 

@@ -21,6 +21,7 @@ from cab_jax.errors import ConfigError
 TASKS = ("distill", "train_teacher", "study")
 DOMAINS = ("vision", "language")
 LR_DECAYS = ("cosine", "linear")
+NONFINITE_ACTIONS = ("stop", "skip")
 DTYPES = ("float32", "bfloat16")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -81,7 +82,8 @@ def vision_train(**overrides: Any) -> ml_collections.ConfigDict:
         log_every=50,
         eval_every=0,  # steps between evaluations; 0: only at the end
         checkpoint_every=1000,
-        keep_checkpoints=2,
+        keep_checkpoints=2,  # the newest ones; each holds the student, bridges and optimizer state
+        on_nonfinite="stop",  # a non-finite loss or gradient: "stop" the run, or "skip" the update
         eval_batch_size=config_dict.placeholder(int),  # unset: batch_size
     ))
     t.update(overrides)
@@ -138,6 +140,7 @@ def _validate_train(t: ml_collections.ConfigDict, key: str, data_parallel: int |
     _check(t.eval_batch_size is None or t.eval_batch_size > 0, f"{key}.eval_batch_size",
            f"must be positive (or unset: batch_size), got {t.eval_batch_size}")
     _check(t.eval_every >= 0, f"{key}.eval_every", f"must be >= 0, got {t.eval_every}")
+    _check_choice(t.on_nonfinite, f"{key}.on_nonfinite", NONFINITE_ACTIONS)
     if "mixup_alpha" in t:  # vision only
         for name in ("mixup_alpha", "cutmix_alpha", "label_smoothing"):
             _check(t[name] >= 0, f"{key}.{name}", f"must be >= 0, got {t[name]}")

@@ -16,3 +16,8 @@ class PathError(UserError, FileNotFoundError):
 
 class FileFormatError(UserError, ValueError):
     """A file that exists but is not what it should be (e.g. not a PyTorch checkpoint)."""
+
+
+class DivergedError(RuntimeError):
+    """Training produced a non-finite loss or gradient; entry points print the message (the step and the loss
+    terms) as one line and exit with status 1. Not a bug, and not the user's input."""

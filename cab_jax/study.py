@@ -32,9 +32,10 @@ def _stage(c: ml_collections.ConfigDict, **changes) -> ml_collections.ConfigDict
     return stage
 
 
-def run(c: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+def run(c: ml_collections.ConfigDict, workdir: str) -> tuple[list[dict], bool]:
     """Teacher in ``workdir/teacher`` (reused when finished), students in ``workdir/students/MODE``; the table in
-    ``workdir/results.md`` and ``results.json``."""
+    ``workdir/results.md`` and ``results.json``. Returns the rows and whether the study finished (False: a stage
+    was stopped by a signal, and the same command resumes it)."""
     config_lib.validate(c)
     root = epath.Path(workdir)
     # The embedded datasets are built inside the workdir unless told otherwise.
@@ -45,7 +46,7 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     teacher = train.train_and_evaluate(_stage(c, task="train_teacher", **{"data.data_dir": data_dir}), str(teacher_dir))
     rows = [_row(c, "teacher (Phi)" if language else "teacher (DeiT)", "supervised", False, teacher, teacher_dir)]
     if teacher.stopped_early:
-        return rows
+        return rows, False
     for mode in c.study.modes:
         changes = {"task": "distill", "loss.mode": mode, "teacher.init_from": str(teacher_dir),
                    "data.data_dir": data_dir}
@@ -59,12 +60,12 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> list[dict]:
         result = train.train_and_evaluate(_stage(c, **changes), str(student_dir))
         rows.append(_row(c, "student (Phi-Mamba)" if language else "student (Vim)", mode, init, result, student_dir))
         if result.stopped_early:
-            break
+            return rows, False
     table = format_table(rows, LANGUAGE_COLUMNS if language else VISION_COLUMNS)
     print(table, flush=True)
     (root / "results.md").write_text(table + "\n")
     (root / "results.json").write_text(json.dumps(rows, indent=2))
-    return rows
+    return rows, True
 
 
 def _row(c: ml_collections.ConfigDict, model: str, mode: str, init: bool, result: train.RunResult,

@@ -7,12 +7,10 @@ teacher and the attention bridge), or the teacher on labels.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
 import os
-import signal
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
@@ -27,10 +25,10 @@ from etils import epath
 from flax import nnx, traverse_util
 from jax.sharding import Mesh
 
-from cab_jax import checkpoint, domains, sharding
+from cab_jax import checkpoint, domains, preemption, sharding
 from cab_jax import config as config_lib
 from cab_jax.convert.weights import check_source, load_model_weights
-from cab_jax.errors import ConfigError, UserError
+from cab_jax.errors import ConfigError, DivergedError, UserError
 
 NO_DECAY_NAMES = frozenset({"pos_embed", "cls_token", "A_log"})
 State = dict[str, Any]
@@ -149,17 +147,25 @@ def create_trainer(c: ml_collections.ConfigDict, mesh: Mesh, train_size: int) ->
     job = domain.job()
     sched = config_lib.schedule(job.train, train_size, job.data.get("subset_fraction", 1.0))
     lr_fn = learning_rate_fn(job.train, sched)
-    rngs = nnx.Rngs(c.seed)
 
-    model = job.model(rngs)
-    model_fn, model_params = Functional.split(model)
+    # The student and its bridges draw from one RNG stream (the bridge's initialisation follows the student's).
+    modules, inits, axes_of = init_modules(lambda rngs: (job.model(rngs), *([job.bridge(rngs)] if job.bridge else [])),
+                                           c.seed, mesh)
+    model, model_params = modules[0], inits[0]
+    model_fn = Functional.split(model)[0]
     if job.init_from:  # start from given weights (a resumed run restores later)
         model_params = load_model_weights(job.init_from, model, model_params)
     teacher_fn = teacher_params = teacher_shardings = None
     if job.teacher is not None:
-        teacher = job.teacher(nnx.Rngs(c.seed + 1))
-        teacher_fn, teacher_params = Functional.split(teacher)
-        teacher_shardings = sharding.param_shardings(teacher_params, sharding.logical_axes(teacher), mesh)
+        teacher_build = lambda rngs: (job.teacher(rngs),)
+        if c.teacher.init_from:
+            (teacher,) = nnx.eval_shape(lambda: teacher_build(nnx.Rngs(c.seed + 1)))
+            teacher_params = None
+        else:
+            (teacher,), (teacher_params,), _ = init_modules(teacher_build, c.seed + 1, mesh)
+        teacher_fn = Functional.split(teacher)[0]
+        teacher_shardings = sharding.param_shardings(nnx.state(teacher).to_pure_dict(), sharding.logical_axes(teacher),
+                                                     mesh)
         teacher_params = load_teacher(c, teacher, teacher_params, teacher_shardings)
     if job.init_from_teacher is not None:
         student = model_fn.module(model_params)
@@ -168,12 +174,11 @@ def create_trainer(c: ml_collections.ConfigDict, mesh: Mesh, train_size: int) ->
         logging.info("Student initialised from the teacher's attention, MLPs, norms and embeddings.")
     if not job.weights.needs_teacher:  # the teacher was needed for the initialisation only
         teacher_fn = teacher_params = teacher_shardings = None
-    params, axes = {"model": model_params}, {"model": sharding.logical_axes(model)}
+    params, axes = {"model": model_params}, {"model": axes_of[0]}
     bridge_fn = None
     if job.bridge is not None:
-        bridge = job.bridge(rngs)
-        bridge_fn, params["bridge"] = Functional.split(bridge)
-        axes["bridge"] = sharding.logical_axes(bridge)
+        bridge_fn = Functional.split(modules[1])[0]
+        params["bridge"], axes["bridge"] = inits[1], axes_of[1]
 
     tx = make_optimizer(job.train, lr_fn, decay_mask(params, axes))
     state, state_shardings = init_state(params, axes, tx, mesh, c.seed, job.train.ema_decay > 0)
@@ -182,6 +187,20 @@ def create_trainer(c: ml_collections.ConfigDict, mesh: Mesh, train_size: int) ->
                       cls_position=None if bridge_fn is None else domain.cls_position(model),
                       state_shardings=state_shardings, teacher_shardings=teacher_shardings)
     return Setup(trainer, state, teacher_params)
+
+
+def init_modules(build: Callable[[nnx.Rngs], tuple[nnx.Module, ...]], seed: int, mesh: Mesh
+                 ) -> tuple[tuple[nnx.Module, ...], tuple[dict, ...], tuple[dict, ...]]:
+    """``build(nnx.Rngs(seed))``'s modules built abstractly (no arrays), their parameters initialised by one
+    jitted call straight into their shardings on ``mesh`` (no device holds a whole large model first), and their
+    logical axes: ``(modules, params, axes)``, tuples in ``build``'s order."""
+    modules = nnx.eval_shape(lambda: build(nnx.Rngs(seed)))
+    axes = tuple(sharding.logical_axes(m) for m in modules)
+    shardings = tuple(sharding.param_shardings(nnx.state(m).to_pure_dict(), a, mesh)
+                      for m, a in zip(modules, axes, strict=True))
+    params = jax.jit(lambda: tuple(nnx.state(m).to_pure_dict() for m in build(nnx.Rngs(seed))),
+                     out_shardings=shardings)()
+    return modules, params, axes
 
 
 def init_state(params: dict, axes: dict, tx: optax.GradientTransformation, mesh: Mesh, seed: int, ema: bool
@@ -244,13 +263,17 @@ def train_step(trainer: Trainer, state: State, teacher_params: dict | None, batc
             state["params"], inputs, targets, teacher_out, drop_key if job.drop_path else None)
         updates, opt_state = trainer.tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        new_state = {**state, "step": state["step"] + 1, "params": params, "opt_state": opt_state}
+        learned = {"params": params, "opt_state": opt_state}
         if "ema" in state:
             d = job.train.ema_decay
-            new_state["ema"] = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state["ema"], params)
-        metrics = {"loss": loss, **terms, "lr": trainer.lr_fn(state["step"]), "grad_norm": optax.global_norm(grads),
-                   **trainer.domain.train_metrics(logits, targets)}
-        return new_state, metrics
+            learned["ema"] = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state["ema"], params)
+        grad_norm = optax.global_norm(grads)
+        # A non-finite loss or gradient leaves the learned state as it was (the loop stops or skips on it).
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        learned = jax.tree.map(lambda new, old: jnp.where(finite, new, old), learned, {k: state[k] for k in learned})
+        metrics = {"loss": loss, **terms, "lr": trainer.lr_fn(state["step"]), "grad_norm": grad_norm,
+                   **trainer.domain.train_metrics(logits, targets), NONFINITE: ~finite}
+        return {**state, **learned, "step": state["step"] + 1}, metrics
 
 
 def eval_step(trainer: Trainer, params: dict, batch: dict) -> dict:
@@ -334,43 +357,53 @@ def check_weights_paths(c: ml_collections.ConfigDict, job: domains.Job) -> None:
                 raise type(e)(f"config.{key}: {e}") from None
 
 
-def load_teacher(c: ml_collections.ConfigDict, teacher: nnx.Module, params: dict, shardings: dict) -> dict:
-    """The frozen teacher's parameters: from ``c.teacher.init_from``, or random (synthetic data only)."""
+def load_teacher(c: ml_collections.ConfigDict, teacher: nnx.Module, params: dict | None, shardings: dict) -> dict:
+    """The frozen teacher's parameters: from ``c.teacher.init_from`` (``teacher`` may be abstract), or ``params``
+    (random; synthetic data only)."""
     if c.teacher.init_from:
-        target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, shardings)
+        target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                              nnx.state(teacher).to_pure_dict(), shardings)
         return jax.device_put(load_model_weights(c.teacher.init_from, teacher, target), shardings)
     if not c.data.synthetic:
         raise ConfigError("config.teacher.init_from is empty: distillation needs trained teacher weights (a "
                          "train_teacher workdir); only data.synthetic=True runs allow a random teacher")
     logging.warning("No teacher.init_from: using a randomly initialised teacher (synthetic-data run).")
-    return jax.device_put(params, shardings)
+    return params
 
 
 # ------------------------------------------------------------------------------------------------- loop
 
 
-class StopRequest:
-    """SIGINT/SIGTERM set a flag so the loop can checkpoint and exit; a second Ctrl-C aborts at once."""
+NONFINITE = "nonfinite"  # the train step's flag: its loss or gradient was not finite, its update not applied
 
-    def __init__(self):
-        self.requested = False
-        self._previous = {}
 
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(ValueError):  # signals can only be set from the main thread
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
+class NonFiniteGuard:
+    """Reads each step's :data:`NONFINITE` flag one step late, so that the device queue stays full, then stops
+    the run (``on_nonfinite="stop"``: :class:`DivergedError` naming the step and the loss terms) or logs the
+    skipped update (``"skip"``). The step never applies a non-finite update, so no checkpoint holds one."""
 
-    def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        logging.warning("Stop requested (signal %d): saving a checkpoint, then exiting.", signum)
+    def __init__(self, on_nonfinite: str):
+        self.on_nonfinite = on_nonfinite
+        self._pending: tuple[int, dict] | None = None
 
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+    def push(self, step: int, metrics: dict) -> None:
+        self.check()
+        self._pending = (step, metrics)
+
+    def check(self) -> None:
+        """Checks the pushed step (waiting for it to finish), once."""
+        if self._pending is None:
+            return
+        step, metrics = self._pending
+        self._pending = None
+        if not bool(metrics[NONFINITE]):
+            return
+        terms = ", ".join(f"{k}={float(v):.4g}" for k, v in jax.device_get(metrics).items() if k != NONFINITE)
+        if self.on_nonfinite == "stop":
+            raise DivergedError(f"step {step}: the loss or its gradient is not finite ({terms}); the update was not "
+                                "applied and no checkpoint was written. Lower the learning rate, or set "
+                                "train.on_nonfinite=skip to skip such steps.")
+        logging.warning("Step %d: the loss or its gradient is not finite (%s); the update was skipped.", step, terms)
 
 
 class MetricsWriter:
@@ -432,7 +465,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *,
     # The first step's batch: the steps compile for its shape (none when a finished run is only evaluated again).
     batch = sharding.global_batch(next(train_iter), mesh) if step < sched.total_steps else None
     steps = compile_steps(trainer, state, teacher_params, batch,
-                          sharding.global_batch(next(iter(eval_batches)), mesh))
+                          sharding.global_batch(eval_batches.first(), mesh))
     save_run_config(workdir_path, c, job.trains)
     writer = MetricsWriter(workdir_path)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]["model"]))
@@ -443,36 +476,43 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *,
 
     start, interval_start, interval_steps, stopped = time.time(), time.time(), 0, False
     eval_params = lambda s: s["ema"]["model"] if "ema" in s else s["params"]["model"]
-    with StopRequest() as stop:
-        while step < sched.total_steps:
-            if batch is None:
-                batch = sharding.global_batch(next(train_iter), mesh)
-            state, metrics = steps.train(state, teacher_params, batch)
-            batch = None
-            step += 1
-            interval_steps += 1
-            if on_step is not None:
-                on_step(step)
-            if step % t.log_every == 0 or step == sched.total_steps:
-                values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                elapsed = time.time() - interval_start
-                values.update(domain.throughput(interval_steps * t.batch_size / max(elapsed, 1e-9)))
-                writer.write(step, "train", values)
-                logging.info("[%s %d/%d] %s", job.trains, step, sched.total_steps, _format(values))
-                interval_start, interval_steps = time.time(), 0
-            if t.eval_every and step % t.eval_every == 0 and step < sched.total_steps:
-                result = evaluate(trainer, steps.eval, eval_params(state), eval_batches)
-                writer.write(step, "eval", result)
-                logging.info("[%s %d/%d] eval %s", job.trains, step, sched.total_steps, _format(result))
-            if (step % t.checkpoint_every == 0 and step < sched.total_steps) or stop.requested:
-                ckpt.save(step, state, train_iter)
-            if stop.requested:
-                stopped = True
-                break
-    if not stopped and ckpt.latest_step() != step:
-        ckpt.save(step, state, train_iter)
-    ckpt.wait()
-    ckpt.close()
+    guard = NonFiniteGuard(t.on_nonfinite)
+    try:  # the checkpointer's pending save is finished and the data workers end, whatever happens
+        with preemption.StopRequest(mesh) as stop:
+            while step < sched.total_steps:
+                if batch is None:
+                    batch = sharding.global_batch(next(train_iter), mesh)
+                state, metrics = steps.train(state, teacher_params, batch)
+                batch = None
+                step += 1
+                interval_steps += 1
+                guard.push(step, metrics)
+                if on_step is not None:
+                    on_step(step)
+                if step % t.log_every == 0 or step == sched.total_steps:
+                    values = {k: float(v) for k, v in jax.device_get(metrics).items() if k != NONFINITE}
+                    elapsed = time.time() - interval_start
+                    values.update(domain.throughput(interval_steps * t.batch_size / max(elapsed, 1e-9)))
+                    writer.write(step, "train", values)
+                    logging.info("[%s %d/%d] %s", job.trains, step, sched.total_steps, _format(values))
+                    interval_start, interval_steps = time.time(), 0
+                if t.eval_every and step % t.eval_every == 0 and step < sched.total_steps:
+                    result = evaluate(trainer, steps.eval, eval_params(state), eval_batches)
+                    writer.write(step, "eval", result)
+                    logging.info("[%s %d/%d] eval %s", job.trains, step, sched.total_steps, _format(result))
+                stopped = stop.agreed() and step < sched.total_steps
+                if (step % t.checkpoint_every == 0 and step < sched.total_steps) or stopped:
+                    guard.check()
+                    ckpt.save(step, state, train_iter)
+                if stopped:
+                    break
+        guard.check()
+        if not stopped and ckpt.latest_step() != step:
+            ckpt.save(step, state, train_iter)
+        ckpt.wait()
+    finally:
+        ckpt.close()
+        train_iter.close()
     if stopped:
         logging.warning("Stopped at step %d; run the same command again to resume.", step)
         return RunResult({}, step, time.time() - start, train_size, stopped_early=True, resumed_at=restored_step)

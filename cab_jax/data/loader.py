@@ -28,7 +28,10 @@ JAX is imported only then, since grain's worker processes need none.
 from __future__ import annotations
 
 import math
+import os
 import re
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -145,9 +148,24 @@ def to_iter_dataset(ds: grain.MapDataset, num_workers: int) -> grain.IterDataset
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
         iter_ds = iter_ds.mp_prefetch(
-            grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=_PER_WORKER_BUFFER)
+            grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=_PER_WORKER_BUFFER),
+            worker_init_fn=exit_with_parent,
         )
     return iter_ds
+
+
+def exit_with_parent(worker_index: int, worker_count: int) -> None:
+    """grain worker initialiser: the worker exits as soon as the process that started it is gone, even when that
+    process was killed (SIGKILL, the kernel's OOM killer) and could not stop its workers."""
+    del worker_index, worker_count
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def train_batches(
@@ -295,6 +313,14 @@ class EvalBatches:
 
     def __len__(self) -> int:
         return len(self._dataset)
+
+    def first(self) -> Batch:
+        """This process's first batch (to compile the eval step for), its data workers stopped at once."""
+        batches = iter(self)
+        try:
+            return next(batches)
+        finally:
+            batches.close()
 
     def __iter__(self) -> Iterator[Batch]:
         iterator = iter(to_iter_dataset(self._dataset, self._num_workers))

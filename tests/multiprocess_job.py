@@ -1,0 +1,104 @@
+"""Run the real entry point as one JAX job of several CPU processes on this machine (gloo collectives).
+
+Each process is ``python -m cab_jax.main ARGS`` with ``devices_per_process`` fake CPU devices; with more than one
+process they get ``--jax_distributed`` and the coordinator on a free local port. Logs go to files, one per process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@dataclasses.dataclass
+class Job:
+    procs: list[subprocess.Popen]
+    logs: list[pathlib.Path]
+
+    def log(self, i: int) -> str:
+        return self.logs[i].read_text(errors="replace")
+
+    def wait(self, timeout: float) -> list[int]:
+        """Every process's exit status; kills them all and fails when they take longer than ``timeout`` s."""
+        deadline = time.time() + timeout
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=max(deadline - time.time(), 0.1))
+            except subprocess.TimeoutExpired:
+                self.signal(signal.SIGKILL)
+                raise AssertionError(f"job still running after {timeout} s; last log lines:\n{self.tail()}") from None
+        return [p.returncode for p in self.procs]
+
+    def signal(self, signum: int, which: list[int] | None = None) -> None:
+        for i in range(len(self.procs)) if which is None else which:
+            if self.procs[i].poll() is None:
+                self.procs[i].send_signal(signum)
+
+    def tail(self, lines: int = 15) -> str:
+        return "\n".join(f"--- process {i}\n" + "\n".join(self.log(i).splitlines()[-lines:])
+                         for i in range(len(self.procs)))
+
+
+def start(args: list[str], *, processes: int, devices_per_process: int, log_dir: pathlib.Path,
+          cache: pathlib.Path | None = None, heartbeat_timeout_s: int = 10) -> Job:
+    """Start the job; ``args`` are the entry point's flags (``--config=...``, ``--workdir=...``, overrides).
+    ``cache``: a persistent compilation cache shared by the runs of a test session."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}"}
+    if cache is not None:
+        env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    distributed = []
+    if processes > 1:
+        distributed = ["--jax_distributed", f"--coordinator_address=localhost:{free_port()}",
+                       f"--num_processes={processes}", f"--heartbeat_timeout_s={heartbeat_timeout_s}"]
+    log_dir.mkdir(parents=True, exist_ok=True)
+    procs, logs = [], []
+    for i in range(processes):
+        logs.append(log_dir / f"process_{i}.log")
+        with logs[-1].open("w") as log:
+            extra = [*distributed, f"--process_id={i}"] if distributed else []
+            procs.append(subprocess.Popen([sys.executable, "-m", "cab_jax.main", *args, *extra], cwd=ROOT, env=env,
+                                          stdout=log, stderr=subprocess.STDOUT))
+    return Job(procs, logs)
+
+
+def run(args: list[str], *, processes: int, devices_per_process: int, log_dir: pathlib.Path,
+        cache: pathlib.Path | None = None, timeout: float = 300) -> Job:
+    """Start the job and wait for it; fails unless every process exits 0."""
+    job = start(args, processes=processes, devices_per_process=devices_per_process, log_dir=log_dir, cache=cache)
+    statuses = job.wait(timeout)
+    assert statuses == [0] * processes, f"exit statuses {statuses}\n{job.tail()}"
+    return job
+
+
+def metrics(workdir: pathlib.Path, split: str = "train") -> list[dict]:
+    path = workdir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [r for r in map(json.loads, path.read_text().splitlines()) if r["split"] == split]
+
+
+def wait_for_step(job: Job, workdir: pathlib.Path, step: int, timeout: float = 300) -> None:
+    """Block until the run logged a train step >= ``step``; fails if a process exits first."""
+    deadline = time.time() + timeout
+    while not metrics(workdir) or metrics(workdir)[-1]["step"] < step:
+        exited = [i for i, p in enumerate(job.procs) if p.poll() is not None]
+        assert not exited, f"processes {exited} exited before step {step}\n{job.tail()}"
+        assert time.time() < deadline, f"step {step} not reached in {timeout} s\n{job.tail()}"
+        time.sleep(0.2)
