@@ -25,15 +25,8 @@ PYTHON="${PYTHON:-python}"
 DATA_DIR="" CONFIG="configs/vim_small.py"
 PASS=()
 
-usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
-die() { echo "error: $*" >&2; exit 2; }
-quote() {  # ARGS as a shell would read them back: plain words as they are, others in single quotes
-  local arg out=()
-  for arg in "$@"; do
-    if [[ "$arg" =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then out+=("$arg"); else out+=("'${arg//\'/\'\\\'\'}'"); fi
-  done
-  echo "${out[*]}"
-}
+# shellcheck source-path=SCRIPTDIR source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"  # usage, die, dry, quote, run, help_exit, wait_for
 
 for arg in "$@"; do
   case "$arg" in
@@ -49,7 +42,7 @@ done
 [[ "$CONFIG" == /* || "$PWD" == "$REPO" || ! -f "${CONFIG%%:*}" ]] || CONFIG="$PWD/$CONFIG"
 
 cmd=("$PYTHON" -m cab_jax.data.prepare --config="$CONFIG" --config.data.data_dir="$DATA_DIR" "${PASS[@]}")
-if [[ "$DRY_RUN" == 1 ]]; then
+if dry; then
   echo "+ cd $(quote "$REPO")"
   echo "+ $(quote "${cmd[@]}")"
   exit 0

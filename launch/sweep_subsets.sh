@@ -31,26 +31,8 @@ SBATCH_ARGS="" MAX_RESTARTS=20 COLLECT_ONLY=0
 MAIN_ARGS=()
 RESUME=75  # cab_jax.main: stopped by SIGTERM/SIGINT after saving a checkpoint; run it again to resume
 
-usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
-die() { echo "error: $*" >&2; exit 2; }
-dry() { [[ "$DRY_RUN" == 1 ]]; }
-quote() {  # ARGS as a shell would read them back: plain words as they are, others in single quotes
-  local arg out=()
-  for arg in "$@"; do
-    if [[ "$arg" =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then out+=("$arg"); else out+=("'${arg//\'/\'\\\'\'}'"); fi
-  done
-  echo "${out[*]}"
-}
-
-wait_for() {  # the exit status of background job $1, waiting again when a trapped signal interrupts `wait`
-  local status
-  while :; do
-    status=0; wait "$1" || status=$?
-    if (( status > 128 )) && kill -0 "$1" 2>/dev/null; then continue; fi  # interrupted; still running
-    if (( status > 128 )); then status=0; wait "$1" || status=$?; fi       # it ended meanwhile: its own status
-    return "$status"
-  done
-}
+# shellcheck source-path=SCRIPTDIR source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"  # usage, die, dry, quote, run, help_exit, wait_for
 
 run_dir() { echo "$ROOT/s$(awk -v s="$1" 'BEGIN { printf "%g", 100 * s }')_$2"; }  # run_dir 0.1 cab: ROOT/s10_cab
 config_for() {  # config_for 0.1 cab: CONFIG:subset=0.1,mode=cab (after the config's own variant, if any)
@@ -99,12 +81,7 @@ collect() {
   if dry; then echo "+ $(quote "${cmd[@]}")"; else "${cmd[@]}"; fi
 }
 
-for arg in "$@"; do
-  case "$arg" in
-    --) break ;;
-    -h|--help) usage; exit 0 ;;
-  esac
-done
+help_exit "$@"
 while (( $# )); do
   case "$1" in
     --root=*) ROOT="${1#*=}" ;;

@@ -44,17 +44,8 @@ MAIN_ARGS=()
 PREEMPTED_STATES=" PREEMPTED TERMINATED SUSPENDING SUSPENDED FAILED "  # node or queued-resource states: recreate
 VANISHED=69  # launch/tpu_worker.sh watch: the run ended without an exit status (the worker restarted)
 
-usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
-die() { echo "error: $*" >&2; exit 2; }
-dry() { [[ "$DRY_RUN" == 1 ]]; }
-quote() {  # ARGS as a shell would read them back: plain words as they are, others in single quotes
-  local arg out=()
-  for arg in "$@"; do
-    if [[ "$arg" =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then out+=("$arg"); else out+=("'${arg//\'/\'\\\'\'}'"); fi
-  done
-  echo "${out[*]}"
-}
-run() { if dry; then echo "+ $(quote "$@")"; else "$@"; fi; }
+# shellcheck source-path=SCRIPTDIR source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"  # usage, die, dry, quote, run, help_exit, wait_for
 
 gcloud_tpus() {  # gcloud compute tpus ARGS --zone [--project]
   local args=(gcloud compute tpus "$@" --zone="$ZONE")
@@ -174,12 +165,7 @@ run_main() {
   done
 }
 
-for arg in "$@"; do
-  case "$arg" in
-    --) break ;;
-    -h|--help) usage; exit 0 ;;
-  esac
-done
+help_exit "$@"
 while (( $# )); do
   case "$1" in
     --name=*) NAME="${1#*=}" ;;

@@ -19,7 +19,8 @@ RUN_DIR="${RUN_DIR:-$HOME/cab_jax_run}"
 DRY_RUN="${DRY_RUN:-0}"
 STOP_TIMEOUT_S="${STOP_TIMEOUT_S:-600}"  # how long `stop` and `start` wait for a run to save and exit
 
-usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
+# shellcheck source-path=SCRIPTDIR source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"  # usage, die, dry, quote, run, help_exit, wait_for
 
 alive() { [[ -f "$RUN_DIR/pid" ]] && kill -0 "$(cat "$RUN_DIR/pid")" 2>/dev/null; }
 
@@ -28,16 +29,6 @@ wait_gone() {  # wait up to STOP_TIMEOUT_S for the current run to exit; fails if
   while alive; do
     (( waited < STOP_TIMEOUT_S )) || { echo "tpu_worker: run $(cat "$RUN_DIR/pid") still alive" >&2; return 1; }
     sleep 2; waited=$((waited + 2))
-  done
-}
-
-wait_for() {  # the exit status of background job $1, waiting again when a trapped signal interrupts `wait`
-  local status
-  while :; do
-    status=0; wait "$1" || status=$?
-    if (( status > 128 )) && kill -0 "$1" 2>/dev/null; then continue; fi  # interrupted; still running
-    if (( status > 128 )); then status=0; wait "$1" || status=$?; fi       # it ended meanwhile: its own status
-    return "$status"
   done
 }
 
@@ -52,7 +43,7 @@ supervise() {  # runs detached: main in the background, SIGTERM forwarded to it,
 }
 
 start() {
-  if [[ "$DRY_RUN" == 1 ]]; then
+  if dry; then
     printf '+ %q -m cab_jax.main' "$PYTHON"; printf ' %q' "$@"; printf '  # detached, log in %s/log\n' "$RUN_DIR"
     return 0
   fi

@@ -16,7 +16,8 @@ import pytest
 
 ROOT = pathlib.Path(__file__).parents[1]
 LAUNCH = ROOT / "launch"
-SCRIPTS = sorted([*LAUNCH.glob("*.sh"), *LAUNCH.glob("*.sbatch")])
+COMMON = LAUNCH / "common.sh"  # the helpers the .sh scripts source from their own directory; not a script itself
+SCRIPTS = sorted([*(p for p in LAUNCH.glob("*.sh") if p != COMMON), *LAUNCH.glob("*.sbatch")])
 RESUME = 75  # cab_jax.main's "stopped by SIGTERM/SIGINT after saving; run again to resume" (preemption.EXIT_RESUME)
 MAIN_FLAGS = ["--config=configs/vim_small.py:subset=0.1", "--workdir=gs://bucket/vim_s_10"]
 
@@ -92,7 +93,7 @@ def shellcheck() -> str:
 
 def test_scripts_are_shellcheck_clean():
     assert {p.name for p in SCRIPTS} >= {"tpu_pod.sh", "slurm_gpu.sbatch", "prepare_data.sh", "sweep_subsets.sh"}
-    proc = subprocess.run([shellcheck(), *SCRIPTS], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([shellcheck(), *SCRIPTS, COMMON], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -102,7 +103,8 @@ def test_scripts_state_their_assumptions_and_are_strict(path, fakes):
     assert text.startswith(("#!/usr/bin/env bash\n", "#!/bin/bash\n"))
     assert "\n# Assumes:" in text and "set -euo pipefail" in text and "--dry_run" in text
     assert os.access(path, os.X_OK)
-    proc = subprocess.run(["bash", path, "--help"], env=fakes[0], capture_output=True, text=True, timeout=10)
+    proc = subprocess.run(["bash", path, "--help"], cwd=fakes[0]["FAKE_DIR"], env=fakes[0], capture_output=True,
+                          text=True, timeout=10)  # elsewhere than the checkout: common.sh is found all the same
     assert proc.returncode == 0 and "Assumes:" in proc.stdout, proc.stderr
 
 
@@ -137,6 +139,13 @@ def test_slurm_dry_run_and_header(fakes):
             in proc.stdout)
     assert "+ scontrol requeue $SLURM_JOB_ID" in proc.stdout and f"{RESUME} (stopped" in proc.stdout
     assert calls() == []
+    # SLURM runs a copy of the batch script from its spool directory: it must not need its siblings (common.sh).
+    spool = pathlib.Path(env["FAKE_DIR"]) / "spool"
+    spool.mkdir()
+    shutil.copy2(LAUNCH / "slurm_gpu.sbatch", spool / "slurm_script")
+    copied = subprocess.run([spool / "slurm_script", "--dry_run", *MAIN_FLAGS], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=30)
+    assert copied.returncode == 0 and copied.stdout == proc.stdout, copied.stderr
     header = dict(line.removeprefix("#SBATCH --").partition("=")[::2]
                   for line in (LAUNCH / "slurm_gpu.sbatch").read_text().splitlines() if line.startswith("#SBATCH"))
     assert "requeue" in header and header["signal"].startswith("B:TERM@") and "exclusive" in header
