@@ -57,6 +57,7 @@ def main(argv: list[str]) -> None:
         return
     if not _WORKDIR.value:
         cli.fail("--workdir is required: the run's checkpoints, metrics and results go there")
+    preemption.exit_on_signals()
     if _DISTRIBUTED.value:
         # CPU processes reduce over gloo; GPU (NCCL) and TPU runs ignore the setting.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")

@@ -21,6 +21,18 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 EXIT_RESUME = 75
 
 
+def exit_on_signals() -> None:
+    """Until the training loop takes over (:class:`StopRequest`), SIGTERM/SIGINT exit at once with
+    ``EXIT_RESUME``: before the first step nothing is lost, and a scheduler requeues the run."""
+
+    def leave(signum, frame):
+        logging.warning("Signal %d before training started: exiting with status %d.", signum, EXIT_RESUME)
+        raise SystemExit(EXIT_RESUME)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, leave)
+
+
 class StopRequest:
     """SIGINT/SIGTERM set this process's flag; :meth:`agreed` says, the same on every process, whether any
     process had its flag set one step ago. A second Ctrl-C aborts at once."""

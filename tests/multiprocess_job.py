@@ -29,6 +29,7 @@ def free_port() -> int:
 class Job:
     procs: list[subprocess.Popen]
     logs: list[pathlib.Path]
+    earlier_records: int = 0  # train records in the workdir's metrics when the job started
 
     def log(self, i: int) -> str:
         return self.logs[i].read_text(errors="replace")
@@ -58,8 +59,11 @@ def start(args: list[str], *, processes: int, devices_per_process: int, log_dir:
           cache: pathlib.Path | None = None, heartbeat_timeout_s: int = 10) -> Job:
     """Start the job; ``args`` are the entry point's flags (``--config=...``, ``--workdir=...``, overrides).
     ``cache``: a persistent compilation cache shared by the runs of a test session."""
+    # XLA's CPU backend without its expensive LLVM passes: the steps compile in half the time and run slower,
+    # the right trade for a few steps; every run of a comparison gets the same flags.
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}"}
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process} "
+                        "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"}
     if cache is not None:
         env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
@@ -75,7 +79,8 @@ def start(args: list[str], *, processes: int, devices_per_process: int, log_dir:
             extra = [*distributed, f"--process_id={i}"] if distributed else []
             procs.append(subprocess.Popen([sys.executable, "-m", "cab_jax.main", *args, *extra], cwd=ROOT, env=env,
                                           stdout=log, stderr=subprocess.STDOUT))
-    return Job(procs, logs)
+    workdir = next((pathlib.Path(a.split("=", 1)[1]) for a in args if a.startswith("--workdir=")), None)
+    return Job(procs, logs, len(metrics(workdir)) if workdir else 0)
 
 
 def run(args: list[str], *, processes: int, devices_per_process: int, log_dir: pathlib.Path,
@@ -87,6 +92,27 @@ def run(args: list[str], *, processes: int, devices_per_process: int, log_dir: p
     return job
 
 
+def children(pid: int) -> list[int]:
+    """The live processes whose parent is ``pid`` (Linux ``/proc``)."""
+    found = []
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, ppid = stat.read_text().rsplit(")", 1)[1].split()[:2]
+        except (OSError, IndexError):
+            continue
+        if int(ppid) == pid and state != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not yet reaped, does not count)."""
+    try:
+        return pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def metrics(workdir: pathlib.Path, split: str = "train") -> list[dict]:
     path = workdir / "metrics.jsonl"
     if not path.exists():
@@ -95,9 +121,10 @@ def metrics(workdir: pathlib.Path, split: str = "train") -> list[dict]:
 
 
 def wait_for_step(job: Job, workdir: pathlib.Path, step: int, timeout: float = 300) -> None:
-    """Block until the run logged a train step >= ``step``; fails if a process exits first."""
+    """Block until this job logged a train step >= ``step`` (records of earlier jobs in the same workdir do not
+    count); fails if a process exits first."""
     deadline = time.time() + timeout
-    while not metrics(workdir) or metrics(workdir)[-1]["step"] < step:
+    while len(metrics(workdir)) <= job.earlier_records or metrics(workdir)[-1]["step"] < step:
         exited = [i for i, p in enumerate(job.procs) if p.poll() is not None]
         assert not exited, f"processes {exited} exited before step {step}\n{job.tail()}"
         assert time.time() < deadline, f"step {step} not reached in {timeout} s\n{job.tail()}"

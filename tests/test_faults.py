@@ -5,10 +5,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_train import build_trainer, small_config
 
 from cab_jax import checkpoint, sharding, train
 from cab_jax.errors import DivergedError
-from test_train import read_metrics, small_config
 
 
 class FakeIterator:
@@ -24,14 +24,14 @@ class FakeIterator:
         self.step = state["step"]
 
 
-def state_at(value):
-    return {"params": {"w": jnp.full((4, 3), value, jnp.float32)}, "step": jnp.array(int(value), jnp.int32)}
+def state_at(value, step=0):
+    return {"params": {"w": jnp.full((4, 3), value, jnp.float32)}, "step": jnp.array(step, jnp.int32)}
 
 
 def saved(directory, steps, *, nan_at=None):
     ckpt = checkpoint.RunCheckpointer(directory, keep=5)
     for step in steps:
-        state = state_at(np.nan if step == nan_at else step)
+        state = state_at(np.nan if step == nan_at else step, step)
         ckpt.save(step, state, FakeIterator(step))
     ckpt.wait()
     ckpt.close()
@@ -78,28 +78,39 @@ def test_no_readable_step_raises_instead_of_starting_over(tmp_path):
         restore(tmp_path)
 
 
-def nonfinite_config(tmp_path, on_nonfinite):
-    c = small_config(tmp_path, steps=3, checkpoint_every=1, on_nonfinite=on_nonfinite)
-    c.data.synthetic = True
-    c.loss.bridge_weight = float("inf")  # inf * bridge loss: a non-finite loss and gradient from the first step
-    return c
+def test_a_non_finite_step_leaves_the_state_as_it_was(tmp_path):
+    c = small_config(tmp_path)
+    c.loss.bridge_weight = float("inf")  # inf * bridge loss: a non-finite loss and gradient
+    trainer, state, teacher = build_trainer(c, sharding.make_mesh(c.mesh))
+    rng = np.random.default_rng(0)
+    batch = sharding.global_batch({"image": rng.normal(size=(16, 32, 32, 3)).astype(np.float32),
+                                   "label": rng.integers(0, 10, 16).astype(np.int32)}, trainer.mesh)
+    before = jax.device_get(state)  # the step donates its input state
+    new, metrics = trainer.jit_train_step(state, teacher, batch)
+    assert bool(metrics[train.NONFINITE]) and not np.isfinite(float(metrics["loss"]))
+    assert int(new["step"]) == int(before["step"]) + 1
+    for key in ("params", "opt_state"):
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get(new[key]), before[key])
 
 
-def test_a_non_finite_loss_stops_the_run_naming_the_step_and_terms(tmp_path):
-    with pytest.raises(DivergedError, match=r"step 1: the loss or its gradient is not finite \(.*bridge="):
-        train.train_and_evaluate(nonfinite_config(tmp_path, "stop"), str(tmp_path / "run"))
-    assert not any(p.name.isdigit() for p in (tmp_path / "run" / "checkpoints").iterdir())
+def flagged(nonfinite):
+    return {train.NONFINITE: jnp.array(nonfinite), "loss": jnp.array(np.inf if nonfinite else 1.0),
+            "bridge": jnp.array(np.nan if nonfinite else 0.5)}
 
 
-def test_skip_leaves_the_parameters_as_they_were(tmp_path, caplog):
-    c = nonfinite_config(tmp_path, "skip")
-    initial = train.create_trainer(c, sharding.make_mesh(c.mesh), train_size=1024).state["params"]
+def test_the_guard_stops_naming_the_step_and_the_loss_terms():
+    guard = train.NonFiniteGuard("stop")
+    guard.push(1, flagged(False))
+    guard.push(2, flagged(True))  # read one step late: the push of step 3 (or a check) raises
+    with pytest.raises(DivergedError, match=r"step 2: the loss or its gradient is not finite \(bridge=nan, loss=inf\)"):
+        guard.check()
+    guard.check()  # checked once
+
+
+def test_the_guard_skips_with_a_warning(caplog):
+    guard = train.NonFiniteGuard("skip")
     with caplog.at_level("WARNING"):
-        result = train.train_and_evaluate(c, str(tmp_path / "run"))
-    assert result.steps == 3 and caplog.text.count("the update was skipped") == 3
-    ckpt = checkpoint.RunCheckpointer(tmp_path / "run" / "checkpoints")
-    state, step = ckpt.restore(train.create_trainer(c, sharding.make_mesh(c.mesh), 1024).state, None)
-    ckpt.close()
-    assert step == 3
-    jax.tree.map(np.testing.assert_array_equal, state["params"], initial)
-    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3]
+        for step, bad in enumerate([True, False, True], start=1):
+            guard.push(step, flagged(bad))
+        guard.check()
+    assert caplog.text.count("the update was skipped") == 2 and "Step 3:" in caplog.text
