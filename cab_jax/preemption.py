@@ -22,11 +22,12 @@ EXIT_RESUME = 75
 
 
 def exit_on_signals() -> None:
-    """Until the training loop takes over (:class:`StopRequest`), SIGTERM/SIGINT exit at once with
-    ``EXIT_RESUME``: before the first step nothing is lost, and a scheduler requeues the run."""
+    """Outside the training loop (:class:`StopRequest` takes over inside it), SIGTERM/SIGINT exit at once with
+    ``EXIT_RESUME``: no step is lost (before the first one, or after the last one was saved), and a scheduler
+    requeues the run, which resumes from its checkpoint."""
 
     def leave(signum, frame):
-        logging.warning("Signal %d before training started: exiting with status %d.", signum, EXIT_RESUME)
+        logging.warning("Signal %d outside the training loop: exiting with status %d.", signum, EXIT_RESUME)
         raise SystemExit(EXIT_RESUME)
 
     for sig in (signal.SIGINT, signal.SIGTERM):

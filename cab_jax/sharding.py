@@ -87,6 +87,12 @@ def param_shardings(params: dict, axes: dict, mesh: Mesh) -> dict:
         for path, leaf in traverse_util.flatten_dict(params).items()})
 
 
+def module_shardings(module: nnx.Module, mesh: Mesh) -> dict:
+    """NamedShardings of a module's parameters (a pure-dict tree; the module may be abstract), from their logical
+    axes."""
+    return param_shardings(nnx.state(module).to_pure_dict(), logical_axes(module), mesh)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) dimension split over the data-parallel axes."""
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES))

@@ -164,8 +164,7 @@ def create_trainer(c: ml_collections.ConfigDict, mesh: Mesh, train_size: int) ->
         else:
             (teacher,), (teacher_params,), _ = init_modules(teacher_build, c.seed + 1, mesh)
         teacher_fn = Functional.split(teacher)[0]
-        teacher_shardings = sharding.param_shardings(nnx.state(teacher).to_pure_dict(), sharding.logical_axes(teacher),
-                                                     mesh)
+        teacher_shardings = sharding.module_shardings(teacher, mesh)
         teacher_params = load_teacher(c, teacher, teacher_params, teacher_shardings)
     if job.init_from_teacher is not None:
         student = model_fn.module(model_params)
@@ -195,12 +194,10 @@ def init_modules(build: Callable[[nnx.Rngs], tuple[nnx.Module, ...]], seed: int,
     jitted call straight into their shardings on ``mesh`` (no device holds a whole large model first), and their
     logical axes: ``(modules, params, axes)``, tuples in ``build``'s order."""
     modules = nnx.eval_shape(lambda: build(nnx.Rngs(seed)))
-    axes = tuple(sharding.logical_axes(m) for m in modules)
-    shardings = tuple(sharding.param_shardings(nnx.state(m).to_pure_dict(), a, mesh)
-                      for m, a in zip(modules, axes, strict=True))
+    shardings = tuple(sharding.module_shardings(m, mesh) for m in modules)
     params = jax.jit(lambda: tuple(nnx.state(m).to_pure_dict() for m in build(nnx.Rngs(seed))),
                      out_shardings=shardings)()
-    return modules, params, axes
+    return modules, params, tuple(sharding.logical_axes(m) for m in modules)
 
 
 def init_state(params: dict, axes: dict, tx: optax.GradientTransformation, mesh: Mesh, seed: int, ema: bool
