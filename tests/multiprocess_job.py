@@ -55,18 +55,18 @@ class Job:
                          for i in range(len(self.procs)))
 
 
+def cpu_env(devices: int) -> dict[str, str]:
+    """This process's environment (conftest's compile flags and cache included) for a JAX process on ``devices``
+    fake CPU devices."""
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+    return {**os.environ, "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": " ".join([f"--xla_force_host_platform_device_count={devices}", *flags])}
+
+
 def start(args: list[str], *, processes: int, devices_per_process: int, log_dir: pathlib.Path,
-          cache: pathlib.Path | None = None, heartbeat_timeout_s: int = 10) -> Job:
-    """Start the job; ``args`` are the entry point's flags (``--config=...``, ``--workdir=...``, overrides).
-    ``cache``: a persistent compilation cache shared by the runs of a test session."""
-    # XLA's CPU backend without its expensive LLVM passes: the steps compile in half the time and run slower,
-    # the right trade for a few steps; every run of a comparison gets the same flags.
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process} "
-                        "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"}
-    if cache is not None:
-        env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+          heartbeat_timeout_s: int = 10) -> Job:
+    """Start the job; ``args`` are the entry point's flags (``--config=...``, ``--workdir=...``, overrides)."""
+    env = cpu_env(devices_per_process)
     distributed = []
     if processes > 1:
         distributed = ["--jax_distributed", f"--coordinator_address=localhost:{free_port()}",
@@ -84,9 +84,9 @@ def start(args: list[str], *, processes: int, devices_per_process: int, log_dir:
 
 
 def run(args: list[str], *, processes: int, devices_per_process: int, log_dir: pathlib.Path,
-        cache: pathlib.Path | None = None, timeout: float = 300) -> Job:
+        timeout: float = 300) -> Job:
     """Start the job and wait for it; fails unless every process exits 0."""
-    job = start(args, processes=processes, devices_per_process=devices_per_process, log_dir=log_dir, cache=cache)
+    job = start(args, processes=processes, devices_per_process=devices_per_process, log_dir=log_dir)
     statuses = job.wait(timeout)
     assert statuses == [0] * processes, f"exit statuses {statuses}\n{job.tail()}"
     return job

@@ -2,7 +2,6 @@
 a resumable run, generation from a run's workdir, and sharding."""
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -10,6 +9,7 @@ import textwrap
 
 import jax
 import jax.numpy as jnp
+import multiprocess_job
 import numpy as np
 import pytest
 from flax import nnx
@@ -237,7 +237,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
 
 
 def test_sharded_language_step_on_8_devices_equals_1_device(tmp_path):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = multiprocess_job.cpu_env(devices=8)
     script = SHARDED_SCRIPT.format(tests=str(ROOT / "tests"), tmp=str(tmp_path))
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

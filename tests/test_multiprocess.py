@@ -1,7 +1,8 @@
 """The real entry point as a job of several CPU processes: the same numbers as one process, one checkpoint for
 the job that resumes after SIGKILL and with another process count, agreed stops, and a lost process ends the job.
 
-Every run shares one persistent compilation cache, so each layout compiles once."""
+Every run shares the session's persistent compilation cache (conftest), so each layout compiles once per process
+count."""
 
 import random
 import re
@@ -21,17 +22,9 @@ from cab_jax.preemption import EXIT_RESUME
 
 pytestmark = pytest.mark.slow
 
-VISION_STEPS = 24  # long enough that a signal sent after a step lands before the end
+VISION_STEPS = 16  # long enough that a signal sent after a step lands before the end
 LOSS_KEYS = {"vision": ("loss", "kl", "bridge", "grad_norm"), "language": ("loss", "ce", "kl", "bridge", "grad_norm")}
 EVAL_KEYS = {"vision": ("top1", "top5", "eval_examples"), "language": ("eval_loss", "token_acc", "eval_tokens")}
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """One compilation cache for the session's runs, shared by pytest-xdist's workers too."""
-    path = tmp_path_factory.getbasetemp().parent / "cab_jax_compilation_cache"
-    path.mkdir(exist_ok=True)
-    return path
 
 
 def prepared(c, root, name):
@@ -60,15 +53,15 @@ def flatten(c, prefix=""):
 @pytest.fixture(scope="module")
 def vision_flags(tmp_path_factory):
     root = tmp_path_factory.mktemp("vision")
-    c = test_train.small_config(root, steps=VISION_STEPS, checkpoint_every=4)
+    c = test_train.small_config(root, steps=VISION_STEPS, checkpoint_every=2)
     return prepared(c, root, "vision")
 
 
 @pytest.fixture(scope="module")
 def language_flags(tmp_path_factory):
     root = tmp_path_factory.mktemp("language")
-    c = test_lm_train.tiny_config(root, steps=8)
-    c.data.update(dict(synthetic=False, max_corpus_bytes=200_000, vocab_size=512, seq_len=32))
+    c = test_lm_train.tiny_config(root, steps=4, eval_batch_size=128)
+    c.data.update(dict(synthetic=False, max_corpus_bytes=100_000, vocab_size=512, seq_len=32))
     c.teacher.vocab_size = c.student.vocab_size = 512
     return prepared(c, root, "language")
 
@@ -77,9 +70,9 @@ def mesh_flags(data, fsdp=1, tensor=1):
     return [f"--config.mesh.data={data}", f"--config.mesh.fsdp={fsdp}", f"--config.mesh.tensor={tensor}"]
 
 
-def run(flags, workdir, processes, cache, **kwargs):
+def run(flags, workdir, processes):
     return mp.run([*flags, f"--workdir={workdir}"], processes=processes, devices_per_process=8 // processes,
-                  log_dir=workdir.with_name(workdir.name + "_logs"), cache=cache, **kwargs)
+                  log_dir=workdir.with_name(workdir.name + "_logs"))
 
 
 def by_step(workdir, split="train"):
@@ -122,11 +115,11 @@ LAYOUTS = [  # (domain, mesh, scan implementation); data=8 with the associative 
 
 
 @pytest.mark.parametrize("domain, mesh, impl", LAYOUTS, ids=["vision-2x2x2-pallas", "language-2x4"])
-def test_two_processes_give_the_numbers_of_one(request, tmp_path, cache, domain, mesh, impl):
-    flags = request.getfixturevalue(f"{domain}_flags") + mesh_flags(*mesh) + ["--config.train.steps=6"]
+def test_two_processes_give_the_numbers_of_one(request, tmp_path, domain, mesh, impl):
+    flags = request.getfixturevalue(f"{domain}_flags") + mesh_flags(*mesh) + ["--config.train.steps=4"]
     flags.append(f"--config.student.{'ssd_impl' if domain == 'language' else 'scan_impl'}={impl}")
-    one = run(flags, tmp_path / "one", 1, cache)
-    two = run(flags, tmp_path / "two", 2, cache)
+    one = run(flags, tmp_path / "one", 1)
+    two = run(flags, tmp_path / "two", 2)
     assert "process 1/2" in two.log(1) and "process 0/1" in one.log(0)
     assert_same_run(tmp_path / "two", tmp_path / "one", domain)
     assert_one_checkpoint_per_step(tmp_path / "two")
@@ -136,20 +129,22 @@ def test_two_processes_give_the_numbers_of_one(request, tmp_path, cache, domain,
         assert final["eval_examples"] == tfds.builder("cab_digits", data_dir=data_dir).info.splits["test"].num_examples
 
 
-def test_lost_killed_stopped_and_resumed_with_other_process_counts(tmp_path, cache, vision_flags):
+def test_lost_killed_stopped_and_resumed_with_other_process_counts(tmp_path, vision_flags):
     """mesh data=8. One process of two is SIGKILLed: the other exits non-zero within the heartbeat timeout (plus
-    slack), naming it, and no data worker of either outlives them. Restarted with one process, then two, each
-    stopped by SIGTERM (the second time sent to one process only: both stop after the same step), then run to the
-    end: each restart continues from the last saved step, and the whole trajectory is the uninterrupted
-    one-process run's."""
-    flags = vision_flags + mesh_flags(8) + ["--config.data.num_workers=1"]  # grain worker processes too
-    run(flags, tmp_path / "straight", 1, cache)
+    slack), naming it, and no data worker of either outlives them. Restarted with one process and stopped by SIGINT
+    (Ctrl-C), then with two and stopped by SIGTERM sent to one process only (both stop after the same step), each
+    saving the step it stopped at and exiting 75, then run to the end (exit 0): each restart continues from the last
+    saved step, and the whole trajectory is the uninterrupted one-process run's."""
+    flags = vision_flags + mesh_flags(8)
+    run(flags, tmp_path / "straight", 1)
     work = tmp_path / "run"
     args = [*flags, f"--workdir={work}"]
-    kill_at, heartbeat = random.Random().randint(8, 11), 5  # after the checkpoints of steps 4 and 8
+    # The first job reads through grain worker processes (one per trainer process), the others in the trainer's
+    # threads: the batches of a step do not depend on how they are read, so the trajectory is the same.
+    kill_at, heartbeat = random.Random().randint(5, 7), 5  # after the checkpoints of steps 2 and 4
 
-    job = mp.start(args, processes=2, devices_per_process=4, log_dir=tmp_path / "logs_a", cache=cache,
-                   heartbeat_timeout_s=heartbeat)
+    job = mp.start([*args, "--config.data.num_workers=1"], processes=2, devices_per_process=4,
+                   log_dir=tmp_path / "logs_a", heartbeat_timeout_s=heartbeat)
     mp.wait_for_step(job, work, kill_at)
     workers = [pid for proc in job.procs for pid in mp.children(proc.pid)]
     assert len(workers) >= 2, workers  # at least each process's grain worker
@@ -162,23 +157,24 @@ def test_lost_killed_stopped_and_resumed_with_other_process_counts(tmp_path, cac
     assert status not in (0, EXIT_RESUME) and time.time() - killed < heartbeat + 60, status
     assert re.search(r"stopped sending heartbeats\)?:?\s*(/job:jax_worker/replica:0/task:)?1\b", job.log(0)), job.tail()
     saved = checkpoint.RunCheckpointer(work / "checkpoints").latest_step()
-    assert saved is not None and saved <= kill_at + 4, (saved, kill_at)
+    assert saved is not None and saved >= 4, (saved, kill_at)
 
-    job = mp.start(args, processes=1, devices_per_process=8, log_dir=tmp_path / "logs_b", cache=cache)
-    mp.wait_for_step(job, work, saved + 3)
-    job.signal(signal.SIGTERM)
+    job = mp.start(args, processes=1, devices_per_process=8, log_dir=tmp_path / "logs_b")
+    mp.wait_for_step(job, work, saved + 2)
+    job.signal(signal.SIGINT)
     assert job.wait(120) == [EXIT_RESUME], job.tail()
-    assert f"resumed at step {saved}" in job.log(0)
+    assert f"resumed at step {saved}" in job.log(0) and "Stop requested (signal 2)" in job.log(0)
     saved = checkpoint.RunCheckpointer(work / "checkpoints").latest_step()
+    assert f"Stopped at step {saved};" in job.log(0), job.tail()
 
-    job = mp.start(args, processes=2, devices_per_process=4, log_dir=tmp_path / "logs_c", cache=cache)
-    mp.wait_for_step(job, work, saved + 3)
+    job = mp.start(args, processes=2, devices_per_process=4, log_dir=tmp_path / "logs_c")
+    mp.wait_for_step(job, work, saved + 2)
     job.signal(signal.SIGTERM, which=[1])  # one process gets the signal; both must stop after the same step
     assert job.wait(120) == [EXIT_RESUME] * 2, job.tail()
     stopped = checkpoint.RunCheckpointer(work / "checkpoints").latest_step()
     assert all(f"Stopped at step {stopped};" in job.log(i) for i in range(2)), job.tail()
     assert f"resumed at step {saved}" in job.log(0) and stopped < VISION_STEPS
 
-    run(flags, work, 2, cache)
+    run(flags, work, 2)
     assert_same_run(work, tmp_path / "straight", "vision")
     assert_one_checkpoint_per_step(work)

@@ -1,7 +1,6 @@
 """Trainer: learning happens, sharding does not change the math, and resume continues the same run."""
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -9,6 +8,7 @@ import textwrap
 
 import jax
 import jax.numpy as jnp
+import multiprocess_job
 import numpy as np
 import pytest
 from flax import nnx
@@ -134,7 +134,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
 def test_sharded_step_on_8_devices_equals_1_device(tmp_path, scan_impl):
     """With "pallas" the kernels run per device on their (batch, d_inner) shard (shard_map) and the
     gradients that sum over the split axes are all-reduced: the step must still equal one device's."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = multiprocess_job.cpu_env(devices=8)
     script = SHARDED_SCRIPT.format(tests=str(ROOT / "tests"), tmp=str(tmp_path), scan_impl=scan_impl)
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600,
                           cwd=ROOT)
