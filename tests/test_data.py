@@ -5,6 +5,10 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import grain
 import ml_collections
@@ -460,3 +464,38 @@ def test_pipeline_is_a_grain_map_dataset(digits_dir):
     iterator = images.train_iterator(make_cfg(digits_dir), global_batch_size=8, seed=0)
     for step, batch in enumerate(itertools.islice(iterator, 3)):
         np.testing.assert_array_equal(batch["image"], ds[step]["image"])
+
+
+LEAK_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+import test_data
+from cab_jax import sharding
+from cab_jax.data import images
+
+def main():
+    cfg = test_data.make_cfg({data_dir!r}, subset_fraction=0.1, num_workers=2)
+    train = images.train_iterator(cfg, global_batch_size=16, seed=0)
+    mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1))
+    kept = [sharding.global_batch(next(train), mesh) for _ in range(3)]  # as the trainer steps on them
+    train.set_state(train.get_state())  # restarts its workers, like a restore
+    kept += [next(train) for _ in range(2)]
+    evals = images.eval_batches(cfg, global_batch_size=64)
+    kept += [evals.first(), *evals]
+    train.close()
+    print(len(kept))
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+def test_worker_batches_leave_no_shared_memory_behind(digits_dir):
+    """Batches from grain's worker processes arrive in shared memory: a run that steps on some (as JAX arrays, which
+    may share the host memory), reads others and closes its iterators with batches prefetched and never read leaves
+    no segment for the resource tracker to report at exit."""
+    script = LEAK_SCRIPT.format(tests=str(pathlib.Path(__file__).parent), data_dir=str(digits_dir))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "leaked" not in proc.stderr, proc.stderr[-3000:]

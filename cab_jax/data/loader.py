@@ -27,6 +27,7 @@ JAX is imported only then, since grain's worker processes need none.
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import re
@@ -151,7 +152,22 @@ def to_iter_dataset(ds: grain.MapDataset, num_workers: int) -> grain.IterDataset
             grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=_PER_WORKER_BUFFER),
             worker_init_fn=exit_with_parent,
         )
+        # The workers' batches arrive in shared memory, freed only when the last reference goes; JAX may hold one
+        # (a zero-copy CPU array, a pending host-to-device copy) until the interpreter exits, past grain's deleter
+        # thread, and the segment is then reported leaked. Own a copy instead, made in a background thread.
+        iter_ds = grain.experimental.ThreadPrefetchIterDataset(iter_ds.map(_owned_copy), prefetch_buffer_size=2)
     return iter_ds
+
+
+def _owned_copy(batch: Batch) -> Batch:
+    return {k: np.array(v) for k, v in batch.items()}
+
+
+def release_closed_iterators() -> None:
+    """Free grain's closed iterators now. They sit in reference cycles that still hold the batches their worker
+    processes had prefetched into shared memory; left to the garbage collector they may survive until the
+    interpreter exits, after grain's deleter thread, and their segments are then reported leaked."""
+    gc.collect()
 
 
 def exit_with_parent(worker_index: int, worker_count: int) -> None:
@@ -288,6 +304,7 @@ class TrainIterator(grain.DatasetIterator):
         if self._inner is not None:
             self._inner.close()
             self._inner = None
+            release_closed_iterators()
 
     def close(self) -> None:
         self._drop_inner()
@@ -330,3 +347,5 @@ class EvalBatches:
             close = getattr(iterator, "close", None)
             if close is not None:
                 close()
+            del iterator
+            release_closed_iterators()
