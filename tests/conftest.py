@@ -25,3 +25,9 @@ def float32_matmuls():
     (10-bit mantissa) for them. On CPU this changes nothing."""
     with jax.default_matmul_precision("highest"):
         yield
+
+
+def pytest_collection_modifyitems(items):
+    """The slow end-to-end tests first: pytest-xdist's workers then fill the rest of their time with the short tests
+    instead of finishing on one long test while the other worker idles."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

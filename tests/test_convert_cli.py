@@ -70,6 +70,7 @@ def cli(*args):
     return proc
 
 
+@pytest.mark.slow
 def test_cli_imports_and_exports_vim_losslessly(tmp_path):
     sizes = ("--model=vim_tiny", "--image_size=32", "--patch_size=16", "--num_classes=10")
     assert MODELS["vim_tiny"] == ("vim", "tiny")

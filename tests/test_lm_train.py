@@ -156,6 +156,7 @@ def test_setup_initialises_the_student_from_the_teacher(tmp_path):
                               built.teacher_params["embed"]["embedding"])
 
 
+@pytest.mark.slow
 def test_run_logs_tokens_per_s_and_generation_follows_the_model(tmp_path):
     """A teacher run, then a student distilled from its workdir: the student run ends with a held-out perplexity;
     ``generate`` rebuilds each model from its workdir and its greedy tokens equal the argmax of full forwards
@@ -236,6 +237,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_sharded_language_step_on_8_devices_equals_1_device(tmp_path):
     env = multiprocess_job.cpu_env(devices=8)
     script = SHARDED_SCRIPT.format(tests=str(ROOT / "tests"), tmp=str(tmp_path))

@@ -130,6 +130,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan_impl", ["associative", "pallas"])
 def test_sharded_step_on_8_devices_equals_1_device(tmp_path, scan_impl):
     """With "pallas" the kernels run per device on their (batch, d_inner) shard (shard_map) and the
@@ -152,6 +153,7 @@ class Crash(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_crash_then_resume_continues_the_same_trajectory(tmp_path):
     c = small_config(tmp_path)
     c.data.synthetic = True  # through the same grain pipeline and iterator state; a random teacher
