@@ -437,6 +437,14 @@ def save_run_config(workdir: epath.Path, c: ml_collections.ConfigDict, trains: s
         (workdir / "run_config.json").write_text(json.dumps(meta, indent=1))
 
 
+def write_results(workdir: epath.Path, trains: str, result: RunResult) -> None:
+    """``workdir/results.json``: a finished run's final evaluation (``launch/collect_results.py`` tabulates it)."""
+    if jax.process_index() == 0:
+        record = {"trains": trains, "step": result.steps, "train_examples": result.train_examples,
+                  "metrics": result.metrics}
+        (workdir / "results.json").write_text(json.dumps(record, indent=1))
+
+
 def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *,
                        on_step: Callable[[int], None] | None = None) -> RunResult:
     """Train what ``c.task`` asks for ("distill": the student, per ``c.loss``; "train_teacher": the teacher on
@@ -516,4 +524,6 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *,
     result = evaluate(trainer, steps.eval, eval_params(state), eval_batches)
     writer.write(step, "eval", result)
     logging.info("[%s] final eval at step %d: %s", job.trains, step, _format(result))
-    return RunResult(result, step, time.time() - start, train_size, resumed_at=restored_step)
+    run_result = RunResult(result, step, time.time() - start, train_size, resumed_at=restored_step)
+    write_results(workdir_path, job.trains, run_result)
+    return run_result

@@ -4,9 +4,10 @@
 
 A path holding ``metrics.jsonl`` or ``run_config.json`` is one run; any other directory stands for the runs one
 level below it. Per run: the subset fraction and loss mode from ``run_config.json`` (written when the run starts;
-else from a sweep directory name such as ``s10_cab``), and the last ``metrics.jsonl`` line whose split is "eval".
-On a finished run that is the final evaluation; on an unfinished one it is the latest periodic evaluation, so the
-table shows each row's step. A run with no evaluation yet is listed with dashes. Standard library only.
+else from a sweep directory name such as ``s10_cab``), and the final evaluation from ``results.json`` (written when
+the run finishes). A run that has not finished shows its latest periodic evaluation (the last ``metrics.jsonl``
+line whose split is "eval"), so the table gives each row's step. A run with no evaluation yet is listed with
+dashes. Standard library only.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def run_dirs(paths: list[pathlib.Path]) -> list[pathlib.Path]:
 
 
 def row(run: pathlib.Path) -> dict:
-    """One table row for the run in ``run`` (subset as a fraction, mode, the last eval line's top1/top5/step)."""
+    """One table row for the run in ``run`` (subset as a fraction, mode, the final or latest top1/top5/step)."""
     subset, mode = None, None
     if (run / "run_config.json").exists():
         config = json.loads((run / "run_config.json").read_text())["config"]
@@ -45,7 +46,10 @@ def row(run: pathlib.Path) -> dict:
     elif name := re.fullmatch(r"s(\d+)_(\w+)", run.name):
         subset, mode = int(name.group(1)) / 100, name.group(2)
     last_eval = {}
-    if (run / "metrics.jsonl").exists():
+    if (run / "results.json").exists():
+        final = json.loads((run / "results.json").read_text())
+        last_eval = {**final["metrics"], "step": final["step"]}
+    elif (run / "metrics.jsonl").exists():
         for line in (run / "metrics.jsonl").read_text().splitlines():
             if line.strip() and (record := json.loads(line)).get("split") == "eval":
                 last_eval = record

@@ -307,7 +307,7 @@ def _collector():
     return module
 
 
-def test_collect_results_reads_the_last_eval_of_each_run(tmp_path, capsys):
+def test_collect_results_reads_the_final_or_the_last_eval_of_each_run(tmp_path, capsys):
     collect = _collector()
     cab = tmp_path / "runs" / "whatever"  # subset and mode from run_config.json
     cab.mkdir(parents=True)
@@ -316,6 +316,8 @@ def test_collect_results_reads_the_last_eval_of_each_run(tmp_path, capsys):
     (cab / "metrics.jsonl").write_text(
         '{"step": 50, "split": "train", "loss": 2.0}\n{"step": 50, "split": "eval", "top1": 10.0, "top5": 20.0}\n'
         '{"step": 100, "split": "train", "loss": 1.0}\n{"step": 100, "split": "eval", "top1": 45.4, "top5": 70.123}\n')
+    (cab / "results.json").write_text('{"trains": "student", "step": 100, "train_examples": 64, '
+                                      '"metrics": {"top1": 45.5, "top5": 70.123}}')  # finished: its final eval
     soft = tmp_path / "runs" / "s5_soft"  # from the directory name
     soft.mkdir()
     (soft / "metrics.jsonl").write_text('{"step": 7, "split": "train", "loss": 3.0}\n')  # not evaluated yet
@@ -323,7 +325,7 @@ def test_collect_results_reads_the_last_eval_of_each_run(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines == ["| subset | mode | top-1 | top-5 | step | run |", "|---|---|---|---|---|---|",
                      f"| 5 % | soft | - | - | - | {soft} |",
-                     f"| 5 % | cab | 45.40 | 70.12 | 100 | {cab} |",
+                     f"| 5 % | cab | 45.50 | 70.12 | 100 | {cab} |",
                      f"| 20 % | vanilla | - | - | - | {tmp_path / 's20_vanilla'} |"]
     assert (tmp_path / "t.md").read_text().splitlines() == lines
 

@@ -176,6 +176,8 @@ def test_crash_then_resume_continues_the_same_trajectory(tmp_path):
             assert r[key] == pytest.approx(expected[r["step"]][key], rel=1e-5, abs=1e-7), (r["step"], key)
     assert resumed.steps == straight.steps == 6
     assert resumed.metrics["top1"] == pytest.approx(straight.metrics["top1"])
+    assert json.loads((tmp_path / "resumed" / "results.json").read_text()) == {
+        "trains": "student", "step": 6, "train_examples": resumed.train_examples, "metrics": resumed.metrics}
 
 
 def test_teacher_is_not_saved_with_the_student(tmp_path):
