@@ -39,7 +39,6 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, with --jax_distributed.")
 _HEARTBEAT = flags.DEFINE_integer("heartbeat_timeout_s", 60, "With --jax_distributed: a process that sends no "
                                   "heartbeat for this long is declared lost, and every other process exits.")
-flags.mark_flag_as_required("config")
 
 
 def main(argv: list[str]) -> None:
@@ -76,4 +75,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    flags.mark_flag_as_required("config")  # here, not at import: importers keep their own flag checks
     cli.run(main)

@@ -38,7 +38,6 @@ _MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "Directory holding the man
                                   "the dataset is built from them when it is not prepared yet.")
 _DOWNLOAD = flags.DEFINE_bool("download", False, "Let TFDS download and prepare a public dataset that is not "
                               "prepared yet (never needed for the embedded datasets).")
-flags.mark_flag_as_required("config")
 
 
 def build_tfds(name: str, data_dir: str | None, manual_dir: str | None) -> None:
@@ -104,4 +103,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    flags.mark_flag_as_required("config")  # here, not at import: importers keep their own flag checks
     cli.run(main)
