@@ -445,11 +445,10 @@ def write_results(workdir: epath.Path, trains: str, result: RunResult) -> None:
         (workdir / "results.json").write_text(json.dumps(record, indent=1))
 
 
-def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *,
-                       on_step: Callable[[int], None] | None = None) -> RunResult:
+def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> RunResult:
     """Train what ``c.task`` asks for ("distill": the student, per ``c.loss``; "train_teacher": the teacher on
     labels, on the full train split, with ``c.teacher.train``), resuming from the latest checkpoint in
-    ``workdir``, then evaluate. ``on_step`` is called after each step (tests use it)."""
+    ``workdir``, then evaluate."""
     # Everything that can be checked before work is, in order of cost; the workdir is created once it passes.
     mesh = sharding.make_mesh(c.mesh)
     config_lib.validate(c, mesh.shape)
@@ -492,8 +491,6 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *,
                 step += 1
                 interval_steps += 1
                 guard.push(step, metrics)
-                if on_step is not None:
-                    on_step(step)
                 if step % t.log_every == 0 or step == sched.total_steps:
                     values = {k: float(v) for k, v in jax.device_get(metrics).items() if k != NONFINITE}
                     elapsed = time.time() - interval_start

@@ -4,6 +4,7 @@ the job that resumes after SIGKILL and with another process count, agreed stops,
 Every run shares the session's persistent compilation cache (conftest), so each layout compiles once per process
 count."""
 
+import json
 import random
 import re
 import signal
@@ -177,4 +178,6 @@ def test_lost_killed_stopped_and_resumed_with_other_process_counts(tmp_path, vis
 
     run(flags, work, 2)
     assert_same_run(work, tmp_path / "straight", "vision")
+    final, want = (json.loads((w / "results.json").read_text()) for w in (work, tmp_path / "straight"))
+    assert final["step"] == want["step"] == VISION_STEPS and final["metrics"] == pytest.approx(want["metrics"])
     assert_one_checkpoint_per_step(work)

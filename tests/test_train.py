@@ -149,37 +149,6 @@ def test_sharded_step_on_8_devices_equals_1_device(tmp_path, scan_impl):
     np.testing.assert_allclose(np.array(eight["kernel"]), np.array(one["kernel"]), rtol=1e-4, atol=1e-6)
 
 
-class Crash(Exception):
-    pass
-
-
-@pytest.mark.slow
-def test_crash_then_resume_continues_the_same_trajectory(tmp_path):
-    c = small_config(tmp_path)
-    c.data.synthetic = True  # through the same grain pipeline and iterator state; a random teacher
-
-    straight = train.train_and_evaluate(c, str(tmp_path / "straight"))
-
-    def crash_after_4(step):
-        if step == 4:
-            raise Crash  # the checkpoint of step 3 exists; step 4's update is lost, like a kill
-    with pytest.raises(Crash):
-        train.train_and_evaluate(c, str(tmp_path / "resumed"), on_step=crash_after_4)
-    resumed = train.train_and_evaluate(c, str(tmp_path / "resumed"))
-
-    expected = {r["step"]: r for r in read_metrics(tmp_path / "straight")}
-    after = read_metrics(tmp_path / "resumed")
-    replayed = [r for r in after if r["step"] >= 4][-3:]
-    assert [r["step"] for r in replayed] == [4, 5, 6]
-    for r in replayed:
-        for key in ("loss", "kl", "bridge", "lr"):
-            assert r[key] == pytest.approx(expected[r["step"]][key], rel=1e-5, abs=1e-7), (r["step"], key)
-    assert resumed.steps == straight.steps == 6
-    assert resumed.metrics["top1"] == pytest.approx(straight.metrics["top1"])
-    assert json.loads((tmp_path / "resumed" / "results.json").read_text()) == {
-        "trains": "student", "step": 6, "train_examples": resumed.train_examples, "metrics": resumed.metrics}
-
-
 def test_teacher_is_not_saved_with_the_student(tmp_path):
     c = small_config(tmp_path, steps=2)
     c.data.synthetic = True  # random teacher allowed
