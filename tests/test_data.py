@@ -5,13 +5,13 @@ from __future__ import annotations
 import io
 import itertools
 import json
-import os
 import pathlib
 import subprocess
 import sys
 
 import grain
 import ml_collections
+import multiprocess_job
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -496,6 +496,6 @@ def test_worker_batches_leave_no_shared_memory_behind(digits_dir):
     no segment for the resource tracker to report at exit."""
     script = LEAK_SCRIPT.format(tests=str(pathlib.Path(__file__).parent), data_dir=str(digits_dir))
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                          env=multiprocess_job.cpu_env(devices=1))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "leaked" not in proc.stderr, proc.stderr[-3000:]

@@ -16,7 +16,7 @@ import pytest
 import tensorflow_datasets as tfds
 import test_lm_train
 import test_train
-from flax import nnx
+from flax import nnx, traverse_util
 
 from cab_jax import checkpoint, domains
 from cab_jax.preemption import EXIT_RESUME
@@ -37,18 +37,9 @@ def prepared(c, root, name):
     c.teacher.init_from = str(teacher_dir)
     config_file = "demo_lm.py" if c.domain == "language" else "demo.py"
     base = (test_lm_train.demo_lm_config if c.domain == "language" else test_train.demo_config).get_config()
-    changed = {k: v for k, v in flatten(c).items() if flatten(base).get(k) != v}
+    flat, flat_base = (traverse_util.flatten_dict(x.to_dict(), sep=".") for x in (c, base))
+    changed = {k: v for k, v in flat.items() if flat_base.get(k) != v}
     return [f"--config={mp.ROOT / 'configs' / config_file}", *(f"--config.{k}={v}" for k, v in changed.items())]
-
-
-def flatten(c, prefix=""):
-    out = {}
-    for key, value in c.items():
-        if hasattr(value, "items"):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Trainer: learning happens, sharding does not change the math, and resume continues the same run."""
+"""Trainer: learning happens, sharding does not change the math, and the frozen teacher stays out of checkpoints."""
 
 import json
 import pathlib
@@ -32,11 +32,6 @@ def small_config(tmp_path, mode="cab", **train_overrides):
                     **train_overrides})
     c.teacher.train.update(dict(steps=4, batch_size=16, log_every=1, eval_batch_size=120))
     return c
-
-
-def read_metrics(workdir, split="train"):
-    lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["split"] == split]
 
 
 def build_trainer(c, mesh):
