@@ -18,6 +18,18 @@ from etils import epath
 from cab_jax.errors import FileFormatError, PathError
 
 STATE, DATA = "state", "data"
+# Orbax splits each array replicated over devices into one slice per replica, so that each device writes its part;
+# every slice is one device operation, which for a model of many small arrays costs more than it saves (a second per
+# save of a 500-array state on 8 CPU devices). Arrays whose slices would be smaller than this are written whole.
+MIN_REPLICA_SLICE_BYTES = 1 << 20
+
+
+def _state_handler() -> ocp.PyTreeCheckpointHandler:
+    """The train state's handler: orbax's standard one (the same files), whole arrays below
+    ``MIN_REPLICA_SLICE_BYTES`` per replica."""
+    arrays = ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES)
+    return ocp.PyTreeCheckpointHandler(type_handler_registry=ocp.type_handlers.create_type_handler_registry(
+        (jax.Array, arrays)))
 
 
 class RunCheckpointer:
@@ -33,14 +45,14 @@ class RunCheckpointer:
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True),
-            item_handlers={STATE: ocp.StandardCheckpointHandler(), DATA: ocp.JsonCheckpointHandler()},
+            item_handlers={STATE: _state_handler(), DATA: ocp.JsonCheckpointHandler()},
         )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, state, data_iter: grain.DatasetIterator | None) -> None:
-        items = {STATE: ocp.args.StandardSave(state)}
+        items = {STATE: ocp.args.PyTreeSave(state)}
         if data_iter is not None:
             items[DATA] = ocp.args.JsonSave(data_iter.get_state())
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
@@ -72,7 +84,7 @@ class RunCheckpointer:
         return state, None
 
     def _restore_step(self, step: int, state, with_data: bool):
-        items = {STATE: ocp.args.StandardRestore(state)}
+        items = {STATE: ocp.args.PyTreeRestore(state, restore_args=ocp.checkpoint_utils.construct_restore_args(state))}
         if with_data:
             items[DATA] = ocp.args.JsonRestore()
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))

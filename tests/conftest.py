@@ -3,13 +3,19 @@
 Before JAX starts: XLA's CPU backend compiles without its expensive LLVM passes (the tests' programs compile in about
 half the time and run a little slower, the right trade for a few steps each), and every compiled program goes to one
 persistent cache shared by pytest-xdist's workers and the subprocesses tests start (they inherit the environment), so
-a program that several tests (or runs of the entry point) build compiles once."""
+a program that several tests (or runs of the entry point) build compiles once.
+
+XLA's CPU collectives abort the process when a device has waited 40 s for the others at an all-reduce; on a loaded
+two-core CI machine, with several test processes of 4 or 8 fake devices each, a slow device can take that long
+(it did once). The tests give them 10 minutes: a true hang still fails, at the test's own timeout."""
 
 import os
 import tempfile
 
 FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAGS}".strip()
+PATIENT_COLLECTIVE_FLAGS = ("--xla_cpu_collective_call_warn_stuck_timeout_seconds=120 "
+                            "--xla_cpu_collective_call_terminate_timeout_seconds=600")
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAGS} {PATIENT_COLLECTIVE_FLAGS}".strip()
 CACHE = os.path.join(tempfile.gettempdir(), "cab_jax_test_compilation_cache")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")

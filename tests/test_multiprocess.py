@@ -128,7 +128,7 @@ def test_lost_killed_stopped_and_resumed_with_other_process_counts(tmp_path, vis
     saving the step it stopped at and exiting 75, then run to the end (exit 0): each restart continues from the last
     saved step, and the whole trajectory is the uninterrupted one-process run's."""
     flags = vision_flags + mesh_flags(8)
-    run(flags, tmp_path / "straight", 1)
+    run([*flags, f"--config.train.checkpoint_every={VISION_STEPS}"], tmp_path / "straight", 1)  # saves nothing
     work = tmp_path / "run"
     args = [*flags, f"--workdir={work}"]
     # The first job reads through grain worker processes (one per trainer process), the others in the trainer's
