@@ -23,6 +23,7 @@ DOMAINS = ("vision", "language")
 LR_DECAYS = ("cosine", "linear")
 NONFINITE_ACTIONS = ("stop", "skip")
 DTYPES = ("float32", "bfloat16")
+INTERPOLATIONS = ("bicubic", "bilinear")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # The original's epochs per ImageNet subset fraction (fewer images, more epochs).
@@ -88,6 +89,24 @@ def vision_train(**overrides: Any) -> ml_collections.ConfigDict:
     ))
     t.update(overrides)
     return t
+
+
+def vision_data(**overrides: Any) -> ml_collections.ConfigDict:
+    """ImageNet as the original reads and augments it (DeiT's recipe through timm's ``create_transform``)."""
+    d = ml_collections.ConfigDict(dict(
+        name="imagenet2012", data_dir="", image_size=224, num_classes=1000, train_split="train",
+        eval_split="validation", subset_fraction=1.0, subset_seed=2025, synthetic=False, synthetic_size=1024,
+        num_workers=8,  # grain worker processes per trainer process; 0 reads in the trainer's threads
+        crop_scale=(0.08, 1.0), hflip=True,
+        interpolation="bicubic",  # of the crop resize, the eval resize and RandAugment's geometry
+        randaugment="rand-m9-mstd0.5-inc1",  # timm's policy string; "" disables
+        random_erase=0.25,  # probability of erasing one box with noise (timm's mode "pixel")
+        repeated_augmentation=3,  # DeiT's RASampler: each epoch reads 1/3 of the examples, each 3 times with
+        # different augmentations; as in the original, only when training on more than one device. 1 disables.
+        mean=IMAGENET_MEAN, std=IMAGENET_STD,
+    ))
+    d.update(overrides)
+    return d
 
 
 def language_train(**overrides: Any) -> ml_collections.ConfigDict:
@@ -207,6 +226,16 @@ def _validate_vision(c: ml_collections.ConfigDict) -> None:
     _check(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
     _check(len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1, "data.crop_scale",
            f"must be (low, high) with 0 < low <= high <= 1, got {d.crop_scale}")
+    _check_choice(d.interpolation, "data.interpolation", INTERPOLATIONS)
+    if d.randaugment:
+        from cab_jax.data import randaugment  # here: loading a config imports none of the package
+
+        try:
+            randaugment.parse(d.randaugment, fill=(0, 0, 0), resample=0)
+        except ValueError as e:
+            _check(False, "data.randaugment", str(e))
+    _check(0.0 <= d.random_erase <= 1.0, "data.random_erase", f"must be in [0, 1], got {d.random_erase}")
+    _check(d.repeated_augmentation >= 1, "data.repeated_augmentation", f"must be >= 1, got {d.repeated_augmentation}")
     for model in ("teacher", "student"):
         p = c[model].patch_size
         _check(p > 0 and d.image_size % p == 0, f"{model}.patch_size",

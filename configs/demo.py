@@ -28,9 +28,12 @@ def get_config(arg=None):
     c.bridge = dict(kind="mlp", hidden=64, kernel_map="softmax", layer_map="proportional", layers=(),
                     detach_student=False)
     c.loss = config.loss("cab")
-    c.data = dict(name="cab_digits", data_dir="", image_size=32, num_classes=10, train_split="train",
-                  eval_split="test", subset_fraction=arg.subset, subset_seed=2025, synthetic=False, synthetic_size=1024,
-                  num_workers=0, crop_scale=(0.7, 1.0), hflip=False, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    # 32 px digits: a mild crop, no flip (digits are not mirror-symmetric), no RandAugment or erasing (they would
+    # wipe out much of a 32 px digit), one device: the recipe's augmentation is for ImageNet.
+    c.data = config.vision_data(name="cab_digits", image_size=32, num_classes=10, eval_split="test",
+                                subset_fraction=arg.subset, num_workers=0, crop_scale=(0.7, 1.0), hflip=False,
+                                interpolation="bilinear", randaugment="", random_erase=0.0, repeated_augmentation=1,
+                                mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     c.train = config.vision_train(steps=250, batch_size=16, lr_reference_batch=16, **steps)
     c.mesh = config.mesh(data=-1)
     c.study = dict(modes=("vanilla", "soft", "cab"))

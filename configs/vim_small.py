@@ -26,10 +26,7 @@ def get_config(arg=None):
     c.bridge = dict(kind="mlp", hidden=128, kernel_map="softmax", layer_map="proportional", layers=(),
                     detach_student=False)
     c.loss = config.loss(arg.mode)
-    c.data = dict(name="imagenet2012", data_dir="", image_size=224, num_classes=1000, train_split="train",
-                  eval_split="validation", subset_fraction=arg.subset, subset_seed=2025, synthetic=arg.synthetic,
-                  synthetic_size=1024, num_workers=8, crop_scale=(0.08, 1.0), hflip=True, mean=config.IMAGENET_MEAN,
-                  std=config.IMAGENET_STD)
+    c.data = config.vision_data(subset_fraction=arg.subset, synthetic=arg.synthetic)
     c.train = config.vision_train(batch_size=512)
     c.mesh = config.mesh(data=-1)
     return c

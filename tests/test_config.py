@@ -113,6 +113,10 @@ def test_wrong_type_fails():
     ("--config.teacher.num_heads=5", "teacher.num_heads"),
     ("--config.mesh.tensor=0", "mesh.tensor"),
     ("--config.data.subset_fraction=0.3", "train.epochs"),
+    ("--config.data.interpolation=lanczos", "data.interpolation"),
+    ("--config.data.randaugment=rand-m9-inc0", "data.randaugment"),
+    ("--config.data.random_erase=1.5", "data.random_erase"),
+    ("--config.data.repeated_augmentation=0", "data.repeated_augmentation"),
 ])
 def test_bad_values_fail_with_the_key(override, key):
     c = load(CONFIGS[0].parent / "vim_small.py", override)

@@ -17,7 +17,8 @@ import pytest
 import tensorflow_datasets as tfds
 from data_helpers import assert_batches_equal, take
 
-from cab_jax.data import augment, digits, images
+from cab_jax import config
+from cab_jax.data import augment, digits, images, loader
 from cab_jax.data.augment import resize_bilinear
 from cab_jax.data.digits import CabDigits
 from cab_jax.data.subset import per_class_subset
@@ -26,26 +27,20 @@ MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
 
+@pytest.fixture
+def eight_devices(monkeypatch):
+    """The pipelines see a job of 8 devices (repeated augmentation is on only with more than one)."""
+    import jax
+
+    monkeypatch.setattr(jax, "device_count", lambda *_: 8)
+    assert images.repeated_augmentation(make_cfg("")) == 3
+
+
 def make_cfg(data_dir, **overrides) -> ml_collections.ConfigDict:
-    cfg = ml_collections.ConfigDict(
-        dict(
-            name="cab_digits",
-            data_dir=str(data_dir),
-            image_size=32,
-            num_classes=10,
-            train_split="train",
-            eval_split="test",
-            subset_fraction=1.0,
-            subset_seed=0,
-            synthetic=False,
-            synthetic_size=64,
-            num_workers=0,
-            crop_scale=(0.08, 1.0),
-            hflip=True,
-            mean=MEAN,
-            std=STD,
-        )
-    )
+    """The digits at 32 px with ImageNet's training recipe (RandAugment, random erasing, repeated augmentation
+    when the job has more than one device), so that the pipeline tests run every transform."""
+    cfg = config.vision_data(name="cab_digits", data_dir=str(data_dir), image_size=32, num_classes=10,
+                             eval_split="test", subset_seed=0, synthetic_size=64, num_workers=0, mean=MEAN, std=STD)
     cfg.update(overrides)
     return cfg
 
@@ -148,7 +143,8 @@ def test_per_class_subset_counts_and_determinism():
 
 
 def test_train_transform_is_deterministic_in_the_rng_and_varies():
-    transform = augment.TrainTransform(image_size=16, crop_scale=(0.08, 1.0), hflip=True, mean=MEAN, std=STD)
+    transform = augment.TrainTransform(image_size=16, crop_scale=(0.08, 1.0), hflip=True, mean=MEAN, std=STD,
+                                       randaugment_policy="rand-m9-mstd0.5-inc1", random_erase=0.25)
     image = np.random.default_rng(0).integers(0, 256, (40, 30, 3), dtype=np.uint8)
     element = {"image": image, "label": 3, "index": np.int64(7)}
     a = transform.random_map(element, np.random.default_rng(1))
@@ -158,6 +154,44 @@ def test_train_transform_is_deterministic_in_the_rng_and_varies():
     assert a["label"].dtype == np.int32 and a["label"] == 3 and a["index"] == 7
     np.testing.assert_array_equal(a["image"], b["image"])
     assert not np.array_equal(a["image"], c["image"])
+
+
+def test_repeated_augmentation_reads_a_third_of_each_epoch_three_times_differently():
+    n, batch = 60, 12  # 5 steps per epoch
+
+    class Noise(grain.transforms.RandomMap):
+        def random_map(self, element, rng):
+            return {**element, "noise": rng.random()}
+
+    def epochs(process_count, repeats, count=2):
+        shards = [loader.train_batches([{"index": i} for i in range(n)], global_batch_size=batch, seed=3,
+                                       process_index=p, process_count=process_count, description="", augment=Noise,
+                                       repeats=repeats)
+                  for p in range(process_count)]
+        return [{k: np.concatenate([shard[step][k] for shard in shards]) for k in ("index", "noise")}
+                for step in range(5 * count)]
+
+    steps = epochs(1, 3)
+    for epoch in range(2):
+        index = np.concatenate([b["index"] for b in steps[5 * epoch : 5 * epoch + 5]])
+        noise = np.concatenate([b["noise"] for b in steps[5 * epoch : 5 * epoch + 5]])
+        assert len(set(index)) == n // 3 and (index.reshape(-1, 3) == index[::3, None]).all()  # 3 in a row
+        assert len(set(noise)) == n  # each copy augmented differently
+    first, second = (set(np.concatenate([b["index"] for b in steps[5 * e : 5 * e + 5]])) for e in range(2))
+    assert first != second  # each epoch draws its own third
+    for got, want in zip(epochs(3, 3), steps, strict=True):  # the same global batches on 3 processes
+        np.testing.assert_array_equal(got["index"], want["index"])
+        np.testing.assert_array_equal(got["noise"], want["noise"])
+    plain = np.concatenate([b["index"] for b in epochs(1, 1, count=1)])
+    assert sorted(plain) == list(range(n))  # without repeats: every example once per epoch
+
+
+def test_repeated_augmentation_needs_more_than_one_device(eight_devices):
+    assert images.repeated_augmentation(make_cfg("", repeated_augmentation=1)) == 1
+    import jax
+
+    jax.device_count = lambda *_: 1  # monkeypatched by the fixture: restored after the test
+    assert images.repeated_augmentation(make_cfg("")) == 1
 
 
 def test_random_resized_crop_box_is_inside_and_in_scale_range():
@@ -220,7 +254,7 @@ def test_train_iterator_shapes_and_subset_only(digits_dir):
     assert not np.array_equal(other["index"], epoch1[0]["index"])
 
 
-def test_train_iterator_process_shards_reassemble_the_global_batch(digits_dir):
+def test_train_iterator_process_shards_reassemble_the_global_batch(digits_dir, eight_devices):
     # 143 examples, global batch 16: 8 steps per epoch and 15 left over (more than a local batch), so
     # the shards must drop the same tail of every epoch to stay aligned over the 20 steps below.
     cfg = make_cfg(digits_dir, subset_fraction=0.1)
@@ -236,7 +270,7 @@ def test_train_iterator_process_shards_reassemble_the_global_batch(digits_dir):
             np.testing.assert_array_equal(joined, single[step][key], err_msg=f"{key} at step {step}")
 
 
-def test_train_iterator_resume_gives_the_same_batches(digits_dir):
+def test_train_iterator_resume_gives_the_same_batches(digits_dir, eight_devices):
     cfg = make_cfg(digits_dir, subset_fraction=0.1)
     iterator = images.train_iterator(cfg, global_batch_size=16, seed=0)
     take(iterator, 7)  # cross an epoch boundary below (143 // 16 = 8 steps per epoch)
@@ -250,7 +284,7 @@ def test_train_iterator_resume_gives_the_same_batches(digits_dir):
     assert_batches_equal(take(fresh, 4), expected)
 
 
-def test_train_iterator_state_is_independent_of_worker_processes(digits_dir):
+def test_train_iterator_state_is_independent_of_worker_processes(digits_dir, eight_devices):
     cfg = make_cfg(digits_dir, subset_fraction=0.1)
     in_process = images.train_iterator(cfg, global_batch_size=16, seed=0)
     reference = take(in_process, 6)

@@ -1,13 +1,13 @@
-"""Per-example image transforms in NumPy (DeiT-style train crop/flip, eval resize/center-crop).
+"""Per-example image transforms: DeiT's training recipe (random resized crop, flip, RandAugment, random erasing)
+and its evaluation resize and centre crop.
 
-Everything here works on HWC uint8 (or float) arrays and returns float32. Randomness comes only from
-the ``np.random.Generator`` that grain's ``random_map`` hands to :meth:`TrainTransform.random_map`;
-grain derives that generator from (seed, element index), so a given example in a given epoch is
-always augmented the same way, also after a resume.
+Images arrive as HWC uint8 arrays and leave as normalised float32 (H, W, 3). Resizing and RandAugment work on PIL
+images (bicubic, as the recipe, or bilinear); :func:`resize_bilinear` is a NumPy bilinear filter for code that has
+arrays (the embedded digits are generated with it). Randomness comes only from the ``np.random.Generator`` that
+grain's ``random_map`` hands to :meth:`TrainTransform.random_map`; grain derives it from (seed, element index), so
+a given example in a given epoch is always augmented the same way, also after a resume.
 
-Resizing is our own separable bilinear filter with PIL-style antialiasing (the triangle filter is
-widened by the downscale factor), applied as a few weighted row gathers per axis, so no image
-library is needed. DeiT itself uses bicubic interpolation; bilinear is what we use everywhere here.
+Colour jitter is not applied: the recipe sets it, but timm skips it when a RandAugment policy is given.
 """
 
 from __future__ import annotations
@@ -18,9 +18,15 @@ from typing import Any
 
 import grain
 import numpy as np
+from PIL import Image
+
+from cab_jax.data import randaugment
 
 DEFAULT_CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 EVAL_CROP_PCT = 0.875
+RESAMPLING = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+ERASE_AREA = (0.02, 1.0 / 3.0)  # random erasing: fraction of the image, and aspect-ratio range
+ERASE_ASPECT = (0.3, 1.0 / 0.3)
 
 
 def _resize_taps(in_size: int, out_size: int, antialias: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -114,36 +120,45 @@ def random_resized_crop_box(
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def random_resized_crop(
-    image: np.ndarray,
-    rng: np.random.Generator,
-    size: int,
-    scale: Sequence[float],
-    ratio: Sequence[float] = DEFAULT_CROP_RATIO,
-) -> np.ndarray:
-    """Random crop of random area/aspect, resized to (size, size); float32 in the input's range."""
-    top, left, h, w = random_resized_crop_box(image.shape[0], image.shape[1], rng, scale, ratio)
-    return resize_bilinear(image[top : top + h, left : left + w], size, size)
+def to_pil(image: np.ndarray) -> Image.Image:
+    """An RGB PIL image of an (H, W[, C]) uint8 array (grey and RGBA as :func:`to_rgb`)."""
+    return Image.fromarray(np.ascontiguousarray(to_rgb(np.asarray(image, np.uint8))))
 
 
-def resize_center_crop(image: np.ndarray, size: int, crop_pct: float = EVAL_CROP_PCT) -> np.ndarray:
+def resize_center_crop(image: Image.Image, size: int, resample: int, crop_pct: float = EVAL_CROP_PCT) -> Image.Image:
     """Eval transform: shorter side -> int(size / crop_pct), then the central (size, size) crop.
 
-    An image that is already (size, size) is returned unchanged (as float32): the embedded digits are
-    stored at the target size and need no eval resize.
+    An image that is already (size, size) is returned unchanged: the embedded digits are stored at the target size.
     """
-    height, width = image.shape[:2]
+    width, height = image.size
     if (height, width) == (size, size):
-        return image.astype(np.float32)
+        return image
     short = int(size / crop_pct)
     if height <= width:
         new_h, new_w = short, int(short * width / height)
     else:
         new_h, new_w = int(short * height / width), short
-    resized = resize_bilinear(image, new_h, new_w)
-    top = round((new_h - size) / 2)
-    left = round((new_w - size) / 2)
-    return resized[top : top + size, left : left + size]
+    top, left = round((new_h - size) / 2), round((new_w - size) / 2)
+    return image.resize((new_w, new_h), resample).crop((left, top, left + size, top + size))
+
+
+def random_erase(image: np.ndarray, rng: np.random.Generator, prob: float) -> np.ndarray:
+    """timm's RandomErasing, mode "pixel", one box: with probability ``prob`` a box of 2 %-33 % of the (H, W, C)
+    image, aspect ratio in [0.3, 3.3], is replaced by standard normal noise (the image is already normalised).
+    Modifies ``image`` in place and returns it."""
+    if rng.random() >= prob:
+        return image
+    height, width, channels = image.shape
+    log_aspect = (math.log(ERASE_ASPECT[0]), math.log(ERASE_ASPECT[1]))
+    for _ in range(10):
+        area = rng.uniform(*ERASE_AREA) * height * width
+        aspect = math.exp(rng.uniform(*log_aspect))
+        h, w = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if h < height and w < width:
+            top, left = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
+            image[top : top + h, left : left + w] = rng.standard_normal((h, w, channels), dtype=np.float32)
+            break
+    return image
 
 
 def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
@@ -161,7 +176,8 @@ def _passthrough(element: dict[str, Any], image: np.ndarray) -> dict[str, Any]:
 
 
 class TrainTransform(grain.transforms.RandomMap):
-    """Random resized crop + optional horizontal flip + normalisation, for one example dict."""
+    """Random resized crop, horizontal flip, RandAugment (a timm policy string, "" for none), normalisation and
+    random erasing (probability ``random_erase``), for one example dict."""
 
     def __init__(
         self,
@@ -172,6 +188,9 @@ class TrainTransform(grain.transforms.RandomMap):
         mean: Sequence[float],
         std: Sequence[float],
         crop_ratio: Sequence[float] = DEFAULT_CROP_RATIO,
+        interpolation: str = "bicubic",
+        randaugment_policy: str = "",
+        random_erase: float = 0.0,
     ):
         if not 0.0 < crop_scale[0] <= crop_scale[1] <= 1.0:
             raise ValueError(f"crop_scale must satisfy 0 < lo <= hi <= 1, got {tuple(crop_scale)}")
@@ -181,23 +200,36 @@ class TrainTransform(grain.transforms.RandomMap):
         self.hflip = bool(hflip)
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
+        self.resample = RESAMPLING[interpolation]
+        fill = tuple(min(255, round(255 * m)) for m in self.mean)  # the mean pixel
+        self.randaugment = randaugment.parse(randaugment_policy, fill=fill, resample=self.resample) \
+            if randaugment_policy else None
+        self.random_erase = float(random_erase)
 
     def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-        image = to_rgb(element["image"])
-        image = random_resized_crop(image, rng, self.image_size, self.crop_scale, self.crop_ratio)
+        image = to_pil(element["image"])
+        top, left, h, w = random_resized_crop_box(image.height, image.width, rng, self.crop_scale, self.crop_ratio)
+        image = image.resize((self.image_size, self.image_size), self.resample, box=(left, top, left + w, top + h))
         if self.hflip and rng.random() < 0.5:
-            image = image[:, ::-1]
-        return _passthrough(element, normalize(image, self.mean, self.std))
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if self.randaugment is not None:
+            image = self.randaugment(image, rng)
+        out = normalize(np.asarray(image), self.mean, self.std)
+        if self.random_erase:
+            out = random_erase(out, rng, self.random_erase)
+        return _passthrough(element, out)
 
 
 class EvalTransform(grain.transforms.Map):
     """Resize shorter side to image_size / 0.875, center crop, normalise."""
 
-    def __init__(self, *, image_size: int, mean: Sequence[float], std: Sequence[float]):
+    def __init__(self, *, image_size: int, mean: Sequence[float], std: Sequence[float],
+                 interpolation: str = "bicubic"):
         self.image_size = int(image_size)
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
+        self.resample = RESAMPLING[interpolation]
 
     def map(self, element: dict[str, Any]) -> dict[str, Any]:
-        image = resize_center_crop(to_rgb(element["image"]), self.image_size)
-        return _passthrough(element, normalize(image, self.mean, self.std))
+        image = resize_center_crop(to_pil(element["image"]), self.image_size, self.resample)
+        return _passthrough(element, normalize(np.asarray(image), self.mean, self.std))

@@ -23,6 +23,11 @@ Config fields read (by attribute) from ``data_cfg``, an ``ml_collections.ConfigD
       > 0 = that many grain worker processes (``mp_prefetch``).
   crop_scale (tuple of 2 floats): random-resized-crop area range, e.g. (0.08, 1.0).
   hflip (bool): random horizontal flips in training.
+  interpolation (str): "bicubic" or "bilinear", for every resize and RandAugment's geometry.
+  randaugment (str): a timm RandAugment policy, e.g. "rand-m9-mstd0.5-inc1"; "" for none.
+  random_erase (float): probability of erasing one box with normal noise after normalisation.
+  repeated_augmentation (int): each epoch reads 1/k of the examples, each k times (DeiT's RASampler), when
+      training on more than one device; 1 disables.
   mean, std (tuples of 3 floats): per-channel normalisation on the 0..1 scale.
 
 Multi-host: prepare once (:func:`prepare`) before launching many processes on one shared
@@ -141,6 +146,14 @@ def _output_keys(return_index: bool, *extra: str) -> tuple[str, ...]:
     return (*_OUTPUT_KEYS, *extra, *(("index",) if return_index else ()))
 
 
+def repeated_augmentation(data_cfg) -> int:
+    """How many times each example read in an epoch repeats: ``data_cfg.repeated_augmentation`` when the job
+    trains on more than one device (the original's distributed runs), else 1."""
+    import jax  # lazy: the data package imports no JAX (grain's workers need none)
+
+    return int(data_cfg.repeated_augmentation) if jax.device_count() > 1 else 1
+
+
 def _train_pipeline(
     data_cfg,
     global_batch_size: int,
@@ -164,7 +177,11 @@ def _train_pipeline(
             hflip=data_cfg.hflip,
             mean=tuple(data_cfg.mean),
             std=tuple(data_cfg.std),
+            interpolation=data_cfg.interpolation,
+            randaugment_policy=data_cfg.randaugment,
+            random_erase=data_cfg.random_erase,
         ),
+        repeats=repeated_augmentation(data_cfg),
     )
     return ds.map(SelectKeys(_output_keys(return_index))), len(source)
 
@@ -265,6 +282,7 @@ def eval_batches(
         keys=_output_keys(return_index, "mask"),
         pad=lambda length: PaddedSource(source, length=length, image_size=data_cfg.image_size),
         transform=lambda: EvalTransform(
-            image_size=data_cfg.image_size, mean=tuple(data_cfg.mean), std=tuple(data_cfg.std)
+            image_size=data_cfg.image_size, mean=tuple(data_cfg.mean), std=tuple(data_cfg.std),
+            interpolation=data_cfg.interpolation,
         ),
     )

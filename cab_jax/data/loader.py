@@ -193,11 +193,14 @@ def train_batches(
     process_count: int | None,
     description: str,
     augment: Callable[[], grain.transforms.RandomMap] | None = None,
+    repeats: int = 1,
 ) -> grain.MapDataset:
     """This process's local batches of the whole global batches of ``source``, reshuffled every epoch, repeated.
 
     Stream order as in the module docstring. ``augment()`` (built after the checks) makes a random map applied
-    to each example before batching, seeded from ``seed`` and the example's stream position.
+    to each example before batching, seeded from ``seed`` and the example's stream position. ``repeats`` k > 1:
+    each epoch's stream is its permutation's first ``len(source) / k`` examples, each k times in a row (so k
+    augmentations of one example land in one global batch, as DeiT's RASampler puts them on k devices).
 
     Raises:
       ValueError: a bad process layout (:func:`process_layout`), or ``global_batch_size`` exceeds
@@ -214,12 +217,35 @@ def train_batches(
     # Stream index n * epoch + i is example i of that epoch's permutation: shuffle, random_map, batch
     # and slice all carry the epoch through their index arithmetic, and repeat() moves to the next.
     ds = grain.MapDataset.source(source).shuffle(seed=shuffle_seed)
+    if repeats > 1:
+        ds = RepeatEach(ds, repeats)
     if augment is not None:
         ds = ds.random_map(augment(), seed=augment_seed)
     ds = ds.batch(local_batch, drop_remainder=True)  # sub-batch m = rows [m L, (m+1) L) of the stream
     ds = ds[: steps_per_epoch * process_count]  # whole global batches only
     ds = ds[process_index::process_count]  # global batch k = sub-batches k P .. k P + P - 1
     return ds.repeat()
+
+
+class RepeatEach(grain.MapDataset):
+    """``parent`` (whose index n * epoch + i is example i of that epoch) with each example of an epoch repeated
+    ``k`` times in a row, the epoch keeping its length: epoch e is parent's e-th epoch's first len / k examples."""
+
+    def __init__(self, parent: grain.MapDataset, k: int):
+        super().__init__(parent)
+        self._k = int(k)
+
+    def __len__(self) -> int:
+        return len(self._parent)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        epoch, i = divmod(index, len(self))
+        return self._parent[epoch * len(self) + i // self._k]
+
+    def __str__(self) -> str:
+        return f"RepeatEach(k={self._k})"
 
 
 def padded_eval_batches(
