@@ -23,6 +23,7 @@ _HELP_FLAGS = ("-h", "-?", "--help", "--helpshort", "--helpfull")
 _NOISE = (
     ("xla_bridge.py", "Unable to initialize backend"),  # JAX probing for accelerators it does not find
     ("dataset_info.py", "Load dataset info from"),  # TFDS, on every builder it opens
+    ("dataset_info.py", "For '"),  # "fields info.[description, ...] differ on disk and in the code" (fake ImageNet)
     ("dataset_builder.py", "Generating dataset"),
     ("dataset_builder.py", "Using custom data configuration"),  # our builders' configs are made per setting
     ("file_utils.py", "Variant folder"),  # TFDS, while an embedded dataset is being built

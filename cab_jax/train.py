@@ -25,7 +25,7 @@ from etils import epath
 from flax import nnx, traverse_util
 from jax.sharding import Mesh
 
-from cab_jax import checkpoint, domains, preemption, sharding
+from cab_jax import checkpoint, domains, preemption, prefetch, sharding
 from cab_jax import config as config_lib
 from cab_jax.convert.weights import check_source, load_model_weights
 from cab_jax.errors import ConfigError, DivergedError, UserError
@@ -478,6 +478,9 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> RunResult:
                  sched.steps_per_epoch, sched.peak_lr, dict(mesh.shape),
                  f"resumed at step {step}" if restored_step else "starting fresh")
 
+    # Later batches are read and placed on the devices in the background, two steps ahead.
+    feed = prefetch.DevicePrefetch(train_iter, lambda b: sharding.global_batch(b, mesh)) if batch is not None \
+        else None
     start, interval_start, interval_steps, stopped = time.time(), time.time(), 0, False
     eval_params = lambda s: s["ema"]["model"] if "ema" in s else s["params"]["model"]
     guard = NonFiniteGuard(t.on_nonfinite)
@@ -485,7 +488,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> RunResult:
         with preemption.StopRequest(mesh) as stop:
             while step < sched.total_steps:
                 if batch is None:
-                    batch = sharding.global_batch(next(train_iter), mesh)
+                    batch = next(feed)
                 state, metrics = steps.train(state, teacher_params, batch)
                 batch = None
                 step += 1
@@ -495,6 +498,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> RunResult:
                     values = {k: float(v) for k, v in jax.device_get(metrics).items() if k != NONFINITE}
                     elapsed = time.time() - interval_start
                     values.update(domain.throughput(interval_steps * t.batch_size / max(elapsed, 1e-9)))
+                    values["data_wait_ms"] = 1e3 * feed.take_wait_s() / interval_steps  # per step, for its batch
                     writer.write(step, "train", values)
                     logging.info("[%s %d/%d] %s", job.trains, step, sched.total_steps, _format(values))
                     interval_start, interval_steps = time.time(), 0
@@ -505,16 +509,16 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> RunResult:
                 stopped = stop.agreed() and step < sched.total_steps
                 if (step % t.checkpoint_every == 0 and step < sched.total_steps) or stopped:
                     guard.check()
-                    ckpt.save(step, state, train_iter)
+                    ckpt.save(step, state, feed)
                 if stopped:
                     break
         guard.check()
         if not stopped and ckpt.latest_step() != step:
-            ckpt.save(step, state, train_iter)
+            ckpt.save(step, state, feed or train_iter)
         ckpt.wait()
     finally:
         ckpt.close()
-        train_iter.close()
+        (feed or train_iter).close()
     if stopped:
         logging.warning("Stopped at step %d; run the same command again to resume.", step)
         return RunResult({}, step, time.time() - start, train_size, stopped_early=True, resumed_at=restored_step)
