@@ -70,7 +70,6 @@ def main() -> None:
     parser.add_argument("--log_every", type=int, default=10)
     parser.add_argument("--skip", type=int, default=2, help="logged intervals left out (compilation, warm-up)")
     parser.add_argument("--num_workers", type=int, default=14)
-    parser.add_argument("--reduced_decode", default="false")
     args = parser.parse_args()
     step = _run_one(dict(config_name=args.config, dtype=args.dtype, batch_size=args.batch_size, steps=50,
                          remat=args.remat == "true", mode="cab", scan_impl="auto"))
@@ -82,8 +81,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         teacher = pathlib.Path(tmp) / "teacher"
         save_random_teacher(args.config, teacher)
-        overrides = [f"--config.teacher.init_from={teacher}", f"--config.data.data_dir={args.data_dir}",
-                     f"--config.data.reduced_decode={args.reduced_decode}"]
+        overrides = [f"--config.teacher.init_from={teacher}", f"--config.data.data_dir={args.data_dir}"]
         rows.append({"data": "fake ImageNet through main", **run(args, overrides, pathlib.Path(tmp) / "run")})
         print(rows[-1], flush=True)
     print(f"\n{args.config}, {args.dtype}, remat {args.remat}, batch {args.batch_size}, {args.num_workers} workers:\n")

@@ -6,8 +6,8 @@ Reads the fake ImageNet of :mod:`cab_jax.data.fake_imagenet` (written into ``--d
 ``--train_per_class`` images per class at ImageNet's sizes) through the real training iterator of
 configs/vim_small.py: read, decode, random resized crop to 224 (bicubic), flip, RandAugment rand-m9-mstd0.5-inc1,
 normalise, random erasing, batch (mixup runs on the device, in the step). One table gives images/s per number of
-grain worker processes, with JPEGs decoded at full size and at reduced size; the other the milliseconds per image
-of each stage in one process. Prints Markdown tables.
+grain worker processes, the other the milliseconds per image of each stage in one process. Prints Markdown
+tables.
 """
 
 from __future__ import annotations
@@ -67,13 +67,9 @@ def stage_times(cfg, count: int) -> dict[str, float]:
     for i in range(count):
         rng = np.random.default_rng(i)
         record = timed("read record", source.__getitem__, i)
-        for reduced in (False, True):
-            image = augment.to_pil(record["image"])
-            top, left, h, w = augment.random_resized_crop_box(image.height, image.width, rng, cfg.crop_scale)
-            need = (size * image.width / w, size * image.height / h)
-            image, sx, sy = timed(f"decode ({'reduced' if reduced else 'full'})", augment.decode, image, *need,
-                                  reduced)
-        box = (left * sx, top * sy, min((left + w) * sx, image.width), min((top + h) * sy, image.height))
+        image = timed("decode", augment.decode, augment.to_pil(record["image"]))
+        top, left, h, w = augment.random_resized_crop_box(image.height, image.width, rng, cfg.crop_scale)
+        box = (left, top, left + w, top + h)
         image = timed("crop + resize (bicubic)", image.resize, (size, size), transform.resample, box)
         image = timed("flip", image.transpose, Image.Transpose.FLIP_LEFT_RIGHT)
         image = timed("RandAugment", transform.randaugment, image, rng)
@@ -105,11 +101,7 @@ def main() -> None:
     print(markdown_table([stage_times(cfg, args.stage_images)]), flush=True)
     rows = []
     for workers in (int(w) for w in args.workers.split(",")):
-        row = {"workers": workers}
-        for reduced in (False, True):
-            cfg.reduced_decode = reduced
-            rate = pipeline_rate(cfg, workers, args.batch_size, args.batches)
-            row[f"images/s, {'reduced' if reduced else 'full'} decode"] = round(rate)
+        row = {"workers": workers, "images/s": round(pipeline_rate(cfg, workers, args.batch_size, args.batches))}
         rows.append(row)
         print(row, flush=True)
     print(f"\nTraining pipeline, batch {args.batch_size}:\n")

@@ -101,7 +101,6 @@ def vision_data(**overrides: Any) -> ml_collections.ConfigDict:
         interpolation="bicubic",  # of the crop resize, the eval resize and RandAugment's geometry
         randaugment="rand-m9-mstd0.5-inc1",  # timm's policy string; "" disables
         random_erase=0.25,  # probability of erasing one box with noise (timm's mode "pixel")
-        reduced_decode=False,  # JPEGs decoded at 1/2, 1/4 or 1/8 size when that still covers the crop at 224 px
         repeated_augmentation=3,  # DeiT's RASampler: each epoch reads 1/3 of the examples, each 3 times with
         # different augmentations; as in the original, only when training on more than one device. 1 disables.
         mean=IMAGENET_MEAN, std=IMAGENET_STD,

@@ -129,33 +129,26 @@ def to_pil(image: np.ndarray | bytes) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(to_rgb(np.asarray(image, np.uint8))))
 
 
-def decode(image: Image.Image, width: float, height: float, reduced: bool) -> tuple[Image.Image, float, float]:
-    """``(RGB image, x scale, y scale)``: ``image`` decoded, with ``reduced`` a JPEG at the smallest of its
-    decoder's scales (1/2, 1/4, 1/8) that is still at least ``width`` x ``height`` (a fraction of a full decode's
-    cost); the scales are the decoded size over the stored size."""
-    stored_width, stored_height = image.size
-    if reduced and image.format == "JPEG":
-        image.draft("RGB", (math.ceil(width), math.ceil(height)))
-    image = image.convert("RGB")  # decodes; grey, CMYK, palette and RGBA files become RGB
-    return image, image.size[0] / stored_width, image.size[1] / stored_height
+def decode(image: Image.Image) -> Image.Image:
+    """``image`` (from :func:`to_pil`) decoded as RGB: grey, CMYK, palette and RGBA files become RGB."""
+    return image.convert("RGB")
 
 
-def resize_center_crop(image: Image.Image, size: int, resample: int, crop_pct: float = EVAL_CROP_PCT,
-                       reduced_decode: bool = False) -> Image.Image:
+def resize_center_crop(image: Image.Image, size: int, resample: int, crop_pct: float = EVAL_CROP_PCT) -> Image.Image:
     """Eval transform: shorter side -> int(size / crop_pct), then the central (size, size) crop. ``image`` may be
-    undecoded (see :func:`decode`).
+    undecoded (see :func:`to_pil`).
 
     An image that is already (size, size) is returned unchanged: the embedded digits are stored at the target size.
     """
+    image = decode(image)
     width, height = image.size
     if (height, width) == (size, size):
-        return decode(image, width, height, reduced=False)[0]
+        return image
     short = int(size / crop_pct)
     if height <= width:
         new_h, new_w = short, int(short * width / height)
     else:
         new_h, new_w = int(short * height / width), short
-    image = decode(image, new_w, new_h, reduced_decode)[0]
     top, left = round((new_h - size) / 2), round((new_w - size) / 2)
     return image.resize((new_w, new_h), resample).crop((left, top, left + size, top + size))
 
@@ -209,7 +202,6 @@ class TrainTransform(grain.transforms.RandomMap):
         interpolation: str = "bicubic",
         randaugment_policy: str = "",
         random_erase: float = 0.0,
-        reduced_decode: bool = False,
     ):
         if not 0.0 < crop_scale[0] <= crop_scale[1] <= 1.0:
             raise ValueError(f"crop_scale must satisfy 0 < lo <= hi <= 1, got {tuple(crop_scale)}")
@@ -224,15 +216,11 @@ class TrainTransform(grain.transforms.RandomMap):
         self.randaugment = randaugment.parse(randaugment_policy, fill=fill, resample=self.resample) \
             if randaugment_policy else None
         self.random_erase = float(random_erase)
-        self.reduced_decode = bool(reduced_decode)
 
     def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-        image = to_pil(element["image"])
+        image = decode(to_pil(element["image"]))
         top, left, h, w = random_resized_crop_box(image.height, image.width, rng, self.crop_scale, self.crop_ratio)
-        full_width, full_height = (self.image_size * side / crop for side, crop in zip(image.size, (w, h), strict=True))
-        image, sx, sy = decode(image, full_width, full_height, self.reduced_decode)
-        box = (left * sx, top * sy, min((left + w) * sx, image.width), min((top + h) * sy, image.height))
-        image = image.resize((self.image_size, self.image_size), self.resample, box=box)
+        image = image.resize((self.image_size, self.image_size), self.resample, box=(left, top, left + w, top + h))
         if self.hflip and rng.random() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         if self.randaugment is not None:
@@ -247,14 +235,12 @@ class EvalTransform(grain.transforms.Map):
     """Resize shorter side to image_size / 0.875, center crop, normalise."""
 
     def __init__(self, *, image_size: int, mean: Sequence[float], std: Sequence[float],
-                 interpolation: str = "bicubic", reduced_decode: bool = False):
+                 interpolation: str = "bicubic"):
         self.image_size = int(image_size)
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         self.resample = RESAMPLING[interpolation]
-        self.reduced_decode = bool(reduced_decode)
 
     def map(self, element: dict[str, Any]) -> dict[str, Any]:
-        image = resize_center_crop(to_pil(element["image"]), self.image_size, self.resample,
-                                   reduced_decode=self.reduced_decode)
+        image = resize_center_crop(to_pil(element["image"]), self.image_size, self.resample)
         return _passthrough(element, normalize(np.asarray(image), self.mean, self.std))

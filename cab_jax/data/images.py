@@ -26,8 +26,6 @@ Config fields read (by attribute) from ``data_cfg``, an ``ml_collections.ConfigD
   interpolation (str): "bicubic" or "bilinear", for every resize and RandAugment's geometry.
   randaugment (str): a timm RandAugment policy, e.g. "rand-m9-mstd0.5-inc1"; "" for none.
   random_erase (float): probability of erasing one box with normal noise after normalisation.
-  reduced_decode (bool): decode a JPEG at the smallest of its decoder's scales (1/2, 1/4, 1/8) that still covers
-      the output at full resolution (the crop, the eval resize) instead of at its stored size.
   repeated_augmentation (int): each epoch reads 1/k of the examples, each k times (DeiT's RASampler), when
       training on more than one device; 1 disables.
   mean, std (tuples of 3 floats): per-channel normalisation on the 0..1 scale.
@@ -115,8 +113,7 @@ def _split_labels(builder: tfds.core.DatasetBuilder, split: str) -> np.ndarray:
 
 
 def _encoded_images(builder: tfds.core.DatasetBuilder) -> dict | None:
-    """Read an encoded ``image`` (JPEG, PNG) as its bytes: the transforms decode it, a JPEG at reduced size when
-    ``data_cfg.reduced_decode`` allows."""
+    """Read an encoded ``image`` (JPEG, PNG) as its bytes: the transforms decode it once, with PIL."""
     if isinstance(builder.info.features["image"], tfds.features.Image):
         return {"image": tfds.decode.SkipDecoding()}
     return None
@@ -191,7 +188,6 @@ def _train_pipeline(
             interpolation=data_cfg.interpolation,
             randaugment_policy=data_cfg.randaugment,
             random_erase=data_cfg.random_erase,
-            reduced_decode=data_cfg.reduced_decode,
         ),
         repeats=repeated_augmentation(data_cfg),
     )
@@ -295,6 +291,6 @@ def eval_batches(
         pad=lambda length: PaddedSource(source, length=length, image_size=data_cfg.image_size),
         transform=lambda: EvalTransform(
             image_size=data_cfg.image_size, mean=tuple(data_cfg.mean), std=tuple(data_cfg.std),
-            interpolation=data_cfg.interpolation, reduced_decode=data_cfg.reduced_decode,
+            interpolation=data_cfg.interpolation,
         ),
     )
