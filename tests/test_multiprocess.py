@@ -10,6 +10,7 @@ import re
 import signal
 import time
 
+import jax
 import multiprocess_job as mp
 import numpy as np
 import pytest
@@ -172,3 +173,25 @@ def test_lost_killed_stopped_and_resumed_with_other_process_counts(tmp_path, vis
     final, want = (json.loads((w / "results.json").read_text()) for w in (work, tmp_path / "straight"))
     assert final["step"] == want["step"] == VISION_STEPS and final["metrics"] == pytest.approx(want["metrics"])
     assert_one_checkpoint_per_step(work)
+
+
+def test_a_run_that_fails_with_data_workers_leaves_no_worker_or_shared_memory(tmp_path, vision_flags):
+    """An exception in the training loop (the non-finite guard's: the teacher's weights are NaN) while grain worker
+    processes read: exit status 1 with one line naming the step, no worker outlives the run and no shared memory is
+    left for the resource tracker to clean. The program is the chain's uninterrupted run's (compiled once)."""
+    c = test_train.small_config(tmp_path)
+    teacher = nnx.state(domains.for_config(c).build_teacher(nnx.Rngs(0))).to_pure_dict()
+    checkpoint.save_model_params(tmp_path / "nan_teacher", jax.tree.map(lambda x: np.full(x.shape, np.nan), teacher))
+    flags = [*vision_flags, *mesh_flags(8), f"--config.train.checkpoint_every={VISION_STEPS}",
+             f"--config.teacher.init_from={tmp_path / 'nan_teacher'}", "--config.data.num_workers=2"]
+    job = mp.start([*flags, f"--workdir={tmp_path / 'run'}"], processes=1, devices_per_process=8,
+                   log_dir=tmp_path / "logs")
+    deadline, workers = time.time() + 120, []
+    while len(workers) < 2 and job.procs[0].poll() is None and time.time() < deadline:
+        workers = mp.children(job.procs[0].pid)
+        time.sleep(0.1)
+    assert len(workers) >= 2, job.tail()  # the grain workers (and the resource tracker)
+    assert job.wait(300) == [1], job.tail()
+    assert re.search(r"error: step \d+: the loss or its gradient is not finite", job.log(0)), job.tail()
+    time.sleep(1)
+    assert not any(map(mp.alive, workers)) and "leaked shared_memory" not in job.log(0), job.tail()

@@ -29,12 +29,6 @@ NUM_CLASSES = 1000
 ASPECTS = (4 / 3, 3 / 2, 1.0, 5 / 4, 16 / 9)  # long side / short side
 ASPECT_WEIGHTS = (0.6, 0.15, 0.1, 0.1, 0.05)
 
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data directory to write imagenet2012 into.")
-_TRAIN = flags.DEFINE_integer("train_per_class", 3, "Training images per class.")
-_VALIDATION = flags.DEFINE_integer("validation_per_class", 1, "Validation images per class.")
-_SCALE = flags.DEFINE_float("scale", 1.0, "Image sides are multiplied by this (smaller for quick tests).")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the generated images.")
-
 
 def image_size(rng: np.random.Generator, scale: float) -> tuple[int, int]:
     """(height, width) of one image: the long side 500 (3 in 4) or 250-1000, a common aspect ratio, landscape 3
@@ -109,12 +103,17 @@ def write(data_dir: str, *, train_per_class: int = 3, validation_per_class: int 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise ConfigError(f"unexpected arguments: {' '.join(argv[1:])} (flags are --name=value)")
-    where = write(_DATA_DIR.value, train_per_class=_TRAIN.value, validation_per_class=_VALIDATION.value,
-                  scale=_SCALE.value, seed=_SEED.value)
-    logging.info("Fake imagenet2012 (%d train, %d validation images) written to %s", _TRAIN.value * NUM_CLASSES,
-                 _VALIDATION.value * NUM_CLASSES, where)
+    f = flags.FLAGS
+    where = write(f.data_dir, train_per_class=f.train_per_class, validation_per_class=f.validation_per_class,
+                  scale=f.scale, seed=f.seed)
+    logging.info("Fake imagenet2012 (%d train, %d validation images) written to %s", f.train_per_class * NUM_CLASSES,
+                 f.validation_per_class * NUM_CLASSES, where)
 
 
-if __name__ == "__main__":
-    flags.mark_flag_as_required("data_dir")
+if __name__ == "__main__":  # the flags exist only here: importing this module defines none
+    flags.DEFINE_string("data_dir", None, "TFDS data directory to write imagenet2012 into.", required=True)
+    flags.DEFINE_integer("train_per_class", 3, "Training images per class.")
+    flags.DEFINE_integer("validation_per_class", 1, "Validation images per class.")
+    flags.DEFINE_float("scale", 1.0, "Image sides are multiplied by this (smaller for quick tests).")
+    flags.DEFINE_integer("seed", 0, "Seed of the generated images.")
     cli.run(main)
