@@ -122,8 +122,8 @@ def random_resized_crop_box(
 
 
 def to_pil(image: np.ndarray | bytes) -> Image.Image:
-    """An RGB PIL image of encoded bytes (JPEG, PNG: opened, not decoded yet) or of an (H, W[, C]) uint8 array
-    (grey and RGBA as :func:`to_rgb`)."""
+    """A PIL image: of encoded bytes (JPEG, PNG), opened but not decoded (:func:`decode` does it); of an
+    (H, W[, C]) uint8 array, RGB (grey and RGBA as :func:`to_rgb`)."""
     if isinstance(image, bytes):
         return Image.open(io.BytesIO(image))
     return Image.fromarray(np.ascontiguousarray(to_rgb(np.asarray(image, np.uint8))))
