@@ -5,9 +5,12 @@ half the time and run a little slower, the right trade for a few steps each), an
 persistent cache shared by pytest-xdist's workers and the subprocesses tests start (they inherit the environment), so
 a program that several tests (or runs of the entry point) build compiles once.
 
-XLA's CPU collectives abort the process when a device has waited 40 s for the others at an all-reduce; on a loaded
-two-core CI machine, with several test processes of 4 or 8 fake devices each, a slow device can take that long
-(it did once). The tests give them 10 minutes: a true hang still fails, at the test's own timeout."""
+XLA's CPU runtime runs the fake devices' collectives on one thread pool, sized by the cores (at least one thread per
+device): a device waiting at an all-reduce holds a thread, and when every thread waits at a collective that another
+device can only reach through a free thread, the run deadlocks (seen twice: a 1-process 8-device language step,
+some threads at an all-gather, the others at an all-reduce). NPROC, which XLA reads as the core count, gives the
+pool 64 threads. XLA also aborts after 40 s at a collective; the tests give it 10 minutes, so a slow device on a
+loaded two-core machine is waited for, and a hang still fails at the test's own timeout."""
 
 import os
 import tempfile
@@ -16,6 +19,7 @@ FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expe
 PATIENT_COLLECTIVE_FLAGS = ("--xla_cpu_collective_call_warn_stuck_timeout_seconds=120 "
                             "--xla_cpu_collective_call_terminate_timeout_seconds=600")
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAGS} {PATIENT_COLLECTIVE_FLAGS}".strip()
+os.environ.setdefault("NPROC", "64")
 CACHE = os.path.join(tempfile.gettempdir(), "cab_jax_test_compilation_cache")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
