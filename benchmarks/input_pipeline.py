@@ -52,9 +52,7 @@ def stage_times(cfg, count: int) -> dict[str, float]:
     from cab_jax.data import augment, images
 
     source = images._train_source(cfg, seed=0)
-    transform = images.TrainTransform(image_size=cfg.image_size, crop_scale=cfg.crop_scale, hflip=cfg.hflip,
-                                      mean=cfg.mean, std=cfg.std, interpolation=cfg.interpolation,
-                                      randaugment_policy=cfg.randaugment, random_erase=cfg.random_erase)
+    transform = images.train_transform(cfg)
     totals: dict[str, float] = {}
 
     def timed(name, fn, *args):

@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 from sklearn.datasets import load_sample_images
 
 from cab_jax import config
-from cab_jax.data import augment
+from cab_jax.data import images
 
 DRAWS, TILE, LABEL_HEIGHT = 8, 160, 18
 
@@ -31,10 +31,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     d = config.vision_data()
-    train = augment.TrainTransform(image_size=d.image_size, crop_scale=d.crop_scale, hflip=d.hflip, mean=d.mean,
-                                   std=d.std, interpolation=d.interpolation, randaugment_policy=d.randaugment,
-                                   random_erase=d.random_erase)
-    evaluate = augment.EvalTransform(image_size=d.image_size, mean=d.mean, std=d.std, interpolation=d.interpolation)
+    train, evaluate = images.train_transform(d), images.eval_transform(d)
     photos = load_sample_images().images
     gallery = Image.new("RGB", ((DRAWS + 1) * TILE, len(photos) * TILE + LABEL_HEIGHT), "white")
     draw = ImageDraw.Draw(gallery)

@@ -154,6 +154,19 @@ def _output_keys(return_index: bool, *extra: str) -> tuple[str, ...]:
     return (*_OUTPUT_KEYS, *extra, *(("index",) if return_index else ()))
 
 
+def train_transform(data_cfg) -> TrainTransform:
+    """The per-example training transform ``data_cfg`` asks for (crop, flip, RandAugment, erasing)."""
+    return TrainTransform(image_size=data_cfg.image_size, crop_scale=tuple(data_cfg.crop_scale), hflip=data_cfg.hflip,
+                          mean=tuple(data_cfg.mean), std=tuple(data_cfg.std), interpolation=data_cfg.interpolation,
+                          randaugment_policy=data_cfg.randaugment, random_erase=data_cfg.random_erase)
+
+
+def eval_transform(data_cfg) -> EvalTransform:
+    """The per-example evaluation transform ``data_cfg`` asks for (resize, centre crop)."""
+    return EvalTransform(image_size=data_cfg.image_size, mean=tuple(data_cfg.mean), std=tuple(data_cfg.std),
+                         interpolation=data_cfg.interpolation)
+
+
 def repeated_augmentation(data_cfg) -> int:
     """How many times each example read in an epoch repeats: ``data_cfg.repeated_augmentation`` when the job
     trains on more than one device (the original's distributed runs), else 1."""
@@ -179,16 +192,7 @@ def _train_pipeline(
         process_index=process_index,
         process_count=process_count,
         description=f"examples of '{data_cfg.name}' after subset_fraction={data_cfg.subset_fraction}",
-        augment=lambda: TrainTransform(
-            image_size=data_cfg.image_size,
-            crop_scale=tuple(data_cfg.crop_scale),
-            hflip=data_cfg.hflip,
-            mean=tuple(data_cfg.mean),
-            std=tuple(data_cfg.std),
-            interpolation=data_cfg.interpolation,
-            randaugment_policy=data_cfg.randaugment,
-            random_erase=data_cfg.random_erase,
-        ),
+        augment=lambda: train_transform(data_cfg),
         repeats=repeated_augmentation(data_cfg),
     )
     return ds.map(SelectKeys(_output_keys(return_index))), len(source)
@@ -289,8 +293,5 @@ def eval_batches(
         num_workers=data_cfg.num_workers,
         keys=_output_keys(return_index, "mask"),
         pad=lambda length: PaddedSource(source, length=length, image_size=data_cfg.image_size),
-        transform=lambda: EvalTransform(
-            image_size=data_cfg.image_size, mean=tuple(data_cfg.mean), std=tuple(data_cfg.std),
-            interpolation=data_cfg.interpolation,
-        ),
+        transform=lambda: eval_transform(data_cfg),
     )

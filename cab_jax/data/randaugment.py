@@ -31,20 +31,20 @@ def _affine(image: Image.Image, matrix: tuple[float, ...], fill: tuple[int, ...]
     return image.transform(image.size, Image.Transform.AFFINE, matrix, resample=resample, fillcolor=fill)
 
 
+def _lookup(image: Image.Image, table: list[int]) -> Image.Image:
+    """Every channel value v of ``image`` replaced by ``table[v]``."""
+    return image.point(table * len(image.getbands()))
+
+
 def _solarize_add(image: Image.Image, add: int) -> Image.Image:
     """Adds ``add`` (clipped at 255) to channel values below 128."""
-    table = [min(255, v + add) if v < 128 else v for v in range(256)]
-    return image.point(table * len(image.getbands()))
+    return _lookup(image, [min(255, v + add) if v < 128 else v for v in range(256)])
 
 
 def _posterize(image: Image.Image, bits: int) -> Image.Image:
     """Keeps the ``bits`` high bits of each channel value (0 bits: black; Pillow's posterize wants 1 to 8)."""
     mask = (0xFF << (8 - min(bits, 8))) & 0xFF
-    return image.point([v & mask for v in range(256)] * len(image.getbands()))
-
-
-def _enhance(enhancer: type) -> Callable[[Image.Image, float], Image.Image]:
-    return lambda image, factor: enhancer(image).enhance(factor)
+    return _lookup(image, [v & mask for v in range(256)])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +57,7 @@ class Op:
 
 
 def _enhancement(enhancer: type) -> Op:
-    return Op(lambda img, factor, fill, resample: _enhance(enhancer)(img, factor),
+    return Op(lambda img, factor, fill, resample: enhancer(img).enhance(factor),
               lambda m, rng: 1.0 + _signed(m / MAX_MAGNITUDE * 0.9, rng))
 
 
