@@ -17,6 +17,7 @@ import sys
 import time
 
 ROOT = pathlib.Path(__file__).parents[1]
+EVERY_PROCESS_CACHES = pathlib.Path(__file__).parent / "every_process_caches"  # its sitecustomize: see there
 
 
 def free_port() -> int:
@@ -59,7 +60,8 @@ def cpu_env(devices: int) -> dict[str, str]:
     """This process's environment (conftest's compile flags and cache included) for a JAX process on ``devices``
     fake CPU devices."""
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
-    return {**os.environ, "JAX_PLATFORMS": "cpu",
+    python_path = os.pathsep.join(p for p in (str(EVERY_PROCESS_CACHES), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": python_path,
             "XLA_FLAGS": " ".join([f"--xla_force_host_platform_device_count={devices}", *flags])}
 
 

@@ -16,6 +16,7 @@ from PIL import Image
 
 from cab_jax import checkpoint, config, domains
 from cab_jax.data import fake_imagenet, images
+from cab_jax.errors import ConfigError
 
 SCALE = 0.08  # images of about 40 x 30 pixels
 
@@ -42,6 +43,18 @@ def test_it_is_imagenet2012_as_tfds_reads_it(data_dir):
         assert r["file_name"].decode().split("_")[0] == real["label"].names[r["label"]]  # n01440764_0.JPEG...
         jpeg = Image.open(io.BytesIO(r["image"]))
         assert jpeg.format == "JPEG" and jpeg.mode == "RGB"
+
+
+def test_writing_again_keeps_the_same_dataset_and_refuses_another(data_dir):
+    files = sorted((data_dir / "imagenet2012" / "5.1.0").iterdir())
+    stamps = [f.stat().st_mtime_ns for f in files]
+    fake_imagenet.write(str(data_dir), train_per_class=2, validation_per_class=1, scale=SCALE, seed=0)
+    assert sorted((data_dir / "imagenet2012" / "5.1.0").iterdir()) == files
+    assert [f.stat().st_mtime_ns for f in files] == stamps
+    for other in (dict(train_per_class=1), dict(seed=1), dict(scale=1.0)):
+        with pytest.raises(ConfigError, match=r"already holds an imagenet2012.*train_per_class=2.*remove it"):
+            fake_imagenet.write(str(data_dir), **{**dict(train_per_class=2, validation_per_class=1, scale=SCALE,
+                                                         seed=0), **other})
 
 
 def test_images_have_imagenet_shapes_and_depend_only_on_seed_split_and_index():

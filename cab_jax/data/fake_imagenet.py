@@ -14,11 +14,13 @@ pixel (a smooth colour layout, texture and noise, JPEG quality 90). Image ``i`` 
 from __future__ import annotations
 
 import io
+import json
 import tempfile
 
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import flags, logging
+from etils import epath
 from PIL import Image
 
 from cab_jax import cli
@@ -80,7 +82,13 @@ class FakeImagenet2012(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         with tempfile.TemporaryDirectory() as scratch:  # the real builder, for its features; it builds nothing
             features = tfds.builder(NAME, data_dir=scratch).info.features
         return tfds.core.DatasetInfo(builder=self, features=features, supervised_keys=("image", "label"),
-                                     description="Generated JPEGs in imagenet2012's format, not ImageNet.")
+                                     description=self.description)
+
+    @property
+    def description(self) -> str:
+        """What was generated, stored in the dataset's info (a later write compares it)."""
+        return (f"Generated JPEGs in imagenet2012's format, not ImageNet: train_per_class={self.per_class['train']}, "
+                f"validation_per_class={self.per_class['validation']}, scale={self.scale}, seed={self.seed}.")
 
     def _split_generators(self, dl_manager):
         del dl_manager  # nothing to download
@@ -93,10 +101,20 @@ class FakeImagenet2012(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
 def write(data_dir: str, *, train_per_class: int = 3, validation_per_class: int = 1, scale: float = 1.0,
           seed: int = 0) -> str:
-    """Write the fake imagenet2012 into ``data_dir``; returns the dataset's directory."""
+    """Write the fake imagenet2012 into ``data_dir`` (nothing when the same one is there already; ``ConfigError``
+    when another one is); returns the dataset's directory."""
     builder = FakeImagenet2012(train_per_class=train_per_class, validation_per_class=validation_per_class,
                                scale=scale, seed=seed, data_dir=data_dir)
-    builder.download_and_prepare(file_format="array_record")
+    if builder.is_prepared():
+        stored = json.loads((epath.Path(builder.data_dir) / "dataset_info.json").read_text()).get("description")
+        if stored != builder.description:
+            raise ConfigError(f"{builder.data_dir} already holds an imagenet2012 ({stored!r}), not the one asked for "
+                              f"({builder.description!r}); remove it or choose another data_dir")
+        logging.info("Fake imagenet2012 already in %s; nothing written.", builder.data_dir)
+    else:
+        builder.download_and_prepare(file_format="array_record")
+        logging.info("Fake imagenet2012 (%d train, %d validation images) written to %s",
+                     train_per_class * NUM_CLASSES, validation_per_class * NUM_CLASSES, builder.data_dir)
     return str(builder.data_dir)
 
 
@@ -104,10 +122,8 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise ConfigError(f"unexpected arguments: {' '.join(argv[1:])} (flags are --name=value)")
     f = flags.FLAGS
-    where = write(f.data_dir, train_per_class=f.train_per_class, validation_per_class=f.validation_per_class,
-                  scale=f.scale, seed=f.seed)
-    logging.info("Fake imagenet2012 (%d train, %d validation images) written to %s", f.train_per_class * NUM_CLASSES,
-                 f.validation_per_class * NUM_CLASSES, where)
+    write(f.data_dir, train_per_class=f.train_per_class, validation_per_class=f.validation_per_class, scale=f.scale,
+          seed=f.seed)
 
 
 if __name__ == "__main__":  # the flags exist only here: importing this module defines none

@@ -1,0 +1,21 @@
+"""Test harness only (``tests/multiprocess_job.py`` puts this folder on the jobs' ``PYTHONPATH``): every process of
+a multi-process CPU job writes its compiled programs to the persistent compilation cache, not only process 0.
+
+JAX writes cache entries from process 0 alone, and on CPU the entry's key includes each process's own device
+topology, so process 1 of a 2-process job never finds an entry and compiles every program in every test run (24 s
+of a 2-core machine per job). The programs are the same ones process 1 would compile; only where they come from
+changes."""
+
+from jax._src import compilation_cache, compiler, distributed
+
+_write_process_0_only = compiler._cache_write
+
+
+def _cache_write(cache_key, compile_time_secs, module_name, backend, executable, host_callbacks):
+    if distributed.global_state.process_id == 0 or host_callbacks:
+        return _write_process_0_only(cache_key, compile_time_secs, module_name, backend, executable, host_callbacks)
+    if compilation_cache.is_cache_used(backend):
+        compilation_cache.put_executable_and_time(cache_key, module_name, executable, backend, int(compile_time_secs))
+
+
+compiler._cache_write = _cache_write
