@@ -517,6 +517,9 @@ def main():
     evals = images.eval_batches(cfg, global_batch_size=64)
     kept += [evals.first(), *evals]
     train.close()
+    global left_open  # never closed: it lives until the interpreter exits
+    left_open = images.train_iterator(cfg, global_batch_size=16, seed=1)
+    kept.append(next(left_open))
     print(len(kept))
 
 if __name__ == "__main__":
@@ -527,9 +530,10 @@ if __name__ == "__main__":
 def test_worker_batches_leave_no_shared_memory_behind(digits_dir):
     """Batches from grain's worker processes arrive in shared memory: a run that steps on some (as JAX arrays, which
     may share the host memory), reads others and closes its iterators with batches prefetched and never read leaves
-    no segment for the resource tracker to report at exit."""
+    no segment for the resource tracker to report at exit; an iterator the program never closes is closed cleanly
+    when the interpreter exits."""
     script = LEAK_SCRIPT.format(tests=str(pathlib.Path(__file__).parent), data_dir=str(digits_dir))
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                           env=multiprocess_job.cpu_env(devices=1))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "leaked" not in proc.stderr, proc.stderr[-3000:]
+    assert "leaked" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr[-3000:]

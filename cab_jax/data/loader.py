@@ -27,12 +27,14 @@ JAX is imported only then, since grain's worker processes need none.
 
 from __future__ import annotations
 
+import atexit
 import gc
 import math
 import os
 import re
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -278,6 +280,18 @@ def padded_eval_batches(
 # Iterators.
 
 
+_OPEN_TRAIN_ITERATORS: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_train_iterators() -> None:
+    """At interpreter exit, before modules are torn down, close the train iterators a program left open: their
+    worker processes stop and their shared memory is freed. Left to grain's finalizers, they fail at teardown
+    (``'NoneType' object has no attribute ...``) and the resource tracker reports leaked segments."""
+    for iterator in list(_OPEN_TRAIN_ITERATORS):
+        iterator.close()
+
+
 class TrainIterator(grain.DatasetIterator):
     """Checkpointable iterator over an infinite ``MapDataset`` of local batches, whose state is just the step.
 
@@ -296,6 +310,7 @@ class TrainIterator(grain.DatasetIterator):
         self._identity = dict(identity)
         self._step = 0
         self._inner: grain.DatasetIterator | None = None
+        _OPEN_TRAIN_ITERATORS.add(self)
 
     def _iterator(self) -> grain.DatasetIterator:
         self._assert_not_closed()
@@ -336,6 +351,7 @@ class TrainIterator(grain.DatasetIterator):
 
     def close(self) -> None:
         self._drop_inner()
+        _OPEN_TRAIN_ITERATORS.discard(self)
         super().close()
 
     def __str__(self) -> str:
