@@ -101,11 +101,10 @@ def assert_one_checkpoint_per_step(workdir):
         assert (step / "state" / "manifest.ocdbt").exists() and (step / "state" / "_METADATA").exists(), step
 
 
-@pytest.mark.parametrize("mesh", [(2, 4, 1)], ids=["2x4"])
-def test_two_processes_give_the_numbers_of_one_language(tmp_path, language_flags, mesh):
+def test_two_processes_give_the_numbers_of_one_language(tmp_path, language_flags):
     """The language CAB step (the chunked SSD scan) with data=2 x fsdp=4; the vision step's layouts are the chain's
     below."""
-    flags = [*language_flags, *mesh_flags(*mesh), "--config.student.ssd_impl=chunked"]
+    flags = [*language_flags, *mesh_flags(2, 4), "--config.student.ssd_impl=chunked"]
     run(flags, tmp_path / "one", 1)
     two = run(flags, tmp_path / "two", 2)
     assert "process 1/2" in two.log(1)
