@@ -1,8 +1,7 @@
 """Mamba-1 selective scan forward as a Pallas kernel lowered through Mosaic GPU (Hopper and newer).
 
 The first piece of the Mosaic GPU backend: the forward pass without saved states (inference, and the
-forward-only benchmark beside the Triton kernel); the backward pass is still the Triton kernel's, so
-``api.py`` does not offer this one yet.
+forward-only benchmark beside the Triton kernel). It has no backward pass yet, so ``api.py`` does not offer it.
 
 One program (one warpgroup, 128 threads) owns one batch element and 128 channels of d_inner, one channel per
 thread; the channel's d_state states are d_state float32 registers of that thread (d_state ``(128,)`` vectors
@@ -70,14 +69,12 @@ def _forward_kernel(num_dirs: int, reverses: tuple[bool, ...], delta_softplus: b
                 new.append(h_n)
             if not first:
                 y = y + ypre_ref[b, t, cols]
+            ypre_ref[b, t, cols] = y
             if last:
-                ypre_ref[b, t, cols] = y
                 if has_z:
                     zt = z_ref[b, t, cols].astype(_F32)
                     y = y * zt / (1.0 + jnp.exp(-zt))
                 out_ref[b, t, cols] = y.astype(out_ref.dtype)
-            else:
-                ypre_ref[b, t, cols] = y
             return tuple(new)
 
         zeros = u_ref[b, 0, cols].astype(_F32) * 0.0  # a register vector in the loop's layout
