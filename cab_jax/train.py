@@ -190,13 +190,21 @@ def create_trainer(c: ml_collections.ConfigDict, mesh: Mesh, train_size: int) ->
 
 def init_modules(build: Callable[[nnx.Rngs], tuple[nnx.Module, ...]], seed: int, mesh: Mesh
                  ) -> tuple[tuple[nnx.Module, ...], tuple[dict, ...], tuple[dict, ...]]:
-    """``build(nnx.Rngs(seed))``'s modules built abstractly (no arrays), their parameters initialised by one
-    jitted call straight into their shardings on ``mesh`` (no device holds a whole large model first), and their
-    logical axes: ``(modules, params, axes)``, tuples in ``build``'s order."""
-    modules = nnx.eval_shape(lambda: build(nnx.Rngs(seed)))
-    shardings = tuple(sharding.module_shardings(m, mesh) for m in modules)
-    params = jax.jit(lambda: tuple(nnx.state(m).to_pure_dict() for m in build(nnx.Rngs(seed))),
-                     out_shardings=shardings)()
+    """``build(nnx.Rngs(seed))``'s modules, traced once: their parameters initialised by one jitted call straight
+    into their shardings on ``mesh`` (no device holds a whole large model first), the modules themselves abstract
+    (no arrays), and their logical axes: ``(modules, params, axes)``, tuples in ``build``'s order."""
+    traced = {}
+
+    def init() -> tuple[dict, ...]:
+        modules = build(nnx.Rngs(seed))
+        graphdef, state = nnx.split(modules)
+        traced["graphdef"], traced["state"] = graphdef, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                                                     state)
+        params = tuple(nnx.state(m).to_pure_dict() for m in modules)
+        return jax.lax.with_sharding_constraint(params, tuple(sharding.module_shardings(m, mesh) for m in modules))
+
+    params = jax.jit(init)()
+    modules = nnx.merge(traced["graphdef"], traced["state"])
     return modules, params, tuple(sharding.logical_axes(m) for m in modules)
 
 

@@ -360,6 +360,19 @@ def test_eval_batches_cover_the_split_once(digits_dir, process_count):
     assert_batches_equal(list(per_process[0]), list(per_process[0]))
 
 
+def test_eval_first_batch_starts_no_data_workers(digits_dir, monkeypatch):
+    """The batch the eval step compiles for is read in this process (starting workers for it cost seconds); the
+    passes themselves read through the configured workers."""
+    asked = []
+    real = loader.to_iter_dataset
+    monkeypatch.setattr(loader, "to_iter_dataset", lambda ds, num_workers: asked.append(num_workers) or real(ds, 0))
+    batches = images.eval_batches(make_cfg(digits_dir, num_workers=2), global_batch_size=64)
+    first = batches.first()
+    assert asked == [0]
+    assert_batches_equal([first], take(iter(batches), 1))
+    assert asked == [0, 2]
+
+
 # --------------------------------------------------------------------------------------------------
 # Synthetic data and missing datasets.
 

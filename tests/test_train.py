@@ -100,7 +100,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
     import jax, numpy as np
     sys.path.insert(0, {tests!r})
     from test_train import build_trainer, small_config
-    from cab_jax import sharding
+    from cab_jax import domains, sharding, train
     import pathlib
     assert len(jax.devices()) == 8, jax.devices()
     out = {{}}
@@ -119,8 +119,12 @@ SHARDED_SCRIPT = textwrap.dedent("""
             state, metrics = trainer.jit_train_step(state, teacher, batch)
             losses.append(float(metrics["loss"]))
         kernel = state["params"]["model"]["layers"]["mixer"]["in_proj"]["kernel"]  # (depth, embed, 2 * inner)
+        # The initialisation itself (before the state is placed) already writes each device's shard only.
+        _, (initial,), _ = train.init_modules(lambda rngs: (domains.for_config(c).build_student(rngs),), 0, mesh)
+        initial = initial["layers"]["mixer"]["in_proj"]["kernel"]
         out[name] = {{"losses": losses, "kernel": np.asarray(kernel).tolist(),
-                     "shard_shape": list(kernel.sharding.shard_shape(kernel.shape))}}
+                     "shard_shape": list(kernel.sharding.shard_shape(kernel.shape)),
+                     "init_shard_shape": list(initial.sharding.shard_shape(initial.shape))}}
     print("RESULT" + json.dumps(out))
 """)
 
@@ -140,6 +144,7 @@ def test_sharded_step_on_8_devices_equals_1_device(tmp_path, scan_impl):
     depth, embed, inner = one["shard_shape"]
     assert eight["shard_shape"] == [depth, embed // 2, inner // 2], \
         "the 2x2x2 mesh should shard in_proj over fsdp and tensor, and never its layer axis"
+    assert eight["init_shard_shape"] == eight["shard_shape"] and one["init_shard_shape"] == one["shard_shape"]
     np.testing.assert_allclose(eight["losses"], one["losses"], rtol=2e-5, atol=1e-6)
     np.testing.assert_allclose(np.array(eight["kernel"]), np.array(one["kernel"]), rtol=1e-4, atol=1e-6)
 

@@ -376,15 +376,19 @@ class EvalBatches:
         return len(self._dataset)
 
     def first(self) -> Batch:
-        """This process's first batch (to compile the eval step for), its data workers stopped at once."""
-        batches = iter(self)
+        """This process's first batch (to compile the eval step for), read here: starting data workers for one
+        batch would cost more than reading it (each worker imports grain and JAX first)."""
+        batches = self._batches(num_workers=0)
         try:
             return next(batches)
         finally:
             batches.close()
 
     def __iter__(self) -> Iterator[Batch]:
-        iterator = iter(to_iter_dataset(self._dataset, self._num_workers))
+        return self._batches(self._num_workers)
+
+    def _batches(self, num_workers: int) -> Iterator[Batch]:
+        iterator = iter(to_iter_dataset(self._dataset, num_workers))
         try:
             yield from iterator
         finally:
@@ -392,5 +396,5 @@ class EvalBatches:
             if close is not None:
                 close()
             del iterator
-            if self._num_workers:
+            if num_workers:
                 release_closed_iterators()
