@@ -85,15 +85,6 @@ def start(args: list[str], *, processes: int, devices_per_process: int, log_dir:
     return Job(procs, logs, len(metrics(workdir)) if workdir else 0)
 
 
-def run(args: list[str], *, processes: int, devices_per_process: int, log_dir: pathlib.Path,
-        timeout: float = 300) -> Job:
-    """Start the job and wait for it; fails unless every process exits 0."""
-    job = start(args, processes=processes, devices_per_process=devices_per_process, log_dir=log_dir)
-    statuses = job.wait(timeout)
-    assert statuses == [0] * processes, f"exit statuses {statuses}\n{job.tail()}"
-    return job
-
-
 def children(pid: int) -> list[int]:
     """The live processes whose parent is ``pid`` (Linux ``/proc``)."""
     found = []

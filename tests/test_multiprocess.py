@@ -24,7 +24,7 @@ from cab_jax.preemption import EXIT_RESUME
 
 pytestmark = pytest.mark.slow
 
-VISION_STEPS = 16  # long enough that a signal sent after a step lands before the end
+VISION_STEPS = 12  # long enough that a signal sent after a step lands before the end
 LOSS_KEYS = {"vision": ("loss", "kl", "bridge", "grad_norm"), "language": ("loss", "ce", "kl", "bridge", "grad_norm")}
 EVAL_KEYS = {"vision": ("top1", "top5", "eval_examples"), "language": ("eval_loss", "token_acc", "eval_tokens")}
 
@@ -47,6 +47,7 @@ def prepared(c, root, name):
 def vision_flags(tmp_path_factory):
     root = tmp_path_factory.mktemp("vision")
     c = test_train.small_config(root, steps=VISION_STEPS, checkpoint_every=2)
+    c.student.depth = 2  # each layer's gradients are reduced inside the layer scan: each costs ms over gloo
     return prepared(c, root, "vision")
 
 
@@ -63,9 +64,19 @@ def mesh_flags(data, fsdp=1, tensor=1):
     return [f"--config.mesh.data={data}", f"--config.mesh.fsdp={fsdp}", f"--config.mesh.tensor={tensor}"]
 
 
+def start(flags, workdir, processes):
+    return mp.start([*flags, f"--workdir={workdir}"], processes=processes, devices_per_process=8 // processes,
+                    log_dir=workdir.with_name(workdir.name + "_logs"))
+
+
+def finished(job):
+    """``job`` once every process exited 0."""
+    assert job.wait(300) == [0] * len(job.procs), job.tail()
+    return job
+
+
 def run(flags, workdir, processes):
-    return mp.run([*flags, f"--workdir={workdir}"], processes=processes, devices_per_process=8 // processes,
-                  log_dir=workdir.with_name(workdir.name + "_logs"))
+    return finished(start(flags, workdir, processes))
 
 
 def by_step(workdir, split="train"):
@@ -105,8 +116,8 @@ def test_two_processes_give_the_numbers_of_one_language(tmp_path, language_flags
     """The language CAB step (the chunked SSD scan) with data=2 x fsdp=4; the vision step's layouts are the chain's
     below."""
     flags = [*language_flags, *mesh_flags(2, 4), "--config.student.ssd_impl=chunked"]
-    run(flags, tmp_path / "one", 1)
-    two = run(flags, tmp_path / "two", 2)
+    one, two = start(flags, tmp_path / "one", 1), start(flags, tmp_path / "two", 2)  # side by side
+    finished(one), finished(two)
     assert "process 1/2" in two.log(1)
     assert_same_run(tmp_path / "two", tmp_path / "one", "language")
     assert_one_checkpoint_per_step(tmp_path / "two")
@@ -127,7 +138,7 @@ def test_lost_killed_stopped_and_resumed_with_other_process_counts_and_layouts(t
     data8 = [*vision_flags, *mesh_flags(8), f"--workdir={work}"]
     # Job a reads through grain worker processes (one per trainer process), the others in the trainer's threads:
     # the batches of a step do not depend on how they are read, so the trajectory is the same.
-    kill_at, heartbeat = random.Random().randint(5, 7), 5  # after the checkpoints of steps 2 and 4
+    kill_at, heartbeat = random.Random().randint(3, 4), 5  # after the checkpoint of step 2
 
     job = mp.start([*data8, "--config.data.num_workers=1"], processes=2, devices_per_process=4,
                    log_dir=tmp_path / "logs_a", heartbeat_timeout_s=heartbeat)
@@ -143,7 +154,7 @@ def test_lost_killed_stopped_and_resumed_with_other_process_counts_and_layouts(t
     assert status not in (0, EXIT_RESUME) and time.time() - killed < heartbeat + 60, status
     assert re.search(r"stopped sending heartbeats\)?:?\s*(/job:jax_worker/replica:0/task:)?1\b", job.log(0)), job.tail()
     saved = checkpoint.RunCheckpointer(work / "checkpoints").latest_step()
-    assert saved is not None and saved >= 4, (saved, kill_at)
+    assert saved is not None and saved >= 2, (saved, kill_at)
 
     job = mp.start(data8, processes=1, devices_per_process=8, log_dir=tmp_path / "logs_b")
     mp.wait_for_step(job, work, saved + 2)
