@@ -1,13 +1,13 @@
 """Selective-scan speed per implementation and shape: forward and forward+backward time, achieved bandwidth.
 
-    python benchmarks/selective_scan.py --shapes=vim_ti,vim_s,vim_b,long --impls=associative,reference,pallas
+    python benchmarks/selective_scan.py --shapes=vim_ti,vim_s,vim_b,long --impls=pallas_mosaic,pallas_triton,mamba
 
 GB/s and "% roofline" count only the bytes that must move at least once: every input read once and the
 output written once (forward), plus the output gradient read once and every input gradient written once
 (forward+backward), divided by the time; the roofline is the device's peak HBM bandwidth. "temp MiB" is
 the compiled forward+backward's scratch memory (what it saves for the backward pass, partial sums). The Vim shapes are
 bidirectional (two directions with their own u, delta, A, B, C, D, delta_bias, one z), as in Vim's mixer;
-"long" is one direction. Impl "mosaic" is the Mosaic GPU kernel, forward only (it has no backward pass yet).
+"long" is one direction. Impls are ``selective_scan``'s ("pallas_mosaic", "pallas_triton", "associative"...).
 ``--check`` also prints the largest difference to the sequential reference.
 Prints a Markdown table.
 """
@@ -25,7 +25,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from
 
 from common import SCAN_SHAPES, error_message, hbm_peak_gbps, markdown_table  # benchmarks/common.py
 
-from cab_jax.kernels.selective_scan import BlockSizes, pallas_gpu_mosaic
+from cab_jax.kernels.selective_scan import BlockSizes
 from cab_jax.kernels.selective_scan.autotune import ScanShape, random_inputs, scan_fn
 from cab_jax.timing import median_ms, temp_mib
 
@@ -34,30 +34,21 @@ def nbytes(tree) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def mosaic_forward(n_dirs: int):
-    """fn(dirs, z): the Mosaic GPU kernel's forward pass (it has no backward pass yet)."""
-    reverses = (False, True)[:n_dirs]
-    return lambda dirs, z: pallas_gpu_mosaic.forward(tuple(dirs), z, reverses, delta_softplus=True)[0]
-
-
 def measure(name: str, impl: str, dtype: str, iters: int, blocks: BlockSizes | None, check: bool) -> dict:
     dirs, z = random_inputs(ScanShape(*SCAN_SHAPES[name]), dtype)
-    run = mosaic_forward(len(dirs)) if impl == "mosaic" else scan_fn(impl, len(dirs), blocks)
+    run = scan_fn(impl, len(dirs), blocks)
     fwd = jax.jit(run)
     y = fwd(dirs, z)
     dy = jnp.ones_like(y)
     fwd_bytes = nbytes((dirs, z)) + nbytes(y)
-    passes = [("fwd", fwd, fwd_bytes)]
-    if impl != "mosaic":
-        fwd_bwd = jax.jit(lambda dirs, z: jax.vjp(run, dirs, z)[1](dy)).lower(dirs, z).compile()
-        passes.append(("fwd+bwd", fwd_bwd, fwd_bytes + nbytes(dy) + nbytes((dirs, z))))
+    fwd_bwd = jax.jit(lambda dirs, z: jax.vjp(run, dirs, z)[1](dy)).lower(dirs, z).compile()
+    passes = [("fwd", fwd, fwd_bytes), ("fwd+bwd", fwd_bwd, fwd_bytes + nbytes(dy) + nbytes((dirs, z)))]
     row = {"shape": name, "impl": impl, "dtype": dtype}
     for label, fn, moved in passes:
         ms = median_ms(fn, (dirs, z), iters)
         row[f"{label} ms"] = round(ms, 3)
         row[f"{label} GB/s"] = round(moved / ms / 1e6, 1)
-    if impl != "mosaic":
-        row["fwd+bwd temp MiB"] = temp_mib(fwd_bwd)
+    row["fwd+bwd temp MiB"] = temp_mib(fwd_bwd)
     if check:
         y_ref = jax.jit(scan_fn("reference", len(dirs), None))(dirs, z)
         row["max |y - ref| / max |ref|"] = float(jnp.max(jnp.abs(y.astype(jnp.float32) - y_ref.astype(jnp.float32)))

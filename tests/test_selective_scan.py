@@ -199,7 +199,7 @@ def test_gradients_associative_vs_reference(length, reverse, dtype, option):
 
 
 def test_scan_impls_lists_the_implementations():
-    assert SCAN_IMPLS == ("auto", "reference", "associative", "pallas")
+    assert SCAN_IMPLS == ("auto", "reference", "associative", "pallas", "pallas_triton", "pallas_mosaic")
 
 
 @pytest.mark.parametrize("impl", SCAN_IMPLS)
@@ -246,7 +246,8 @@ def test_api_under_jit(impl):
 @pytest.mark.parametrize("impl", ["Pallas", "Auto", "", "triton"])
 def test_api_unknown_impl(impl):
     kw, static = _make_inputs(0, 4, "float32", OPTIONS["bare"])
-    msg = f"unknown impl {impl!r}; valid choices are ('auto', 'reference', 'associative', 'pallas')"
+    msg = (f"unknown impl {impl!r}; valid choices are ('auto', 'reference', 'associative', 'pallas', "
+           "'pallas_triton', 'pallas_mosaic')")
     with pytest.raises(ValueError, match=re.escape(msg)):
         selective_scan(**kw, **static, impl=impl)
 

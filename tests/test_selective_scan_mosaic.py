@@ -1,6 +1,7 @@
-"""The Mosaic GPU selective-scan forward against the sequential reference: interpreted on CPU (Mosaic GPU's
-interpret mode), compiled on a GPU; and its lowering for CUDA, checked on CPU (interpret mode does not check
-Mosaic GPU's layout rules, the lowering does)."""
+"""The Mosaic GPU selective scan (forward and backward) against the sequential reference run in float64: values and
+every gradient, interpreted on CPU (Mosaic GPU's interpret mode, small shapes: it is slow) and compiled on a GPU
+(also at Vim's shapes); and its lowering for CUDA, checked on CPU (interpret mode does not check Mosaic GPU's
+layout rules, the lowering does)."""
 
 import re
 
@@ -10,9 +11,11 @@ import numpy as np
 import pytest
 
 from cab_jax.kernels.selective_scan import pallas_gpu_mosaic, reference
-from cab_jax.kernels.selective_scan.pallas_common import ScanDirection
+from cab_jax.kernels.selective_scan.pallas_common import BlockSizes, KernelConfig, ScanDirection
 
 ON_CPU = jax.default_backend() == "cpu"
+VALUE_TOL = {"float32": 2e-5, "bfloat16": 1e-2}  # relative to max(1, max |expected|); bfloat16: its rounding
+GRAD_TOL = {"float32": 1e-4, "bfloat16": 2e-2}
 
 
 def direction(seed, batch, length, d_inner, d_state, dtype, with_extras=True):
@@ -22,42 +25,91 @@ def direction(seed, batch, length, d_inner, d_state, dtype, with_extras=True):
                          delta=(0.5 * normal(batch, length, d_inner)).astype(dtype),
                          A=-jnp.exp(normal(d_inner, d_state)), B=normal(batch, length, d_state).astype(dtype),
                          C=normal(batch, length, d_state).astype(dtype),
-                         D=normal(d_inner) if with_extras else None,
-                         delta_bias=0.1 * normal(d_inner) if with_extras else None)
+                         D=normal(d_inner) if with_extras else jnp.zeros((d_inner,)),
+                         delta_bias=0.1 * normal(d_inner) if with_extras else jnp.zeros((d_inner,)))
 
 
-def expected(dirs, z, reverses, softplus):
-    """Float32 (ungated sum, gated output) from the reference scan, inputs rounded to their dtype first."""
-    ypre = sum(reference.selective_scan_reference(
-        *(x.astype(jnp.float32) for x in (d.u, d.delta, d.A, d.B, d.C)), d.D, None, d.delta_bias, softplus, rev)
-        for d, rev in zip(dirs, reverses, strict=True))
-    return ypre, ypre if z is None else ypre * jax.nn.silu(z.astype(jnp.float32))
+def reference_scan(dirs, z, reverses, softplus):
+    """The gated sum of the directions by the sequential reference, in the inputs' float type."""
+    pre = sum(reference.selective_scan_reference(d.u, d.delta, d.A, d.B, d.C, d.D, None, d.delta_bias, softplus,
+                                                 rev) for d, rev in zip(dirs, reverses, strict=True))
+    return pre if z is None else pre * jax.nn.silu(z)
 
 
-CASES = [  # batch, length, d_inner, d_state, dtype, reverses, with z, softplus, D and delta_bias given
-    (2, 7, 160, 4, "float32", (False, True), True, True, True),  # Vim's pair; d_inner not a multiple of 128
-    (1, 1, 128, 16, "float32", (False,), False, False, False),  # one position
-    (1, 9, 128, 16, "float32", (True,), True, True, True),
-    (2, 5, 256, 16, "bfloat16", (False, True), True, True, True),
+def values_and_grads(fn, dirs, z, weights):
+    loss = lambda dirs, z: jnp.sum(fn(dirs, z).astype(weights.dtype) * weights)
+    return fn(dirs, z), jax.grad(loss, argnums=(0, 1))(dirs, z)
+
+
+def assert_close(actual, expected, tolerance, name):
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    scale = max(1.0, float(np.max(np.abs(expected))))
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=tolerance * scale, err_msg=name)
+
+
+# batch, length, d_inner, d_state, dtype, reverses, with z, softplus, D and delta_bias given, chunk: lengths with
+# and without a short last chunk, d_inner not a multiple of 128, one position, each direction alone and Vim's pair.
+CASES = [
+    (2, 7, 160, 4, "float32", (False, True), True, True, True, 3),
+    (1, 1, 128, 4, "float32", (False,), False, False, False, 4),
+    (1, 6, 128, 4, "float32", (True,), True, True, True, 3),
+    (2, 5, 128, 4, "bfloat16", (False, True), True, True, True, 2),
 ]
+if not ON_CPU:  # compiled: Vim-S's shape, d_state 16 and 64, a long sequence
+    CASES += [(2, 197, 768, 16, "float32", (False, True), True, True, True, 4),
+              (2, 197, 768, 16, "bfloat16", (False, True), True, True, True, 4),
+              (1, 256, 200, 64, "float32", (True,), True, True, True, 2),
+              (1, 1000, 128, 16, "float32", (False,), True, True, True, 4)]
 
 
-@pytest.mark.parametrize("batch,length,d_inner,d_state,dtype,reverses,with_z,softplus,extras", CASES)
-def test_forward_matches_the_reference(batch, length, d_inner, d_state, dtype, reverses, with_z, softplus, extras):
+@pytest.mark.parametrize("batch,length,d_inner,d_state,dtype,reverses,with_z,softplus,extras,chunk", CASES)
+def test_values_and_gradients_match_the_float64_reference(batch, length, d_inner, d_state, dtype, reverses, with_z,
+                                                          softplus, extras, chunk):
     dirs = tuple(direction(i, batch, length, d_inner, d_state, dtype, extras) for i in range(len(reverses)))
-    z = jnp.asarray(np.random.default_rng(9).normal(size=(batch, length, d_inner)), dtype) if with_z else None
-    out, ypre = pallas_gpu_mosaic.forward(dirs, z, reverses, softplus, interpret=ON_CPU)
-    want_pre, want = expected(dirs, z, reverses, softplus)
-    assert out.dtype == jnp.dtype(dtype) and ypre.dtype == jnp.float32 and out.shape == (batch, length, d_inner)
-    np.testing.assert_allclose(ypre, want_pre, rtol=1e-5, atol=1e-5)
-    tolerance = 1e-5 if dtype == "float32" else 1e-2  # bfloat16 output: its rounding
-    np.testing.assert_allclose(out.astype(jnp.float32), want, rtol=tolerance, atol=tolerance)
+    r = np.random.default_rng(9)
+    z = jnp.asarray(r.normal(size=(batch, length, d_inner)), dtype) if with_z else None
+    weights = r.normal(size=(batch, length, d_inner))
+    cfg = KernelConfig(reverses, softplus, BlockSizes(chunk=chunk, block_d=128, save_every=1), ON_CPU)
+    kernel = lambda dirs, z: pallas_gpu_mosaic.scan(dirs, z, cfg)
+    y, (g_dirs, g_z) = jax.jit(values_and_grads, static_argnums=0)(kernel, dirs, z,
+                                                                     jnp.asarray(weights, jnp.float32))
+    with jax.enable_x64(True):
+        to64 = lambda tree: jax.tree.map(lambda x: jnp.asarray(np.asarray(x, np.float64)), tree)
+        y_ref, (g_ref, gz_ref) = values_and_grads(lambda d, z: reference_scan(d, z, reverses, softplus), to64(dirs),
+                                                  to64(z), jnp.asarray(weights))
+        y_ref, g_ref, gz_ref = jax.tree.map(np.asarray, (y_ref, g_ref, gz_ref))
+    assert y.shape == (batch, length, d_inner) and y.dtype == jnp.dtype(dtype)
+    assert_close(y.astype(jnp.float32), y_ref, VALUE_TOL[dtype], "y")
+    if with_z:
+        assert g_z.dtype == z.dtype
+        assert_close(g_z.astype(jnp.float32), gz_ref, GRAD_TOL[dtype], "dz")
+    for k, (g, want) in enumerate(zip(g_dirs, g_ref, strict=True)):
+        for name, got, expected, x in zip(ScanDirection._fields, g, want, dirs[k], strict=True):
+            assert got.dtype == x.dtype and got.shape == x.shape, name
+            assert_close(got.astype(jnp.float32), expected, GRAD_TOL[dtype], f"direction {k}: d{name}")
+
+
+def test_the_forward_without_saved_states_gives_the_same_output():
+    dirs = tuple(direction(i, 2, 7, 160, 4, "float32") for i in range(2))
+    z = jnp.asarray(np.random.default_rng(3).normal(size=(2, 7, 160)), jnp.float32)
+    cfg = KernelConfig((False, True), True, BlockSizes(chunk=3, block_d=128, save_every=1), ON_CPU)
+    out, ypre, states = jax.jit(pallas_gpu_mosaic._forward, static_argnums=(2, 3))(dirs, z, cfg, False)
+    assert ypre is None and states is None
+    np.testing.assert_allclose(out, reference_scan(dirs, z, (False, True), True), rtol=1e-5, atol=1e-5)
+
+
+def test_block_sizes_it_cannot_run_are_refused():
+    dirs = (direction(0, 1, 4, 128, 4, "float32"),)
+    cfg = KernelConfig((False,), True, BlockSizes(chunk=2, block_d=32, save_every=1), ON_CPU)
+    with pytest.raises(ValueError, match="block_d must be 128"):
+        pallas_gpu_mosaic.scan(dirs, None, cfg)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_forward_lowers_for_cuda_as_one_mosaic_gpu_kernel(dtype):
+def test_forward_and_backward_lower_for_cuda_as_mosaic_gpu_kernels(dtype):
     dirs = tuple(direction(i, 2, 197, 192, 16, dtype) for i in range(2))
     z = jnp.zeros((2, 197, 192), dtype)
-    lowered = jax.jit(lambda d, z: pallas_gpu_mosaic.forward(d, z, (False, True), True)).trace(dirs, z).lower(
-        lowering_platforms=("cuda",))
-    assert re.findall(r"custom_call @(\w+)", lowered.as_text()) == ["mosaic_gpu_v2"]
+    cfg = KernelConfig((False, True), True, pallas_gpu_mosaic.DEFAULT_BLOCKS, False)
+    grads = jax.grad(lambda d, z: jnp.sum(pallas_gpu_mosaic.scan(d, z, cfg).astype(jnp.float32)), (0, 1))
+    lowered = jax.jit(grads).trace(dirs, z).lower(lowering_platforms=("cuda",))
+    assert re.findall(r"custom_call @(\w+)", lowered.as_text()) == ["mosaic_gpu_v2"] * 2

@@ -23,6 +23,7 @@ from cab_jax.kernels.selective_scan import (
     ScanDirection,
     autotune,
     pallas_gpu,
+    pallas_gpu_mosaic,
     pallas_tpu,
     selective_scan,
     selective_scan_bidirectional,
@@ -33,29 +34,32 @@ from cab_jax.kernels.selective_scan.pallas_common import KernelConfig
 ON_CPU = jax.default_backend() == "cpu"
 
 
-def _pallas_fns(module, interpret: bool):
-    """(selective_scan, selective_scan_bidirectional) with impl="pallas" running ``module``'s kernel, compiled or
-    interpreted, whatever the current backend: the public path, api -> ``module.scan`` -> the launchers."""
+def _pallas_fns(kernel: str, interpret: bool | None = None):
+    """(selective_scan, selective_scan_bidirectional) with impl="pallas" running ``kernel`` ("pallas_triton",
+    "pallas_tpu"), interpreted or not as ``interpret`` says (None: compiled where the backend compiles it): the
+    public path, api -> the kernel module's ``scan`` -> the launchers."""
 
-    def on_module(fn):
+    def on_kernel(fn):
         def run(*args, **kwargs):
-            with mock.patch.object(scan_api, "_pallas_backend", lambda: (module, interpret)):
+            interpreted = scan_api._interpreted if interpret is None else lambda kernel: interpret
+            with (mock.patch.object(scan_api, "resolve_impl", lambda impl: kernel),
+                  mock.patch.object(scan_api, "_interpreted", interpreted)):
                 return fn(*args, impl="pallas", **kwargs)
 
         return run
 
-    return on_module(selective_scan), on_module(selective_scan_bidirectional)
+    return on_kernel(selective_scan), on_kernel(selective_scan_bidirectional)
 
 
 # Per kernel: (unidirectional fn, bidirectional fn, block sizes, d_inner). Small blocks so that d_inner spans
 # several channel blocks with a partial last one, and lengths span several chunks with a partial last one
 # (on GPU, several segments of 3 chunks with a partial last one; "gpu_every_chunk" saves every chunk start,
 # like the default).
-_GPU_FNS = _pallas_fns(pallas_gpu, interpret=ON_CPU)
+_GPU_FNS = _pallas_fns("pallas_triton")
 KERNELS = {
     "gpu": (*_GPU_FNS, BlockSizes(chunk=4, block_d=16, save_every=3), 40),
     "gpu_every_chunk": (*_GPU_FNS, BlockSizes(chunk=4, block_d=16, save_every=1), 40),
-    "tpu": (*_pallas_fns(pallas_tpu, interpret=True), BlockSizes(chunk=8, block_d=128), 200),
+    "tpu": (*_pallas_fns("pallas_tpu"), BlockSizes(chunk=8, block_d=128), 200),
 }
 
 # The kernels and the reference both accumulate in float32 but in different orders; gradients that sum
@@ -228,11 +232,12 @@ def test_autotune_picks_the_fastest_and_reports_failures(monkeypatch):
 
 
 def test_autotune_candidates_start_with_the_defaults_and_are_valid():
-    for backend, module in (("gpu", pallas_gpu), ("tpu", pallas_tpu)):
+    for kernel, module in (("pallas_triton", pallas_gpu), ("pallas_tpu", pallas_tpu),
+                           ("pallas_mosaic", pallas_gpu_mosaic)):
         for d_state in (16, 64):
             shape = autotune.ScanShape(128, 197, 768, d_state)
-            found = autotune.candidates(shape, backend)
-            assert found[0] == module.default_blocks(d_state) and len(found) == len(set(found)) > 4
+            found = autotune.candidates(shape, kernel)
+            assert found[0] == module.default_blocks(d_state) and len(found) == len(set(found)) >= 4
 
 
 def test_block_sizes_validate():
@@ -245,20 +250,51 @@ def test_block_sizes_validate():
 # ------------------------------------------------------------------------------------------ dispatch
 
 
-@pytest.mark.parametrize("backend,expected", [("cpu", "associative"), ("gpu", "pallas"), ("cuda", "pallas"),
-                                              ("tpu", "pallas")])
-def test_auto_picks_pallas_on_accelerators(monkeypatch, backend, expected):
-    monkeypatch.setattr(scan_api.jax, "default_backend", lambda: backend)
-    assert scan_api.resolve_impl("auto") == expected
+class _Gpu:
+    def __init__(self, compute_capability):
+        self.compute_capability = compute_capability
 
 
-@pytest.mark.parametrize("backend,module,interpret", [("cpu", pallas_gpu, True), ("gpu", pallas_gpu, False),
-                                                      ("tpu", pallas_tpu, False)])
-def test_pallas_is_the_backends_kernel(monkeypatch, backend, module, interpret):
-    """impl="pallas" calls the backend module's ``scan`` with the launch config of the call: the directions'
-    order, softplus, the given block sizes or the backend's defaults, interpreted only on CPU."""
+@pytest.mark.parametrize("backend,capability,impl,expected", [
+    ("cpu", None, "auto", "associative"), ("cpu", None, "pallas", "pallas_triton"),
+    ("tpu", None, "auto", "pallas_tpu"), ("tpu", None, "pallas", "pallas_tpu"),
+    ("gpu", "9.0", "auto", "pallas_mosaic"), ("cuda", "10.0", "pallas", "pallas_mosaic"),
+    ("gpu", "8.0", "auto", "pallas_triton"), ("gpu", "9.0", "pallas_triton", "pallas_triton"),
+    ("cpu", None, "pallas_mosaic", "pallas_mosaic")])
+def test_auto_and_pallas_pick_the_backends_kernel(monkeypatch, backend, capability, impl, expected):
     monkeypatch.setattr(scan_api.jax, "default_backend", lambda: backend)
-    assert scan_api._pallas_backend() == (module, interpret)
+    monkeypatch.setattr(scan_api.jax, "devices", lambda: [_Gpu(capability)])
+    assert scan_api.resolve_impl(impl) == expected
+
+
+def test_a_gpu_without_a_kernel_falls_back_to_associative_or_says_why(monkeypatch, caplog):
+    """Before Hopper, once JAX drops Pallas's Triton backend: "auto" warns once and runs associative; "pallas"
+    fails naming both requirements."""
+    monkeypatch.setattr(scan_api.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(scan_api.jax, "devices", lambda: [_Gpu("8.6")])
+    real_find_spec = scan_api.importlib.util.find_spec
+    monkeypatch.setattr(scan_api.importlib.util, "find_spec",
+                        lambda name: None if name.endswith("pallas.triton") else real_find_spec(name))
+    scan_api.gpu_kernel.cache_clear()
+    scan_api._warn_no_gpu_kernel.cache_clear()
+    try:
+        with caplog.at_level("WARNING"):
+            assert scan_api.resolve_impl("auto") == scan_api.resolve_impl("auto") == "associative"
+        assert [r.getMessage() for r in caplog.records].count(caplog.records[0].getMessage()) == 1
+        assert "falls back to 'associative'" in caplog.records[0].getMessage()
+        with pytest.raises(ValueError, match=r"compute capability 9\.0 .* no longer ships"):
+            scan_api.resolve_impl("pallas")
+    finally:
+        scan_api.gpu_kernel.cache_clear()
+
+
+@pytest.mark.parametrize("impl,module,interpret", [("pallas_triton", pallas_gpu, True),
+                                                   ("pallas_mosaic", pallas_gpu_mosaic, True),
+                                                   ("pallas_tpu", pallas_tpu, True)])
+def test_pallas_launches_the_kernels_scan(monkeypatch, impl, module, interpret):
+    """A kernel impl calls its module's ``scan`` with the launch config of the call: the directions' order,
+    softplus, the given block sizes or the kernel's defaults, interpreted on CPU (where these tests run)."""
+    monkeypatch.setattr(scan_api, "resolve_impl", lambda name: impl)
     launched = []
 
     def scan(dirs, z, cfg):
@@ -327,8 +363,8 @@ def _export_grad(fn, platform: str, dtype: str, bidirectional: bool, reverse: bo
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("bidirectional,reverse", [(False, False), (False, True), (True, False)])
 def test_forward_and_backward_lower_for_gpu_and_tpu(platform, dtype, bidirectional, reverse):
-    module = pallas_gpu if platform == "cuda" else pallas_tpu
-    text = _export_grad(_pallas_fns(module, interpret=False), platform, dtype, bidirectional, reverse)
+    kernel = "pallas_triton" if platform == "cuda" else "pallas_tpu"
+    text = _export_grad(_pallas_fns(kernel, interpret=False), platform, dtype, bidirectional, reverse)
     target = "__gpu$xla.gpu.triton" if platform == "cuda" else "tpu_custom_call"
     # Forward (with residuals) and backward are both kernels: two custom calls, no XLA scan.
     assert text.count(f"@{target}") == 2, text.count(f"@{target}")

@@ -173,7 +173,7 @@ class Mamba(nnx.Module):
         batch, _, d_inner = z.shape
         rows = sharding.split_axes(batch, sharding.BATCH_AXES)
         channels = sharding.split_axes(d_inner, (sharding.LOGICAL_RULES["inner"],))
-        if resolve_impl(self.scan_impl) != "pallas" or (rows is None and channels is None):
+        if not resolve_impl(self.scan_impl).startswith("pallas") or (rows is None and channels is None):
             return scan(dirs, z)
         act, seq, per_channel = P(rows, None, channels), P(rows, None, None), P(channels)
         direction = ScanDirection(act, act, P(channels, None), seq, seq, per_channel, per_channel)

@@ -1,57 +1,93 @@
 """Public entry points of the Mamba-1 selective scan: shape checks, dispatch on ``impl`` and, for the Pallas
 kernels, the launch config handed to the backend's ``scan``.
 
-``impl``: "reference" (sequential ``lax.scan``), "associative" (``lax.associative_scan``), "pallas" (the
-Pallas kernel of the current backend: Triton on GPU, Mosaic on TPU, the GPU kernel interpreted on CPU,
-which is slow and meant for tests), or "auto": pallas on GPU and TPU, associative on CPU. ``blocks`` tiles
-the Pallas kernels (None: the backend's tuned defaults; ``autotune.py`` finds the fastest for a shape) and
-is ignored by the XLA implementations.
+``impl``: "reference" (sequential ``lax.scan``), "associative" (``lax.associative_scan``), "pallas_triton" and
+"pallas_mosaic" (the GPU kernels lowered through Triton and through Mosaic GPU; on CPU they run interpreted,
+slowly, for tests), "pallas" (the Pallas kernel of the current backend: Mosaic on TPU, on GPU the one
+``gpu_kernel`` picks, the interpreted Triton kernel on CPU), or "auto": pallas on GPU and TPU, associative on
+CPU, and associative with a warning on a GPU that neither GPU kernel supports. ``blocks`` tiles the Pallas
+kernels (None: the kernel's tuned defaults; ``autotune.py`` finds the fastest for a shape) and is ignored by the
+XLA implementations.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
+import importlib.util
 from collections.abc import Callable
-from types import ModuleType
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 
 from cab_jax.kernels.selective_scan.associative import selective_scan_associative
 from cab_jax.kernels.selective_scan.pallas_common import BlockSizes, KernelConfig, ScanDirection, with_defaults
 from cab_jax.kernels.selective_scan.reference import finish_output, selective_scan_reference
 
 # Valid values of ``impl`` (and of the config's ``student.scan_impl``).
-SCAN_IMPLS: tuple[str, ...] = ("auto", "reference", "associative", "pallas")
+SCAN_IMPLS: tuple[str, ...] = ("auto", "reference", "associative", "pallas", "pallas_triton", "pallas_mosaic")
+_KERNEL_MODULES = {"pallas_tpu": "pallas_tpu", "pallas_triton": "pallas_gpu", "pallas_mosaic": "pallas_gpu_mosaic"}
 
 
 def resolve_impl(impl: str) -> str:
-    """The implementation ``impl`` names on the current backend ("auto" resolved)."""
+    """The implementation ``impl`` names on the current backend: "reference", "associative" or a kernel,
+    "pallas_tpu", "pallas_triton" or "pallas_mosaic" ("auto" and "pallas" resolved)."""
     if impl not in SCAN_IMPLS:
         raise ValueError(f"selective_scan: unknown impl {impl!r}; valid choices are {SCAN_IMPLS}")
     backend = jax.default_backend()
-    if impl == "auto":
-        return "associative" if backend == "cpu" else "pallas"
-    return impl
-
-
-def _pallas_backend() -> tuple[ModuleType, bool]:
-    """(the Pallas kernel module of the current backend, whether it runs interpreted)."""
-    backend = jax.default_backend()
+    if impl == "auto" and backend == "cpu":
+        return "associative"
+    if impl not in ("auto", "pallas"):
+        return impl
     if backend == "tpu":
-        from cab_jax.kernels.selective_scan import pallas_tpu
+        return "pallas_tpu"
+    if backend == "cpu":
+        return "pallas_triton"  # interpreted (tests)
+    kernel = gpu_kernel(jax.devices()[0].compute_capability)
+    if kernel is not None:
+        return kernel
+    if impl == "pallas":
+        raise ValueError(f"selective_scan: impl 'pallas': {_NO_GPU_KERNEL}")
+    _warn_no_gpu_kernel()
+    return "associative"
 
-        return pallas_tpu, False
-    from cab_jax.kernels.selective_scan import pallas_gpu
 
-    return pallas_gpu, backend == "cpu"
+_NO_GPU_KERNEL = ("no Pallas GPU kernel runs here: the Mosaic GPU kernel needs compute capability 9.0 (Hopper) or "
+                  "newer, and this JAX no longer ships Pallas's Triton backend")
 
 
-def _pallas_launch(reverses: tuple[bool, ...], delta_softplus: bool, blocks: BlockSizes | None,
+@functools.cache
+def gpu_kernel(compute_capability: str) -> str | None:
+    """The GPU kernel for a device of ``compute_capability`` ("9.0"): Mosaic GPU on Hopper and newer, else the
+    Triton kernel while the installed JAX still ships Pallas's Triton backend, else None. Logs its choice once."""
+    major = int(compute_capability.split(".")[0])
+    if major >= 9:
+        choice = "pallas_mosaic"
+    elif importlib.util.find_spec("jax.experimental.pallas.triton") is not None:
+        choice = "pallas_triton"
+    else:
+        return None
+    logging.info("selective scan: the %s kernel (compute capability %s)", choice, compute_capability)
+    return choice
+
+
+@functools.cache
+def _warn_no_gpu_kernel() -> None:
+    logging.warning("selective scan: %s; impl 'auto' falls back to 'associative' (slower).", _NO_GPU_KERNEL)
+
+
+def _pallas_launch(kernel: str, reverses: tuple[bool, ...], delta_softplus: bool, blocks: BlockSizes | None,
                    d_state: int) -> tuple[Callable[..., jax.Array], KernelConfig]:
-    """The current backend's ``scan(dirs, z, cfg)`` and the ``KernelConfig`` of one launch (``blocks`` None: the
-    backend's ``default_blocks``)."""
-    module, interpret = _pallas_backend()
-    return module.scan, KernelConfig(reverses, delta_softplus, blocks or module.default_blocks(d_state), interpret)
+    """``kernel``'s ``scan(dirs, z, cfg)`` and the ``KernelConfig`` of one launch (``blocks`` None: the kernel's
+    ``default_blocks``), interpreted on a backend the kernel does not compile for (tests)."""
+    module = importlib.import_module(f"cab_jax.kernels.selective_scan.{_KERNEL_MODULES[kernel]}")
+    return module.scan, KernelConfig(reverses, delta_softplus, blocks or module.default_blocks(d_state),
+                                     _interpreted(kernel))
+
+
+def _interpreted(kernel: str) -> bool:
+    return jax.default_backend() != ("tpu" if kernel == "pallas_tpu" else "gpu")
 
 
 def _xla_impl(name: str) -> Callable[..., jax.Array]:
@@ -111,8 +147,8 @@ def selective_scan(
     """
     name = resolve_impl(impl)
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
-    if name == "pallas":
-        scan, cfg = _pallas_launch((reverse,), delta_softplus, blocks, A.shape[1])
+    if name in _KERNEL_MODULES:
+        scan, cfg = _pallas_launch(name, (reverse,), delta_softplus, blocks, A.shape[1])
         return scan((with_defaults(ScanDirection(u, delta, A, B, C, D, delta_bias)),), z, cfg)
     return _xla_impl(name)(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
                            reverse=reverse)
@@ -138,8 +174,8 @@ def selective_scan_bidirectional(
         raise ValueError(f"selective_scan_bidirectional: the directions differ in shape: u {tuple(fwd.u.shape)} vs "
                          f"{tuple(bwd.u.shape)}, A {tuple(fwd.A.shape)} vs {tuple(bwd.A.shape)}")
     name = resolve_impl(impl)
-    if name == "pallas":
-        scan, cfg = _pallas_launch((False, True), delta_softplus, blocks, fwd.A.shape[1])
+    if name in _KERNEL_MODULES:
+        scan, cfg = _pallas_launch(name, (False, True), delta_softplus, blocks, fwd.A.shape[1])
         return scan((with_defaults(fwd), with_defaults(bwd)), z, cfg)
     fn = _xla_impl(name)
     # Each direction ungated in float32 (inputs upcast: exact), then one gate and one cast.

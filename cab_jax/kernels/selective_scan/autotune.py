@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cab_jax.kernels.selective_scan.api import selective_scan, selective_scan_bidirectional
+from cab_jax.kernels.selective_scan.api import resolve_impl, selective_scan, selective_scan_bidirectional
 from cab_jax.kernels.selective_scan.pallas_common import BlockSizes, ScanDirection
 from cab_jax.timing import median_ms, temp_mib
 
@@ -62,15 +62,21 @@ def scan_fn(impl: str, n_dirs: int, blocks: BlockSizes | None = None) -> Callabl
     return run
 
 
-def candidates(shape: ScanShape, backend: str | None = None) -> list[BlockSizes]:
-    """Tilings to try for ``shape`` on ``backend`` (default: the current one), the defaults first."""
-    backend = backend or jax.default_backend()
-    if backend == "tpu":
+def candidates(shape: ScanShape, kernel: str | None = None) -> list[BlockSizes]:
+    """Tilings to try for ``shape`` with ``kernel`` ("pallas_tpu", "pallas_triton" or "pallas_mosaic"; default: the
+    current backend's), the defaults first."""
+    kernel = kernel or resolve_impl("pallas")
+    if kernel == "pallas_tpu":
         from cab_jax.kernels.selective_scan import pallas_tpu
 
         base = pallas_tpu.default_blocks(shape.d_state)
         widths = [w for w in (128, 256, 512) if w <= max(128, shape.d_inner)]
         tiles = [BlockSizes(chunk=c, block_d=w) for c in (8, 16, 32) for w in widths]
+    elif kernel == "pallas_mosaic":  # 128 channels per program, every chunk start saved: only the chunk varies
+        from cab_jax.kernels.selective_scan import pallas_gpu_mosaic
+
+        base = pallas_gpu_mosaic.default_blocks(shape.d_state)
+        tiles = [dataclasses.replace(base, chunk=c) for c in (1, 2, 4, 8)]
     else:
         from cab_jax.kernels.selective_scan import pallas_gpu
 
@@ -83,14 +89,15 @@ def candidates(shape: ScanShape, backend: str | None = None) -> list[BlockSizes]
 
 def autotune(shape: ScanShape, *, dtype: str = "float32", blocks: list[BlockSizes] | None = None,
              iters: int = 10, timer: Callable[..., float] = median_ms) -> tuple[BlockSizes, list[dict]]:
-    """(fastest block sizes, a row per candidate) for the Pallas forward+backward at ``shape``.
+    """(fastest block sizes, a row per candidate) for the current backend's Pallas forward+backward at ``shape``.
 
     ``blocks`` defaults to ``candidates(shape)``; ``timer(fn, args, iters)`` returns milliseconds.
     """
     dirs, z = random_inputs(shape, dtype)
+    kernel = resolve_impl("pallas")
     rows = []
-    for b in blocks or candidates(shape):
-        run = scan_fn("pallas", len(dirs), b)
+    for b in blocks or candidates(shape, kernel):
+        run = scan_fn(kernel, len(dirs), b)
         fwd_bwd = jax.jit(lambda dirs, z, run=run: jax.vjp(run, dirs, z)[1](jnp.ones_like(z)))
         try:
             compiled = fwd_bwd.lower(dirs, z).compile()  # once, for the timing and the memory
@@ -116,7 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError:
         parser.error(f"--shape must be four integers batch,length,d_inner,d_state, got {args.shape!r}")
     shape = ScanShape(batch, length, d_inner, d_state, not args.unidirectional)
-    print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, {shape}, {args.dtype}")
+    print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, {shape}, {args.dtype}, "
+          f"kernel {resolve_impl('pallas')}")
     if jax.default_backend() == "cpu":
         print("warning: on CPU the GPU kernel runs interpreted; these timings say nothing about a GPU")
     best, rows = autotune(shape, dtype=args.dtype, iters=args.iters)

@@ -1,19 +1,26 @@
-"""Mamba-1 selective scan forward as a Pallas kernel lowered through Mosaic GPU (Hopper and newer).
-
-The first piece of the Mosaic GPU backend: the forward pass without saved states (inference, and the
-forward-only benchmark beside the Triton kernel). It has no backward pass yet, so ``api.py`` does not offer it.
+"""Mamba-1 selective scan as Pallas kernels lowered through Mosaic GPU (Hopper and newer), forward and backward,
+and ``scan``, their ``custom_vjp`` that ``api.py`` calls (the contract of ``pallas_common``).
 
 One program (one warpgroup, 128 threads) owns one batch element and 128 channels of d_inner, one channel per
 thread; the channel's d_state states are d_state float32 registers of that thread (d_state ``(128,)`` vectors
-of the kernel). It walks the length once per direction: the first direction writes its float32 output sum to
-``ypre``, the second (Vim's backward direction, reading the positions from the last to the first in place)
-adds into it, and the last one applies the D skips' sum and the silu(z) gate and writes ``out``.
-delta_bias + softplus are fused. d_inner is padded to a multiple of 128 (padded channels have delta 0 and
-stay 0); any length.
+of the kernel). It walks the length in chunks of ``blocks.chunk`` positions (unrolled inside a chunk), once
+per direction: the first direction writes its float32 output sum to ``ypre``, the second (Vim's backward
+direction, reading the positions from the last to the first in place) adds into it, and the last one applies
+the D skips' sum and the silu(z) gate and writes ``out``. delta_bias + softplus are fused. For training the
+forward pass also stores the state at every chunk start; the backward pass walks the chunks from the end,
+recomputes the states inside a chunk from its saved start, and carries dh backwards. A length that is not a
+multiple of the chunk ends with a shorter chunk (its size is static: no masks). d_inner is padded to a
+multiple of 128 (padded channels have u = 0, so their states stay 0 and add nothing to dB and dC).
+
+Gradients that sum over channels (dB, dC) are summed over the warpgroup at every position and written per
+channel block; those that sum over batch and length (dA, dD, d delta_bias) are written per batch element: no
+atomics, so the result is deterministic. Only ``blocks.chunk`` applies here: a program always has 128
+channels, and every chunk start is saved.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -21,10 +28,23 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from cab_jax.kernels.selective_scan.pallas_common import ScanDirection, with_defaults
+from cab_jax.kernels.selective_scan.pallas_common import (
+    BlockSizes,
+    DirectionGrads,
+    KernelConfig,
+    ScanDirection,
+    make_scan,
+    num_chunks,
+)
 
 _F32 = jnp.float32
 LANES = 128  # channels per program: one warpgroup, one channel per thread
+DEFAULT_BLOCKS = BlockSizes(chunk=4, block_d=LANES, num_warps=4, num_stages=1, save_every=1)
+
+
+def default_blocks(d_state: int) -> BlockSizes:
+    del d_state  # the state lives in registers of the channel's thread whatever its size
+    return DEFAULT_BLOCKS
 
 
 def interpret_params():
@@ -40,72 +60,250 @@ def _softplus(x: jax.Array) -> jax.Array:
     return jnp.where(x > 20.0, x, jnp.log(1.0 + jnp.exp(jnp.minimum(x, 20.0))))
 
 
-def _forward_kernel(num_dirs: int, reverses: tuple[bool, ...], delta_softplus: bool, has_z: bool, length: int,
-                    d_state: int, *refs):
-    """refs: per direction (u, delta, A^T, B, C, D, delta_bias), then z (if any); outputs out, ypre."""
-    inputs, (out_ref, ypre_ref) = refs[:-2], refs[-2:]
-    dir_refs = [inputs[7 * i:7 * i + 7] for i in range(num_dirs)]
-    z_ref = inputs[7 * num_dirs] if has_z else None
-    b = jax.lax.axis_index("batch")
-    cols = pl.ds(jax.lax.axis_index("channels") * LANES, LANES)
-    for i, (u_ref, delta_ref, at_ref, b_ref, c_ref, d_ref, bias_ref) in enumerate(dir_refs):
-        a = [at_ref[n, cols] for n in range(d_state)]
-        bias = bias_ref[cols]
-        first, last = i == 0, i == num_dirs - 1
-
-        def step(s, h, u_ref=u_ref, delta_ref=delta_ref, b_ref=b_ref, c_ref=c_ref, d_ref=d_ref, a=a, bias=bias,
-                 first=first, last=last, reverse=reverses[i]):
-            t = length - 1 - s if reverse else s
-            u = u_ref[b, t, cols].astype(_F32)
-            dt = delta_ref[b, t, cols].astype(_F32) + bias
-            if delta_softplus:
-                dt = _softplus(dt)
-            du = dt * u
-            y = d_ref[cols] * u
-            new = []
-            for n in range(d_state):
-                h_n = jnp.exp(dt * a[n]) * h[n] + du * b_ref[b, t, n].astype(_F32)
-                y = y + c_ref[b, t, n].astype(_F32) * h_n
-                new.append(h_n)
-            if not first:
-                y = y + ypre_ref[b, t, cols]
-            ypre_ref[b, t, cols] = y
-            if last:
-                if has_z:
-                    zt = z_ref[b, t, cols].astype(_F32)
-                    y = y * zt / (1.0 + jnp.exp(-zt))
-                out_ref[b, t, cols] = y.astype(out_ref.dtype)
-            return tuple(new)
-
-        zeros = u_ref[b, 0, cols].astype(_F32) * 0.0  # a register vector in the loop's layout
-        jax.lax.fori_loop(0, length, step, (zeros,) * d_state)
+def _sigmoid(x: jax.Array) -> jax.Array:
+    return 1.0 / (1.0 + jnp.exp(-x))
 
 
-def forward(dirs: tuple[ScanDirection, ...], z: jax.Array | None, reverses: tuple[bool, ...],
-            delta_softplus: bool, interpret: bool = False) -> tuple[jax.Array, jax.Array]:
-    """``(out, ypre)``: out (batch, length, d_inner) in u.dtype = (sum over dirs of scan + D*u) * silu(z), ypre
-    float32, the ungated sum. Shapes as ``reference.py``; D and delta_bias may be None."""
-    dirs = tuple(with_defaults(d) for d in dirs)
-    batch, length, d_inner = dirs[0].u.shape
-    d_state = dirs[0].A.shape[-1]
-    pad = -d_inner % LANES
+@dataclasses.dataclass(frozen=True)
+class _Launch:
+    """Static sizes and flags of one launch."""
 
-    def channels_padded(x: jax.Array) -> jax.Array:
-        return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)]) if pad else x
+    reverses: tuple[bool, ...]
+    delta_softplus: bool
+    has_z: bool
+    length: int
+    d_state: int
+    chunk: int
 
+    @property
+    def n_full(self) -> int:
+        return self.length // self.chunk  # full chunks, then one of ``length % chunk`` positions
+
+    @property
+    def n_chunks(self) -> int:
+        return num_chunks(self.length, self.chunk)
+
+
+class _Direction:
+    """One direction's refs and per-program parameters; its positions' inputs as float32 registers."""
+
+    def __init__(self, refs: ScanDirection, reverse: bool, launch: _Launch):
+        self.refs, self.reverse, self.launch = refs, reverse, launch
+        self.b = jax.lax.axis_index("batch")
+        self.block = jax.lax.axis_index("channels")
+        self.cols = pl.ds(self.block * LANES, LANES)
+        self.A = [refs.A[n, self.cols] for n in range(launch.d_state)]  # A as (d_state, width)
+        self.D = refs.D[self.cols]
+        self.bias = refs.delta_bias[self.cols]
+
+    def row(self, ref, t) -> jax.Array:
+        return ref[self.b, t, self.cols].astype(_F32)
+
+    def zeros(self) -> jax.Array:
+        """A zero register vector in the loops' layout (a loop carry must enter in the layout it leaves in)."""
+        return self.row(self.refs.u, 0) * 0.0
+
+    def position(self, s):
+        """Scan step ``s`` -> (sequence position, u, delta + bias, dt, B scalars, C scalars)."""
+        t = self.launch.length - 1 - s if self.reverse else s
+        u = self.row(self.refs.u, t)
+        pre = self.row(self.refs.delta, t) + self.bias
+        dt = _softplus(pre) if self.launch.delta_softplus else pre
+        n = range(self.launch.d_state)
+        return (t, u, pre, dt, [self.refs.B[self.b, t, i].astype(_F32) for i in n],
+                [self.refs.C[self.b, t, i].astype(_F32) for i in n])
+
+    def update(self, h, dt, u, b_scalars):
+        """(decays, next state) of one position from state ``h``."""
+        decays = [jnp.exp(dt * a) for a in self.A]
+        du = dt * u
+        return decays, [decay * h_n + du * b_n for decay, h_n, b_n in zip(decays, h, b_scalars, strict=True)]
+
+
+def _chunked(launch: _Launch, body, carry, backwards: bool):
+    """``body(chunk_index, size, carry) -> carry`` over the chunks (a fori loop over the full ones, then the short
+    last one; in the other order when ``backwards``)."""
+    tail = launch.length - launch.n_full * launch.chunk
+    full = lambda j, c: body(launch.n_full - 1 - j if backwards else j, launch.chunk, c)
+    if backwards and tail:
+        carry = body(launch.n_full, tail, carry)
+    carry = jax.lax.fori_loop(0, launch.n_full, full, carry)
+    if not backwards and tail:
+        carry = body(launch.n_full, tail, carry)
+    return carry
+
+
+def _forward_kernel(launch: _Launch, save: bool, *refs):
+    """refs: per direction its 7 inputs (A as (d_state, width)), then z (if any); outputs out, ypre, then per
+    direction its chunk-start states (batch, n_chunks, d_state, width) when ``save``."""
+    n_dirs = len(launch.reverses)
+    inputs = refs[:7 * n_dirs + launch.has_z]
+    out_ref, ypre_ref, *state_refs = refs[len(inputs):]
+    z_ref = inputs[-1] if launch.has_z else None
+    for k, reverse in enumerate(launch.reverses):
+        d = _Direction(ScanDirection(*inputs[7 * k:7 * k + 7]), reverse, launch)
+        first, last = k == 0, k == n_dirs - 1
+
+        def chunk(j, size, h, d=d, first=first, last=last, state_ref=state_refs[k] if save else None):
+            if state_ref is not None:
+                for n, h_n in enumerate(h):
+                    state_ref[d.b, j, n, d.cols] = h_n
+            for i in range(size):
+                t, u, _, dt, b_s, c_s = d.position(j * launch.chunk + i)
+                _, h = d.update(h, dt, u, b_s)
+                y = d.D * u
+                for c_n, h_n in zip(c_s, h, strict=True):
+                    y = y + c_n * h_n
+                if not first:
+                    y = y + d.row(ypre_ref, t)
+                ypre_ref[d.b, t, d.cols] = y
+                if last:
+                    if z_ref is not None:
+                        zt = d.row(z_ref, t)
+                        y = y * zt * _sigmoid(zt)
+                    out_ref[d.b, t, d.cols] = y.astype(out_ref.dtype)
+            return tuple(h)
+
+        _chunked(launch, chunk, (d.zeros(),) * launch.d_state, backwards=False)
+
+
+def _backward_kernel(launch: _Launch, *refs):
+    """refs: per direction its 7 inputs, then z, ypre (if z), dout, per direction its saved states; outputs dz (if
+    z), then per direction du, d delta (batch, length, width), dA (batch, d_state, width), dB, dC (batch, channel
+    blocks, length, d_state), dD, d delta_bias (batch, width)."""
+    n_dirs = len(launch.reverses)
+    n_in = 7 * n_dirs + 2 * launch.has_z + 1 + n_dirs
+    inputs, outputs = refs[:n_in], refs[n_in:]
+    dir_refs = [ScanDirection(*inputs[7 * k:7 * k + 7]) for k in range(n_dirs)]
+    rest = inputs[7 * n_dirs:]
+    z_ref, ypre_ref = (rest[0], rest[1]) if launch.has_z else (None, None)
+    dout_ref, state_refs = rest[2 * launch.has_z], rest[2 * launch.has_z + 1:]
+    dz_ref = outputs[0] if launch.has_z else None
+    grads = [DirectionGrads(*outputs[launch.has_z + 7 * k:launch.has_z + 7 * k + 7]) for k in range(n_dirs)]
+    for k, (refs_k, reverse, state_ref, g) in enumerate(zip(dir_refs, launch.reverses, state_refs, grads,
+                                                            strict=True)):
+        d = _Direction(refs_k, reverse, launch)
+        chunk = functools.partial(_backward_chunk, d=d, state_ref=state_ref, g=g, z_ref=z_ref, ypre_ref=ypre_ref,
+                                  dout_ref=dout_ref, dz_ref=dz_ref if k == 0 else None)
+        zero, n = d.zeros(), launch.d_state
+        _, dA, dD, dbias = _chunked(launch, chunk, ((zero,) * n, (zero,) * n, zero, zero), backwards=True)
+        for i, dA_n in enumerate(dA):
+            g.dA[d.b, i, d.cols] = dA_n
+        g.dD[d.b, d.cols] = dD
+        g.ddelta_bias[d.b, d.cols] = dbias
+
+
+def _backward_chunk(j, size, carry, *, d: _Direction, state_ref, g: DirectionGrads, z_ref, ypre_ref, dout_ref,
+                    dz_ref):
+    """Chunk ``j`` (of ``size`` scan steps), backwards: (dh, dA, dD, d delta_bias) after it -> before it.
+    Writes its positions' du, d delta, dB, dC and, where ``dz_ref`` is given, dz."""
+    dh, dA, dD, dbias = carry
+    states = [[state_ref[d.b, j, n, d.cols] for n in range(d.launch.d_state)]]
+    steps, decays = [], []
+    for i in range(size):  # Recompute the chunk's states from its start.
+        step = d.position(j * d.launch.chunk + i)
+        _, u, _, dt, b_s, _ = step
+        decay, h = d.update(states[-1], dt, u, b_s)
+        steps.append(step)
+        decays.append(decay)
+        states.append(h)
+    dA, dh = list(dA), list(dh)
+    for i in reversed(range(size)):
+        t, u, pre, dt, b_s, c_s = steps[i]
+        dy = d.row(dout_ref, t)
+        if z_ref is not None:
+            zt = d.row(z_ref, t)
+            sig = _sigmoid(zt)
+            if dz_ref is not None:
+                dz_ref[d.b, t, d.cols] = dy * d.row(ypre_ref, t) * sig * (1.0 + zt * (1.0 - sig))
+            dy = dy * zt * sig
+        dh = [dh_n + c_n * dy for dh_n, c_n in zip(dh, c_s, strict=True)]
+        dtu = dt * u
+        b_dh = d.D * 0.0
+        ddt_a = d.D * 0.0
+        for n in range(d.launch.d_state):
+            g.dC[d.b, d.block, t, n] = jnp.sum(states[i + 1][n] * dy)
+            g.dB[d.b, d.block, t, n] = jnp.sum(dh[n] * dtu)
+            b_dh = b_dh + dh[n] * b_s[n]
+            dh_a_h = dh[n] * decays[i][n] * states[i][n]  # dh of the previous position (before its output) x h
+            ddt_a = ddt_a + dh_a_h * d.A[n]
+            dA[n] = dA[n] + dh_a_h * dt
+            dh[n] = dh[n] * decays[i][n]
+        g.du[d.b, t, d.cols] = b_dh * dt + d.D * dy
+        dD = dD + dy * u
+        dpre = ddt_a + u * b_dh
+        if d.launch.delta_softplus:
+            dpre = dpre * _sigmoid(pre)
+        dbias = dbias + dpre
+        g.ddelta[d.b, t, d.cols] = dpre
+    return tuple(dh), tuple(dA), dD, dbias
+
+
+def _launch(dirs: tuple[ScanDirection, ...], z: jax.Array | None, cfg: KernelConfig) -> _Launch:
+    blocks = cfg.blocks
+    if blocks.block_d != LANES or blocks.save_every != 1:
+        raise ValueError(f"the Mosaic GPU scan runs {LANES} channels per program and saves every chunk start: "
+                         f"block_d must be {LANES} and save_every 1, got {blocks}")
+    return _Launch(tuple(cfg.reverses), cfg.delta_softplus, z is not None, dirs[0].u.shape[1],
+                   dirs[0].A.shape[1], blocks.chunk)
+
+
+def _padded(x: jax.Array, width: int) -> jax.Array:
+    """``x`` with its last (channel) axis zero-padded to ``width``."""
+    pad = width - x.shape[-1]
+    return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)]) if pad else x
+
+
+def _kernel_inputs(dirs: tuple[ScanDirection, ...], width: int) -> list[jax.Array]:
     args = []
     for d in dirs:
-        args += [channels_padded(d.u), channels_padded(d.delta), channels_padded(d.A.astype(_F32).T),
-                 d.B, d.C, channels_padded(d.D.astype(_F32)), channels_padded(d.delta_bias.astype(_F32))]
-    if z is not None:
-        args.append(channels_padded(z))
-    width = d_inner + pad
-    kernel = plgpu.kernel(
-        functools.partial(_forward_kernel, len(dirs), tuple(reverses), delta_softplus, z is not None, length,
-                          d_state),
-        out_type=(jax.ShapeDtypeStruct((batch, length, width), dirs[0].u.dtype),
-                  jax.ShapeDtypeStruct((batch, length, width), _F32)),
-        grid=(batch, width // LANES), grid_names=("batch", "channels"),
-        interpret=interpret_params() if interpret else None)
-    out, ypre = kernel(*args)
-    return out[..., :d_inner], ypre[..., :d_inner]
+        args += [_padded(d.u, width), _padded(d.delta, width), _padded(d.A.astype(_F32).T, width), d.B, d.C,
+                 _padded(d.D.astype(_F32), width), _padded(d.delta_bias.astype(_F32), width)]
+    return args
+
+
+def _call(body, out_type, batch: int, width: int, cfg: KernelConfig):
+    return plgpu.kernel(body, out_type=out_type, grid=(batch, width // LANES), grid_names=("batch", "channels"),
+                        interpret=interpret_params() if cfg.interpret else None)
+
+
+def _forward(dirs: tuple[ScanDirection, ...], z: jax.Array | None, cfg: KernelConfig, save: bool):
+    """``(out, ypre, states)`` as ``pallas_common`` describes; ypre and states keep the padded channels (they go
+    to ``_backward`` only)."""
+    launch = _launch(dirs, z, cfg)
+    batch, length, d_inner = dirs[0].u.shape
+    width = d_inner + -d_inner % LANES
+    seq = lambda dtype: jax.ShapeDtypeStruct((batch, length, width), dtype)
+    states = jax.ShapeDtypeStruct((batch, launch.n_chunks, launch.d_state, width), _F32)
+    out_type = (seq(dirs[0].u.dtype), seq(_F32), *((states,) * len(dirs) if save else ()))
+    args = _kernel_inputs(dirs, width) + ([] if z is None else [_padded(z, width)])
+    out, ypre, *saved = _call(functools.partial(_forward_kernel, launch, save), out_type, batch, width, cfg)(*args)
+    return out[..., :d_inner], (ypre if save else None), (tuple(saved) if save else None)
+
+
+def _backward(dirs, z, ypre, states, dout, cfg: KernelConfig):
+    launch = _launch(dirs, z, cfg)
+    batch, length, d_inner = dirs[0].u.shape
+    width = ypre.shape[-1]
+    n_state, n_blocks = launch.d_state, width // LANES
+    act = jax.ShapeDtypeStruct((batch, length, width), _F32)
+    per_block = jax.ShapeDtypeStruct((batch, n_blocks, length, n_state), _F32)
+    per_batch = jax.ShapeDtypeStruct((batch, width), _F32)
+    grad_types = DirectionGrads(act, act, jax.ShapeDtypeStruct((batch, n_state, width), _F32), per_block,
+                                per_block, per_batch, per_batch)
+    out_type = ((act,) if z is not None else ()) + tuple(grad_types) * len(dirs)
+    args = _kernel_inputs(dirs, width) + ([] if z is None else [_padded(z, width), ypre]) + [
+        _padded(dout, width), *states]
+    outs = _call(functools.partial(_backward_kernel, launch), out_type, batch, width, cfg)(*args)
+    dz, raw = (outs[0][..., :d_inner], outs[1:]) if z is not None else (None, outs)
+    grads = []
+    for k in range(len(dirs)):
+        g = DirectionGrads(*raw[7 * k:7 * k + 7])
+        grads.append(DirectionGrads(g.du[..., :d_inner], g.ddelta[..., :d_inner], g.dA.sum(0)[:, :d_inner].T,
+                                    g.dB.sum(1), g.dC.sum(1), g.dD.sum(0)[:d_inner],
+                                    g.ddelta_bias.sum(0)[:d_inner]))
+    return tuple(grads), dz
+
+
+# The Mosaic GPU kernels as scan(dirs, z, cfg) -> out, with their custom_vjp (what api.py calls).
+scan = make_scan(_forward, _backward)
