@@ -1,13 +1,13 @@
 """Selective-scan speed per implementation and shape: forward and forward+backward time, achieved bandwidth.
 
-    python benchmarks/selective_scan.py --shapes=vim_ti,vim_s,vim_b,long --impls=pallas_mosaic,pallas_triton,mamba
+    python benchmarks/selective_scan.py --shapes=vim_ti,vim_s,vim_b,long --impls=pallas_mosaic,pallas_triton,associative
 
 GB/s and "% roofline" count only the bytes that must move at least once: every input read once and the
 output written once (forward), plus the output gradient read once and every input gradient written once
 (forward+backward), divided by the time; the roofline is the device's peak HBM bandwidth. "temp MiB" is
-the compiled forward+backward's scratch memory (what it saves for the backward pass, partial sums). The Vim shapes are
-bidirectional (two directions with their own u, delta, A, B, C, D, delta_bias, one z), as in Vim's mixer;
-"long" is one direction. Impls are ``selective_scan``'s ("pallas_mosaic", "pallas_triton", "associative"...).
+the compiled forward+backward's scratch memory (what it saves for the backward pass, partial sums), "compile s"
+the time to compile it. The Vim shapes are bidirectional (two directions with their own u, delta, A, B, C, D,
+delta_bias, one z), as in Vim's mixer; "long" is one direction. Impls are ``selective_scan``'s ("pallas_mosaic", "pallas_triton", "associative"...).
 ``--check`` also prints the largest difference to the sequential reference.
 Prints a Markdown table.
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import pathlib
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +42,9 @@ def measure(name: str, impl: str, dtype: str, iters: int, blocks: BlockSizes | N
     y = fwd(dirs, z)
     dy = jnp.ones_like(y)
     fwd_bytes = nbytes((dirs, z)) + nbytes(y)
+    start = time.perf_counter()
     fwd_bwd = jax.jit(lambda dirs, z: jax.vjp(run, dirs, z)[1](dy)).lower(dirs, z).compile()
+    compile_s = time.perf_counter() - start
     passes = [("fwd", fwd, fwd_bytes), ("fwd+bwd", fwd_bwd, fwd_bytes + nbytes(dy) + nbytes((dirs, z)))]
     row = {"shape": name, "impl": impl, "dtype": dtype}
     for label, fn, moved in passes:
@@ -49,6 +52,7 @@ def measure(name: str, impl: str, dtype: str, iters: int, blocks: BlockSizes | N
         row[f"{label} ms"] = round(ms, 3)
         row[f"{label} GB/s"] = round(moved / ms / 1e6, 1)
     row["fwd+bwd temp MiB"] = temp_mib(fwd_bwd)
+    row["fwd+bwd compile s"] = round(compile_s, 1)
     if check:
         y_ref = jax.jit(scan_fn("reference", len(dirs), None))(dirs, z)
         row["max |y - ref| / max |ref|"] = float(jnp.max(jnp.abs(y.astype(jnp.float32) - y_ref.astype(jnp.float32)))

@@ -55,11 +55,9 @@ CASES = [
     (1, 6, 128, 4, "float32", (True,), True, True, True, 3),
     (2, 5, 128, 4, "bfloat16", (False, True), True, True, True, 2),
 ]
-if not ON_CPU:  # compiled: Vim-S's shape, d_state 16 and 64, a long sequence
-    CASES += [(2, 197, 768, 16, "float32", (False, True), True, True, True, 4),
-              (2, 197, 768, 16, "bfloat16", (False, True), True, True, True, 4),
-              (1, 256, 200, 64, "float32", (True,), True, True, True, 2),
-              (1, 1000, 128, 16, "float32", (False,), True, True, True, 4)]
+if not ON_CPU:  # compiled (each case compiles for about a minute): Vim-S's shape; d_state 64 over a long sequence
+    CASES += [(2, 197, 768, 16, "bfloat16", (False, True), True, True, True, 4),
+              (1, 1000, 200, 64, "float32", (True,), True, True, True, 2)]
 
 
 @pytest.mark.parametrize("batch,length,d_inner,d_state,dtype,reverses,with_z,softplus,extras,chunk", CASES)

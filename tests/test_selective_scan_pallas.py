@@ -258,34 +258,44 @@ class _Gpu:
 @pytest.mark.parametrize("backend,capability,impl,expected", [
     ("cpu", None, "auto", "associative"), ("cpu", None, "pallas", "pallas_triton"),
     ("tpu", None, "auto", "pallas_tpu"), ("tpu", None, "pallas", "pallas_tpu"),
-    ("gpu", "9.0", "auto", "pallas_mosaic"), ("cuda", "10.0", "pallas", "pallas_mosaic"),
-    ("gpu", "8.0", "auto", "pallas_triton"), ("gpu", "9.0", "pallas_triton", "pallas_triton"),
-    ("cpu", None, "pallas_mosaic", "pallas_mosaic")])
+    ("gpu", "9.0", "auto", "pallas_triton"), ("gpu", "8.0", "pallas", "pallas_triton"),
+    ("gpu", "9.0", "pallas_mosaic", "pallas_mosaic"), ("cpu", None, "pallas_mosaic", "pallas_mosaic")])
 def test_auto_and_pallas_pick_the_backends_kernel(monkeypatch, backend, capability, impl, expected):
     monkeypatch.setattr(scan_api.jax, "default_backend", lambda: backend)
     monkeypatch.setattr(scan_api.jax, "devices", lambda: [_Gpu(capability)])
     assert scan_api.resolve_impl(impl) == expected
 
 
-def test_a_gpu_without_a_kernel_falls_back_to_associative_or_says_why(monkeypatch, caplog):
-    """Before Hopper, once JAX drops Pallas's Triton backend: "auto" warns once and runs associative; "pallas"
-    fails naming both requirements."""
+@pytest.fixture
+def jax_without_triton(monkeypatch):
+    """A GPU backend whose JAX no longer ships Pallas's Triton backend."""
     monkeypatch.setattr(scan_api.jax, "default_backend", lambda: "gpu")
-    monkeypatch.setattr(scan_api.jax, "devices", lambda: [_Gpu("8.6")])
     real_find_spec = scan_api.importlib.util.find_spec
     monkeypatch.setattr(scan_api.importlib.util, "find_spec",
                         lambda name: None if name.endswith("pallas.triton") else real_find_spec(name))
     scan_api.gpu_kernel.cache_clear()
     scan_api._warn_no_gpu_kernel.cache_clear()
-    try:
-        with caplog.at_level("WARNING"):
-            assert scan_api.resolve_impl("auto") == scan_api.resolve_impl("auto") == "associative"
-        assert [r.getMessage() for r in caplog.records].count(caplog.records[0].getMessage()) == 1
-        assert "falls back to 'associative'" in caplog.records[0].getMessage()
-        with pytest.raises(ValueError, match=r"compute capability 9\.0 .* no longer ships"):
-            scan_api.resolve_impl("pallas")
-    finally:
-        scan_api.gpu_kernel.cache_clear()
+    yield lambda capability: monkeypatch.setattr(scan_api.jax, "devices", lambda: [_Gpu(capability)])
+    scan_api.gpu_kernel.cache_clear()
+
+
+def test_without_triton_hopper_runs_mosaic_and_saying_so_once(jax_without_triton, caplog):
+    jax_without_triton("9.0")
+    with caplog.at_level("INFO"):
+        assert scan_api.resolve_impl("auto") == scan_api.resolve_impl("pallas") == "pallas_mosaic"
+    assert [r.getMessage() for r in caplog.records] == [
+        "selective scan: the pallas_mosaic kernel (compute capability 9.0; this JAX has no Pallas Triton backend)"]
+
+
+def test_a_gpu_without_a_kernel_falls_back_to_associative_or_says_why(jax_without_triton, caplog):
+    """Before Hopper, once JAX drops Pallas's Triton backend: "auto" warns once and runs associative; "pallas"
+    fails naming both requirements."""
+    jax_without_triton("8.6")
+    with caplog.at_level("WARNING"):
+        assert scan_api.resolve_impl("auto") == scan_api.resolve_impl("auto") == "associative"
+    assert len(caplog.records) == 1 and "falls back to 'associative'" in caplog.records[0].getMessage()
+    with pytest.raises(ValueError, match=r"compute capability 9\.0 .* no longer ships"):
+        scan_api.resolve_impl("pallas")
 
 
 @pytest.mark.parametrize("impl,module,interpret", [("pallas_triton", pallas_gpu, True),

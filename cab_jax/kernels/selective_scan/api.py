@@ -59,16 +59,16 @@ _NO_GPU_KERNEL = ("no Pallas GPU kernel runs here: the Mosaic GPU kernel needs c
 
 @functools.cache
 def gpu_kernel(compute_capability: str) -> str | None:
-    """The GPU kernel for a device of ``compute_capability`` ("9.0"): Mosaic GPU on Hopper and newer, else the
-    Triton kernel while the installed JAX still ships Pallas's Triton backend, else None. Logs its choice once."""
-    major = int(compute_capability.split(".")[0])
-    if major >= 9:
-        choice = "pallas_mosaic"
-    elif importlib.util.find_spec("jax.experimental.pallas.triton") is not None:
-        choice = "pallas_triton"
+    """The GPU kernel for a device of ``compute_capability`` ("9.0"): the Triton kernel while the installed JAX
+    still ships Pallas's (deprecated) Triton backend, since it is the faster one today (BENCHMARKS.md); then the
+    Mosaic GPU kernel on Hopper and newer; else None. Logs its choice once."""
+    if importlib.util.find_spec("jax.experimental.pallas.triton") is not None:
+        choice, why = "pallas_triton", "faster than pallas_mosaic today; JAX deprecates Pallas's Triton backend"
+    elif int(compute_capability.split(".")[0]) >= 9:
+        choice, why = "pallas_mosaic", "this JAX has no Pallas Triton backend"
     else:
         return None
-    logging.info("selective scan: the %s kernel (compute capability %s)", choice, compute_capability)
+    logging.info("selective scan: the %s kernel (compute capability %s; %s)", choice, compute_capability, why)
     return choice
 
 

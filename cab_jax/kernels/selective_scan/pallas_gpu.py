@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import warnings
 from typing import NamedTuple
 
 import jax
@@ -47,6 +48,10 @@ from cab_jax.kernels.selective_scan.pallas_common import (
 
 _F32 = jnp.float32
 _LOG2E = 1.0 / math.log(2.0)
+
+# JAX 0.11 deprecates Pallas's Triton backend and warns at every lowering of these kernels; ``api.gpu_kernel``'s
+# log line says so once instead.
+warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecated", category=DeprecationWarning)
 
 # Tuned on an H100 at the Vim-S shape (BENCHMARKS.md): short chunks keep the unrolled chunk (its states and
 # the next chunk's prefetched rows) in registers. Saving every chunk start is fastest, at Vim shapes and at long
