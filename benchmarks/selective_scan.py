@@ -7,8 +7,8 @@ output written once (forward), plus the output gradient read once and every inpu
 (forward+backward), divided by the time; the roofline is the device's peak HBM bandwidth. "temp MiB" is
 the compiled forward+backward's scratch memory (what it saves for the backward pass, partial sums), "compile s"
 the time to compile it. The Vim shapes are bidirectional (two directions with their own u, delta, A, B, C, D,
-delta_bias, one z), as in Vim's mixer; "long" is one direction. Impls are ``selective_scan``'s ("pallas_mosaic", "pallas_triton", "associative"...).
-``--check`` also prints the largest difference to the sequential reference.
+delta_bias, one z), as in Vim's mixer; "long" is one direction. Impls are ``selective_scan``'s ("pallas_mosaic",
+"pallas_triton", "associative"...). ``--check`` also prints the largest difference to the sequential reference.
 Prints a Markdown table.
 """
 

@@ -22,8 +22,8 @@ from cab_jax.kernels.selective_scan import (
     BlockSizes,
     ScanDirection,
     autotune,
-    pallas_gpu,
     pallas_gpu_mosaic,
+    pallas_gpu_triton,
     pallas_tpu,
     selective_scan,
     selective_scan_bidirectional,
@@ -185,7 +185,7 @@ def test_gpu_checkpoint_spacing_changes_nothing(save_every):
 @pytest.mark.parametrize("name", ["softplus", "sigmoid"])
 def test_gpu_kernel_math_matches_float64(name):
     """The GPU kernel's softplus and sigmoid formulas; compiled on a GPU, on its approximate PTX ex2/lg2/rcp."""
-    fn = {"softplus": pallas_gpu._softplus, "sigmoid": pallas_gpu._sigmoid}[name]
+    fn = {"softplus": pallas_gpu_triton._softplus, "sigmoid": pallas_gpu_triton._sigmoid}[name]
     x = np.concatenate([np.linspace(-100.0, 40.0, 4000), [-20.0, -3.5, -3.4, 0.0, 19.99, 20.0, 20.01]])
     x = np.pad(x, (0, 4096 - x.size)).astype(np.float32)
 
@@ -232,7 +232,7 @@ def test_autotune_picks_the_fastest_and_reports_failures(monkeypatch):
 
 
 def test_autotune_candidates_start_with_the_defaults_and_are_valid():
-    for kernel, module in (("pallas_triton", pallas_gpu), ("pallas_tpu", pallas_tpu),
+    for kernel, module in (("pallas_triton", pallas_gpu_triton), ("pallas_tpu", pallas_tpu),
                            ("pallas_mosaic", pallas_gpu_mosaic)):
         for d_state in (16, 64):
             shape = autotune.ScanShape(128, 197, 768, d_state)
@@ -298,7 +298,7 @@ def test_a_gpu_without_a_kernel_falls_back_to_associative_or_says_why(jax_withou
         scan_api.resolve_impl("pallas")
 
 
-@pytest.mark.parametrize("impl,module,interpret", [("pallas_triton", pallas_gpu, True),
+@pytest.mark.parametrize("impl,module,interpret", [("pallas_triton", pallas_gpu_triton, True),
                                                    ("pallas_mosaic", pallas_gpu_mosaic, True),
                                                    ("pallas_tpu", pallas_tpu, True)])
 def test_pallas_launches_the_kernels_scan(monkeypatch, impl, module, interpret):

@@ -61,10 +61,11 @@ def test_pallas_scan_train_step_matches_associative(tmp_path, monkeypatch):
     """The whole CAB step with the Pallas kernels (interpreted on CPU) follows the associative scan's run:
     same losses (KL and bridge too) and same parameters after two updates, SSM parameters included. The
     kernels run with the block sizes of ``student.scan_blocks``."""
-    from cab_jax.kernels.selective_scan import BlockSizes, pallas_gpu
+    from cab_jax.kernels.selective_scan import BlockSizes, pallas_gpu_triton
 
-    launched, kernel = [], pallas_gpu.scan
-    monkeypatch.setattr(pallas_gpu, "scan", lambda dirs, z, cfg: launched.append(cfg.blocks) or kernel(dirs, z, cfg))
+    launched, kernel = [], pallas_gpu_triton.scan
+    monkeypatch.setattr(pallas_gpu_triton, "scan",
+                        lambda dirs, z, cfg: launched.append(cfg.blocks) or kernel(dirs, z, cfg))
     results = {}
     for impl in ("associative", "pallas"):
         c = small_config(tmp_path, mixup_alpha=0.0, cutmix_alpha=0.0)

@@ -27,7 +27,8 @@ from cab_jax.kernels.selective_scan.reference import finish_output, selective_sc
 
 # Valid values of ``impl`` (and of the config's ``student.scan_impl``).
 SCAN_IMPLS: tuple[str, ...] = ("auto", "reference", "associative", "pallas", "pallas_triton", "pallas_mosaic")
-_KERNEL_MODULES = {"pallas_tpu": "pallas_tpu", "pallas_triton": "pallas_gpu", "pallas_mosaic": "pallas_gpu_mosaic"}
+_KERNEL_MODULES = {"pallas_tpu": "pallas_tpu", "pallas_triton": "pallas_gpu_triton",
+                   "pallas_mosaic": "pallas_gpu_mosaic"}
 
 
 def resolve_impl(impl: str) -> str:

@@ -78,9 +78,9 @@ def candidates(shape: ScanShape, kernel: str | None = None) -> list[BlockSizes]:
         base = pallas_gpu_mosaic.default_blocks(shape.d_state)
         tiles = [dataclasses.replace(base, chunk=c) for c in (1, 2, 4, 8)]
     else:
-        from cab_jax.kernels.selective_scan import pallas_gpu
+        from cab_jax.kernels.selective_scan import pallas_gpu_triton
 
-        base = pallas_gpu.default_blocks(shape.d_state)
+        base = pallas_gpu_triton.default_blocks(shape.d_state)
         tiles = [BlockSizes(chunk=c, block_d=w, num_warps=max(1, w // 32))
                  for c in (1, 2, 4) for w in (max(8, base.block_d // 2), base.block_d, 2 * base.block_d)]
         tiles += [dataclasses.replace(base, save_every=s) for s in (2, 4, 8, 16)]  # less memory
