@@ -69,11 +69,20 @@ def main() -> None:
     parser.add_argument("--peak_gbps", type=float, default=0.0, help="HBM peak; 0 = from the device name")
     parser.add_argument("--blocks", default="", help="Pallas block sizes chunk,block_d,num_warps,num_stages,save_every")
     parser.add_argument("--check", action="store_true")
+    parser.add_argument("--mosaic_params", default="", help="Mosaic GPU CompilerParams flags set to True for "
+                        "pallas_mosaic, e.g. unsafe_no_auto_barriers,approx_math")
     args = parser.parse_args()
+    if args.mosaic_params:
+        from jax.experimental.pallas import mosaic_gpu as plgpu
+
+        from cab_jax.kernels.selective_scan import pallas_gpu_mosaic
+
+        pallas_gpu_mosaic.COMPILER_PARAMS = plgpu.CompilerParams(**dict.fromkeys(args.mosaic_params.split(","), True))
     kind = jax.devices()[0].device_kind
     peak = args.peak_gbps or hbm_peak_gbps(kind)
     blocks = BlockSizes.parse(args.blocks) if args.blocks else None
-    print(f"device: {kind}, jax {jax.__version__}, peak HBM {peak or '?'} GB/s, blocks {blocks or 'default'}")
+    print(f"device: {kind}, jax {jax.__version__}, peak HBM {peak or '?'} GB/s, blocks {blocks or 'default'}, "
+          f"Mosaic GPU params {args.mosaic_params or 'default'}")
     rows = []
     for name in args.shapes.split(","):
         for dtype in args.dtypes.split(","):

@@ -262,8 +262,15 @@ def _kernel_inputs(dirs: tuple[ScanDirection, ...], width: int) -> list[jax.Arra
     return args
 
 
+# Mosaic GPU's defaults (which put a warpgroup barrier around every load and store). Without those barriers
+# (``unsafe_no_auto_barriers``) the results were the same and the time 3 % lower (BENCHMARKS.md); the kernel keeps
+# them while Mosaic GPU's documentation does not say they are safe to drop here.
+COMPILER_PARAMS: plgpu.CompilerParams | None = None
+
+
 def _call(body, out_type, batch: int, width: int, cfg: KernelConfig):
     return plgpu.kernel(body, out_type=out_type, grid=(batch, width // LANES), grid_names=("batch", "channels"),
+                        compiler_params=None if cfg.interpret else COMPILER_PARAMS,
                         interpret=interpret_params() if cfg.interpret else None)
 
 
