@@ -412,16 +412,30 @@ class NonFiniteGuard:
 
 
 class MetricsWriter:
-    """Appends one JSON object per line to ``workdir/metrics.jsonl``."""
+    """Process 0 appends one JSON object per line to ``workdir/metrics.jsonl`` and writes the same scalars as
+    TensorBoard events in ``workdir`` (tags ``split/name``: ``tensorboard --logdir WORKDIR``), both flushed at every
+    write so that a crash loses nothing written."""
 
     def __init__(self, workdir: epath.Path):
         self.path = workdir / "metrics.jsonl"
         self.enabled = jax.process_index() == 0
+        self._events = None
+        if self.enabled:
+            from tensorboardX import SummaryWriter  # here: only process 0 writes events
+
+            self._events = SummaryWriter(str(workdir))
 
     def write(self, step: int, split: str, values: dict[str, float]) -> None:
         if self.enabled:
             with self.path.open("a") as f:
                 f.write(json.dumps({"step": step, "split": split, **values}) + "\n")
+            for name, value in values.items():
+                self._events.add_scalar(f"{split}/{name}", value, step)
+            self._events.flush()
+
+    def close(self) -> None:
+        if self._events is not None:
+            self._events.close()
 
 
 @dataclasses.dataclass
@@ -528,10 +542,12 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> RunResult:
         ckpt.close()
         (feed or train_iter).close()
     if stopped:
+        writer.close()
         logging.warning("Stopped at step %d; run the same command again to resume.", step)
         return RunResult({}, step, time.time() - start, train_size, stopped_early=True, resumed_at=restored_step)
     result = evaluate(trainer, steps.eval, eval_params(state), eval_batches)
     writer.write(step, "eval", result)
+    writer.close()
     logging.info("[%s] final eval at step %d: %s", job.trains, step, _format(result))
     run_result = RunResult(result, step, time.time() - start, train_size, resumed_at=restored_step)
     write_results(workdir_path, job.trains, run_result)

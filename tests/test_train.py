@@ -167,6 +167,24 @@ def test_teacher_is_not_saved_with_the_student(tmp_path):
     assert saved == student + bridge and teacher_leaves
 
 
+def test_every_logged_metric_is_a_json_line_and_a_tensorboard_scalar(tmp_path):
+    """What metrics.jsonl holds, TensorBoard's own event reader reads back from the workdir (tags split/name)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    c = small_config(tmp_path, steps=3)
+    c.data.synthetic = True
+    train.train_and_evaluate(c, str(tmp_path / "run"))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(tmp_path / "run"))
+    events.Reload()
+    expected = {(f"{r['split']}/{k}", r["step"]): v
+                for r in records for k, v in r.items() if k not in ("step", "split")}
+    got = {(tag, e.step): e.value for tag in events.Tags()["scalars"] for e in events.Scalars(tag)}
+    assert {tag for tag, _ in expected} >= {"train/loss", "train/bridge", "train/images_per_s", "eval/top1"}
+    assert got.keys() == expected.keys()
+    np.testing.assert_allclose([got[k] for k in expected], list(expected.values()), rtol=1e-6)
+
+
 def test_distill_without_teacher_weights_on_real_data_fails_clearly(tmp_path):
     c = small_config(tmp_path)
     with pytest.raises(ValueError, match=r"teacher\.init_from"):
