@@ -448,6 +448,15 @@ class RunResult:
     resumed_at: int | None = None  # the step a checkpoint of an earlier invocation restored
 
 
+def format_duration(seconds: float) -> str:
+    """``seconds`` as a person reads a remaining time: "42s", "3m05s", "2h07m", "3d04h"."""
+    s = round(seconds)
+    for unit, size, sub, sub_size in (("d", 86400, "h", 3600), ("h", 3600, "m", 60), ("m", 60, "s", 1)):
+        if s >= size:
+            return f"{s // size}{unit}{(s % size) // sub_size:02d}{sub}"
+    return f"{s}s"
+
+
 def _format(values: dict[str, float]) -> str:
     return " ".join(f"{k}={v}" if isinstance(v, int) else f"{k}={v:.4g}" for k, v in values.items())
 
@@ -522,7 +531,9 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> RunResult:
                     values.update(domain.throughput(interval_steps * t.batch_size / max(elapsed, 1e-9)))
                     values["data_wait_ms"] = 1e3 * feed.take_wait_s() / interval_steps  # per step, for its batch
                     writer.write(step, "train", values)
-                    logging.info("[%s %d/%d] %s", job.trains, step, sched.total_steps, _format(values))
+                    eta = (time.time() - start) / (step - (restored_step or 0)) * (sched.total_steps - step)
+                    logging.info("[%s %d/%d] %s eta=%s", job.trains, step, sched.total_steps, _format(values),
+                                 format_duration(eta))
                     interval_start, interval_steps = time.time(), 0
                 if t.eval_every and step % t.eval_every == 0 and step < sched.total_steps:
                     result = evaluate(trainer, steps.eval, eval_params(state), eval_batches)

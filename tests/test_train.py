@@ -185,6 +185,12 @@ def test_every_logged_metric_is_a_json_line_and_a_tensorboard_scalar(tmp_path):
     np.testing.assert_allclose([got[k] for k in expected], list(expected.values()), rtol=1e-6)
 
 
+@pytest.mark.parametrize("seconds,text", [(0, "0s"), (42.4, "42s"), (185, "3m05s"), (3600, "1h00m"),
+                                          (7650, "2h07m"), (3 * 86400 + 4 * 3600 + 59, "3d04h")])
+def test_remaining_time_reads_like_a_clock(seconds, text):
+    assert train.format_duration(seconds) == text
+
+
 def test_distill_without_teacher_weights_on_real_data_fails_clearly(tmp_path):
     c = small_config(tmp_path)
     with pytest.raises(ValueError, match=r"teacher\.init_from"):
