@@ -1,6 +1,10 @@
 """The errors that are the user's to fix (a flag, a config value, a path, a file): entry points print them as one
 line and exit with status 2. Any other exception is a bug and keeps its traceback."""
 
+# "Stopped; run the same command again to resume" (sysexits' EX_TEMPFAIL), after SIGTERM/SIGINT: launch scripts
+# requeue on it. 0 is a finished run, 2 a usage error, anything else a failure.
+EXIT_RESUME = 75
+
 
 class UserError(Exception):
     """A problem with what the user asked for; the message says what was given and what is expected."""

@@ -16,7 +16,22 @@ loss, one line) or a failure (with its traceback).
 
 from __future__ import annotations
 
+import signal
 import sys
+
+from cab_jax.errors import EXIT_RESUME
+
+
+def _resume_later(signum, frame) -> None:
+    sys.stderr.write(f"Signal {signum} before the run started: exiting with status {EXIT_RESUME} (run the same "
+                     "command again).\n")
+    sys.exit(EXIT_RESUME)
+
+
+if __name__ == "__main__":  # first: the imports below take seconds, and a preemption then must not read as a failure
+    for _signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(_signum, _resume_later)
+
 import tempfile
 
 import jax
@@ -71,7 +86,7 @@ def main(argv: list[str]) -> None:
         logging.info("Result: %s", result)
         finished = not result.stopped_early
     if not finished:
-        sys.exit(preemption.EXIT_RESUME)
+        sys.exit(EXIT_RESUME)
 
 
 if __name__ == "__main__":

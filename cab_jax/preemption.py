@@ -16,9 +16,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-# "Stopped after saving; run the same command again to resume" (sysexits' EX_TEMPFAIL): launch scripts requeue on
-# it. 0 is a finished run, 2 a usage error, anything else a failure.
-EXIT_RESUME = 75
+from cab_jax.errors import EXIT_RESUME
 
 
 def exit_on_signals() -> None:
