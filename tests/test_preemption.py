@@ -59,11 +59,14 @@ def test_a_signal_while_the_entry_point_imports_exits_to_be_resumed(tmp_path):
     one line, not a death by signal that a scheduler would read as a failure."""
     proc = subprocess.Popen([sys.executable, "-m", "cab_jax.main", "--config=configs/demo.py", f"--workdir={tmp_path}"],
                             cwd=ROOT, stderr=subprocess.PIPE, text=True)
-    status, deadline = pathlib.Path(f"/proc/{proc.pid}/status"), time.time() + 60
-    while not int(re.search(r"SigCgt:\s*([0-9a-f]+)", status.read_text())[1], 16) >> (signal.SIGTERM - 1) & 1:
-        assert proc.poll() is None and time.time() < deadline, "the entry point never handled SIGTERM"
-        time.sleep(0.002)
-    assert "jaxlib" not in pathlib.Path(f"/proc/{proc.pid}/maps").read_text(), "handled only after JAX was loaded"
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
+    try:  # (a failed check must not leave the demo training)
+        status, deadline = pathlib.Path(f"/proc/{proc.pid}/status"), time.time() + 60
+        while not int(re.search(r"SigCgt:\s*([0-9a-f]+)", status.read_text())[1], 16) >> (signal.SIGTERM - 1) & 1:
+            assert proc.poll() is None and time.time() < deadline, "the entry point never handled SIGTERM"
+            time.sleep(0.002)
+        assert "jaxlib" not in pathlib.Path(f"/proc/{proc.pid}/maps").read_text(), "handled only after JAX loaded"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
     assert proc.returncode == preemption.EXIT_RESUME and "Signal 15 before the run started" in err, err[-2000:]
