@@ -418,15 +418,14 @@ class MetricsWriter:
 
     def __init__(self, workdir: epath.Path):
         self.path = workdir / "metrics.jsonl"
-        self.enabled = jax.process_index() == 0
-        self._events = None
-        if self.enabled:
+        self._events = None  # on process 0 only
+        if jax.process_index() == 0:
             from tensorboardX import SummaryWriter  # here: only process 0 writes events
 
             self._events = SummaryWriter(str(workdir))
 
     def write(self, step: int, split: str, values: dict[str, float]) -> None:
-        if self.enabled:
+        if self._events is not None:
             with self.path.open("a") as f:
                 f.write(json.dumps({"step": step, "split": split, **values}) + "\n")
             for name, value in values.items():

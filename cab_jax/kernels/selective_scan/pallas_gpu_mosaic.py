@@ -35,6 +35,7 @@ from cab_jax.kernels.selective_scan.pallas_common import (
     ScanDirection,
     make_scan,
     num_chunks,
+    sigmoid,
 )
 
 _F32 = jnp.float32
@@ -58,10 +59,6 @@ def interpret_params():
 def _softplus(x: jax.Array) -> jax.Array:
     """PyTorch's softplus (identity above 20) from primitives Mosaic GPU lowers (it has no log1p)."""
     return jnp.where(x > 20.0, x, jnp.log(1.0 + jnp.exp(jnp.minimum(x, 20.0))))
-
-
-def _sigmoid(x: jax.Array) -> jax.Array:
-    return 1.0 / (1.0 + jnp.exp(-x))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +98,7 @@ class _Direction:
 
     def zeros(self) -> jax.Array:
         """A zero register vector in the loops' layout (a loop carry must enter in the layout it leaves in)."""
-        return self.row(self.refs.u, 0) * 0.0
+        return self.D * 0.0
 
     def position(self, s):
         """Scan step ``s`` -> (sequence position, u, delta + bias, dt, B scalars, C scalars)."""
@@ -160,7 +157,7 @@ def _forward_kernel(launch: _Launch, save: bool, *refs):
                 if last:
                     if z_ref is not None:
                         zt = d.row(z_ref, t)
-                        y = y * zt * _sigmoid(zt)
+                        y = y * zt * sigmoid(zt)
                     out_ref[d.b, t, d.cols] = y.astype(out_ref.dtype)
             return tuple(h)
 
@@ -213,14 +210,13 @@ def _backward_chunk(j, size, carry, *, d: _Direction, state_ref, g: DirectionGra
         dy = d.row(dout_ref, t)
         if z_ref is not None:
             zt = d.row(z_ref, t)
-            sig = _sigmoid(zt)
+            sig = sigmoid(zt)
             if dz_ref is not None:
                 dz_ref[d.b, t, d.cols] = dy * d.row(ypre_ref, t) * sig * (1.0 + zt * (1.0 - sig))
             dy = dy * zt * sig
         dh = [dh_n + c_n * dy for dh_n, c_n in zip(dh, c_s, strict=True)]
         dtu = dt * u
-        b_dh = d.D * 0.0
-        ddt_a = d.D * 0.0
+        b_dh = ddt_a = d.zeros()
         for n in range(d.launch.d_state):
             g.dC[d.b, d.block, t, n] = jnp.sum(states[i + 1][n] * dy)
             g.dB[d.b, d.block, t, n] = jnp.sum(dh[n] * dtu)
@@ -233,7 +229,7 @@ def _backward_chunk(j, size, carry, *, d: _Direction, state_ref, g: DirectionGra
         dD = dD + dy * u
         dpre = ddt_a + u * b_dh
         if d.launch.delta_softplus:
-            dpre = dpre * _sigmoid(pre)
+            dpre = dpre * sigmoid(pre)
         dbias = dbias + dpre
         g.ddelta[d.b, t, d.cols] = dpre
     return tuple(dh), tuple(dA), dD, dbias
