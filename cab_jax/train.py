@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
@@ -411,6 +412,21 @@ class NonFiniteGuard:
         logging.warning("Step %d: the loss or its gradient is not finite (%s); the update was skipped.", step, terms)
 
 
+def _summary_writer_class() -> type:
+    """tensorboardX's ``SummaryWriter``, imported (on process 0 only) without importing torch: tensorboardX imports
+    torch, when it is installed, only for type hints, and that import takes seconds. A torch already imported is
+    left as it is."""
+    hide_torch = "torch" not in sys.modules
+    if hide_torch:
+        sys.modules["torch"] = None  # makes ``import torch`` raise ImportError, which tensorboardX handles
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if hide_torch:
+            del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricsWriter:
     """Process 0 appends one JSON object per line to ``workdir/metrics.jsonl`` and writes the same scalars as
     TensorBoard events in ``workdir`` (tags ``split/name``: ``tensorboard --logdir WORKDIR``), both flushed at every
@@ -420,9 +436,7 @@ class MetricsWriter:
         self.path = workdir / "metrics.jsonl"
         self._events = None  # on process 0 only
         if jax.process_index() == 0:
-            from tensorboardX import SummaryWriter  # here: only process 0 writes events
-
-            self._events = SummaryWriter(str(workdir))
+            self._events = _summary_writer_class()(str(workdir))
 
     def write(self, step: int, split: str, values: dict[str, float]) -> None:
         if self._events is not None:

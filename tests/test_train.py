@@ -185,6 +185,26 @@ def test_every_logged_metric_is_a_json_line_and_a_tensorboard_scalar(tmp_path):
     np.testing.assert_allclose([got[k] for k in expected], list(expected.values()), rtol=1e-6)
 
 
+def test_the_metrics_writer_does_not_import_torch(tmp_path):
+    """tensorboardX imports torch (seconds) when it is installed; the writer hides it during that import, and torch
+    still imports afterwards."""
+    pytest.importorskip("torch")
+    script = textwrap.dedent(f"""
+        import sys
+        from etils import epath
+        from cab_jax import train
+        writer = train.MetricsWriter(epath.Path({str(tmp_path)!r}))
+        writer.write(1, "train", {{"loss": 1.0}})
+        writer.close()
+        assert "torch" not in sys.modules, "torch was imported"
+        import torch
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=multiprocess_job.ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert list(tmp_path.glob("events.out.tfevents.*"))
+
+
 @pytest.mark.parametrize("seconds,text", [(0, "0s"), (42.4, "42s"), (185, "3m05s"), (3600, "1h00m"),
                                           (7650, "2h07m"), (3 * 86400 + 4 * 3600 + 59, "3d04h")])
 def test_remaining_time_reads_like_a_clock(seconds, text):
