@@ -2,13 +2,14 @@
 
     python benchmarks/selective_scan.py --shapes=vim_ti,vim_s,vim_b,long --impls=pallas_mosaic,pallas_triton,associative
 
-GB/s and "% roofline" count only the bytes that must move at least once: every input read once and the
-output written once (forward), plus the output gradient read once and every input gradient written once
-(forward+backward), divided by the time; the roofline is the device's peak HBM bandwidth. "temp MiB" is
-the compiled forward+backward's scratch memory (what it saves for the backward pass, partial sums), "compile s"
-the time to compile it. The Vim shapes are bidirectional (two directions with their own u, delta, A, B, C, D,
-delta_bias, one z), as in Vim's mixer; "long" is one direction. Impls are ``selective_scan``'s ("pallas_mosaic",
-"pallas_triton", "associative"...). ``--check`` also prints the largest difference to the sequential reference.
+GB/s and "% roofline" count only the bytes that must move at least once: every input read once and the output
+written once (forward), plus the output gradient read once and every input gradient written once (forward+backward),
+divided by the time; the roofline is the device's peak HBM bandwidth. "temp MiB" is the compiled forward+backward's
+scratch memory (what it saves for the backward pass, partial sums), "compile s" the time to compile each pass
+(``--forward_only`` skips the backward). The Vim shapes are bidirectional (two directions with their own u, delta,
+A, B, C, D, delta_bias, one z), as in Vim's mixer; "long" is one direction. Impls are ``selective_scan``'s
+("pallas_mosaic", "pallas_triton", "associative"...). ``--check`` also prints the largest difference to the
+sequential reference.
 Prints a Markdown table.
 """
 
@@ -35,24 +36,27 @@ def nbytes(tree) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def measure(name: str, impl: str, dtype: str, iters: int, blocks: BlockSizes | None, check: bool) -> dict:
+def measure(name: str, impl: str, dtype: str, iters: int, blocks: BlockSizes | None, check: bool,
+            backward: bool = True) -> dict:
     dirs, z = random_inputs(ScanShape(*SCAN_SHAPES[name]), dtype)
     run = scan_fn(impl, len(dirs), blocks)
-    fwd = jax.jit(run)
+    start = time.perf_counter()
+    fwd = jax.jit(run).lower(dirs, z).compile()
+    row = {"shape": name, "impl": impl, "dtype": dtype, "fwd compile s": round(time.perf_counter() - start, 1)}
     y = fwd(dirs, z)
     dy = jnp.ones_like(y)
     fwd_bytes = nbytes((dirs, z)) + nbytes(y)
-    start = time.perf_counter()
-    fwd_bwd = jax.jit(lambda dirs, z: jax.vjp(run, dirs, z)[1](dy)).lower(dirs, z).compile()
-    compile_s = time.perf_counter() - start
-    passes = [("fwd", fwd, fwd_bytes), ("fwd+bwd", fwd_bwd, fwd_bytes + nbytes(dy) + nbytes((dirs, z)))]
-    row = {"shape": name, "impl": impl, "dtype": dtype}
+    passes = [("fwd", fwd, fwd_bytes)]
+    if backward:
+        start = time.perf_counter()
+        fwd_bwd = jax.jit(lambda dirs, z: jax.vjp(run, dirs, z)[1](dy)).lower(dirs, z).compile()
+        row["fwd+bwd compile s"] = round(time.perf_counter() - start, 1)
+        row["fwd+bwd temp MiB"] = temp_mib(fwd_bwd)
+        passes.append(("fwd+bwd", fwd_bwd, fwd_bytes + nbytes(dy) + nbytes((dirs, z))))
     for label, fn, moved in passes:
         ms = median_ms(fn, (dirs, z), iters)
         row[f"{label} ms"] = round(ms, 3)
         row[f"{label} GB/s"] = round(moved / ms / 1e6, 1)
-    row["fwd+bwd temp MiB"] = temp_mib(fwd_bwd)
-    row["fwd+bwd compile s"] = round(compile_s, 1)
     if check:
         y_ref = jax.jit(scan_fn("reference", len(dirs), None))(dirs, z)
         row["max |y - ref| / max |ref|"] = float(jnp.max(jnp.abs(y.astype(jnp.float32) - y_ref.astype(jnp.float32)))
@@ -69,15 +73,19 @@ def main() -> None:
     parser.add_argument("--peak_gbps", type=float, default=0.0, help="HBM peak; 0 = from the device name")
     parser.add_argument("--blocks", default="", help="Pallas block sizes chunk,block_d,num_warps,num_stages,save_every")
     parser.add_argument("--check", action="store_true")
-    parser.add_argument("--mosaic_params", default="", help="Mosaic GPU CompilerParams flags set to True for "
-                        "pallas_mosaic, e.g. unsafe_no_auto_barriers,approx_math")
+    parser.add_argument("--forward_only", action="store_true", help="time the forward pass only")
+    parser.add_argument("--mosaic_params", default="", help="Mosaic GPU CompilerParams flags set to True in both "
+                        "pallas_mosaic kernels, e.g. unsafe_no_auto_barriers,approx_math (the forward always runs "
+                        "without automatic barriers)")
     args = parser.parse_args()
     if args.mosaic_params:
         from jax.experimental.pallas import mosaic_gpu as plgpu
 
         from cab_jax.kernels.selective_scan import pallas_gpu_mosaic
 
-        pallas_gpu_mosaic.COMPILER_PARAMS = plgpu.CompilerParams(**dict.fromkeys(args.mosaic_params.split(","), True))
+        flags = dict.fromkeys(args.mosaic_params.split(","), True)
+        pallas_gpu_mosaic.FORWARD_PARAMS = plgpu.CompilerParams(**{**flags, "unsafe_no_auto_barriers": True})
+        pallas_gpu_mosaic.BACKWARD_PARAMS = plgpu.CompilerParams(**flags)
     kind = jax.devices()[0].device_kind
     peak = args.peak_gbps or hbm_peak_gbps(kind)
     blocks = BlockSizes.parse(args.blocks) if args.blocks else None
@@ -88,7 +96,7 @@ def main() -> None:
         for dtype in args.dtypes.split(","):
             for impl in args.impls.split(","):
                 try:
-                    row = measure(name, impl, dtype, args.iters, blocks, args.check)
+                    row = measure(name, impl, dtype, args.iters, blocks, args.check, not args.forward_only)
                 except Exception as e:  # e.g. out of memory: report it and go on
                     row = {"shape": name, "impl": impl, "dtype": dtype, "error": error_message(e)}
                 if peak:

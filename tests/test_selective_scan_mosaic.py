@@ -47,27 +47,31 @@ def assert_close(actual, expected, tolerance, name):
     np.testing.assert_allclose(actual, expected, rtol=0, atol=tolerance * scale, err_msg=name)
 
 
-# batch, length, d_inner, d_state, dtype, reverses, with z, softplus, D and delta_bias given, chunk: lengths with
-# and without a short last chunk, d_inner not a multiple of 128, one position, each direction alone and Vim's pair.
+# batch, length, d_inner, d_state, dtype, reverses, with z, softplus, D and delta_bias given, chunk, chunks per
+# staged tile: lengths with and without a short last tile (shorter than a chunk, and longer), d_inner not a multiple
+# of 128, one position, each direction alone and Vim's pair.
 CASES = [
-    (2, 7, 160, 4, "float32", (False, True), True, True, True, 3),
-    (1, 1, 128, 4, "float32", (False,), False, False, False, 4),
-    (1, 6, 128, 4, "float32", (True,), True, True, True, 3),
-    (2, 5, 128, 4, "bfloat16", (False, True), True, True, True, 2),
+    (2, 7, 160, 4, "float32", (False, True), True, True, True, 3, 1),
+    (1, 1, 128, 4, "float32", (False,), False, False, False, 4, 1),
+    (1, 6, 128, 4, "float32", (True,), True, True, True, 3, 1),
+    (2, 5, 128, 4, "bfloat16", (False, True), True, True, True, 2, 1),
+    (1, 13, 128, 8, "float32", (False, True), True, True, True, 2, 3),
+    (2, 11, 128, 4, "bfloat16", (True, False), True, True, True, 2, 3),
 ]
 if not ON_CPU:  # compiled (each case compiles for about a minute): Vim-S's shape; d_state 64 over a long sequence
-    CASES += [(2, 197, 768, 16, "bfloat16", (False, True), True, True, True, 4),
-              (1, 1000, 200, 64, "float32", (True,), True, True, True, 2)]
+    CASES += [(2, 197, 768, 16, "bfloat16", (False, True), True, True, True, 4, 4),
+              (1, 1000, 200, 64, "float32", (True,), True, True, True, 2, 8)]
 
 
-@pytest.mark.parametrize("batch,length,d_inner,d_state,dtype,reverses,with_z,softplus,extras,chunk", CASES)
+@pytest.mark.parametrize("batch,length,d_inner,d_state,dtype,reverses,with_z,softplus,extras,chunk,stages", CASES)
 def test_values_and_gradients_match_the_float64_reference(batch, length, d_inner, d_state, dtype, reverses, with_z,
-                                                          softplus, extras, chunk):
+                                                          softplus, extras, chunk, stages):
     dirs = tuple(direction(i, batch, length, d_inner, d_state, dtype, extras) for i in range(len(reverses)))
     r = np.random.default_rng(9)
     z = jnp.asarray(r.normal(size=(batch, length, d_inner)), dtype) if with_z else None
     weights = r.normal(size=(batch, length, d_inner))
-    cfg = KernelConfig(reverses, softplus, BlockSizes(chunk=chunk, block_d=128, save_every=1), ON_CPU)
+    cfg = KernelConfig(reverses, softplus, BlockSizes(chunk=chunk, block_d=128, num_stages=stages, save_every=1),
+                       ON_CPU)
     kernel = lambda dirs, z: pallas_gpu_mosaic.scan(dirs, z, cfg)
     y, (g_dirs, g_z) = jax.jit(values_and_grads, static_argnums=0)(kernel, dirs, z,
                                                                      jnp.asarray(weights, jnp.float32))

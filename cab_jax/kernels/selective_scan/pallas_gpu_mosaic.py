@@ -40,7 +40,7 @@ from cab_jax.kernels.selective_scan.pallas_common import (
 
 _F32 = jnp.float32
 LANES = 128  # channels per program: one warpgroup, one channel per thread
-DEFAULT_BLOCKS = BlockSizes(chunk=4, block_d=LANES, num_warps=4, num_stages=1, save_every=1)
+DEFAULT_BLOCKS = BlockSizes(chunk=4, block_d=LANES, num_warps=4, num_stages=4, save_every=1)
 
 
 def default_blocks(d_state: int) -> BlockSizes:
@@ -71,6 +71,7 @@ class _Launch:
     length: int
     d_state: int
     chunk: int
+    tile: int  # positions per tile staged in shared memory (a multiple of chunk)
 
     @property
     def n_full(self) -> int:
@@ -130,38 +131,137 @@ def _chunked(launch: _Launch, body, carry, backwards: bool):
     return carry
 
 
-def _forward_kernel(launch: _Launch, save: bool, *refs):
-    """refs: per direction its 7 inputs (A as (d_state, width)), then z (if any); outputs out, ypre, then per
-    direction its chunk-start states (batch, n_chunks, d_state, width) when ``save``."""
+class _Tiles:
+    """A direction's scan steps in tiles of ``launch.tile`` positions staged in shared memory: ``n_full`` full
+    tiles, then one of ``tail`` positions."""
+
+    def __init__(self, launch: _Launch, reverse: bool):
+        self.launch, self.reverse = launch, reverse
+        self.n_full, self.tail = divmod(launch.length, launch.tile)
+
+    def rows(self, j, size: int) -> pl.Slice:
+        """The sequence positions of tile ``j`` (``size`` scan steps from ``j * tile``)."""
+        start = j * self.launch.tile
+        return pl.ds(self.launch.length - start - size if self.reverse else start, size)
+
+    def row(self, i: int, size: int) -> int:
+        """The row, in its tile of ``size``, of the tile's ``i``-th scan step."""
+        return size - 1 - i if self.reverse else i
+
+
+def _forward_scratch(launch: _Launch, dirs: tuple[ScanDirection, ...], z: jax.Array | None, out_dtype):
+    """Two slots of every tile the forward kernel stages: inputs (``ins``), outputs (``outs``), and per direction
+    two barriers its input copies arrive at."""
+    tile = lambda dtype, width=LANES: plgpu.SMEM((2, launch.tile, width), dtype)
+    bc = _bc_width(launch.d_state)
+    ins = {"u": tile(dirs[0].u.dtype), "delta": tile(dirs[0].delta.dtype), "B": tile(_F32, bc), "C": tile(_F32, bc)}
+    if len(dirs) > 1:
+        ins["ypre"] = tile(_F32)
+    if z is not None:
+        ins["z"] = tile(z.dtype)
+    outs = {"ypre": tile(_F32), "out": tile(out_dtype)}
+    barriers = [plgpu.Barrier(num_arrivals=4 + (k > 0) + (k == len(dirs) - 1 and z is not None), num_barriers=2)
+                for k in range(len(dirs))]
+    return ins, outs, barriers
+
+
+def _forward_kernel(launch: _Launch, save: bool, scratch, *refs):
+    """refs: per direction its 7 inputs (A as (d_state, width), B and C float32), then z (if any); outputs out,
+    ypre, then per direction its chunk-start states (batch, n_chunks, d_state, width) when ``save``. ``scratch``:
+    ``_forward_scratch``'s types, allocated here."""
     n_dirs = len(launch.reverses)
-    inputs = refs[:7 * n_dirs + launch.has_z]
-    out_ref, ypre_ref, *state_refs = refs[len(inputs):]
+    n_in = 7 * n_dirs + launch.has_z
+    inputs, (out_ref, ypre_ref, *state_refs) = refs[:n_in], refs[n_in:]
     z_ref = inputs[-1] if launch.has_z else None
-    for k, reverse in enumerate(launch.reverses):
-        d = _Direction(ScanDirection(*inputs[7 * k:7 * k + 7]), reverse, launch)
-        first, last = k == 0, k == n_dirs - 1
 
-        def chunk(j, size, h, d=d, first=first, last=last, state_ref=state_refs[k] if save else None):
+    def body(ins, outs, barriers):
+        for k, reverse in enumerate(launch.reverses):
+            d = _Direction(ScanDirection(*inputs[7 * k:7 * k + 7]), reverse, launch)
+            first, last = k == 0, k == n_dirs - 1
+            # (GMEM ref, its tiles, channel-wide?) copied in per tile, and copied out per tile
+            reads = [(d.refs.u, ins["u"], True), (d.refs.delta, ins["delta"], True), (d.refs.B, ins["B"], False),
+                     (d.refs.C, ins["C"], False)]
+            reads += [(ypre_ref, ins["ypre"], True)] if not first else []
+            reads += [(z_ref, ins["z"], True)] if last and z_ref is not None else []
+            writes = [(ypre_ref, outs["ypre"])] + ([(out_ref, outs["out"])] if last else [])
+            _forward_direction(launch, d, _Tiles(launch, reverse), reads, writes, barriers[k], ins, outs,
+                               first=first, last=last, z=last and z_ref is not None, out_dtype=out_ref.dtype,
+                               state_ref=state_refs[k] if save else None)
+
+    pl.run_scoped(body, *scratch)
+
+
+def _forward_direction(launch: _Launch, d: _Direction, tiles: _Tiles, reads, writes, bars, ins, outs, *, first: bool,
+                       last: bool, z: bool, out_dtype, state_ref):
+    """One direction of the forward kernel: its tiles double-buffered (the next one's copies in flight while this
+    one is computed), each tile's outputs copied out while the next is computed."""
+
+    def gmem(ref, j, size, wide=True):
+        return ref.at[d.b, tiles.rows(j, size), d.cols] if wide else ref.at[d.b, tiles.rows(j, size)]
+
+    def fetch(j, size, slot):
+        for ref, buf, wide in reads:
+            plgpu.copy_gmem_to_smem(gmem(ref, j, size, wide), buf.at[slot, pl.ds(0, size)], bars.at[slot])
+
+    def position(i, size, slot, h):
+        """Scan step ``i`` of a tile of ``size`` in ``slot`` (``i`` may be traced)."""
+        r = tiles.row(i, size)
+        u = ins["u"][slot, r].astype(_F32)
+        pre = ins["delta"][slot, r].astype(_F32) + d.bias
+        dt = _softplus(pre) if launch.delta_softplus else pre
+        _, h = d.update(h, dt, u, [ins["B"][slot, r, n] for n in range(launch.d_state)])
+        y = d.D * u
+        for n, h_n in enumerate(h):
+            y = y + ins["C"][slot, r, n] * h_n
+        if not first:
+            y = y + ins["ypre"][slot, r]
+        outs["ypre"][slot, r] = y
+        if last:
+            if z:
+                zt = ins["z"][slot, r].astype(_F32)
+                y = y * zt * sigmoid(zt)
+            outs["out"][slot, r] = y.astype(out_dtype)
+        return tuple(h)
+
+    def tile(j, size, slot, h):
+        plgpu.barrier_wait(bars.at[slot])
+        plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the copies out of this slot's previous tile have read it
+
+        def step(i, h):
             if state_ref is not None:
-                for n, h_n in enumerate(h):
-                    state_ref[d.b, j, n, d.cols] = h_n
-            for i in range(size):
-                t, u, _, dt, b_s, c_s = d.position(j * launch.chunk + i)
-                _, h = d.update(h, dt, u, b_s)
-                y = d.D * u
-                for c_n, h_n in zip(c_s, h, strict=True):
-                    y = y + c_n * h_n
-                if not first:
-                    y = y + d.row(ypre_ref, t)
-                ypre_ref[d.b, t, d.cols] = y
-                if last:
-                    if z_ref is not None:
-                        zt = d.row(z_ref, t)
-                        y = y * zt * sigmoid(zt)
-                    out_ref[d.b, t, d.cols] = y.astype(out_ref.dtype)
-            return tuple(h)
+                @pl.when(i % launch.chunk == 0)
+                def _():
+                    for n, h_n in enumerate(h):
+                        state_ref[d.b, (j * launch.tile + i) // launch.chunk, n, d.cols] = h_n
 
-        _chunked(launch, chunk, (d.zeros(),) * launch.d_state, backwards=False)
+            return position(i, size, slot, h)
+
+        h = jax.lax.fori_loop(0, size, step, h)
+        plgpu.commit_smem()  # the tile's stores are visible to the copies out, and every thread is past its reads
+        for ref, buf in writes:
+            plgpu.copy_smem_to_gmem(buf.at[slot, pl.ds(0, size)], gmem(ref, j, size))
+        plgpu.commit_smem_to_gmem_group()
+        return h
+
+    def full_tile(j, h):
+        slot = j % 2
+
+        @pl.when(j + 1 < tiles.n_full)
+        def _():
+            fetch(j + 1, launch.tile, 1 - slot)
+
+        if tiles.tail:
+            @pl.when(j + 1 == tiles.n_full)
+            def _():
+                fetch(tiles.n_full, tiles.tail, 1 - slot)
+
+        return tile(j, launch.tile, slot, h)
+
+    fetch(0, launch.tile if tiles.n_full else tiles.tail, 0)
+    h = jax.lax.fori_loop(0, tiles.n_full, full_tile, (d.zeros(),) * launch.d_state)
+    if tiles.tail:
+        tile(tiles.n_full, tiles.tail, tiles.n_full % 2, h)
+    plgpu.wait_smem_to_gmem(0)  # this direction's ypre is in GMEM before the next direction copies it in
 
 
 def _backward_kernel(launch: _Launch, *refs):
@@ -241,7 +341,13 @@ def _launch(dirs: tuple[ScanDirection, ...], z: jax.Array | None, cfg: KernelCon
         raise ValueError(f"the Mosaic GPU scan runs {LANES} channels per program and saves every chunk start: "
                          f"block_d must be {LANES} and save_every 1, got {blocks}")
     return _Launch(tuple(cfg.reverses), cfg.delta_softplus, z is not None, dirs[0].u.shape[1],
-                   dirs[0].A.shape[1], blocks.chunk)
+                   dirs[0].A.shape[1], blocks.chunk, blocks.chunk * blocks.num_stages)
+
+
+def _bc_width(d_state: int) -> int:
+    """The kernels' B and C rows: float32, d_state padded to a multiple of 32, so that a copy of any number of
+    rows moves a multiple of 128 bytes (what Mosaic GPU's copies need)."""
+    return d_state + -d_state % 32
 
 
 def _padded(x: jax.Array, width: int) -> jax.Array:
@@ -251,22 +357,29 @@ def _padded(x: jax.Array, width: int) -> jax.Array:
 
 
 def _kernel_inputs(dirs: tuple[ScanDirection, ...], width: int) -> list[jax.Array]:
+    """Per direction its 7 inputs as the kernels read them: channels padded to ``width``, A as (d_state, width),
+    B and C as ``_bc_width`` says."""
     args = []
     for d in dirs:
-        args += [_padded(d.u, width), _padded(d.delta, width), _padded(d.A.astype(_F32).T, width), d.B, d.C,
-                 _padded(d.D.astype(_F32), width), _padded(d.delta_bias.astype(_F32), width)]
+        bc = _bc_width(d.A.shape[1])
+        args += [_padded(d.u, width), _padded(d.delta, width), _padded(d.A.astype(_F32).T, width),
+                 _padded(d.B.astype(_F32), bc), _padded(d.C.astype(_F32), bc), _padded(d.D.astype(_F32), width),
+                 _padded(d.delta_bias.astype(_F32), width)]
     return args
 
 
-# Mosaic GPU's defaults (which put a warpgroup barrier around every load and store). Without those barriers
-# (``unsafe_no_auto_barriers``) the results were the same and the time 3 % lower (BENCHMARKS.md); the kernel keeps
-# them while Mosaic GPU's documentation does not say they are safe to drop here.
-COMPILER_PARAMS: plgpu.CompilerParams | None = None
+# The forward kernel without Pallas's automatic barriers around every load and store: it meets the two conditions
+# Mosaic GPU's documentation gives for that. No thread reads and writes the same memory (inputs are read from
+# tiles the copies in write, outputs are written to tiles the copies out read), and after commit_smem no thread
+# reads a tile that a copy then overwrites. The barriers it needs are in commit_smem and the waits.
+FORWARD_PARAMS = plgpu.CompilerParams(unsafe_no_auto_barriers=True)
+# The backward kernel's (None: Mosaic GPU's defaults, a warpgroup barrier around every load and store).
+BACKWARD_PARAMS: plgpu.CompilerParams | None = None
 
 
-def _call(body, out_type, batch: int, width: int, cfg: KernelConfig):
+def _call(body, out_type, batch: int, width: int, cfg: KernelConfig, params: plgpu.CompilerParams | None):
     return plgpu.kernel(body, out_type=out_type, grid=(batch, width // LANES), grid_names=("batch", "channels"),
-                        compiler_params=None if cfg.interpret else COMPILER_PARAMS,
+                        compiler_params=None if cfg.interpret else params,
                         interpret=interpret_params() if cfg.interpret else None)
 
 
@@ -280,7 +393,8 @@ def _forward(dirs: tuple[ScanDirection, ...], z: jax.Array | None, cfg: KernelCo
     states = jax.ShapeDtypeStruct((batch, launch.n_chunks, launch.d_state, width), _F32)
     out_type = (seq(dirs[0].u.dtype), seq(_F32), *((states,) * len(dirs) if save else ()))
     args = _kernel_inputs(dirs, width) + ([] if z is None else [_padded(z, width)])
-    out, ypre, *saved = _call(functools.partial(_forward_kernel, launch, save), out_type, batch, width, cfg)(*args)
+    body = functools.partial(_forward_kernel, launch, save, _forward_scratch(launch, dirs, z, dirs[0].u.dtype))
+    out, ypre, *saved = _call(body, out_type, batch, width, cfg, FORWARD_PARAMS)(*args)
     return out[..., :d_inner], (ypre if save else None), (tuple(saved) if save else None)
 
 
@@ -297,7 +411,7 @@ def _backward(dirs, z, ypre, states, dout, cfg: KernelConfig):
     out_type = ((act,) if z is not None else ()) + tuple(grad_types) * len(dirs)
     args = _kernel_inputs(dirs, width) + ([] if z is None else [_padded(z, width), ypre]) + [
         _padded(dout, width), *states]
-    outs = _call(functools.partial(_backward_kernel, launch), out_type, batch, width, cfg)(*args)
+    outs = _call(functools.partial(_backward_kernel, launch), out_type, batch, width, cfg, BACKWARD_PARAMS)(*args)
     dz, raw = (outs[0][..., :d_inner], outs[1:]) if z is not None else (None, outs)
     grads = []
     for k in range(len(dirs)):
