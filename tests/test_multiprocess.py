@@ -132,8 +132,8 @@ def test_lost_killed_stopped_and_resumed_with_other_process_counts_and_layouts(t
     saves the step it stopped at and exits 75. The last job (2 processes, data=8) runs to the end (exit 0). Each
     restart continues from the last saved step, and the trajectory is the uninterrupted run's: job a's first steps
     (a fresh 2-process run) within 1e-6, the later ones, job c's other layout and scan included, within 1e-5."""
-    run([*vision_flags, *mesh_flags(8), f"--config.train.checkpoint_every={VISION_STEPS}"], tmp_path / "straight",
-        1)  # saves nothing
+    straight = start([*vision_flags, *mesh_flags(8), f"--config.train.checkpoint_every={VISION_STEPS}"],
+                     tmp_path / "straight", 1)  # saves nothing; runs beside job a
     work = tmp_path / "run"
     data8 = [*vision_flags, *mesh_flags(8), f"--workdir={work}"]
     # Job a reads through grain worker processes (one per trainer process), the others in the trainer's threads:
@@ -156,6 +156,7 @@ def test_lost_killed_stopped_and_resumed_with_other_process_counts_and_layouts(t
     saved = checkpoint.RunCheckpointer(work / "checkpoints").latest_step()
     assert saved is not None and saved >= 2, (saved, kill_at)
 
+    finished(straight)  # before job b, which runs its programs
     job = mp.start(data8, processes=1, devices_per_process=8, log_dir=tmp_path / "logs_b")
     mp.wait_for_step(job, work, saved + 2)
     job.signal(signal.SIGINT)

@@ -47,7 +47,8 @@ class BlockSizes:
     chunk: positions per chunk; the forward pass stores the state at chunk starts and the backward pass
         recomputes the states inside a chunk from it (memory ~ length / (chunk * save_every) states).
     block_d: channels of d_inner per program (a power of two on GPU, a multiple of 128 on TPU).
-    num_warps, num_stages: Triton launch parameters (GPU only).
+    num_warps, num_stages: Triton launch parameters (GPU only). The Mosaic GPU kernel reads num_stages as the
+        chunks per tile it stages in shared memory.
     save_every: GPU only: the forward pass stores the state at the start of every ``save_every`` chunks
         (a segment) instead of every chunk; the backward pass first recomputes a segment's chunk-start
         states into a scratch buffer of save_every states per program (batch x d_inner x save_every x

@@ -3,19 +3,20 @@ and ``scan``, their ``custom_vjp`` that ``api.py`` calls (the contract of ``pall
 
 One program (one warpgroup, 128 threads) owns one batch element and 128 channels of d_inner, one channel per
 thread; the channel's d_state states are d_state float32 registers of that thread (d_state ``(128,)`` vectors
-of the kernel). It walks the length in chunks of ``blocks.chunk`` positions (unrolled inside a chunk), once
-per direction: the first direction writes its float32 output sum to ``ypre``, the second (Vim's backward
-direction, reading the positions from the last to the first in place) adds into it, and the last one applies
-the D skips' sum and the silu(z) gate and writes ``out``. delta_bias + softplus are fused. For training the
-forward pass also stores the state at every chunk start; the backward pass walks the chunks from the end,
-recomputes the states inside a chunk from its saved start, and carries dh backwards. A length that is not a
-multiple of the chunk ends with a shorter chunk (its size is static: no masks). d_inner is padded to a
-multiple of 128 (padded channels have u = 0, so their states stay 0 and add nothing to dB and dC).
+of the kernel). It walks the length once per direction in tiles of ``chunk * num_stages`` positions: TMA copies
+bring a tile's inputs (u, delta, B, C, z...) into shared memory while the tile before it is computed, and copy its
+outputs back out while the tile after it is computed (two slots of each tile). The first direction writes its
+float32 output sum to ``ypre``, the second (Vim's backward direction, reading the positions from the last to the
+first in place) copies it in and adds to it, and the last one applies the D skips' sum and the silu(z) gate and
+writes ``out``. delta_bias + softplus are fused. For training the forward pass also stores the state at every
+chunk start; the backward pass walks the tiles from the end, each tile's chunks from its last, recomputes a
+chunk's states from its saved start and carries dh backwards. A length that is not a multiple of the tile ends with
+a shorter tile (its size is static: no masks). d_inner is padded to a multiple of 128 (padded channels have u = 0,
+so their states stay 0 and add nothing to dB and dC).
 
 Gradients that sum over channels (dB, dC) are summed over the warpgroup at every position and written per
 channel block; those that sum over batch and length (dA, dD, d delta_bias) are written per batch element: no
-atomics, so the result is deterministic. Only ``blocks.chunk`` applies here: a program always has 128
-channels, and every chunk start is saved.
+atomics, so the result is deterministic. ``block_d`` must be 128 and ``save_every`` 1.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ class _Launch:
 
 
 class _Direction:
-    """One direction's refs and per-program parameters; its positions' inputs as float32 registers."""
+    """One direction's refs and its per-program parameters (A, D and delta_bias of its channels) as registers."""
 
     def __init__(self, refs: ScanDirection, reverse: bool, launch: _Launch):
         self.refs, self.reverse, self.launch = refs, reverse, launch
@@ -94,22 +95,9 @@ class _Direction:
         self.D = refs.D[self.cols]
         self.bias = refs.delta_bias[self.cols]
 
-    def row(self, ref, t) -> jax.Array:
-        return ref[self.b, t, self.cols].astype(_F32)
-
     def zeros(self) -> jax.Array:
         """A zero register vector in the loops' layout (a loop carry must enter in the layout it leaves in)."""
         return self.D * 0.0
-
-    def position(self, s):
-        """Scan step ``s`` -> (sequence position, u, delta + bias, dt, B scalars, C scalars)."""
-        t = self.launch.length - 1 - s if self.reverse else s
-        u = self.row(self.refs.u, t)
-        pre = self.row(self.refs.delta, t) + self.bias
-        dt = _softplus(pre) if self.launch.delta_softplus else pre
-        n = range(self.launch.d_state)
-        return (t, u, pre, dt, [self.refs.B[self.b, t, i].astype(_F32) for i in n],
-                [self.refs.C[self.b, t, i].astype(_F32) for i in n])
 
     def update(self, h, dt, u, b_scalars):
         """(decays, next state) of one position from state ``h``."""
@@ -118,56 +106,112 @@ class _Direction:
         return decays, [decay * h_n + du * b_n for decay, h_n, b_n in zip(decays, h, b_scalars, strict=True)]
 
 
-def _chunked(launch: _Launch, body, carry, backwards: bool):
-    """``body(chunk_index, size, carry) -> carry`` over the chunks (a fori loop over the full ones, then the short
-    last one; in the other order when ``backwards``)."""
-    tail = launch.length - launch.n_full * launch.chunk
-    full = lambda j, c: body(launch.n_full - 1 - j if backwards else j, launch.chunk, c)
-    if backwards and tail:
-        carry = body(launch.n_full, tail, carry)
-    carry = jax.lax.fori_loop(0, launch.n_full, full, carry)
-    if not backwards and tail:
-        carry = body(launch.n_full, tail, carry)
-    return carry
-
-
 class _Tiles:
     """A direction's scan steps in tiles of ``launch.tile`` positions staged in shared memory: ``n_full`` full
-    tiles, then one of ``tail`` positions."""
+    tiles, then one of ``tail`` positions. Each input is copied in per tile and each output copied out per tile,
+    double-buffered: tile q + 1's copies in flight while tile q is computed."""
 
-    def __init__(self, launch: _Launch, reverse: bool):
-        self.launch, self.reverse = launch, reverse
+    def __init__(self, launch: _Launch, d: _Direction):
+        self.launch, self.d = launch, d
         self.n_full, self.tail = divmod(launch.length, launch.tile)
 
     def rows(self, j, size: int) -> pl.Slice:
         """The sequence positions of tile ``j`` (``size`` scan steps from ``j * tile``)."""
         start = j * self.launch.tile
-        return pl.ds(self.launch.length - start - size if self.reverse else start, size)
+        return pl.ds(self.launch.length - start - size if self.d.reverse else start, size)
 
-    def row(self, i: int, size: int) -> int:
+    def row(self, i, size: int):
         """The row, in its tile of ``size``, of the tile's ``i``-th scan step."""
-        return size - 1 - i if self.reverse else i
+        return size - 1 - i if self.d.reverse else i
+
+    def gmem(self, ref, j, size: int, wide: bool = True):
+        """Tile ``j`` of ``ref``: (size, 128) of this program's channels when ``wide``, else (size, all)."""
+        rows = self.rows(j, size)
+        return ref.at[self.d.b, rows, self.d.cols] if wide else ref.at[self.d.b, rows]
+
+    def fetch(self, reads, bars, j, size: int, slot) -> None:
+        """Copies tile ``j`` of each ``(gmem_ref, smem_tiles, wide)`` of ``reads`` into ``slot``."""
+        for ref, buf, wide in reads:
+            plgpu.copy_gmem_to_smem(self.gmem(ref, j, size, wide), buf.at[slot, pl.ds(0, size)], bars.at[slot])
+
+    def store(self, copies, size: int, slot) -> None:
+        """After a tile's stores: copies the first ``size`` rows of ``slot`` of each ``(gmem_view, smem_tiles)``
+        of ``copies`` out."""
+        plgpu.commit_smem()  # the stores are visible to the copies, and every thread is past the tile's reads
+        for view, buf in copies:
+            plgpu.copy_smem_to_gmem(buf.at[slot, pl.ds(0, size)], view)
+        plgpu.commit_smem_to_gmem_group()
+
+    def walk(self, reads, bars, compute, carry, backwards: bool):
+        """``compute(j, size, slot, carry) -> carry`` over the tiles in scan order (``backwards``: from the last),
+        each after its copies in arrived and the copies out of its slot's previous tile read their tiles."""
+        n, tail, size = self.n_full, self.tail, self.launch.tile
+        full = lambda q: n - 1 - q if backwards else q  # the q-th full tile computed
+        tail_first = bool(backwards and tail)
+
+        def run(j, size, slot, carry):
+            plgpu.barrier_wait(bars.at[slot])
+            plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+            return compute(j, size, slot, carry)
+
+        if tail_first or not n:
+            self.fetch(reads, bars, n, tail, 0)
+        else:
+            self.fetch(reads, bars, full(0), size, 0)
+        if tail_first:
+            if n:
+                self.fetch(reads, bars, full(0), size, 1)
+            carry = run(n, tail, 0, carry)
+
+        def step(q, carry):
+            slot = (q + tail_first) % 2
+
+            @pl.when(q + 1 < n)
+            def _():
+                self.fetch(reads, bars, full(q + 1), size, 1 - slot)
+
+            if tail and not backwards:
+                @pl.when(q + 1 == n)
+                def _():
+                    self.fetch(reads, bars, n, tail, 1 - slot)
+
+            return run(full(q), size, slot, carry)
+
+        carry = jax.lax.fori_loop(0, n, step, carry)
+        if tail and not backwards:
+            carry = run(n, tail, n % 2, carry)
+        plgpu.wait_smem_to_gmem(0)  # every copy out has landed (a later direction may copy it in)
+        return carry
+
+
+def _tile_types(launch: _Launch, wide: dict, narrow: tuple[str, ...] = ()) -> dict:
+    """Two slots of shared-memory tiles: (tile, 128) per ``wide`` name -> dtype, (tile, B/C width) float32 per
+    ``narrow`` name."""
+    types = {name: plgpu.SMEM((2, launch.tile, LANES), dtype) for name, dtype in wide.items()}
+    types.update({name: plgpu.SMEM((2, launch.tile, _bc_width(launch.d_state)), _F32) for name in narrow})
+    return types
+
+
+def _barriers(reads_per_direction: list[int]) -> list:
+    return [plgpu.Barrier(num_arrivals=n, num_barriers=2) for n in reads_per_direction]
 
 
 def _forward_scratch(launch: _Launch, dirs: tuple[ScanDirection, ...], z: jax.Array | None, out_dtype):
-    """Two slots of every tile the forward kernel stages: inputs (``ins``), outputs (``outs``), and per direction
-    two barriers its input copies arrive at."""
-    tile = lambda dtype, width=LANES: plgpu.SMEM((2, launch.tile, width), dtype)
-    bc = _bc_width(launch.d_state)
-    ins = {"u": tile(dirs[0].u.dtype), "delta": tile(dirs[0].delta.dtype), "B": tile(_F32, bc), "C": tile(_F32, bc)}
+    """The forward kernel's tiles: inputs (``ins``), outputs (``outs``), and per direction the barriers of its
+    copies in."""
+    wide = {"u": dirs[0].u.dtype, "delta": dirs[0].delta.dtype}
     if len(dirs) > 1:
-        ins["ypre"] = tile(_F32)
+        wide["ypre"] = _F32
     if z is not None:
-        ins["z"] = tile(z.dtype)
-    outs = {"ypre": tile(_F32), "out": tile(out_dtype)}
-    barriers = [plgpu.Barrier(num_arrivals=4 + (k > 0) + (k == len(dirs) - 1 and z is not None), num_barriers=2)
-                for k in range(len(dirs))]
-    return ins, outs, barriers
+        wide["z"] = z.dtype
+    ins = _tile_types(launch, wide, ("B", "C"))
+    outs = _tile_types(launch, {"ypre": _F32, "out": out_dtype})
+    return ins, outs, _barriers([4 + (k > 0) + (k == len(dirs) - 1 and z is not None) for k in range(len(dirs))])
 
 
 def _forward_kernel(launch: _Launch, save: bool, scratch, *refs):
-    """refs: per direction its 7 inputs (A as (d_state, width), B and C float32), then z (if any); outputs out,
-    ypre, then per direction its chunk-start states (batch, n_chunks, d_state, width) when ``save``. ``scratch``:
+    """refs: per direction its 7 inputs (``_kernel_inputs``), then z (if any); outputs out, ypre, then per
+    direction its chunk-start states (batch, n_chunks, d_state, width) when ``save``. ``scratch``:
     ``_forward_scratch``'s types, allocated here."""
     n_dirs = len(launch.reverses)
     n_in = 7 * n_dirs + launch.has_z
@@ -178,33 +222,33 @@ def _forward_kernel(launch: _Launch, save: bool, scratch, *refs):
         for k, reverse in enumerate(launch.reverses):
             d = _Direction(ScanDirection(*inputs[7 * k:7 * k + 7]), reverse, launch)
             first, last = k == 0, k == n_dirs - 1
-            # (GMEM ref, its tiles, channel-wide?) copied in per tile, and copied out per tile
             reads = [(d.refs.u, ins["u"], True), (d.refs.delta, ins["delta"], True), (d.refs.B, ins["B"], False),
                      (d.refs.C, ins["C"], False)]
             reads += [(ypre_ref, ins["ypre"], True)] if not first else []
             reads += [(z_ref, ins["z"], True)] if last and z_ref is not None else []
             writes = [(ypre_ref, outs["ypre"])] + ([(out_ref, outs["out"])] if last else [])
-            _forward_direction(launch, d, _Tiles(launch, reverse), reads, writes, barriers[k], ins, outs,
-                               first=first, last=last, z=last and z_ref is not None, out_dtype=out_ref.dtype,
-                               state_ref=state_refs[k] if save else None)
+            tiles = _Tiles(launch, d)
+            compute = functools.partial(_forward_tile, tiles, ins, outs, writes, first=first, last=last,
+                                        z=last and z_ref is not None, out_dtype=out_ref.dtype,
+                                        state_ref=state_refs[k] if save else None)
+            tiles.walk(reads, barriers[k], compute, (d.zeros(),) * launch.d_state, backwards=False)
 
     pl.run_scoped(body, *scratch)
 
 
-def _forward_direction(launch: _Launch, d: _Direction, tiles: _Tiles, reads, writes, bars, ins, outs, *, first: bool,
-                       last: bool, z: bool, out_dtype, state_ref):
-    """One direction of the forward kernel: its tiles double-buffered (the next one's copies in flight while this
-    one is computed), each tile's outputs copied out while the next is computed."""
+def _forward_tile(tiles: _Tiles, ins, outs, writes, j, size: int, slot, h, *, first: bool, last: bool, z: bool,
+                  out_dtype, state_ref):
+    """Tile ``j`` of ``size`` scan steps (its inputs in ``slot``) from state ``h``: saves the chunk-start states,
+    stores ypre (and out, in the last direction) and copies them out; returns the state after it."""
+    d, launch = tiles.d, tiles.launch
 
-    def gmem(ref, j, size, wide=True):
-        return ref.at[d.b, tiles.rows(j, size), d.cols] if wide else ref.at[d.b, tiles.rows(j, size)]
+    def step(i, h):
+        if state_ref is not None:
+            @pl.when(i % launch.chunk == 0)
+            def _():
+                for n, h_n in enumerate(h):
+                    state_ref[d.b, (j * launch.tile + i) // launch.chunk, n, d.cols] = h_n
 
-    def fetch(j, size, slot):
-        for ref, buf, wide in reads:
-            plgpu.copy_gmem_to_smem(gmem(ref, j, size, wide), buf.at[slot, pl.ds(0, size)], bars.at[slot])
-
-    def position(i, size, slot, h):
-        """Scan step ``i`` of a tile of ``size`` in ``slot`` (``i`` may be traced)."""
         r = tiles.row(i, size)
         u = ins["u"][slot, r].astype(_F32)
         pre = ins["delta"][slot, r].astype(_F32) + d.bias
@@ -223,115 +267,123 @@ def _forward_direction(launch: _Launch, d: _Direction, tiles: _Tiles, reads, wri
             outs["out"][slot, r] = y.astype(out_dtype)
         return tuple(h)
 
-    def tile(j, size, slot, h):
-        plgpu.barrier_wait(bars.at[slot])
-        plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the copies out of this slot's previous tile have read it
-
-        def step(i, h):
-            if state_ref is not None:
-                @pl.when(i % launch.chunk == 0)
-                def _():
-                    for n, h_n in enumerate(h):
-                        state_ref[d.b, (j * launch.tile + i) // launch.chunk, n, d.cols] = h_n
-
-            return position(i, size, slot, h)
-
-        h = jax.lax.fori_loop(0, size, step, h)
-        plgpu.commit_smem()  # the tile's stores are visible to the copies out, and every thread is past its reads
-        for ref, buf in writes:
-            plgpu.copy_smem_to_gmem(buf.at[slot, pl.ds(0, size)], gmem(ref, j, size))
-        plgpu.commit_smem_to_gmem_group()
-        return h
-
-    def full_tile(j, h):
-        slot = j % 2
-
-        @pl.when(j + 1 < tiles.n_full)
-        def _():
-            fetch(j + 1, launch.tile, 1 - slot)
-
-        if tiles.tail:
-            @pl.when(j + 1 == tiles.n_full)
-            def _():
-                fetch(tiles.n_full, tiles.tail, 1 - slot)
-
-        return tile(j, launch.tile, slot, h)
-
-    fetch(0, launch.tile if tiles.n_full else tiles.tail, 0)
-    h = jax.lax.fori_loop(0, tiles.n_full, full_tile, (d.zeros(),) * launch.d_state)
-    if tiles.tail:
-        tile(tiles.n_full, tiles.tail, tiles.n_full % 2, h)
-    plgpu.wait_smem_to_gmem(0)  # this direction's ypre is in GMEM before the next direction copies it in
+    h = jax.lax.fori_loop(0, size, step, h)
+    tiles.store([(tiles.gmem(ref, j, size), buf) for ref, buf in writes], size, slot)
+    return h
 
 
-def _backward_kernel(launch: _Launch, *refs):
+def _backward_scratch(launch: _Launch, dirs: tuple[ScanDirection, ...], z: jax.Array | None, dout_dtype):
+    """The backward kernel's tiles: inputs (``ins``), outputs (``outs``; dB and dC per tile row), and per
+    direction the barriers of its copies in."""
+    wide = {"u": dirs[0].u.dtype, "delta": dirs[0].delta.dtype, "dout": dout_dtype}
+    if z is not None:
+        wide.update(z=z.dtype, ypre=_F32)
+    ins = _tile_types(launch, wide, ("B", "C"))
+    outs = _tile_types(launch, {"du": _F32, "ddelta": _F32, **({"dz": _F32} if z is not None else {})},
+                       ("dB", "dC"))
+    return ins, outs, _barriers([5 + 2 * (z is not None)] * len(dirs))
+
+
+def _backward_kernel(launch: _Launch, scratch, *refs):
     """refs: per direction its 7 inputs, then z, ypre (if z), dout, per direction its saved states; outputs dz (if
     z), then per direction du, d delta (batch, length, width), dA (batch, d_state, width), dB, dC (batch, channel
-    blocks, length, d_state), dD, d delta_bias (batch, width)."""
+    blocks, length, B/C width), dD, d delta_bias (batch, width). ``scratch``: ``_backward_scratch``'s types."""
     n_dirs = len(launch.reverses)
     n_in = 7 * n_dirs + 2 * launch.has_z + 1 + n_dirs
     inputs, outputs = refs[:n_in], refs[n_in:]
-    dir_refs = [ScanDirection(*inputs[7 * k:7 * k + 7]) for k in range(n_dirs)]
     rest = inputs[7 * n_dirs:]
     z_ref, ypre_ref = (rest[0], rest[1]) if launch.has_z else (None, None)
     dout_ref, state_refs = rest[2 * launch.has_z], rest[2 * launch.has_z + 1:]
     dz_ref = outputs[0] if launch.has_z else None
     grads = [DirectionGrads(*outputs[launch.has_z + 7 * k:launch.has_z + 7 * k + 7]) for k in range(n_dirs)]
-    for k, (refs_k, reverse, state_ref, g) in enumerate(zip(dir_refs, launch.reverses, state_refs, grads,
-                                                            strict=True)):
-        d = _Direction(refs_k, reverse, launch)
-        chunk = functools.partial(_backward_chunk, d=d, state_ref=state_ref, g=g, z_ref=z_ref, ypre_ref=ypre_ref,
-                                  dout_ref=dout_ref, dz_ref=dz_ref if k == 0 else None)
-        zero, n = d.zeros(), launch.d_state
-        _, dA, dD, dbias = _chunked(launch, chunk, ((zero,) * n, (zero,) * n, zero, zero), backwards=True)
-        for i, dA_n in enumerate(dA):
-            g.dA[d.b, i, d.cols] = dA_n
-        g.dD[d.b, d.cols] = dD
-        g.ddelta_bias[d.b, d.cols] = dbias
+
+    def body(ins, outs, barriers):
+        for k, reverse in enumerate(launch.reverses):
+            d, g = _Direction(ScanDirection(*inputs[7 * k:7 * k + 7]), reverse, launch), grads[k]
+            reads = [(d.refs.u, ins["u"], True), (d.refs.delta, ins["delta"], True), (d.refs.B, ins["B"], False),
+                     (d.refs.C, ins["C"], False), (dout_ref, ins["dout"], True)]
+            reads += [(z_ref, ins["z"], True), (ypre_ref, ins["ypre"], True)] if z_ref is not None else []
+            writes = [(g.du, outs["du"]), (g.ddelta, outs["ddelta"])]
+            writes += [(dz_ref, outs["dz"])] if z_ref is not None and k == 0 else []
+            tiles = _Tiles(launch, d)
+            compute = functools.partial(_backward_tile, tiles, ins, outs, writes, g, state_ref=state_refs[k],
+                                        dz=z_ref is not None and k == 0, z=z_ref is not None)
+            zero, n = d.zeros(), launch.d_state
+            _, dA, dD, dbias = tiles.walk(reads, barriers[k], compute, ((zero,) * n, (zero,) * n, zero, zero),
+                                          backwards=True)
+            for i, dA_n in enumerate(dA):
+                g.dA[d.b, i, d.cols] = dA_n
+            g.dD[d.b, d.cols] = dD
+            g.ddelta_bias[d.b, d.cols] = dbias
+
+    pl.run_scoped(body, *scratch)
 
 
-def _backward_chunk(j, size, carry, *, d: _Direction, state_ref, g: DirectionGrads, z_ref, ypre_ref, dout_ref,
-                    dz_ref):
-    """Chunk ``j`` (of ``size`` scan steps), backwards: (dh, dA, dD, d delta_bias) after it -> before it.
-    Writes its positions' du, d delta, dB, dC and, where ``dz_ref`` is given, dz."""
+def _backward_tile(tiles: _Tiles, ins, outs, writes, g: DirectionGrads, j, size: int, slot, carry, *,
+                   state_ref, dz: bool, z: bool):
+    """Tile ``j`` of ``size`` scan steps, backwards, chunk by chunk (the last, short one first): (dh, dA, dD,
+    d delta_bias) after it -> before it; its rows of du, d delta, dB, dC (and dz) copied out."""
+    launch = tiles.launch
+    n_chunks, short = divmod(size, launch.chunk)
+    chunk = functools.partial(_backward_chunk, tiles, ins, outs, j, size, slot, state_ref=state_ref, dz=dz, z=z)
+    if short:
+        carry = chunk(n_chunks, short, carry)
+    carry = jax.lax.fori_loop(0, n_chunks, lambda q, c: chunk(n_chunks - 1 - q, launch.chunk, c), carry)
+    rows = tiles.rows(j, size)  # dB and dC (summed over this program's channels) by channel block
+    block_rows = [(g.dB.at[tiles.d.b, tiles.d.block, rows], outs["dB"]), (g.dC.at[tiles.d.b, tiles.d.block, rows],
+                                                                         outs["dC"])]
+    tiles.store([(tiles.gmem(ref, j, size), buf) for ref, buf in writes] + block_rows, size, slot)
+    return carry
+
+
+def _backward_chunk(tiles: _Tiles, ins, outs, j, size: int, slot, c, steps: int, carry, *, state_ref, dz: bool,
+                    z: bool):
+    """Chunk ``c`` (``steps`` scan steps) of tile ``j``, backwards: recomputes its states from its saved start,
+    then walks it from its end."""
+    d, launch = tiles.d, tiles.launch
     dh, dA, dD, dbias = carry
-    states = [[state_ref[d.b, j, n, d.cols] for n in range(d.launch.d_state)]]
-    steps, decays = [], []
-    for i in range(size):  # Recompute the chunk's states from its start.
-        step = d.position(j * d.launch.chunk + i)
-        _, u, _, dt, b_s, _ = step
+    start = j * (launch.tile // launch.chunk) + c
+    states = [[state_ref[d.b, start, n, d.cols] for n in range(launch.d_state)]]
+    rows, decays, inputs = [], [], []
+    for i in range(steps):  # recompute the chunk's states from its start
+        r = tiles.row(c * launch.chunk + i, size)
+        u = ins["u"][slot, r].astype(_F32)
+        pre = ins["delta"][slot, r].astype(_F32) + d.bias
+        dt = _softplus(pre) if launch.delta_softplus else pre
+        b_s = [ins["B"][slot, r, n] for n in range(launch.d_state)]
         decay, h = d.update(states[-1], dt, u, b_s)
-        steps.append(step)
+        rows.append(r)
+        inputs.append((u, pre, dt, b_s))
         decays.append(decay)
         states.append(h)
     dA, dh = list(dA), list(dh)
-    for i in reversed(range(size)):
-        t, u, pre, dt, b_s, c_s = steps[i]
-        dy = d.row(dout_ref, t)
-        if z_ref is not None:
-            zt = d.row(z_ref, t)
+    for i in reversed(range(steps)):
+        r, (u, pre, dt, b_s) = rows[i], inputs[i]
+        dy = ins["dout"][slot, r].astype(_F32)
+        if z:
+            zt = ins["z"][slot, r].astype(_F32)
             sig = sigmoid(zt)
-            if dz_ref is not None:
-                dz_ref[d.b, t, d.cols] = dy * d.row(ypre_ref, t) * sig * (1.0 + zt * (1.0 - sig))
+            if dz:
+                outs["dz"][slot, r] = dy * ins["ypre"][slot, r] * sig * (1.0 + zt * (1.0 - sig))
             dy = dy * zt * sig
-        dh = [dh_n + c_n * dy for dh_n, c_n in zip(dh, c_s, strict=True)]
+        dh = [dh_n + ins["C"][slot, r, n] * dy for n, dh_n in enumerate(dh)]
         dtu = dt * u
         b_dh = ddt_a = d.zeros()
-        for n in range(d.launch.d_state):
-            g.dC[d.b, d.block, t, n] = jnp.sum(states[i + 1][n] * dy)
-            g.dB[d.b, d.block, t, n] = jnp.sum(dh[n] * dtu)
+        for n in range(launch.d_state):
+            outs["dC"][slot, r, n] = jnp.sum(states[i + 1][n] * dy)
+            outs["dB"][slot, r, n] = jnp.sum(dh[n] * dtu)
             b_dh = b_dh + dh[n] * b_s[n]
             dh_a_h = dh[n] * decays[i][n] * states[i][n]  # dh of the previous position (before its output) x h
             ddt_a = ddt_a + dh_a_h * d.A[n]
             dA[n] = dA[n] + dh_a_h * dt
             dh[n] = dh[n] * decays[i][n]
-        g.du[d.b, t, d.cols] = b_dh * dt + d.D * dy
+        outs["du"][slot, r] = b_dh * dt + d.D * dy
         dD = dD + dy * u
         dpre = ddt_a + u * b_dh
-        if d.launch.delta_softplus:
+        if launch.delta_softplus:
             dpre = dpre * sigmoid(pre)
         dbias = dbias + dpre
-        g.ddelta[d.b, t, d.cols] = dpre
+        outs["ddelta"][slot, r] = dpre
     return tuple(dh), tuple(dA), dD, dbias
 
 
@@ -404,20 +456,21 @@ def _backward(dirs, z, ypre, states, dout, cfg: KernelConfig):
     width = ypre.shape[-1]
     n_state, n_blocks = launch.d_state, width // LANES
     act = jax.ShapeDtypeStruct((batch, length, width), _F32)
-    per_block = jax.ShapeDtypeStruct((batch, n_blocks, length, n_state), _F32)
+    per_block = jax.ShapeDtypeStruct((batch, n_blocks, length, _bc_width(n_state)), _F32)
     per_batch = jax.ShapeDtypeStruct((batch, width), _F32)
     grad_types = DirectionGrads(act, act, jax.ShapeDtypeStruct((batch, n_state, width), _F32), per_block,
                                 per_block, per_batch, per_batch)
     out_type = ((act,) if z is not None else ()) + tuple(grad_types) * len(dirs)
     args = _kernel_inputs(dirs, width) + ([] if z is None else [_padded(z, width), ypre]) + [
         _padded(dout, width), *states]
-    outs = _call(functools.partial(_backward_kernel, launch), out_type, batch, width, cfg, BACKWARD_PARAMS)(*args)
+    body = functools.partial(_backward_kernel, launch, _backward_scratch(launch, dirs, z, dout.dtype))
+    outs = _call(body, out_type, batch, width, cfg, BACKWARD_PARAMS)(*args)
     dz, raw = (outs[0][..., :d_inner], outs[1:]) if z is not None else (None, outs)
     grads = []
     for k in range(len(dirs)):
         g = DirectionGrads(*raw[7 * k:7 * k + 7])
         grads.append(DirectionGrads(g.du[..., :d_inner], g.ddelta[..., :d_inner], g.dA.sum(0)[:, :d_inner].T,
-                                    g.dB.sum(1), g.dC.sum(1), g.dD.sum(0)[:d_inner],
+                                    g.dB.sum(1)[..., :n_state], g.dC.sum(1)[..., :n_state], g.dD.sum(0)[:d_inner],
                                     g.ddelta_bias.sum(0)[:d_inner]))
     return tuple(grads), dz
 
