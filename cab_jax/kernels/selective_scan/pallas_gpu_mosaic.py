@@ -9,8 +9,8 @@ outputs back out while the tile after it is computed (two slots of each tile). T
 float32 output sum to ``ypre``, the second (Vim's backward direction, reading the positions from the last to the
 first in place) copies it in and adds to it, and the last one applies the D skips' sum and the silu(z) gate and
 writes ``out``. delta_bias + softplus are fused. For training the forward pass also stores the state at every
-chunk start; the backward pass walks the tiles from the end, each tile's chunks from its last, recomputes a
-chunk's states from its saved start and carries dh backwards. A length that is not a multiple of the tile ends with
+chunk start; the backward pass walks the length from the end in tiles of one chunk (the same pipeline),
+recomputes a chunk's states from its saved start and carries dh backwards. A length that is not a multiple of the tile ends with
 a shorter tile (its size is static: no masks). d_inner is padded to a multiple of 128 (padded channels have u = 0,
 so their states stay 0 and add nothing to dB and dC).
 
@@ -420,13 +420,13 @@ def _kernel_inputs(dirs: tuple[ScanDirection, ...], width: int) -> list[jax.Arra
     return args
 
 
-# The forward kernel without Pallas's automatic barriers around every load and store: it meets the two conditions
+# Both kernels run without Pallas's automatic barriers around every load and store: they meet the two conditions
 # Mosaic GPU's documentation gives for that. No thread reads and writes the same memory (inputs are read from
-# tiles the copies in write, outputs are written to tiles the copies out read), and after commit_smem no thread
-# reads a tile that a copy then overwrites. The barriers it needs are in commit_smem and the waits.
+# tiles the copies in write, outputs are written to tiles the copies out read, GMEM outputs are only written),
+# and after commit_smem no thread reads a tile that a copy then overwrites. The barriers they need are in
+# commit_smem and the waits for copies.
 FORWARD_PARAMS = plgpu.CompilerParams(unsafe_no_auto_barriers=True)
-# The backward kernel's (None: Mosaic GPU's defaults, a warpgroup barrier around every load and store).
-BACKWARD_PARAMS: plgpu.CompilerParams | None = None
+BACKWARD_PARAMS = plgpu.CompilerParams(unsafe_no_auto_barriers=True)
 
 
 def _call(body, out_type, batch: int, width: int, cfg: KernelConfig, params: plgpu.CompilerParams | None):
@@ -451,7 +451,9 @@ def _forward(dirs: tuple[ScanDirection, ...], z: jax.Array | None, cfg: KernelCo
 
 
 def _backward(dirs, z, ypre, states, dout, cfg: KernelConfig):
-    launch = _launch(dirs, z, cfg)
+    # One chunk per tile: the backward unrolls a chunk, once per tile shape and chunk shape in it, and Mosaic GPU's
+    # compile time grows with the unrolled code (measured: over 300 s at Vim-S with tiles of four chunks).
+    launch = dataclasses.replace(_launch(dirs, z, cfg), tile=cfg.blocks.chunk)
     batch, length, d_inner = dirs[0].u.shape
     width = ypre.shape[-1]
     n_state, n_blocks = launch.d_state, width // LANES
