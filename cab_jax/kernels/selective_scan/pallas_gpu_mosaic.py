@@ -41,7 +41,7 @@ from cab_jax.kernels.selective_scan.pallas_common import (
 
 _F32 = jnp.float32
 LANES = 128  # channels per program: one warpgroup, one channel per thread
-DEFAULT_BLOCKS = BlockSizes(chunk=4, block_d=LANES, num_warps=4, num_stages=4, save_every=1)
+DEFAULT_BLOCKS = BlockSizes(chunk=4, block_d=LANES, num_warps=4, num_stages=2, save_every=1)
 
 
 def default_blocks(d_state: int) -> BlockSizes:
