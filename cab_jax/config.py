@@ -189,6 +189,15 @@ def validate(c: ml_collections.ConfigDict, mesh_shape: Mapping[str, int] | None 
         _check(len(c.study.modes) > 0, "study.modes", "must name at least one loss mode")
         for mode in c.study.modes:
             _check_choice(mode, "study.modes", modes)
+        fractions, seeds = tuple(c.study.get("fractions", ())), tuple(c.study.get("seeds", ()))
+        _check(not fractions or c.domain == "vision", "study.fractions",
+               "train-subset fractions are for vision studies (a language study trains on its whole corpus)")
+        for f in fractions:
+            _check(isinstance(f, int | float) and 0 < f <= 1, "study.fractions", f"each must be in (0, 1], got {f!r}")
+        _check(len(set(fractions)) == len(fractions), "study.fractions", f"repeats a fraction: {fractions}")
+        for seed in seeds:
+            _check(isinstance(seed, int), "study.seeds", f"must be integers, got {seed!r}")
+        _check(len(set(seeds)) == len(seeds), "study.seeds", f"repeats a seed: {seeds}")
     _check(c.loss.temperature > 0, "loss.temperature", f"must be positive, got {c.loss.temperature}")
     for name in ("ce_weight", "kl_weight", "bridge_weight"):
         _check(c.loss[name] is None or c.loss[name] >= 0, f"loss.{name}", f"must be >= 0, got {c.loss[name]}")

@@ -1,5 +1,9 @@
-"""The study runner (``config.task = "study"``): train the teacher once, then one student per loss mode of
-``config.study.modes``, evaluate each on the held-out split and write a results table.
+"""The study runner (``config.task = "study"``): train the teacher once, then one student per cell of the grid
+``config.study.fractions`` (vision: train-subset fractions) x ``config.study.modes`` x ``config.study.seeds``,
+evaluate each on the held-out split and write the tables: ``results.md``/``.json`` (one row per run) and
+``study.md``/``.json`` (per fraction and mode: mean, standard deviation and every seed's figure), and, with
+matplotlib installed (the ``plot`` extra), ``study.png`` (the figure against the fraction, one line per mode).
+A finished run is reused, not trained again, so the same command resumes a study.
 
 Vision (``configs/demo.py``): DeiT teacher, Vim students on a small per-class subset, top-1/top-5.
 Language (``configs/demo_lm.py``): Phi teacher, Phi-Mamba students, held-out perplexity and tokens/s; the modes in
@@ -18,9 +22,11 @@ from etils import epath
 from cab_jax import config as config_lib
 from cab_jax import train
 
-VISION_COLUMNS = ("model", "mode", "train images", "top-1", "top-5", "steps", "this run", "wall time (s)")
-LANGUAGE_COLUMNS = ("model", "mode", "init from attention", "train tokens", "held-out perplexity", "token acc (%)",
-                    "train tokens/s", "steps", "this run", "wall time (s)")
+VISION_COLUMNS = ("model", "mode", "fraction", "seed", "train images", "top-1", "top-5", "steps", "this run",
+                  "wall time (s)")
+LANGUAGE_COLUMNS = ("model", "mode", "seed", "init from attention", "train tokens", "held-out perplexity",
+                    "token acc (%)", "train tokens/s", "steps", "this run", "wall time (s)")
+SUMMARY_COLUMNS = ("fraction", "mode", "metric", "mean", "std", "seeds", "per seed")
 
 
 def _stage(c: ml_collections.ConfigDict, **changes) -> ml_collections.ConfigDict:
@@ -32,10 +38,18 @@ def _stage(c: ml_collections.ConfigDict, **changes) -> ml_collections.ConfigDict
     return stage
 
 
+def grid(c: ml_collections.ConfigDict) -> list[tuple[float | None, str, int]]:
+    """The students of a study, in training order: (train-subset fraction (None for language), mode, seed).
+    Unset fractions or seeds mean the config's own ``data.subset_fraction`` and ``seed``."""
+    fractions = [None] if c.domain == "language" else list(c.study.get("fractions", ())) or [c.data.subset_fraction]
+    seeds = list(c.study.get("seeds", ())) or [c.seed]
+    return [(f, mode, seed) for f in fractions for mode in c.study.modes for seed in seeds]
+
+
 def run(c: ml_collections.ConfigDict, workdir: str) -> tuple[list[dict], bool]:
-    """Teacher in ``workdir/teacher`` (reused when finished), students in ``workdir/students/MODE``; the table in
-    ``workdir/results.md`` and ``results.json``. Returns the rows and whether the study finished (False: a stage
-    was stopped by a signal, and the same command resumes it)."""
+    """Teacher in ``workdir/teacher`` (reused when finished), students in ``workdir/students/MODE/...``; the tables
+    as the module says. Returns the rows and whether the study finished (False: a stage was stopped by a signal,
+    and the same command resumes it)."""
     config_lib.validate(c)
     root = epath.Path(workdir)
     # The embedded datasets are built inside the workdir unless told otherwise.
@@ -44,37 +58,93 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> tuple[list[dict], bool]:
     teacher_dir = root / "teacher"
     logging.info("Study stage 1: teacher on the full train split (cached in %s).", teacher_dir)
     teacher = train.train_and_evaluate(_stage(c, task="train_teacher", **{"data.data_dir": data_dir}), str(teacher_dir))
-    rows = [_row(c, "teacher (Phi)" if language else "teacher (DeiT)", "supervised", False, teacher, teacher_dir)]
+    rows = [_row(c, "teacher (Phi)" if language else "teacher (DeiT)", "supervised", None, c.seed, False, teacher,
+                 teacher_dir)]
     if teacher.stopped_early:
         return rows, False
-    for mode in c.study.modes:
+    cells = grid(c)
+    for number, (fraction, mode, seed) in enumerate(cells, 1):
         changes = {"task": "distill", "loss.mode": mode, "teacher.init_from": str(teacher_dir),
-                   "data.data_dir": data_dir}
+                   "data.data_dir": data_dir, "seed": seed}
         init = language and mode in c.study.init_from_attention_modes
         if language:
             changes["student.init_from_attention"] = init
-        logging.info("Study stage 2: student with loss mode %r%s.", mode,
+        else:
+            changes["data.subset_fraction"] = fraction
+        logging.info("Study stage 2 (%d/%d): student with loss mode %r, seed %d%s.", number, len(cells), mode, seed,
                      " initialised from the teacher's attention" if init else
-                     "" if language else f" on {100 * c.data.subset_fraction:.0f}% of the train split")
-        student_dir = root / "students" / mode
+                     "" if language else f", on {100 * fraction:g}% of the train split")
+        student_dir = root / "students" / mode / (f"seed{seed}" if language else f"fraction{fraction:g}_seed{seed}")
         result = train.train_and_evaluate(_stage(c, **changes), str(student_dir))
-        rows.append(_row(c, "student (Phi-Mamba)" if language else "student (Vim)", mode, init, result, student_dir))
+        rows.append(_row(c, "student (Phi-Mamba)" if language else "student (Vim)", mode, fraction, seed, init,
+                         result, student_dir))
         if result.stopped_early:
             return rows, False
     table = format_table(rows, LANGUAGE_COLUMNS if language else VISION_COLUMNS)
     print(table, flush=True)
     (root / "results.md").write_text(table + "\n")
     (root / "results.json").write_text(json.dumps(rows, indent=2))
+    cells = summarize(rows[1:], "held-out perplexity" if language else "top-1")
+    (root / "study.md").write_text(format_table(cells, SUMMARY_COLUMNS) + "\n")
+    (root / "study.json").write_text(json.dumps(cells, indent=2))
+    if not language:
+        plot(cells, root / "study.png")
     return rows, True
 
 
-def _row(c: ml_collections.ConfigDict, model: str, mode: str, init: bool, result: train.RunResult,
-         workdir: epath.Path) -> dict:
+def summarize(rows: list[dict], metric: str) -> list[dict]:
+    """Per (fraction, mode) of the student ``rows``, in their order: ``metric``'s mean, sample standard deviation
+    (0 for one seed) and every seed's figure."""
+    cells: dict[tuple, list[dict]] = {}
+    for row in rows:
+        cells.setdefault((row.get("fraction"), row["mode"]), []).append(row)
+    summary = []
+    for (fraction, mode), runs in cells.items():
+        values = [r[metric] for r in runs]
+        summary.append({"fraction": fraction, "mode": mode, "metric": metric,
+                        "mean": round(statistics.fmean(values), 3),
+                        "std": round(statistics.stdev(values), 3) if len(values) > 1 else 0.0,
+                        "seeds": [r["seed"] for r in runs], "per seed": values})
+    return summary
+
+
+def plot(cells: list[dict], path: epath.Path) -> bool:
+    """The summary ``cells`` as Fig. 2 of the paper draws them: the metric against the train fraction (log scale),
+    one line per mode with standard-deviation error bars, written to ``path`` (PNG). Needs matplotlib (the ``plot``
+    extra); without it, says so and returns False."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only, whatever the display
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logging.warning("No study plot: matplotlib is not installed (pip install 'cab-jax[plot]').")
+        return False
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for mode in dict.fromkeys(cell["mode"] for cell in cells):
+        mine = sorted((c for c in cells if c["mode"] == mode), key=lambda c: c["fraction"])
+        ax.errorbar([100 * c["fraction"] for c in mine], [c["mean"] for c in mine], yerr=[c["std"] for c in mine],
+                    marker="o", capsize=3, label=mode)
+    ax.set_xscale("log")
+    ax.set_xlabel("train images used (%)")
+    ax.set_ylabel(f"{cells[0]['metric']} (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(title="student loss")
+    fig.tight_layout()
+    with path.open("wb") as f:
+        fig.savefig(f, format="png", dpi=120)
+    plt.close(fig)
+    return True
+
+
+def _row(c: ml_collections.ConfigDict, model: str, mode: str, fraction: float | None, seed: int, init: bool,
+         result: train.RunResult, workdir: epath.Path) -> dict:
     m, nan = result.metrics, float("nan")
-    row = {"model": model, "mode": mode, "steps": result.steps, "this run": _this_run(result),
+    row = {"model": model, "mode": mode, "seed": seed, "steps": result.steps, "this run": _this_run(result),
            "wall time (s)": round(result.wall_time_s, 1)}
     if c.domain != "language":
-        return {**row, "train images": result.train_examples, "top-1": round(m.get("top1", nan), 2),
+        return {**row, "fraction": 1.0 if fraction is None else fraction, "train images": result.train_examples,
+                "top-1": round(m.get("top1", nan), 2),
                 "top-5": round(m.get("top5", nan), 2)}
     return {**row, "init from attention": "yes" if init else "no",
             "train tokens": result.train_examples * c.data.seq_len,

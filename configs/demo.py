@@ -36,5 +36,6 @@ def get_config(arg=None):
                                 mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     c.train = config.vision_train(steps=250, batch_size=16, lr_reference_batch=16, **steps)
     c.mesh = config.mesh(data=-1)
-    c.study = dict(modes=("vanilla", "soft", "cab"))
+    # The grid: train fractions x modes x seeds (empty: data.subset_fraction, seed).
+    c.study = dict(modes=("vanilla", "soft", "cab"), fractions=(), seeds=())
     return c

@@ -8,7 +8,8 @@ trains a byte-level BPE tokenizer on it, trains the teacher, then distils one st
 soft (CE + KL) and cab (CE + 0.5 KL + 0.5 bridge, initialised from the teacher's attention), and prints held-out
 perplexity and tokens/s. The student mirrors the teacher head for head (n_qk_heads = heads, d_state = head_dim,
 d_inner = width), as Phi-Mamba mirrors Phi-1.5, so that its mixers can start from the teacher's attention.
-Sample afterwards with ``python -m cab_jax.generate --workdir=/tmp/cab_demo_lm/students/cab --prompt="def fib("``.
+Sample afterwards with
+``python -m cab_jax.generate --workdir=/tmp/cab_demo_lm/students/cab/seed0 --prompt="def fib("``.
 """
 
 import ml_collections
@@ -36,5 +37,5 @@ def get_config(arg=None):
                   synthetic_size=1024, num_workers=0)
     c.train = config.language_train(steps=300, **steps)
     c.mesh = config.mesh(data=-1)
-    c.study = dict(modes=("vanilla", "soft", "cab"), init_from_attention_modes=("cab",))
+    c.study = dict(modes=("vanilla", "soft", "cab"), init_from_attention_modes=("cab",), seeds=())  # () = seed
     return c

@@ -142,3 +142,23 @@ def test_main_rejects_bad_override_before_work(tmp_path):
     assert proc.returncode != 0
     assert "config.loss.mode" in proc.stderr and "nonsense" in proc.stderr
     assert not any(tmp_path.iterdir()), "nothing may be written before validation passes"
+
+
+@pytest.mark.parametrize("override, key", [
+    ("--config.study.fractions=(0.1, 1.5)", "study.fractions"),
+    ("--config.study.fractions=(0.1, 0.1)", "study.fractions"),
+    ("--config.study.seeds=(0, 0)", "study.seeds"),
+    ("--config.study.modes=('hard',)", "study.modes"),
+])
+def test_a_bad_study_grid_fails_with_the_key(override, key):
+    c = load(CONFIGS[0].parent / "demo.py", override)
+    with pytest.raises(ValueError, match=f"config.{key}".replace(".", r"\.")):
+        config_lib.validate(c)
+
+
+def test_a_language_study_has_no_train_fractions():
+    c = load(CONFIGS[0].parent / "demo_lm.py")
+    with c.unlocked():
+        c.study.fractions = (0.5,)
+    with pytest.raises(ValueError, match=r"config\.study\.fractions"):
+        config_lib.validate(c)

@@ -1,18 +1,18 @@
 """Mamba-1 selective scan as Pallas kernels lowered through Mosaic GPU (Hopper and newer), forward and backward,
 and ``scan``, their ``custom_vjp`` that ``api.py`` calls (the contract of ``pallas_common``).
 
-One program (one warpgroup, 128 threads) owns one batch element and 128 channels of d_inner, one channel per
-thread; the channel's d_state states are d_state float32 registers of that thread (d_state ``(128,)`` vectors
-of the kernel). It walks the length once per direction in tiles of ``chunk * num_stages`` positions: TMA copies
-bring a tile's inputs (u, delta, B, C, z...) into shared memory while the tile before it is computed, and copy its
-outputs back out while the tile after it is computed (two slots of each tile). The first direction writes its
-float32 output sum to ``ypre``, the second (Vim's backward direction, reading the positions from the last to the
-first in place) copies it in and adds to it, and the last one applies the D skips' sum and the silu(z) gate and
-writes ``out``. delta_bias + softplus are fused. For training the forward pass also stores the state at every
-chunk start; the backward pass walks the length from the end in tiles of one chunk (the same pipeline),
-recomputes a chunk's states from its saved start and carries dh backwards. A length that is not a multiple of the tile ends with
-a shorter tile (its size is static: no masks). d_inner is padded to a multiple of 128 (padded channels have u = 0,
-so their states stay 0 and add nothing to dB and dC).
+One program (one warpgroup, 128 threads) owns one batch element and 128 channels of d_inner, one channel per thread;
+the channel's d_state states are d_state float32 registers of that thread (d_state ``(128,)`` vectors of the
+kernel). It walks the length once per direction in tiles of ``chunk * num_stages`` positions: TMA copies bring a
+tile's inputs (u, delta, B, C, z...) into shared memory while the tile before it is computed, and copy its outputs
+back out while the tile after it is computed (two slots of each tile). The first direction writes its float32 output
+sum to ``ypre``, the second (Vim's backward direction, reading the positions from the last to the first in place)
+copies it in and adds to it, and the last one applies the D skips' sum and the silu(z) gate and writes ``out``.
+delta_bias + softplus are fused. For training the forward pass also stores the state at every chunk start; the
+backward pass walks the length from the end in tiles of one chunk (the same pipeline), recomputes a chunk's states
+from its saved start and carries dh backwards. A length that is not a multiple of the tile ends with a shorter tile
+(its size is static: no masks). d_inner is padded to a multiple of 128 (padded channels have u = 0, so their states
+stay 0 and add nothing to dB and dC).
 
 Gradients that sum over channels (dB, dC) are summed over the warpgroup at every position and written per
 channel block; those that sum over batch and length (dA, dD, d delta_bias) are written per batch element: no

@@ -1,0 +1,94 @@
+"""The study runner's grid, tables and plot, with a stand-in for training (what one training run does is tested
+in test_train.py, and a real study end to end in test_cli.py)."""
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+import test_config
+
+from cab_jax import study, train
+
+DEMO = pathlib.Path(__file__).parents[1] / "configs" / "demo.py"
+
+
+def fake_top1(mode: str, fraction: float, seed: int) -> float:
+    return {"vanilla": 10.0, "soft": 20.0, "cab": 30.0}[mode] + 100 * fraction + seed
+
+
+@pytest.fixture
+def trained(monkeypatch):
+    """Replaces training: records each run's config and workdir, and gives a top-1 made of its mode, fraction and
+    seed."""
+    runs = []
+
+    def train_and_evaluate(c, workdir):
+        runs.append((c, workdir))
+        if c.task == "train_teacher":
+            return train.RunResult({"top1": 99.0, "top5": 100.0}, 5, 1.0, 360)
+        top1 = fake_top1(c.loss.mode, c.data.subset_fraction, c.seed)
+        return train.RunResult({"top1": top1, "top5": 100.0}, 3, 1.0, 12)
+
+    monkeypatch.setattr(train, "train_and_evaluate", train_and_evaluate)
+    return runs
+
+
+def test_the_teacher_trains_once_and_each_cell_of_the_grid_once(tmp_path, trained):
+    c = test_config.load(DEMO, "--config.study.fractions=(0.05, 0.2)", "--config.study.seeds=(0, 1, 2)",
+                         "--config.study.modes=('soft', 'cab')")
+    rows, finished = study.run(c, str(tmp_path))
+    assert finished
+    assert [r.task for r, _ in trained] == ["train_teacher"] + ["distill"] * 12
+    cells = [(r.data.subset_fraction, r.loss.mode, r.seed) for r, _ in trained[1:]]
+    assert cells == [(f, m, s) for f in (0.05, 0.2) for m in ("soft", "cab") for s in (0, 1, 2)]
+    assert all(r.teacher.init_from == str(tmp_path / "teacher") for r, _ in trained[1:])
+    assert len({w for _, w in trained}) == 13  # every run has its own workdir
+    assert trained[1][1] == str(tmp_path / "students" / "soft" / "fraction0.05_seed0")
+    assert [r["top-1"] for r in rows[1:]] == [fake_top1(m, f, s) for f, m, s in cells]
+
+
+def test_the_summary_gives_mean_std_and_every_seed_and_the_plot_is_a_png(tmp_path, trained):
+    c = test_config.load(DEMO, "--config.study.fractions=(0.05, 0.2)", "--config.study.seeds=(0, 1, 2)",
+                         "--config.study.modes=('vanilla', 'cab')")
+    study.run(c, str(tmp_path))
+    cells = json.loads((tmp_path / "study.json").read_text())
+    assert [(x["fraction"], x["mode"]) for x in cells] == [(0.05, "vanilla"), (0.05, "cab"), (0.2, "vanilla"),
+                                                          (0.2, "cab")]
+    for cell in cells:
+        want = [fake_top1(cell["mode"], cell["fraction"], s) for s in (0, 1, 2)]
+        assert cell["seeds"] == [0, 1, 2] and cell["per seed"] == want and cell["metric"] == "top-1"
+        assert cell["mean"] == pytest.approx(np.mean(want), abs=1e-3)
+        assert cell["std"] == pytest.approx(np.std(want, ddof=1), abs=1e-3)
+    table = (tmp_path / "study.md").read_text()
+    assert table.startswith("| fraction | mode | metric | mean | std |") and table.count("\n") == 6
+    assert (tmp_path / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_without_a_grid_the_study_is_the_config_s_one_fraction_and_seed(tmp_path, trained):
+    c = test_config.load(DEMO, "--config.seed=7")
+    study.run(c, str(tmp_path))
+    assert [(r.data.subset_fraction, r.loss.mode, r.seed) for r, _ in trained[1:]] == [
+        (c.data.subset_fraction, m, 7) for m in ("vanilla", "soft", "cab")]
+    cells = json.loads((tmp_path / "study.json").read_text())
+    assert [x["std"] for x in cells] == [0.0] * 3
+
+
+def test_without_matplotlib_there_is_no_plot_and_a_line_says_how_to_get_it(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    warnings = []
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    monkeypatch.setattr(study.logging, "warning", lambda msg, *a: warnings.append(msg % a))
+    cells = [{"fraction": 0.1, "mode": "cab", "metric": "top-1", "mean": 1.0, "std": 0.0}]
+    from etils import epath
+
+    assert not study.plot(cells, epath.Path(tmp_path) / "study.png")
+    assert not (tmp_path / "study.png").exists() and "cab-jax[plot]" in warnings[0]
