@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import statistics
 
+import jax
 import ml_collections
 from absl import logging
 from etils import epath
@@ -52,6 +53,7 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> tuple[list[dict], bool]:
     and the same command resumes it)."""
     config_lib.validate(c)
     root = epath.Path(workdir)
+    _cache_compiled_programs(root)
     # The embedded datasets are built inside the workdir unless told otherwise.
     data_dir = c.data.data_dir or str(root / "tfds")
     language = c.domain == "language"
@@ -90,6 +92,15 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> tuple[list[dict], bool]:
     if not language:
         plot(cells, root / "study.png")
     return rows, True
+
+
+def _cache_compiled_programs(root: epath.Path) -> None:
+    """The study's students share their programs (every seed of a fraction and mode compiles the same ones):
+    unless a compilation cache is set already, JAX's persistent cache goes to ``root/jax_cache``, so that each
+    program compiles once per study (and once in all when the study is resumed)."""
+    if jax.config.jax_compilation_cache_dir is None:
+        jax.config.update("jax_compilation_cache_dir", str(root / "jax_cache"))
+        logging.info("Compiled programs are cached in %s.", root / "jax_cache")
 
 
 def summarize(rows: list[dict], metric: str) -> list[dict]:

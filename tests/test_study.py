@@ -92,3 +92,25 @@ def test_without_matplotlib_there_is_no_plot_and_a_line_says_how_to_get_it(tmp_p
 
     assert not study.plot(cells, epath.Path(tmp_path) / "study.png")
     assert not (tmp_path / "study.png").exists() and "cab-jax[plot]" in warnings[0]
+
+
+@pytest.mark.parametrize("preset", [False, True])
+def test_a_study_caches_its_compiled_programs_in_its_workdir_unless_a_cache_is_set(tmp_path, preset):
+    """Every seed of a cell compiles the same programs: the study keeps JAX's persistent cache in the workdir, but
+    leaves a cache the user set alone."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env.update(JAX_PLATFORMS="cpu", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    if preset:
+        env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "users_cache")
+    script = ("import jax, jax.numpy as jnp; from etils import epath; from cab_jax import study; "
+              f"study._cache_compiled_programs(epath.Path({str(tmp_path)!r})); "
+              "jax.jit(lambda x: jnp.sin(x) * 2)(jnp.ones(3)).block_until_ready()")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120,
+                          cwd=pathlib.Path(__file__).parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    ours, users = tmp_path / "jax_cache", tmp_path / "users_cache"
+    assert (not ours.exists() and any(users.iterdir())) if preset else any(ours.iterdir())

@@ -9,10 +9,11 @@ back out while the tile after it is computed (two slots of each tile). The first
 sum to ``ypre``, the second (Vim's backward direction, reading the positions from the last to the first in place)
 copies it in and adds to it, and the last one applies the D skips' sum and the silu(z) gate and writes ``out``.
 delta_bias + softplus are fused. For training the forward pass also stores the state at every chunk start; the
-backward pass walks the length from the end in tiles of one chunk (the same pipeline), recomputes a chunk's states
-from its saved start and carries dh backwards. A length that is not a multiple of the tile ends with a shorter tile
-(its size is static: no masks). d_inner is padded to a multiple of 128 (padded channels have u = 0, so their states
-stay 0 and add nothing to dB and dC).
+backward pass walks the same tiles from the end, each tile's chunks from its last: it recomputes a chunk's states
+from its saved start into shared memory, then walks the chunk backwards carrying dh. Positions are loops, not
+unrolled (Mosaic GPU's compile time grows with unrolled code). A length that is not a multiple of the tile ends with
+a shorter tile (its size is static: no masks). d_inner is padded to a multiple of 128 (padded channels have u = 0,
+so their states stay 0 and add nothing to dB and dC).
 
 Gradients that sum over channels (dB, dC) are summed over the warpgroup at every position and written per
 channel block; those that sum over batch and length (dA, dD, d delta_bias) are written per batch element: no
@@ -273,15 +274,16 @@ def _forward_tile(tiles: _Tiles, ins, outs, writes, j, size: int, slot, h, *, fi
 
 
 def _backward_scratch(launch: _Launch, dirs: tuple[ScanDirection, ...], z: jax.Array | None, dout_dtype):
-    """The backward kernel's tiles: inputs (``ins``), outputs (``outs``; dB and dC per tile row), and per
-    direction the barriers of its copies in."""
+    """The backward kernel's tiles: inputs (``ins``), outputs (``outs``; dB and dC per tile row), the states of
+    a chunk, and per direction the barriers of its copies in."""
     wide = {"u": dirs[0].u.dtype, "delta": dirs[0].delta.dtype, "dout": dout_dtype}
     if z is not None:
         wide.update(z=z.dtype, ypre=_F32)
     ins = _tile_types(launch, wide, ("B", "C"))
     outs = _tile_types(launch, {"du": _F32, "ddelta": _F32, **({"dz": _F32} if z is not None else {})},
                        ("dB", "dC"))
-    return ins, outs, _barriers([5 + 2 * (z is not None)] * len(dirs))
+    states = plgpu.SMEM((launch.chunk + 1, launch.d_state, LANES), _F32)  # a chunk's recomputed states
+    return ins, outs, states, _barriers([5 + 2 * (z is not None)] * len(dirs))
 
 
 def _backward_kernel(launch: _Launch, scratch, *refs):
@@ -297,7 +299,7 @@ def _backward_kernel(launch: _Launch, scratch, *refs):
     dz_ref = outputs[0] if launch.has_z else None
     grads = [DirectionGrads(*outputs[launch.has_z + 7 * k:launch.has_z + 7 * k + 7]) for k in range(n_dirs)]
 
-    def body(ins, outs, barriers):
+    def body(ins, outs, states, barriers):
         for k, reverse in enumerate(launch.reverses):
             d, g = _Direction(ScanDirection(*inputs[7 * k:7 * k + 7]), reverse, launch), grads[k]
             reads = [(d.refs.u, ins["u"], True), (d.refs.delta, ins["delta"], True), (d.refs.B, ins["B"], False),
@@ -306,8 +308,9 @@ def _backward_kernel(launch: _Launch, scratch, *refs):
             writes = [(g.du, outs["du"]), (g.ddelta, outs["ddelta"])]
             writes += [(dz_ref, outs["dz"])] if z_ref is not None and k == 0 else []
             tiles = _Tiles(launch, d)
-            compute = functools.partial(_backward_tile, tiles, ins, outs, writes, g, state_ref=state_refs[k],
-                                        dz=z_ref is not None and k == 0, z=z_ref is not None)
+            compute = functools.partial(_backward_tile, tiles, ins, outs, states, writes, g,
+                                        state_ref=state_refs[k], dz=z_ref is not None and k == 0,
+                                        z=z_ref is not None)
             zero, n = d.zeros(), launch.d_state
             _, dA, dD, dbias = tiles.walk(reads, barriers[k], compute, ((zero,) * n, (zero,) * n, zero, zero),
                                           backwards=True)
@@ -319,16 +322,20 @@ def _backward_kernel(launch: _Launch, scratch, *refs):
     pl.run_scoped(body, *scratch)
 
 
-def _backward_tile(tiles: _Tiles, ins, outs, writes, g: DirectionGrads, j, size: int, slot, carry, *,
+def _backward_tile(tiles: _Tiles, ins, outs, states, writes, g: DirectionGrads, j, size: int, slot, carry, *,
                    state_ref, dz: bool, z: bool):
-    """Tile ``j`` of ``size`` scan steps, backwards, chunk by chunk (the last, short one first): (dh, dA, dD,
-    d delta_bias) after it -> before it; its rows of du, d delta, dB, dC (and dz) copied out."""
-    launch = tiles.launch
-    n_chunks, short = divmod(size, launch.chunk)
-    chunk = functools.partial(_backward_chunk, tiles, ins, outs, j, size, slot, state_ref=state_ref, dz=dz, z=z)
-    if short:
-        carry = chunk(n_chunks, short, carry)
-    carry = jax.lax.fori_loop(0, n_chunks, lambda q, c: chunk(n_chunks - 1 - q, launch.chunk, c), carry)
+    """Tile ``j`` of ``size`` scan steps, backwards, chunk by chunk from its last (which may be short): (dh, dA,
+    dD, d delta_bias) after it -> before it; its rows of du, d delta, dB, dC (and dz) copied out."""
+    chunk = tiles.launch.chunk
+    n_chunks = -(-size // chunk)
+
+    def one(q, carry):
+        c = n_chunks - 1 - q
+        steps = jnp.minimum(chunk, size - c * chunk)
+        return _backward_chunk(tiles, ins, outs, states, j, size, slot, c, steps, carry, state_ref=state_ref, dz=dz,
+                               z=z)
+
+    carry = jax.lax.fori_loop(0, n_chunks, one, carry)
     rows = tiles.rows(j, size)  # dB and dC (summed over this program's channels) by channel block
     block_rows = [(g.dB.at[tiles.d.b, tiles.d.block, rows], outs["dB"]), (g.dC.at[tiles.d.b, tiles.d.block, rows],
                                                                          outs["dC"])]
@@ -336,29 +343,40 @@ def _backward_tile(tiles: _Tiles, ins, outs, writes, g: DirectionGrads, j, size:
     return carry
 
 
-def _backward_chunk(tiles: _Tiles, ins, outs, j, size: int, slot, c, steps: int, carry, *, state_ref, dz: bool,
+def _backward_chunk(tiles: _Tiles, ins, outs, states, j, size: int, slot, c, steps, carry, *, state_ref, dz: bool,
                     z: bool):
-    """Chunk ``c`` (``steps`` scan steps) of tile ``j``, backwards: recomputes its states from its saved start,
+    """Chunk ``c`` (``steps`` scan steps, traced) of tile ``j``, backwards: recomputes its states from its saved
+    start into ``states`` (shared memory, (chunk + 1, d_state, 128); each thread reads back only its own channel),
     then walks it from its end."""
     d, launch = tiles.d, tiles.launch
-    dh, dA, dD, dbias = carry
-    start = j * (launch.tile // launch.chunk) + c
-    states = [[state_ref[d.b, start, n, d.cols] for n in range(launch.d_state)]]
-    rows, decays, inputs = [], [], []
-    for i in range(steps):  # recompute the chunk's states from its start
+    n_state = range(launch.d_state)
+
+    def position(i):
         r = tiles.row(c * launch.chunk + i, size)
         u = ins["u"][slot, r].astype(_F32)
         pre = ins["delta"][slot, r].astype(_F32) + d.bias
         dt = _softplus(pre) if launch.delta_softplus else pre
-        b_s = [ins["B"][slot, r, n] for n in range(launch.d_state)]
-        decay, h = d.update(states[-1], dt, u, b_s)
-        rows.append(r)
-        inputs.append((u, pre, dt, b_s))
-        decays.append(decay)
-        states.append(h)
-    dA, dh = list(dA), list(dh)
-    for i in reversed(range(steps)):
-        r, (u, pre, dt, b_s) = rows[i], inputs[i]
+        return r, u, pre, dt, [ins["B"][slot, r, n] for n in n_state]
+
+    start = j * (launch.tile // launch.chunk) + c
+    h = tuple(state_ref[d.b, start, n, d.cols] for n in n_state)
+    for n, h_n in enumerate(h):
+        states[0, n] = h_n
+
+    def recompute(i, h):
+        _, u, _, dt, b_s = position(i)
+        _, h = d.update(h, dt, u, b_s)
+        for n, h_n in enumerate(h):
+            states[i + 1, n] = h_n
+        return tuple(h)
+
+    jax.lax.fori_loop(0, steps, recompute, h)
+    plgpu.commit_smem()  # a barrier: the states are written before they are read (the kernel has no automatic ones)
+
+    def back(q, carry):
+        i = steps - 1 - q
+        dh, dA, dD, dbias = list(carry[0]), list(carry[1]), carry[2], carry[3]
+        r, u, pre, dt, b_s = position(i)
         dy = ins["dout"][slot, r].astype(_F32)
         if z:
             zt = ins["z"][slot, r].astype(_F32)
@@ -369,22 +387,25 @@ def _backward_chunk(tiles: _Tiles, ins, outs, j, size: int, slot, c, steps: int,
         dh = [dh_n + ins["C"][slot, r, n] * dy for n, dh_n in enumerate(dh)]
         dtu = dt * u
         b_dh = ddt_a = d.zeros()
-        for n in range(launch.d_state):
-            outs["dC"][slot, r, n] = jnp.sum(states[i + 1][n] * dy)
+        for n in n_state:
+            decay = jnp.exp(dt * d.A[n])
+            outs["dC"][slot, r, n] = jnp.sum(states[i + 1, n] * dy)
             outs["dB"][slot, r, n] = jnp.sum(dh[n] * dtu)
             b_dh = b_dh + dh[n] * b_s[n]
-            dh_a_h = dh[n] * decays[i][n] * states[i][n]  # dh of the previous position (before its output) x h
+            dh_a_h = dh[n] * decay * states[i, n]  # dh of the previous position (before its output) x h
             ddt_a = ddt_a + dh_a_h * d.A[n]
             dA[n] = dA[n] + dh_a_h * dt
-            dh[n] = dh[n] * decays[i][n]
+            dh[n] = dh[n] * decay
         outs["du"][slot, r] = b_dh * dt + d.D * dy
-        dD = dD + dy * u
         dpre = ddt_a + u * b_dh
         if launch.delta_softplus:
             dpre = dpre * sigmoid(pre)
-        dbias = dbias + dpre
         outs["ddelta"][slot, r] = dpre
-    return tuple(dh), tuple(dA), dD, dbias
+        return tuple(dh), tuple(dA), dD + dy * u, dbias + dpre
+
+    carry = jax.lax.fori_loop(0, steps, back, carry)
+    plgpu.commit_smem()  # and read before the next chunk overwrites them
+    return carry
 
 
 def _launch(dirs: tuple[ScanDirection, ...], z: jax.Array | None, cfg: KernelConfig) -> _Launch:
@@ -420,11 +441,11 @@ def _kernel_inputs(dirs: tuple[ScanDirection, ...], width: int) -> list[jax.Arra
     return args
 
 
-# Both kernels run without Pallas's automatic barriers around every load and store: they meet the two conditions
-# Mosaic GPU's documentation gives for that. No thread reads and writes the same memory (inputs are read from
-# tiles the copies in write, outputs are written to tiles the copies out read, GMEM outputs are only written),
-# and after commit_smem no thread reads a tile that a copy then overwrites. The barriers they need are in
-# commit_smem and the waits for copies.
+# Both kernels run without Pallas's automatic barriers around every load and store, under the two conditions
+# Mosaic GPU's documentation gives for that. Inputs are read from tiles the copies in write, outputs are written to
+# tiles the copies out read, GMEM outputs are only written, and after commit_smem no thread reads a tile that a copy
+# then overwrites. The one region threads both write and read, the backward's recomputed states of a chunk, has a
+# barrier (commit_smem) between its writes and its reads and after them; the others are in the waits for copies.
 FORWARD_PARAMS = plgpu.CompilerParams(unsafe_no_auto_barriers=True)
 BACKWARD_PARAMS = plgpu.CompilerParams(unsafe_no_auto_barriers=True)
 
@@ -451,9 +472,7 @@ def _forward(dirs: tuple[ScanDirection, ...], z: jax.Array | None, cfg: KernelCo
 
 
 def _backward(dirs, z, ypre, states, dout, cfg: KernelConfig):
-    # One chunk per tile: the backward unrolls a chunk, once per tile shape and chunk shape in it, and Mosaic GPU's
-    # compile time grows with the unrolled code (measured: over 300 s at Vim-S with tiles of four chunks).
-    launch = dataclasses.replace(_launch(dirs, z, cfg), tile=cfg.blocks.chunk)
+    launch = _launch(dirs, z, cfg)
     batch, length, d_inner = dirs[0].u.shape
     width = ypre.shape[-1]
     n_state, n_blocks = launch.d_state, width // LANES
