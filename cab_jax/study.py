@@ -124,14 +124,12 @@ def plot(cells: list[dict], path: epath.Path) -> bool:
     one line per mode with standard-deviation error bars, written to ``path`` (PNG). Needs matplotlib (the ``plot``
     extra); without it, says so and returns False."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # files only, whatever the display
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # not pyplot: no global backend or figure state
     except ImportError:
         logging.warning("No study plot: matplotlib is not installed (pip install 'cab-jax[plot]').")
         return False
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.subplots()
     for mode in dict.fromkeys(cell["mode"] for cell in cells):
         mine = sorted((c for c in cells if c["mode"] == mode), key=lambda c: c["fraction"])
         ax.errorbar([100 * c["fraction"] for c in mine], [c["mean"] for c in mine], yerr=[c["std"] for c in mine],
@@ -144,7 +142,6 @@ def plot(cells: list[dict], path: epath.Path) -> bool:
     fig.tight_layout()
     with path.open("wb") as f:
         fig.savefig(f, format="png", dpi=120)
-    plt.close(fig)
     return True
 
 
