@@ -185,6 +185,27 @@ def test_every_logged_metric_is_a_json_line_and_a_tensorboard_scalar(tmp_path):
     np.testing.assert_allclose([got[k] for k in expected], list(expected.values()), rtol=1e-6)
 
 
+@pytest.mark.parametrize("decay", ["cosine", "linear"])
+def test_learning_rate_warms_up_linearly_then_decays_to_min_lr(decay):
+    """Against the schedule written out (timm's: linear warmup from warmup_lr to the peak, then cosine or linear to
+    min_lr at the last step)."""
+    from cab_jax import config as config_lib
+
+    t = config_lib.vision_train(warmup_lr=1e-6, min_lr=1e-5, lr_decay=decay)
+    sched = config_lib.Schedule(total_steps=110, warmup_steps=10, steps_per_epoch=10, peak_lr=1e-3)
+    lr = train.learning_rate_fn(t, sched)
+
+    def expected(step):
+        if step < 10:
+            return 1e-6 + (1e-3 - 1e-6) * step / 10
+        frac = (step - 10) / 100
+        shape = 0.5 * (1 + np.cos(np.pi * frac)) if decay == "cosine" else 1 - frac
+        return 1e-5 + (1e-3 - 1e-5) * shape
+
+    steps = [0, 5, 10, 35, 60, 85, 109, 110]
+    np.testing.assert_allclose([float(lr(s)) for s in steps], [expected(s) for s in steps], rtol=1e-5)
+
+
 def test_the_metrics_writer_does_not_import_torch(tmp_path):
     """tensorboardX imports torch (seconds) when it is installed; the writer hides it during that import, and torch
     still imports afterwards."""
