@@ -57,6 +57,27 @@ def test_loss_goes_down_on_a_fixed_batch(tmp_path):
     assert last["kl"] < first["kl"] and last["bridge"] < first["bridge"]
 
 
+def test_ema_weights_follow_the_parameters_by_the_decay(tmp_path):
+    """With ``train.ema_decay`` d, after each step ema = d * ema + (1 - d) * the new parameters (starting from the
+    initial parameters), and only the student's and bridge's parameters have one."""
+    c = small_config(tmp_path, mixup_alpha=0.0, ema_decay=0.75)
+    mesh = sharding.make_mesh(c.mesh)
+    trainer, state, teacher = build_trainer(c, mesh)
+    rng = np.random.default_rng(0)
+    batch = sharding.global_batch({"image": rng.normal(size=(16, 32, 32, 3)).astype(np.float32),
+                                   "label": rng.integers(0, 10, 16).astype(np.int32)}, mesh)
+    expected = jax.device_get(state["params"])
+    assert jax.tree.structure(state["ema"]) == jax.tree.structure(state["params"])
+    for _ in range(2):
+        state, _ = trainer.jit_train_step(state, teacher, batch)
+        params = jax.device_get(state["params"])
+        expected = jax.tree.map(lambda e, p: 0.75 * e + 0.25 * p, expected, params)
+        for got, want in zip(jax.tree.leaves(jax.device_get(state["ema"])), jax.tree.leaves(expected), strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    moved = [np.max(np.abs(e - p)) for e, p in zip(jax.tree.leaves(expected), jax.tree.leaves(params), strict=True)]
+    assert max(moved) > 1e-4  # the parameters moved away from their average: the check above can tell them apart
+
+
 def test_pallas_scan_train_step_matches_associative(tmp_path, monkeypatch):
     """The whole CAB step with the Pallas kernels (interpreted on CPU) follows the associative scan's run:
     same losses (KL and bridge too) and same parameters after two updates, SSM parameters included. The
