@@ -84,9 +84,9 @@ def by_step(workdir, split="train"):
     return {r["step"]: r for r in mp.metrics(workdir, split)}
 
 
-def assert_same_run(workdir, reference, domain):
-    """Every step's loss terms (and gradient norm) within 1e-6 of the loss (or of the value, when larger) over the
-    first steps, 1e-5 after. The processes' gloo
+def assert_same_run(workdir, reference, domain, strict_until=4):
+    """Every step's loss terms (and gradient norm) within 1e-6 of the loss (or of the value, when larger) up to step
+    ``strict_until`` (the steps of an uninterrupted run), 1e-5 after. The processes' gloo
     all-reduce adds the devices' partial sums in another order than one process does: the first step's KL differs
     in its last bit, and training amplifies that (measured: 6e-8 of the loss at step 2, 1e-6 at step 5, 2e-6 at
     step 24)."""
@@ -94,7 +94,7 @@ def assert_same_run(workdir, reference, domain):
     assert sorted(got) == sorted(want)
     for step, row in want.items():
         for key in LOSS_KEYS[domain]:
-            tolerance = (1e-6 if step <= 4 else 1e-5) * max(abs(row["loss"]), abs(row[key]))
+            tolerance = (1e-6 if step <= strict_until else 1e-5) * max(abs(row["loss"]), abs(row[key]))
             assert abs(got[step][key] - row[key]) <= tolerance, (step, key, got[step][key], row[key])
     (final,), (final_want,) = by_step(workdir, "eval").values(), by_step(reference, "eval").values()
     for key in EVAL_KEYS[domain]:
@@ -153,7 +153,7 @@ def test_lost_killed_stopped_and_resumed_with_other_process_counts_and_layouts(t
     assert not any(map(mp.alive, workers)), "data workers outlived the processes that started them"
     assert status not in (0, EXIT_RESUME) and time.time() - killed < heartbeat + 60, status
     assert re.search(r"stopped sending heartbeats\)?:?\s*(/job:jax_worker/replica:0/task:)?1\b", job.log(0)), job.tail()
-    saved = checkpoint.RunCheckpointer(work / "checkpoints").latest_step()
+    saved = fresh = checkpoint.RunCheckpointer(work / "checkpoints").latest_step()  # job a's steps up to here stay
     assert saved is not None and saved >= 2, (saved, kill_at)
 
     finished(straight)  # before job b, which runs its programs
@@ -180,7 +180,7 @@ def test_lost_killed_stopped_and_resumed_with_other_process_counts_and_layouts(t
     lines = re.findall(rf"\[student (\d+)/{VISION_STEPS}\] .* eta=(\w+)\n", last.log(0))
     assert lines and lines[-1] == (str(VISION_STEPS), "0s"), last.tail()
     assert all(re.fullmatch(r"\d+s", eta) for _, eta in lines), lines
-    assert_same_run(work, tmp_path / "straight", "vision")
+    assert_same_run(work, tmp_path / "straight", "vision", strict_until=fresh)  # later steps replayed after restarts
     final, want = (json.loads((w / "results.json").read_text()) for w in (work, tmp_path / "straight"))
     assert final["step"] == want["step"] == VISION_STEPS and final["metrics"] == pytest.approx(want["metrics"])
     data_dir = next(f.split("=", 1)[1] for f in vision_flags if f.startswith("--config.data.data_dir="))
