@@ -76,10 +76,6 @@ class _Launch:
     tile: int  # positions per tile staged in shared memory (a multiple of chunk)
 
     @property
-    def n_full(self) -> int:
-        return self.length // self.chunk  # full chunks, then one of ``length % chunk`` positions
-
-    @property
     def n_chunks(self) -> int:
         return num_chunks(self.length, self.chunk)
 
@@ -95,6 +91,13 @@ class _Direction:
         self.A = [refs.A[n, self.cols] for n in range(launch.d_state)]  # A as (d_state, width)
         self.D = refs.D[self.cols]
         self.bias = refs.delta_bias[self.cols]
+
+    def inputs(self, ins, slot, r):
+        """Tile row ``r`` of ``slot``: (u, delta + bias, dt, B scalars), float32."""
+        u = ins["u"][slot, r].astype(_F32)
+        pre = ins["delta"][slot, r].astype(_F32) + self.bias
+        dt = _softplus(pre) if self.launch.delta_softplus else pre
+        return u, pre, dt, [ins["B"][slot, r, n] for n in range(self.launch.d_state)]
 
     def zeros(self) -> jax.Array:
         """A zero register vector in the loops' layout (a loop carry must enter in the layout it leaves in)."""
@@ -185,29 +188,48 @@ class _Tiles:
         return carry
 
 
-def _tile_types(launch: _Launch, wide: dict, narrow: tuple[str, ...] = ()) -> dict:
-    """Two slots of shared-memory tiles: (tile, 128) per ``wide`` name -> dtype, (tile, B/C width) float32 per
-    ``narrow`` name."""
-    types = {name: plgpu.SMEM((2, launch.tile, LANES), dtype) for name, dtype in wide.items()}
-    types.update({name: plgpu.SMEM((2, launch.tile, _bc_width(launch.d_state)), _F32) for name in narrow})
-    return types
+_NARROW = ("B", "C", "dB", "dC")  # tiles of B/C width; the others are (tile, 128) of this program's channels
 
 
-def _barriers(reads_per_direction: list[int]) -> list:
-    return [plgpu.Barrier(num_arrivals=n, num_barriers=2) for n in reads_per_direction]
+def _tile_types(launch: _Launch, dtypes: dict) -> dict:
+    """Two slots of a shared-memory tile per name of ``dtypes``: (tile, B/C width) float32 for ``_NARROW`` names,
+    else (tile, 128) of its dtype."""
+    bc = _bc_width(launch.d_state)
+    return {name: plgpu.SMEM((2, launch.tile, bc) if name in _NARROW else (2, launch.tile, LANES),
+                             _F32 if name in _NARROW else dtype) for name, dtype in dtypes.items()}
+
+
+def _forward_reads(launch: _Launch, k: int) -> tuple[str, ...]:
+    """The tiles direction ``k`` of the forward kernel copies in."""
+    last = k == len(launch.reverses) - 1
+    return ("u", "delta", "B", "C") + (("ypre",) if k else ()) + (("z",) if last and launch.has_z else ())
+
+
+def _backward_reads(launch: _Launch) -> tuple[str, ...]:
+    """The tiles each direction of the backward kernel copies in."""
+    return ("u", "delta", "B", "C", "dout") + (("z", "ypre") if launch.has_z else ())
+
+
+def _barriers(reads: list[tuple[str, ...]]) -> list:
+    """Per direction, two barriers (one per slot) that its copies in arrive at."""
+    return [plgpu.Barrier(num_arrivals=len(names), num_barriers=2) for names in reads]
+
+
+def _reads(names: tuple[str, ...], sources: dict, ins: dict) -> list:
+    """``(gmem_ref, smem_tiles, wide)`` per name, as ``_Tiles.fetch`` takes them."""
+    return [(sources[name], ins[name], name not in _NARROW) for name in names]
 
 
 def _forward_scratch(launch: _Launch, dirs: tuple[ScanDirection, ...], z: jax.Array | None, out_dtype):
     """The forward kernel's tiles: inputs (``ins``), outputs (``outs``), and per direction the barriers of its
     copies in."""
-    wide = {"u": dirs[0].u.dtype, "delta": dirs[0].delta.dtype}
-    if len(dirs) > 1:
-        wide["ypre"] = _F32
+    dtypes = {"u": dirs[0].u.dtype, "delta": dirs[0].delta.dtype, "B": _F32, "C": _F32, "ypre": _F32}
     if z is not None:
-        wide["z"] = z.dtype
-    ins = _tile_types(launch, wide, ("B", "C"))
+        dtypes["z"] = z.dtype
+    reads = [_forward_reads(launch, k) for k in range(len(dirs))]
+    ins = _tile_types(launch, {name: dtypes[name] for name in dict.fromkeys(sum(reads, ()))})
     outs = _tile_types(launch, {"ypre": _F32, "out": out_dtype})
-    return ins, outs, _barriers([4 + (k > 0) + (k == len(dirs) - 1 and z is not None) for k in range(len(dirs))])
+    return ins, outs, _barriers(reads)
 
 
 def _forward_kernel(launch: _Launch, save: bool, scratch, *refs):
@@ -223,10 +245,9 @@ def _forward_kernel(launch: _Launch, save: bool, scratch, *refs):
         for k, reverse in enumerate(launch.reverses):
             d = _Direction(ScanDirection(*inputs[7 * k:7 * k + 7]), reverse, launch)
             first, last = k == 0, k == n_dirs - 1
-            reads = [(d.refs.u, ins["u"], True), (d.refs.delta, ins["delta"], True), (d.refs.B, ins["B"], False),
-                     (d.refs.C, ins["C"], False)]
-            reads += [(ypre_ref, ins["ypre"], True)] if not first else []
-            reads += [(z_ref, ins["z"], True)] if last and z_ref is not None else []
+            sources = {"u": d.refs.u, "delta": d.refs.delta, "B": d.refs.B, "C": d.refs.C, "ypre": ypre_ref,
+                       "z": z_ref}
+            reads = _reads(_forward_reads(launch, k), sources, ins)
             writes = [(ypre_ref, outs["ypre"])] + ([(out_ref, outs["out"])] if last else [])
             tiles = _Tiles(launch, d)
             compute = functools.partial(_forward_tile, tiles, ins, outs, writes, first=first, last=last,
@@ -251,10 +272,8 @@ def _forward_tile(tiles: _Tiles, ins, outs, writes, j, size: int, slot, h, *, fi
                     state_ref[d.b, (j * launch.tile + i) // launch.chunk, n, d.cols] = h_n
 
         r = tiles.row(i, size)
-        u = ins["u"][slot, r].astype(_F32)
-        pre = ins["delta"][slot, r].astype(_F32) + d.bias
-        dt = _softplus(pre) if launch.delta_softplus else pre
-        _, h = d.update(h, dt, u, [ins["B"][slot, r, n] for n in range(launch.d_state)])
+        u, _, dt, b_s = d.inputs(ins, slot, r)
+        _, h = d.update(h, dt, u, b_s)
         y = d.D * u
         for n, h_n in enumerate(h):
             y = y + ins["C"][slot, r, n] * h_n
@@ -276,14 +295,13 @@ def _forward_tile(tiles: _Tiles, ins, outs, writes, j, size: int, slot, h, *, fi
 def _backward_scratch(launch: _Launch, dirs: tuple[ScanDirection, ...], z: jax.Array | None, dout_dtype):
     """The backward kernel's tiles: inputs (``ins``), outputs (``outs``; dB and dC per tile row), the states of
     a chunk, and per direction the barriers of its copies in."""
-    wide = {"u": dirs[0].u.dtype, "delta": dirs[0].delta.dtype, "dout": dout_dtype}
-    if z is not None:
-        wide.update(z=z.dtype, ypre=_F32)
-    ins = _tile_types(launch, wide, ("B", "C"))
-    outs = _tile_types(launch, {"du": _F32, "ddelta": _F32, **({"dz": _F32} if z is not None else {})},
-                       ("dB", "dC"))
+    dtypes = {"u": dirs[0].u.dtype, "delta": dirs[0].delta.dtype, "B": _F32, "C": _F32, "dout": dout_dtype,
+              "z": None if z is None else z.dtype, "ypre": _F32}
+    ins = _tile_types(launch, {name: dtypes[name] for name in _backward_reads(launch)})
+    outs = _tile_types(launch, {"du": _F32, "ddelta": _F32, **({"dz": _F32} if z is not None else {}), "dB": _F32,
+                                "dC": _F32})
     states = plgpu.SMEM((launch.chunk + 1, launch.d_state, LANES), _F32)  # a chunk's recomputed states
-    return ins, outs, states, _barriers([5 + 2 * (z is not None)] * len(dirs))
+    return ins, outs, states, _barriers([_backward_reads(launch)] * len(dirs))
 
 
 def _backward_kernel(launch: _Launch, scratch, *refs):
@@ -302,9 +320,9 @@ def _backward_kernel(launch: _Launch, scratch, *refs):
     def body(ins, outs, states, barriers):
         for k, reverse in enumerate(launch.reverses):
             d, g = _Direction(ScanDirection(*inputs[7 * k:7 * k + 7]), reverse, launch), grads[k]
-            reads = [(d.refs.u, ins["u"], True), (d.refs.delta, ins["delta"], True), (d.refs.B, ins["B"], False),
-                     (d.refs.C, ins["C"], False), (dout_ref, ins["dout"], True)]
-            reads += [(z_ref, ins["z"], True), (ypre_ref, ins["ypre"], True)] if z_ref is not None else []
+            sources = {"u": d.refs.u, "delta": d.refs.delta, "B": d.refs.B, "C": d.refs.C, "dout": dout_ref,
+                       "z": z_ref, "ypre": ypre_ref}
+            reads = _reads(_backward_reads(launch), sources, ins)
             writes = [(g.du, outs["du"]), (g.ddelta, outs["ddelta"])]
             writes += [(dz_ref, outs["dz"])] if z_ref is not None and k == 0 else []
             tiles = _Tiles(launch, d)
@@ -353,10 +371,7 @@ def _backward_chunk(tiles: _Tiles, ins, outs, states, j, size: int, slot, c, ste
 
     def position(i):
         r = tiles.row(c * launch.chunk + i, size)
-        u = ins["u"][slot, r].astype(_F32)
-        pre = ins["delta"][slot, r].astype(_F32) + d.bias
-        dt = _softplus(pre) if launch.delta_softplus else pre
-        return r, u, pre, dt, [ins["B"][slot, r, n] for n in n_state]
+        return (r, *d.inputs(ins, slot, r))
 
     start = j * (launch.tile // launch.chunk) + c
     h = tuple(state_ref[d.b, start, n, d.cols] for n in n_state)
