@@ -8,7 +8,9 @@ same answer after the same step, save the checkpoint of that step together and e
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -20,13 +22,17 @@ from cab_jax.errors import EXIT_RESUME
 
 
 def exit_on_signals() -> None:
-    """Outside the training loop (:class:`StopRequest` takes over inside it), SIGTERM/SIGINT exit at once with
-    ``EXIT_RESUME``: no step is lost (before the first one, or after the last one was saved), and a scheduler
-    requeues the run, which resumes from its checkpoint."""
+    """Outside the training loop (:class:`StopRequest` takes over inside it), SIGTERM/SIGINT end the process at once
+    with ``EXIT_RESUME``: no step is lost (before the first one, or after the last one was saved), and a scheduler
+    requeues the run, which resumes from its checkpoint. The handler calls ``os._exit``: an exception raised while
+    XLA compiles (the minutes before the first step) makes the interpreter crash at exit (SIGSEGV, status 139, which
+    a scheduler reads as a failure). Data workers exit with their parent."""
 
     def leave(signum, frame):
         logging.warning("Signal %d outside the training loop: exiting with status %d.", signum, EXIT_RESUME)
-        raise SystemExit(EXIT_RESUME)
+        logging.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_RESUME)
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, leave)

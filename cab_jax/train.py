@@ -558,10 +558,10 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> RunResult:
                     ckpt.save(step, state, feed)
                 if stopped:
                     break
-        guard.check()
-        if not stopped and ckpt.latest_step() != step:
-            ckpt.save(step, state, feed or train_iter)
-        ckpt.wait()
+            guard.check()  # the last save finishes under the stop request too (a signal does not cut it short)
+            if not stopped and ckpt.latest_step() != step:
+                ckpt.save(step, state, feed or train_iter)
+            ckpt.wait()
     finally:
         ckpt.close()
         (feed or train_iter).close()

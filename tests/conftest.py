@@ -14,14 +14,23 @@ some threads at an all-gather, the others at an all-reduce). NPROC, which XLA re
 pool 64 threads. XLA also aborts after 40 s at a collective; the tests give it 10 minutes, so a slow device on a
 loaded two-core machine is waited for, and a hang still fails at the test's own timeout."""
 
+import importlib.metadata
+import importlib.util
 import os
 import tempfile
 
+# XLA's CPU compile flags: a JAX with a GPU plugin (the GPU machine) gets none of them (its XLA may not know them:
+# unknown flags end the process while pytest captures its output, and the GPU tests want optimised code).
+ON_GPU_HOST = any(importlib.util.find_spec(plugin) for plugin in ("jax_cuda12_plugin", "jax_cuda13_plugin"))
+# jaxlib 0.11's XLA no longer knows --xla_cpu_use_fusion_emitters (checked with 0.11.2); it knows the other three.
+OLD_XLA = tuple(int(part) for part in importlib.metadata.version("jaxlib").split(".")[:2]) < (0, 11)
 FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
-                      "--xla_cpu_use_fusion_emitters=false --xla_cpu_parallel_codegen_split_count=1")
+                      "--xla_cpu_parallel_codegen_split_count=1" + (" --xla_cpu_use_fusion_emitters=false" * OLD_XLA))
 PATIENT_COLLECTIVE_FLAGS = ("--xla_cpu_collective_call_warn_stuck_timeout_seconds=120 "
                             "--xla_cpu_collective_call_terminate_timeout_seconds=600")
-os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAGS} {PATIENT_COLLECTIVE_FLAGS}".strip()
+if not ON_GPU_HOST:
+    CPU_FLAGS = f"{FAST_COMPILE_FLAGS} {PATIENT_COLLECTIVE_FLAGS}"
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {CPU_FLAGS}".strip()
 os.environ.setdefault("NPROC", "64")
 CACHE = os.path.join(tempfile.gettempdir(), "cab_jax_test_compilation_cache")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", CACHE)
