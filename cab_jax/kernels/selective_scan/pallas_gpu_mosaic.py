@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +43,7 @@ from cab_jax.kernels.selective_scan.pallas_common import (
 
 _F32 = jnp.float32
 LANES = 128  # channels per program: one warpgroup, one channel per thread
+_SUM_ROWS = 64  # rows of products summed at once: the rows of one WGMMA-layout tile
 DEFAULT_BLOCKS = BlockSizes(chunk=4, block_d=LANES, num_warps=4, num_stages=2, save_every=1)
 
 
@@ -74,6 +76,7 @@ class _Launch:
     d_state: int
     chunk: int
     tile: int  # positions per tile staged in shared memory (a multiple of chunk)
+    interpret: bool  # Mosaic GPU's interpret mode, which runs no layout casts (they are only hints) nor plgpu.load
 
     @property
     def n_chunks(self) -> int:
@@ -138,12 +141,14 @@ class _Tiles:
         for ref, buf, wide in reads:
             plgpu.copy_gmem_to_smem(self.gmem(ref, j, size, wide), buf.at[slot, pl.ds(0, size)], bars.at[slot])
 
-    def store(self, copies, size: int, slot) -> None:
-        """After a tile's stores: copies the first ``size`` rows of ``slot`` of each ``(gmem_view, smem_tiles)``
-        of ``copies`` out."""
+    def store(self, writes, j, size: int, slot, extra=()) -> None:
+        """After a tile's stores: copies the first ``size`` rows of ``slot`` of each ``(gmem_ref, smem_tiles)`` of
+        ``writes`` out to tile ``j`` of its ref, and each ``(gmem_view, smem_view)`` of ``extra``."""
         plgpu.commit_smem()  # the stores are visible to the copies, and every thread is past the tile's reads
-        for view, buf in copies:
-            plgpu.copy_smem_to_gmem(buf.at[slot, pl.ds(0, size)], view)
+        for ref, buf in writes:
+            plgpu.copy_smem_to_gmem(buf.at[slot, pl.ds(0, size)], self.gmem(ref, j, size))
+        for view, buf in extra:
+            plgpu.copy_smem_to_gmem(buf, view)
         plgpu.commit_smem_to_gmem_group()
 
     def walk(self, reads, bars, compute, carry, backwards: bool):
@@ -188,7 +193,7 @@ class _Tiles:
         return carry
 
 
-_NARROW = ("B", "C", "dB", "dC")  # tiles of B/C width; the others are (tile, 128) of this program's channels
+_NARROW = ("B", "C")  # tiles of B/C width; the others are (tile, 128) of this program's channels
 
 
 def _tile_types(launch: _Launch, dtypes: dict) -> dict:
@@ -288,26 +293,67 @@ def _forward_tile(tiles: _Tiles, ins, outs, writes, j, size: int, slot, h, *, fi
         return tuple(h)
 
     h = jax.lax.fori_loop(0, size, step, h)
-    tiles.store([(tiles.gmem(ref, j, size), buf) for ref, buf in writes], size, slot)
+    tiles.store(writes, j, size, slot)
     return h
 
 
 def _backward_scratch(launch: _Launch, dirs: tuple[ScanDirection, ...], z: jax.Array | None, dout_dtype):
-    """The backward kernel's tiles: inputs (``ins``), outputs (``outs``; dB and dC per tile row), the states of
-    a chunk, and per direction the barriers of its copies in."""
+    """The backward kernel's tiles: inputs (``ins``), outputs (``outs``; dB and dC side by side per tile row,
+    flat, with ``_Products.rows`` of room on either side), a chunk's recomputed states, its dB and dC products
+    (``_Products``), and per direction the barriers of its copies in."""
     dtypes = {"u": dirs[0].u.dtype, "delta": dirs[0].delta.dtype, "B": _F32, "C": _F32, "dout": dout_dtype,
               "z": None if z is None else z.dtype, "ypre": _F32}
     ins = _tile_types(launch, {name: dtypes[name] for name in _backward_reads(launch)})
-    outs = _tile_types(launch, {"du": _F32, "ddelta": _F32, **({"dz": _F32} if z is not None else {}), "dB": _F32,
-                                "dC": _F32})
+    outs = _tile_types(launch, {"du": _F32, "ddelta": _F32, **({"dz": _F32} if z is not None else {})})
+    products = _Products(launch)
+    outs["dBC"] = plgpu.SMEM((2, launch.tile * products.width + 2 * products.rows), _F32)
     states = plgpu.SMEM((launch.chunk + 1, launch.d_state, LANES), _F32)  # a chunk's recomputed states
-    return ins, outs, states, _barriers([_backward_reads(launch)] * len(dirs))
+    sums = plgpu.SMEM((products.rows, LANES), _F32)
+    return ins, outs, states, sums, _barriers([_backward_reads(launch)] * len(dirs))
+
+
+class _BlockGrads(NamedTuple):
+    """One direction's outputs of the backward kernel: du, d delta (batch, length, width), dA (batch, d_state,
+    width), dB and dC side by side (batch, channel blocks, length * ``_Products.width``), dD, d delta_bias
+    (batch, width)."""
+
+    du: jax.Array
+    ddelta: jax.Array
+    dA: jax.Array
+    dBC: jax.Array
+    dD: jax.Array
+    ddelta_bias: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class _Products:
+    """A chunk's dB and dC terms of each channel before their sum over the program's 128 channels: row
+    ``(position - anchor) * width + n`` of an SMEM array (``rows``, 128 + 1) holds dB's (n < d_state) or dC's
+    (n - d_state) term of each channel. After the chunk each thread sums one row over the channels (a column read
+    per channel), so the sums cost no cross-thread reductions, and the rows' sums land in the flat dB/dC tile in
+    order. ``rows`` is a multiple of 128 (one row per thread per pass); rows past the chunk's positions hold
+    stale values, and they land on positions that a later chunk of the walk overwrites (or on the tile's room at
+    either end): below the chunk when the direction runs forward (its backward walk goes down the rows), above it
+    when it runs in reverse."""
+
+    launch: _Launch
+
+    @property
+    def width(self) -> int:
+        return _bc_width(2 * self.launch.d_state)
+
+    @property
+    def rows(self) -> int:
+        return -(-self.launch.chunk * self.width // _SUM_ROWS) * _SUM_ROWS
+
+    def anchor(self, low, steps, reverse: bool):
+        """The tile row of product row 0 for a chunk of tile rows [low, low + steps)."""
+        return low if reverse else low + steps - self.rows // self.width
 
 
 def _backward_kernel(launch: _Launch, scratch, *refs):
     """refs: per direction its 7 inputs, then z, ypre (if z), dout, per direction its saved states; outputs dz (if
-    z), then per direction du, d delta (batch, length, width), dA (batch, d_state, width), dB, dC (batch, channel
-    blocks, length, B/C width), dD, d delta_bias (batch, width). ``scratch``: ``_backward_scratch``'s types."""
+    z), then per direction its ``_BlockGrads``. ``scratch``: ``_backward_scratch``'s types."""
     n_dirs = len(launch.reverses)
     n_in = 7 * n_dirs + 2 * launch.has_z + 1 + n_dirs
     inputs, outputs = refs[:n_in], refs[n_in:]
@@ -315,9 +361,10 @@ def _backward_kernel(launch: _Launch, scratch, *refs):
     z_ref, ypre_ref = (rest[0], rest[1]) if launch.has_z else (None, None)
     dout_ref, state_refs = rest[2 * launch.has_z], rest[2 * launch.has_z + 1:]
     dz_ref = outputs[0] if launch.has_z else None
-    grads = [DirectionGrads(*outputs[launch.has_z + 7 * k:launch.has_z + 7 * k + 7]) for k in range(n_dirs)]
+    n_out = len(_BlockGrads._fields)
+    grads = [_BlockGrads(*outputs[launch.has_z + n_out * k:launch.has_z + n_out * (k + 1)]) for k in range(n_dirs)]
 
-    def body(ins, outs, states, barriers):
+    def body(ins, outs, states, sums, barriers):
         for k, reverse in enumerate(launch.reverses):
             d, g = _Direction(ScanDirection(*inputs[7 * k:7 * k + 7]), reverse, launch), grads[k]
             sources = {"u": d.refs.u, "delta": d.refs.delta, "B": d.refs.B, "C": d.refs.C, "dout": dout_ref,
@@ -326,7 +373,7 @@ def _backward_kernel(launch: _Launch, scratch, *refs):
             writes = [(g.du, outs["du"]), (g.ddelta, outs["ddelta"])]
             writes += [(dz_ref, outs["dz"])] if z_ref is not None and k == 0 else []
             tiles = _Tiles(launch, d)
-            compute = functools.partial(_backward_tile, tiles, ins, outs, states, writes, g,
+            compute = functools.partial(_backward_tile, tiles, ins, outs, states, sums, writes, g,
                                         state_ref=state_refs[k], dz=z_ref is not None and k == 0,
                                         z=z_ref is not None)
             zero, n = d.zeros(), launch.d_state
@@ -340,40 +387,44 @@ def _backward_kernel(launch: _Launch, scratch, *refs):
     pl.run_scoped(body, *scratch)
 
 
-def _backward_tile(tiles: _Tiles, ins, outs, states, writes, g: DirectionGrads, j, size: int, slot, carry, *,
+def _backward_tile(tiles: _Tiles, ins, outs, states, sums, writes, g: _BlockGrads, j, size: int, slot, carry, *,
                    state_ref, dz: bool, z: bool):
     """Tile ``j`` of ``size`` scan steps, backwards, chunk by chunk from its last (which may be short): (dh, dA,
-    dD, d delta_bias) after it -> before it; its rows of du, d delta, dB, dC (and dz) copied out."""
+    dD, d delta_bias) after it -> before it; its rows of du, d delta, dB and dC (and dz) copied out."""
     chunk = tiles.launch.chunk
     n_chunks = -(-size // chunk)
 
     def one(q, carry):
         c = n_chunks - 1 - q
         steps = jnp.minimum(chunk, size - c * chunk)
-        return _backward_chunk(tiles, ins, outs, states, j, size, slot, c, steps, carry, state_ref=state_ref, dz=dz,
-                               z=z)
+        return _backward_chunk(tiles, ins, outs, states, sums, size, slot, c, steps, carry, state_ref=state_ref,
+                               dz=dz, z=z, start=j * (tiles.launch.tile // chunk) + c)
 
     carry = jax.lax.fori_loop(0, n_chunks, one, carry)
+    products = _Products(tiles.launch)
     rows = tiles.rows(j, size)  # dB and dC (summed over this program's channels) by channel block
-    block_rows = [(g.dB.at[tiles.d.b, tiles.d.block, rows], outs["dB"]), (g.dC.at[tiles.d.b, tiles.d.block, rows],
-                                                                         outs["dC"])]
-    tiles.store([(tiles.gmem(ref, j, size), buf) for ref, buf in writes] + block_rows, size, slot)
+    dbc = (g.dBC.at[tiles.d.b, tiles.d.block, pl.ds(rows.start * products.width, size * products.width)],
+           outs["dBC"].at[slot, pl.ds(products.rows, size * products.width)])
+    tiles.store(writes, j, size, slot, extra=[dbc])
     return carry
 
 
-def _backward_chunk(tiles: _Tiles, ins, outs, states, j, size: int, slot, c, steps, carry, *, state_ref, dz: bool,
-                    z: bool):
-    """Chunk ``c`` (``steps`` scan steps, traced) of tile ``j``, backwards: recomputes its states from its saved
-    start into ``states`` (shared memory, (chunk + 1, d_state, 128); each thread reads back only its own channel),
-    then walks it from its end."""
+def _backward_chunk(tiles: _Tiles, ins, outs, states, sums, size: int, slot, c, steps, carry, *, state_ref,
+                    dz: bool, z: bool, start):
+    """Chunk ``c`` (``steps`` scan steps, traced; saved state ``start``) of a tile of ``size``, backwards:
+    recomputes its states from its saved start into ``states`` (shared memory, (chunk + 1, d_state, 128); each
+    thread reads back only its own channel), walks it from its end, then sums its dB and dC ``_Products``."""
     d, launch = tiles.d, tiles.launch
+    products = _Products(launch)
     n_state = range(launch.d_state)
+    first_step_row = tiles.row(c * launch.chunk, size)
+    low = first_step_row - steps + 1 if d.reverse else first_step_row
+    anchor = products.anchor(low, steps, d.reverse)
 
     def position(i):
         r = tiles.row(c * launch.chunk + i, size)
         return (r, *d.inputs(ins, slot, r))
 
-    start = j * (launch.tile // launch.chunk) + c
     h = tuple(state_ref[d.b, start, n, d.cols] for n in n_state)
     for n, h_n in enumerate(h):
         states[0, n] = h_n
@@ -401,11 +452,12 @@ def _backward_chunk(tiles: _Tiles, ins, outs, states, j, size: int, slot, c, ste
             dy = dy * zt * sig
         dh = [dh_n + ins["C"][slot, r, n] * dy for n, dh_n in enumerate(dh)]
         dtu = dt * u
+        row = (r - anchor) * products.width
         b_dh = ddt_a = d.zeros()
         for n in n_state:
             decay = jnp.exp(dt * d.A[n])
-            outs["dC"][slot, r, n] = jnp.sum(states[i + 1, n] * dy)
-            outs["dB"][slot, r, n] = jnp.sum(dh[n] * dtu)
+            sums[row + n, pl.ds(0, LANES)] = dh[n] * dtu
+            sums[row + launch.d_state + n, pl.ds(0, LANES)] = states[i + 1, n] * dy
             b_dh = b_dh + dh[n] * b_s[n]
             dh_a_h = dh[n] * decay * states[i, n]  # dh of the previous position (before its output) x h
             ddt_a = ddt_a + dh_a_h * d.A[n]
@@ -419,7 +471,15 @@ def _backward_chunk(tiles: _Tiles, ins, outs, states, j, size: int, slot, c, ste
         return tuple(dh), tuple(dA), dD + dy * u, dbias + dpre
 
     carry = jax.lax.fori_loop(0, steps, back, carry)
-    plgpu.commit_smem()  # and read before the next chunk overwrites them
+    plgpu.commit_smem()  # the products are written before they are summed, the states read before they are reused
+    for m in range(products.rows // _SUM_ROWS):
+        rows = pl.ds(m * _SUM_ROWS, _SUM_ROWS)
+        if launch.interpret:
+            products_tile = sums[rows, :]
+        else:  # rows spread over threads as in a WGMMA tile: a row sums in 4 threads; loads not conflict-free
+            products_tile = plgpu.load(sums, (rows, slice(None)), layout=plgpu.Layout.WGMMA, optimized=False)
+        total = jnp.sum(products_tile, axis=1)
+        outs["dBC"][slot, pl.ds(products.rows + anchor * products.width + m * _SUM_ROWS, _SUM_ROWS)] = total
     return carry
 
 
@@ -429,7 +489,7 @@ def _launch(dirs: tuple[ScanDirection, ...], z: jax.Array | None, cfg: KernelCon
         raise ValueError(f"the Mosaic GPU scan runs {LANES} channels per program and saves every chunk start: "
                          f"block_d must be {LANES} and save_every 1, got {blocks}")
     return _Launch(tuple(cfg.reverses), cfg.delta_softplus, z is not None, dirs[0].u.shape[1],
-                   dirs[0].A.shape[1], blocks.chunk, blocks.chunk * blocks.num_stages)
+                   dirs[0].A.shape[1], blocks.chunk, blocks.chunk * blocks.num_stages, cfg.interpret)
 
 
 def _bc_width(d_state: int) -> int:
@@ -490,23 +550,23 @@ def _backward(dirs, z, ypre, states, dout, cfg: KernelConfig):
     launch = _launch(dirs, z, cfg)
     batch, length, d_inner = dirs[0].u.shape
     width = ypre.shape[-1]
-    n_state, n_blocks = launch.d_state, width // LANES
+    n_state, n_blocks, bc = launch.d_state, width // LANES, _Products(launch).width
     act = jax.ShapeDtypeStruct((batch, length, width), _F32)
-    per_block = jax.ShapeDtypeStruct((batch, n_blocks, length, _bc_width(n_state)), _F32)
     per_batch = jax.ShapeDtypeStruct((batch, width), _F32)
-    grad_types = DirectionGrads(act, act, jax.ShapeDtypeStruct((batch, n_state, width), _F32), per_block,
-                                per_block, per_batch, per_batch)
+    grad_types = _BlockGrads(act, act, jax.ShapeDtypeStruct((batch, n_state, width), _F32),
+                             jax.ShapeDtypeStruct((batch, n_blocks, length * bc), _F32), per_batch, per_batch)
     out_type = ((act,) if z is not None else ()) + tuple(grad_types) * len(dirs)
     args = _kernel_inputs(dirs, width) + ([] if z is None else [_padded(z, width), ypre]) + [
         _padded(dout, width), *states]
     body = functools.partial(_backward_kernel, launch, _backward_scratch(launch, dirs, z, dout.dtype))
     outs = _call(body, out_type, batch, width, cfg, BACKWARD_PARAMS)(*args)
     dz, raw = (outs[0][..., :d_inner], outs[1:]) if z is not None else (None, outs)
-    grads = []
+    grads, n_out = [], len(_BlockGrads._fields)
     for k in range(len(dirs)):
-        g = DirectionGrads(*raw[7 * k:7 * k + 7])
+        g = _BlockGrads(*raw[n_out * k:n_out * (k + 1)])
+        dbc = g.dBC.sum(1).reshape(batch, length, bc)
         grads.append(DirectionGrads(g.du[..., :d_inner], g.ddelta[..., :d_inner], g.dA.sum(0)[:, :d_inner].T,
-                                    g.dB.sum(1)[..., :n_state], g.dC.sum(1)[..., :n_state], g.dD.sum(0)[:d_inner],
+                                    dbc[..., :n_state], dbc[..., n_state:2 * n_state], g.dD.sum(0)[:d_inner],
                                     g.ddelta_bias.sum(0)[:d_inner]))
     return tuple(grads), dz
 
