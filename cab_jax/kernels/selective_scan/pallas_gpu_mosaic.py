@@ -15,8 +15,8 @@ unrolled (Mosaic GPU's compile time grows with unrolled code). A length that is 
 a shorter tile (its size is static: no masks). d_inner is padded to a multiple of 128 (padded channels have u = 0,
 so their states stay 0 and add nothing to dB and dC).
 
-Gradients that sum over channels (dB, dC) are summed over the warpgroup at every position and written per
-channel block; those that sum over batch and length (dA, dD, d delta_bias) are written per batch element: no
+Gradients that sum over channels (dB, dC) are staged per channel in shared memory for a chunk, summed once per
+chunk (``_Products``) and written per channel block; those that sum over batch and length (dA, dD, d delta_bias) are written per batch element: no
 atomics, so the result is deterministic. ``block_d`` must be 128 and ``save_every`` 1.
 """
 
