@@ -16,8 +16,9 @@ a shorter tile (its size is static: no masks). d_inner is padded to a multiple o
 so their states stay 0 and add nothing to dB and dC).
 
 Gradients that sum over channels (dB, dC) are staged per channel in shared memory for a chunk, summed once per
-chunk (``_Products``) and written per channel block; those that sum over batch and length (dA, dD, d delta_bias) are written per batch element: no
-atomics, so the result is deterministic. ``block_d`` must be 128 and ``save_every`` 1.
+chunk (``_Products``) and written per channel block; those that sum over batch and length (dA, dD, d delta_bias)
+are written per batch element: no atomics, so the result is deterministic. ``block_d`` must be 128 and
+``save_every`` 1.
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ from cab_jax.kernels.selective_scan.pallas_common import (
 _F32 = jnp.float32
 LANES = 128  # channels per program: one warpgroup, one channel per thread
 _SUM_ROWS = 64  # rows of products summed at once: the rows of one WGMMA-layout tile
-DEFAULT_BLOCKS = BlockSizes(chunk=4, block_d=LANES, num_warps=4, num_stages=2, save_every=1)
+# Chunks of 2 in tiles of 4: the backward's shared memory (about 92 KiB at d_state 16) lets two programs share an
+# SM, where chunks of 4 in tiles of 8 (about 176 KiB) run one per SM (BENCHMARKS.md compares them).
+DEFAULT_BLOCKS = BlockSizes(chunk=2, block_d=LANES, num_warps=4, num_stages=2, save_every=1)
 
 
 def default_blocks(d_state: int) -> BlockSizes:
