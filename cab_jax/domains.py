@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from cab_jax.bridge import AttentionBridge
+from cab_jax.bridge import AttentionBridge, layer_map
 from cab_jax.kernels.selective_scan import BlockSizes
 from cab_jax.losses import (
     LANGUAGE_MODE_WEIGHTS,
@@ -135,6 +135,11 @@ def mix_batch(key: jax.Array, images: jax.Array, labels: jax.Array, num_classes:
 
 def _bridge_layers(b: ml_collections.ConfigDict) -> str | tuple[int, ...]:
     return tuple(b.layers) if b.layer_map == "explicit" else b.layer_map
+
+
+def bridge_layer_map(c: ml_collections.ConfigDict) -> tuple[int, ...]:
+    """The teacher layer of each student layer under ``c.bridge`` (-1: unbridged)."""
+    return layer_map(c.student.depth, c.teacher.depth, _bridge_layers(c.bridge))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,19 +8,15 @@ teacher (a ``train_teacher`` workdir, e.g. the demo's ``teacher/``) decodes with
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import flags
-from etils import epath
 from flax import nnx
 
-from cab_jax import checkpoint, cli, domains
-from cab_jax.errors import ConfigError, PathError
+from cab_jax import cli, train
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a language training run (holds run_config.json).")
 _PROMPT = flags.DEFINE_string("prompt", "def fib(", "Text to continue.")
@@ -73,33 +69,12 @@ class Generator:
         return tokens, rate
 
 
-def load_run(workdir: str) -> tuple[ml_collections.ConfigDict, str, nnx.Module]:
-    """The config, what was trained ("teacher" or "student") and the trained model (latest checkpoint) of a
-    language run's workdir."""
-    root = epath.Path(workdir)
-    meta_path = root / "run_config.json"
-    if not meta_path.exists():
-        raise PathError(f"{meta_path} not found: --workdir must be the workdir of a training run")
-    meta = json.loads(meta_path.read_text())
-    c = ml_collections.ConfigDict(meta["config"])
-    if c.domain != "language":
-        raise ConfigError(f"{workdir} holds a {c.domain} run; generation needs a language model")
-    domain = domains.for_config(c)
-    build = domain.build_teacher if meta["trains"] == "teacher" else domain.build_student
-    model = nnx.eval_shape(lambda: build(nnx.Rngs(0)))
-    graphdef, abstract = nnx.split(model)
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract.to_pure_dict())
-    params = checkpoint.load_model_params(root, target)
-    nnx.replace_by_pure_dict(abstract, params)
-    return c, meta["trains"], nnx.merge(graphdef, abstract)
-
-
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         cli.fail(f"unexpected arguments: {' '.join(argv[1:])} (flags are --name=value)")
     from cab_jax.data import text
 
-    c, trained, model = load_run(_WORKDIR.value)
+    c, trained, model = train.load_trained_model(_WORKDIR.value, "language")
     tokenizer = text.load_tokenizer(c.data)
     prompt = np.asarray([tokenizer.encode(_PROMPT.value).ids], np.int32)
     tokens, rate = Generator(model)(prompt, _MAX_NEW.value, _TEMPERATURE.value, _SEED.value)

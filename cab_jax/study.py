@@ -21,7 +21,7 @@ from absl import logging
 from etils import epath
 
 from cab_jax import config as config_lib
-from cab_jax import train
+from cab_jax import plots, train
 
 VISION_COLUMNS = ("model", "mode", "fraction", "seed", "train images", "top-1", "top-5", "steps", "this run",
                   "wall time (s)")
@@ -123,12 +123,9 @@ def plot(cells: list[dict], path: epath.Path) -> bool:
     """The summary ``cells`` as Fig. 2 of the paper draws them: the metric against the train fraction (log scale),
     one line per mode with standard-deviation error bars, written to ``path`` (PNG). Needs matplotlib (the ``plot``
     extra); without it, says so and returns False."""
-    try:
-        from matplotlib.figure import Figure  # not pyplot: no global backend or figure state
-    except ImportError:
-        logging.warning("No study plot: matplotlib is not installed (pip install 'cab-jax[plot]').")
+    fig = plots.new_figure("study plot", figsize=(5, 3.5))
+    if fig is None:
         return False
-    fig = Figure(figsize=(5, 3.5))
     ax = fig.subplots()
     for mode in dict.fromkeys(cell["mode"] for cell in cells):
         mine = sorted((c for c in cells if c["mode"] == mode), key=lambda c: c["fraction"])
@@ -139,9 +136,7 @@ def plot(cells: list[dict], path: epath.Path) -> bool:
     ax.set_ylabel(f"{cells[0]['metric']} (%)")
     ax.grid(alpha=0.3)
     ax.legend(title="student loss")
-    fig.tight_layout()
-    with path.open("wb") as f:
-        fig.savefig(f, format="png", dpi=120)
+    plots.save_png(fig, path)
     return True
 
 

@@ -29,7 +29,7 @@ from jax.sharding import Mesh
 from cab_jax import checkpoint, domains, preemption, prefetch, sharding
 from cab_jax import config as config_lib
 from cab_jax.convert.weights import check_source, load_model_weights
-from cab_jax.errors import ConfigError, DivergedError, UserError
+from cab_jax.errors import ConfigError, DivergedError, PathError, UserError
 
 NO_DECAY_NAMES = frozenset({"pos_embed", "cls_token", "A_log"})
 State = dict[str, Any]
@@ -349,6 +349,36 @@ def device_memory_bytes() -> int | None:
     return None
 
 
+def read_run_config(workdir: str, domain: str | None = None) -> tuple[ml_collections.ConfigDict, str]:
+    """The config and what was trained ("teacher" or "student") of a training run's workdir (its
+    ``run_config.json``); ``ConfigError`` if the run is not of ``domain`` (if given)."""
+    meta_path = epath.Path(workdir) / "run_config.json"
+    if not meta_path.exists():
+        raise PathError(f"{meta_path} not found: --workdir must be the workdir of a training run")
+    meta = json.loads(meta_path.read_text())
+    c = ml_collections.ConfigDict(meta["config"])
+    if domain is not None and c.domain != domain:
+        raise ConfigError(f"{workdir} holds a {c.domain} run; this needs a {domain} model")
+    return c, meta["trains"]
+
+
+def load_trained_model(workdir: str, domain: str | None = None) -> tuple[ml_collections.ConfigDict, str, nnx.Module]:
+    """``read_run_config``, and the trained model (the latest checkpoint)."""
+    c, trains = read_run_config(workdir, domain)
+    built = domains.for_config(c)
+    return c, trains, load_built_model(built.build_teacher if trains == "teacher" else built.build_student, workdir)
+
+
+def load_built_model(build: Callable[[nnx.Rngs], nnx.Module], weights: str) -> nnx.Module:
+    """``build``'s model with the weights at ``weights`` (a run workdir, a converted checkpoint or PyTorch
+    weights), built abstractly first."""
+    model = nnx.eval_shape(lambda: build(nnx.Rngs(0)))
+    graphdef, abstract = nnx.split(model)
+    like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract.to_pure_dict())
+    nnx.replace_by_pure_dict(abstract, load_model_weights(weights, model, like))
+    return nnx.merge(graphdef, abstract)
+
+
 def check_weights_paths(c: ml_collections.ConfigDict, job: domains.Job) -> None:
     """``PathError`` / ``FileFormatError`` naming the config field when a weights path the job will read does not
     exist or cannot be read as weights (headers only: fast)."""
@@ -475,7 +505,8 @@ def _format(values: dict[str, float]) -> str:
 
 
 def save_run_config(workdir: epath.Path, c: ml_collections.ConfigDict, trains: str) -> None:
-    """``workdir/run_config.json``: what was trained, so tools (``cab_jax.generate``) can rebuild the model."""
+    """``workdir/run_config.json``: what was trained, so tools (``read_run_config``, ``load_trained_model``) can
+    rebuild the model."""
     if jax.process_index() == 0:
         meta = {"trains": trains, "config": json.loads(c.to_json_best_effort())}
         (workdir / "run_config.json").write_text(json.dumps(meta, indent=1))

@@ -172,7 +172,7 @@ def test_run_logs_tokens_per_s_and_generation_follows_the_model(tmp_path):
 
     prompt = np.random.default_rng(0).integers(0, VOCAB, (2, 5)).astype(np.int32)
     for workdir in ("student", "teacher"):
-        _, trained, model = generate.load_run(str(tmp_path / workdir))
+        _, trained, model = train.load_trained_model(str(tmp_path / workdir), "language")
         assert trained == workdir
         tokens, _ = generate.Generator(model, prefill_chunk=2)(prompt, max_new_tokens=6)  # prefill in 3 chunks
         context = prompt
@@ -182,10 +182,10 @@ def test_run_logs_tokens_per_s_and_generation_follows_the_model(tmp_path):
             context = np.concatenate([context, tokens[:, i : i + 1]], axis=1)
 
 
-def test_a_vision_workdir_is_refused_by_generate(tmp_path):
+def test_a_vision_workdir_is_refused_where_a_language_model_is_needed(tmp_path):
     (tmp_path / "run_config.json").write_text(json.dumps({"trains": "student", "config": {"domain": "vision"}}))
     with pytest.raises(ValueError, match="language"):
-        generate.load_run(str(tmp_path))
+        train.load_trained_model(str(tmp_path), "language")
 
 
 def test_language_config_errors_name_the_field(tmp_path):

@@ -23,6 +23,7 @@ from cab_jax.kernels.selective_scan import (
     selective_scan,
     selective_scan_bidirectional,
 )
+from cab_jax.kernels.selective_scan.implicit_attention import implicit_attention
 from cab_jax.models.layers import Dtype, dense, torch_uniform
 
 A_INITS = ("s4d", "cab")
@@ -156,6 +157,16 @@ class Mamba(nnx.Module):
         bwd = self.bwd.scan_inputs(x, reverse=True)
         y = self._scan((fwd, bwd), z) * 0.5
         return self.out_proj(y), SSMProjections(fwd.B, fwd.C, bwd.B, bwd.C)
+
+    def implicit_attention(self, hidden: jax.Array) -> jax.Array:
+        """hidden: (batch, length, d_model) -> (batch, length t, length s) float32: the weight the scan puts on
+        input s in output t, averaged over channels and summed over the directions (before their halving, the D
+        skip and the gate)."""
+        x, _ = jnp.split(self.in_proj(hidden), 2, axis=-1)
+        dirs = [(self.fwd.scan_inputs(x), False)] + ([(self.bwd.scan_inputs(x, reverse=True), True)]
+                                                     if self.bwd is not None else [])
+        return sum(implicit_attention(d.delta, d.A, d.B, d.C, reverse=reverse, delta_bias=d.delta_bias,
+                                      delta_softplus=True) for d, reverse in dirs)
 
     def _scan(self, dirs: tuple[ScanDirection, ...], z: jax.Array) -> jax.Array:
         """The gated scan of one direction, or of Vim's two (the second read last-to-first). A Pallas kernel is a

@@ -48,9 +48,15 @@ class VimBlock(nnx.Module):
 
     def __call__(self, hidden: jax.Array, residual: jax.Array, drop_rate: jax.Array, key: jax.Array | None
                  ) -> tuple[jax.Array, jax.Array, SSMProjections]:
-        residual = residual + drop_path(hidden, drop_rate, key).astype(jnp.float32)
-        hidden, proj = self.mixer(self.norm(residual).astype(hidden.dtype))
+        normed, residual = self.mixer_input(hidden, residual, drop_rate, key)
+        hidden, proj = self.mixer(normed)
         return hidden, residual, proj
+
+    def mixer_input(self, hidden: jax.Array, residual: jax.Array, drop_rate: jax.Array, key: jax.Array | None
+                    ) -> tuple[jax.Array, jax.Array]:
+        """(the mixer's input, the new residual)."""
+        residual = residual + drop_path(hidden, drop_rate, key).astype(jnp.float32)
+        return self.norm(residual).astype(hidden.dtype), residual
 
 
 class Vim(nnx.Module):
@@ -114,3 +120,16 @@ class Vim(nnx.Module):
             self.layers, step, carry, (jnp.asarray(self.drop_path_rates), keys), remat=self.remat)
         features = self.norm_f(residual + hidden.astype(jnp.float32))
         return self.head(features[:, self.cls_position].astype(self.dtype)).astype(jnp.float32), projections
+
+    def implicit_attention(self, images: jax.Array) -> jax.Array:
+        """(depth, batch, tokens t, tokens s) float32: each layer's ``Mamba.implicit_attention`` (tokens in the
+        student's order, the cls token in the middle), without stochastic depth."""
+        hidden = self.embed(images)
+
+        def step(block, carry, rate):
+            normed, residual = block.mixer_input(*carry, rate, None)
+            hidden, _ = block.mixer(normed)
+            return (hidden, residual), block.mixer.implicit_attention(normed)
+
+        carry = (hidden, jnp.zeros(hidden.shape, jnp.float32))
+        return scan_layers(self.layers, step, carry, jnp.zeros((self.depth,)))[1]

@@ -40,6 +40,13 @@ VIT_SIZES = {
 }
 
 
+def attention_weights(q: jax.Array, k: jax.Array) -> jax.Array:
+    """Softmax attention, float32: q, k (..., tokens, head_dim) before the 1/sqrt(head_dim) scale -> (..., query
+    tokens, key tokens)."""
+    logits = jnp.einsum("...qd,...kd->...qk", q, k) * q.shape[-1] ** -0.5
+    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+
+
 class Attention(nnx.Module):
     """Multi-head self-attention with separate q, k, v projections (timm's fused qkv is split on import)."""
 
@@ -60,8 +67,7 @@ class Attention(nnx.Module):
             return t.reshape(batch, tokens, self.num_heads, head_dim).transpose(0, 2, 1, 3)
 
         q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
-        logits = jnp.einsum("bhqd,bhkd->bhqk", q, k) * head_dim**-0.5
-        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+        weights = attention_weights(q, k).astype(v.dtype)
         out = jnp.einsum("bhqk,bhkd->bhqd", weights, v).transpose(0, 2, 1, 3).reshape(batch, tokens, dim)
         return self.proj(out), (q, k)
 

@@ -1,0 +1,130 @@
+"""The analyses of trained runs: a Vim student's implicit attention per layer against a brute-force probe of its
+scans, the teacher's token order, the similarity measures, and both commands end to end on saved runs."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.stats
+import test_train
+from flax import nnx
+
+from cab_jax import analyze, checkpoint, domains, train
+from cab_jax.kernels.selective_scan.reference import selective_scan_reference
+from cab_jax.models import registry
+
+
+def probed(mixer, hidden):
+    """(batch, t, s): what the mixer's scans (the reference, one direction after the other) give at t for a unit
+    input at s on every channel, with delta, B and C those of ``hidden``: the brute-force implicit attention."""
+    x, _ = jnp.split(mixer.in_proj(hidden), 2, axis=-1)
+    batch, length, d_inner = x.shape
+    total = 0.0
+    for direction, reverse in ((mixer.fwd, False), (mixer.bwd, True)):
+        d = direction.scan_inputs(x, reverse=reverse)
+        columns = []
+        for s in range(length):
+            u = jnp.zeros((batch, length, d_inner)).at[:, s, :].set(1.0)
+            y = selective_scan_reference(u, d.delta, d.A, d.B, d.C, delta_bias=d.delta_bias, delta_softplus=True,
+                                         reverse=reverse)
+            columns.append(y.mean(-1))
+        total = total + jnp.stack(columns, axis=-1)
+    return total
+
+
+def test_each_vim_layers_implicit_attention_is_what_its_scans_do_to_a_probe():
+    vim = registry.build("vim", num_classes=3, img_size=8, patch_size=4, embed_dim=8, depth=3, d_state=3,
+                         scan_impl="associative", rngs=nnx.Rngs(0))
+    images = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
+    got = vim.implicit_attention(images)
+    assert got.shape == (3, 2, 5, 5)  # layers, images, tokens (4 patches and the cls token)
+    graphdef, stacked = nnx.split(vim.layers)
+    hidden, residual = vim.embed(images), jnp.zeros((2, 5, 8))
+    for i in range(3):
+        block = nnx.merge(graphdef, jax.tree.map(lambda x, i=i: x[i], stacked))
+        normed, residual = block.mixer_input(hidden, residual, 0.0, None)
+        np.testing.assert_allclose(got[i], probed(block.mixer, normed), rtol=1e-4, atol=1e-6, err_msg=f"layer {i}")
+        hidden, _ = block.mixer(normed)
+
+
+def test_the_teachers_cls_token_moves_to_the_students_middle_position():
+    maps = np.arange(16).reshape(4, 4)  # teacher tokens: cls, p0, p1, p2
+    got = analyze.teacher_to_student_order(maps[None], cls_position=1)[0]  # student tokens: p0, cls, p1, p2
+    order = [1, 0, 2, 3]
+    assert got.tolist() == [[maps[a, b] for b in order] for a in order]
+
+
+def test_similarity_measures():
+    a = np.random.default_rng(0).normal(size=(5, 5))
+    assert analyze.similarity(a, 3 * a) == pytest.approx({"cosine": 1.0, "spearman": 1.0})
+    assert analyze.similarity(a, -a)["cosine"] == pytest.approx(-1.0)
+    b = np.random.default_rng(1).normal(size=(5, 5))
+    got = analyze.similarity(a, np.exp(b))  # ranks ignore a monotone map, the cosine does not
+    assert got["spearman"] == pytest.approx(scipy.stats.spearmanr(a.ravel(), b.ravel()).statistic)
+    assert got["cosine"] == pytest.approx(a.ravel() @ np.exp(b).ravel() / np.linalg.norm(a) / np.linalg.norm(np.exp(b)))
+
+
+@pytest.fixture(scope="module")
+def saved_runs(tmp_path_factory):
+    """A random teacher and two random student "runs" (cab, vanilla) of the test model on the embedded digits."""
+    root = tmp_path_factory.mktemp("runs")
+    runs = {}
+    for seed, mode in enumerate(("cab", "vanilla")):
+        c = test_train.small_config(root, mode=mode)
+        domain = domains.for_config(c)
+        if not runs:
+            domain.data.prepare(c.data)
+            teacher = nnx.state(domain.build_teacher(nnx.Rngs(0))).to_pure_dict()
+            checkpoint.save_model_params(root / "teacher", teacher)
+        c.teacher.init_from = str(root / "teacher")
+        run = root / mode
+        checkpoint.save_model_params(run, nnx.state(domain.build_student(nnx.Rngs(seed + 1))).to_pure_dict())
+        train.save_run_config(run, c, "student")
+        steps = [{"step": s, "split": "train", "loss": 1.0 / s, "kl": 0.5 / s, "lr": 1e-3} for s in (1, 2, 3)]
+        steps.append({"step": 3, "split": "eval", "top1": 40.0 + seed})
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in steps))
+        runs[mode] = run
+    return runs
+
+
+def analyze_command(*args):
+    proc = subprocess.run([sys.executable, "-m", "cab_jax.analyze", *args], cwd=test_train.ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_attention_command_writes_numbers_and_figures(saved_runs, tmp_path):
+    cab, vanilla = str(saved_runs["cab"]), str(saved_runs["vanilla"])
+    analyze_command("attention", f"--workdir={cab}", f"--compare={vanilla},{cab}", "--num_images=12",
+                    "--batch_size=8", f"--out={tmp_path}")
+    report = json.loads((tmp_path / "attention.json").read_text())
+    assert [r["mode"] for r in report] == ["cab", "vanilla", "cab"] and all(r["images"] == 12 for r in report)
+    # the test student's 4 layers <- the teacher's 2, proportionally
+    assert [(r["student_layer"], r["teacher_layer"]) for r in report[0]["layers"]] == [(0, 0), (1, 0), (2, 1), (3, 1)]
+    assert report[0]["layers"] == report[2]["layers"]  # the same run twice: the same numbers
+    assert report[0]["layers"] != report[1]["layers"]
+    for r in report[0]["layers"] + report[1]["layers"]:
+        assert -1 <= r["cosine"] <= 1 and -1 <= r["spearman"] <= 1
+    assert (tmp_path / "attention_similarity.png").stat().st_size > 0
+    assert (tmp_path / "attention_maps.png").stat().st_size > 0
+
+
+def test_curves_are_each_runs_metrics_by_step(saved_runs, tmp_path):
+    cab, vanilla = str(saved_runs["cab"]), str(saved_runs["vanilla"])
+    series = analyze.plot_curves([cab, vanilla], tmp_path / "curves.png")
+    assert series[cab]["loss"] == [(1, 1.0), (2, 0.5), (3, 1.0 / 3)] and series[cab]["lr"][0] == (1, 1e-3)
+    assert series[vanilla]["top1"] == [(3, 41.0)] and "bridge" not in series[cab]
+    assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_a_teacher_run_is_refused(saved_runs, tmp_path):
+    (tmp_path / "run_config.json").write_text(json.dumps({"trains": "teacher", "config": json.loads(
+        (saved_runs["cab"] / "run_config.json").read_text())["config"]}))
+    with pytest.raises(ValueError, match="needs a student run"):
+        analyze.attention_report([str(tmp_path)], 4, 4)
