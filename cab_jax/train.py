@@ -491,6 +491,36 @@ class RunResult:
     resumed_at: int | None = None  # the step a checkpoint of an earlier invocation restored
 
 
+class ProgressBar:
+    """A tqdm bar of the training steps (rate and time left) where ``stream`` (stderr) is a terminal, on process 0;
+    elsewhere nothing, and the log lines say it all. The loop's own log lines clear the bar and redraw it below."""
+
+    def __init__(self, name: str, total: int, done: int, stream: Any = None):
+        stream = sys.stderr if stream is None else stream
+        self._bar = None
+        if jax.process_index() == 0 and stream.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, initial=done, desc=name, unit="step", file=stream, dynamic_ncols=True,
+                             leave=False)
+
+    def step(self) -> None:
+        if self._bar is not None:
+            self._bar.update()
+
+    def log(self, *args) -> None:
+        """``logging.info(*args)`` above the bar."""
+        if self._bar is not None:
+            self._bar.clear()
+        logging.info(*args)
+        if self._bar is not None:
+            self._bar.refresh()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
 def format_duration(seconds: float) -> str:
     """``seconds`` as a person reads a remaining time: "42s", "3m05s", "2h07m", "3d04h"."""
     s = round(seconds)
@@ -559,6 +589,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> RunResult:
     start, interval_start, interval_steps, stopped = time.time(), time.time(), 0, False
     eval_params = lambda s: s["ema"]["model"] if "ema" in s else s["params"]["model"]
     guard = NonFiniteGuard(t.on_nonfinite)
+    progress = ProgressBar(job.trains, sched.total_steps, step)
     try:  # the checkpointer's pending save is finished and the data workers end, whatever happens
         with preemption.StopRequest(mesh) as stop:
             while step < sched.total_steps:
@@ -567,6 +598,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> RunResult:
                 state, metrics = steps.train(state, teacher_params, batch)
                 batch = None
                 step += 1
+                progress.step()
                 interval_steps += 1
                 guard.push(step, metrics)
                 if step % t.log_every == 0 or step == sched.total_steps:
@@ -576,13 +608,13 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> RunResult:
                     values["data_wait_ms"] = 1e3 * feed.take_wait_s() / interval_steps  # per step, for its batch
                     writer.write(step, "train", values)
                     eta = (time.time() - start) / (step - (restored_step or 0)) * (sched.total_steps - step)
-                    logging.info("[%s %d/%d] %s eta=%s", job.trains, step, sched.total_steps, _format(values),
+                    progress.log("[%s %d/%d] %s eta=%s", job.trains, step, sched.total_steps, _format(values),
                                  format_duration(eta))
                     interval_start, interval_steps = time.time(), 0
                 if t.eval_every and step % t.eval_every == 0 and step < sched.total_steps:
                     result = evaluate(trainer, steps.eval, eval_params(state), eval_batches)
                     writer.write(step, "eval", result)
-                    logging.info("[%s %d/%d] eval %s", job.trains, step, sched.total_steps, _format(result))
+                    progress.log("[%s %d/%d] eval %s", job.trains, step, sched.total_steps, _format(result))
                 stopped = stop.agreed() and step < sched.total_steps
                 if (step % t.checkpoint_every == 0 and step < sched.total_steps) or stopped:
                     guard.check()
@@ -594,6 +626,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> RunResult:
                 ckpt.save(step, state, feed or train_iter)
             ckpt.wait()
     finally:
+        progress.close()
         ckpt.close()
         (feed or train_iter).close()
     if stopped:

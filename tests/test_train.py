@@ -1,7 +1,9 @@
 """Trainer: learning happens, sharding does not change the math, and the frozen teacher stays out of checkpoints."""
 
+import io
 import json
 import pathlib
+import re
 import subprocess
 import sys
 import textwrap
@@ -251,6 +253,30 @@ def test_the_metrics_writer_does_not_import_torch(tmp_path):
                                           (7650, "2h07m"), (3 * 86400 + 4 * 3600 + 59, "3d04h")])
 def test_remaining_time_reads_like_a_clock(seconds, text):
     assert train.format_duration(seconds) == text
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_a_terminal_gets_a_progress_bar_with_the_log_lines_above_it(monkeypatch):
+    logged = []  # (absl's logger stops reaching pytest's capture once an absl app ran in the worker)
+    monkeypatch.setattr(train.logging, "info", lambda *args: logged.append((args, terminal.getvalue())))
+    terminal = Terminal()
+    progress = train.ProgressBar("student", total=10, done=4, stream=terminal)  # resumed at step 4
+    for _ in range(3):
+        progress.step()
+    progress.log("[student %d/%d] loss=%s", 7, 10, "0.5")
+    progress.close()
+    assert re.search(r"student:\s+70%.*\| 7/10 ", terminal.getvalue()), terminal.getvalue()
+    (args, shown), = logged
+    assert args == ("[student %d/%d] loss=%s", 7, 10, "0.5") and shown.endswith("\r")  # the bar was cleared first
+    elsewhere = io.StringIO()  # not a terminal: no bar
+    quiet = train.ProgressBar("student", total=10, done=0, stream=elsewhere)
+    quiet.step()
+    quiet.close()
+    assert elsewhere.getvalue() == ""
 
 
 def test_distill_without_teacher_weights_on_real_data_fails_clearly(tmp_path):
