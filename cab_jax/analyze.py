@@ -211,7 +211,8 @@ def plot_curves(runs: Sequence[str], path: epath.Path) -> dict[str, dict[str, li
         label = "/".join(epath.Path(run).parts[-2:])
         for name, points in named.items():
             ax = loss_ax if name in LOSS_TERMS else lr_ax if name == "lr" else eval_ax
-            ax.plot(*zip(*points, strict=True), style, label=f"{name} ({label})")
+            ax.plot(*zip(*points, strict=True), style, marker="o" if ax is eval_ax else None,
+                    label=f"{name} ({label})")
             if ax is eval_ax:
                 ax.set_ylabel(name)
     loss_ax.set_yscale("log")
