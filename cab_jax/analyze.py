@@ -1,13 +1,14 @@
 """Analyses of trained runs.
 
-    python -m cab_jax.analyze attention --workdir=RUN [--compare=OTHER_RUN,...] [--num_images=64]
+    python -m cab_jax.analyze attention --workdir=RUN [--compare=OTHER_RUN,...] [--num_examples=64]
     python -m cab_jax.analyze curves --workdir=RUN [--compare=OTHER_RUN,...]
 
-``attention`` (CAB's Fig. 3), for vision students: each layer's implicit attention (the matrix its selective scans
-apply to their input, averaged over channels, summed over Vim's two directions, averaged over eval images) beside
-the softmax attention of the teacher layer the bridge maps it to (averaged over heads and the same images, the
-teacher's cls token moved to the student's middle position), and their similarity per layer: the cosine of the
-flattened maps and Spearman's rank correlation of their entries. Runs without a bridge (vanilla, soft) use the
+``attention`` (CAB's Fig. 3), for students: each layer's implicit attention (the matrix its scans apply to their
+input: a Vim layer's averaged over channels and summed over its two directions, a Phi-Mamba layer's averaged over
+heads; then averaged over eval images or token windows) beside the softmax attention of the teacher layer the
+bridge maps it to (averaged over heads and the same inputs; causal for Phi; a DeiT teacher's cls token moved to
+the student's middle position), and their similarity per layer: the cosine of the flattened maps and Spearman's
+rank correlation of their entries. Runs without a bridge (vanilla, soft) use the
 layer map their config names. Writes ``attention.json``, ``attention_similarity.png`` (one line per run) and
 ``attention_maps.png`` (teacher and students at a few layers).
 
@@ -32,14 +33,19 @@ from flax import nnx
 
 from cab_jax import cli, domains, plots, train
 from cab_jax.errors import ConfigError, PathError
-from cab_jax.models.vit import attention_weights
+from cab_jax.models.layers import attention_weights
 
 COMMANDS = ("attention", "curves")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a training run (holds run_config.json).")
-_COMPARE = flags.DEFINE_list("compare", [], "Other runs' workdirs, analysed the same way and drawn beside it.")
-_NUM_IMAGES = flags.DEFINE_integer("num_images", 64, "attention: eval images the maps are averaged over.")
-_BATCH = flags.DEFINE_integer("batch_size", 16, "attention: images per forward pass.")
-_OUT = flags.DEFINE_string("out", None, "Output directory (default: WORKDIR/analysis).")
+
+
+def define_flags() -> None:
+    """The command line's flags (defined on demand: other entry points that tests import define their own)."""
+    flags.DEFINE_string("workdir", None, "Workdir of a training run (holds run_config.json).")
+    flags.DEFINE_list("compare", [], "Other runs' workdirs, analysed the same way and drawn beside it.")
+    flags.DEFINE_integer("num_examples", 64, "attention: eval examples (images, or token windows) the maps are "
+                         "averaged over.")
+    flags.DEFINE_integer("batch_size", 16, "attention: examples per forward pass.")
+    flags.DEFINE_string("out", None, "Output directory (default: WORKDIR/analysis).")
 
 
 def teacher_to_student_order(maps: np.ndarray, cls_position: int) -> np.ndarray:
@@ -56,72 +62,77 @@ def similarity(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
     return {"cosine": cosine, "spearman": float(scipy.stats.spearmanr(a, b).statistic)}
 
 
-def eval_images(c, count: int) -> np.ndarray:
-    """The first ``count`` images of the run's eval split (fewer if the split is smaller)."""
-    data = domains.for_config(c).job().data
+def eval_inputs(c, count: int) -> np.ndarray:
+    """The model inputs of the first ``count`` examples of the run's eval split (images, or token windows; fewer if
+    the split is smaller), padding excluded."""
+    domain = domains.for_config(c)
     chunks, have = [], 0
-    for batch in domains.for_config(c).data.eval_batches(data, global_batch_size=min(count, 256)):
-        images = np.asarray(batch["image"])[np.asarray(batch["mask"]) > 0]
-        chunks.append(images[:count - have])
+    for batch in domain.data.eval_batches(domain.job().data, global_batch_size=min(count, 256)):
+        mask = np.asarray(batch["mask"] if "mask" in batch else batch["loss_mask"])
+        real = mask.reshape(len(mask), -1).max(axis=1) > 0
+        chunks.append(np.asarray(domain.eval_inputs(batch))[real][:count - have])
         have += len(chunks[-1])
         if have >= count:
             break
     return np.concatenate(chunks)
 
 
-def _averaged(fn, images: np.ndarray, batch: int) -> np.ndarray:
-    """The mean over ``images`` of ``fn(batch of images)``, a per-image mean, computed ``batch`` at a time."""
+def _averaged(fn, inputs: np.ndarray, batch: int) -> np.ndarray:
+    """The mean over ``inputs`` of ``fn(batch of inputs)``, a per-example mean, computed ``batch`` at a time."""
     total = 0.0
-    for start in range(0, len(images), batch):
-        chunk = images[start:start + batch]
+    for start in range(0, len(inputs), batch):
+        chunk = inputs[start:start + batch]
         total = total + np.asarray(fn(jnp.asarray(chunk)), np.float64) * len(chunk)
-    return total / len(images)
+    return total / len(inputs)
 
 
 def _compiled(model: nnx.Module, method):
-    """``method(model, images)`` jitted, with the model's state an argument (not constants of the program)."""
+    """``method(model, inputs)`` jitted, with the model's state an argument (not constants of the program)."""
     graphdef, state = nnx.split(model)
     fn = jax.jit(lambda s, x: method(nnx.merge(graphdef, s), x))
-    return lambda images: fn(state, images)
+    return lambda inputs: fn(state, inputs)
 
 
-def student_maps(student: nnx.Module, images: np.ndarray, batch: int) -> np.ndarray:
-    """(depth, tokens, tokens): each layer's implicit attention, averaged over ``images``."""
-    return _averaged(_compiled(student, lambda m, x: m.implicit_attention(x).mean(1)), images, batch)
+def student_maps(student: nnx.Module, inputs: np.ndarray, batch: int) -> np.ndarray:
+    """(depth, tokens, tokens): each layer's implicit attention, averaged over ``inputs``."""
+    return _averaged(_compiled(student, lambda m, x: m.implicit_attention(x).mean(1)), inputs, batch)
 
 
-def teacher_maps(teacher: nnx.Module, images: np.ndarray, batch: int) -> np.ndarray:
-    """(depth, tokens, tokens): each layer's softmax attention, averaged over heads and ``images`` (the teacher's
+def teacher_maps(teacher: nnx.Module, inputs: np.ndarray, batch: int, causal: bool) -> np.ndarray:
+    """(depth, tokens, tokens): each layer's softmax attention, averaged over heads and ``inputs`` (the teacher's
     token order)."""
 
     def maps(model, x):
-        _, (q, k) = model(x)  # each (depth, batch, heads, tokens, head_dim)
-        return attention_weights(q, k).mean(axis=(1, 2))
+        _, (q, k) = model(x)  # each (depth, batch, heads, tokens, head_dim), before the 1/sqrt(head_dim) scale
+        return attention_weights(q, k, causal).mean(axis=(1, 2))
 
-    return _averaged(_compiled(teacher, maps), images, batch)
+    return _averaged(_compiled(teacher, maps), inputs, batch)
 
 
-def attention_report(runs: Sequence[str], num_images: int, batch: int) -> list[dict]:
+def attention_report(runs: Sequence[str], num_examples: int, batch: int) -> list[dict]:
     """Per run: its loss mode, the similarity of each bridged layer's map to its teacher layer's (``layers``),
     their means, and the maps themselves (``maps``: student (depth, T, T), teacher (teacher depth, T, T) in the
     student's token order)."""
     teachers, report = {}, []
     for run in runs:
-        c, trained = train.read_run_config(run, "vision")
+        c, trained = train.read_run_config(run)
         if trained != "student":
             raise ConfigError(f"{run} trained a teacher: the attention analysis needs a student run")
         if not c.teacher.init_from:
             raise ConfigError(f"{run}: its config has no teacher.init_from, so there is no teacher to compare with")
         student = train.load_trained_model(run)[2]
-        images = eval_images(c, num_images)
-        key = (c.teacher.init_from, len(images))
+        domain = domains.for_config(c)
+        inputs = eval_inputs(c, num_examples)
+        key = (c.teacher.init_from, len(inputs))
         if key not in teachers:
-            teacher = train.load_built_model(domains.for_config(c).build_teacher, c.teacher.init_from)
-            teachers[key] = teacher_to_student_order(teacher_maps(teacher, images, batch), student.cls_position)
-        mine, theirs = student_maps(student, images, batch), teachers[key]
+            teacher = train.load_built_model(domain.build_teacher, c.teacher.init_from)
+            maps = teacher_maps(teacher, inputs, batch, causal=c.domain == "language")
+            cls_position = domain.cls_position(student)
+            teachers[key] = maps if cls_position is None else teacher_to_student_order(maps, cls_position)
+        mine, theirs = student_maps(student, inputs, batch), teachers[key]
         layers = [{"student_layer": layer, "teacher_layer": g, **similarity(mine[layer], theirs[g])}
                   for layer, g in enumerate(domains.bridge_layer_map(c)) if g >= 0]
-        report.append({"run": run, "mode": c.loss.mode, "images": len(images), "layers": layers,
+        report.append({"run": run, "mode": c.loss.mode, "examples": len(inputs), "layers": layers,
                        "mean_cosine": float(np.mean([r["cosine"] for r in layers])),
                        "mean_spearman": float(np.mean([r["spearman"] for r in layers])),
                        "maps": {"student": mine, "teacher": theirs}})
@@ -228,24 +239,26 @@ def plot_curves(runs: Sequence[str], path: epath.Path) -> dict[str, dict[str, li
 def main(argv: list[str]) -> None:
     if len(argv) != 2 or argv[1] not in COMMANDS:
         cli.fail(f"usage: python -m cab_jax.analyze {{{'|'.join(COMMANDS)}}} --workdir=RUN [--compare=RUN,...]")
-    runs = [_WORKDIR.value, *_COMPARE.value]
-    out = epath.Path(_OUT.value or epath.Path(_WORKDIR.value) / "analysis")
-    out.mkdir(parents=True, exist_ok=True)
+    f = flags.FLAGS
+    runs = [f.workdir, *f.compare]
+    out = epath.Path(f.out or epath.Path(f.workdir) / "analysis")  # created once there is something to write
     if argv[1] == "curves":
         if plot_curves(runs, out / "curves.png") and (out / "curves.png").exists():
             logging.info("Wrote %s.", out / "curves.png")
         return
-    report = attention_report(runs, _NUM_IMAGES.value, _BATCH.value)
+    report = attention_report(runs, f.num_examples, f.batch_size)
+    out.mkdir(parents=True, exist_ok=True)
     plot_similarity(report, out / "attention_similarity.png")
     plot_maps(report, out / "attention_maps.png")
     numbers = [{k: v for k, v in entry.items() if k != "maps"} for entry in report]
     (out / "attention.json").write_text(json.dumps(numbers, indent=1))
     for entry in numbers:
-        logging.info("%s: mean cosine %.3f, mean Spearman %.3f over %d layers (%d images)", _label(entry),
-                     entry["mean_cosine"], entry["mean_spearman"], len(entry["layers"]), entry["images"])
+        logging.info("%s: mean cosine %.3f, mean Spearman %.3f over %d layers (%d eval examples)", _label(entry),
+                     entry["mean_cosine"], entry["mean_spearman"], len(entry["layers"]), entry["examples"])
     logging.info("Wrote %s.", out)
 
 
 if __name__ == "__main__":
+    define_flags()
     flags.mark_flags_as_required(["workdir"])
     cli.run(main)

@@ -21,6 +21,8 @@ def new_figure(what: str, **kwargs) -> Any | None:
 
 
 def save_png(fig: Any, path: epath.Path) -> None:
+    """``fig`` as a PNG at ``path`` (its directory created if needed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     with path.open("wb") as f:
         fig.savefig(f, format="png", dpi=120)

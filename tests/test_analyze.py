@@ -10,12 +10,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.stats
+import test_lm_train
 import test_train
 from flax import nnx
 
 from cab_jax import analyze, checkpoint, domains, train
 from cab_jax.kernels.selective_scan.reference import selective_scan_reference
+from cab_jax.kernels.ssd.implicit_attention import implicit_attention as ssd_implicit_attention
+from cab_jax.kernels.ssd.reference import ssd_reference
 from cab_jax.models import registry
+from cab_jax.models.layers import attention_weights
 
 
 def probed(mixer, hidden):
@@ -68,13 +72,11 @@ def test_similarity_measures():
     assert got["cosine"] == pytest.approx(a.ravel() @ np.exp(b).ravel() / np.linalg.norm(a) / np.linalg.norm(np.exp(b)))
 
 
-@pytest.fixture(scope="module")
-def saved_runs(tmp_path_factory):
-    """A random teacher and two random student "runs" (cab, vanilla) of the test model on the embedded digits."""
-    root = tmp_path_factory.mktemp("runs")
+def save_runs(root, config):
+    """A random teacher and two random student "runs" (cab, vanilla) of ``config(root, mode)``, with metrics."""
     runs = {}
     for seed, mode in enumerate(("cab", "vanilla")):
-        c = test_train.small_config(root, mode=mode)
+        c = config(root, mode=mode)
         domain = domains.for_config(c)
         if not runs:
             domain.data.prepare(c.data)
@@ -91,6 +93,12 @@ def saved_runs(tmp_path_factory):
     return runs
 
 
+@pytest.fixture(scope="module")
+def saved_runs(tmp_path_factory):
+    """Vision runs of the test model on the embedded digits."""
+    return save_runs(tmp_path_factory.mktemp("runs"), test_train.small_config)
+
+
 def analyze_command(*args):
     proc = subprocess.run([sys.executable, "-m", "cab_jax.analyze", *args], cwd=test_train.ROOT,
                           capture_output=True, text=True, timeout=300)
@@ -101,10 +109,10 @@ def analyze_command(*args):
 @pytest.mark.slow
 def test_attention_command_writes_numbers_and_figures(saved_runs, tmp_path):
     cab, vanilla = str(saved_runs["cab"]), str(saved_runs["vanilla"])
-    analyze_command("attention", f"--workdir={cab}", f"--compare={vanilla},{cab}", "--num_images=12",
+    analyze_command("attention", f"--workdir={cab}", f"--compare={vanilla},{cab}", "--num_examples=12",
                     "--batch_size=8", f"--out={tmp_path}")
     report = json.loads((tmp_path / "attention.json").read_text())
-    assert [r["mode"] for r in report] == ["cab", "vanilla", "cab"] and all(r["images"] == 12 for r in report)
+    assert [r["mode"] for r in report] == ["cab", "vanilla", "cab"] and all(r["examples"] == 12 for r in report)
     # the test student's 4 layers <- the teacher's 2, proportionally
     assert [(r["student_layer"], r["teacher_layer"]) for r in report[0]["layers"]] == [(0, 0), (1, 0), (2, 1), (3, 1)]
     assert report[0]["layers"] == report[2]["layers"]  # the same run twice: the same numbers
@@ -113,6 +121,18 @@ def test_attention_command_writes_numbers_and_figures(saved_runs, tmp_path):
         assert -1 <= r["cosine"] <= 1 and -1 <= r["spearman"] <= 1
     assert (tmp_path / "attention_similarity.png").stat().st_size > 0
     assert (tmp_path / "attention_maps.png").stat().st_size > 0
+
+
+def test_the_attention_of_language_students_is_compared_with_the_causal_teachers(tmp_path):
+    runs = save_runs(tmp_path, test_lm_train.tiny_config)  # 2 + 2 layers, synthetic tokens
+    report = analyze.attention_report([str(runs["cab"]), str(runs["vanilla"])], num_examples=6, batch=4)
+    assert [r["mode"] for r in report] == ["cab", "vanilla"] and report[0]["examples"] == 6
+    assert [(r["student_layer"], r["teacher_layer"]) for r in report[0]["layers"]] == [(0, 0), (1, 1)]
+    teacher, student = report[0]["maps"]["teacher"], report[0]["maps"]["student"]
+    length = test_lm_train.SEQ
+    assert teacher.shape == student.shape == (2, length, length)
+    assert np.allclose(np.triu(teacher, 1), 0) and np.allclose(np.triu(student, 1), 0)  # both causal
+    assert np.allclose(teacher.sum(-1), 1)  # softmax rows
 
 
 def test_curves_are_each_runs_metrics_by_step(saved_runs, tmp_path):
@@ -128,3 +148,39 @@ def test_a_teacher_run_is_refused(saved_runs, tmp_path):
         (saved_runs["cab"] / "run_config.json").read_text())["config"]}))
     with pytest.raises(ValueError, match="needs a student run"):
         analyze.attention_report([str(tmp_path)], 4, 4)
+
+
+def test_the_ssd_scans_implicit_attention_is_what_it_does_to_a_probe():
+    keys = jax.random.split(jax.random.key(3), 3)
+    batch, length, heads, groups, head_dim, d_state = 2, 6, 4, 2, 3, 5
+    log_decay = -jax.nn.softplus(jax.random.normal(keys[0], (batch, length, heads)))
+    B, C = (jax.random.normal(k, (batch, length, groups, d_state)) for k in keys[1:])
+    columns = []
+    for s in range(length):
+        x = jnp.zeros((batch, length, heads, head_dim)).at[:, s].set(1.0)
+        columns.append(ssd_reference(x, log_decay, B, C).mean(axis=(2, 3)))
+    np.testing.assert_allclose(ssd_implicit_attention(log_decay, B, C), jnp.stack(columns, -1), rtol=1e-5, atol=1e-6)
+
+
+def test_each_phi_mamba_layers_implicit_attention_is_its_mixers():
+    model = registry.build("phi_mamba", vocab_size=32, d_model=16, depth=2, intermediate_size=32, d_state=4,
+                           n_qk_heads=2, n_v_heads=4, rngs=nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 7), 0, 32)
+    got = model.implicit_attention(tokens)
+    assert got.shape == (2, 2, 7, 7)
+    graphdef, stacked = nnx.split(model.layers)
+    x = model.embed(tokens)
+    for i in range(2):
+        block = nnx.merge(graphdef, jax.tree.map(lambda t, i=i: t[i], stacked))
+        mixer, h = block.mixer, block.input_layernorm(x)
+        prefix = jnp.zeros((2, mixer.d_conv - 1, mixer.conv_dim), mixer.dtype)
+        _, B, C, _, decay, _ = mixer._project(h, prefix)
+        np.testing.assert_allclose(got[i], ssd_implicit_attention(decay, B, C), rtol=1e-5, atol=1e-6)
+        x = block(x)[0]
+
+
+def test_causal_attention_weights_see_only_the_past():
+    q, k = (jax.random.normal(key, (2, 5, 4)) for key in jax.random.split(jax.random.key(0)))
+    full, causal = attention_weights(q, k), attention_weights(q, k, causal=True)
+    assert np.allclose(np.triu(causal, 1), 0) and np.allclose(causal.sum(-1), 1) and np.allclose(full.sum(-1), 1)
+    np.testing.assert_allclose(causal[:, -1], full[:, -1], rtol=1e-6)  # the last query sees every key either way

@@ -107,6 +107,16 @@ def stack_layers(layers: Sequence[nnx.Module]) -> nnx.Module:
     return stacked
 
 
+def attention_weights(q: jax.Array, k: jax.Array, causal: bool = False) -> jax.Array:
+    """Softmax attention, float32: q, k (..., tokens, head_dim) before the 1/sqrt(head_dim) scale -> (..., query
+    tokens, key tokens); ``causal``: query t sees keys up to t."""
+    logits = (jnp.einsum("...qd,...kd->...qk", q, k) * q.shape[-1] ** -0.5).astype(jnp.float32)
+    if causal:
+        tokens = q.shape[-2]
+        logits = jnp.where(jnp.arange(tokens)[None, :] <= jnp.arange(tokens)[:, None], logits, -jnp.inf)
+    return jax.nn.softmax(logits, axis=-1)
+
+
 def scan_layers(layers: nnx.Module, fn: Callable, carry: Any, xs: Any = None, *, remat: bool = False
                 ) -> tuple[Any, Any]:
     """Apply stacked ``layers`` in order with one ``lax.scan`` (compiled once, whatever the depth):

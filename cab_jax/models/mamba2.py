@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cab_jax.kernels.ssd import SSD_IMPLS, ssd, ssd_step
+from cab_jax.kernels.ssd.implicit_attention import implicit_attention
 from cab_jax.models.layers import Dtype, dense, torch_uniform
 from cab_jax.models.mamba import causal_depthwise_conv
 
@@ -117,6 +118,13 @@ class DiscreteMamba2(nnx.Module):
     def _output(self, y: jax.Array, z: jax.Array) -> jax.Array:
         y = y.reshape(*y.shape[:2], self.d_inner).astype(self.dtype)
         return self.out_proj(y * jax.nn.silu(z + self.z_bias[...].astype(z.dtype)))
+
+    def implicit_attention(self, hidden: jax.Array) -> jax.Array:
+        """hidden (batch, length, d_model) -> (batch, length t, length s) float32: the weight the scan puts on
+        input s in output t, averaged over heads (before the D skip and the gate)."""
+        prefix = jnp.zeros((hidden.shape[0], self.d_conv - 1, self.conv_dim), self.dtype)
+        _, B, C, _, decay, _ = self._project(hidden, prefix)
+        return implicit_attention(decay, B, C)
 
     def __call__(self, hidden: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """hidden (batch, length, d_model) -> output (batch, length, d_model) and B, C, each

@@ -11,6 +11,7 @@ from flax import nnx
 
 from cab_jax.models.layers import (
     Dtype,
+    attention_weights,
     dense,
     drop_path,
     drop_path_rates,
@@ -38,13 +39,6 @@ VIT_SIZES = {
     "small": ViTSize(384, 12, 6),
     "base": ViTSize(768, 12, 12),
 }
-
-
-def attention_weights(q: jax.Array, k: jax.Array) -> jax.Array:
-    """Softmax attention, float32: q, k (..., tokens, head_dim) before the 1/sqrt(head_dim) scale -> (..., query
-    tokens, key tokens)."""
-    logits = jnp.einsum("...qd,...kd->...qk", q, k) * q.shape[-1] ** -0.5
-    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
 
 class Attention(nnx.Module):
