@@ -24,20 +24,27 @@ from cab_jax.models.mamba import SSMProjections
 
 BRIDGE_KINDS = ("mlp", "linear")
 KERNEL_MAPS = ("softmax", "relu", "exp", "none")
-LAYER_MAPS = ("proportional", "last")
+LAYER_MAPS = ("proportional", "last", "first", "every_other")
 
 
 def layer_map(student_depth: int, teacher_depth: int, spec: str | Sequence[int]) -> tuple[int, ...]:
     """Teacher layer for each student layer; -1 leaves a student layer unbridged.
 
     "proportional": g(l) = floor(l * T / S) (24 student layers <- 12 teacher layers: two per teacher layer);
-    "last": every student layer learns the teacher's last layer; a sequence gives g explicitly.
+    "last": every student layer learns the teacher's last layer; "first": student layer l learns teacher layer l
+    (first-aligned; student layers past the teacher's depth are not bridged); "every_other": the proportional map
+    on the even student layers only; a sequence gives g explicitly.
     """
     if isinstance(spec, str):
+        proportional = tuple(i * teacher_depth // student_depth for i in range(student_depth))
         if spec == "proportional":
-            return tuple(i * teacher_depth // student_depth for i in range(student_depth))
+            return proportional
         if spec == "last":
             return (teacher_depth - 1,) * student_depth
+        if spec == "first":
+            return tuple(i if i < teacher_depth else -1 for i in range(student_depth))
+        if spec == "every_other":
+            return tuple(g if i % 2 == 0 else -1 for i, g in enumerate(proportional))
         raise ValueError(f"unknown layer map {spec!r}; expected one of {LAYER_MAPS} or a list of ints")
     mapping = tuple(int(g) for g in spec)
     if len(mapping) != student_depth:
@@ -81,14 +88,19 @@ def teacher_targets(q: jax.Array, k: jax.Array, kernel_map: str, cls_position: i
 
 
 class BridgeNet(nnx.Module):
-    """student width -> hidden -> SiLU -> teacher width (``kind="mlp"``), or one linear map (``kind="linear"``)."""
+    """student width -> hidden -> SiLU -> ... -> teacher width, with ``hidden_layers`` hidden layers of width
+    ``hidden`` (``kind="mlp"``; CAB's is one), or one linear map (``kind="linear"``)."""
 
-    def __init__(self, d_in: int, d_out: int, hidden: int, kind: str, *, rngs: nnx.Rngs):
+    def __init__(self, d_in: int, d_out: int, hidden: int, kind: str, *, rngs: nnx.Rngs, hidden_layers: int = 1):
         if kind not in BRIDGE_KINDS:
             raise ValueError(f"unknown bridge kind {kind!r}; expected one of {BRIDGE_KINDS}")
         if kind == "mlp":
-            self.layers = nnx.List([dense(d_in, hidden, (None, "embed"), rngs=rngs),
-                                    dense(hidden, d_out, ("embed", "heads"), rngs=rngs)])
+            if hidden_layers < 1:
+                raise ValueError(f"an mlp bridge needs at least one hidden layer, got hidden_layers={hidden_layers}")
+            self.layers = nnx.List([dense(d_in, hidden, (None, "embed"), rngs=rngs)]
+                                   + [dense(hidden, hidden, (None, "embed"), rngs=rngs)
+                                      for _ in range(hidden_layers - 1)]
+                                   + [dense(hidden, d_out, ("embed", "heads"), rngs=rngs)])
         else:
             self.layers = nnx.List([dense(d_in, d_out, (None, "heads"), rngs=rngs)])
 
@@ -103,8 +115,8 @@ class LayerBridge(nnx.Module):
     """The four maps of one student layer: B -> K, B_b -> K, C -> Q, C_b -> Q."""
 
     def __init__(self, d_in: int, d_teacher: int, hidden: int, kind: str, bidirectional: bool, *,
-                 rngs: nnx.Rngs):
-        make = lambda: BridgeNet(d_in, d_teacher, hidden, kind, rngs=rngs)
+                 rngs: nnx.Rngs, hidden_layers: int = 1):
+        make = lambda: BridgeNet(d_in, d_teacher, hidden, kind, rngs=rngs, hidden_layers=hidden_layers)
         self.b_to_k, self.c_to_q = make(), make()
         self.b_to_k_b, self.c_to_q_b = (make(), make()) if bidirectional else (None, None)
 
@@ -181,14 +193,15 @@ class AttentionBridge(nnx.Module):
         kernel_map: str = "softmax",
         layers: str | Sequence[int] = "proportional",
         bidirectional: bool = True,
+        hidden_layers: int = 1,
         rngs: nnx.Rngs,
     ):
         apply_kernel_map(jnp.zeros((1, 1)), kernel_map, token_axis=False)  # validates the name early
         self.kernel_map, self.teacher_depth = kernel_map, teacher_depth
         self.mapping = layer_map(student_depth, teacher_depth, layers)
         self.student_layers = tuple(i for i, g in enumerate(self.mapping) if g >= 0)  # the bridged ones
-        self.layers = stack_layers([LayerBridge(d_in, d_teacher, hidden, kind, bidirectional, rngs=rngs)
-                                    for _ in self.student_layers])
+        self.layers = stack_layers([LayerBridge(d_in, d_teacher, hidden, kind, bidirectional, rngs=rngs,
+                                                hidden_layers=hidden_layers) for _ in self.student_layers])
 
     def __call__(self, projections: SSMProjections, teacher_qk: tuple[jax.Array, jax.Array],
                  cls_position: int | None) -> jax.Array:

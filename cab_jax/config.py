@@ -202,6 +202,8 @@ def validate(c: ml_collections.ConfigDict, mesh_shape: Mapping[str, int] | None 
     for name in ("ce_weight", "kl_weight", "bridge_weight"):
         _check(c.loss[name] is None or c.loss[name] >= 0, f"loss.{name}", f"must be >= 0, got {c.loss[name]}")
     _check_choice(c.bridge.kind, "bridge.kind", BRIDGE_KINDS)
+    _check(c.bridge.get("hidden_layers", 1) >= 1, "bridge.hidden_layers",
+           f"an mlp bridge has at least one hidden layer, got {c.bridge.get('hidden_layers', 1)}")
     _check_choice(c.bridge.kernel_map, "bridge.kernel_map", KERNEL_MAPS)
     _check_choice(c.bridge.layer_map, "bridge.layer_map", (*LAYER_MAPS, "explicit"))
     if c.bridge.layer_map == "explicit":

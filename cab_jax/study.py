@@ -12,22 +12,27 @@ Language (``configs/demo_lm.py``): Phi teacher, Phi-Mamba students, held-out per
 
 from __future__ import annotations
 
+import ast
 import json
 import statistics
+from typing import Any
 
 import jax
 import ml_collections
 from absl import logging
 from etils import epath
+from flax import nnx
 
 from cab_jax import config as config_lib
-from cab_jax import plots, train
+from cab_jax import domains, plots, train
+from cab_jax.errors import ConfigError
 
-VISION_COLUMNS = ("model", "mode", "fraction", "seed", "train images", "top-1", "top-5", "steps", "this run",
-                  "wall time (s)")
-LANGUAGE_COLUMNS = ("model", "mode", "seed", "init from attention", "train tokens", "held-out perplexity",
-                    "token acc (%)", "train tokens/s", "steps", "this run", "wall time (s)")
-SUMMARY_COLUMNS = ("fraction", "mode", "metric", "mean", "std", "seeds", "per seed")
+VISION_COLUMNS = ("model", "mode", "variant", "bridge params", "fraction", "seed", "train images", "top-1", "top-5",
+                  "steps", "this run", "wall time (s)")
+LANGUAGE_COLUMNS = ("model", "mode", "variant", "bridge params", "seed", "init from attention", "train tokens",
+                    "held-out perplexity", "token acc (%)", "train tokens/s", "steps", "this run", "wall time (s)")
+SUMMARY_COLUMNS = ("fraction", "mode", "variant", "bridge params", "metric", "mean", "std", "seeds", "per seed")
+NO_VARIANT = "-"
 
 
 def _stage(c: ml_collections.ConfigDict, **changes) -> ml_collections.ConfigDict:
@@ -39,12 +44,52 @@ def _stage(c: ml_collections.ConfigDict, **changes) -> ml_collections.ConfigDict
     return stage
 
 
-def grid(c: ml_collections.ConfigDict) -> list[tuple[float | None, str, int]]:
-    """The students of a study, in training order: (train-subset fraction (None for language), mode, seed).
-    Unset fractions or seeds mean the config's own ``data.subset_fraction`` and ``seed``."""
+def variants(c: ml_collections.ConfigDict) -> dict[str, dict[str, Any]]:
+    """``config.study.variants`` by name: each entry is ``"NAME: field=value; field=value"`` (dotted fields of the
+    config; values read as Python literals, else as strings), e.g. ``"mlp2: bridge.hidden_layers=2"``."""
+    out = {}
+    for entry in c.study.get("variants", ()):
+        name, sep, body = entry.partition(":")
+        name = name.strip()
+        if not sep or not name or name in out or name == NO_VARIANT:
+            raise ConfigError(f"config.study.variants: {entry!r} must read 'NAME: field=value; ...' with a new name")
+        changes = {}
+        for item in filter(None, (part.strip() for part in body.split(";"))):
+            key, sep, text = (part.strip() for part in item.partition("="))
+            section, _, field = key.rpartition(".")
+            try:
+                known = field in (c[section] if section else c)
+            except KeyError:
+                known = False
+            if not sep or not known:
+                raise ConfigError(f"config.study.variants: {item!r} of {name!r} does not set a field of the config")
+            try:
+                changes[key] = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                changes[key] = text
+        out[name] = changes
+    return out
+
+
+def grid(c: ml_collections.ConfigDict) -> list[tuple[float | None, str, str, int]]:
+    """The students of a study, in training order: (train-subset fraction (None for language), mode, variant,
+    seed). Unset fractions or seeds mean the config's own ``data.subset_fraction`` and ``seed``; the variants of
+    ``study.variants`` are tried with the modes of ``study.variant_modes`` (default: cab), the other modes run
+    once (variant ``NO_VARIANT``)."""
     fractions = [None] if c.domain == "language" else list(c.study.get("fractions", ())) or [c.data.subset_fraction]
     seeds = list(c.study.get("seeds", ())) or [c.seed]
-    return [(f, mode, seed) for f in fractions for mode in c.study.modes for seed in seeds]
+    names = list(variants(c)) or [NO_VARIANT]
+    runs = [(mode, v) for mode in c.study.modes
+            for v in (names if mode in c.study.get("variant_modes", ("cab",)) else [NO_VARIANT])]
+    return [(f, mode, v, seed) for f in fractions for mode, v in runs for seed in seeds]
+
+
+def bridge_params(c: ml_collections.ConfigDict) -> int:
+    """The number of bridge parameters a student of ``c`` trains (0 without a bridge term)."""
+    job = domains.for_config(c).job()
+    if job.bridge is None:
+        return 0
+    return sum(x.size for x in jax.tree.leaves(nnx.state(nnx.eval_shape(lambda: job.bridge(nnx.Rngs(0))))))
 
 
 def run(c: ml_collections.ConfigDict, workdir: str) -> tuple[list[dict], bool]:
@@ -52,6 +97,9 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> tuple[list[dict], bool]:
     as the module says. Returns the rows and whether the study finished (False: a stage was stopped by a signal,
     and the same command resumes it)."""
     config_lib.validate(c)
+    cells, variant_changes = grid(c), variants(c)
+    for changes in variant_changes.values():  # a bad variant fails now, not after the teacher trained
+        config_lib.validate(_stage(c, **changes))
     root = epath.Path(workdir)
     _cache_compiled_programs(root)
     # The embedded datasets are built inside the workdir unless told otherwise.
@@ -61,25 +109,27 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> tuple[list[dict], bool]:
     logging.info("Study stage 1: teacher on the full train split (cached in %s).", teacher_dir)
     teacher = train.train_and_evaluate(_stage(c, task="train_teacher", **{"data.data_dir": data_dir}), str(teacher_dir))
     rows = [_row(c, "teacher (Phi)" if language else "teacher (DeiT)", "supervised", None, c.seed, False, teacher,
-                 teacher_dir)]
+                 teacher_dir, NO_VARIANT, 0)]
     if teacher.stopped_early:
         return rows, False
-    cells = grid(c)
-    for number, (fraction, mode, seed) in enumerate(cells, 1):
-        changes = {"task": "distill", "loss.mode": mode, "teacher.init_from": str(teacher_dir),
-                   "data.data_dir": data_dir, "seed": seed}
+    for number, (fraction, mode, variant, seed) in enumerate(cells, 1):
+        changes = {**variant_changes.get(variant, {}), "task": "distill", "loss.mode": mode,
+                   "teacher.init_from": str(teacher_dir), "data.data_dir": data_dir, "seed": seed}
         init = language and mode in c.study.init_from_attention_modes
         if language:
             changes["student.init_from_attention"] = init
         else:
             changes["data.subset_fraction"] = fraction
-        logging.info("Study stage 2 (%d/%d): student with loss mode %r, seed %d%s.", number, len(cells), mode, seed,
+        logging.info("Study stage 2 (%d/%d): student with loss mode %r%s, seed %d%s.", number, len(cells), mode,
+                     "" if variant == NO_VARIANT else f" ({variant})", seed,
                      " initialised from the teacher's attention" if init else
                      "" if language else f", on {100 * fraction:g}% of the train split")
-        student_dir = root / "students" / mode / (f"seed{seed}" if language else f"fraction{fraction:g}_seed{seed}")
-        result = train.train_and_evaluate(_stage(c, **changes), str(student_dir))
+        student_dir = root / "students" / mode / ("" if variant == NO_VARIANT else variant) / (
+            f"seed{seed}" if language else f"fraction{fraction:g}_seed{seed}")
+        stage = _stage(c, **changes)
+        result = train.train_and_evaluate(stage, str(student_dir))
         rows.append(_row(c, "student (Phi-Mamba)" if language else "student (Vim)", mode, fraction, seed, init,
-                         result, student_dir))
+                         result, student_dir, variant, bridge_params(stage)))
         if result.stopped_early:
             return rows, False
     table = format_table(rows, LANGUAGE_COLUMNS if language else VISION_COLUMNS)
@@ -104,15 +154,16 @@ def _cache_compiled_programs(root: epath.Path) -> None:
 
 
 def summarize(rows: list[dict], metric: str) -> list[dict]:
-    """Per (fraction, mode) of the student ``rows``, in their order: ``metric``'s mean, sample standard deviation
-    (0 for one seed) and every seed's figure."""
+    """Per (fraction, mode, variant) of the student ``rows``, in their order: ``metric``'s mean, sample standard
+    deviation (0 for one seed) and every seed's figure."""
     cells: dict[tuple, list[dict]] = {}
     for row in rows:
-        cells.setdefault((row.get("fraction"), row["mode"]), []).append(row)
+        cells.setdefault((row.get("fraction"), row["mode"], row["variant"], row["bridge params"]), []).append(row)
     summary = []
-    for (fraction, mode), runs in cells.items():
+    for (fraction, mode, variant, n_bridge), runs in cells.items():
         values = [r[metric] for r in runs]
-        summary.append({"fraction": fraction, "mode": mode, "metric": metric,
+        summary.append({"fraction": fraction, "mode": mode, "variant": variant, "bridge params": n_bridge,
+                        "metric": metric,
                         "mean": round(statistics.fmean(values), 3),
                         "std": round(statistics.stdev(values), 3) if len(values) > 1 else 0.0,
                         "seeds": [r["seed"] for r in runs], "per seed": values})
@@ -127,10 +178,11 @@ def plot(cells: list[dict], path: epath.Path) -> bool:
     if fig is None:
         return False
     ax = fig.subplots()
-    for mode in dict.fromkeys(cell["mode"] for cell in cells):
-        mine = sorted((c for c in cells if c["mode"] == mode), key=lambda c: c["fraction"])
+    for mode, variant in dict.fromkeys((cell["mode"], cell.get("variant", NO_VARIANT)) for cell in cells):
+        mine = sorted((c for c in cells if (c["mode"], c.get("variant", NO_VARIANT)) == (mode, variant)),
+                      key=lambda c: c["fraction"])
         ax.errorbar([100 * c["fraction"] for c in mine], [c["mean"] for c in mine], yerr=[c["std"] for c in mine],
-                    marker="o", capsize=3, label=mode)
+                    marker="o", capsize=3, label=mode if variant == NO_VARIANT else f"{mode} ({variant})")
     ax.set_xscale("log")
     ax.set_xlabel("train images used (%)")
     ax.set_ylabel(f"{cells[0]['metric']} (%)")
@@ -141,10 +193,10 @@ def plot(cells: list[dict], path: epath.Path) -> bool:
 
 
 def _row(c: ml_collections.ConfigDict, model: str, mode: str, fraction: float | None, seed: int, init: bool,
-         result: train.RunResult, workdir: epath.Path) -> dict:
+         result: train.RunResult, workdir: epath.Path, variant: str, n_bridge: int) -> dict:
     m, nan = result.metrics, float("nan")
-    row = {"model": model, "mode": mode, "seed": seed, "steps": result.steps, "this run": _this_run(result),
-           "wall time (s)": round(result.wall_time_s, 1)}
+    row = {"model": model, "mode": mode, "variant": variant, "bridge params": n_bridge, "seed": seed,
+           "steps": result.steps, "this run": _this_run(result), "wall time (s)": round(result.wall_time_s, 1)}
     if c.domain != "language":
         return {**row, "fraction": 1.0 if fraction is None else fraction, "train images": result.train_examples,
                 "top-1": round(m.get("top1", nan), 2),

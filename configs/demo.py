@@ -25,7 +25,7 @@ def get_config(arg=None):
     c.student = dict(model="vim", embed_dim=64, depth=8, patch_size=8, d_state=8, d_conv=4, expand=2,
                      bidirectional=True, a_init="cab", scan_impl="auto", scan_blocks="", drop_path=0.0, remat=False,
                      init_from="")
-    c.bridge = dict(kind="mlp", hidden=64, kernel_map="softmax", layer_map="proportional", layers=(),
+    c.bridge = dict(kind="mlp", hidden_layers=1, hidden=64, kernel_map="softmax", layer_map="proportional", layers=(),
                     detach_student=False)
     c.loss = config.loss("cab")
     # 32 px digits: a mild crop, no flip (digits are not mirror-symmetric), no RandAugment or erasing (they would
@@ -37,5 +37,5 @@ def get_config(arg=None):
     c.train = config.vision_train(steps=250, batch_size=16, lr_reference_batch=16, **steps)
     c.mesh = config.mesh(data=-1)
     # The grid: train fractions x modes x seeds (empty: data.subset_fraction, seed).
-    c.study = dict(modes=("vanilla", "soft", "cab"), fractions=(), seeds=())
+    c.study = dict(modes=("vanilla", "soft", "cab"), fractions=(), seeds=(), variants=(), variant_modes=("cab",))
     return c

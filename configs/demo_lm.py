@@ -29,7 +29,7 @@ def get_config(arg=None):
     c.student = dict(model="phi_mamba", vocab_size=2048, d_model=128, depth=4, d_state=32, n_qk_heads=4, n_v_heads=4,
                      expand=1, d_conv=4, intermediate_size=512, conv_activation="identity", ssd_impl="auto",
                      chunk_size=32, remat=False, init_from="", init_from_attention=True)
-    c.bridge = dict(kind="mlp", hidden=0, kernel_map="none", layer_map="proportional", layers=(),
+    c.bridge = dict(kind="mlp", hidden_layers=1, hidden=0, kernel_map="none", layer_map="proportional", layers=(),
                     detach_student=False)  # hidden 0: the teacher's width
     c.loss = config.loss("cab")
     c.data = dict(name="cab_text", data_dir="", seq_len=128, vocab_size=2048, max_corpus_bytes=4_000_000,
@@ -37,5 +37,6 @@ def get_config(arg=None):
                   synthetic_size=1024, num_workers=0)
     c.train = config.language_train(steps=300, **steps)
     c.mesh = config.mesh(data=-1)
-    c.study = dict(modes=("vanilla", "soft", "cab"), init_from_attention_modes=("cab",), seeds=())  # () = seed
+    c.study = dict(modes=("vanilla", "soft", "cab"), init_from_attention_modes=("cab",), seeds=(),  # () = seed
+                   variants=(), variant_modes=("cab",))
     return c

@@ -27,7 +27,7 @@ def get_config(arg=None):
     c.student = dict(model="phi_mamba", vocab_size=51200, d_model=2048, depth=24, d_state=64, n_qk_heads=32,
                      n_v_heads=32, expand=1, d_conv=4, intermediate_size=8192, conv_activation="identity",
                      ssd_impl="auto", chunk_size=128, remat=True, init_from="", init_from_attention=True)
-    c.bridge = dict(kind="mlp", hidden=0, kernel_map="none", layer_map="proportional", layers=(),
+    c.bridge = dict(kind="mlp", hidden_layers=1, hidden=0, kernel_map="none", layer_map="proportional", layers=(),
                     detach_student=False)  # hidden 0: the teacher's width
     c.loss = config.loss(arg.mode)
     c.data = dict(name="cab_text", data_dir="", seq_len=2048, vocab_size=51200, max_corpus_bytes=4_000_000,

@@ -26,7 +26,7 @@ def get_config(arg=None):
     c.student = dict(model="vim", embed_dim=64, depth=4, patch_size=4, d_state=8, d_conv=4, expand=2,
                      bidirectional=True, a_init="cab", scan_impl="auto", scan_blocks="", drop_path=0.0, remat=False,
                      init_from="")
-    c.bridge = dict(kind="mlp", hidden=64, kernel_map="softmax", layer_map="proportional", layers=(),
+    c.bridge = dict(kind="mlp", hidden_layers=1, hidden=64, kernel_map="softmax", layer_map="proportional", layers=(),
                     detach_student=False)
     c.loss = config.loss("cab")  # each cell sets its mode
     # 32 px digits: a mild crop, no flip, no RandAugment or erasing (as configs/demo.py says why).
@@ -36,5 +36,6 @@ def get_config(arg=None):
                                 mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     c.train = config.vision_train(steps=100, batch_size=16, lr_reference_batch=16, **steps)
     c.mesh = config.mesh(data=-1)
-    c.study = dict(modes=("vanilla", "soft", "cab"), fractions=(0.03, 0.1, 0.3, 1.0), seeds=(0, 1, 2))
+    c.study = dict(modes=("vanilla", "soft", "cab"), fractions=(0.03, 0.1, 0.3, 1.0), seeds=(0, 1, 2), variants=(),
+                   variant_modes=("cab",))
     return c

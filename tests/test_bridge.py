@@ -46,7 +46,7 @@ def test_layer_map_last_and_explicit():
         ([0, 1, 2, 3], r"\[0, 3\)"),  # teacher layer out of range
         ([0, 1, -2, 2], r"\[0, 3\)"),  # below -1
         ([-1, -1, -1, -1], "at least one layer"),
-        ("first", "unknown layer map"),
+        ("nearest", "unknown layer map"),
     ],
 )
 def test_layer_map_errors(spec, match):
@@ -229,11 +229,17 @@ def randomise(bridge: AttentionBridge, seed: int = 1) -> AttentionBridge:
         ("mlp", "exp", False, "last", (1, 1, 1, 1)),
         ("mlp", "relu", True, [1, -1, 0, -1], (1, -1, 0, -1)),  # skips layers, teacher layers out of order
         ("mlp", "softmax", True, [-1, 1, 1, 0], (-1, 1, 1, 0)),  # skips the first, reuses a teacher layer
+        ("mlp", "none", True, "first", (0, 1, -1, -1)),  # first-aligned: layers past the teacher's unbridged
+        ("mlp", "relu", True, "every_other", (0, -1, 1, -1)),
+        ("mlp2", "softmax", True, "proportional", (0, 0, 1, 1)),  # two hidden layers
+        ("mlp3", "none", False, "proportional", (0, 0, 1, 1)),
     ],
 )
 def test_bridge_loss_matches_numpy(kind, kernel_map, bidirectional, layers, mapping):
-    bridge = randomise(make_bridge(4, 2, kind=kind, kernel_map=kernel_map, bidirectional=bidirectional,
-                                   layers=layers))
+    hidden_layers = int(kind[3:] or 1) if kind.startswith("mlp") else 1
+    bridge = randomise(make_bridge(4, 2, kind=kind[:3] if kind.startswith("mlp") else kind, kernel_map=kernel_map,
+                                   bidirectional=bidirectional, layers=layers, hidden_layers=hidden_layers))
+    assert len(bridge.layers.b_to_k.layers) == (1 if kind == "linear" else hidden_layers + 1)
     projections, teacher_qk = random_inputs(4, 2, bidirectional)
     assert bridge.mapping == mapping
     assert bridge.student_layers == tuple(i for i, g in enumerate(mapping) if g >= 0)

@@ -1,6 +1,7 @@
 """The study runner's grid, tables and plot, with a stand-in for training (what one training run does is tested
 in test_train.py, and a real study end to end in test_cli.py)."""
 
+import itertools
 import json
 import pathlib
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 import test_config
 
-from cab_jax import study, train
+from cab_jax import plots, study, train
 
 DEMO = pathlib.Path(__file__).parents[1] / "configs" / "demo.py"
 
@@ -61,8 +62,42 @@ def test_the_summary_gives_mean_std_and_every_seed_and_the_plot_is_a_png(tmp_pat
         assert cell["mean"] == pytest.approx(np.mean(want), abs=1e-3)
         assert cell["std"] == pytest.approx(np.std(want, ddof=1), abs=1e-3)
     table = (tmp_path / "study.md").read_text()
-    assert table.startswith("| fraction | mode | metric | mean | std |") and table.count("\n") == 6
+    assert table.startswith("| fraction | mode | variant | bridge params | metric | mean | std |")
+    assert table.count("\n") == 6
     assert (tmp_path / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def mlp_bridge_params(hidden_layers, d_in=8, width=64, d_out=64, maps=4 * 8):
+    """The demo's bridge: 8 student layers, each with 4 maps (B, B_b -> K; C, C_b -> Q), biases included."""
+    sizes = [d_in] + [width] * hidden_layers + [d_out]
+    return maps * sum(a * b + b for a, b in itertools.pairwise(sizes))
+
+
+def test_variants_are_tried_with_the_bridged_modes_and_reported_with_their_bridge_size(tmp_path, trained):
+    c = test_config.load(DEMO, "--config.study.modes=('soft', 'cab')", "--config.study.seeds=(0, 1)",
+                         "--config.study.variants=('linear: bridge.kind=linear', "
+                         "'mlp2: bridge.hidden_layers=2; bridge.kernel_map=relu')")
+    rows, _ = study.run(c, str(tmp_path))
+    students = [(r.loss.mode, r.bridge.kind, r.bridge.hidden_layers, r.bridge.kernel_map, r.seed)
+                for r, _ in trained[1:]]
+    assert students == [("soft", "mlp", 1, "softmax", 0), ("soft", "mlp", 1, "softmax", 1),
+                        ("cab", "linear", 1, "softmax", 0), ("cab", "linear", 1, "softmax", 1),
+                        ("cab", "mlp", 2, "relu", 0), ("cab", "mlp", 2, "relu", 1)]
+    assert trained[3][1] == str(tmp_path / "students" / "cab" / "linear" / "fraction0.03_seed0")
+    assert trained[1][1] == str(tmp_path / "students" / "soft" / "fraction0.03_seed0")
+    cells = json.loads((tmp_path / "study.json").read_text())
+    assert [(x["mode"], x["variant"], x["bridge params"]) for x in cells] == [
+        ("soft", "-", 0), ("cab", "linear", mlp_bridge_params(0)), ("cab", "mlp2", mlp_bridge_params(2))]
+    assert rows[0]["bridge params"] == 0 and study.bridge_params(c) == mlp_bridge_params(1)
+
+
+@pytest.mark.parametrize("entry", ["no colon here", "x: bridge.nonexistent=1", "y: bridge.hidden_layers=0",
+                                   "z: loss.mode"])
+def test_a_bad_variant_fails_before_anything_trains(tmp_path, trained, entry):
+    c = test_config.load(DEMO, f"--config.study.variants=('{entry}',)")
+    with pytest.raises(ValueError, match=r"variants|hidden_layers"):
+        study.run(c, str(tmp_path))
+    assert trained == []
 
 
 def test_without_a_grid_the_study_is_the_config_s_one_fraction_and_seed(tmp_path, trained):
@@ -86,7 +121,7 @@ def test_without_matplotlib_there_is_no_plot_and_a_line_says_how_to_get_it(tmp_p
 
     warnings = []
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
-    monkeypatch.setattr(study.logging, "warning", lambda msg, *a: warnings.append(msg % a))
+    monkeypatch.setattr(plots.logging, "warning", lambda msg, *a: warnings.append(msg % a))
     cells = [{"fraction": 0.1, "mode": "cab", "metric": "top-1", "mean": 1.0, "std": 0.0}]
     from etils import epath
 
