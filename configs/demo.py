@@ -2,6 +2,12 @@
 
     python -m cab_jax.main --config=configs/demo.py --workdir=/tmp/cab_demo
 
+Ablations (a study grid each, soft distillation beside CAB's variants, 3 seeds; docs/results.md has the tables):
+
+    python -m cab_jax.main --config=configs/demo.py:ablation=bridge_form --workdir=/tmp/cab_bridge_form
+    python -m cab_jax.main --config=configs/demo.py:ablation=layer_map --workdir=/tmp/cab_layer_map
+    python -m cab_jax.main --config=configs/demo.py:ablation=larger_teacher --workdir=/tmp/cab_larger_teacher
+
 A study (``cab_jax.study``): builds the dataset (scikit-learn's 8x8 digits upsampled to 32 px, stored as TFDS
 array_record), trains the teacher on the full train split (cached in the workdir), then distils one student per
 loss mode (vanilla, soft, cab) on 3 % of each class (40 images) and prints top-1/top-5 on the full test split.
@@ -12,10 +18,11 @@ loss mode (vanilla, soft, cab) on 3 % of each class (40 images) and prints top-1
 import ml_collections
 
 from cab_jax import config
+from cab_jax.errors import ConfigError
 
 
 def get_config(arg=None):
-    arg = config.parse_arg(arg, subset=0.03)
+    arg = config.parse_arg(arg, subset=0.03, ablation="")
     c = ml_collections.ConfigDict()
     c.domain, c.task, c.seed, c.dtype = "vision", "study", 0, "float32"
     steps = dict(base_lr=1e-3, warmup_epochs=1.0, min_lr=1e-5, mixup_alpha=0.2, cutmix_alpha=0.0, label_smoothing=0.1,
@@ -38,4 +45,20 @@ def get_config(arg=None):
     c.mesh = config.mesh(data=-1)
     # The grid: train fractions x modes x seeds (empty: data.subset_fraction, seed).
     c.study = dict(modes=("vanilla", "soft", "cab"), fractions=(), seeds=(), variants=(), variant_modes=("cab",))
+    if arg.ablation:
+        if arg.ablation not in ABLATIONS:
+            raise ConfigError(f"config variant ablation={arg.ablation!r}: expected one of {sorted(ABLATIONS)}")
+        c.study.update(modes=("soft", "cab"), seeds=(0, 1, 2), variants=ABLATIONS[arg.ablation])
+        if arg.ablation == "larger_teacher":  # twice as wide and deep; the student learns one layer from each
+            c.teacher.update(embed_dim=128, depth=8, num_heads=4)
     return c
+
+
+# The reviewers' ablations, as variants of CAB's student (study.variants: "NAME: field=value; ...").
+ABLATIONS = {
+    "bridge_form": ("linear: bridge.kind=linear", "mlp1: bridge.hidden_layers=1", "mlp2: bridge.hidden_layers=2",
+                    "mlp3: bridge.hidden_layers=3", "mlp1_w128: bridge.hidden=128", "mlp1_w256: bridge.hidden=256"),
+    "layer_map": ("proportional: bridge.layer_map=proportional", "first: bridge.layer_map=first",
+                  "last: bridge.layer_map=last", "every_other: bridge.layer_map=every_other"),
+    "larger_teacher": (),
+}
