@@ -311,8 +311,8 @@ def _backward_scratch(launch: _Launch, dirs: tuple[ScanDirection, ...], z: jax.A
     products = _Products(launch)
     outs["dBC"] = plgpu.SMEM((2, launch.tile * products.width + 2 * products.rows), _F32)
     states = plgpu.SMEM((launch.chunk + 1, launch.d_state, LANES), _F32)  # a chunk's recomputed states
-    sums = plgpu.SMEM((products.rows, LANES), _F32)
-    return ins, outs, states, sums, _barriers([_backward_reads(launch)] * len(dirs))
+    terms = plgpu.SMEM((products.rows, LANES), _F32)
+    return ins, outs, states, terms, _barriers([_backward_reads(launch)] * len(dirs))
 
 
 class _BlockGrads(NamedTuple):
@@ -330,14 +330,14 @@ class _BlockGrads(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class _Products:
-    """A chunk's dB and dC terms of each channel before their sum over the program's 128 channels: row
-    ``(position - anchor) * width + n`` of an SMEM array (``rows``, 128 + 1) holds dB's (n < d_state) or dC's
-    (n - d_state) term of each channel. After the chunk each thread sums one row over the channels (a column read
-    per channel), so the sums cost no cross-thread reductions, and the rows' sums land in the flat dB/dC tile in
-    order. ``rows`` is a multiple of 128 (one row per thread per pass); rows past the chunk's positions hold
-    stale values, and they land on positions that a later chunk of the walk overwrites (or on the tile's room at
-    either end): below the chunk when the direction runs forward (its backward walk goes down the rows), above it
-    when it runs in reverse."""
+    """A chunk's dB and dC terms of each channel before their sum over the program's 128 channels, in an SMEM
+    array (``rows``, 128): the flat dB/dC tile has ``width`` entries per position (dB's d_state, then dC's, then
+    padding), and row i of the array holds, per channel, the term of flat tile entry ``base + i``. After the chunk
+    the rows are read in the WGMMA register layout, where a row's 128 values sit in 4 threads (two shuffles to sum
+    them), and the sums land in the flat tile from entry ``base`` on. ``rows`` is a multiple of 64 (one WGMMA tile
+    per pass); rows past the chunk's entries hold stale values, and they land on entries that a later chunk of the
+    walk overwrites (or on the tile's room at either end): below the chunk when the direction runs forward (its
+    backward walk goes down the positions), above it when it runs in reverse."""
 
     launch: _Launch
 
@@ -349,9 +349,10 @@ class _Products:
     def rows(self) -> int:
         return -(-self.launch.chunk * self.width // _SUM_ROWS) * _SUM_ROWS
 
-    def anchor(self, low, steps, reverse: bool):
-        """The tile row of product row 0 for a chunk of tile rows [low, low + steps)."""
-        return low if reverse else low + steps - self.rows // self.width
+    def base(self, low, steps, reverse: bool):
+        """The flat tile entry of product row 0 for a chunk of tile rows [low, low + steps): the chunk's first
+        entry (reverse), or ``rows`` entries before its end (forward)."""
+        return low * self.width if reverse else (low + steps) * self.width - self.rows
 
 
 def _backward_kernel(launch: _Launch, scratch, *refs):
@@ -367,7 +368,7 @@ def _backward_kernel(launch: _Launch, scratch, *refs):
     n_out = len(_BlockGrads._fields)
     grads = [_BlockGrads(*outputs[launch.has_z + n_out * k:launch.has_z + n_out * (k + 1)]) for k in range(n_dirs)]
 
-    def body(ins, outs, states, sums, barriers):
+    def body(ins, outs, states, terms, barriers):
         for k, reverse in enumerate(launch.reverses):
             d, g = _Direction(ScanDirection(*inputs[7 * k:7 * k + 7]), reverse, launch), grads[k]
             sources = {"u": d.refs.u, "delta": d.refs.delta, "B": d.refs.B, "C": d.refs.C, "dout": dout_ref,
@@ -376,7 +377,7 @@ def _backward_kernel(launch: _Launch, scratch, *refs):
             writes = [(g.du, outs["du"]), (g.ddelta, outs["ddelta"])]
             writes += [(dz_ref, outs["dz"])] if z_ref is not None and k == 0 else []
             tiles = _Tiles(launch, d)
-            compute = functools.partial(_backward_tile, tiles, ins, outs, states, sums, writes, g,
+            compute = functools.partial(_backward_tile, tiles, ins, outs, states, terms, writes, g,
                                         state_ref=state_refs[k], dz=z_ref is not None and k == 0,
                                         z=z_ref is not None)
             zero, n = d.zeros(), launch.d_state
@@ -390,7 +391,7 @@ def _backward_kernel(launch: _Launch, scratch, *refs):
     pl.run_scoped(body, *scratch)
 
 
-def _backward_tile(tiles: _Tiles, ins, outs, states, sums, writes, g: _BlockGrads, j, size: int, slot, carry, *,
+def _backward_tile(tiles: _Tiles, ins, outs, states, terms, writes, g: _BlockGrads, j, size: int, slot, carry, *,
                    state_ref, dz: bool, z: bool):
     """Tile ``j`` of ``size`` scan steps, backwards, chunk by chunk from its last (which may be short): (dh, dA,
     dD, d delta_bias) after it -> before it; its rows of du, d delta, dB and dC (and dz) copied out."""
@@ -400,7 +401,7 @@ def _backward_tile(tiles: _Tiles, ins, outs, states, sums, writes, g: _BlockGrad
     def one(q, carry):
         c = n_chunks - 1 - q
         steps = jnp.minimum(chunk, size - c * chunk)
-        return _backward_chunk(tiles, ins, outs, states, sums, size, slot, c, steps, carry, state_ref=state_ref,
+        return _backward_chunk(tiles, ins, outs, states, terms, size, slot, c, steps, carry, state_ref=state_ref,
                                dz=dz, z=z, start=j * (tiles.launch.tile // chunk) + c)
 
     carry = jax.lax.fori_loop(0, n_chunks, one, carry)
@@ -412,7 +413,7 @@ def _backward_tile(tiles: _Tiles, ins, outs, states, sums, writes, g: _BlockGrad
     return carry
 
 
-def _backward_chunk(tiles: _Tiles, ins, outs, states, sums, size: int, slot, c, steps, carry, *, state_ref,
+def _backward_chunk(tiles: _Tiles, ins, outs, states, terms, size: int, slot, c, steps, carry, *, state_ref,
                     dz: bool, z: bool, start):
     """Chunk ``c`` (``steps`` scan steps, traced; saved state ``start``) of a tile of ``size``, backwards:
     recomputes its states from its saved start into ``states`` (shared memory, (chunk + 1, d_state, 128); each
@@ -422,7 +423,7 @@ def _backward_chunk(tiles: _Tiles, ins, outs, states, sums, size: int, slot, c, 
     n_state = range(launch.d_state)
     first_step_row = tiles.row(c * launch.chunk, size)
     low = first_step_row - steps + 1 if d.reverse else first_step_row
-    anchor = products.anchor(low, steps, d.reverse)
+    base = products.base(low, steps, d.reverse)
 
     def position(i):
         r = tiles.row(c * launch.chunk + i, size)
@@ -455,12 +456,12 @@ def _backward_chunk(tiles: _Tiles, ins, outs, states, sums, size: int, slot, c, 
             dy = dy * zt * sig
         dh = [dh_n + ins["C"][slot, r, n] * dy for n, dh_n in enumerate(dh)]
         dtu = dt * u
-        row = (r - anchor) * products.width
+        row = r * products.width - base
         b_dh = ddt_a = d.zeros()
         for n in n_state:
             decay = jnp.exp(dt * d.A[n])
-            sums[row + n, pl.ds(0, LANES)] = dh[n] * dtu
-            sums[row + launch.d_state + n, pl.ds(0, LANES)] = states[i + 1, n] * dy
+            terms[row + n, pl.ds(0, LANES)] = dh[n] * dtu
+            terms[row + launch.d_state + n, pl.ds(0, LANES)] = states[i + 1, n] * dy
             b_dh = b_dh + dh[n] * b_s[n]
             dh_a_h = dh[n] * decay * states[i, n]  # dh of the previous position (before its output) x h
             ddt_a = ddt_a + dh_a_h * d.A[n]
@@ -478,11 +479,11 @@ def _backward_chunk(tiles: _Tiles, ins, outs, states, sums, size: int, slot, c, 
     for m in range(products.rows // _SUM_ROWS):
         rows = pl.ds(m * _SUM_ROWS, _SUM_ROWS)
         if launch.interpret:
-            products_tile = sums[rows, :]
+            products_tile = terms[rows, :]
         else:  # rows spread over threads as in a WGMMA tile: a row sums in 4 threads; loads not conflict-free
-            products_tile = plgpu.load(sums, (rows, slice(None)), layout=plgpu.Layout.WGMMA, optimized=False)
+            products_tile = plgpu.load(terms, (rows, slice(None)), layout=plgpu.Layout.WGMMA, optimized=False)
         total = jnp.sum(products_tile, axis=1)
-        outs["dBC"][slot, pl.ds(products.rows + anchor * products.width + m * _SUM_ROWS, _SUM_ROWS)] = total
+        outs["dBC"][slot, pl.ds(products.rows + base + m * _SUM_ROWS, _SUM_ROWS)] = total
     return carry
 
 
@@ -522,8 +523,9 @@ def _kernel_inputs(dirs: tuple[ScanDirection, ...], width: int) -> list[jax.Arra
 # Both kernels run without Pallas's automatic barriers around every load and store, under the two conditions
 # Mosaic GPU's documentation gives for that. Inputs are read from tiles the copies in write, outputs are written to
 # tiles the copies out read, GMEM outputs are only written, and after commit_smem no thread reads a tile that a copy
-# then overwrites. The one region threads both write and read, the backward's recomputed states of a chunk, has a
-# barrier (commit_smem) between its writes and its reads and after them; the others are in the waits for copies.
+# then overwrites. The two regions threads both write and read are the backward's: a chunk's recomputed states and
+# its dB/dC terms (written per channel, read across threads). Each has a barrier (commit_smem) between its writes and
+# its reads, and one before the next chunk writes it again; the others are in the waits for copies.
 FORWARD_PARAMS = plgpu.CompilerParams(unsafe_no_auto_barriers=True)
 BACKWARD_PARAMS = plgpu.CompilerParams(unsafe_no_auto_barriers=True)
 
