@@ -33,6 +33,7 @@ from flax import nnx
 
 from cab_jax import cli, domains, plots, train
 from cab_jax.errors import ConfigError, PathError
+from cab_jax.losses import cls_to_position
 from cab_jax.models.layers import attention_weights
 
 COMMANDS = ("attention", "curves")
@@ -46,13 +47,6 @@ def define_flags() -> None:
                          "averaged over.")
     flags.DEFINE_integer("batch_size", 16, "attention: examples per forward pass.")
     flags.DEFINE_string("out", None, "Output directory (default: WORKDIR/analysis).")
-
-
-def teacher_to_student_order(maps: np.ndarray, cls_position: int) -> np.ndarray:
-    """(..., tokens, tokens) maps over the teacher's tokens (cls first) -> the same maps over the student's
-    tokens (the cls token at ``cls_position``, the patches in order around it)."""
-    order = np.r_[1:cls_position + 1, 0, cls_position + 1:maps.shape[-1]]
-    return maps[..., order, :][..., :, order]
 
 
 def similarity(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
@@ -128,7 +122,7 @@ def attention_report(runs: Sequence[str], num_examples: int, batch: int) -> list
             teacher = train.load_built_model(domain.build_teacher, c.teacher.init_from)
             maps = teacher_maps(teacher, inputs, batch, causal=c.domain == "language")
             cls_position = domain.cls_position(student)
-            teachers[key] = maps if cls_position is None else teacher_to_student_order(maps, cls_position)
+            teachers[key] = maps if cls_position is None else np.asarray(cls_to_position(maps, cls_position))
         mine, theirs = student_maps(student, inputs, batch), teachers[key]
         layers = [{"student_layer": layer, "teacher_layer": g, **similarity(mine[layer], theirs[g])}
                   for layer, g in enumerate(domains.bridge_layer_map(c)) if g >= 0]

@@ -124,7 +124,8 @@ def loss(mode: str = "cab") -> ml_collections.ConfigDict:
     """Loss mode and optional explicit weights (unset: the mode's weights for the domain)."""
     return ml_collections.ConfigDict(dict(
         mode=mode, temperature=1.0, ce_weight=config_dict.placeholder(float),
-        kl_weight=config_dict.placeholder(float), bridge_weight=config_dict.placeholder(float)))
+        kl_weight=config_dict.placeholder(float), bridge_weight=config_dict.placeholder(float),
+        attention_weight=config_dict.placeholder(float)))
 
 
 def mesh(data: int = -1, fsdp: int = 1, tensor: int = 1) -> ml_collections.ConfigDict:
@@ -199,7 +200,7 @@ def validate(c: ml_collections.ConfigDict, mesh_shape: Mapping[str, int] | None 
             _check(isinstance(seed, int), "study.seeds", f"must be integers, got {seed!r}")
         _check(len(set(seeds)) == len(seeds), "study.seeds", f"repeats a seed: {seeds}")
     _check(c.loss.temperature > 0, "loss.temperature", f"must be positive, got {c.loss.temperature}")
-    for name in ("ce_weight", "kl_weight", "bridge_weight"):
+    for name in ("ce_weight", "kl_weight", "bridge_weight", "attention_weight"):
         _check(c.loss[name] is None or c.loss[name] >= 0, f"loss.{name}", f"must be >= 0, got {c.loss[name]}")
     _check_choice(c.bridge.kind, "bridge.kind", BRIDGE_KINDS)
     _check(c.bridge.get("hidden_layers", 1) >= 1, "bridge.hidden_layers",

@@ -162,7 +162,7 @@ class VisionDomain:
             return Job("teacher", self.build_teacher, c.teacher.train, data, VISION_MODE_WEIGHTS["vanilla"],
                        drop_path=c.teacher.drop_path > 0, init_from="")
         weights = loss_weights(c.loss.mode, VISION_MODE_WEIGHTS, c.loss.ce_weight, c.loss.kl_weight,
-                               c.loss.bridge_weight)
+                               c.loss.bridge_weight, c.loss.get("attention_weight"))
         return Job("student", self.build_student, c.train, c.data, weights, drop_path=c.student.drop_path > 0,
                    init_from=c.student.init_from, teacher=self.build_teacher if weights.needs_teacher else None,
                    bridge=self.build_bridge if weights.bridge > 0 else None)
@@ -247,7 +247,7 @@ class LanguageDomain:
             return Job("teacher", self.build_teacher, c.teacher.train, c.data, LANGUAGE_MODE_WEIGHTS["vanilla"],
                        drop_path=False, init_from="")
         weights = loss_weights(c.loss.mode, LANGUAGE_MODE_WEIGHTS, c.loss.ce_weight, c.loss.kl_weight,
-                               c.loss.bridge_weight)
+                               c.loss.bridge_weight, c.loss.get("attention_weight"))
         attention_init = s.init_from_attention and not s.init_from  # given weights win
         return Job("student", self.build_student, c.train, c.data, weights, drop_path=False, init_from=s.init_from,
                    teacher=self.build_teacher if weights.needs_teacher or attention_init else None,

@@ -4,13 +4,18 @@ loss mode gives them."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import logging
 
-# One vocabulary for both domains: vanilla (labels only), soft (soft distillation), cab (soft + bridge).
-LOSS_MODES = ("vanilla", "soft", "cab")
+from cab_jax.models.layers import attention_weights
+
+# One vocabulary for both domains: vanilla (labels only), soft (soft distillation), cab (soft + bridge), and the
+# baseline CAB argues against, attention_transfer (soft + the student's implicit attention matched to the teacher's).
+LOSS_MODES = ("vanilla", "soft", "cab", "attention_transfer")
 # Earlier names of the language modes, still accepted.
 MODE_ALIASES = {"ce": "vanilla", "kl": "soft"}
 
@@ -20,10 +25,11 @@ class LossWeights:
     ce: float
     kl: float
     bridge: float
+    attention: float = 0.0
 
     @property
     def needs_teacher(self) -> bool:
-        return self.kl > 0 or self.bridge > 0
+        return self.kl > 0 or self.bridge > 0 or self.attention > 0
 
 
 # Vision (the original's main_vit2vim): vanilla = CE; soft = KL(teacher || student); cab ("softdistill") =
@@ -32,6 +38,7 @@ VISION_MODE_WEIGHTS = {
     "vanilla": LossWeights(ce=1.0, kl=0.0, bridge=0.0),
     "soft": LossWeights(ce=0.0, kl=1.0, bridge=0.0),
     "cab": LossWeights(ce=0.0, kl=1.0, bridge=3.0),
+    "attention_transfer": LossWeights(ce=0.0, kl=1.0, bridge=0.0, attention=3.0),  # CAB's weight, for the map term
 }
 
 
@@ -40,6 +47,7 @@ LANGUAGE_MODE_WEIGHTS = {
     "vanilla": LossWeights(ce=1.0, kl=0.0, bridge=0.0),
     "soft": LossWeights(ce=1.0, kl=1.0, bridge=0.0),
     "cab": LossWeights(ce=1.0, kl=0.5, bridge=0.5),
+    "attention_transfer": LossWeights(ce=1.0, kl=0.5, bridge=0.0, attention=0.5),
 }
 
 
@@ -57,12 +65,36 @@ def canonical_mode(mode: str) -> str:
 
 
 def loss_weights(mode: str, table: dict[str, LossWeights], ce: float | None = None, kl: float | None = None,
-                 bridge: float | None = None) -> LossWeights:
+                 bridge: float | None = None, attention: float | None = None) -> LossWeights:
     """The weights ``table`` gives ``mode`` (or its earlier name), each replaced by the explicit value where one
     is given."""
     base = table[canonical_mode(mode)]
     return LossWeights(ce=base.ce if ce is None else ce, kl=base.kl if kl is None else kl,
-                       bridge=base.bridge if bridge is None else bridge)
+                       bridge=base.bridge if bridge is None else bridge,
+                       attention=base.attention if attention is None else attention)
+
+
+def cls_to_position(maps: jax.Array, cls_position: int) -> jax.Array:
+    """(..., tokens, tokens) maps over a DeiT teacher's tokens (cls first) -> the same maps over the student's
+    tokens (the cls token at ``cls_position``, the patches in order around it)."""
+    tokens = maps.shape[-1]
+    order = jnp.asarray([*range(1, cls_position + 1), 0, *range(cls_position + 1, tokens)])
+    return jnp.take(jnp.take(maps, order, axis=-2), order, axis=-1)
+
+
+def attention_transfer(student_maps: jax.Array, teacher_qk: tuple[jax.Array, jax.Array], mapping: Sequence[int],
+                       cls_position: int | None, causal: bool) -> jax.Array:
+    """Attention transfer: the mean squared difference between each bridged student layer's implicit attention
+    (``student_maps``: (student depth, batch, tokens, tokens)) and the softmax attention, averaged over heads, of
+    its teacher layer ``mapping[l]`` (``teacher_qk``: q, k each (teacher depth, batch, heads, tokens, head_dim));
+    mean over layers and entries. Squared error, not a divergence: the implicit attention is signed and its rows
+    do not sum to one."""
+    teacher = attention_weights(*teacher_qk, causal=causal).mean(axis=2)  # (teacher depth, batch, tokens, tokens)
+    if cls_position is not None:
+        teacher = cls_to_position(teacher, cls_position)
+    bridged = [layer for layer, g in enumerate(mapping) if g >= 0]
+    student = student_maps[np.asarray(bridged)].astype(jnp.float32)
+    return jnp.mean(jnp.square(student - teacher[np.asarray([mapping[layer] for layer in bridged])]))
 
 
 def smooth_labels(labels: jax.Array, num_classes: int, smoothing: float) -> jax.Array:

@@ -71,6 +71,12 @@ class StopRequest:
         pending, self._pending = self._pending, self._any(flags)
         return pending is not None and bool(pending)
 
+    def settled(self) -> bool:
+        """Once after the loop, on every process: whether any process's flag was set by the time of this call (the
+        last step's answer, then one more all-reduce)."""
+        last_step = self.agreed()
+        return self.agreed() or last_step
+
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)

@@ -30,6 +30,7 @@ from cab_jax import checkpoint, domains, preemption, prefetch, sharding
 from cab_jax import config as config_lib
 from cab_jax.convert.weights import check_source, load_model_weights
 from cab_jax.errors import ConfigError, DivergedError, PathError, UserError
+from cab_jax.losses import attention_transfer
 
 NO_DECAY_NAMES = frozenset({"pos_embed", "cls_token", "A_log"})
 State = dict[str, Any]
@@ -184,7 +185,7 @@ def create_trainer(c: ml_collections.ConfigDict, mesh: Mesh, train_size: int) ->
     state, state_shardings = init_state(params, axes, tx, mesh, c.seed, job.train.ema_decay > 0)
     trainer = Trainer(c=c, domain=domain, job=job, mesh=mesh, sched=sched, lr_fn=lr_fn, tx=tx, model=model_fn,
                       bridge=bridge_fn, teacher=teacher_fn,
-                      cls_position=None if bridge_fn is None else domain.cls_position(model),
+                      cls_position=domain.cls_position(model),
                       state_shardings=state_shardings, teacher_shardings=teacher_shardings)
     return Setup(trainer, state, teacher_params)
 
@@ -250,6 +251,10 @@ def loss_fn(trainer: Trainer, params: dict, inputs: jax.Array, targets: Any, tea
     if weights.bridge:
         projections = domain.bridge_inputs(jax.lax.stop_gradient(aux) if c.bridge.detach_student else aux)
         terms["bridge"] = trainer.bridge.module(params["bridge"])(projections, teacher_out[1], trainer.cls_position)
+    if weights.attention:  # a second pass through the student's layers, for their implicit attention
+        maps = trainer.model.module(params["model"]).implicit_attention(inputs)
+        terms["attention"] = attention_transfer(maps, teacher_out[1], domains.bridge_layer_map(c),
+                                                trainer.cls_position, causal=c.domain == "language")
     total = sum(getattr(weights, name) * value for name, value in terms.items())
     return total, (terms, logits)
 
@@ -625,6 +630,9 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> RunResult:
             if not stopped and ckpt.latest_step() != step:
                 ckpt.save(step, state, feed or train_iter)
             ckpt.wait()
+            # A signal during the last step or the final save: stop now (the last step is saved; the same command
+            # then only evaluates), not after the final evaluation or, in a study, the next run.
+            stopped = stopped or stop.settled()
     finally:
         progress.close()
         ckpt.close()

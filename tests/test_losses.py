@@ -16,6 +16,7 @@ from cab_jax.losses import (
     MODE_ALIASES,
     VISION_MODE_WEIGHTS,
     LossWeights,
+    attention_transfer,
     canonical_mode,
     kl_divergence,
     loss_weights,
@@ -131,37 +132,39 @@ def test_smooth_labels(smoothing):
 @pytest.mark.parametrize(
     "mode,expected,needs_teacher",
     [
-        ("vanilla", (1.0, 0.0, 0.0), False),  # CE only
-        ("soft", (0.0, 1.0, 0.0), True),  # KL only
-        ("cab", (0.0, 1.0, 3.0), True),  # KL + 3 x bridge
+        ("vanilla", (1.0, 0.0, 0.0, 0.0), False),  # CE only
+        ("soft", (0.0, 1.0, 0.0, 0.0), True),  # KL only
+        ("cab", (0.0, 1.0, 3.0, 0.0), True),  # KL + 3 x bridge
+        ("attention_transfer", (0.0, 1.0, 0.0, 3.0), True),  # KL + 3 x the maps' squared error
     ],
 )
 def test_vision_loss_weights_per_mode(mode, expected, needs_teacher):
     w = loss_weights(mode, VISION_MODE_WEIGHTS)
     assert isinstance(w, LossWeights)
-    assert (w.ce, w.kl, w.bridge) == expected
+    assert (w.ce, w.kl, w.bridge, w.attention) == expected
     assert w.needs_teacher is needs_teacher
 
 
 @pytest.mark.parametrize(
     "mode,expected,needs_teacher",
     [
-        ("vanilla", (1.0, 0.0, 0.0), False),  # CE only
-        ("soft", (1.0, 1.0, 0.0), True),  # CE + KL
-        ("cab", (1.0, 0.5, 0.5), True),  # CE + 0.5 KL + 0.5 bridge
-        ("ce", (1.0, 0.0, 0.0), False),  # the earlier language names
-        ("kl", (1.0, 1.0, 0.0), True),
+        ("vanilla", (1.0, 0.0, 0.0, 0.0), False),  # CE only
+        ("soft", (1.0, 1.0, 0.0, 0.0), True),  # CE + KL
+        ("cab", (1.0, 0.5, 0.5, 0.0), True),  # CE + 0.5 KL + 0.5 bridge
+        ("attention_transfer", (1.0, 0.5, 0.0, 0.5), True),  # CE + 0.5 KL + 0.5 the maps' squared error
+        ("ce", (1.0, 0.0, 0.0, 0.0), False),  # the earlier language names
+        ("kl", (1.0, 1.0, 0.0, 0.0), True),
     ],
 )
 def test_language_loss_weights_per_mode(mode, expected, needs_teacher):
     w = loss_weights(mode, LANGUAGE_MODE_WEIGHTS)
     assert isinstance(w, LossWeights)
-    assert (w.ce, w.kl, w.bridge) == expected
+    assert (w.ce, w.kl, w.bridge, w.attention) == expected
     assert w.needs_teacher is needs_teacher
 
 
 def test_one_mode_vocabulary_for_both_domains():
-    assert LOSS_MODES == ("vanilla", "soft", "cab")
+    assert LOSS_MODES == ("vanilla", "soft", "cab", "attention_transfer")
     assert tuple(VISION_MODE_WEIGHTS) == tuple(LANGUAGE_MODE_WEIGHTS) == LOSS_MODES
     assert MODE_ALIASES == {"ce": "vanilla", "kl": "soft"}
     assert [canonical_mode(m) for m in (*LOSS_MODES, "ce", "kl")] == [*LOSS_MODES, "vanilla", "soft"]
@@ -187,7 +190,8 @@ def test_loss_weights_overrides():
 
 @pytest.mark.parametrize("table", [VISION_MODE_WEIGHTS, LANGUAGE_MODE_WEIGHTS])
 def test_loss_weights_unknown_mode(table):
-    message = r"unknown loss mode 'distill'; expected one of \('vanilla', 'soft', 'cab'\) .*'ce' for 'vanilla'"
+    message = (r"unknown loss mode 'distill'; expected one of \('vanilla', 'soft', 'cab', 'attention_transfer'\) "
+               r".*'ce' for 'vanilla'")
     with pytest.raises(ValueError, match=message):
         loss_weights("distill", table)
     with pytest.raises(ValueError, match="unknown loss mode 'CAB'"):
@@ -226,3 +230,23 @@ def test_an_earlier_mode_name_says_what_it_is_now(caplog):
     with caplog.at_level("WARNING"):
         assert canonical_mode("cab") == "cab"
     assert not caplog.text
+
+
+@pytest.mark.parametrize("cls_position,causal", [(2, False), (None, True)])
+def test_attention_transfer_is_the_squared_error_to_the_mapped_teacher_layers_maps(cls_position, causal):
+    rng = np.random.default_rng(0)
+    depth, batch, heads, tokens, head_dim = 3, 2, 2, 5, 4
+    q, k = rng.normal(size=(2, depth, batch, heads, tokens, head_dim))
+    student = rng.normal(size=(4, batch, tokens, tokens))
+    mapping = (0, -1, 2, 2)  # layer 1 unbridged, teacher layer 2 taught twice, teacher layer 1 by no one
+    logits = np.einsum("lbhqd,lbhkd->lbhqk", q, k) / np.sqrt(head_dim)
+    if causal:
+        logits = np.where(np.tril(np.ones((tokens, tokens))) > 0, logits, -np.inf)
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    maps = (weights / weights.sum(-1, keepdims=True)).mean(axis=2)  # (depth, batch, tokens, tokens)
+    if cls_position is not None:  # teacher tokens (cls, p0, p1, p2, p3) -> student tokens (p0, p1, cls, p2, p3)
+        order = [1, 2, 0, 3, 4]
+        maps = maps[..., order, :][..., :, order]
+    want = np.mean([np.mean((student[layer] - maps[g]) ** 2) for layer, g in enumerate(mapping) if g >= 0])
+    got = attention_transfer(jnp.asarray(student), (jnp.asarray(q), jnp.asarray(k)), mapping, cls_position, causal)
+    np.testing.assert_allclose(got, want, rtol=1e-5)

@@ -2,8 +2,10 @@
 
 import io
 import json
+import os
 import pathlib
 import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -15,7 +17,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cab_jax import domains, sharding, train
+from cab_jax import checkpoint, domains, sharding, train
 
 ROOT = pathlib.Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT / "configs"))
@@ -57,6 +59,27 @@ def test_loss_goes_down_on_a_fixed_batch(tmp_path):
     first, last = jax.device_get(losses["first"]), jax.device_get(losses["last"])
     assert last["loss"] < 0.7 * first["loss"]
     assert last["kl"] < first["kl"] and last["bridge"] < first["bridge"]
+
+
+def test_attention_transfer_trains_the_students_maps_towards_the_teachers(tmp_path):
+    """The attention-transfer mode: KL plus 3 x the squared error of the student's implicit attention to the
+    teacher's, no bridge. The map term alone (KL weighted 0) trains the student's maps towards the teacher's."""
+    c = small_config(tmp_path, "attention_transfer", mixup_alpha=0.0, base_lr=2e-3, warmup_epochs=0.0, steps=40)
+    c.loss.kl_weight = 0.0
+    mesh = sharding.make_mesh(c.mesh)
+    trainer, state, teacher = build_trainer(c, mesh)
+    assert trainer.bridge is None and "bridge" not in state["params"]
+    rng = np.random.default_rng(0)
+    batch = sharding.global_batch({"image": rng.normal(size=(16, 32, 32, 3)).astype(np.float32),
+                                   "label": rng.integers(0, 10, 16).astype(np.int32)}, mesh)
+    first = None
+    for _ in range(15):
+        state, metrics = trainer.jit_train_step(state, teacher, batch)
+        first = first or jax.device_get(metrics)
+    last = jax.device_get(metrics)
+    assert "attention" in first and "bridge" not in first
+    assert last["attention"] < 0.7 * first["attention"], (first["attention"], last["attention"])
+    np.testing.assert_allclose(last["loss"], 3.0 * last["attention"], rtol=1e-5)
 
 
 def test_ema_weights_follow_the_parameters_by_the_decay(tmp_path):
@@ -188,6 +211,23 @@ def test_teacher_is_not_saved_with_the_student(tmp_path):
     student = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(domain.build_student(nnx.Rngs(0)))))
     bridge = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(domain.build_bridge(nnx.Rngs(0)))))
     assert saved == student + bridge and teacher_leaves
+
+
+def test_a_signal_during_the_final_save_stops_the_run_and_the_rerun_only_evaluates(tmp_path, monkeypatch):
+    c = small_config(tmp_path, steps=2)
+    c.data.synthetic = True
+    real_wait = checkpoint.RunCheckpointer.wait
+
+    def wait_then_preempted(self):
+        real_wait(self)
+        os.kill(os.getpid(), signal.SIGTERM)  # the StopRequest handler takes it (the loop's context is still open)
+
+    monkeypatch.setattr(checkpoint.RunCheckpointer, "wait", wait_then_preempted)
+    stopped = train.train_and_evaluate(c, str(tmp_path / "run"))
+    assert stopped.stopped_early and stopped.steps == 2 and not stopped.metrics
+    monkeypatch.setattr(checkpoint.RunCheckpointer, "wait", real_wait)
+    finished = train.train_and_evaluate(c, str(tmp_path / "run"))
+    assert not finished.stopped_early and finished.resumed_at == 2 and "top1" in finished.metrics
 
 
 def test_every_logged_metric_is_a_json_line_and_a_tensorboard_scalar(tmp_path):
