@@ -20,6 +20,7 @@ Outputs go to ``--out`` (default ``RUN/analysis``). The PNGs need matplotlib (``
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Sequence
 
@@ -68,6 +69,8 @@ def eval_inputs(c, count: int) -> np.ndarray:
         have += len(chunks[-1])
         if have >= count:
             break
+    if not have:
+        raise ConfigError(f"the eval split of {c.data.get('name', c.domain)} has no examples to average the maps over")
     return np.concatenate(chunks)
 
 
@@ -117,15 +120,18 @@ def attention_report(runs: Sequence[str], num_examples: int, batch: int) -> list
         student = train.load_trained_model(run)[2]
         domain = domains.for_config(c)
         inputs = eval_inputs(c, num_examples)
-        key = (c.teacher.init_from, len(inputs))
+        cls_position = domain.cls_position(student)
+        key = (c.teacher.init_from, json.dumps(c.data.to_dict(), sort_keys=True, default=str), len(inputs),
+               cls_position)
         if key not in teachers:
             teacher = train.load_built_model(domain.build_teacher, c.teacher.init_from)
             maps = teacher_maps(teacher, inputs, batch, causal=c.domain == "language")
-            cls_position = domain.cls_position(student)
             teachers[key] = maps if cls_position is None else np.asarray(cls_to_position(maps, cls_position))
         mine, theirs = student_maps(student, inputs, batch), teachers[key]
         layers = [{"student_layer": layer, "teacher_layer": g, **similarity(mine[layer], theirs[g])}
                   for layer, g in enumerate(domains.bridge_layer_map(c)) if g >= 0]
+        if not layers:
+            raise ConfigError(f"{run}: its bridge layer map bridges no student layer, so there is nothing to compare")
         report.append({"run": run, "mode": c.loss.mode, "examples": len(inputs), "layers": layers,
                        "mean_cosine": float(np.mean([r["cosine"] for r in layers])),
                        "mean_spearman": float(np.mean([r["spearman"] for r in layers])),
@@ -212,7 +218,7 @@ def plot_curves(runs: Sequence[str], path: epath.Path) -> dict[str, dict[str, li
     if fig is None:
         return series
     loss_ax, lr_ax, eval_ax = fig.subplots(1, 3)
-    for style, (run, named) in zip(("-", "--", ":", "-."), series.items(), strict=False):
+    for style, (run, named) in zip(itertools.cycle(("-", "--", ":", "-.")), series.items()):
         label = "/".join(epath.Path(run).parts[-2:])
         for name, points in named.items():
             ax = loss_ax if name in LOSS_TERMS else lr_ax if name == "lr" else eval_ax
@@ -234,6 +240,8 @@ def main(argv: list[str]) -> None:
     if len(argv) != 2 or argv[1] not in COMMANDS:
         cli.fail(f"usage: python -m cab_jax.analyze {{{'|'.join(COMMANDS)}}} --workdir=RUN [--compare=RUN,...]")
     f = flags.FLAGS
+    if f.num_examples < 1 or f.batch_size < 1:
+        cli.fail(f"--num_examples ({f.num_examples}) and --batch_size ({f.batch_size}) must be positive")
     runs = [f.workdir, *f.compare]
     out = epath.Path(f.out or epath.Path(f.workdir) / "analysis")  # created once there is something to write
     if argv[1] == "curves":

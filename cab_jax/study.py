@@ -1,8 +1,10 @@
 """The study runner (``config.task = "study"``): train the teacher once, then one student per cell of the grid
-``config.study.fractions`` (vision: train-subset fractions) x ``config.study.modes`` x ``config.study.seeds``,
+``config.study.fractions`` (vision: train-subset fractions) x ``config.study.modes`` (each mode of
+``config.study.variant_modes`` once per entry of ``config.study.variants``: ablations) x ``config.study.seeds``,
 evaluate each on the held-out split and write the tables: ``results.md``/``.json`` (one row per run) and
-``study.md``/``.json`` (per fraction and mode: mean, standard deviation and every seed's figure), and, with
-matplotlib installed (the ``plot`` extra), ``study.png`` (the figure against the fraction, one line per mode).
+``study.md``/``.json`` (per fraction, mode and variant: mean, standard deviation and every seed's figure, and the
+bridge's parameter count), and, with matplotlib installed (the ``plot`` extra), ``study.png`` (the figure against
+the fraction, one line per mode and variant).
 A finished run is reused, not trained again, so the same command resumes a study.
 
 Vision (``configs/demo.py``): DeiT teacher, Vim students on a small per-class subset, top-1/top-5.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import statistics
 from typing import Any
 
@@ -44,25 +47,39 @@ def _stage(c: ml_collections.ConfigDict, **changes) -> ml_collections.ConfigDict
     return stage
 
 
+# What the study itself sets per run (or once, for the teacher): a variant may not change it.
+STUDY_FIELDS = ("task", "seed", "loss.mode", "data.data_dir", "data.subset_fraction", "student.init_from_attention")
+
+
 def variants(c: ml_collections.ConfigDict) -> dict[str, dict[str, Any]]:
     """``config.study.variants`` by name: each entry is ``"NAME: field=value; field=value"`` (dotted fields of the
-    config; values read as Python literals, else as strings), e.g. ``"mlp2: bridge.hidden_layers=2"``."""
+    config; values read as Python literals, else as strings), e.g. ``"mlp2: bridge.hidden_layers=2"``. Names are
+    directory names (letters, digits, ``_ . -``); the fields the study sets (``STUDY_FIELDS``) and the teacher's
+    (trained once for all runs) are refused."""
     out = {}
-    for entry in c.study.get("variants", ()):
+    entries = tuple(c.study.get("variants", ()))
+    if entries and not set(c.study.modes) & set(c.study.get("variant_modes", ("cab",))):
+        raise ConfigError("config.study.variants: no mode of study.modes is in study.variant_modes, so no run would "
+                          "try them")
+    for entry in entries:
         name, sep, body = entry.partition(":")
         name = name.strip()
-        if not sep or not name or name in out or name == NO_VARIANT:
-            raise ConfigError(f"config.study.variants: {entry!r} must read 'NAME: field=value; ...' with a new name")
+        if not sep or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name) or name in out:
+            raise ConfigError(f"config.study.variants: {entry!r} must read 'NAME: field=value; ...' with a new name "
+                              "of letters, digits, '_', '.' and '-'")
         changes = {}
         for item in filter(None, (part.strip() for part in body.split(";"))):
             key, sep, text = (part.strip() for part in item.partition("="))
             section, _, field = key.rpartition(".")
             try:
                 known = field in (c[section] if section else c)
-            except KeyError:
+            except (KeyError, TypeError):  # no such section, or a section that is a value
                 known = False
             if not sep or not known:
                 raise ConfigError(f"config.study.variants: {item!r} of {name!r} does not set a field of the config")
+            if key in STUDY_FIELDS or key.startswith("teacher."):
+                raise ConfigError(f"config.study.variants: {item!r} of {name!r} sets a field the study sets itself "
+                                  "(or the teacher's, trained once for every run)")
             try:
                 changes[key] = ast.literal_eval(text)
             except (ValueError, SyntaxError):

@@ -19,9 +19,11 @@ import importlib.util
 import os
 import tempfile
 
-# XLA's CPU compile flags: a JAX with a GPU plugin (the GPU machine) gets none of them (its XLA may not know them:
-# unknown flags end the process while pytest captures its output, and the GPU tests want optimised code).
-ON_GPU_HOST = any(importlib.util.find_spec(plugin) for plugin in ("jax_cuda12_plugin", "jax_cuda13_plugin"))
+# XLA's CPU compile flags: a JAX with a GPU plugin (the GPU machine) gets none of them unless JAX_PLATFORMS=cpu (its
+# XLA may not know them: unknown flags end the process while pytest captures its output, and the GPU tests want
+# optimised code).
+ON_GPU_HOST = os.environ.get("JAX_PLATFORMS", "") != "cpu" and any(
+    importlib.util.find_spec(plugin) for plugin in ("jax_cuda12_plugin", "jax_cuda13_plugin"))
 # jaxlib 0.11's XLA no longer knows --xla_cpu_use_fusion_emitters (checked with 0.11.2); it knows the other three.
 OLD_XLA = tuple(int(part) for part in importlib.metadata.version("jaxlib").split(".")[:2]) < (0, 11)
 FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "

@@ -92,12 +92,19 @@ def test_variants_are_tried_with_the_bridged_modes_and_reported_with_their_bridg
 
 
 @pytest.mark.parametrize("entry", ["no colon here", "x: bridge.nonexistent=1", "y: bridge.hidden_layers=0",
-                                   "z: loss.mode"])
+                                   "z: loss.mode", "w: loss.mode=soft", "v: teacher.depth=8", "../up: seed=1",
+                                   "u: seed.y=1"])
 def test_a_bad_variant_fails_before_anything_trains(tmp_path, trained, entry):
     c = test_config.load(DEMO, f"--config.study.variants=('{entry}',)")
     with pytest.raises(ValueError, match=r"variants|hidden_layers"):
         study.run(c, str(tmp_path))
     assert trained == []
+
+
+def test_variants_no_mode_would_try_are_refused(tmp_path, trained):
+    c = test_config.load(DEMO, "--config.study.modes=('soft',)", "--config.study.variants=('lin: bridge.kind=linear',)")
+    with pytest.raises(ValueError, match="variant_modes"):
+        study.run(c, str(tmp_path))
 
 
 def test_without_a_grid_the_study_is_the_config_s_one_fraction_and_seed(tmp_path, trained):

@@ -110,7 +110,7 @@ def stack_layers(layers: Sequence[nnx.Module]) -> nnx.Module:
 def attention_weights(q: jax.Array, k: jax.Array, causal: bool = False) -> jax.Array:
     """Softmax attention, float32: q, k (..., tokens, head_dim) before the 1/sqrt(head_dim) scale -> (..., query
     tokens, key tokens); ``causal``: query t sees keys up to t."""
-    logits = (jnp.einsum("...qd,...kd->...qk", q, k) * q.shape[-1] ** -0.5).astype(jnp.float32)
+    logits = jnp.einsum("...qd,...kd->...qk", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
     if causal:
         tokens = q.shape[-2]
         logits = jnp.where(jnp.arange(tokens)[None, :] <= jnp.arange(tokens)[:, None], logits, -jnp.inf)
