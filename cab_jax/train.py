@@ -185,7 +185,7 @@ def create_trainer(c: ml_collections.ConfigDict, mesh: Mesh, train_size: int) ->
     state, state_shardings = init_state(params, axes, tx, mesh, c.seed, job.train.ema_decay > 0)
     trainer = Trainer(c=c, domain=domain, job=job, mesh=mesh, sched=sched, lr_fn=lr_fn, tx=tx, model=model_fn,
                       bridge=bridge_fn, teacher=teacher_fn,
-                      cls_position=domain.cls_position(model),
+                      cls_position=None if job.teacher is None else domain.cls_position(model),  # the student's
                       state_shardings=state_shardings, teacher_shardings=teacher_shardings)
     return Setup(trainer, state, teacher_params)
 
