@@ -69,9 +69,11 @@ def test_token_losses_match_numpy():
 
 
 def test_language_mode_weights_follow_the_original():
-    """One vocabulary with vision (vanilla/soft/cab); the earlier names ce/kl still select vanilla/soft."""
-    assert {m: (w.ce, w.kl, w.bridge) for m, w in LANGUAGE_MODE_WEIGHTS.items()} == {
-        "vanilla": (1.0, 0.0, 0.0), "soft": (1.0, 1.0, 0.0), "cab": (1.0, 0.5, 0.5)}
+    """One vocabulary with vision (vanilla/soft/cab, and the attention-transfer baseline); the earlier names ce/kl
+    still select vanilla/soft."""
+    assert {m: (w.ce, w.kl, w.bridge, w.attention) for m, w in LANGUAGE_MODE_WEIGHTS.items()} == {
+        "vanilla": (1.0, 0.0, 0.0, 0.0), "soft": (1.0, 1.0, 0.0, 0.0), "cab": (1.0, 0.5, 0.5, 0.0),
+        "attention_transfer": (1.0, 0.5, 0.0, 0.5)}
     assert loss_weights("cab", LANGUAGE_MODE_WEIGHTS, kl=0.25).kl == 0.25
     assert loss_weights("kl", LANGUAGE_MODE_WEIGHTS) == LANGUAGE_MODE_WEIGHTS["soft"]
     assert loss_weights("ce", LANGUAGE_MODE_WEIGHTS) == LANGUAGE_MODE_WEIGHTS["vanilla"]
