@@ -59,6 +59,9 @@ def test_loss_goes_down_on_a_fixed_batch(tmp_path):
     first, last = jax.device_get(losses["first"]), jax.device_get(losses["last"])
     assert last["loss"] < 0.7 * first["loss"]
     assert last["kl"] < first["kl"] and last["bridge"] < first["bridge"]
+    for m in (first, last):  # the original's vision CAB loss: KL + 3 x bridge, no CE
+        assert "ce" not in m
+        np.testing.assert_allclose(m["loss"], m["kl"] + 3.0 * m["bridge"], rtol=1e-6)
 
 
 def test_attention_transfer_trains_the_students_maps_towards_the_teachers(tmp_path):
