@@ -33,8 +33,8 @@ from etils import epath
 from flax import nnx
 
 from cab_jax import cli, domains, plots, train
+from cab_jax.bridge import move_cls_token
 from cab_jax.errors import ConfigError, PathError
-from cab_jax.losses import cls_to_position
 from cab_jax.models.layers import attention_weights
 
 COMMANDS = ("attention", "curves")
@@ -117,8 +117,8 @@ def attention_report(runs: Sequence[str], num_examples: int, batch: int) -> list
             raise ConfigError(f"{run} trained a teacher: the attention analysis needs a student run")
         if not c.teacher.init_from:
             raise ConfigError(f"{run}: its config has no teacher.init_from, so there is no teacher to compare with")
-        student = train.load_trained_model(run)[2]
         domain = domains.for_config(c)
+        student = train.load_built_model(domain.build_student, run)
         inputs = eval_inputs(c, num_examples)
         cls_position = domain.cls_position(student)
         key = (c.teacher.init_from, json.dumps(c.data.to_dict(), sort_keys=True, default=str), len(inputs),
@@ -126,7 +126,9 @@ def attention_report(runs: Sequence[str], num_examples: int, batch: int) -> list
         if key not in teachers:
             teacher = train.load_built_model(domain.build_teacher, c.teacher.init_from)
             maps = teacher_maps(teacher, inputs, batch, causal=c.domain == "language")
-            teachers[key] = maps if cls_position is None else np.asarray(cls_to_position(maps, cls_position))
+            if cls_position is not None:
+                maps = np.asarray(move_cls_token(maps, cls_position, axes=(-2, -1)))
+            teachers[key] = maps
         mine, theirs = student_maps(student, inputs, batch), teachers[key]
         layers = [{"student_layer": layer, "teacher_layer": g, **similarity(mine[layer], theirs[g])}
                   for layer, g in enumerate(domains.bridge_layer_map(c)) if g >= 0]

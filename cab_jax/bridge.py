@@ -71,6 +71,15 @@ def apply_kernel_map(x: jax.Array, kind: str, token_axis: bool) -> jax.Array:
     raise ValueError(f"unknown kernel map {kind!r}; expected one of {KERNEL_MAPS}")
 
 
+def move_cls_token(x: jax.Array, cls_position: int, axes: Sequence[int]) -> jax.Array:
+    """``x`` with the DeiT teacher's cls token (index 0 along each of ``axes``) moved to ``cls_position``, the
+    patches in order around it: the teacher's token order -> Vim's (cls in the middle)."""
+    for axis in axes:
+        x = jnp.moveaxis(x, axis, 0)
+        x = jnp.moveaxis(jnp.concatenate([x[1 : cls_position + 1], x[:1], x[cls_position + 1 :]]), 0, axis)
+    return x
+
+
 def teacher_targets(q: jax.Array, k: jax.Array, kernel_map: str, cls_position: int | None
                     ) -> tuple[jax.Array, jax.Array]:
     """(batch, heads, tokens, head_dim) q, k -> kernel-mapped (batch, tokens, heads*head_dim) targets with
@@ -79,9 +88,7 @@ def teacher_targets(q: jax.Array, k: jax.Array, kernel_map: str, cls_position: i
     def flatten(t: jax.Array) -> jax.Array:
         b, h, n, d = t.shape
         t = t.transpose(0, 2, 1, 3).reshape(b, n, h * d)
-        if cls_position is None:
-            return t
-        return jnp.concatenate([t[:, 1 : cls_position + 1], t[:, :1], t[:, cls_position + 1 :]], axis=1)
+        return t if cls_position is None else move_cls_token(t, cls_position, axes=(1,))
 
     return (apply_kernel_map(flatten(q), kernel_map, token_axis=False),
             apply_kernel_map(flatten(k), kernel_map, token_axis=True))

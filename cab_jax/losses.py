@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from cab_jax.bridge import move_cls_token
 from cab_jax.models.layers import attention_weights
 
 # One vocabulary for both domains: vanilla (labels only), soft (soft distillation), cab (soft + bridge), and the
@@ -74,14 +75,6 @@ def loss_weights(mode: str, table: dict[str, LossWeights], ce: float | None = No
                        attention=base.attention if attention is None else attention)
 
 
-def cls_to_position(maps: jax.Array, cls_position: int) -> jax.Array:
-    """(..., tokens, tokens) maps over a DeiT teacher's tokens (cls first) -> the same maps over the student's
-    tokens (the cls token at ``cls_position``, the patches in order around it)."""
-    tokens = maps.shape[-1]
-    order = jnp.asarray([*range(1, cls_position + 1), 0, *range(cls_position + 1, tokens)])
-    return jnp.take(jnp.take(maps, order, axis=-2), order, axis=-1)
-
-
 def attention_transfer(student_maps: jax.Array, teacher_qk: tuple[jax.Array, jax.Array], mapping: Sequence[int],
                        cls_position: int | None, causal: bool) -> jax.Array:
     """Attention transfer: the mean squared difference between each bridged student layer's implicit attention
@@ -91,7 +84,7 @@ def attention_transfer(student_maps: jax.Array, teacher_qk: tuple[jax.Array, jax
     do not sum to one."""
     teacher = attention_weights(*teacher_qk, causal=causal).mean(axis=2)  # (teacher depth, batch, tokens, tokens)
     if cls_position is not None:
-        teacher = cls_to_position(teacher, cls_position)
+        teacher = move_cls_token(teacher, cls_position, axes=(-2, -1))
     bridged = [layer for layer, g in enumerate(mapping) if g >= 0]
     student = student_maps[np.asarray(bridged)].astype(jnp.float32)
     return jnp.mean(jnp.square(student - teacher[np.asarray([mapping[layer] for layer in bridged])]))

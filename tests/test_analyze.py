@@ -15,10 +15,10 @@ import test_train
 from flax import nnx
 
 from cab_jax import analyze, checkpoint, domains, train
+from cab_jax.bridge import move_cls_token
 from cab_jax.kernels.selective_scan.reference import selective_scan_reference
 from cab_jax.kernels.ssd.implicit_attention import implicit_attention as ssd_implicit_attention
 from cab_jax.kernels.ssd.reference import ssd_reference
-from cab_jax.losses import cls_to_position
 from cab_jax.models import registry
 from cab_jax.models.layers import attention_weights
 
@@ -58,7 +58,7 @@ def test_each_vim_layers_implicit_attention_is_what_its_scans_do_to_a_probe():
 
 def test_the_teachers_cls_token_moves_to_the_students_middle_position():
     maps = np.arange(16).reshape(4, 4)  # teacher tokens: cls, p0, p1, p2
-    got = np.asarray(cls_to_position(maps[None], cls_position=1))[0]  # student tokens: p0, cls, p1, p2
+    got = np.asarray(move_cls_token(maps[None], cls_position=1, axes=(-2, -1)))[0]  # student: p0, cls, p1, p2
     order = [1, 0, 2, 3]
     assert got.tolist() == [[maps[a, b] for b in order] for a in order]
 
