@@ -3,6 +3,8 @@ tables."""
 
 from __future__ import annotations
 
+import importlib.util
+import pathlib
 import time
 
 # Selective-scan benchmark shapes, name: (batch, length, d_inner, d_state, bidirectional): the Vim-Ti/S/B
@@ -19,6 +21,34 @@ _PEAK_GBPS = {"H100": 3350.0, "H200": 4800.0}  # SXM HBM3 / HBM3e datasheet peak
 def hbm_peak_gbps(device_name: str) -> float:
     """Datasheet HBM bandwidth of a known GPU (by its name), else 0."""
     return next((v for k, v in _PEAK_GBPS.items() if k in device_name), 0.0)
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def synthetic_setup(config_name: str, dtype: str, batch_size: int, steps: int, remat: bool, mode: str,
+                    scan_impl: str) -> tuple:
+    """(``train.Setup``, two device-resident batches of random images) for ``configs/<config_name>.py`` with its
+    dtype, remat, loss mode and scan implementation replaced, on synthetic data."""
+    import numpy as np
+
+    from cab_jax import sharding, train
+
+    spec = importlib.util.spec_from_file_location(config_name, ROOT / "configs" / f"{config_name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+    c.dtype, c.loss.mode, c.student.remat, c.student.scan_impl = dtype, mode, remat, scan_impl
+    c.data.synthetic = True
+    c.train.batch_size, c.train.steps = batch_size, steps
+    mesh = sharding.make_mesh(c.mesh)
+    built = train.create_trainer(c, mesh, train_size=batch_size * steps)
+    rng = np.random.default_rng(0)
+    size, classes = c.data.image_size, c.data.num_classes
+    batches = [sharding.global_batch({"image": rng.normal(size=(batch_size, size, size, 3)).astype(np.float32),
+                                      "label": rng.integers(0, classes, batch_size).astype(np.int32)}, mesh)
+               for _ in range(2)]
+    return built, batches
 
 
 def time_train_steps(built, batches: list, steps: int, warmup: int = 1) -> tuple[float, float, dict]:
@@ -39,6 +69,25 @@ def time_train_steps(built, batches: list, steps: int, warmup: int = 1) -> tuple
         state, metrics = step(state, built.teacher_params, batches[i % len(batches)])
     jax.block_until_ready(metrics)
     return compile_s, time.perf_counter() - start, metrics
+
+
+def torch_median_ms(fn, iters: int, warmup: int = 3) -> float:
+    """Median milliseconds of ``iters`` calls of ``fn()`` (torch, on a GPU) after ``warmup`` calls, each ended by a
+    device synchronisation (as ``cab_jax.timing.median_ms`` times JAX functions)."""
+    import statistics
+
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(1e3 * (time.perf_counter() - start))
+    return statistics.median(times)
 
 
 def peak_gib() -> float:

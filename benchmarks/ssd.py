@@ -1,6 +1,11 @@
 """Mamba-2 (SSD) scan speed per implementation and length: forward and forward+backward milliseconds.
 
     python benchmarks/ssd.py --lengths=2048,8192 --impls=reference,chunked
+    python benchmarks/ssd.py --impls=chunked,mamba_triton --mamba_root=PATH/TO/mamba --check   # on a GPU
+
+``mamba_triton`` is mamba-ssm's Triton SSD (``mamba_chunk_scan_combined``, torch), imported from a checkout of
+state-spaces/mamba at ``--mamba_root`` (its sources are not vendored; nothing is built). It scales x by dt and
+decays by exp(dt A): it runs with A = -1, dt = -log_decay and x / dt, which is the same scan.
 
 Defaults are Phi-Mamba's mixer (32 heads of head_dim 64, d_state 64, B and C per head: groups 32) at batch 4.
 The backward pass differentiates y with respect to x, log_decay, B and C. ``--check`` also prints the largest
@@ -11,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 import pathlib
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from common import error_message, markdown_table  # benchmarks/common.py
+from common import error_message, markdown_table, torch_median_ms  # benchmarks/common.py
 
 from cab_jax.kernels.ssd import ssd
 from cab_jax.timing import median_ms
@@ -37,16 +44,48 @@ def make_inputs(batch: int, length: int, heads: int, head_dim: int, groups: int,
     return x, log_decay, B, C
 
 
+def mamba_chunk_scan(root: str):
+    """mamba-ssm's ``mamba_chunk_scan_combined`` from the checkout at ``root``, without running the package's
+    ``__init__`` (it loads mamba's CUDA extensions)."""
+    package = types.ModuleType("mamba_ssm")
+    package.__path__ = [str(pathlib.Path(root) / "mamba_ssm")]
+    sys.modules.setdefault("mamba_ssm", package)
+    return importlib.import_module("mamba_ssm.ops.triton.ssd_combined").mamba_chunk_scan_combined
+
+
+def mamba_timings(args: argparse.Namespace, inputs: tuple[jax.Array, ...]) -> tuple[float, float, np.ndarray]:
+    """(fwd ms, fwd+bwd ms, y) of mamba-ssm's Triton SSD on ``inputs`` (x, log_decay, B, C)."""
+    import torch
+
+    scan = mamba_chunk_scan(args.mamba_root)
+    dtype = getattr(torch, args.dtype)
+    x, log_decay, B, C = (torch.from_numpy(np.asarray(a.astype(jnp.float32))).cuda() for a in inputs)
+    dt = (-log_decay).requires_grad_()
+    x = (x / dt[..., None]).to(dtype).detach().requires_grad_()
+    B, C = (t.to(dtype).requires_grad_() for t in (B, C))
+    A = -torch.ones(x.shape[2], device="cuda")
+    run = lambda: scan(x, dt, A, B, C, args.chunk_size)
+    y = run()
+    dy = torch.ones_like(y)
+    fwd_bwd = lambda: torch.autograd.grad(run(), (x, dt, B, C), dy)
+    return (torch_median_ms(run, args.iters), torch_median_ms(fwd_bwd, args.iters),
+            y.detach().float().cpu().numpy())
+
+
 def measure(args: argparse.Namespace, length: int, impl: str) -> dict:
     inputs = make_inputs(args.batch, length, args.heads, args.head_dim, args.groups, args.d_state, args.dtype)
-    run = functools.partial(ssd, impl=impl, chunk_size=args.chunk_size)
-    fwd = jax.jit(run)
-    y = fwd(*inputs)
-    dy = jnp.ones_like(y)
-    fwd_bwd = jax.jit(lambda *a: jax.vjp(run, *a)[1](dy))
     row = {"length": length, "impl": impl, "dtype": args.dtype}
-    row["fwd ms"] = round(median_ms(fwd, inputs, args.iters), 3)
-    row["fwd+bwd ms"] = round(median_ms(fwd_bwd, inputs, args.iters), 3)
+    if impl == "mamba_triton":
+        row["fwd ms"], row["fwd+bwd ms"], y = mamba_timings(args, inputs)
+    else:
+        run = functools.partial(ssd, impl=impl, chunk_size=args.chunk_size)
+        fwd = jax.jit(run)
+        y = fwd(*inputs)
+        dy = jnp.ones_like(y)
+        fwd_bwd = jax.jit(lambda *a: jax.vjp(run, *a)[1](dy))
+        row["fwd ms"] = round(median_ms(fwd, inputs, args.iters), 3)
+        row["fwd+bwd ms"] = round(median_ms(fwd_bwd, inputs, args.iters), 3)
+    row["fwd ms"], row["fwd+bwd ms"] = round(row["fwd ms"], 3), round(row["fwd+bwd ms"], 3)
     if args.check:
         y_ref = jax.jit(functools.partial(ssd, impl="reference"))(*inputs).astype(jnp.float32)
         row["max |y - ref| / max |ref|"] = float(jnp.max(jnp.abs(y.astype(jnp.float32) - y_ref))
@@ -67,6 +106,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--check", action="store_true")
+    parser.add_argument("--mamba_root", help="a checkout of state-spaces/mamba (impl mamba_triton)")
     args = parser.parse_args()
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, batch {args.batch}, heads {args.heads}, "
           f"head_dim {args.head_dim}, groups {args.groups}, d_state {args.d_state}, chunk {args.chunk_size}")

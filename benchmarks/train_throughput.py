@@ -13,39 +13,23 @@ temporaries).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import pathlib
 import subprocess
 import sys
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from common import markdown_table, peak_gib, time_train_steps  # benchmarks/common.py  # noqa: E402
+from common import ROOT, markdown_table, peak_gib, synthetic_setup, time_train_steps  # benchmarks/common.py
 
 
 def measure(config_name: str, dtype: str, batch_size: int, steps: int, remat: bool, mode: str,
             scan_impl: str) -> dict:
     import jax
-    import numpy as np
 
-    from cab_jax import sharding, train
+    from cab_jax import train
 
-    spec = importlib.util.spec_from_file_location(config_name, ROOT / "configs" / f"{config_name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
-    c.dtype, c.loss.mode, c.student.remat, c.student.scan_impl = dtype, mode, remat, scan_impl
-    c.data.synthetic = True
-    c.train.batch_size, c.train.steps = batch_size, steps
-    mesh = sharding.make_mesh(c.mesh)
-    built = train.create_trainer(c, mesh, train_size=batch_size * steps)
-    rng = np.random.default_rng(0)
-    size, classes = c.data.image_size, c.data.num_classes
-    batches = [sharding.global_batch({"image": rng.normal(size=(batch_size, size, size, 3)).astype(np.float32),
-                                      "label": rng.integers(0, classes, batch_size).astype(np.int32)}, mesh)
-               for _ in range(2)]
+    built, batches = synthetic_setup(config_name, dtype, batch_size, steps, remat, mode, scan_impl)
     compile_s, elapsed, metrics = time_train_steps(built, batches, steps, warmup=3)
     compiled = built.trainer.jit_train_step.lower(built.state, built.teacher_params, batches[0]).compile()
     return {"config": config_name, "dtype": dtype, "remat": remat, "mode": mode, "scan_impl": scan_impl,

@@ -242,19 +242,24 @@ def loss_fn(trainer: Trainer, params: dict, inputs: jax.Array, targets: Any, tea
             key: jax.Array | None) -> tuple[jax.Array, tuple[dict, jax.Array]]:
     """The job's weighted loss: total and (terms, logits)."""
     domain, weights, c = trainer.domain, trainer.job.weights, trainer.c
-    logits, aux = domain.forward(trainer.model.module(params["model"]), inputs, key)
+    with jax.named_scope("student"):
+        logits, aux = domain.forward(trainer.model.module(params["model"]), inputs, key)
     terms = {}
-    if weights.ce:
-        terms["ce"] = domain.ce(logits, targets)
-    if weights.kl:
-        terms["kl"] = domain.kl(logits, teacher_out[0], targets, c.loss.temperature)
+    with jax.named_scope("soft_loss"):
+        if weights.ce:
+            terms["ce"] = domain.ce(logits, targets)
+        if weights.kl:
+            terms["kl"] = domain.kl(logits, teacher_out[0], targets, c.loss.temperature)
     if weights.bridge:
-        projections = domain.bridge_inputs(jax.lax.stop_gradient(aux) if c.bridge.detach_student else aux)
-        terms["bridge"] = trainer.bridge.module(params["bridge"])(projections, teacher_out[1], trainer.cls_position)
+        with jax.named_scope("bridge"):
+            projections = domain.bridge_inputs(jax.lax.stop_gradient(aux) if c.bridge.detach_student else aux)
+            terms["bridge"] = trainer.bridge.module(params["bridge"])(projections, teacher_out[1],
+                                                                      trainer.cls_position)
     if weights.attention:  # a second pass through the student's layers, for their implicit attention
-        maps = trainer.model.module(params["model"]).implicit_attention(inputs)
-        terms["attention"] = attention_transfer(maps, teacher_out[1], domains.bridge_layer_map(c),
-                                                trainer.cls_position, causal=c.domain == "language")
+        with jax.named_scope("attention_transfer"):
+            maps = trainer.model.module(params["model"]).implicit_attention(inputs)
+            terms["attention"] = attention_transfer(maps, teacher_out[1], domains.bridge_layer_map(c),
+                                                    trainer.cls_position, causal=c.domain == "language")
     total = sum(getattr(weights, name) * value for name, value in terms.items())
     return total, (terms, logits)
 
@@ -266,19 +271,22 @@ def train_step(trainer: Trainer, state: State, teacher_params: dict | None, batc
         job = trainer.job
         step_key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
         prepare_key, drop_key = jax.random.split(step_key)
-        inputs, targets = trainer.domain.prepare(prepare_key, batch, job.train)
+        with jax.named_scope("prepare"):
+            inputs, targets = trainer.domain.prepare(prepare_key, batch, job.train)
         teacher_out = None
         if job.weights.needs_teacher:
-            teacher_out = jax.lax.stop_gradient(trainer.teacher.module(teacher_params)(inputs))
+            with jax.named_scope("teacher"):
+                teacher_out = jax.lax.stop_gradient(trainer.teacher.module(teacher_params)(inputs))
         (loss, (terms, logits)), grads = jax.value_and_grad(functools.partial(loss_fn, trainer), has_aux=True)(
             state["params"], inputs, targets, teacher_out, drop_key if job.drop_path else None)
-        updates, opt_state = trainer.tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        learned = {"params": params, "opt_state": opt_state}
-        if "ema" in state:
-            d = job.train.ema_decay
-            learned["ema"] = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state["ema"], params)
-        grad_norm = optax.global_norm(grads)
+        with jax.named_scope("optimizer"):
+            updates, opt_state = trainer.tx.update(grads, state["opt_state"], state["params"])
+            params = optax.apply_updates(state["params"], updates)
+            learned = {"params": params, "opt_state": opt_state}
+            if "ema" in state:
+                d = job.train.ema_decay
+                learned["ema"] = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state["ema"], params)
+            grad_norm = optax.global_norm(grads)
         # A non-finite loss or gradient leaves the learned state as it was (the loop stops or skips on it).
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         learned = jax.tree.map(lambda new, old: jnp.where(finite, new, old), learned, {k: state[k] for k in learned})

@@ -8,6 +8,7 @@ mesh, a Pallas scan kernel runs once per device on its batch / d_inner shard.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -85,9 +86,11 @@ class SSMDirection(nnx.Module):
         ``reverse``: the direction reads the sequence from the last token to the first, so its convolution
         looks at the following tokens instead of the preceding ones.
         """
-        x = jax.nn.silu(causal_depthwise_conv(x, self.conv_kernel[...], self.conv_bias[...], reverse=reverse))
-        dt, B, C = jnp.split(self.x_proj(x), [self.dt_rank, self.dt_rank + self.d_state], axis=-1)
-        delta = dt @ self.dt_proj.kernel[...].astype(dt.dtype)
+        with jax.named_scope("conv1d"):
+            x = jax.nn.silu(causal_depthwise_conv(x, self.conv_kernel[...], self.conv_bias[...], reverse=reverse))
+        with jax.named_scope("x_proj"):
+            dt, B, C = jnp.split(self.x_proj(x), [self.dt_rank, self.dt_rank + self.d_state], axis=-1)
+            delta = dt @ self.dt_proj.kernel[...].astype(dt.dtype)
         return ScanDirection(x, delta, -jnp.exp(self.A_log[...]), B, C, self.D[...], self.dt_proj.bias[...])
 
 
@@ -148,15 +151,17 @@ class Mamba(nnx.Module):
 
     def __call__(self, hidden: jax.Array) -> tuple[jax.Array, SSMProjections]:
         """hidden: (batch, length, d_model) -> output (batch, length, d_model) and the B/C projections."""
-        x, z = jnp.split(self.in_proj(hidden), 2, axis=-1)
+        with jax.named_scope("in_proj"):
+            x, z = jnp.split(self.in_proj(hidden), 2, axis=-1)
         fwd = self.fwd.scan_inputs(x)
         if self.bwd is None:
-            y = self._scan((fwd,), z)
-            return self.out_proj(y), SSMProjections(fwd.B, fwd.C)
-        # Both directions in token order; the backward one is scanned last-to-first (no flipped copies).
-        bwd = self.bwd.scan_inputs(x, reverse=True)
-        y = self._scan((fwd, bwd), z) * 0.5
-        return self.out_proj(y), SSMProjections(fwd.B, fwd.C, bwd.B, bwd.C)
+            projections, dirs = SSMProjections(fwd.B, fwd.C), (fwd,)
+        else:  # both directions in token order; the backward one is scanned last-to-first (no flipped copies)
+            bwd = self.bwd.scan_inputs(x, reverse=True)
+            projections, dirs = SSMProjections(fwd.B, fwd.C, bwd.B, bwd.C), (fwd, bwd)
+        y = self._scan(dirs, z)
+        with jax.named_scope("out_proj"):
+            return self.out_proj(y if self.bwd is None else y * 0.5), projections
 
     def implicit_attention(self, hidden: jax.Array) -> jax.Array:
         """hidden: (batch, length, d_model) -> (batch, length t, length s) float32: the weight the scan puts on
@@ -181,6 +186,10 @@ class Mamba(nnx.Module):
             return selective_scan(d.u, d.delta, d.A, d.B, d.C, D=d.D, z=z, delta_bias=d.delta_bias,
                                   delta_softplus=True, impl=self.scan_impl, blocks=self.scan_blocks)
 
+        with jax.named_scope("selective_scan"):
+            return self._scan_per_device(scan, dirs, z)
+
+    def _scan_per_device(self, scan: Callable, dirs: tuple[ScanDirection, ...], z: jax.Array) -> jax.Array:
         batch, _, d_inner = z.shape
         rows = sharding.split_axes(batch, sharding.BATCH_AXES)
         channels = sharding.split_axes(d_inner, (sharding.LOGICAL_RULES["inner"],))

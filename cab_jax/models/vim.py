@@ -55,8 +55,9 @@ class VimBlock(nnx.Module):
     def mixer_input(self, hidden: jax.Array, residual: jax.Array, drop_rate: jax.Array, key: jax.Array | None
                     ) -> tuple[jax.Array, jax.Array]:
         """(the mixer's input, the new residual)."""
-        residual = residual + drop_path(hidden, drop_rate, key).astype(jnp.float32)
-        return self.norm(residual).astype(hidden.dtype), residual
+        with jax.named_scope("norm_residual"):
+            residual = residual + drop_path(hidden, drop_rate, key).astype(jnp.float32)
+            return self.norm(residual).astype(hidden.dtype), residual
 
 
 class Vim(nnx.Module):
@@ -108,7 +109,8 @@ class Vim(nnx.Module):
     def __call__(self, images: jax.Array, *, key: jax.Array | None = None) -> tuple[jax.Array, SSMProjections]:
         """Returns float32 logits (batch, classes) and every layer's SSM projections (B, C, B_b, C_b), each
         stacked over layers: (depth, batch, tokens, d_state). ``key`` draws the stochastic-depth masks."""
-        hidden = self.embed(images)
+        with jax.named_scope("patch_embed"):
+            hidden = self.embed(images)
         keys = None if key is None else jax.random.split(key, self.depth)
 
         def step(block, carry, inputs):
@@ -118,8 +120,9 @@ class Vim(nnx.Module):
         carry = (hidden, jnp.zeros(hidden.shape, jnp.float32))
         (hidden, residual), projections = scan_layers(
             self.layers, step, carry, (jnp.asarray(self.drop_path_rates), keys), remat=self.remat)
-        features = self.norm_f(residual + hidden.astype(jnp.float32))
-        return self.head(features[:, self.cls_position].astype(self.dtype)).astype(jnp.float32), projections
+        with jax.named_scope("head"):
+            features = self.norm_f(residual + hidden.astype(jnp.float32))
+            return self.head(features[:, self.cls_position].astype(self.dtype)).astype(jnp.float32), projections
 
     def implicit_attention(self, images: jax.Array) -> jax.Array:
         """(depth, batch, tokens t, tokens s) float32: each layer's ``Mamba.implicit_attention`` (tokens in the

@@ -1,0 +1,165 @@
+"""Where a distillation train step's device time goes: a profile of a few steps, by part of the model.
+
+    python benchmarks/step_profile.py --config=vim_small --dtype=bfloat16 --remat=false --batch_size=128
+
+Builds the step as ``train_throughput.py`` does (synthetic images on the device), times ``--steps`` steps, then
+records ``--profile_steps`` more with ``jax.profiler`` and sums the device time of every executed HLO op by the
+innermost of the model's named scopes in its metadata (``SCOPES``: ``jax.named_scope`` in the models and the train
+step). Ops under a ``transpose(...)`` name (the backward pass, remat's recomputation included) are counted apart
+from the forward pass. ``host and idle`` is the step's wall time minus the time the device was busy. On CPU the
+ops of several threads overlap, so the parts can sum past the step. Prints two Markdown tables (parts, and the
+slowest ops); ``--out`` also writes them as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import json
+import pathlib
+import re
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from common import markdown_table, synthetic_setup  # benchmarks/common.py
+
+# The named scopes of the step, as parts of the table (innermost wins).
+SCOPES = ("prepare", "teacher", "student", "patch_embed", "norm_residual", "in_proj", "conv1d", "x_proj",
+          "selective_scan", "out_proj", "head", "soft_loss", "bridge", "attention_transfer", "optimizer")
+
+
+def op_scopes(hlo_text: str) -> dict[str, str]:
+    """Instruction name -> its metadata's op_name, from a compiled module's text."""
+    pattern = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?metadata=\{[^}]*op_name=\"([^\"]*)\"", re.M)
+    return dict(pattern.findall(hlo_text))
+
+
+def part_of(op_name: str | None) -> tuple[str, bool]:
+    """(innermost known scope of ``op_name``, else "other", or "no metadata" without one; whether it is in the
+    backward pass)."""
+    if op_name is None:
+        return "no metadata", False
+    known = [p for p in re.split(r"[/()]", op_name) if p in SCOPES]
+    return (known[-1] if known else "other"), "transpose" in op_name
+
+
+def device_events(trace: dict, module: str) -> list[dict]:
+    """The trace's op events of ``module``: those of the device's timelines when there are any (GPU), else of the
+    host's threads (CPU, where the ops run on the host)."""
+    events = [e for e in trace["traceEvents"] if e.get("ph") == "X" and e.get("args", {}).get("hlo_op")
+              and module in e["args"].get("hlo_module", "")]
+    names = {e["pid"]: e["args"]["name"] for e in trace["traceEvents"]
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    on_device = [e for e in events if "/device:" in names.get(e["pid"], "")]
+    return without_containers(on_device or events)
+
+
+def without_containers(events: list[dict]) -> list[dict]:
+    """``events`` less those that hold another event of their thread (a while loop's event on CPU holds its
+    body's ops): the events of one thread nest or are disjoint, so an event holds the next one if that one starts
+    before it ends."""
+    threads = collections.defaultdict(list)
+    for e in events:
+        threads[(e["pid"], e["tid"])].append(e)
+    kept = []
+    for thread in threads.values():
+        thread.sort(key=lambda e: (e["ts"], -e["dur"]))
+        kept += [e for e, after in zip(thread, [*thread[1:], None], strict=True)
+                 if after is None or after["ts"] >= e["ts"] + e["dur"]]
+    return kept
+
+
+def busy_us(events: list[dict]) -> float:
+    """Microseconds covered by at least one event."""
+    total, end = 0.0, float("-inf")
+    for start, stop in sorted((e["ts"], e["ts"] + e["dur"]) for e in events):
+        if stop > end:
+            total += stop - max(start, end)
+            end = stop
+    return total
+
+
+def read_trace(log_dir: str) -> dict:
+    files = sorted(pathlib.Path(log_dir).rglob("*.trace.json.gz")) or sorted(pathlib.Path(log_dir).rglob("*.json.gz"))
+    if not files:
+        raise FileNotFoundError(f"no trace written under {log_dir}")
+    with gzip.open(files[-1]) as f:
+        return json.load(f)
+
+
+def profile(args: argparse.Namespace) -> dict:
+    import jax
+
+    built, batches = synthetic_setup(args.config, args.dtype, args.batch_size, args.steps, args.remat, args.mode,
+                                     args.scan_impl)
+    step, state, teacher = built.trainer.jit_train_step, built.state, built.teacher_params
+    compiled = step.lower(state, teacher, batches[0]).compile()
+    scopes = op_scopes(compiled.as_text())
+    for i in range(3):
+        state, metrics = step(state, teacher, batches[i % 2])
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for i in range(args.steps):
+        state, metrics = step(state, teacher, batches[i % 2])
+    jax.block_until_ready(metrics)
+    step_ms = 1e3 * (time.perf_counter() - start) / args.steps
+    with tempfile.TemporaryDirectory() as log_dir:
+        jax.profiler.start_trace(log_dir, create_perfetto_trace=True)
+        for i in range(args.profile_steps):
+            state, metrics = step(state, teacher, batches[i % 2])
+        jax.block_until_ready(metrics)
+        jax.profiler.stop_trace()
+        events = device_events(read_trace(log_dir), "train_step")
+    if not events:
+        raise RuntimeError("the profile holds no op of the train step")
+    per_step = lambda us: round(us / 1e3 / args.profile_steps, 3)
+    totals, ops = collections.defaultdict(lambda: [0.0, 0.0]), collections.Counter()
+    for e in events:
+        part, backward = part_of(scopes.get(e["args"]["hlo_op"]))
+        totals[part][backward] += e["dur"]
+        ops[(e["args"]["hlo_op"], part, backward)] += e["dur"]
+    busy = per_step(busy_us(events))
+    parts = [{"part": part, "forward ms": per_step(fwd), "backward ms": per_step(bwd), "ms": per_step(fwd + bwd),
+              "% of step": round(100 * per_step(fwd + bwd) / step_ms, 1)}
+             for part, (fwd, bwd) in sorted(totals.items(), key=lambda kv: -sum(kv[1]))]
+    parts.append({"part": "host and idle", "ms": round(max(step_ms - busy, 0.0), 3),
+                  "% of step": round(100 * max(step_ms - busy, 0.0) / step_ms, 1)})
+    slowest = [{"op": op, "part": part, "pass": "backward" if backward else "forward", "ms": per_step(us),
+                "jax op": (scopes.get(op) or "").rsplit("/", 1)[-1]}
+               for (op, part, backward), us in ops.most_common(args.top)]
+    images_per_s = args.batch_size / step_ms * 1e3
+    return {"config": args.config, "dtype": args.dtype, "remat": args.remat, "mode": args.mode,
+            "scan_impl": args.scan_impl, "batch": args.batch_size, "ms_per_step": round(step_ms, 2),
+            "images_per_s": round(images_per_s, 1), "device_busy_ms": busy, "device": jax.devices()[0].device_kind,
+            "jax": jax.__version__, "parts": parts, "slowest_ops": slowest}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="vim_small")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--remat", type=lambda s: s.lower() == "true", default=False)
+    parser.add_argument("--mode", default="cab")
+    parser.add_argument("--scan_impl", default="auto")
+    parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=20, help="steps timed for the wall time per step")
+    parser.add_argument("--profile_steps", type=int, default=3)
+    parser.add_argument("--top", type=int, default=15, help="rows of the slowest-ops table")
+    parser.add_argument("--out", help="also write the result as JSON here")
+    args = parser.parse_args()
+    result = profile(args)
+    head = {k: v for k, v in result.items() if k not in ("parts", "slowest_ops")}
+    print(" ".join(f"{k}={v}" for k, v in head.items()))
+    print(markdown_table(result["parts"]))
+    print()
+    print(markdown_table(result["slowest_ops"]))
+    if args.out:
+        pathlib.Path(args.out).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
