@@ -88,6 +88,9 @@ class Domain(Protocol):
 
     def eval_inputs(self, batch: dict) -> jax.Array: ...
 
+    def train_batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        """The shapes and dtypes of a global train batch of ``batch_size`` examples, as the data yields it."""
+
     def eval_sums(self, logits: jax.Array, batch: dict) -> dict[str, jax.Array]: ...
 
     def summarize(self, totals: Mapping[str, Any]) -> dict[str, float]: ...
@@ -211,6 +214,11 @@ class VisionDomain:
     def train_metrics(self, logits: jax.Array, targets: jax.Array) -> dict[str, jax.Array]:
         return {"train_top1": jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(targets, -1))}
 
+    def train_batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        size = self.c.data.image_size
+        return {"image": jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32),
+                "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
+
     def eval_inputs(self, batch: dict) -> jax.Array:
         return batch["image"]
 
@@ -302,6 +310,11 @@ class LanguageDomain:
         labels, mask = targets
         correct = (jnp.argmax(logits, -1) == labels) * mask
         return {"train_token_acc": jnp.sum(correct) / jnp.maximum(jnp.sum(mask), 1.0)}
+
+    def train_batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        seq_len = self.c.data.seq_len
+        return {"tokens": jax.ShapeDtypeStruct((batch_size, seq_len + 1), jnp.int32),
+                "loss_mask": jax.ShapeDtypeStruct((batch_size, seq_len), jnp.float32)}
 
     def eval_inputs(self, batch: dict) -> jax.Array:
         return batch["tokens"][:, :-1]

@@ -1,9 +1,16 @@
 """Mamba-1 selective scan: ``selective_scan(..., impl=...)`` over a reference, an associative XLA scan and
 Pallas kernels, and ``selective_scan_bidirectional`` for Vim's two directions."""
 
-from cab_jax.kernels.selective_scan.api import SCAN_IMPLS, resolve_impl, selective_scan, selective_scan_bidirectional
+from cab_jax.kernels.selective_scan.api import (
+    SCAN_IMPLS,
+    lowering_for,
+    resolve_impl,
+    selective_scan,
+    selective_scan_bidirectional,
+)
 from cab_jax.kernels.selective_scan.pallas_common import BlockSizes, ScanDirection
 
 __all__ = [
-    "SCAN_IMPLS", "BlockSizes", "ScanDirection", "resolve_impl", "selective_scan", "selective_scan_bidirectional",
+    "SCAN_IMPLS", "BlockSizes", "ScanDirection", "lowering_for", "resolve_impl", "selective_scan",
+    "selective_scan_bidirectional",
 ]

@@ -8,10 +8,15 @@ slowly, for tests), "pallas" (the Pallas kernel of the current backend: Mosaic o
 CPU, and associative with a warning on a GPU that neither GPU kernel supports. ``blocks`` tiles the Pallas
 kernels (None: the kernel's tuned defaults; ``autotune.py`` finds the fastest for a shape) and is ignored by the
 XLA implementations.
+
+``lowering_for(platform)`` makes these choices for another platform than the one JAX runs on, so that a step
+exported from a CPU machine for TPU or CUDA (``jax.export``) holds the kernel that platform would run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import importlib
 import importlib.util
@@ -31,12 +36,45 @@ _KERNEL_MODULES = {"pallas_tpu": "pallas_tpu", "pallas_triton": "pallas_gpu_trit
                    "pallas_mosaic": "pallas_gpu_mosaic"}
 
 
+# (platform, GPU compute capability) that ``lowering_for`` set, else None (the backend JAX runs on).
+_TARGET: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar("scan_target", default=None)
+LOWERING_PLATFORMS = ("cpu", "cuda", "tpu")  # jax.export's names of the platforms ``lowering_for`` takes
+
+
+@contextlib.contextmanager
+def lowering_for(platform: str, compute_capability: str = "9.0"):
+    """Within: "auto" and "pallas" resolve, and kernels compile (not interpret), for ``platform`` (one of
+    ``LOWERING_PLATFORMS``) instead of the backend JAX runs on; ``compute_capability`` stands for the GPU's when
+    ``platform`` is "cuda". For tracing a step that ``jax.export(..., platforms=[platform])`` exports (jit caches
+    traces: trace a function here that was not traced outside)."""
+    if platform not in LOWERING_PLATFORMS:
+        raise ValueError(f"lowering_for: unknown platform {platform!r}; valid choices are {LOWERING_PLATFORMS}")
+    token = _TARGET.set((platform, compute_capability))
+    try:
+        yield
+    finally:
+        _TARGET.reset(token)
+
+
+def _backend() -> str:
+    """The backend the scan is traced for: "cpu", "gpu" or "tpu"."""
+    target = _TARGET.get()
+    if target is None:
+        return jax.default_backend()
+    return "gpu" if target[0] == "cuda" else target[0]
+
+
+def _compute_capability() -> str:
+    target = _TARGET.get()
+    return jax.devices()[0].compute_capability if target is None else target[1]
+
+
 def resolve_impl(impl: str) -> str:
-    """The implementation ``impl`` names on the current backend: "reference", "associative" or a kernel,
-    "pallas_tpu", "pallas_triton" or "pallas_mosaic" ("auto" and "pallas" resolved)."""
+    """The implementation ``impl`` names on the current backend (or the ``lowering_for`` platform): "reference",
+    "associative" or a kernel, "pallas_tpu", "pallas_triton" or "pallas_mosaic" ("auto" and "pallas" resolved)."""
     if impl not in SCAN_IMPLS:
         raise ValueError(f"selective_scan: unknown impl {impl!r}; valid choices are {SCAN_IMPLS}")
-    backend = jax.default_backend()
+    backend = _backend()
     if impl == "auto" and backend == "cpu":
         return "associative"
     if impl not in ("auto", "pallas"):
@@ -45,7 +83,7 @@ def resolve_impl(impl: str) -> str:
         return "pallas_tpu"
     if backend == "cpu":
         return "pallas_triton"  # interpreted (tests)
-    kernel = gpu_kernel(jax.devices()[0].compute_capability)
+    kernel = gpu_kernel(_compute_capability())
     if kernel is not None:
         return kernel
     if impl == "pallas":
@@ -88,7 +126,7 @@ def _pallas_launch(kernel: str, reverses: tuple[bool, ...], delta_softplus: bool
 
 
 def _interpreted(kernel: str) -> bool:
-    return jax.default_backend() != ("tpu" if kernel == "pallas_tpu" else "gpu")
+    return _backend() != ("tpu" if kernel == "pallas_tpu" else "gpu")
 
 
 def _xla_impl(name: str) -> Callable[..., jax.Array]:

@@ -1,0 +1,99 @@
+"""The whole sharded train step exported for TPU and CUDA from this CPU machine (``cab_jax.lower``): each platform's
+scan kernel inside it, once per device on its shard, no host callbacks; and a kernel left outside the per-device
+split is caught. The meshes need 8 fake devices, so each case runs in a fresh process."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+from cab_jax import lower
+
+ROOT = pathlib.Path(__file__).parents[1]
+SHALLOW = ("--config.student.depth=2", "--config.teacher.depth=2")  # the program's shape per layer is the same
+
+
+def run(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env=os.environ)
+
+
+def test_the_command_line_lowers_a_data_and_fsdp_sharded_vim_step_for_tpu_and_cuda():
+    proc = run(["-m", "cab_jax.lower", "--config=configs/vim_tiny.py", "--devices=8", "--config.mesh.data=2",
+                "--config.mesh.fsdp=4", "--config.train.batch_size=64", *SHALLOW])
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(("tpu:", "cuda:"))]
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert len(lines) == 2, proc.stdout
+    # 64 images over data x fsdp = 8 devices: 8 rows of Vim-Ti's 197 tokens x 384 channels per kernel call
+    assert lines[0].startswith("tpu: pallas_tpu kernel called 3 times on shards 8x197x384;"), lines[0]
+    assert lines[1].startswith("cuda: pallas_") and "on shards 8x197x384;" in lines[1], lines[1]
+    assert all(line.endswith(": ok") for line in lines), lines
+
+
+CASES_SCRIPT = textwrap.dedent("""
+    import importlib.util, json, sys
+    import jax
+    jax.config.update("jax_num_cpu_devices", 8)
+    from cab_jax import lower
+    from cab_jax.models import mamba
+
+    def config(path, overrides):
+        spec = importlib.util.spec_from_file_location("config", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        c = module.get_config()
+        for field, value in overrides.items():
+            *parents, leaf = field.split(".")
+            node = c
+            for parent in parents:
+                node = node[parent]
+            node[leaf] = value
+        return c
+
+    out = {}
+    for name, path, overrides, platform in json.loads(sys.argv[1]):
+        if name.startswith("kernel outside shard_map"):  # the bug to catch: the scan run on the global arrays
+            mamba.Mamba._scan_per_device = lambda self, scan, dirs, z: scan(dirs, z)
+        r = lower.lower(config(path, overrides), platform)
+        out[name] = {"kernel": r.kernel, "calls": r.calls, "shapes": sorted(set(r.call_shapes)),
+                     "custom_calls": r.custom_calls, "problems": r.problems}
+    print("RESULT" + json.dumps(out))
+""")
+
+
+def test_vim_small_language_and_tensor_parallel_steps_lower_and_a_kernel_outside_shard_map_is_caught():
+    shallow = {"student.depth": 2, "teacher.depth": 2}
+    cases = [
+        ("vim_s data 8", "configs/vim_small.py", {"train.batch_size": 64, **shallow}, "tpu"),
+        ("vim_ti data 4 x tensor 2", "configs/vim_tiny.py",
+         {"train.batch_size": 64, "mesh.data": 4, "mesh.tensor": 2, **shallow}, "tpu"),
+        ("phi_mamba fsdp 8", "configs/phi_mamba.py", {"train.batch_size": 8, "data.seq_len": 256, **shallow}, "tpu"),
+        ("kernel outside shard_map", "configs/vim_tiny.py", {"train.batch_size": 64, **shallow}, "cuda"),
+        ("kernel outside shard_map (tpu)", "configs/vim_tiny.py", {"train.batch_size": 64, **shallow}, "tpu"),
+    ]
+    proc = run(["-c", CASES_SCRIPT, json.dumps(cases)])
+    assert proc.returncode == 0 and "RESULT" in proc.stdout, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.split("RESULT", 1)[1])
+    vim_s, tensor, phi, outside, outside_tpu = (out[name] for name, *_ in cases)
+    assert vim_s["problems"] == [] and vim_s["calls"] == 3 and vim_s["shapes"] == [[8, 197, 768]], vim_s
+    assert vim_s["custom_calls"] == ["tpu_custom_call"], vim_s
+    # d_inner 384 split over the tensor axis, the batch over data: 16 rows x 192 channels per kernel call
+    assert tensor["problems"] == [] and tensor["shapes"] == [[16, 197, 192]], tensor
+    assert phi["problems"] == [] and phi["kernel"] == "xla" and phi["custom_calls"] == [], phi
+    assert outside["shapes"] == [[64, 197, 384]], outside
+    assert any("global batch of 64" in p for p in outside["problems"]), outside
+    # Mosaic TPU refuses to lower a kernel that the partitioner would have to split
+    assert outside_tpu["problems"][0].startswith("lowering failed: NotImplementedError"), outside_tpu
+
+
+def test_check_reads_kernel_calls_and_callbacks_from_module_text():
+    text = ('%0 = stablehlo.custom_call @tpu_custom_call(%a, %b) {backend_config = "x"} : (tensor<8x197x384xf32>, '
+            'tensor<384x16xf32>) -> tensor<8x197x384xf32>\n'
+            '%1 = stablehlo.custom_call @xla_ffi_python_cpu_callback(%c) : (tensor<f32>) -> tensor<f32>\n')
+    calls, shapes, targets, problems = lower.check(text, "pallas_tpu", global_batch=64, shard_batch=8)
+    assert (calls, shapes) == (1, [(8, 197, 384)])
+    assert targets == ["tpu_custom_call", "xla_ffi_python_cpu_callback"]
+    assert problems == ["host callback xla_ffi_python_cpu_callback"]
+    assert lower.check(text, "pallas_triton", 64, 8)[3][-1].startswith("no __gpu$xla.gpu.triton call")
