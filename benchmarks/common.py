@@ -27,9 +27,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def synthetic_setup(config_name: str, dtype: str, batch_size: int, steps: int, remat: bool, mode: str,
-                    scan_impl: str) -> tuple:
+                    scan_impl: str, remat_policy: str = "full") -> tuple:
     """(``train.Setup``, two device-resident batches of random images) for ``configs/<config_name>.py`` with its
-    dtype, remat, loss mode and scan implementation replaced, on synthetic data."""
+    dtype, remat (and its policy), loss mode and scan implementation replaced, on synthetic data."""
     import numpy as np
 
     from cab_jax import sharding, train
@@ -39,6 +39,7 @@ def synthetic_setup(config_name: str, dtype: str, batch_size: int, steps: int, r
     spec.loader.exec_module(module)
     c = module.get_config()
     c.dtype, c.loss.mode, c.student.remat, c.student.scan_impl = dtype, mode, remat, scan_impl
+    c.student.remat_policy = remat_policy
     c.data.synthetic = True
     c.train.batch_size, c.train.steps = batch_size, steps
     mesh = sharding.make_mesh(c.mesh)

@@ -24,15 +24,16 @@ from common import ROOT, markdown_table, peak_gib, synthetic_setup, time_train_s
 
 
 def measure(config_name: str, dtype: str, batch_size: int, steps: int, remat: bool, mode: str,
-            scan_impl: str) -> dict:
+            scan_impl: str, remat_policy: str) -> dict:
     import jax
 
     from cab_jax import train
 
-    built, batches = synthetic_setup(config_name, dtype, batch_size, steps, remat, mode, scan_impl)
+    built, batches = synthetic_setup(config_name, dtype, batch_size, steps, remat, mode, scan_impl, remat_policy)
     compile_s, elapsed, metrics = time_train_steps(built, batches, steps, warmup=3)
     compiled = built.trainer.jit_train_step.lower(built.state, built.teacher_params, batches[0]).compile()
-    return {"config": config_name, "dtype": dtype, "remat": remat, "mode": mode, "scan_impl": scan_impl,
+    return {"config": config_name, "dtype": dtype, "remat": remat, "remat_policy": remat_policy, "mode": mode,
+            "scan_impl": scan_impl,
             "batch": batch_size,
             "images_per_s": round(batch_size * steps / elapsed, 1), "ms_per_step": round(1e3 * elapsed / steps, 2),
             "compile_s": round(compile_s, 1), "peak_gib": peak_gib(),
@@ -57,6 +58,7 @@ def main() -> None:
     parser.add_argument("--remat", default="false,true")
     parser.add_argument("--modes", default="cab")
     parser.add_argument("--scan_impls", default="auto")
+    parser.add_argument("--remat_policies", default="full", help="student.remat_policy values (with remat)")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--one", help=argparse.SUPPRESS)
@@ -70,12 +72,14 @@ def main() -> None:
             for remat in args.remat.split(","):
                 for mode in args.modes.split(","):
                     for scan_impl in args.scan_impls.split(","):
-                        job = dict(config_name=config_name, dtype=dtype, batch_size=args.batch_size, steps=args.steps,
-                                   remat=remat == "true", mode=mode, scan_impl=scan_impl)
-                        rows.append(_run_one(job))
-                        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    columns = ["config", "dtype", "remat", "mode", "scan_impl", "batch", "images_per_s", "ms_per_step", "peak_gib",
-               "xla_step_gib", "compile_s", "loss", "device", "jax", "error"]
+                        for policy in args.remat_policies.split(",") if remat == "true" else ["full"]:
+                            job = dict(config_name=config_name, dtype=dtype, batch_size=args.batch_size,
+                                       steps=args.steps, remat=remat == "true", mode=mode, scan_impl=scan_impl,
+                                       remat_policy=policy)
+                            rows.append(_run_one(job))
+                            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    columns = ["config", "dtype", "remat", "remat_policy", "mode", "scan_impl", "batch", "images_per_s", "ms_per_step",
+               "peak_gib", "xla_step_gib", "compile_s", "loss", "device", "jax", "error"]
     print(markdown_table(rows, columns))
 
 

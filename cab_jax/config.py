@@ -222,6 +222,7 @@ def validate(c: ml_collections.ConfigDict, mesh_shape: Mapping[str, int] | None 
 def _validate_vision(c: ml_collections.ConfigDict) -> None:
     from cab_jax.kernels.selective_scan import SCAN_IMPLS, BlockSizes
     from cab_jax.models.mamba import A_INITS
+    from cab_jax.models.vim import REMAT_POLICIES
 
     _check(c.teacher.model == "vit", "teacher.model", f"the vision teacher is 'vit', got {c.teacher.model!r}")
     _check(c.student.model == "vim", "student.model", f"the vision student is 'vim', got {c.student.model!r}")
@@ -232,6 +233,7 @@ def _validate_vision(c: ml_collections.ConfigDict) -> None:
         except ValueError as e:
             _check(False, "student.scan_blocks", str(e))
     _check_choice(c.student.a_init, "student.a_init", A_INITS)
+    _check_choice(c.student.get("remat_policy", "full"), "student.remat_policy", tuple(REMAT_POLICIES))
     d = c.data
     _check(0.0 < d.subset_fraction <= 1.0, "data.subset_fraction", f"must be in (0, 1], got {d.subset_fraction}")
     _check(d.num_classes > 1, "data.num_classes", f"must be > 1, got {d.num_classes}")

@@ -182,6 +182,7 @@ class VisionDomain:
                               patch_size=s.patch_size, embed_dim=s.embed_dim, depth=s.depth, d_state=s.d_state,
                               d_conv=s.d_conv, expand=s.expand, bidirectional=s.bidirectional, a_init=s.a_init,
                               scan_impl=s.scan_impl, drop_path_rate=s.drop_path, remat=s.remat,
+                              remat_policy=s.get("remat_policy", "full"),
                               scan_blocks=BlockSizes.parse(s.scan_blocks) if s.scan_blocks else None,
                               dtype=DTYPES[c.dtype], rngs=rngs)
 

@@ -25,7 +25,7 @@ def get_config(arg=None):
                      init_from="", train=config.vision_train(steps=600, batch_size=64, lr_reference_batch=64, **steps))
     c.student = dict(model="vim", embed_dim=64, depth=4, patch_size=4, d_state=8, d_conv=4, expand=2,
                      bidirectional=True, a_init="cab", scan_impl="auto", scan_blocks="", drop_path=0.0, remat=False,
-                     init_from="")
+                     remat_policy="full", init_from="")
     c.bridge = dict(kind="mlp", hidden_layers=1, hidden=64, kernel_map="softmax", layer_map="proportional", layers=(),
                     detach_student=False)
     c.loss = config.loss("cab")  # each cell sets its mode

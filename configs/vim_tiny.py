@@ -30,7 +30,7 @@ def get_config(arg=None):
                      train=config.vision_train())  # train: for task=train_teacher
     c.student = dict(model="vim", embed_dim=192, depth=24, patch_size=16, d_state=16, d_conv=4, expand=2,
                      bidirectional=True, a_init="cab", scan_impl="auto", scan_blocks="", drop_path=0.0, remat=True,
-                     init_from="")
+                     remat_policy="full", init_from="")
     c.bridge = dict(kind="mlp", hidden_layers=1, hidden=128, kernel_map="softmax", layer_map="proportional", layers=(),
                     detach_student=False)
     c.loss = config.loss(arg.mode)

@@ -602,6 +602,27 @@ def test_vim_scan_equals_python_loop_with_and_without_remat():
             np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
 
 
+def test_remat_saving_the_scan_keeps_the_gradients_and_drops_the_recomputed_forward_kernel():
+    """remat_policy "save_scan" keeps the kernel's forward outputs: the same gradients as "full", and XLA drops the
+    backward pass's second run of the forward kernel (interpreted here: its grid loops leave the compiled step),
+    holding the kept outputs in memory instead."""
+    imgs = images()
+    grads, loops, temp = [], [], []
+    for policy in ("full", "save_scan"):
+        model = small_vim(depth=2, remat=True, remat_policy=policy, scan_impl="pallas")
+        graphdef, state = nnx.split(model)
+        step = jax.jit(jax.grad(lambda s, g=graphdef: jnp.sum(nnx.merge(g, s)(imgs)[0] ** 2)))
+        grads.append(jax.tree.leaves(step(state)))
+        compiled = step.lower(state).compile()
+        loops.append(compiled.as_text().count(" while("))
+        temp.append(compiled.memory_analysis().temp_size_in_bytes)
+    for a, b in zip(*grads, strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+    assert loops[1] < loops[0] and temp[1] > temp[0], (loops, temp)
+    with pytest.raises(ValueError, match="remat policy"):
+        small_vim(remat=True, remat_policy="save_all")
+
+
 # --------------------------------------------------------------------------------------------- bfloat16
 
 

@@ -117,11 +117,12 @@ def attention_weights(q: jax.Array, k: jax.Array, causal: bool = False) -> jax.A
     return jax.nn.softmax(logits, axis=-1)
 
 
-def scan_layers(layers: nnx.Module, fn: Callable, carry: Any, xs: Any = None, *, remat: bool = False
-                ) -> tuple[Any, Any]:
+def scan_layers(layers: nnx.Module, fn: Callable, carry: Any, xs: Any = None, *, remat: bool = False,
+                saved: tuple[str, ...] = ()) -> tuple[Any, Any]:
     """Apply stacked ``layers`` in order with one ``lax.scan`` (compiled once, whatever the depth):
     ``fn(layer, carry, x) -> (carry, y)`` with layer i and ``x = xs[i]``; returns the last carry and the ys
-    stacked on a leading layer axis. ``remat`` recomputes each layer in the backward pass."""
+    stacked on a leading layer axis. ``remat`` recomputes each layer in the backward pass, except the values
+    named (``checkpoint_name``) one of ``saved``, which are kept from the forward pass."""
     graphdef, state = nnx.split(layers)
 
     def body(carry, inputs):
@@ -129,7 +130,8 @@ def scan_layers(layers: nnx.Module, fn: Callable, carry: Any, xs: Any = None, *,
         return fn(nnx.merge(graphdef, layer_state), carry, x)
 
     if remat:
-        body = jax.checkpoint(body, prevent_cse=False)
+        policy = jax.checkpoint_policies.save_only_these_names(*saved) if saved else None
+        body = jax.checkpoint(body, prevent_cse=False, policy=policy)
     return jax.lax.scan(body, carry, (state, xs))
 
 

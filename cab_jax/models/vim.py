@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cab_jax.kernels.selective_scan import BlockSizes
+from cab_jax.kernels.selective_scan import SCAN_RESIDUALS, BlockSizes
 from cab_jax.models.layers import (
     Dtype,
     dense,
@@ -30,6 +30,10 @@ class VimSize:
 
 
 VIM_SIZES = {"tiny": VimSize(192), "small": VimSize(384), "base": VimSize(768)}
+# What remat keeps of a layer's forward pass, by policy: nothing ("full": the backward pass runs the whole layer
+# again, the scan kernel's forward included), or the scan kernel's output and saved states ("save_scan": the
+# backward pass recomputes the projections, the convolution and the norm, not the scan).
+REMAT_POLICIES = {"full": (), "save_scan": (SCAN_RESIDUALS,)}
 
 
 def rms_norm(dim: int, *, rngs: nnx.Rngs) -> nnx.RMSNorm:
@@ -81,13 +85,17 @@ class Vim(nnx.Module):
         scan_blocks: BlockSizes | None = None,
         drop_path_rate: float = 0.0,
         remat: bool = False,
+        remat_policy: str = "full",
         dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
         num_patches, self.patch_embed, self.cls_token, self.pos_embed = token_params(
             img_size, patch_size, in_chans, embed_dim, rngs=rngs, dtype=dtype)
         self.cls_position = num_patches // 2
+        if remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat policy {remat_policy!r}; expected one of {tuple(REMAT_POLICIES)}")
         self.dtype, self.remat, self.depth = dtype, remat, depth
+        self.remat_saved = REMAT_POLICIES[remat_policy]
         # As in Vim: block i gets ([0] + linspace(0, rate, depth))[i]; the first block has no residual input.
         self.drop_path_rates = (0.0, *drop_path_rates(drop_path_rate, depth)[:depth - 1])
         self.layers = stack_layers([
@@ -119,7 +127,8 @@ class Vim(nnx.Module):
 
         carry = (hidden, jnp.zeros(hidden.shape, jnp.float32))
         (hidden, residual), projections = scan_layers(
-            self.layers, step, carry, (jnp.asarray(self.drop_path_rates), keys), remat=self.remat)
+            self.layers, step, carry, (jnp.asarray(self.drop_path_rates), keys), remat=self.remat,
+            saved=self.remat_saved)
         with jax.named_scope("head"):
             features = self.norm_f(residual + hidden.astype(jnp.float32))
             return self.head(features[:, self.cls_position].astype(self.dtype)).astype(jnp.float32), projections

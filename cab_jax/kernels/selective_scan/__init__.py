@@ -8,9 +8,9 @@ from cab_jax.kernels.selective_scan.api import (
     selective_scan,
     selective_scan_bidirectional,
 )
-from cab_jax.kernels.selective_scan.pallas_common import BlockSizes, ScanDirection
+from cab_jax.kernels.selective_scan.pallas_common import SCAN_RESIDUALS, BlockSizes, ScanDirection
 
 __all__ = [
-    "SCAN_IMPLS", "BlockSizes", "ScanDirection", "lowering_for", "resolve_impl", "selective_scan",
+    "SCAN_IMPLS", "SCAN_RESIDUALS", "BlockSizes", "ScanDirection", "lowering_for", "resolve_impl", "selective_scan",
     "selective_scan_bidirectional",
 ]

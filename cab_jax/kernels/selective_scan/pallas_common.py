@@ -24,8 +24,14 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 _F32 = jnp.float32
+
+# The name of a kernel forward's outputs when it runs for a gradient (the output, the first direction's sum and the
+# saved chunk states): a remat policy that saves this name keeps them, so the backward pass does not run the forward
+# kernel again (``jax.checkpoint_policies.save_only_these_names(SCAN_RESIDUALS)``).
+SCAN_RESIDUALS = "selective_scan_residuals"
 
 
 class ScanDirection(NamedTuple):
@@ -136,7 +142,7 @@ def make_scan(forward: Forward, backward: Backward) -> Callable[..., jax.Array]:
         return forward(dirs, z, cfg, save=False)[0]
 
     def scan_fwd(dirs, z, cfg):
-        out, ypre, states = forward(dirs, z, cfg, save=True)
+        out, ypre, states = checkpoint_name(forward(dirs, z, cfg, save=True), SCAN_RESIDUALS)
         return out, (dirs, z, ypre, states)
 
     def scan_bwd(cfg, residuals, dout):
