@@ -9,7 +9,9 @@ mesh of ``--devices`` fake CPU devices, with the selective scan's Pallas kernel 
 materialising a parameter. Then it checks the exported module: the target's scan kernel is there (Mosaic TPU
 ``tpu_custom_call``; on CUDA the Triton or Mosaic GPU kernel), once per device on its shard of the batch and of
 d_inner, never on the global arrays, and no host callback is left in it. Prints one line per platform; exit status
-1 when a check fails, 2 on a usage or config error.
+1 when a check fails, 2 on a usage or config error. ``--memory_plan`` also prints the per-chip memory table of
+``memory_plan.py`` (an estimate from shapes: state, teacher, gradients and activations per chip on TPU slices of
+8, 32 and 256 chips, and the largest per-chip batch each TPU generation's HBM holds).
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from cab_jax import cli, domains, sharding, train
+from cab_jax import cli, domains, memory_plan, sharding, train
 from cab_jax import config as config_lib
 from cab_jax.kernels.selective_scan import lowering_for, resolve_impl
+from cab_jax.summary import markdown_table
 
 
 def define_flags() -> None:
@@ -35,6 +38,8 @@ def define_flags() -> None:
                                     lock_config=True)
     flags.DEFINE_list("platforms", ["tpu", "cuda"], "jax.export platforms to lower for (tpu, cuda).")
     flags.DEFINE_integer("devices", 8, "Fake CPU devices the mesh is built from (the chips of one slice).")
+    flags.DEFINE_bool("memory_plan", False, "Also print the per-chip memory table (memory_plan.py) for TPU slices "
+                      f"of {', '.join(map(str, memory_plan.SLICES))} chips.")
 
 
 # The custom-call target of each scan kernel, and the custom calls that only bracket shard_map's manual regions.
@@ -62,20 +67,6 @@ class Lowered:
                 else f"scan in XLA ({self.kernel})")
         return (f"{self.platform}: {scan}; custom calls {', '.join(self.custom_calls) or 'none'}; exported in "
                 f"{self.seconds:.1f} s: {status}")
-
-
-def abstract_setup(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
-                   ) -> tuple[train.Trainer, dict, dict | None]:
-    """The trainer of ``c`` on ``mesh`` and its state and teacher parameters as shapes only (nothing allocated)."""
-    built = {}
-
-    def build():
-        setup = train.create_trainer(c, mesh, train_size=c.train.batch_size)
-        built["trainer"] = setup.trainer
-        return setup.state, setup.teacher_params
-
-    state, teacher = jax.eval_shape(build)
-    return built["trainer"], state, teacher
 
 
 def lowering_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -122,7 +113,7 @@ def lower(c: ml_collections.ConfigDict, platform: str, devices: list | None = No
     with lowering_for(platform):
         # Only the selective scan has kernels (the language student's SSD scan is XLA).
         kernel = resolve_impl(c.student.scan_impl) if "scan_impl" in c.student else "xla"
-        trainer, state, teacher = abstract_setup(c, mesh)
+        trainer, state, teacher = train.abstract_setup(c, mesh)
         batch = domains.for_config(c).train_batch_spec(c.train.batch_size)
         disabled = [jax.export.DisabledSafetyCheck.custom_call(t) for t in KERNEL_TARGETS.values()]
         try:
@@ -146,13 +137,15 @@ def main(argv: list[str]) -> None:
     if unknown:
         cli.fail(f"--platforms: unknown {sorted(unknown)}; valid choices are tpu, cuda")
     jax.config.update("jax_platforms", "cpu")
-    jax.config.update("jax_num_cpu_devices", f.devices)
+    jax.config.update("jax_num_cpu_devices", max(f.devices, max(memory_plan.SLICES) if f.memory_plan else 0))
     c = f.config
     failed = False
     for platform in f.platforms:
-        result = lower(c, platform)
+        result = lower(c, platform, jax.devices()[:f.devices])
         print(result.line(), flush=True)
         failed |= bool(result.problems)
+    if f.memory_plan:
+        print(markdown_table(memory_plan.plan(lowering_config(c), jax.devices())), flush=True)
     sys.exit(1 if failed else 0)
 
 

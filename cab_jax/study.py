@@ -29,6 +29,7 @@ from flax import nnx
 from cab_jax import config as config_lib
 from cab_jax import domains, plots, train
 from cab_jax.errors import ConfigError
+from cab_jax.summary import markdown_table
 
 VISION_COLUMNS = ("model", "mode", "variant", "bridge params", "fraction", "seed", "train images", "top-1", "top-5",
                   "steps", "this run", "wall time (s)")
@@ -149,12 +150,12 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> tuple[list[dict], bool]:
                          result, student_dir, variant, bridge_params(stage)))
         if result.stopped_early:
             return rows, False
-    table = format_table(rows, LANGUAGE_COLUMNS if language else VISION_COLUMNS)
+    table = markdown_table(rows, LANGUAGE_COLUMNS if language else VISION_COLUMNS)
     print(table, flush=True)
     (root / "results.md").write_text(table + "\n")
     (root / "results.json").write_text(json.dumps(rows, indent=2))
     cells = summarize(rows[1:], "held-out perplexity" if language else "top-1")
-    (root / "study.md").write_text(format_table(cells, SUMMARY_COLUMNS) + "\n")
+    (root / "study.md").write_text(markdown_table(cells, SUMMARY_COLUMNS) + "\n")
     (root / "study.json").write_text(json.dumps(cells, indent=2))
     if not language:
         plot(cells, root / "study.png")
@@ -244,8 +245,3 @@ def _steady_tokens_per_s(workdir: epath.Path) -> float:
     return statistics.median(rates[1:] or rates) if rates else float("nan")
 
 
-def format_table(rows: list[dict], columns: tuple[str, ...] = VISION_COLUMNS) -> str:
-    """A Markdown table, one line per row."""
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(str(row[col]) for col in columns) + " |" for row in rows]
-    return "\n".join(lines)

@@ -101,3 +101,10 @@ def _with_mode(c: ml_collections.ConfigDict, mode: str) -> ml_collections.Config
         c.student.init_from_attention = mode in c.study.init_from_attention_modes
     return c
 
+
+def markdown_table(rows: list[dict], columns: tuple[str, ...] | None = None) -> str:
+    """A Markdown table, one line per row; the columns default to the first row's keys."""
+    columns = columns or tuple(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(row[col]) for col in columns) + " |" for row in rows]
+    return "\n".join(lines)

@@ -190,6 +190,20 @@ def create_trainer(c: ml_collections.ConfigDict, mesh: Mesh, train_size: int) ->
     return Setup(trainer, state, teacher_params)
 
 
+def abstract_setup(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
+                   ) -> tuple[Trainer, dict, dict | None]:
+    """The trainer of ``c`` on ``mesh`` and its state and teacher parameters as shapes only (nothing allocated)."""
+    built = {}
+
+    def build():
+        setup = create_trainer(c, mesh, train_size=c.train.batch_size)
+        built["trainer"] = setup.trainer
+        return setup.state, setup.teacher_params
+
+    state, teacher = jax.eval_shape(build)
+    return built["trainer"], state, teacher
+
+
 def init_modules(build: Callable[[nnx.Rngs], tuple[nnx.Module, ...]], seed: int, mesh: Mesh
                  ) -> tuple[tuple[nnx.Module, ...], tuple[dict, ...], tuple[dict, ...]]:
     """``build(nnx.Rngs(seed))``'s modules, traced once: their parameters initialised by one jitted call straight

@@ -9,7 +9,8 @@ import subprocess
 import sys
 import textwrap
 
-from cab_jax import lower
+from cab_jax import lower, memory_plan, sharding, train
+from configs import demo
 
 ROOT = pathlib.Path(__file__).parents[1]
 SHALLOW = ("--config.student.depth=2", "--config.teacher.depth=2")  # the program's shape per layer is the same
@@ -36,7 +37,7 @@ CASES_SCRIPT = textwrap.dedent("""
     import importlib.util, json, sys
     import jax
     jax.config.update("jax_num_cpu_devices", 8)
-    from cab_jax import lower
+    from cab_jax import lower, memory_plan, sharding, train
     from cab_jax.models import mamba
 
     def config(path, overrides):
@@ -59,6 +60,18 @@ CASES_SCRIPT = textwrap.dedent("""
         r = lower.lower(config(path, overrides), platform)
         out[name] = {"kernel": r.kernel, "calls": r.calls, "shapes": sorted(set(r.call_shapes)),
                      "custom_calls": r.custom_calls, "problems": r.problems}
+    # the train state split over 8 devices by FSDP, against its copy on each of 8 data-parallel devices
+    c = lower.lowering_config(config("configs/vim_tiny.py", {"student.depth": 2, "teacher.depth": 2}))
+    acts = memory_plan.activations(c, jax.devices()[0])
+    for mesh_cfg in ({"data": 8, "fsdp": 1}, {"data": 1, "fsdp": 8}):
+        c.mesh.update(mesh_cfg)
+        mesh = sharding.make_mesh(c.mesh)
+        out[f"state {mesh_cfg}"] = memory_plan.estimate(c, mesh, acts).state
+    # by hand: a leaf whose spec names "fsdp" keeps 1/8 of its bytes, the others all of them
+    trainer, state, _ = train.abstract_setup(c, mesh)
+    specs = [s.spec for s in jax.tree.leaves(trainer.state_shardings)]
+    out["by hand"] = sum(x.size * x.dtype.itemsize // (8 if "fsdp" in jax.tree.leaves(tuple(spec)) else 1)
+                         for x, spec in zip(jax.tree.leaves(state), specs))
     print("RESULT" + json.dumps(out))
 """)
 
@@ -86,6 +99,8 @@ def test_vim_small_language_and_tensor_parallel_steps_lower_and_a_kernel_outside
     assert any("global batch of 64" in p for p in outside["problems"]), outside
     # Mosaic TPU refuses to lower a kernel that the partitioner would have to split
     assert outside_tpu["problems"][0].startswith("lowering failed: NotImplementedError"), outside_tpu
+    replicated, split = out["state {'data': 8, 'fsdp': 1}"], out["state {'data': 1, 'fsdp': 8}"]
+    assert split == out["by hand"] and split < 0.3 * replicated, (split, out["by hand"], replicated)
 
 
 def test_check_reads_kernel_calls_and_callbacks_from_module_text():
@@ -97,3 +112,36 @@ def test_check_reads_kernel_calls_and_callbacks_from_module_text():
     assert targets == ["tpu_custom_call", "xla_ffi_python_cpu_callback"]
     assert problems == ["host callback xla_ffi_python_cpu_callback"]
     assert lower.check(text, "pallas_triton", 64, 8)[3][-1].startswith("no __gpu$xla.gpu.triton call")
+
+
+# ------------------------------------------------------------------------------------------------ memory plan
+
+
+def demo_config(**student):
+    c = lower.lowering_config(demo.get_config())
+    c.student.update(student)
+    return c
+
+
+def test_memory_estimate_counts_the_state_exactly_and_the_activations_linearly_in_the_batch():
+    import jax
+
+    c = demo_config(remat=True)
+    device = jax.devices()[0]
+    mesh = sharding.make_mesh(c.mesh, [device])
+    acts = memory_plan.activations(c, device)
+    e = memory_plan.estimate(c, mesh, acts, per_device_batch=4)
+    trainer, state, teacher = train.abstract_setup(c, mesh)
+    n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+    # float32 parameters, two AdamW moments of them; the step counter, rng and the moments' counts are small
+    assert 3 * 4 * n_params <= e.state <= 3 * 4 * n_params + 4096, (e.state, n_params)
+    assert e.gradients == 4 * n_params
+    assert e.teacher == 4 * sum(x.size for x in jax.tree.leaves(teacher))
+    # the line through batches 1 and 2 gives batch 4's residuals as computed at batch 4
+    residuals, inputs = memory_plan.activation_bytes(trainer, state, teacher, 4)
+    assert (e.inputs, e.residuals) == (inputs, residuals) and e.residuals > 0
+    # remat keeps less for the backward pass than the same model without it, plus one layer's share
+    flat = memory_plan.activations(demo_config(remat=False), device)
+    assert acts.at(4)[1] < flat.at(4)[1] and acts.at(4)[2] == flat.at(4)[1] // c.student.depth
+    assert flat.at(4)[2] == 0
+    assert memory_plan.largest_batch(e, acts, e.total / memory_plan.USABLE) == 4
