@@ -1,0 +1,73 @@
+"""The per-chip memory estimate (``cab_jax/memory_plan.py``) against XLA's compiled memory analysis of the same
+train step on this machine's first device, and the device's peak after a few steps.
+
+    python benchmarks/memory_estimate.py --configs=vim_tiny,vim_small --dtypes=float32,bfloat16 --batch_size=128
+
+Each row is one process (so the peak is its own). ``estimate GiB`` is the estimator's total; ``xla GiB`` XLA's
+arguments + outputs - aliases + temporaries for the compiled step (``train.step_memory_bytes``); ``peak GiB`` the
+device's ``peak_bytes_in_use`` after 3 steps (0 where the backend does not say, as on CPU). On CPU the scan runs
+as XLA's associative scan, a different program from the GPU's and TPU's kernels: compare on an accelerator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import subprocess
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from common import ROOT, markdown_table, peak_gib, synthetic_setup  # benchmarks/common.py
+
+
+def measure(config_name: str, dtype: str, batch_size: int, remat: bool) -> dict:
+    import jax
+
+    from cab_jax import memory_plan, train
+
+    built, batches = synthetic_setup(config_name, dtype, batch_size, 3, remat, "cab", "auto")
+    c, mesh = built.trainer.c, built.trainer.mesh
+    estimate = memory_plan.estimate(c, mesh, memory_plan.activations(c, jax.devices()[0]))
+    step = built.trainer.jit_train_step
+    compiled = step.lower(built.state, built.teacher_params, batches[0]).compile()
+    state = built.state
+    for i in range(3):
+        state, metrics = step(state, built.teacher_params, batches[i % 2])
+    jax.block_until_ready(metrics)
+    return {"config": config_name, "dtype": dtype, "remat": remat, "batch": batch_size,
+            "estimate GiB": round(estimate.total / 2**30, 2),
+            "of which activations": round((estimate.total - estimate.state - estimate.teacher - estimate.gradients)
+                                          / 2**30, 2),
+            "xla GiB": round(train.step_memory_bytes(compiled) / 2**30, 2), "peak GiB": peak_gib(),
+            "device": jax.devices()[0].device_kind}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", default="vim_tiny,vim_small")
+    parser.add_argument("--dtypes", default="float32")
+    parser.add_argument("--remat", default="true")
+    parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print("ROW" + json.dumps(measure(**json.loads(args.one))), flush=True)
+        return
+    rows = []
+    for config_name in args.configs.split(","):
+        for dtype in args.dtypes.split(","):
+            for remat in args.remat.split(","):
+                job = dict(config_name=config_name, dtype=dtype, batch_size=args.batch_size, remat=remat == "true")
+                proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(job)], capture_output=True,
+                                      text=True, cwd=ROOT)
+                row = (json.loads(proc.stdout.split("ROW", 1)[1]) if "ROW" in proc.stdout
+                       else {**job, "error": (proc.stderr.strip().splitlines() or ["?"])[-1][:120]})
+                rows.append(row)
+                print(json.dumps(row), flush=True)  # each row as it comes: a cut-off run keeps what it measured
+    print(markdown_table(rows))
+
+
+if __name__ == "__main__":
+    main()
