@@ -316,6 +316,20 @@ def test_resize_pos_embed_unit():
     assert resize_pos_embed(pos_big, 4).shape == (1, 17, 8)
 
 
+@pytest.mark.parametrize("new_grid", [7, 10, 16, 24])
+def test_resize_pos_embed_matches_torch_antialiased_bicubic_as_timm_resamples(new_grid):
+    """timm resamples a position embedding with F.interpolate(mode="bicubic", antialias=True, align_corners=False)
+    (resample_abs_pos_embed's defaults): the same numbers, growing and shrinking the 14 x 14 grid. Bilinear, or
+    torch's bicubic without antialias (a = -0.75), differ by 0.1-0.3 here."""
+    pos = np.random.default_rng(1).normal(size=(1, 1 + 14 * 14, 8)).astype(np.float32)
+    image = torch.from_numpy(pos[0, 1:].reshape(14, 14, 8)).permute(2, 0, 1)[None]
+    want = torch.nn.functional.interpolate(image, size=(new_grid, new_grid), mode="bicubic", align_corners=False,
+                                           antialias=True)[0].permute(1, 2, 0).reshape(-1, 8).numpy()
+    got = resize_pos_embed(pos, new_grid)
+    np.testing.assert_allclose(got[0, 1:], want, rtol=0, atol=5e-6)
+    np.testing.assert_array_equal(got[:, 0], pos[:, 0])
+
+
 def smooth_image(size, n=2):
     """A low-frequency colour image sampled at pixel centres of a ``size`` grid (same picture at any size)."""
     t = (np.arange(size) + 0.5) / size
@@ -403,13 +417,15 @@ def zeros_timm():
 
 def test_missing_and_unexpected_keys_are_listed():
     sd = zeros_timm()
-    del sd["blocks.1.mlp.fc2.bias"]
+    for key in ("blocks.1.mlp.fc2.bias", "blocks.0.norm1.weight", "norm.bias"):  # every one is named, in order
+        del sd[key]
     sd["blocks.0.attn.extra_scale"] = np.zeros((DIM,), np.float32)
+    sd["head.extra"] = np.zeros((DIM,), np.float32)
     with pytest.raises(ConversionError) as e:
         deit.import_teacher(sd, "timm", teacher_target(config()))
     msg = str(e.value)
-    assert "missing in the checkpoint: ['blocks.1.mlp.fc2.bias']" in msg
-    assert "unexpected in the checkpoint: ['blocks.0.attn.extra_scale']" in msg
+    assert "missing in the checkpoint: ['blocks.0.norm1.weight', 'blocks.1.mlp.fc2.bias', 'norm.bias']" in msg
+    assert "unexpected in the checkpoint: ['blocks.0.attn.extra_scale', 'head.extra']" in msg
 
 
 def test_head_count_and_activation_checked_against_the_hf_config():
