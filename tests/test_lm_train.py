@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 from cab_jax import config as config_lib
-from cab_jax import generate, sharding, train
+from cab_jax import generate, lower, sharding, train
 from cab_jax.bridge import AttentionBridge
 from cab_jax.losses import LANGUAGE_MODE_WEIGHTS, loss_weights, token_cross_entropy, token_kl_divergence
 from cab_jax.models.mamba import SSMProjections
@@ -214,6 +214,9 @@ def test_language_steps_lower_for_accelerators(tmp_path, platform):
     evaluated = jax.export.export(built.trainer.jit_eval_step, platforms=[platform])(
         built.state["params"]["model"], batch)
     assert evaluated.platforms == (platform,)
+    # The language student's SSD scan has no kernel: XLA on every platform, no custom call, no host callback.
+    result = lower.lower(c, platform)
+    assert (result.kernel, result.custom_calls, result.problems) == ("xla", (), ()), result
 
 
 SHARDED_SCRIPT = textwrap.dedent("""

@@ -634,10 +634,16 @@ def test_bfloat16_compute_close_to_float32(family):
     logits16, aux16 = forward(build(dtype=jnp.bfloat16), imgs)
     assert logits16.dtype == jnp.float32
     assert np.all(np.isfinite(logits16))
-    scale = np.max(np.abs(logits32))
-    np.testing.assert_allclose(logits16, logits32, rtol=0, atol=0.05 * scale)
     assert jax.tree.structure(aux16) == jax.tree.structure(aux32)
-    assert [a.shape for a in jax.tree.leaves(aux16)] == [a.shape for a in jax.tree.leaves(aux32)]
+    # bfloat16 rounding leaves 0.5-0.8 % of each output's largest value here (measured); the bound is 2 %.
+    pairs = [("logits", logits16, logits32)]
+    pairs += [(f"aux {i}", a, b) for i, (a, b) in enumerate(zip(jax.tree.leaves(aux16), jax.tree.leaves(aux32),
+                                                                  strict=True))]
+    for name, got, want in pairs:
+        assert got.shape == want.shape and (name == "logits" or got.dtype == jnp.bfloat16), name
+        want = np.asarray(want, np.float32)
+        np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=0, atol=0.02 * np.max(np.abs(want)),
+                                   err_msg=name)
 
 
 # ------------------------------------------------------------------------------------------------ registry

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cab_jax import checkpoint, domains, sharding, train
+from cab_jax import checkpoint, domains, lower, sharding, train
+from cab_jax.kernels.selective_scan import lowering_for
 
 ROOT = pathlib.Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT / "configs"))
@@ -380,16 +381,20 @@ def test_decay_mask_of_the_real_models(tmp_path):
 
 
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
-def test_train_and_eval_steps_lower_for_accelerators(tmp_path, platform):
-    """The same jitted steps export for TPU and GPU from this CPU machine (what a pod or GPU host compiles)."""
+def test_train_and_eval_steps_lower_for_accelerators_with_their_scan_kernel(tmp_path, platform):
+    """The same jitted steps export for TPU and GPU from this CPU machine with the scan kernel each platform runs
+    (not the CPU's associative scan): what a pod or GPU host compiles."""
     c = small_config(tmp_path)
+    result = lower.lower(c, platform)
+    assert result.problems == () and result.kernel in lower.KERNEL_TARGETS, result
+    assert result.calls == 2  # the forward keeping its states for the gradient, the backward (no remat here)
+    c = lower.lowering_config(c)
     mesh = sharding.make_mesh(c.mesh)
-    trainer, state, teacher = build_trainer(c, mesh)
-    batch = sharding.global_batch({"image": np.zeros((16, 32, 32, 3), np.float32),
-                                   "label": np.zeros(16, np.int32), "mask": np.ones(16, np.float32)}, mesh)
-    train_batch = {k: batch[k] for k in ("image", "label")}
-    exported = jax.export.export(trainer.jit_train_step, platforms=[platform])(state, teacher, train_batch)
-    assert exported.platforms == (platform,)
-    assert "stablehlo" in exported.mlir_module()
-    evaluated = jax.export.export(trainer.jit_eval_step, platforms=[platform])(state["params"]["model"], batch)
+    with lowering_for(platform):
+        trainer, state, _ = train.abstract_setup(c, mesh)
+        batch = {**domains.for_config(c).train_batch_spec(16), "mask": jax.ShapeDtypeStruct((16,), np.float32)}
+        evaluated = jax.export.export(trainer.jit_eval_step, platforms=[platform], disabled_checks=[
+            jax.export.DisabledSafetyCheck.custom_call(t) for t in lower.KERNEL_TARGETS.values()])(
+            state["params"]["model"], batch)
     assert evaluated.platforms == (platform,)
+    assert evaluated.mlir_module().count(f"@{lower.KERNEL_TARGETS[result.kernel]}") == 1
