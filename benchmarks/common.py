@@ -4,7 +4,10 @@ tables."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import pathlib
+import subprocess
+import sys
 import time
 
 # Selective-scan benchmark shapes, name: (batch, length, d_inner, d_state, bidirectional): the Vim-Ti/S/B
@@ -50,6 +53,17 @@ def synthetic_setup(config_name: str, dtype: str, batch_size: int, steps: int, r
                                       "label": rng.integers(0, classes, batch_size).astype(np.int32)}, mesh)
                for _ in range(2)]
     return built, batches
+
+
+def run_one(script: str, job: dict) -> tuple[dict | None, str]:
+    """Runs ``python script --one JSON(job)`` (one measurement in its own process, so its peak memory is its own):
+    (the row it printed after "ROW", or None; the last error line of its stderr)."""
+    proc = subprocess.run([sys.executable, script, "--one", json.dumps(job)], capture_output=True, text=True,
+                          cwd=ROOT)
+    if proc.returncode == 0 and "ROW" in proc.stdout:
+        return json.loads(proc.stdout.split("ROW", 1)[1]), ""
+    lines = proc.stderr.strip().splitlines() or ["?"]
+    return None, next((line for line in reversed(lines) if "Error" in line), lines[-1])[:160]
 
 
 def time_train_steps(built, batches: list, steps: int, warmup: int = 1) -> tuple[float, float, dict]:

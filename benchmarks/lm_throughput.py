@@ -19,14 +19,13 @@ import argparse
 import importlib.util
 import json
 import pathlib
-import subprocess
 import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from common import markdown_table, peak_gib, time_train_steps  # benchmarks/common.py  # noqa: E402
+from common import markdown_table, peak_gib, run_one, time_train_steps  # benchmarks/common.py  # noqa: E402
 
 
 def _config(dtype: str, overrides: str):
@@ -92,13 +91,9 @@ def measure_generate(length: int, role: str, batch: int, new_tokens: int, dtype:
 
 
 def _run_one(job: dict) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(job)], capture_output=True, text=True,
-                          cwd=ROOT)
-    if proc.returncode == 0 and "ROW" in proc.stdout:
-        return json.loads(proc.stdout.split("ROW", 1)[1])
-    lines = proc.stderr.strip().splitlines() or ["?"]
-    error = next((line for line in reversed(lines) if "Error" in line), lines[-1])[:160]
-    return {"part": job["kind"], "mode": job.get("mode", job.get("role")), "length": job["length"], "error": error}
+    row, error = run_one(__file__, job)
+    return row or {"part": job["kind"], "mode": job.get("mode", job.get("role")), "length": job["length"],
+                   "error": error}
 
 
 def main() -> None:

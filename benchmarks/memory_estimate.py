@@ -14,12 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import subprocess
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from common import ROOT, markdown_table, peak_gib, synthetic_setup  # benchmarks/common.py
+from common import markdown_table, peak_gib, run_one, synthetic_setup  # benchmarks/common.py
 
 
 def measure(config_name: str, dtype: str, batch_size: int, remat: bool) -> dict:
@@ -60,10 +59,8 @@ def main() -> None:
         for dtype in args.dtypes.split(","):
             for remat in args.remat.split(","):
                 job = dict(config_name=config_name, dtype=dtype, batch_size=args.batch_size, remat=remat == "true")
-                proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(job)], capture_output=True,
-                                      text=True, cwd=ROOT)
-                row = (json.loads(proc.stdout.split("ROW", 1)[1]) if "ROW" in proc.stdout
-                       else {**job, "error": (proc.stderr.strip().splitlines() or ["?"])[-1][:120]})
+                row, error = run_one(__file__, job)
+                row = row or {**job, "error": error}
                 rows.append(row)
                 print(json.dumps(row), flush=True)  # each row as it comes: a cut-off run keeps what it measured
     print(markdown_table(rows))

@@ -15,16 +15,15 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import subprocess
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from common import ROOT, markdown_table, peak_gib, synthetic_setup, time_train_steps  # benchmarks/common.py
+from common import markdown_table, peak_gib, run_one, synthetic_setup, time_train_steps  # benchmarks/common.py
 
 
 def measure(config_name: str, dtype: str, batch_size: int, steps: int, remat: bool, mode: str,
-            scan_impl: str, remat_policy: str) -> dict:
+            scan_impl: str, remat_policy: str = "full") -> dict:
     import jax
 
     from cab_jax import train
@@ -43,12 +42,8 @@ def measure(config_name: str, dtype: str, batch_size: int, steps: int, remat: bo
 
 
 def _run_one(job: dict) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(job)], capture_output=True, text=True,
-                          cwd=ROOT)
-    if proc.returncode == 0 and "ROW" in proc.stdout:
-        return json.loads(proc.stdout.split("ROW", 1)[1])
-    error = (proc.stderr.strip().splitlines() or ["?"])[-1][:120]
-    return {**job, "config": job["config_name"], "batch": job["batch_size"], "error": error}
+    row, error = run_one(__file__, job)
+    return row or {**job, "config": job["config_name"], "batch": job["batch_size"], "error": error}
 
 
 def main() -> None:
