@@ -317,6 +317,25 @@ def test_rope_checkpoint_refused_and_direction_mismatch_named(reference):
         import_vim(state, uni_shapes)
 
 
+def test_double_cls_token_and_stride_8_checkpoints_are_refused(reference):
+    """README: Vim variants our model lacks are refused. Vim's use_double_cls_token checkpoints hold
+    cls_token_head / cls_token_tail and two extra positions; a stride-8 patch embedding (same 16 x 16 kernel,
+    overlapping patches) shows as more patch positions than the model's grid."""
+    _, _, shapes = ours(config())
+    state = state_dict_numpy(reference)
+    double = {k: v for k, v in state.items() if k != "cls_token"}
+    double["cls_token_head"] = double["cls_token_tail"] = state["cls_token"]
+    double["pos_embed"] = np.concatenate([state["pos_embed"], state["pos_embed"][:, :1]], axis=1)
+    with pytest.raises(ConversionError, match=r"use_double_cls_token=True Vim \(it has \['cls_token_head', "
+                                              r"'cls_token_tail'\]\)"):
+        import_vim(double, shapes)
+    grid = IMAGE // PATCH
+    strided = dict(state, pos_embed=np.zeros((1, (2 * grid - 1) ** 2 + 1, EMBED), np.float32))
+    with pytest.raises(ConversionError, match=rf"num_patches: {(2 * grid - 1) ** 2} in the checkpoint, "
+                                              rf"{grid ** 2} in the model \(.*stride-8"):
+        import_vim(strided, shapes)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The stacked layout: our models hold layer i of every per-layer parameter at index i of one stacked array.
 

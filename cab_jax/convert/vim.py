@@ -43,6 +43,7 @@ STACKED = ("layers",)  # our Vim stacks its layers
 # The rotary-embedding buffers of ``if_rope=True`` models: their forward differs from ours (no RoPE), so such a
 # checkpoint is refused rather than converted into a different network. The default Vim models carry none.
 _ROPE_KEYS = ("rope.freqs_cos", "rope.freqs_sin")
+_DOUBLE_CLS_KEYS = ("cls_token_head", "cls_token_tail")  # Vim with use_double_cls_token=True
 _BACKWARD_KEY = re.compile(r"layers\.\d+\.mixer\.(conv1d_b|x_proj_b|dt_proj_b)\.\w+|layers\.\d+\.mixer\.(A_b_log|D_b)")
 _LAYER_KEY = re.compile(r"layers\.(\d+)\.")
 
@@ -158,6 +159,8 @@ def check_sizes(state_dict: Mapping[str, np.ndarray], target: Mapping[str, tuple
     """``ConversionError`` naming every size where the checkpoint and the model differ."""
     seen, expected = checkpoint_sizes(state_dict), model_sizes(target)
     diffs = [f"{k}: {seen[k]} in the checkpoint, {expected[k]} in the model"
+             + (" (another image size, or a patch stride other than the patch size, as in Vim's stride-8 models)"
+                if k == "num_patches" else "")
              for k in expected if k in seen and seen[k] != expected[k]]
     if diffs:
         raise ConversionError(f"{WHAT}: the checkpoint's sizes differ from the model's; " + "; ".join(diffs))
@@ -173,6 +176,10 @@ def import_vim(state_dict: Mapping[str, np.ndarray], target: Mapping) -> dict:
     if any(k in state_dict for k in _ROPE_KEYS):
         raise ConversionError(f"{WHAT}: the checkpoint is an if_rope=True Vim (it has {list(_ROPE_KEYS)}); our Vim "
                               "has no rotary position embedding, so it cannot reproduce that model")
+    if any(k in state_dict for k in _DOUBLE_CLS_KEYS):
+        raise ConversionError(f"{WHAT}: the checkpoint is a use_double_cls_token=True Vim (it has "
+                              f"{list(_DOUBLE_CLS_KEYS)}); our Vim has one cls token, in the middle of the sequence, "
+                              "so it cannot reproduce that model")
     check_sizes(state_dict, shapes)
     sizes = model_sizes(shapes)
     return import_params(state_dict, rules(sizes["depth"], sizes["bidirectional"]), shapes, WHAT, stacked=STACKED)
