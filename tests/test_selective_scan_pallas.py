@@ -231,6 +231,24 @@ def test_autotune_picks_the_fastest_and_reports_failures(monkeypatch):
         autotune.autotune(shape, blocks=[broken], iters=1, timer=lambda *a: 1 / 0)
 
 
+def test_autotune_command_line_prints_the_flag_of_the_fastest(monkeypatch, capsys):
+    """``python -m ...autotune --shape=...`` ends with the config flag that selects the fastest tiling (here two
+    candidates with made-up times, the slower one first), and refuses a malformed --shape with a usage error."""
+    fast = BlockSizes(chunk=2, block_d=32, num_warps=1, save_every=2)
+    slow = BlockSizes(chunk=4, block_d=16, num_warps=1)
+    monkeypatch.setattr(autotune, "candidates", lambda shape, kernel=None: [slow, fast])
+    times, real = [2.0, 1.0], autotune.autotune  # slow's time, then fast's
+    monkeypatch.setattr(autotune, "autotune", lambda shape, dtype, iters: real(
+        shape, dtype=dtype, iters=iters, timer=lambda fn, args, n: times.pop(0)))
+    autotune.main(["--shape=1,8,32,4", "--iters=1"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == "fastest: --config.student.scan_blocks=2,32,1,1,2", out
+    assert BlockSizes.parse(out[-1].split("=", 1)[1]) == fast
+    with pytest.raises(SystemExit) as exit_info:
+        autotune.main(["--shape=1,8,32"])
+    assert exit_info.value.code == 2 and "--shape must be four integers" in capsys.readouterr().err
+
+
 def test_autotune_candidates_start_with_the_defaults_and_are_valid():
     for kernel, module in (("pallas_triton", pallas_gpu_triton), ("pallas_tpu", pallas_tpu),
                            ("pallas_mosaic", pallas_gpu_mosaic)):
