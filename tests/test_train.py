@@ -65,6 +65,32 @@ def test_loss_goes_down_on_a_fixed_batch(tmp_path):
         np.testing.assert_allclose(m["loss"], m["kl"] + 3.0 * m["bridge"], rtol=1e-6)
 
 
+def test_a_bfloat16_train_step_keeps_float32_state_and_follows_the_float32_step(tmp_path):
+    """README: dtype=bfloat16 computes in bfloat16 with float32 parameters and optimizer state. Five steps on one
+    batch from the same initial state: every parameter and AdamW moment stays float32, the losses stay within 1 %
+    of the float32 run's (under 0.05 % measured) and go down as they do."""
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(16, 32, 32, 3)).astype(np.float32)
+    labels = rng.integers(0, 10, 16).astype(np.int32)
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        c = small_config(tmp_path, mixup_alpha=0.0, base_lr=2e-3, warmup_epochs=0.0)
+        c.dtype = dtype
+        mesh = sharding.make_mesh(c.mesh)
+        trainer, state, teacher = build_trainer(c, mesh)
+        batch = sharding.global_batch({"image": images, "label": labels}, mesh)
+        losses = []
+        for _ in range(5):
+            state, metrics = trainer.jit_train_step(state, teacher, batch)
+            losses.append(float(metrics["loss"]))
+        dtypes = {x.dtype for x in jax.tree.leaves((state["params"], state["opt_state"])) if x.size > 1}
+        runs[dtype] = (np.asarray(losses), dtypes)
+    (loss32, _), (loss16, dtypes16) = runs["float32"], runs["bfloat16"]
+    assert dtypes16 == {np.dtype(np.float32)}, dtypes16
+    np.testing.assert_allclose(loss16, loss32, rtol=0.01)
+    assert loss16[-1] < loss16[0]
+
+
 def test_attention_transfer_trains_the_students_maps_towards_the_teachers(tmp_path):
     """The attention-transfer mode: KL plus 3 x the squared error of the student's implicit attention to the
     teacher's, no bridge. The map term alone (KL weighted 0) trains the student's maps towards the teacher's."""
