@@ -127,7 +127,7 @@ def main() -> None:
                           dtype=args.dtype, overrides=args.set) for r in ("student", "teacher")]
         for job in jobs:
             rows.append(_run_one(job))
-            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+            print(json.dumps(rows[-1]), flush=True)  # each row as it comes: a cut-off run keeps it
     columns = ["part", "mode", "length", "batch", "tokens_per_s", "ms_per_step", "peak_gib", "cache_mib", "compile_s",
                "loss", "error"]
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, dtype {args.dtype}, set: {args.set or '-'}")

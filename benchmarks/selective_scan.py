@@ -104,7 +104,7 @@ def main() -> None:
                         if f"{label} GB/s" in row:
                             row[f"{label} % roofline"] = round(100 * row[f"{label} GB/s"] / peak, 1)
                 rows.append(row)
-                print(row, file=sys.stderr, flush=True)
+                print(row, flush=True)  # each row as it comes: a cut-off run keeps it
     print(markdown_table(rows))
 
 

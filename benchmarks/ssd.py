@@ -118,7 +118,7 @@ def main() -> None:
             except Exception as e:  # e.g. out of memory: report it and go on
                 row = {"length": length, "impl": impl, "dtype": args.dtype, "error": error_message(e)}
             rows.append(row)
-            print(row, file=sys.stderr, flush=True)
+            print(row, flush=True)  # each row as it comes: a cut-off run keeps it
     print(markdown_table(rows))
 
 

@@ -72,7 +72,7 @@ def main() -> None:
                                        steps=args.steps, remat=remat == "true", mode=mode, scan_impl=scan_impl,
                                        remat_policy=policy)
                             rows.append(_run_one(job))
-                            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+                            print(json.dumps(rows[-1]), flush=True)  # each row as it comes: a cut-off run keeps it
     columns = ["config", "dtype", "remat", "remat_policy", "mode", "scan_impl", "batch", "images_per_s", "ms_per_step",
                "peak_gib", "xla_step_gib", "compile_s", "loss", "device", "jax", "error"]
     print(markdown_table(rows, columns))
