@@ -29,6 +29,7 @@ from ml_collections import config_flags
 from cab_jax import cli, domains, memory_plan, sharding, train
 from cab_jax import config as config_lib
 from cab_jax.kernels.selective_scan import lowering_for, resolve_impl
+from cab_jax.kernels.selective_scan.api import TPU_GENERATIONS
 from cab_jax.summary import markdown_table
 
 
@@ -38,11 +39,13 @@ def define_flags() -> None:
                                     lock_config=True)
     flags.DEFINE_list("platforms", ["tpu", "cuda"], "jax.export platforms to lower for (tpu, cuda).")
     flags.DEFINE_integer("devices", 8, "Fake CPU devices the mesh is built from (the chips of one slice).")
+    flags.DEFINE_enum("tpu", "v4", list(TPU_GENERATIONS), "TPU generation the TPU kernel is built for (its VMEM "
+                      "sizes the kernel's budget).")
     flags.DEFINE_bool("memory_plan", False, "Also print the per-chip memory table (memory_plan.py) for TPU slices "
                       f"of {', '.join(map(str, memory_plan.SLICES))} chips.")
 
 
-# The custom-call target of each scan kernel, and the custom calls that only bracket shard_map's manual regions.
+# The custom-call target of each scan kernel.
 KERNEL_TARGETS = {"pallas_tpu": "tpu_custom_call", "pallas_triton": "__gpu$xla.gpu.triton",
                   "pallas_mosaic": "mosaic_gpu_v2"}
 _CALLBACK = re.compile(r"callback", re.I)
@@ -104,13 +107,14 @@ def check(text: str, kernel: str, global_batch: int, shard_batch: int) -> tuple[
     return len(shapes), shapes, targets, problems
 
 
-def lower(c: ml_collections.ConfigDict, platform: str, devices: list | None = None) -> Lowered:
-    """Export ``c``'s train step for ``platform`` on a mesh of ``devices`` (default: all) and check it."""
+def lower(c: ml_collections.ConfigDict, platform: str, devices: list | None = None, tpu: str = "v4") -> Lowered:
+    """Export ``c``'s train step for ``platform`` (a TPU of generation ``tpu``) on a mesh of ``devices`` (default:
+    all) and check it."""
     c = lowering_config(c)
     mesh = sharding.make_mesh(c.mesh, devices)
     config_lib.validate(c, dict(mesh.shape))
     start = time.perf_counter()
-    with lowering_for(platform):
+    with lowering_for(platform, tpu=tpu):
         # Only the selective scan has kernels (the language student's SSD scan is XLA).
         kernel = resolve_impl(c.student.scan_impl) if "scan_impl" in c.student else "xla"
         trainer, state, teacher = train.abstract_setup(c, mesh)
@@ -141,11 +145,12 @@ def main(argv: list[str]) -> None:
     c = f.config
     failed = False
     for platform in f.platforms:
-        result = lower(c, platform, jax.devices()[:f.devices])
+        result = lower(c, platform, jax.devices()[:f.devices], f.tpu)
         print(result.line(), flush=True)
         failed |= bool(result.problems)
     if f.memory_plan:
-        print(markdown_table(memory_plan.plan(lowering_config(c), jax.devices())), flush=True)
+        with lowering_for("tpu", tpu=f.tpu):  # the table is for TPU slices: the TPU kernel's saved states
+            print(markdown_table(memory_plan.plan(lowering_config(c), jax.devices())), flush=True)
     sys.exit(1 if failed else 0)
 
 

@@ -407,12 +407,28 @@ def test_forward_and_backward_lower_for_gpu_and_tpu(platform, dtype, bidirection
     assert "stablehlo.while" not in text
 
 
+@pytest.mark.parametrize("tpu,launches,vmem", [("v4", 2, 16), ("v5e", 1, 128), ("v5p", 1, 64), ("v6e", 1, 128)])
+def test_the_tpu_kernel_plans_with_each_generations_vmem(tpu, launches, vmem):
+    """The resident budget is half of the generation's VMEM per core (JAX's table), 8 MiB on 16 MiB chips: at 20,480
+    positions the first direction's float32 output (80 KiB per channel) fits 128 channels on v5e/v5p/v6e (one
+    launch), not on v4 (two launches, the sum through HBM)."""
+    assert scan_api.tpu_vmem_bytes() == 16 << 20  # outside lowering_for, on a machine without a TPU: v4's
+    with scan_api.lowering_for("tpu", tpu=tpu):
+        assert scan_api.tpu_vmem_bytes() == vmem << 20
+        d = ScanDirection(*(jax.ShapeDtypeStruct(s, jnp.float32) for s in [(1, 20480, 128)] * 2 + [(128, 16)]
+                            + [(1, 20480, 16)] * 2 + [(128,)] * 2))
+        fn = jax.jit(lambda f, b: selective_scan_bidirectional(f, b, None, True, impl="pallas"))
+        text = jax.export.export(fn, platforms=["tpu"])(d, d).mlir_module()
+    assert text.count("@tpu_custom_call") == launches
+    assert pallas_tpu.resident_bytes(vmem << 20) == (8 << 20 if vmem == 16 else vmem << 19)
+
+
 @pytest.mark.parametrize("resident_bytes,path,launches", [(4 * 200 * 128, "narrowed block_d", [(2, 128)]),
                                                            (1024, "two launches", [(1, 256), (1, 256)])])
 def test_tpu_long_sequence_fallbacks_match_reference(monkeypatch, resident_bytes, path, launches):
     """Two TPU directions keep the first one's sum in VMEM; when that does not fit, block_d narrows, and past
     128 channels the sum goes through HBM between two launches. A small budget forces each path."""
-    monkeypatch.setattr(pallas_tpu, "_RESIDENT_BYTES", resident_bytes)
+    monkeypatch.setattr(pallas_tpu, "resident_bytes", lambda vmem_bytes: resident_bytes)
     seen, forward_call = [], pallas_tpu._forward_call
 
     def spy(dirs, z, cfg, geo, *args, **kwargs):

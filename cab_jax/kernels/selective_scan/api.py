@@ -36,20 +36,24 @@ _KERNEL_MODULES = {"pallas_tpu": "pallas_tpu", "pallas_triton": "pallas_gpu_trit
                    "pallas_mosaic": "pallas_gpu_mosaic"}
 
 
-# (platform, GPU compute capability) that ``lowering_for`` set, else None (the backend JAX runs on).
-_TARGET: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar("scan_target", default=None)
+# (platform, GPU compute capability, TPU generation) that ``lowering_for`` set, else None (the backend JAX runs on).
+_TARGET: contextvars.ContextVar[tuple[str, str, str] | None] = contextvars.ContextVar("scan_target", default=None)
+TPU_GENERATIONS = ("v4", "v5e", "v5p", "v6e")  # what ``lowering_for`` takes (JAX's TPU table knows their VMEM)
 LOWERING_PLATFORMS = ("cpu", "cuda", "tpu")  # jax.export's names of the platforms ``lowering_for`` takes
 
 
 @contextlib.contextmanager
-def lowering_for(platform: str, compute_capability: str = "9.0"):
+def lowering_for(platform: str, compute_capability: str = "9.0", tpu: str = "v4"):
     """Within: "auto" and "pallas" resolve, and kernels compile (not interpret), for ``platform`` (one of
     ``LOWERING_PLATFORMS``) instead of the backend JAX runs on; ``compute_capability`` stands for the GPU's when
-    ``platform`` is "cuda". For tracing a step that ``jax.export(..., platforms=[platform])`` exports (jit caches
+    ``platform`` is "cuda", ``tpu`` (one of ``TPU_GENERATIONS``) for the TPU's generation, whose VMEM sizes the TPU
+    kernel's budget. For tracing a step that ``jax.export(..., platforms=[platform])`` exports (jit caches
     traces: trace a function here that was not traced outside)."""
     if platform not in LOWERING_PLATFORMS:
         raise ValueError(f"lowering_for: unknown platform {platform!r}; valid choices are {LOWERING_PLATFORMS}")
-    token = _TARGET.set((platform, compute_capability))
+    if tpu not in TPU_GENERATIONS:
+        raise ValueError(f"lowering_for: unknown TPU generation {tpu!r}; valid choices are {TPU_GENERATIONS}")
+    token = _TARGET.set((platform, compute_capability, tpu))
     try:
         yield
     finally:
@@ -62,6 +66,17 @@ def _backend() -> str:
     if target is None:
         return jax.default_backend()
     return "gpu" if target[0] == "cuda" else target[0]
+
+
+def tpu_vmem_bytes() -> int:
+    """VMEM per TensorCore of the TPU the kernel is built for: this machine's TPU, else the ``lowering_for``
+    generation's (v4's 16 MiB, the smallest, outside it), from JAX's table of TPU generations."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    if jax.default_backend() == "tpu":
+        return pltpu.get_tpu_info().vmem_capacity_bytes
+    target = _TARGET.get()
+    return pltpu.get_tpu_info_for_chip(pltpu.ChipVersion(target[2] if target else "v4"), 1).vmem_capacity_bytes
 
 
 def _compute_capability() -> str:
@@ -122,7 +137,7 @@ def _pallas_launch(kernel: str, reverses: tuple[bool, ...], delta_softplus: bool
     ``default_blocks``), interpreted on a backend the kernel does not compile for (tests)."""
     module = importlib.import_module(f"cab_jax.kernels.selective_scan.{_KERNEL_MODULES[kernel]}")
     return module.scan, KernelConfig(reverses, delta_softplus, blocks or module.default_blocks(d_state),
-                                     _interpreted(kernel))
+                                     _interpreted(kernel), tpu_vmem_bytes() if kernel == "pallas_tpu" else 16 << 20)
 
 
 def _interpreted(kernel: str) -> bool:

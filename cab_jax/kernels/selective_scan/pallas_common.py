@@ -95,6 +95,7 @@ class KernelConfig:
     delta_softplus: bool
     blocks: BlockSizes
     interpret: bool
+    vmem_bytes: int = 16 << 20  # VMEM per TensorCore of the TPU the kernel is built for (the TPU kernel only)
 
 
 class DirectionGrads(NamedTuple):

@@ -343,23 +343,31 @@ def _vmem(shape: tuple[int, ...]) -> pltpu.VMEM:
     return pltpu.VMEM(shape, _F32)
 
 
-def _compiler_params(n_parallel: int, n_arbitrary: int) -> pltpu.CompilerParams:
-    return pltpu.CompilerParams(dimension_semantics=("parallel",) * n_parallel + ("arbitrary",) * n_arbitrary)
+_SMALL_VMEM = 16 << 20  # v2-v4 (JAX's TPU table); also the default scoped VMEM limit the kernels stay within there
 
 
-# Of two directions, the first keeps its float32 output, (n_chunks * chunk, block_d), in VMEM until the second
-# adds to it. Within this budget (room is left in the smallest default scoped VMEM, 16 MiB) block_d narrows to
-# fit; past it (very long sequences) that output makes a round trip through HBM between two launches instead.
-_RESIDENT_BYTES = 8 << 20
+def _compiler_params(n_parallel: int, n_arbitrary: int, vmem_bytes: int) -> pltpu.CompilerParams:
+    """Grid semantics; on TPUs with more VMEM than ``_SMALL_VMEM`` (v5e, v6e: 128 MiB; v5p, v7: 64 MiB per core) the
+    scoped VMEM limit is raised to 3/4 of it, the room ``resident_bytes`` plans with."""
+    return pltpu.CompilerParams(dimension_semantics=("parallel",) * n_parallel + ("arbitrary",) * n_arbitrary,
+                                vmem_limit_bytes=vmem_bytes * 3 // 4 if vmem_bytes > _SMALL_VMEM else None)
+
+
+def resident_bytes(vmem_bytes: int) -> int:
+    """Of two directions, the first keeps its float32 output, (n_chunks * chunk, block_d), in VMEM until the second
+    adds to it: within this budget block_d narrows to fit; past it (very long sequences) that output makes a round
+    trip through HBM between two launches instead. Half of the generation's VMEM per core (the rest holds the
+    tiles, the state and the pipeline's buffers), or 8 MiB within the 16 MiB default scoped limit of v2-v4."""
+    return 8 << 20 if vmem_bytes <= _SMALL_VMEM else vmem_bytes // 2
 
 
 def _forward(dirs: tuple[ScanDirection, ...], z: jax.Array | None, cfg: KernelConfig, save: bool):
     u, d_state = dirs[0].u, dirs[0].A.shape[1]
     geo = _Geometry(u, d_state, cfg.blocks)
-    row_bytes = 4 * geo.n_chunks * geo.chunk
-    if len(dirs) == 1 or row_bytes * geo.block_d <= _RESIDENT_BYTES:
+    row_bytes, budget = 4 * geo.n_chunks * geo.chunk, resident_bytes(cfg.vmem_bytes)
+    if len(dirs) == 1 or row_bytes * geo.block_d <= budget:
         return _forward_call(dirs, z, cfg, geo, save)
-    width = _RESIDENT_BYTES // row_bytes // _LANES * _LANES
+    width = budget // row_bytes // _LANES * _LANES
     if width:
         return _forward_call(dirs, z, cfg, _Geometry(u, d_state, dataclasses.replace(cfg.blocks, block_d=width)), save)
     split = [dataclasses.replace(cfg, reverses=cfg.reverses[i:i + 1]) for i in range(2)]
@@ -393,7 +401,7 @@ def _forward_call(dirs: tuple[ScanDirection, ...], z: jax.Array | None, cfg: Ker
         out_shape=(jax.ShapeDtypeStruct(u.shape, u.dtype if finish else _F32),
                    jax.ShapeDtypeStruct(u.shape, _F32) if has_ypre else None, (states,) * n_dirs if save else None),
         scratch_shapes=(scratch,),
-        compiler_params=_compiler_params(2, 2), interpret=cfg.interpret, name="selective_scan_fwd",
+        compiler_params=_compiler_params(2, 2, cfg.vmem_bytes), interpret=cfg.interpret, name="selective_scan_fwd",
     )(tuple(geo.kernel_inputs(d) for d in dirs), z if has_z else None, carry)
     return out, ypre, states
 
@@ -425,7 +433,7 @@ def _backward(dirs, z, ypre, states, dout, cfg: KernelConfig):
         in_specs=(in_specs, ypre_spec), out_specs=(dz_spec, grad_specs),
         out_shape=(jax.ShapeDtypeStruct(u.shape, z.dtype) if has_z else None, grad_shapes),
         scratch_shapes=(scratch,),
-        compiler_params=_compiler_params(2, 1), interpret=cfg.interpret, name="selective_scan_bwd",
+        compiler_params=_compiler_params(2, 1, cfg.vmem_bytes), interpret=cfg.interpret, name="selective_scan_bwd",
     )(inputs, ypre if has_z else None)
     grads = tuple(DirectionGrads(g.du, g.ddelta, g.dA.sum(0).T[:, :geo.d_state], geo.from_chunks(g.dB.sum(1)),
                                  geo.from_chunks(g.dC.sum(1)), g.dD.sum((0, 1)), g.ddelta_bias.sum((0, 1)))
