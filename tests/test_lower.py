@@ -33,6 +33,16 @@ def test_the_command_line_lowers_a_data_and_fsdp_sharded_vim_step_for_tpu_and_cu
     assert all(line.endswith(": ok") for line in lines), lines
 
 
+def test_the_command_line_exits_1_naming_a_failed_check():
+    """A GPU kernel forced onto a TPU export runs interpreted there (XLA ops, no kernel): the line says FAILED and
+    why, and the exit status is 1."""
+    proc = run(["-m", "cab_jax.lower", "--config=configs/vim_tiny.py", "--platforms=tpu", "--devices=8",
+                "--config.student.scan_impl=pallas_triton", *SHALLOW])
+    assert proc.returncode == 1, proc.stdout + proc.stderr[-3000:]
+    assert "tpu: pallas_triton kernel called 0 times" in proc.stdout
+    assert "FAILED: no __gpu$xla.gpu.triton call: the pallas_triton scan kernel is not in the step" in proc.stdout
+
+
 CASES_SCRIPT = textwrap.dedent("""
     import importlib.util, json, sys
     import jax
