@@ -1,0 +1,66 @@
+"""README's layout promise: imports run one way, kernels -> models -> bridge/losses -> domains -> train -> entry
+points, with the shared utilities (errors, sharding, checkpoints, data pipelines...) below them all. Every import
+in the package, at any depth of a module (lazy imports inside functions included), is read from the source."""
+
+import ast
+import pathlib
+
+ROOT = pathlib.Path(__file__).parents[1] / "cab_jax"
+
+# Layers from the bottom; a module may import its own layer and those below it. Keyed by the first name under
+# cab_jax (cab_jax.models.vim -> "models").
+LAYERS = (
+    {"errors", "timing", "prefetch", "plots", "sharding", "checkpoint", "cli", "preemption", "data"},  # utilities
+    {"kernels"},
+    {"models"},
+    {"bridge", "losses", "convert"},
+    {"domains", "config"},
+    {"train", "summary"},
+    {"main", "study", "analyze", "generate", "lower", "memory_plan"},  # entry points and their helpers
+)
+
+
+def layer_of(module: str) -> int | None:
+    """The layer of a dotted cab_jax module name (None for the package itself)."""
+    parts = module.split(".")
+    if len(parts) < 2:
+        return None
+    found = [i for i, names in enumerate(LAYERS) if parts[1] in names]
+    assert found, f"{module} is in no layer of LAYERS: add it where it belongs"
+    return found[0]
+
+
+def imported_modules(path: pathlib.Path) -> set[str]:
+    """The cab_jax modules ``path`` imports (``from cab_jax import x`` counts as cab_jax.x)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names |= ({f"{node.module}.{alias.name}" for alias in node.names} if node.module == "cab_jax"
+                      else {node.module})
+    return {name for name in names if name.startswith("cab_jax.")}
+
+
+def upward_imports(root: pathlib.Path = ROOT) -> list[str]:
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        module = ".".join(path.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__")
+        own = layer_of(module)
+        for name in sorted(imported_modules(path)):
+            target = layer_of(name)
+            if own is not None and target is not None and target > own:
+                found.append(f"{module} (layer {own}) imports {name} (layer {target})")
+    return found
+
+
+def test_imports_run_one_way():
+    assert upward_imports() == []
+
+
+def test_an_upward_import_is_caught(tmp_path):
+    package = tmp_path / "cab_jax"
+    (package / "models").mkdir(parents=True)
+    (package / "models" / "vim.py").write_text("def f():\n    from cab_jax import train\n")
+    (package / "train.py").write_text("from cab_jax.models import vim\n")
+    assert upward_imports(package) == ["cab_jax.models.vim (layer 2) imports cab_jax.train (layer 5)"]
