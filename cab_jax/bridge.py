@@ -22,7 +22,7 @@ from flax import nnx
 from cab_jax.models.layers import dense, stack_layers
 from cab_jax.models.mamba import SSMProjections
 
-BRIDGE_KINDS = ("mlp", "linear")
+BRIDGE_KINDS = ("mlp", "linear", "attention")
 KERNEL_MAPS = ("softmax", "relu", "exp", "none")
 LAYER_MAPS = ("proportional", "last", "first", "every_other")
 
@@ -96,12 +96,18 @@ def teacher_targets(q: jax.Array, k: jax.Array, kernel_map: str, cls_position: i
 
 class BridgeNet(nnx.Module):
     """student width -> hidden -> SiLU -> ... -> teacher width, with ``hidden_layers`` hidden layers of width
-    ``hidden`` (``kind="mlp"``; CAB's is one), or one linear map (``kind="linear"``)."""
+    ``hidden`` (``kind="mlp"``; CAB's is one), or one linear map (``kind="linear"``), or (``kind="attention"``) the
+    one-hidden-layer MLP with one single-head self-attention layer over the tokens (width ``hidden``, a residual
+    add) after its hidden layer: a map that sees the other tokens, where the others see one token at a time."""
 
     def __init__(self, d_in: int, d_out: int, hidden: int, kind: str, *, rngs: nnx.Rngs, hidden_layers: int = 1):
         if kind not in BRIDGE_KINDS:
             raise ValueError(f"unknown bridge kind {kind!r}; expected one of {BRIDGE_KINDS}")
-        if kind == "mlp":
+        self.attention = (dense(hidden, 3 * hidden, ("embed", None), rngs=rngs) if kind == "attention" else None)
+        if kind == "attention":
+            self.layers = nnx.List([dense(d_in, hidden, (None, "embed"), rngs=rngs),
+                                    dense(hidden, d_out, ("embed", "heads"), rngs=rngs)])
+        elif kind == "mlp":
             if hidden_layers < 1:
                 raise ValueError(f"an mlp bridge needs at least one hidden layer, got hidden_layers={hidden_layers}")
             self.layers = nnx.List([dense(d_in, hidden, (None, "embed"), rngs=rngs)]
@@ -112,7 +118,12 @@ class BridgeNet(nnx.Module):
             self.layers = nnx.List([dense(d_in, d_out, (None, "heads"), rngs=rngs)])
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        """x: (batch, tokens, ...) -> (batch, tokens, d_out) float32."""
         x = self.layers[0](x.reshape(*x.shape[:2], -1).astype(jnp.float32))  # per-head inputs flattened
+        if self.attention is not None:
+            q, k, v = jnp.split(self.attention(jax.nn.silu(x)), 3, axis=-1)
+            weights = jax.nn.softmax(jnp.einsum("bsd,btd->bst", q, k) / np.sqrt(q.shape[-1]), axis=-1)
+            x = x + jnp.einsum("bst,btd->bsd", weights, v)
         for layer in self.layers[1:]:
             x = layer(jax.nn.silu(x))
         return x

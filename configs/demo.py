@@ -57,7 +57,8 @@ def get_config(arg=None):
 # The reviewers' ablations, as variants of CAB's student (study.variants: "NAME: field=value; ...").
 ABLATIONS = {
     "bridge_form": ("linear: bridge.kind=linear", "mlp1: bridge.hidden_layers=1", "mlp2: bridge.hidden_layers=2",
-                    "mlp3: bridge.hidden_layers=3", "mlp1_w128: bridge.hidden=128", "mlp1_w256: bridge.hidden=256"),
+                    "mlp3: bridge.hidden_layers=3", "mlp1_w128: bridge.hidden=128", "mlp1_w256: bridge.hidden=256",
+                    "attention: bridge.kind=attention"),
     "layer_map": ("proportional: bridge.layer_map=proportional", "first: bridge.layer_map=first",
                   "last: bridge.layer_map=last", "every_other: bridge.layer_map=every_other"),
     "larger_teacher": (),

@@ -143,10 +143,16 @@ def test_teacher_targets_apply_the_kernel_map_per_role():
 
 
 def np_net(net, x: np.ndarray, j: int) -> np.ndarray:
-    """Bridged layer j's BridgeNet (index j of each stacked parameter of ``net``) in NumPy: Linear, then (SiLU,
+    """Bridged layer j's BridgeNet (index j of each stacked parameter of ``net``) in NumPy: Linear, then (the
+    attention form) h += softmax(q k^T / sqrt(width)) v with q, k, v = Linear(SiLU(h)) per example, then (SiLU,
     Linear) for each further layer."""
     first, *rest = net.layers
     h = x @ f64(first.kernel[...])[j] + f64(first.bias[...])[j]
+    if net.attention is not None:
+        a = h / (1.0 + np.exp(-h))
+        q, k, v = np.split(a @ f64(net.attention.kernel[...])[j] + f64(net.attention.bias[...])[j], 3, axis=-1)
+        for b in range(h.shape[0]):
+            h[b] = h[b] + np_softmax(q[b] @ k[b].T / np.sqrt(q.shape[-1]), -1) @ v[b]
     for layer in rest:
         h = h / (1.0 + np.exp(-h))  # SiLU
         h = h @ f64(layer.kernel[...])[j] + f64(layer.bias[...])[j]
@@ -233,6 +239,7 @@ def randomise(bridge: AttentionBridge, seed: int = 1) -> AttentionBridge:
         ("mlp", "relu", True, "every_other", (0, -1, 1, -1)),
         ("mlp2", "softmax", True, "proportional", (0, 0, 1, 1)),  # two hidden layers
         ("mlp3", "none", False, "proportional", (0, 0, 1, 1)),
+        ("attention", "softmax", True, "proportional", (0, 0, 1, 1)),
     ],
 )
 def test_bridge_loss_matches_numpy(kind, kernel_map, bidirectional, layers, mapping):
@@ -240,6 +247,7 @@ def test_bridge_loss_matches_numpy(kind, kernel_map, bidirectional, layers, mapp
     bridge = randomise(make_bridge(4, 2, kind=kind[:3] if kind.startswith("mlp") else kind, kernel_map=kernel_map,
                                    bidirectional=bidirectional, layers=layers, hidden_layers=hidden_layers))
     assert len(bridge.layers.b_to_k.layers) == (1 if kind == "linear" else hidden_layers + 1)
+    assert (bridge.layers.b_to_k.attention is not None) == (kind == "attention")
     projections, teacher_qk = random_inputs(4, 2, bidirectional)
     assert bridge.mapping == mapping
     assert bridge.student_layers == tuple(i for i, g in enumerate(mapping) if g >= 0)
@@ -305,7 +313,21 @@ def test_bridge_kinds_and_shapes():
     uni = make_bridge(2, 2, bidirectional=False).layers
     assert uni.b_to_k_b is None and uni.c_to_q_b is None
     with pytest.raises(ValueError, match="unknown bridge kind"):
-        make_bridge(2, 2, kind="attention")
+        make_bridge(2, 2, kind="transformer")
+
+
+def test_only_the_attention_form_looks_at_other_tokens():
+    """A bridge's prediction for token t: the MLP's depends on token t's projections alone, the attention form's on
+    every token's (a change at one token moves every token's prediction)."""
+    projections, _ = random_inputs(1, 1)
+    x = projections.B[0]
+    moved = x.at[:, 3].add(1.0)
+    for kind, others_move in (("mlp", False), ("attention", True)):
+        net = randomise(make_bridge(1, 1, kind=kind)).layers.b_to_k
+        one = nnx.merge(*nnx.split(jax.tree.map(lambda v: v[0], net)))  # the stacked maps of the one layer
+        change = jnp.abs(one(moved) - one(x)).max(axis=-1)  # (batch, tokens)
+        assert bool(jnp.all(change[:, 3] > 1e-3))
+        assert bool(jnp.all(jnp.delete(change, 3, axis=1) > 1e-6)) == others_move, kind
 
 
 def test_bridge_shape_errors():
