@@ -130,3 +130,21 @@ def test_a_study_logs_only_what_the_user_needs_and_a_rerun_says_it_reused(tmp_pa
     rows = json.loads((tmp_path / "results.json").read_text())
     assert [r["this run"] for r in rows] == ["reused", "reused"]
     assert "| reused |" in second.stdout
+
+
+@pytest.mark.parametrize("raised, status, one_line", [("RuntimeError('boom')", 1, False),
+                                                      ("DivergedError('loss is nan at step 3')", 1, True),
+                                                      ("ConfigError('config.x: bad')", 2, True)])
+def test_exit_statuses_of_failures(raised, status, one_line):
+    """README: a usage or config error is one line with status 2, a diverged run one line with status 1, any other
+    failure status 1 with its traceback."""
+    script = ("import sys\nfrom cab_jax import cli\nfrom cab_jax.errors import ConfigError, DivergedError\n"
+              f"def main(argv):\n    raise {raised}\ncli.run(main)\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    if status == 2:
+        assert_one_line_error(proc, "config.x: bad")
+    elif one_line:
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert user_lines(proc.stderr) == ["error: loss is nan at step 3"], proc.stderr
+    else:
+        assert proc.returncode == 1 and "Traceback" in proc.stderr and "RuntimeError: boom" in proc.stderr
