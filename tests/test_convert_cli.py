@@ -136,6 +136,21 @@ def test_cab_training_checkpoint_gives_its_student(tmp_path):
         np.testing.assert_array_equal(value, tensors[name], err_msg=name)
 
 
+def test_teacher_init_from_a_converted_checkpoint(tmp_path):
+    """README: teacher.init_from takes what ``python -m cab_jax.convert`` writes (``checkpoint.save_model_params``,
+    its output), and the run's frozen teacher holds exactly those parameters."""
+    c = small_config(tmp_path)
+    teacher = domains.for_config(c).build_teacher(nnx.Rngs(7))
+    params = jax.tree.map(np.asarray, nnx.state(teacher).to_pure_dict())
+    checkpoint.save_model_params(tmp_path / "converted", params)
+    c.teacher.init_from = str(tmp_path / "converted")
+    built = train.create_trainer(c, sharding.make_mesh(c.mesh), train_size=64)
+    loaded, expected = mapping.flatten(jax.device_get(built.teacher_params)), mapping.flatten(params)
+    assert set(loaded) == set(expected)
+    for name, value in expected.items():
+        np.testing.assert_array_equal(loaded[name], value, err_msg=name)
+
+
 def test_teacher_init_from_hugging_face_directory(tmp_path):
     c = small_config(tmp_path)
     t = c.teacher
