@@ -155,3 +155,22 @@ def test_a_language_study_has_no_train_fractions():
         c.study.fractions = (0.5,)
     with pytest.raises(ValueError, match=r"config\.study\.fractions"):
         config_lib.validate(c)
+
+
+def test_the_defaults_readme_names():
+    """README's stated defaults: AdamW weight decay 0.05 and the two newest checkpoints kept (the vision recipe),
+    the scan picked by the backend (student.scan_impl auto) in every vision config, and the ablation variants of
+    configs/demo.py run CAB's variants beside soft distillation over three seeds."""
+    from configs import demo, study_digits, vim_small, vim_tiny
+
+    t = config_lib.vision_train()
+    assert (t.weight_decay, t.keep_checkpoints) == (0.05, 2)
+    for module in (demo, study_digits, vim_small, vim_tiny):
+        assert module.get_config().student.scan_impl == "auto", module.__name__
+    for ablation, variants in demo.ABLATIONS.items():
+        c = demo.get_config(f"ablation={ablation}")
+        assert (tuple(c.study.modes), tuple(c.study.seeds), tuple(c.study.variants)) == (("soft", "cab"), (0, 1, 2),
+                                                                                        variants)
+    assert "attention: bridge.kind=attention" in demo.ABLATIONS["bridge_form"]
+    with pytest.raises(ValueError, match="ablation"):
+        demo.get_config("ablation=bridge")
