@@ -47,6 +47,11 @@ def test_the_teacher_trains_once_and_each_cell_of_the_grid_once(tmp_path, traine
     assert len({w for _, w in trained}) == 13  # every run has its own workdir
     assert trained[1][1] == str(tmp_path / "students" / "soft" / "fraction0.05_seed0")
     assert [r["top-1"] for r in rows[1:]] == [fake_top1(m, f, s) for f, m, s in cells]
+    # README: the table of runs goes to WORKDIR/results.md and results.json, one row per run, the teacher first
+    table = (tmp_path / "results.md").read_text().splitlines()
+    assert len(table) == 2 + 13 and all(str(fake_top1(m, f, s)) in line for (f, m, s), line in zip(cells, table[3:],
+                                                                                                    strict=True))
+    assert json.loads((tmp_path / "results.json").read_text()) == json.loads(json.dumps(rows))
 
 
 def test_the_summary_gives_mean_std_and_every_seed_and_the_plot_is_a_png(tmp_path, trained):
