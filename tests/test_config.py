@@ -159,8 +159,9 @@ def test_a_language_study_has_no_train_fractions():
 
 def test_the_defaults_readme_names():
     """README's stated defaults: AdamW weight decay 0.05 and the two newest checkpoints kept (the vision recipe),
-    the scan picked by the backend (student.scan_impl auto) in every vision config, and the ablation variants of
-    configs/demo.py run CAB's variants beside soft distillation over three seeds."""
+    the scan picked by the backend (student.scan_impl auto) in every vision config, the ablation variants of
+    configs/demo.py (CAB's variants beside soft distillation over three seeds), and phi_mamba.py's mesh and
+    synthetic variant."""
     from configs import demo, study_digits, vim_small, vim_tiny
 
     t = config_lib.vision_train()
@@ -172,5 +173,9 @@ def test_the_defaults_readme_names():
         assert (tuple(c.study.modes), tuple(c.study.seeds), tuple(c.study.variants)) == (("soft", "cab"), (0, 1, 2),
                                                                                         variants)
     assert "attention: bridge.kind=attention" in demo.ABLATIONS["bridge_form"]
+    from configs import phi_mamba  # FSDP over every device; ":synthetic=True" needs no data nor weights
+
+    assert (phi_mamba.get_config().mesh.data, phi_mamba.get_config().mesh.fsdp) == (1, -1)
+    assert phi_mamba.get_config("synthetic=True").data.synthetic and not phi_mamba.get_config().data.synthetic
     with pytest.raises(ValueError, match="ablation"):
         demo.get_config("ablation=bridge")
