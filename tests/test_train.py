@@ -287,7 +287,10 @@ def test_every_logged_metric_is_a_json_line_and_a_tensorboard_scalar(tmp_path):
     expected = {(f"{r['split']}/{k}", r["step"]): v
                 for r in records for k, v in r.items() if k not in ("step", "split")}
     got = {(tag, e.step): e.value for tag in events.Tags()["scalars"] for e in events.Scalars(tag)}
-    assert {tag for tag, _ in expected} >= {"train/loss", "train/bridge", "train/images_per_s", "eval/top1"}
+    # README: the log says how long each step waited for its batch (data_wait_ms), beside the throughput
+    assert {tag for tag, _ in expected} >= {"train/loss", "train/bridge", "train/images_per_s", "train/data_wait_ms",
+                                            "eval/top1"}
+    assert all(r["data_wait_ms"] >= 0 for r in records if r["split"] == "train")
     assert got.keys() == expected.keys()
     np.testing.assert_allclose([got[k] for k in expected], list(expected.values()), rtol=1e-6)
 
