@@ -1,6 +1,9 @@
 """Importing PyTorch DeiT / ViT teachers (timm and Hugging Face layouts) into our Flax ViT: parity of logits and
 every layer's attention q / k with the PyTorch model, position-embedding resizing, and error reports."""
 
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import pytest
@@ -8,6 +11,7 @@ import torch
 import transformers
 from flax import nnx
 
+from cab_jax import checkpoint
 from cab_jax.convert import deit, weights
 from cab_jax.convert.io import hf_config, load_state_dict, save_state_dict
 from cab_jax.convert.mapping import ConversionError, flatten
@@ -466,3 +470,24 @@ def test_not_a_square_grid():
     sd["pos_embed"] = np.zeros((1, 1 + 15, DIM), np.float32)
     with pytest.raises(ConversionError, match="square"):
         deit.import_teacher(sd, "timm", teacher_target(config()))
+
+
+@pytest.mark.slow
+def test_command_line_imports_a_timm_deit(tmp_path):
+    """README: ``python -m cab_jax.convert --format=timm --model=deit_tiny ... --out=DIR`` writes our checkpoint
+    (DeiT-Ti's widths and depth, here at 32 px for 10 classes) holding exactly what the library import gives."""
+    rng = np.random.default_rng(0)
+    tensors = {name: rng.normal(size=shape).astype(np.float32)
+               for name, shape in timm_shapes(192, 12, 10, grid=2, patch=16).items()}
+    save_state_dict(tensors, tmp_path / "deit.pth")
+    proc = subprocess.run([sys.executable, "-m", "cab_jax.convert", f"--src={tmp_path / 'deit.pth'}", "--format=timm",
+                           "--model=deit_tiny", "--image_size=32", "--patch_size=16", "--num_classes=10",
+                           f"--out={tmp_path / 'ours'}"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    c = config(dim=192, depth=12, heads=3, image=32, patch=16, classes=10)
+    target = nnx.state(registry.abstract("vit", **c)).to_pure_dict()
+    loaded = flatten(checkpoint.load_model_params(tmp_path / "ours", target))
+    expected = flatten(deit.import_teacher(tensors, "timm", teacher_target(c)))
+    assert set(loaded) == set(expected)
+    for name, value in expected.items():
+        np.testing.assert_array_equal(np.asarray(loaded[name]), value, err_msg=name)
