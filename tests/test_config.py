@@ -179,3 +179,13 @@ def test_the_defaults_readme_names():
     assert phi_mamba.get_config("synthetic=True").data.synthetic and not phi_mamba.get_config().data.synthetic
     with pytest.raises(ValueError, match="ablation"):
         demo.get_config("ablation=bridge")
+
+
+def test_every_config_file_shows_its_launch_command():
+    """README: each file in configs/ has a docstring with the command that runs it."""
+    import importlib
+
+    assert len(CONFIGS) >= 6
+    for path in CONFIGS:
+        module = importlib.import_module(f"configs.{path.stem}")
+        assert f"python -m cab_jax.main --config=configs/{path.name}" in (module.__doc__ or ""), path.name
