@@ -115,11 +115,3 @@ def peak_gib() -> float:
 def error_message(e: BaseException) -> str:
     """The first line of an exception, short enough for a table cell."""
     return f"{type(e).__name__}: {e}".splitlines()[0][:100]
-
-
-def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
-    """Rows as a Markdown table; the columns default to every key, in first-seen order."""
-    columns = columns or list(dict.fromkeys(k for row in rows for k in row))
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
-    return "\n".join(lines)

@@ -24,8 +24,9 @@ import tempfile
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from common import markdown_table  # benchmarks/common.py  # noqa: E402
 from train_throughput import _run_one  # noqa: E402
+
+from cab_jax.summary import markdown_table  # noqa: E402
 
 
 def save_random_teacher(config_name: str, directory: pathlib.Path) -> None:

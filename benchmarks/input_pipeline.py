@@ -21,8 +21,6 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from common import markdown_table  # benchmarks/common.py  # noqa: E402
-
 
 def pipeline_rate(cfg, workers: int, batch_size: int, batches: int) -> float:
     """Images/s of the training iterator with ``workers`` processes, timed over at least 3 batches per worker after
@@ -77,6 +75,8 @@ def stage_times(cfg, count: int) -> dict[str, float]:
 
 
 def main() -> None:
+    from cab_jax.summary import markdown_table  # here: grain's workers import this script, and they need no JAX
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data_dir", required=True)
     parser.add_argument("--train_per_class", type=int, default=3)

@@ -25,7 +25,9 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from common import markdown_table, peak_gib, run_one, time_train_steps  # benchmarks/common.py  # noqa: E402
+from common import peak_gib, run_one, time_train_steps  # benchmarks/common.py  # noqa: E402
+
+from cab_jax.summary import markdown_table  # noqa: E402
 
 
 def _config(dtype: str, overrides: str):

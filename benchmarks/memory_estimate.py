@@ -18,7 +18,9 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from common import markdown_table, peak_gib, run_one, synthetic_setup  # benchmarks/common.py
+from common import peak_gib, run_one, synthetic_setup  # benchmarks/common.py
+
+from cab_jax.summary import markdown_table
 
 
 def measure(config_name: str, dtype: str, batch_size: int, remat: bool) -> dict:

@@ -25,10 +25,11 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from common import SCAN_SHAPES, error_message, hbm_peak_gbps, markdown_table  # benchmarks/common.py
+from common import SCAN_SHAPES, error_message, hbm_peak_gbps  # benchmarks/common.py
 
 from cab_jax.kernels.selective_scan import BlockSizes
 from cab_jax.kernels.selective_scan.autotune import ScanShape, random_inputs, scan_fn
+from cab_jax.summary import markdown_table
 from cab_jax.timing import median_ms, temp_mib
 
 

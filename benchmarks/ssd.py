@@ -27,9 +27,10 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from common import error_message, markdown_table, torch_median_ms  # benchmarks/common.py
+from common import error_message, torch_median_ms  # benchmarks/common.py
 
 from cab_jax.kernels.ssd import ssd
+from cab_jax.summary import markdown_table
 from cab_jax.timing import median_ms
 
 

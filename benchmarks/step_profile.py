@@ -27,7 +27,9 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from common import markdown_table, synthetic_setup  # benchmarks/common.py
+from common import synthetic_setup  # benchmarks/common.py
+
+from cab_jax.summary import markdown_table
 
 # The named scopes of the step, as parts of the table (innermost wins).
 SCOPES = ("prepare", "teacher", "student", "patch_embed", "norm_residual", "in_proj", "conv1d", "x_proj",

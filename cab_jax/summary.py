@@ -4,6 +4,8 @@ counts), without training."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import ml_collections
 import numpy as np
@@ -102,9 +104,10 @@ def _with_mode(c: ml_collections.ConfigDict, mode: str) -> ml_collections.Config
     return c
 
 
-def markdown_table(rows: list[dict], columns: tuple[str, ...] | None = None) -> str:
-    """A Markdown table, one line per row; the columns default to the first row's keys."""
-    columns = columns or tuple(rows[0])
+def markdown_table(rows: list[dict], columns: Sequence[str] | None = None) -> str:
+    """A Markdown table, one line per row; the columns default to every key, in first-seen order, and a row without
+    a column's key leaves its cell empty."""
+    columns = columns or list(dict.fromkeys(k for row in rows for k in row))
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(str(row[col]) for col in columns) + " |" for row in rows]
+    lines += ["| " + " | ".join(str(row.get(col, "")) for col in columns) + " |" for row in rows]
     return "\n".join(lines)
