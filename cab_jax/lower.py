@@ -26,7 +26,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from cab_jax import cli, domains, memory_plan, sharding, train
+from cab_jax import cli, memory_plan, sharding, train
 from cab_jax import config as config_lib
 from cab_jax.kernels.selective_scan import lowering_for, resolve_impl
 from cab_jax.kernels.selective_scan.api import TPU_GENERATIONS
@@ -118,7 +118,7 @@ def lower(c: ml_collections.ConfigDict, platform: str, devices: list | None = No
         # Only the selective scan has kernels (the language student's SSD scan is XLA).
         kernel = resolve_impl(c.student.scan_impl) if "scan_impl" in c.student else "xla"
         trainer, state, teacher = train.abstract_setup(c, mesh)
-        batch = domains.for_config(c).train_batch_spec(c.train.batch_size)
+        batch = trainer.domain.train_batch_spec(c.train.batch_size)
         disabled = [jax.export.DisabledSafetyCheck.custom_call(t) for t in KERNEL_TARGETS.values()]
         try:
             exported = jax.export.export(trainer.jit_train_step, platforms=[platform], disabled_checks=disabled)(

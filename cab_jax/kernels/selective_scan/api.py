@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import functools
 import importlib
 import importlib.util
@@ -136,8 +137,8 @@ def _pallas_launch(kernel: str, reverses: tuple[bool, ...], delta_softplus: bool
     """``kernel``'s ``scan(dirs, z, cfg)`` and the ``KernelConfig`` of one launch (``blocks`` None: the kernel's
     ``default_blocks``), interpreted on a backend the kernel does not compile for (tests)."""
     module = importlib.import_module(f"cab_jax.kernels.selective_scan.{_KERNEL_MODULES[kernel]}")
-    return module.scan, KernelConfig(reverses, delta_softplus, blocks or module.default_blocks(d_state),
-                                     _interpreted(kernel), tpu_vmem_bytes() if kernel == "pallas_tpu" else 16 << 20)
+    cfg = KernelConfig(reverses, delta_softplus, blocks or module.default_blocks(d_state), _interpreted(kernel))
+    return module.scan, (dataclasses.replace(cfg, vmem_bytes=tpu_vmem_bytes()) if kernel == "pallas_tpu" else cfg)
 
 
 def _interpreted(kernel: str) -> bool:

@@ -32,6 +32,7 @@ _F32 = jnp.float32
 # saved chunk states): a remat policy that saves this name keeps them, so the backward pass does not run the forward
 # kernel again (``jax.checkpoint_policies.save_only_these_names(SCAN_RESIDUALS)``).
 SCAN_RESIDUALS = "selective_scan_residuals"
+SMALLEST_TPU_VMEM = 16 << 20  # VMEM per TensorCore of TPU v2-v4 (JAX's TPU table), the smallest generations
 
 
 class ScanDirection(NamedTuple):
@@ -95,7 +96,7 @@ class KernelConfig:
     delta_softplus: bool
     blocks: BlockSizes
     interpret: bool
-    vmem_bytes: int = 16 << 20  # VMEM per TensorCore of the TPU the kernel is built for (the TPU kernel only)
+    vmem_bytes: int = SMALLEST_TPU_VMEM  # VMEM per TensorCore of the TPU the kernel is built for (TPU kernel only)
 
 
 class DirectionGrads(NamedTuple):

@@ -35,6 +35,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from cab_jax.kernels.selective_scan.pallas_common import (
+    SMALLEST_TPU_VMEM,
     BlockSizes,
     DirectionGrads,
     KernelConfig,
@@ -343,14 +344,14 @@ def _vmem(shape: tuple[int, ...]) -> pltpu.VMEM:
     return pltpu.VMEM(shape, _F32)
 
 
-_SMALL_VMEM = 16 << 20  # v2-v4 (JAX's TPU table); also the default scoped VMEM limit the kernels stay within there
 
 
 def _compiler_params(n_parallel: int, n_arbitrary: int, vmem_bytes: int) -> pltpu.CompilerParams:
-    """Grid semantics; on TPUs with more VMEM than ``_SMALL_VMEM`` (v5e, v6e: 128 MiB; v5p, v7: 64 MiB per core) the
-    scoped VMEM limit is raised to 3/4 of it, the room ``resident_bytes`` plans with."""
+    """Grid semantics; on TPUs with more VMEM than ``SMALLEST_TPU_VMEM`` (v5e, v6e: 128 MiB; v5p, v7: 64 MiB per
+    core) the scoped VMEM limit is raised to 3/4 of it, the room ``resident_bytes`` plans with (the smallest
+    generations keep their default scoped limit, 16 MiB)."""
     return pltpu.CompilerParams(dimension_semantics=("parallel",) * n_parallel + ("arbitrary",) * n_arbitrary,
-                                vmem_limit_bytes=vmem_bytes * 3 // 4 if vmem_bytes > _SMALL_VMEM else None)
+                                vmem_limit_bytes=vmem_bytes * 3 // 4 if vmem_bytes > SMALLEST_TPU_VMEM else None)
 
 
 def resident_bytes(vmem_bytes: int) -> int:
@@ -358,7 +359,7 @@ def resident_bytes(vmem_bytes: int) -> int:
     adds to it: within this budget block_d narrows to fit; past it (very long sequences) that output makes a round
     trip through HBM between two launches instead. Half of the generation's VMEM per core (the rest holds the
     tiles, the state and the pipeline's buffers), or 8 MiB within the 16 MiB default scoped limit of v2-v4."""
-    return 8 << 20 if vmem_bytes <= _SMALL_VMEM else vmem_bytes // 2
+    return 8 << 20 if vmem_bytes <= SMALLEST_TPU_VMEM else vmem_bytes // 2
 
 
 def _forward(dirs: tuple[ScanDirection, ...], z: jax.Array | None, cfg: KernelConfig, save: bool):
