@@ -55,15 +55,15 @@ def synthetic_setup(config_name: str, dtype: str, batch_size: int, steps: int, r
     return built, batches
 
 
-def run_one(script: str, job: dict) -> tuple[dict | None, str]:
+def run_one(script: str, job: dict, error_row: dict) -> dict:
     """Runs ``python script --one JSON(job)`` (one measurement in its own process, so its peak memory is its own):
-    (the row it printed after "ROW", or None; the last error line of its stderr)."""
+    the row it printed after "ROW", or ``error_row`` with the last error line of its stderr as "error"."""
     proc = subprocess.run([sys.executable, script, "--one", json.dumps(job)], capture_output=True, text=True,
                           cwd=ROOT)
     if proc.returncode == 0 and "ROW" in proc.stdout:
-        return json.loads(proc.stdout.split("ROW", 1)[1]), ""
+        return json.loads(proc.stdout.split("ROW", 1)[1])
     lines = proc.stderr.strip().splitlines() or ["?"]
-    return None, next((line for line in reversed(lines) if "Error" in line), lines[-1])[:160]
+    return {**error_row, "error": next((line for line in reversed(lines) if "Error" in line), lines[-1])[:160]}
 
 
 def time_train_steps(built, batches: list, steps: int, warmup: int = 1) -> tuple[float, float, dict]:

@@ -93,9 +93,8 @@ def measure_generate(length: int, role: str, batch: int, new_tokens: int, dtype:
 
 
 def _run_one(job: dict) -> dict:
-    row, error = run_one(__file__, job)
-    return row or {"part": job["kind"], "mode": job.get("mode", job.get("role")), "length": job["length"],
-                   "error": error}
+    return run_one(__file__, job, {"part": job["kind"], "mode": job.get("mode", job.get("role")),
+                                   "length": job["length"]})
 
 
 def main() -> None:

@@ -62,10 +62,8 @@ def main() -> None:
         for dtype in args.dtypes.split(","):
             for remat in args.remat.split(","):
                 job = dict(config_name=config_name, dtype=dtype, batch_size=args.batch_size, remat=remat == "true")
-                row, error = run_one(__file__, job)
-                row = row or {**job, "error": error}
-                rows.append(row)
-                print(json.dumps(row), flush=True)  # each row as it comes: a cut-off run keeps what it measured
+                rows.append(run_one(__file__, job, job))
+                print(json.dumps(rows[-1]), flush=True)  # each row as it comes: a cut-off run keeps what it measured
     print(markdown_table(rows))
 
 

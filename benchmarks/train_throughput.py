@@ -44,8 +44,7 @@ def measure(config_name: str, dtype: str, batch_size: int, steps: int, remat: bo
 
 
 def _run_one(job: dict) -> dict:
-    row, error = run_one(__file__, job)
-    return row or {**job, "config": job["config_name"], "batch": job["batch_size"], "error": error}
+    return run_one(__file__, job, {**job, "config": job["config_name"], "batch": job["batch_size"]})
 
 
 def main() -> None:
