@@ -9,6 +9,7 @@ import pathlib
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 # Selective-scan benchmark shapes, name: (batch, length, d_inner, d_state, bidirectional): the Vim-Ti/S/B
 # training shapes of one mixer and a long single-direction one.
@@ -55,9 +56,15 @@ def synthetic_setup(config_name: str, dtype: str, batch_size: int, steps: int, r
     return built, batches
 
 
+def report_one(job: str, measure: Callable[..., dict]) -> None:
+    """The child's half of ``run_one``: ``measure(**job)`` (``job`` the JSON of ``--one``) printed after "ROW"."""
+    print("ROW" + json.dumps(measure(**json.loads(job))), flush=True)
+
+
 def run_one(script: str, job: dict, error_row: dict) -> dict:
     """Runs ``python script --one JSON(job)`` (one measurement in its own process, so its peak memory is its own):
-    the row it printed after "ROW", or ``error_row`` with the last error line of its stderr as "error"."""
+    the row it printed after "ROW" (``report_one``), or ``error_row`` with the last error line of its stderr as
+    "error"."""
     proc = subprocess.run([sys.executable, script, "--one", json.dumps(job)], capture_output=True, text=True,
                           cwd=ROOT)
     if proc.returncode == 0 and "ROW" in proc.stdout:

@@ -25,7 +25,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from common import peak_gib, run_one, time_train_steps  # benchmarks/common.py  # noqa: E402
+from common import peak_gib, report_one, run_one, time_train_steps  # benchmarks/common.py  # noqa: E402
 
 from cab_jax.summary import markdown_table  # noqa: E402
 
@@ -111,9 +111,7 @@ def main() -> None:
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        job = json.loads(args.one)
-        kind = job.pop("kind")
-        print("ROW" + json.dumps((measure_train if kind == "train" else measure_generate)(**job)), flush=True)
+        report_one(args.one, lambda kind, **job: (measure_train if kind == "train" else measure_generate)(**job))
         return
     import jax
 

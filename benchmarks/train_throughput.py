@@ -19,7 +19,7 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from common import peak_gib, run_one, synthetic_setup, time_train_steps  # benchmarks/common.py
+from common import peak_gib, report_one, run_one, synthetic_setup, time_train_steps  # benchmarks/common.py
 
 from cab_jax.summary import markdown_table
 
@@ -60,7 +60,7 @@ def main() -> None:
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print("ROW" + json.dumps(measure(**json.loads(args.one))), flush=True)
+        report_one(args.one, measure)
         return
     rows = []
     for config_name in args.configs.split(","):
