@@ -36,9 +36,9 @@ import torch
 import torch.nn.functional as F
 
 HERE = pathlib.Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+sys.path[:0] = [str(HERE.parent), str(HERE.parents[1])]
 
-from common import SCAN_SHAPES, hbm_peak_gbps, markdown_table  # benchmarks/common.py  # noqa: E402
+from common import SCAN_SHAPES, hbm_peak_gbps  # benchmarks/common.py  # noqa: E402
 
 
 def load_extension(build_dir: pathlib.Path):
@@ -288,6 +288,8 @@ def main() -> None:
             "MB fwd / fwd+bwd"]
     print()
     print(f"mamba-ssm selective_scan_cuda (float32, {name}, torch {torch.__version__}, CUDA {torch.version.cuda})")
+    from cab_jax.summary import markdown_table  # here: cab_torch/step.py imports this module and must not import JAX
+
     print(markdown_table(rows, cols))
 
 

@@ -1,0 +1,40 @@
+"""The benchmark scripts are run on a GPU machine, never by the tests: each name they import from this repository
+(``cab_jax``, ``benchmarks/common.py``, ``benchmarks/mamba_cuda/bench.py``), at any depth of a script (lazy imports
+inside functions included), must exist, or the first sign of a rename is a lost device call."""
+
+import ast
+import importlib
+import pathlib
+import sys
+
+import pytest
+
+BENCHMARKS = pathlib.Path(__file__).parents[1] / "benchmarks"
+SCRIPTS = sorted(BENCHMARKS.rglob("*.py"))
+LOCAL = {"common": BENCHMARKS, "bench": BENCHMARKS / "mamba_cuda"}  # modules the scripts import off sys.path
+
+
+def repository_imports(path: pathlib.Path) -> list[tuple[str, str]]:
+    """(module, name) for every ``from <repository module> import name`` in ``path``."""
+    pairs = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        local = isinstance(node, ast.ImportFrom) and node.level == 0 and node.module
+        if local and (node.module in LOCAL or node.module.split(".")[0] == "cab_jax"):
+            pairs += [(node.module, alias.name) for alias in node.names]
+    return pairs
+
+
+def test_the_scripts_are_found():
+    assert {"train_throughput.py", "step.py", "bench.py"} <= {p.name for p in SCRIPTS}
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: str(p.relative_to(BENCHMARKS)))
+def test_every_name_a_benchmark_imports_from_the_repository_exists(script, monkeypatch):
+    for module, name in repository_imports(script):
+        if module in LOCAL:
+            monkeypatch.syspath_prepend(str(LOCAL[module]))
+            monkeypatch.delitem(sys.modules, module, raising=False)
+        imported = importlib.import_module(module)
+        submodule = hasattr(imported, "__path__") and importlib.util.find_spec(f"{module}.{name}")
+        assert hasattr(imported, name) or submodule, (
+            f"{script.name}: `from {module} import {name}`: {module} has no {name}")
