@@ -56,6 +56,46 @@ def synthetic_setup(config_name: str, dtype: str, batch_size: int, steps: int, r
     return built, batches
 
 
+def _flops(fn: Callable, *args) -> float:
+    """XLA's FLOP count of ``jax.jit(fn)(*args)`` as compiled for the default device (custom calls, such as the
+    Pallas scan kernels, count 0)."""
+    import jax
+
+    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+    return float((cost[0] if isinstance(cost, list) else cost).get("flops", 0.0))
+
+
+def model_flops(built, batch: dict) -> float:
+    """Model FLOPs of one train step of ``built`` (a ``train.Setup``) on ``batch``: the teacher's forward plus three
+    times the student's (its forward, and a backward taken as twice the forward), bridge and losses included; no
+    remat recompute, no optimizer update (XLA's counts; see ``_flops``)."""
+    import jax
+
+    from cab_jax import train
+
+    trainer, params, teacher = built.trainer, built.state["params"], built.teacher_params
+    inputs, targets = trainer.domain.prepare(jax.random.key(0), batch, trainer.job.train)
+    teacher_fwd = lambda p, x: jax.lax.stop_gradient(trainer.teacher.module(p)(x))
+    teacher_out = teacher_fwd(teacher, inputs) if teacher is not None else None
+    student_fwd = _flops(lambda p, x, y, t: train.loss_fn(trainer, p, x, y, t, None)[0], params, inputs, targets,
+                         teacher_out)
+    return 3 * student_fwd + (_flops(teacher_fwd, teacher, inputs) if teacher is not None else 0.0)
+
+
+def matmul_flops_per_s(dtype: str, iters: int = 20) -> float:
+    """This device's measured matmul rate: an (n, n) @ (n, n) product in ``dtype`` at JAX's default precision
+    (TF32 tensor cores for float32 on NVIDIA GPUs), median of ``iters`` timed calls; n = 8192 (1024 on a CPU)."""
+    import jax
+    import jax.numpy as jnp
+
+    from cab_jax.timing import median_ms
+
+    n = 1024 if jax.default_backend() == "cpu" else 8192
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    matmul = jax.jit(jnp.matmul)
+    return 2 * n**3 / (median_ms(matmul, (a, a), iters) / 1e3)
+
+
 def report_one(job: str, measure: Callable[..., dict]) -> None:
     """The child's half of ``run_one``: ``measure(**job)`` (``job`` the JSON of ``--one``) printed after "ROW"."""
     print("ROW" + json.dumps(measure(**json.loads(job))), flush=True)

@@ -7,7 +7,9 @@ Each (config, dtype, remat) combination runs in its own process so peak memory i
 full CAB step (teacher forward, student forward/backward, bridge, AdamW update) on device-resident batches:
 it measures the model, not the input pipeline. Prints a Markdown table; ``peak_gib`` is the device's peak (0 where
 the backend does not say, as on CPU), ``xla_step_gib`` XLA's estimate for the compiled step (arguments, outputs,
-temporaries).
+temporaries). ``mfu``: model FLOPs per step (``common.model_flops``: teacher forward + 3 x student forward) over the
+step time and this device's matmul rate in the step's dtype, measured in the same process
+(``common.matmul_flops_per_s``; ``matmul_tflops`` beside it).
 """
 
 from __future__ import annotations
@@ -19,7 +21,15 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from common import peak_gib, report_one, run_one, synthetic_setup, time_train_steps  # benchmarks/common.py
+from common import (  # benchmarks/common.py
+    matmul_flops_per_s,
+    model_flops,
+    peak_gib,
+    report_one,
+    run_one,
+    synthetic_setup,
+    time_train_steps,
+)
 
 from cab_jax.summary import markdown_table
 
@@ -33,14 +43,17 @@ def measure(config_name: str, dtype: str, batch_size: int, steps: int, remat: bo
     built, batches = synthetic_setup(config_name, dtype, batch_size, steps, remat, mode, scan_impl, remat_policy)
     compile_s, elapsed, metrics = time_train_steps(built, batches, steps, warmup=3)
     compiled = built.trainer.jit_train_step.lower(built.state, built.teacher_params, batches[0]).compile()
+    flops, rate = model_flops(built, batches[0]), matmul_flops_per_s(dtype)
+    step_s = elapsed / steps
     return {"config": config_name, "dtype": dtype, "remat": remat, "remat_policy": remat_policy, "mode": mode,
             "scan_impl": scan_impl,
             "batch": batch_size,
             "images_per_s": round(batch_size * steps / elapsed, 1), "ms_per_step": round(1e3 * elapsed / steps, 2),
             "compile_s": round(compile_s, 1), "peak_gib": peak_gib(),
             "xla_step_gib": round(train.step_memory_bytes(compiled) / 2**30, 3),
-            "loss": round(float(metrics["loss"]), 4), "device": jax.devices()[0].device_kind,
-            "jax": jax.__version__}
+            "loss": round(float(metrics["loss"]), 4), "model_gflop": round(flops / 1e9, 1),
+            "matmul_tflops": round(rate / 1e12, 1), "mfu": round(flops / step_s / rate, 3),
+            "device": jax.devices()[0].device_kind, "jax": jax.__version__}
 
 
 def _run_one(job: dict) -> dict:
@@ -75,7 +88,8 @@ def main() -> None:
                             rows.append(_run_one(job))
                             print(json.dumps(rows[-1]), flush=True)  # each row as it comes: a cut-off run keeps it
     columns = ["config", "dtype", "remat", "remat_policy", "mode", "scan_impl", "batch", "images_per_s", "ms_per_step",
-               "peak_gib", "xla_step_gib", "compile_s", "loss", "device", "jax", "error"]
+               "peak_gib", "xla_step_gib", "compile_s", "loss", "model_gflop", "matmul_tflops", "mfu", "device",
+               "jax", "error"]
     print(markdown_table(rows, columns))
 
 

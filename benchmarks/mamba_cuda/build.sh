@@ -109,19 +109,19 @@ for d in ${EXTRA_INCLUDES:-}; do INCLUDES+=(-I"$d"); done  # e.g. a shim for a l
 for d in "${TORCH_INCLUDES[@]}"; do INCLUDES+=(-isystem "$d"); done
 INCLUDES+=(-isystem "$PY_INCLUDE")
 DEFINES=(-DTORCH_EXTENSION_NAME=selective_scan_cuda -DTORCH_API_INCLUDE_EXTENSION_H
-         -D_GLIBCXX_USE_CXX11_ABI=$CXX11_ABI "${PYBIND_FLAGS[@]}")
+         "-D_GLIBCXX_USE_CXX11_ABI=$CXX11_ABI" "${PYBIND_FLAGS[@]}")
 
 # g++ for the .cpp: torch's defaults (-fPIC) + mamba's "cxx": ["-O3", "-std=c++17"]
-CXXFLAGS=(-fPIC -O3 -std=$CXX_STD "${INCLUDES[@]}" "${DEFINES[@]}")
+CXXFLAGS=(-fPIC -O3 "-std=$CXX_STD" "${INCLUDES[@]}" "${DEFINES[@]}")
 # nvcc: torch's COMMON_NVCC_FLAGS + -fPIC, then mamba's "nvcc" list (its -U flags undo torch's -D ones),
 # with mamba's cc_flag reduced to this one arch.
 NVCCFLAGS=("${TORCH_NVCC_FLAGS[@]}" --compiler-options -fPIC
-           -O3 -std=$CXX_STD
+           -O3 "-std=$CXX_STD"
            -U__CUDA_NO_HALF_OPERATORS__ -U__CUDA_NO_HALF_CONVERSIONS__
            -U__CUDA_NO_BFLOAT16_OPERATORS__ -U__CUDA_NO_BFLOAT16_CONVERSIONS__
            -U__CUDA_NO_BFLOAT162_OPERATORS__ -U__CUDA_NO_BFLOAT162_CONVERSIONS__
            --expt-relaxed-constexpr --expt-extended-lambda --use_fast_math -lineinfo
-           -gencode arch=compute_$ARCH,code=sm_$ARCH --threads 4
+           -gencode "arch=compute_$ARCH,code=sm_$ARCH" --threads 4
            "${INCLUDES[@]}" "${DEFINES[@]}")
 [[ ${PTXAS_VERBOSE:-0} == 1 ]] && NVCCFLAGS+=(--ptxas-options=-v)
 
@@ -168,14 +168,14 @@ echo "== compile wall time $(since "$T0") s"
 # --- link ------------------------------------------------------------------------------------------------
 LIBS=()
 for l in c10 c10_cuda torch torch_cpu torch_cuda torch_python; do
-    if compgen -G "$TORCH_LIBDIR/lib$l.so*" >/dev/null; then LIBS+=(-l$l)
+    if compgen -G "$TORCH_LIBDIR/lib$l.so*" >/dev/null; then LIBS+=("-l$l")
     else echo "   WARNING: lib$l.so not in $TORCH_LIBDIR (CPU-only torch?); linking without it" >&2; fi
 done
 CUDA_LIBDIR=$CUDA_HOME/lib64; [[ -d $CUDA_LIBDIR ]] || CUDA_LIBDIR=$CUDA_HOME/lib
 SO=$OUT/selective_scan_cuda$EXT_SUFFIX
 LINK=("$CXX" -shared -o "$SO" "$OUT"/obj/*.o)
 for d in "${TORCH_LIBDIRS[@]}"; do LINK+=(-L"$d"); done
-LINK+=(-L"$CUDA_LIBDIR" "${LIBS[@]}" -lcudart -Wl,-rpath,"$TORCH_LIBDIR" -Wl,-rpath,"$CUDA_LIBDIR")
+LINK+=(-L"$CUDA_LIBDIR" "${LIBS[@]}" -lcudart "-Wl,-rpath,$TORCH_LIBDIR" "-Wl,-rpath,$CUDA_LIBDIR")
 s=$(now)
 "${LINK[@]}" >"$OUT/log/link.log" 2>&1 || { cat "$OUT/log/link.log" >&2; die "link failed"; }
 printf '   %-28s %6s s\n' link "$(since "$s")"
