@@ -56,19 +56,42 @@ def synthetic_setup(config_name: str, dtype: str, batch_size: int, steps: int, r
     return built, batches
 
 
-def _flops(fn: Callable, *args) -> float:
-    """XLA's FLOP count of ``jax.jit(fn)(*args)`` as compiled for the default device (custom calls, such as the
-    Pallas scan kernels, count 0)."""
-    import jax
+def matmul_flops(fn: Callable, *args) -> float:
+    """FLOPs of the matrix products and convolutions in ``fn(*args)``'s jaxpr (2 per multiply-add), each scan's
+    body counted once per iteration; elementwise work and Pallas kernels (the selective scan) not counted. (XLA's
+    cost analysis counts a loop's body once, so it undercounts the scanned layers.)"""
+    import math
 
-    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
-    return float((cost[0] if isinstance(cost, list) else cost).get("flops", 0.0))
+    import jax
+    from jax.extend import core as jax_core
+
+    def count(jaxpr) -> float:
+        total = 0.0
+        for eqn in jaxpr.eqns:
+            name = eqn.primitive.name
+            if name == "dot_general":
+                (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+                lhs = eqn.invars[0].aval.shape
+                total += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in lhs_contract)
+            elif name == "conv_general_dilated":
+                kernel = eqn.invars[1].aval.shape  # (out, in / groups, *window) in the default layout
+                spec = eqn.params["dimension_numbers"].rhs_spec
+                per_output = math.prod(kernel[d] for d in spec[1:])
+                total += 2 * math.prod(eqn.outvars[0].aval.shape) * per_output
+            inner = [count(j) for j in jax_core.jaxprs_in_params(eqn.params)]
+            if name == "cond":
+                total += max(inner, default=0.0)
+            else:
+                total += sum(inner) * (eqn.params["length"] if name == "scan" else 1)
+        return total
+
+    return count(jax.make_jaxpr(fn)(*args).jaxpr)
 
 
 def model_flops(built, batch: dict) -> float:
     """Model FLOPs of one train step of ``built`` (a ``train.Setup``) on ``batch``: the teacher's forward plus three
     times the student's (its forward, and a backward taken as twice the forward), bridge and losses included; no
-    remat recompute, no optimizer update (XLA's counts; see ``_flops``)."""
+    remat recompute, no optimizer update (matrix products only: ``matmul_flops``)."""
     import jax
 
     from cab_jax import train
@@ -77,9 +100,9 @@ def model_flops(built, batch: dict) -> float:
     inputs, targets = trainer.domain.prepare(jax.random.key(0), batch, trainer.job.train)
     teacher_fwd = lambda p, x: jax.lax.stop_gradient(trainer.teacher.module(p)(x))
     teacher_out = teacher_fwd(teacher, inputs) if teacher is not None else None
-    student_fwd = _flops(lambda p, x, y, t: train.loss_fn(trainer, p, x, y, t, None)[0], params, inputs, targets,
+    student_fwd = matmul_flops(lambda p, x, y, t: train.loss_fn(trainer, p, x, y, t, None)[0], params, inputs, targets,
                          teacher_out)
-    return 3 * student_fwd + (_flops(teacher_fwd, teacher, inputs) if teacher is not None else 0.0)
+    return 3 * student_fwd + (matmul_flops(teacher_fwd, teacher, inputs) if teacher is not None else 0.0)
 
 
 def matmul_flops_per_s(dtype: str, iters: int = 20) -> float:

