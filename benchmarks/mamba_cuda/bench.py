@@ -1,4 +1,5 @@
-"""Speed of mamba-ssm's own selective-scan CUDA kernels (float32), built by benchmarks/mamba_cuda/build.sh, on the
+"""Speed of mamba-ssm's own selective-scan CUDA kernels (float32, and bfloat16 where build.sh built them with
+DTYPES=fp32,bf16), built by benchmarks/mamba_cuda/build.sh, on the
 shapes of benchmarks/selective_scan.py, with that script's byte accounting so the GB/s are comparable.
 From the repository root, with mamba's sources in a checkout (they are not in this repository):
 
@@ -10,7 +11,8 @@ Calls the extension directly, as mamba_ssm.ops.selective_scan_interface.Selectiv
     du, ddelta, dA, dB, dC, dD, ddelta_bias, dz = bwd(u, delta, A, B, C, D, z, delta_bias, dout, x, out,
                                                       None, delta_softplus, False)
 Layout: u, delta, z (batch, d_inner, length); B, C (batch, 1, d_state, length); A (d_inner, d_state); D,
-delta_bias (d_inner,); all float32.
+delta_bias (d_inner,); A, D and delta_bias float32, the others in --dtypes' dtype (mamba's bfloat16 path takes
+bfloat16 activations, B and C with float32 weights, as Vim runs it under autocast).
 
 The Vim shapes run two directions as Vim's mixer does (two independent scans, each gated by z). Two rows:
   "2 scans"          two fwd calls (and two bwd calls) on inputs already laid out for each direction;
@@ -60,7 +62,7 @@ def load_extension(build_dir: pathlib.Path):
 # inputs
 
 
-def make_direction(batch, length, d_inner, d_state, gen, dev, requires_grad=False):
+def make_direction(batch, length, d_inner, d_state, gen, dev, requires_grad=False, dtype=torch.float32):
     f32 = dict(device=dev, dtype=torch.float32)
     randn = lambda *s: torch.randn(*s, generator=gen, **f32)
     rand = lambda *s: torch.rand(*s, generator=gen, **f32)
@@ -73,19 +75,20 @@ def make_direction(batch, length, d_inner, d_state, gen, dev, requires_grad=Fals
         D=randn(d_inner),
         delta_bias=torch.log(torch.expm1(1e-3 + (0.1 - 1e-3) * rand(d_inner))),
     )
+    d = {k: v if k in ("A", "D", "delta_bias") else v.to(dtype) for k, v in d.items()}
     if requires_grad:
         for v in d.values():
             v.requires_grad_(True)
     return d
 
 
-def input_bytes(batch, length, d_inner, d_state, n_dirs) -> tuple[int, int]:
-    """(fwd bytes, fwd+bwd bytes) with benchmarks/selective_scan.py's accounting (float32)."""
-    act = batch * length * d_inner * 4
-    per_dir = 2 * act + 2 * batch * length * d_state * 4 + d_inner * d_state * 4 + 2 * d_inner * 4
-    inputs = n_dirs * per_dir + act  # + one z
-    fwd = inputs + act  # + y
-    return fwd, fwd + act + inputs  # + dy + every input gradient
+def input_bytes(dirs, z) -> tuple[int, int]:
+    """(fwd bytes, fwd+bwd bytes) with benchmarks/selective_scan.py's accounting: every input read once and the
+    output (z's size and dtype) written once; fwd+bwd adds dy read once and every input gradient written once."""
+    inputs = sum(v.numel() * v.element_size() for d in dirs for v in d.values()) + z.numel() * z.element_size()
+    act = z.numel() * z.element_size()
+    fwd = inputs + act
+    return fwd, fwd + act + inputs
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -223,9 +226,43 @@ def check(ext, dev, batch, d_inner, length, d_state=16, seed=1) -> float:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def measure_shape(ext, dev, shape_name: str, dtype_name: str, dtype, args, peak: float) -> list[dict]:
+    """The rows of one shape and dtype: one plain, and for two directions also one with the flips."""
+    batch, length, d_inner, d_state, bi = SCAN_SHAPES[shape_name]
+    variants = [False] if not bi else ([False] if args.no_flips else [False, True])
+    gen = torch.Generator(device=dev).manual_seed(0)
+    try:
+        dirs = [make_direction(batch, length, d_inner, d_state, gen, dev, dtype=dtype) for _ in range(2 if bi else 1)]
+        z = torch.randn(batch, d_inner, length, generator=gen, device=dev).to(dtype)
+    except torch.cuda.OutOfMemoryError as e:
+        return [{"shape": shape_name, "dtype": dtype_name, "fwd ms": f"OOM: {str(e).splitlines()[0][:60]}"}]
+    fwd_bytes, bwd_bytes = input_bytes(dirs, z)
+    rows = []
+    for flips in variants:
+        label = shape_name if not bi else f"{shape_name} (2 scans{' + flips' if flips else ''})"
+        row = {"shape": label, "dtype": dtype_name}
+        try:
+            fwd, fwd_bwd = make_fns(ext, dirs, z, flips)
+            for tag, fn, moved in (("fwd", fwd, fwd_bytes), ("fwd+bwd", fwd_bwd, bwd_bytes)):
+                ms = timed(fn, args.iters, args.warmup, args.timer)
+                row[f"{tag} ms"] = round(ms, 3)
+                row[f"{tag} GB/s"] = round(moved / ms / 1e6, 1)
+                if peak:
+                    row[f"{tag} % roofline"] = round(100 * moved / ms / 1e6 / peak, 1)
+        except torch.cuda.OutOfMemoryError as e:
+            row["fwd ms"] = f"OOM: {str(e).splitlines()[0][:60]}"
+        row["MB fwd / fwd+bwd"] = f"{fwd_bytes / 1e6:.0f} / {bwd_bytes / 1e6:.0f}"
+        print(row, file=sys.stderr, flush=True)
+        rows.append(row)
+    del dirs, z
+    torch.cuda.empty_cache()
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="vim_ti,vim_s,vim_b,long")
+    p.add_argument("--dtypes", default="float32", help="float32 and/or bfloat16 (needs build.sh's DTYPES=fp32,bf16)")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--timer", choices=["wall", "events"], default="wall")
@@ -254,40 +291,15 @@ def main() -> None:
         print("forward check passed (max |diff| <= 1e-3)")
 
     rows = []
-    for shape_name in args.shapes.split(","):
-        batch, length, d_inner, d_state, bi = SCAN_SHAPES[shape_name]
-        fwd_bytes, bwd_bytes = input_bytes(batch, length, d_inner, d_state, 2 if bi else 1)
-        variants = [False] if not bi else ([False] if args.no_flips else [False, True])
-        gen = torch.Generator(device=dev).manual_seed(0)
-        try:
-            dirs = [make_direction(batch, length, d_inner, d_state, gen, dev) for _ in range(2 if bi else 1)]
-            z = torch.randn(batch, d_inner, length, generator=gen, device=dev)
-        except torch.cuda.OutOfMemoryError as e:
-            rows.append({"shape": shape_name, "fwd ms": f"OOM: {str(e).splitlines()[0][:60]}"})
-            continue
-        for flips in variants:
-            label = shape_name if not bi else f"{shape_name} (2 scans{' + flips' if flips else ''})"
-            row = {"shape": label}
-            try:
-                fwd, fwd_bwd = make_fns(ext, dirs, z, flips)
-                for tag, fn, moved in (("fwd", fwd, fwd_bytes), ("fwd+bwd", fwd_bwd, bwd_bytes)):
-                    ms = timed(fn, args.iters, args.warmup, args.timer)
-                    row[f"{tag} ms"] = round(ms, 3)
-                    row[f"{tag} GB/s"] = round(moved / ms / 1e6, 1)
-                    if peak:
-                        row[f"{tag} % roofline"] = round(100 * moved / ms / 1e6 / peak, 1)
-            except torch.cuda.OutOfMemoryError as e:
-                row["fwd ms"] = f"OOM: {str(e).splitlines()[0][:60]}"
-            row["MB fwd / fwd+bwd"] = f"{fwd_bytes / 1e6:.0f} / {bwd_bytes / 1e6:.0f}"
-            print(row, file=sys.stderr, flush=True)
-            rows.append(row)
-        del dirs, z
-        torch.cuda.empty_cache()
+    for dtype_name in args.dtypes.split(","):
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
+        for shape_name in args.shapes.split(","):
+            rows += measure_shape(ext, dev, shape_name, dtype_name, dtype, args, peak)
 
-    cols = ["shape", "fwd ms", "fwd+bwd ms", "fwd GB/s", "fwd+bwd GB/s", "fwd % roofline", "fwd+bwd % roofline",
-            "MB fwd / fwd+bwd"]
+    cols = ["shape", "dtype", "fwd ms", "fwd+bwd ms", "fwd GB/s", "fwd+bwd GB/s", "fwd % roofline",
+            "fwd+bwd % roofline", "MB fwd / fwd+bwd"]
     print()
-    print(f"mamba-ssm selective_scan_cuda (float32, {name}, torch {torch.__version__}, CUDA {torch.version.cuda})")
+    print(f"mamba-ssm selective_scan_cuda ({name}, torch {torch.__version__}, CUDA {torch.version.cuda})")
     from cab_jax.summary import markdown_table  # here: cab_torch/step.py imports this module and must not import JAX
 
     print(markdown_table(rows, cols))

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds ONLY the float32 path of mamba-ssm's selective-scan CUDA extension (selective_scan_cuda: fwd for
-# float inputs with float or complex weights, bwd for float/real) for one GPU arch, without setuptools or
-# ninja, and checks that it imports. mamba's sources are NOT in this repository: MAMBA_CSRC (required) names a
+# float inputs with float or complex weights, bwd for float/real), and with DTYPES=fp32,bf16 also bfloat16
+# inputs with float weights, for one GPU arch, without setuptools or ninja, and checks that it imports. mamba's sources are NOT in this repository: MAMBA_CSRC (required) names a
 # directory holding mamba's csrc/selective_scan files, unchanged (this was written against commit e9594ce):
 #
 #   git clone https://github.com/state-spaces/mamba
@@ -9,14 +9,16 @@
 #   python3 benchmarks/mamba_cuda/bench.py
 #
 # The machine that runs it needs nvcc (CUDA_HOME), g++, python3 headers and a CUDA build of torch. It compiles
-# mamba's selective_scan.cpp, selective_scan_fwd_fp32.cu and selective_scan_bwd_fp32_real.cu, plus stubs.cpp
+# mamba's selective_scan.cpp, selective_scan_fwd_fp32.cu and selective_scan_bwd_fp32_real.cu (and the bf16 pair),
+# plus stubs.cpp
 # (ours: the left-out half/bfloat16/complex-bwd instantiations as functions that raise, so that the .so has no
 # undefined symbols of its own), in parallel: ~2 min (the bwd file alone takes that long).
 # Flags are those of mamba's setup.py (after torch's CUDAExtension defaults), for sm_${ARCH} only.
 # Environment knobs:
 #   MAMBA_CSRC (required), ARCH=90, JOBS=$(nproc), PYTHON=python3, CUDA_HOME=/usr/local/cuda, CXX=g++,
 #   CXX_STD=c++17 (mamba's), BUILD_DIR=benchmarks/mamba_cuda/build, PTXAS_VERBOSE=0 (1 adds mamba's
-#   --ptxas-options=-v: register counts), EXTRA_INCLUDES='' (space-separated dirs), SKIP_IMPORT=0.
+#   --ptxas-options=-v: register counts), EXTRA_INCLUDES='' (space-separated dirs), SKIP_IMPORT=0,
+#   DTYPES=fp32 (or fp32,bf16).
 # A compile-only check with a CPU-only torch and a local nvcc also works: SKIP_IMPORT=1 and EXTRA_INCLUDES=
 # a directory holding an empty c10/cuda/impl/cuda_cmake_macros.h (a header CPU wheels lack).
 set -uo pipefail
@@ -40,6 +42,12 @@ T0=$(now)
 NEEDED=(selective_scan.cpp selective_scan.h selective_scan_common.h static_switch.h reverse_scan.cuh
         uninitialized_copy.cuh selective_scan_fwd_kernel.cuh selective_scan_bwd_kernel.cuh
         selective_scan_fwd_fp32.cu selective_scan_bwd_fp32_real.cu)
+DTYPES=${DTYPES:-fp32}
+case $DTYPES in
+    fp32) BF16=0 ;;
+    fp32,bf16 | bf16,fp32) BF16=1; NEEDED+=(selective_scan_fwd_bf16.cu selective_scan_bwd_bf16_real.cu) ;;
+    *) die "DTYPES=$DTYPES: expected fp32 or fp32,bf16" ;;
+esac
 HOWTO="get them with: git clone https://github.com/state-spaces/mamba && MAMBA_CSRC=mamba/csrc/selective_scan bash benchmarks/mamba_cuda/build.sh"
 [[ -n ${MAMBA_CSRC:-} ]] || die "MAMBA_CSRC is not set: it must name a directory with mamba's csrc/selective_scan \
 files (${NEEDED[*]}); $HOWTO"
@@ -96,7 +104,7 @@ PYEOF
 eval "$TORCH_ENV"
 [[ -f $PY_INCLUDE/Python.h ]] || die "Python.h not found in $PY_INCLUDE (python3-dev headers missing)"
 
-echo "== build of selective_scan_cuda (float32 only), sm_$ARCH, JOBS=$JOBS, sources $SRC"
+echo "== build of selective_scan_cuda ($DTYPES), sm_$ARCH, JOBS=$JOBS, sources $SRC"
 echo "   torch $TORCH_VERSION (CUDA $TORCH_CUDA), cxx11 abi $CXX11_ABI, python include $PY_INCLUDE"
 echo "   $("$NVCC" --version | tail -n 2 | head -n 1)"
 echo "   $("$CXX" --version | head -n 1)"
@@ -148,7 +156,13 @@ obj() { echo "$OUT/obj/$1.o"; }
 job bwd_fp32_real "$NVCC" "${NVCCFLAGS[@]}" -c "$SRC/selective_scan_bwd_fp32_real.cu" -o "$(obj bwd_fp32_real)"
 job fwd_fp32 "$NVCC" "${NVCCFLAGS[@]}" -c "$SRC/selective_scan_fwd_fp32.cu" -o "$(obj fwd_fp32)"
 job selective_scan_cpp "$CXX" "${CXXFLAGS[@]}" -c "$SRC/selective_scan.cpp" -o "$(obj selective_scan_cpp)"
-job stubs "$CXX" "${CXXFLAGS[@]}" -I"$CUDA_HOME/include" -c "$HERE/stubs.cpp" -o "$(obj stubs)"
+if (( BF16 )); then
+    job bwd_bf16_real "$NVCC" "${NVCCFLAGS[@]}" -c "$SRC/selective_scan_bwd_bf16_real.cu" -o "$(obj bwd_bf16_real)"
+    job fwd_bf16 "$NVCC" "${NVCCFLAGS[@]}" -c "$SRC/selective_scan_fwd_bf16.cu" -o "$(obj fwd_bf16)"
+    job stubs "$CXX" "${CXXFLAGS[@]}" -DWITH_BF16 -I"$CUDA_HOME/include" -c "$HERE/stubs.cpp" -o "$(obj stubs)"
+else
+    job stubs "$CXX" "${CXXFLAGS[@]}" -I"$CUDA_HOME/include" -c "$HERE/stubs.cpp" -o "$(obj stubs)"
+fi
 echo "   launched ${#NAMES[@]} compile jobs ($(printf '%s ' "${NAMES[@]}"))"
 wait
 
