@@ -111,3 +111,15 @@ def test_vim_tiny_trains_on_it_through_main(data_dir, tmp_path):
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["step"] == 3 and results["train_examples"] == 1000
     assert results["metrics"]["eval_examples"] == 1000 and 0 <= results["metrics"]["top1"] <= 100
+
+
+def test_the_command_line_writes_three_train_and_one_validation_image_per_class_by_default(tmp_path):
+    """README: ``python -m cab_jax.data.fake_imagenet --data_dir=DIR`` writes 3 train images per class (and 1 for
+    validation); asking the same directory for another one fails in one line with status 2."""
+    command = [sys.executable, "-m", "cab_jax.data.fake_imagenet", f"--data_dir={tmp_path}", "--scale=0.02"]
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    splits = tfds.builder("imagenet2012", data_dir=str(tmp_path)).info.splits
+    assert (splits["train"].num_examples, splits["validation"].num_examples) == (3000, 1000)
+    proc = subprocess.run([*command, "--train_per_class=2"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 2 and "already holds an imagenet2012" in proc.stderr, proc.stderr[-2000:]
