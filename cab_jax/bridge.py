@@ -98,32 +98,34 @@ class BridgeNet(nnx.Module):
     """student width -> hidden -> SiLU -> ... -> teacher width, with ``hidden_layers`` hidden layers of width
     ``hidden`` (``kind="mlp"``; CAB's is one), or one linear map (``kind="linear"``), or (``kind="attention"``) the
     one-hidden-layer MLP with one single-head self-attention layer over the tokens (width ``hidden``, a residual
-    add) after its hidden layer: a map that sees the other tokens, where the others see one token at a time."""
+    add) after its hidden layer: a map that sees the other tokens, where the others see one token at a time.
+    Parameters are float32; ``dtype`` is the compute dtype (the model's: bfloat16 runs the maps in bfloat16)."""
 
-    def __init__(self, d_in: int, d_out: int, hidden: int, kind: str, *, rngs: nnx.Rngs, hidden_layers: int = 1):
+    def __init__(self, d_in: int, d_out: int, hidden: int, kind: str, *, rngs: nnx.Rngs, hidden_layers: int = 1,
+                 dtype: jnp.dtype = jnp.float32):
         if kind not in BRIDGE_KINDS:
             raise ValueError(f"unknown bridge kind {kind!r}; expected one of {BRIDGE_KINDS}")
-        self.attention = (dense(hidden, 3 * hidden, ("embed", None), rngs=rngs) if kind == "attention" else None)
+        linear = functools.partial(dense, rngs=rngs, dtype=dtype)
+        self.dtype = dtype
+        self.attention = linear(hidden, 3 * hidden, ("embed", None)) if kind == "attention" else None
         if kind == "attention":
-            self.layers = nnx.List([dense(d_in, hidden, (None, "embed"), rngs=rngs),
-                                    dense(hidden, d_out, ("embed", "heads"), rngs=rngs)])
+            self.layers = nnx.List([linear(d_in, hidden, (None, "embed")), linear(hidden, d_out, ("embed", "heads"))])
         elif kind == "mlp":
             if hidden_layers < 1:
                 raise ValueError(f"an mlp bridge needs at least one hidden layer, got hidden_layers={hidden_layers}")
-            self.layers = nnx.List([dense(d_in, hidden, (None, "embed"), rngs=rngs)]
-                                   + [dense(hidden, hidden, (None, "embed"), rngs=rngs)
-                                      for _ in range(hidden_layers - 1)]
-                                   + [dense(hidden, d_out, ("embed", "heads"), rngs=rngs)])
+            self.layers = nnx.List([linear(d_in, hidden, (None, "embed"))]
+                                   + [linear(hidden, hidden, (None, "embed")) for _ in range(hidden_layers - 1)]
+                                   + [linear(hidden, d_out, ("embed", "heads"))])
         else:
-            self.layers = nnx.List([dense(d_in, d_out, (None, "heads"), rngs=rngs)])
+            self.layers = nnx.List([linear(d_in, d_out, (None, "heads"))])
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        """x: (batch, tokens, ...) -> (batch, tokens, d_out) float32."""
-        x = self.layers[0](x.reshape(*x.shape[:2], -1).astype(jnp.float32))  # per-head inputs flattened
+        """x: (batch, tokens, ...) -> (batch, tokens, d_out) in the compute dtype."""
+        x = self.layers[0](x.reshape(*x.shape[:2], -1).astype(self.dtype))  # per-head inputs flattened
         if self.attention is not None:
             q, k, v = jnp.split(self.attention(jax.nn.silu(x)), 3, axis=-1)
-            weights = jax.nn.softmax(jnp.einsum("bsd,btd->bst", q, k) / np.sqrt(q.shape[-1]), axis=-1)
-            x = x + jnp.einsum("bst,btd->bsd", weights, v)
+            scores = jnp.einsum("bsd,btd->bst", q, k).astype(jnp.float32) / np.sqrt(q.shape[-1])
+            x = x + jnp.einsum("bst,btd->bsd", jax.nn.softmax(scores, axis=-1).astype(v.dtype), v)
         for layer in self.layers[1:]:
             x = layer(jax.nn.silu(x))
         return x
@@ -133,8 +135,8 @@ class LayerBridge(nnx.Module):
     """The four maps of one student layer: B -> K, B_b -> K, C -> Q, C_b -> Q."""
 
     def __init__(self, d_in: int, d_teacher: int, hidden: int, kind: str, bidirectional: bool, *,
-                 rngs: nnx.Rngs, hidden_layers: int = 1):
-        make = lambda: BridgeNet(d_in, d_teacher, hidden, kind, rngs=rngs, hidden_layers=hidden_layers)
+                 rngs: nnx.Rngs, hidden_layers: int = 1, dtype: jnp.dtype = jnp.float32):
+        make = lambda: BridgeNet(d_in, d_teacher, hidden, kind, rngs=rngs, hidden_layers=hidden_layers, dtype=dtype)
         self.b_to_k, self.c_to_q = make(), make()
         self.b_to_k_b, self.c_to_q_b = (make(), make()) if bidirectional else (None, None)
 
@@ -197,7 +199,8 @@ class AttentionBridge(nnx.Module):
     """The bridged layers' maps (stacked) plus the student->teacher layer map; ``__call__`` returns the bridge
     loss.
 
-    ``d_in``: the student's B/C width (d_state for Vim, n_qk_heads * d_state for Phi-Mamba)."""
+    ``d_in``: the student's B/C width (d_state for Vim, n_qk_heads * d_state for Phi-Mamba); ``dtype``: the maps'
+    compute dtype (parameters, targets and the squared errors stay float32)."""
 
     def __init__(
         self,
@@ -212,6 +215,7 @@ class AttentionBridge(nnx.Module):
         layers: str | Sequence[int] = "proportional",
         bidirectional: bool = True,
         hidden_layers: int = 1,
+        dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
         apply_kernel_map(jnp.zeros((1, 1)), kernel_map, token_axis=False)  # validates the name early
@@ -219,7 +223,8 @@ class AttentionBridge(nnx.Module):
         self.mapping = layer_map(student_depth, teacher_depth, layers)
         self.student_layers = tuple(i for i, g in enumerate(self.mapping) if g >= 0)  # the bridged ones
         self.layers = stack_layers([LayerBridge(d_in, d_teacher, hidden, kind, bidirectional, rngs=rngs,
-                                                hidden_layers=hidden_layers) for _ in self.student_layers])
+                                                hidden_layers=hidden_layers, dtype=dtype)
+                                    for _ in self.student_layers])
 
     def __call__(self, projections: SSMProjections, teacher_qk: tuple[jax.Array, jax.Array],
                  cls_position: int | None) -> jax.Array:

@@ -192,7 +192,7 @@ class VisionDomain:
             student_depth=c.student.depth, teacher_depth=c.teacher.depth, d_in=c.student.d_state,
             d_teacher=c.teacher.embed_dim, hidden=b.hidden, kind=b.kind, kernel_map=b.kernel_map,
             hidden_layers=b.get("hidden_layers", 1), layers=_bridge_layers(b), bidirectional=c.student.bidirectional,
-            rngs=rngs)
+            dtype=DTYPES[c.dtype], rngs=rngs)
 
     def prepare(self, key: jax.Array, batch: dict, train: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array]:
         return mix_batch(key, batch["image"], batch["label"], self.c.data.num_classes, train)
@@ -284,7 +284,8 @@ class LanguageDomain:
             student_depth=c.student.depth, teacher_depth=c.teacher.depth,
             d_in=c.student.n_qk_heads * c.student.d_state, d_teacher=c.teacher.hidden_size,
             hidden=b.hidden or c.teacher.hidden_size, kind=b.kind, kernel_map=b.kernel_map,
-            hidden_layers=b.get("hidden_layers", 1), layers=_bridge_layers(b), bidirectional=False, rngs=rngs)
+            hidden_layers=b.get("hidden_layers", 1), layers=_bridge_layers(b), bidirectional=False,
+            dtype=DTYPES[c.dtype], rngs=rngs)
 
     def prepare(self, key: jax.Array, batch: dict, train: ml_collections.ConfigDict
                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:

@@ -5,6 +5,7 @@ layer-by-layer float64 NumPy computation written from the method's description."
 from __future__ import annotations
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -464,3 +465,36 @@ def test_bridge_gradients_match_finite_differences():
         analytic = sum(jnp.sum(g * v) for g, v in zip(jax.tree.leaves(grads), jax.tree.leaves(direction),
                                                       strict=True))
         np.testing.assert_allclose(analytic, numeric, rtol=5e-3)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "attention"])
+def test_a_bfloat16_bridge_computes_in_bfloat16_from_float32_parameters(kind):
+    """dtype=bfloat16 (a bfloat16 run's bridge): float32 parameters, every matrix product in bfloat16, and the
+    float32 loss and gradients of the float32 bridge with the same parameters to bfloat16 precision."""
+    bridges = {dt: randomise(make_bridge(4, 2, kind=kind, dtype=dt)) for dt in (jnp.float32, jnp.bfloat16)}
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(bridges[jnp.bfloat16], nnx.Param)))
+    projections, teacher_qk = random_inputs(4, 2)
+    projections = jax.tree.map(lambda t: t.astype(jnp.bfloat16), projections)
+
+    def value_and_grads(bridge):
+        graphdef, state = nnx.split(bridge)
+        loss = lambda s, p: nnx.merge(graphdef, s)(p, teacher_qk, CLS)
+        return jax.value_and_grad(loss, argnums=(0, 1))(state, projections), jax.make_jaxpr(loss)(state, projections)
+
+    (loss16, grads16), jaxpr = value_and_grads(bridges[jnp.bfloat16])
+    (loss32, grads32), _ = value_and_grads(bridges[jnp.float32])
+    dots = [e for e in _all_eqns(jaxpr.jaxpr) if e.primitive.name == "dot_general"]
+    assert dots and all(v.aval.dtype == jnp.bfloat16 for e in dots for v in e.invars)
+    assert loss16.dtype == jnp.float32
+    np.testing.assert_allclose(loss16, loss32, rtol=2e-2)
+    for g16, g32 in zip(jax.tree.leaves(grads16), jax.tree.leaves(grads32), strict=True):
+        scale = float(jnp.max(jnp.abs(g32.astype(jnp.float32))))
+        np.testing.assert_allclose(np.asarray(g16, np.float32), np.asarray(g32, np.float32), atol=5e-2 * scale)
+
+
+def _all_eqns(jaxpr):
+    """Every equation of ``jaxpr`` and of the jaxprs nested in it."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            yield from _all_eqns(sub)
