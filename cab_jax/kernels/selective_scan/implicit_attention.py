@@ -33,7 +33,7 @@ def implicit_attention(delta: jax.Array, A: jax.Array, B: jax.Array, C: jax.Arra
     matrix product over (channel, state) per input block. Both factors are taken relative to X at the block's last
     position, which bounds each by 1 (no overflow however strong the decay). Within the block the weights are
     computed directly. Memory is (batch, length, ``channel_block``, d_state) floats per input block, computed one
-    block after another.
+    block after another (in the backward pass too).
     """
     delta = effective_delta(delta, delta_bias, delta_softplus)  # (b, L, d)
     B, C, A = B.astype(_F32), C.astype(_F32), A.astype(_F32)
@@ -71,7 +71,8 @@ def implicit_attention(delta: jax.Array, A: jax.Array, B: jax.Array, C: jax.Arra
                                   jnp.exp(decay) * src[:, None], precision=jax.lax.Precision.HIGHEST)
             return jax.lax.dynamic_update_slice_in_dim(weights, diagonal, first, axis=1)
 
-        columns = jax.lax.map(input_block, jnp.arange(blocks))  # (blocks, b, Lp, Q)
+        # Checkpointed: the backward pass recomputes a block's factors instead of keeping every block's.
+        columns = jax.lax.map(jax.checkpoint(input_block), jnp.arange(blocks))  # (blocks, b, Lp, Q)
         return jnp.moveaxis(columns, 0, 2).reshape(batch, blocks * token_block, -1)[:, :length, :length]
 
     total = sum(channels(start) for start in range(0, d_inner, channel_block))
