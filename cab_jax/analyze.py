@@ -154,6 +154,7 @@ def plot_similarity(report: list[dict], path: epath.Path) -> bool:
             ax.plot([r["student_layer"] for r in entry["layers"]], [r[measure] for r in entry["layers"]],
                     marker="o", label=_label(entry))
         ax.set_xlabel("student layer")
+        ax.set_xticks(sorted({r["student_layer"] for entry in report for r in entry["layers"]}))  # whole layers
         ax.set_ylabel(f"{measure} to the teacher's map")
         ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
