@@ -114,3 +114,38 @@ def test_the_guard_skips_with_a_warning(caplog):
             guard.push(step, flagged(bad))
         guard.check()
     assert caplog.text.count("the update was skipped") == 2 and "Step 3:" in caplog.text
+
+
+class HeldFuture:
+    """A write that finishes only when ``released`` is set (orbax waits on its ``result``)."""
+
+    def __init__(self, released):
+        self.released = released
+
+    def result(self, timeout=None):
+        assert self.released.wait(20), "the held write was never released: did save wait for its own files?"
+
+
+def test_a_save_returns_while_its_files_are_still_being_written(tmp_path, monkeypatch):
+    """README: saves are asynchronous. With the arrays' write held open, ``save`` returns, the checkpoint is not yet
+    committed and the checkpointer says a save is in progress; released, ``wait`` commits it and it restores."""
+    import threading
+
+    import orbax.checkpoint as ocp
+
+    released = threading.Event()
+    serialize = ocp.type_handlers.ArrayHandler.serialize
+
+    async def held_serialize(self, *args, **kwargs):
+        return [*await serialize(self, *args, **kwargs), HeldFuture(released)]
+
+    monkeypatch.setattr(ocp.type_handlers.ArrayHandler, "serialize", held_serialize)
+    ckpt = checkpoint.RunCheckpointer(tmp_path)
+    ckpt.save(3, state_at(3.0, 3), FakeIterator(3))
+    assert not released.is_set() and ckpt.manager.is_saving_in_progress()
+    assert not (tmp_path / "3").exists()  # written into a temporary directory, renamed when committed
+    released.set()
+    ckpt.wait()
+    ckpt.close()
+    state, step, data_step = restore(tmp_path)
+    assert (step, data_step) == (3, 3) and float(state["params"]["w"][0, 0]) == 3.0
