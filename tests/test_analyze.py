@@ -189,3 +189,10 @@ def test_causal_attention_weights_see_only_the_past():
     full, causal = attention_weights(q, k), attention_weights(q, k, causal=True)
     assert np.allclose(np.triu(causal, 1), 0) and np.allclose(causal.sum(-1), 1) and np.allclose(full.sum(-1), 1)
     np.testing.assert_allclose(causal[:, -1], full[:, -1], rtol=1e-6)  # the last query sees every key either way
+
+
+def test_the_attention_maps_are_averaged_over_64_examples_by_default():
+    """README: the maps are averaged over 64 eval examples unless --num_examples says otherwise."""
+    text = analyze_command("--help").stdout
+    flag = text[text.index("  --num_examples:") + 3:]  # the flag's entry in the list of flags
+    assert "(default: '64')" in flag[: flag.index("  --")], flag[:300]
