@@ -189,3 +189,25 @@ def test_every_config_file_shows_its_launch_command():
     for path in CONFIGS:
         module = importlib.import_module(f"configs.{path.stem}")
         assert f"python -m cab_jax.main --config=configs/{path.name}" in (module.__doc__ or ""), path.name
+
+
+def test_the_study_digits_grid_is_4_fractions_3_modes_3_seeds_on_65_tokens():
+    """README: configs/study_digits.py runs the default grid (4 fractions x 3 modes x 3 seeds) on the digits in 65
+    tokens (32 px images in 4 px patches, plus the cls token), for teacher and student alike."""
+    from configs import study_digits
+
+    c = study_digits.get_config()
+    assert (len(c.study.fractions), tuple(c.study.modes), len(c.study.seeds)) == (4, ("vanilla", "soft", "cab"), 3)
+    for model in (c.teacher, c.student):
+        assert (c.data.image_size // model.patch_size) ** 2 + 1 == 65
+
+
+def test_the_gpu_extra_pins_the_jax_the_kernels_are_tested_with():
+    """README: `pip install -e .[gpu]` pins the JAX release the GPU kernels are tested with: a lower and an upper
+    bound on one minor release."""
+    import re
+
+    text = (pathlib.Path(__file__).parents[1] / "pyproject.toml").read_text()
+    (gpu,) = re.findall(r'^gpu = \["([^"]+)"\]$', text, re.M)
+    low, high = re.fullmatch(r"jax\[cuda\d+\]>=(\d+\.\d+)\.\d+,<(\d+\.\d+)", gpu).groups()
+    assert tuple(map(int, high.split("."))) == (int(low.split(".")[0]), int(low.split(".")[1]) + 1), gpu
