@@ -64,3 +64,35 @@ def test_an_upward_import_is_caught(tmp_path):
     (package / "models" / "vim.py").write_text("def f():\n    from cab_jax import train\n")
     (package / "train.py").write_text("from cab_jax.models import vim\n")
     assert upward_imports(package) == ["cab_jax.models.vim (layer 2) imports cab_jax.train (layer 5)"]
+
+
+NO_TORCH = """
+import importlib, importlib.abc, pkgutil, sys
+
+class NoTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is not installed (this test hides it)")
+
+sys.meta_path.insert(0, NoTorch())
+from absl import flags
+import cab_jax
+names = sorted(m.name for m in pkgutil.walk_packages(cab_jax.__path__, "cab_jax.")
+               if not m.name.startswith("cab_jax.convert"))
+for name in names:
+    importlib.import_module(name)
+    for flag in list(flags.FLAGS):  # entry points define flags of the same names at import
+        delattr(flags.FLAGS, flag)
+print(len(names))
+"""
+
+
+def test_only_checkpoint_conversion_needs_torch():
+    """README: torch is needed only for checkpoint conversion. With torch hidden, every other module of the package
+    imports."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", NO_TORCH], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT.parent)
+    assert proc.returncode == 0 and int(proc.stdout.split()[-1]) > 30, proc.stderr[-3000:]
