@@ -9,6 +9,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from cab_jax import lower, memory_plan, sharding, train
 from configs import demo
 
@@ -155,3 +157,27 @@ def test_memory_estimate_counts_the_state_exactly_and_the_activations_linearly_i
     assert acts.at(4)[1] < flat.at(4)[1] and acts.at(4)[2] == flat.at(4)[1] // c.student.depth
     assert flat.at(4)[2] == 0
     assert memory_plan.largest_batch(e, acts, e.total / memory_plan.USABLE) == 4
+
+
+@pytest.mark.slow
+def test_readmes_memory_table_is_what_the_command_prints():
+    """README's per-chip memory table is the output of `python -m cab_jax.lower --platforms= --memory_plan`: its
+    vim_tiny rows (GiB per chip, the state's share, the largest batch per chip of each TPU generation) are what the
+    command prints today."""
+    proc = run(["-m", "cab_jax.lower", "--config=configs/vim_tiny.py", "--platforms=", "--memory_plan"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = {cells[0]: cells for cells in map(table_cells, proc.stdout.splitlines()) if cells[0].isdigit()}
+    readme = [cells for cells in map(table_cells, (ROOT / "README.md").read_text().splitlines())
+              if cells[0].startswith("vim_tiny")]
+    assert len(readme) == 3, readme
+    largest = None
+    for _, chips, mesh, per_chip, gib, fixed, batches in readme:
+        got = printed[chips]
+        assert [mesh, per_chip, gib, fixed] == [got[1], got[3], got[4], got[5]], got
+        largest = batches if batches != "same" else largest
+        assert largest == ", ".join(got[7:11]), got
+
+
+def table_cells(line: str) -> list[str]:
+    """The cells of a Markdown table row (one empty cell for any other line)."""
+    return [c.strip() for c in line.strip().strip("|").split("|")] if line.startswith("|") else [""]
