@@ -55,3 +55,23 @@ def pytest_collection_modifyitems(items):
     """The slow end-to-end tests first: pytest-xdist's workers then fill the rest of their time with the short tests
     instead of finishing on one long test while the other worker idles."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+@pytest.fixture
+def plot_warnings_without_matplotlib(monkeypatch) -> list[str]:
+    """matplotlib made unimportable; returns the list that ``cab_jax.plots``' warnings are appended to."""
+    import builtins
+
+    from cab_jax import plots
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    warnings = []
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    monkeypatch.setattr(plots.logging, "warning", lambda msg, *a: warnings.append(msg % a))
+    return warnings

@@ -198,25 +198,12 @@ def test_the_attention_maps_are_averaged_over_64_examples_by_default():
     assert "(default: '64')" in flag[: flag.index("  --")], flag[:300]
 
 
-def test_without_matplotlib_the_figures_are_skipped_with_a_line_saying_how_to_get_them(tmp_path, monkeypatch):
+def test_without_matplotlib_the_figures_are_skipped_with_a_line_saying_how_to_get_them(tmp_path,
+                                                                                   plot_warnings_without_matplotlib):
     """README: the analyses' figures need matplotlib (the `plot` extra); without it each is skipped, and a warning
     names the extra."""
-    import builtins
-
     from etils import epath
 
-    from cab_jax import plots
-
-    real_import = builtins.__import__
-
-    def no_matplotlib(name, *args, **kwargs):
-        if name.startswith("matplotlib"):
-            raise ImportError(name)
-        return real_import(name, *args, **kwargs)
-
-    warnings = []
-    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
-    monkeypatch.setattr(plots.logging, "warning", lambda msg, *a: warnings.append(msg % a))
     report = [{"run": str(tmp_path / "r"), "mode": "cab", "layers": [{"student_layer": 0, "cosine": 0.5,
                                                                       "spearman": 0.5}]}]
     out = epath.Path(tmp_path)
@@ -224,4 +211,5 @@ def test_without_matplotlib_the_figures_are_skipped_with_a_line_saying_how_to_ge
     assert not analyze.plot_maps(report, out / "maps.png")
     analyze.plot_curves([], out / "curves.png")
     assert not list(tmp_path.glob("*.png"))
+    warnings = plot_warnings_without_matplotlib
     assert len(warnings) == 3 and all("cab-jax[plot]" in w for w in warnings), warnings

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import test_config
 
-from cab_jax import plots, study, train
+from cab_jax import study, train
 
 DEMO = pathlib.Path(__file__).parents[1] / "configs" / "demo.py"
 
@@ -121,24 +121,12 @@ def test_without_a_grid_the_study_is_the_config_s_one_fraction_and_seed(tmp_path
     assert [x["std"] for x in cells] == [0.0] * 3
 
 
-def test_without_matplotlib_there_is_no_plot_and_a_line_says_how_to_get_it(tmp_path, monkeypatch):
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_matplotlib(name, *args, **kwargs):
-        if name.startswith("matplotlib"):
-            raise ImportError(name)
-        return real_import(name, *args, **kwargs)
-
-    warnings = []
-    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
-    monkeypatch.setattr(plots.logging, "warning", lambda msg, *a: warnings.append(msg % a))
+def test_without_matplotlib_there_is_no_plot_and_a_line_says_how_to_get_it(tmp_path, plot_warnings_without_matplotlib):
     cells = [{"fraction": 0.1, "mode": "cab", "metric": "top-1", "mean": 1.0, "std": 0.0}]
     from etils import epath
 
     assert not study.plot(cells, epath.Path(tmp_path) / "study.png")
-    assert not (tmp_path / "study.png").exists() and "cab-jax[plot]" in warnings[0]
+    assert not (tmp_path / "study.png").exists() and "cab-jax[plot]" in plot_warnings_without_matplotlib[0]
 
 
 @pytest.mark.parametrize("preset", [False, True])
