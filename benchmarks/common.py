@@ -9,7 +9,7 @@ import pathlib
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 # Selective-scan benchmark shapes, name: (batch, length, d_inner, d_state, bidirectional): the Vim-Ti/S/B
 # training shapes of one mixer and a long single-direction one.
@@ -99,9 +99,9 @@ def model_flops(built, batch: dict) -> float:
     trainer, params, teacher = built.trainer, built.state["params"], built.teacher_params
     inputs, targets = trainer.domain.prepare(jax.random.key(0), batch, trainer.job.train)
     teacher_fwd = lambda p, x: jax.lax.stop_gradient(trainer.teacher.module(p)(x))
-    teacher_out = teacher_fwd(teacher, inputs) if teacher is not None else None
-    student_fwd = matmul_flops(lambda p, x, y, t: train.loss_fn(trainer, p, x, y, t, None)[0], params, inputs, targets,
-                         teacher_out)
+    teacher_out = jax.eval_shape(teacher_fwd, teacher, inputs) if teacher is not None else None  # shapes suffice
+    student_fwd = matmul_flops(lambda p, x, y, t: train.loss_fn(trainer, p, x, y, t, None)[0], params, inputs,
+                               targets, teacher_out)
     return 3 * student_fwd + (matmul_flops(teacher_fwd, teacher, inputs) if teacher is not None else 0.0)
 
 
@@ -134,6 +134,16 @@ def run_one(script: str, job: dict, error_row: dict) -> dict:
         return json.loads(proc.stdout.split("ROW", 1)[1])
     lines = proc.stderr.strip().splitlines() or ["?"]
     return {**error_row, "error": next((line for line in reversed(lines) if "Error" in line), lines[-1])[:160]}
+
+
+def run_each(script: str, jobs: Iterable[dict], error_row: Callable[[dict], dict]) -> list[dict]:
+    """``run_one`` for each job in turn, each row printed as a JSON line as it comes (a run cut off keeps what it
+    measured); ``error_row(job)``: the row of a job whose process failed."""
+    rows = []
+    for job in jobs:
+        rows.append(run_one(script, job, error_row(job)))
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 def time_train_steps(built, batches: list, steps: int, warmup: int = 1) -> tuple[float, float, dict]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import pathlib
 import sys
 import time
@@ -25,7 +24,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from common import peak_gib, report_one, run_one, time_train_steps  # benchmarks/common.py  # noqa: E402
+from common import peak_gib, report_one, run_each, time_train_steps  # benchmarks/common.py  # noqa: E402
 
 from cab_jax.summary import markdown_table  # noqa: E402
 
@@ -92,9 +91,8 @@ def measure_generate(length: int, role: str, batch: int, new_tokens: int, dtype:
             "compile_s": round(compile_s, 1)}
 
 
-def _run_one(job: dict) -> dict:
-    return run_one(__file__, job, {"part": job["kind"], "mode": job.get("mode", job.get("role")),
-                                   "length": job["length"]})
+def _error_row(job: dict) -> dict:
+    return {"part": job["kind"], "mode": job.get("mode", job.get("role")), "length": job["length"]}
 
 
 def main() -> None:
@@ -124,9 +122,7 @@ def main() -> None:
         if "generate" in args.parts:
             jobs += [dict(kind="generate", length=length, role=r, batch=args.gen_batch, new_tokens=args.new_tokens,
                           dtype=args.dtype, overrides=args.set) for r in ("student", "teacher")]
-        for job in jobs:
-            rows.append(_run_one(job))
-            print(json.dumps(rows[-1]), flush=True)  # each row as it comes: a cut-off run keeps it
+        rows += run_each(__file__, jobs, _error_row)
     columns = ["part", "mode", "length", "batch", "tokens_per_s", "ms_per_step", "peak_gib", "cache_mib", "compile_s",
                "loss", "error"]
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, dtype {args.dtype}, set: {args.set or '-'}")

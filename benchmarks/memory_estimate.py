@@ -12,13 +12,13 @@ as XLA's associative scan, a different program from the GPU's and TPU's kernels:
 from __future__ import annotations
 
 import argparse
-import json
+import itertools
 import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from common import peak_gib, report_one, run_one, synthetic_setup  # benchmarks/common.py
+from common import peak_gib, report_one, run_each, synthetic_setup  # benchmarks/common.py
 
 from cab_jax.summary import markdown_table
 
@@ -57,13 +57,10 @@ def main() -> None:
     if args.one:
         report_one(args.one, measure)
         return
-    rows = []
-    for config_name in args.configs.split(","):
-        for dtype in args.dtypes.split(","):
-            for remat in args.remat.split(","):
-                job = dict(config_name=config_name, dtype=dtype, batch_size=args.batch_size, remat=remat == "true")
-                rows.append(run_one(__file__, job, job))
-                print(json.dumps(rows[-1]), flush=True)  # each row as it comes: a cut-off run keeps what it measured
+    grid = itertools.product(args.configs.split(","), args.dtypes.split(","), args.remat.split(","))
+    jobs = (dict(config_name=config_name, dtype=dtype, batch_size=args.batch_size, remat=remat == "true")
+            for config_name, dtype, remat in grid)
+    rows = run_each(__file__, jobs, lambda job: job)
     print(markdown_table(rows))
 
 

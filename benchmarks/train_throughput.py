@@ -15,7 +15,7 @@ step time and this device's matmul rate in the step's dtype, measured in the sam
 from __future__ import annotations
 
 import argparse
-import json
+import itertools
 import pathlib
 import sys
 
@@ -26,6 +26,7 @@ from common import (  # benchmarks/common.py
     model_flops,
     peak_gib,
     report_one,
+    run_each,
     run_one,
     synthetic_setup,
     time_train_steps,
@@ -56,8 +57,12 @@ def measure(config_name: str, dtype: str, batch_size: int, steps: int, remat: bo
             "device": jax.devices()[0].device_kind, "jax": jax.__version__}
 
 
+def _error_row(job: dict) -> dict:
+    return {**job, "config": job["config_name"], "batch": job["batch_size"]}
+
+
 def _run_one(job: dict) -> dict:
-    return run_one(__file__, job, {**job, "config": job["config_name"], "batch": job["batch_size"]})
+    return run_one(__file__, job, _error_row(job))
 
 
 def main() -> None:
@@ -75,18 +80,13 @@ def main() -> None:
     if args.one:
         report_one(args.one, measure)
         return
-    rows = []
-    for config_name in args.configs.split(","):
-        for dtype in args.dtypes.split(","):
-            for remat in args.remat.split(","):
-                for mode in args.modes.split(","):
-                    for scan_impl in args.scan_impls.split(","):
-                        for policy in args.remat_policies.split(",") if remat == "true" else ["full"]:
-                            job = dict(config_name=config_name, dtype=dtype, batch_size=args.batch_size,
-                                       steps=args.steps, remat=remat == "true", mode=mode, scan_impl=scan_impl,
-                                       remat_policy=policy)
-                            rows.append(_run_one(job))
-                            print(json.dumps(rows[-1]), flush=True)  # each row as it comes: a cut-off run keeps it
+    grid = itertools.product(*(getattr(args, name).split(",") for name in ("configs", "dtypes", "remat", "modes",
+                                                                          "scan_impls")))
+    jobs = (dict(config_name=config_name, dtype=dtype, batch_size=args.batch_size, steps=args.steps,
+                 remat=remat == "true", mode=mode, scan_impl=scan_impl, remat_policy=policy)
+            for config_name, dtype, remat, mode, scan_impl in grid
+            for policy in (args.remat_policies.split(",") if remat == "true" else ["full"]))
+    rows = run_each(__file__, jobs, _error_row)
     columns = ["config", "dtype", "remat", "remat_policy", "mode", "scan_impl", "batch", "images_per_s", "ms_per_step",
                "peak_gib", "xla_step_gib", "compile_s", "loss", "model_gflop", "matmul_tflops", "mfu", "device",
                "jax", "error"]
