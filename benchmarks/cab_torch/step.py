@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
-import importlib.util
 import json
 import pathlib
 import statistics
@@ -55,23 +54,19 @@ def log(message: str) -> None:
 
 def build_causal_conv1d(cab_root: pathlib.Path, build_dir: pathlib.Path):
     """causal_conv1d_cuda from the checkout's csrc, compiled with causal-conv1d's setup.py flags, or imported from
-    ``build_dir/causal_conv1d/causal_conv1d_cuda.so`` where an earlier run left it."""
+    ``build_dir/causal_conv1d`` where an earlier run left it."""
     from torch.utils import cpp_extension
 
-    built = build_dir / "causal_conv1d" / "causal_conv1d_cuda.so"
-    if built.is_file():
-        spec = importlib.util.spec_from_file_location("causal_conv1d_cuda", built)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        log(f"causal_conv1d_cuda imported from {built}")
-        return module
+    out = build_dir / "causal_conv1d"
+    if list(out.glob("causal_conv1d_cuda*.so")):
+        log(f"causal_conv1d_cuda imported from {out}")
+        return load_extension(out, "causal_conv1d_cuda")
     csrc = cab_root / "causal-conv1d" / "csrc"
     sources = [csrc / n for n in ("causal_conv1d.cpp", "causal_conv1d_fwd.cu", "causal_conv1d_bwd.cu",
                                   "causal_conv1d_update.cu")]
     missing = [str(s) for s in sources if not s.is_file()]
     if missing:
         sys.exit(f"step.py: {cab_root} is not CAB's vision_CAB directory: missing {', '.join(missing)}")
-    out = build_dir / "causal_conv1d"
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     module = cpp_extension.load(name="causal_conv1d_cuda", sources=[str(s) for s in sources],

@@ -28,6 +28,7 @@ torch.cuda.synchronize(), after warm-up (like cab_jax.timing.median_ms); --timer
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import pathlib
 import statistics
@@ -43,19 +44,18 @@ sys.path[:0] = [str(HERE.parent), str(HERE.parents[1])]
 from common import SCAN_SHAPES, hbm_peak_gbps  # benchmarks/common.py  # noqa: E402
 
 
-def load_extension(build_dir: pathlib.Path):
-    """Imports build_dir/selective_scan_cuda*.so (torch first; lazy binding in case a symbol is missing)."""
-    if not list(build_dir.glob("selective_scan_cuda*.so")):
-        sys.exit(f"bench.py: no selective_scan_cuda*.so in {build_dir}: run benchmarks/mamba_cuda/build.sh first")
+def load_extension(build_dir: pathlib.Path, name: str = "selective_scan_cuda"):
+    """Imports the extension ``build_dir/<name>*.so`` (torch first; lazy binding in case a symbol is missing)."""
+    if not list(build_dir.glob(f"{name}*.so")):
+        sys.exit(f"bench.py: no {name}*.so in {build_dir}: run benchmarks/mamba_cuda/build.sh first")
     old = sys.getdlopenflags()
     sys.setdlopenflags(os.RTLD_LAZY | os.RTLD_GLOBAL)
     sys.path.insert(0, str(build_dir))
     try:
-        import selective_scan_cuda
+        return importlib.import_module(name)
     finally:
         sys.setdlopenflags(old)
         sys.path.pop(0)
-    return selective_scan_cuda
 
 
 # ---------------------------------------------------------------------------------------------------------
