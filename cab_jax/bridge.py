@@ -106,7 +106,6 @@ class BridgeNet(nnx.Module):
         if kind not in BRIDGE_KINDS:
             raise ValueError(f"unknown bridge kind {kind!r}; expected one of {BRIDGE_KINDS}")
         linear = functools.partial(dense, rngs=rngs, dtype=dtype)
-        self.dtype = dtype
         self.attention = linear(hidden, 3 * hidden, ("embed", None)) if kind == "attention" else None
         if kind == "attention":
             self.layers = nnx.List([linear(d_in, hidden, (None, "embed")), linear(hidden, d_out, ("embed", "heads"))])
@@ -121,7 +120,7 @@ class BridgeNet(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: (batch, tokens, ...) -> (batch, tokens, d_out) in the compute dtype."""
-        x = self.layers[0](x.reshape(*x.shape[:2], -1).astype(self.dtype))  # per-head inputs flattened
+        x = self.layers[0](x.reshape(*x.shape[:2], -1))  # per-head inputs flattened; the layer casts to its dtype
         if self.attention is not None:
             q, k, v = jnp.split(self.attention(jax.nn.silu(x)), 3, axis=-1)
             scores = jnp.einsum("bsd,btd->bst", q, k).astype(jnp.float32) / np.sqrt(q.shape[-1])

@@ -78,7 +78,7 @@ def test_a_bfloat16_train_step_keeps_float32_state_and_follows_the_float32_step(
         c.dtype = dtype
         mesh = sharding.make_mesh(c.mesh)
         trainer, state, teacher = build_trainer(c, mesh)
-        assert domains.for_config(c).build_bridge(nnx.Rngs(0)).layers.b_to_k.dtype == np.dtype(dtype)
+        assert domains.for_config(c).build_bridge(nnx.Rngs(0)).layers.b_to_k.layers[0].dtype == np.dtype(dtype)
         batch = sharding.global_batch({"image": images, "label": labels}, mesh)
         losses = []
         for _ in range(5):
