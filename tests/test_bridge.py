@@ -483,7 +483,7 @@ def test_a_bfloat16_bridge_computes_in_bfloat16_from_float32_parameters(kind):
 
     (loss16, grads16), jaxpr = value_and_grads(bridges[jnp.bfloat16])
     (loss32, grads32), _ = value_and_grads(bridges[jnp.float32])
-    dots = [e for e in _all_eqns(jaxpr.jaxpr) if e.primitive.name == "dot_general"]
+    dots = [e for e in all_eqns(jaxpr.jaxpr) if e.primitive.name == "dot_general"]
     assert dots and all(v.aval.dtype == jnp.bfloat16 for e in dots for v in e.invars)
     assert loss16.dtype == jnp.float32
     np.testing.assert_allclose(loss16, loss32, rtol=2e-2)
@@ -492,9 +492,9 @@ def test_a_bfloat16_bridge_computes_in_bfloat16_from_float32_parameters(kind):
         np.testing.assert_allclose(np.asarray(g16, np.float32), np.asarray(g32, np.float32), atol=5e-2 * scale)
 
 
-def _all_eqns(jaxpr):
+def all_eqns(jaxpr):
     """Every equation of ``jaxpr`` and of the jaxprs nested in it."""
     for eqn in jaxpr.eqns:
         yield eqn
         for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-            yield from _all_eqns(sub)
+            yield from all_eqns(sub)

@@ -8,11 +8,11 @@ from __future__ import annotations
 import math
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from test_bridge import all_eqns
 
 from cab_jax.models import registry
 from cab_jax.models.layers import dense, drop_path, drop_path_rates, layer_norm, stack_layers, token_params
@@ -663,13 +663,6 @@ def test_registry_sizes_overrides_and_errors():
         registry.size_fields("vim", "huge")
 
 
-def _all_eqns(jaxpr):
-    for eqn in jaxpr.eqns:
-        yield eqn
-        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-            yield from _all_eqns(sub)
-
-
 def test_a_bfloat16_vim_carries_its_residual_stream_and_scan_state_in_float32():
     """bfloat16 rounding of the residual stream or of the scan state does not show in the outputs at this size (a
     residual rounded to bfloat16 at every layer left the largest error at 0.6-0.8 % of max |output|, as correct
@@ -678,7 +671,7 @@ def test_a_bfloat16_vim_carries_its_residual_stream_and_scan_state_in_float32():
     depth, tokens = 3, (IMG // PATCH) ** 2 + 1
     graphdef, state = nnx.split(small_vim(depth=depth, dtype=jnp.bfloat16))
     jaxpr = jax.make_jaxpr(lambda s, x: nnx.merge(graphdef, s)(x))(state, images())
-    scans = [e for e in _all_eqns(jaxpr.jaxpr) if e.primitive.name == "scan"]
+    scans = [e for e in all_eqns(jaxpr.jaxpr) if e.primitive.name == "scan"]
     carried = lambda e: {(v.aval.shape, str(v.aval.dtype)) for v in e.outvars[: e.params["num_carry"]]}
     layer_scans = [e for e in scans if e.params["length"] == depth]
     assert len(layer_scans) == 1 and ((2, tokens, D_MODEL), "float32") in carried(layer_scans[0])
