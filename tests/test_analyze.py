@@ -13,6 +13,7 @@ import scipy.stats
 import test_lm_train
 import test_train
 from flax import nnx
+from test_bridge import all_eqns
 
 from cab_jax import analyze, checkpoint, domains, train
 from cab_jax.bridge import move_cls_token
@@ -213,3 +214,22 @@ def test_without_matplotlib_the_figures_are_skipped_with_a_line_saying_how_to_ge
     assert not list(tmp_path.glob("*.png"))
     warnings = plot_warnings_without_matplotlib
     assert len(warnings) == 3 and all("cab-jax[plot]" in w for w in warnings), warnings
+
+
+@pytest.mark.parametrize("name", ["vim", "phi_mamba"])
+def test_the_attention_transfer_pass_recomputes_each_layer_in_the_backward_pass(name):
+    """Without it the pass keeps every layer's (batch, tokens, d_inner, d_state) residuals: 180 GiB at Vim-S's
+    batch 128 (an out-of-memory error on the H200)."""
+    if name == "vim":
+        model = registry.build("vim", num_classes=3, img_size=8, patch_size=4, embed_dim=8, depth=2, d_state=3,
+                               scan_impl="associative", rngs=nnx.Rngs(0))
+        inputs = jnp.zeros((2, 8, 8, 3))
+    else:
+        model = registry.build("phi_mamba", vocab_size=32, d_model=16, depth=2, intermediate_size=32, d_state=4,
+                               n_qk_heads=2, n_v_heads=4, rngs=nnx.Rngs(0))
+        inputs = jnp.zeros((2, 7), jnp.int32)
+    jaxpr = jax.make_jaxpr(model.implicit_attention)(inputs).jaxpr
+    layer_scan = next(e for e in all_eqns(jaxpr) if e.primitive.name == "scan")  # the outermost scan
+    body = [e.primitive.name for e in layer_scan.params["jaxpr"].jaxpr.eqns]
+    remat = jax.make_jaxpr(jax.checkpoint(jnp.sin))(0.0).eqns[0].primitive.name  # "remat2" in jax 0.10
+    assert remat in body, f"the layer scan's body is not checkpointed: {body}"

@@ -109,13 +109,14 @@ class PhiMamba(nnx.Module):
         return self._logits(x), projections
 
     def implicit_attention(self, tokens: jax.Array) -> jax.Array:
-        """(depth, batch, length t, length s) float32: each layer's ``DiscreteMamba2.implicit_attention``."""
+        """(depth, batch, length t, length s) float32: each layer's ``DiscreteMamba2.implicit_attention``; each
+        layer is recomputed in the backward pass whatever ``remat`` says (its residuals are length^2 per head)."""
         check_tokens(tokens)
 
         def step(block, x, _):
             return block(x)[0], block.mixer.implicit_attention(block.input_layernorm(x))
 
-        return scan_layers(self.layers, step, self.embed(tokens))[1]
+        return scan_layers(self.layers, step, self.embed(tokens), remat=True)[1]
 
     def init_cache(self, batch: int, max_length: int | None = None, dtype: Dtype | None = None) -> Mamba2Cache:
         """Every layer's last d_conv - 1 convolution inputs and float32 SSM state, stacked over layers (leading

@@ -135,7 +135,9 @@ class Vim(nnx.Module):
 
     def implicit_attention(self, images: jax.Array) -> jax.Array:
         """(depth, batch, tokens t, tokens s) float32: each layer's ``Mamba.implicit_attention`` (tokens in the
-        student's order, the cls token in the middle), without stochastic depth."""
+        student's order, the cls token in the middle), without stochastic depth. Each layer is recomputed in the
+        backward pass whatever ``remat`` says: its residuals are (batch, tokens, d_inner, d_state) floats per
+        input block, several GiB per layer at Vim-S's batch 128."""
         hidden = self.embed(images)
 
         def step(block, carry, rate):
@@ -144,4 +146,4 @@ class Vim(nnx.Module):
             return (hidden, residual), block.mixer.implicit_attention(normed)
 
         carry = (hidden, jnp.zeros(hidden.shape, jnp.float32))
-        return scan_layers(self.layers, step, carry, jnp.zeros((self.depth,)))[1]
+        return scan_layers(self.layers, step, carry, jnp.zeros((self.depth,)), remat=True)[1]
