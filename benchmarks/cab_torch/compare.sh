@@ -29,5 +29,5 @@ fi
 "$PY" "$HERE/step.py" --cab_root="$CAB_ROOT" --build_dir="$BUILD_DIR" --batch_sizes="$BATCHES" --steps="$STEPS"
 for batch in ${BATCHES//,/ }; do
     "$PY" "$HERE/../train_throughput.py" --configs=vim_small --dtypes="$DTYPES" --remat=true --batch_size="$batch" \
-        --steps="$STEPS" | grep '^{'
+        --steps="$STEPS" | grep --line-buffered '^{'
 done

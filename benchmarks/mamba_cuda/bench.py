@@ -45,11 +45,12 @@ from common import SCAN_SHAPES, hbm_peak_gbps  # benchmarks/common.py  # noqa: E
 
 
 def load_extension(build_dir: pathlib.Path, name: str = "selective_scan_cuda"):
-    """Imports the extension ``build_dir/<name>*.so`` (torch first; lazy binding in case a symbol is missing)."""
+    """Imports the extension ``build_dir/<name>*.so`` (torch first; lazy binding in case a symbol is missing).
+    Local binding: loaded with RTLD_GLOBAL, its symbols broke cuDNN, whose next convolution segfaulted."""
     if not list(build_dir.glob(f"{name}*.so")):
         sys.exit(f"bench.py: no {name}*.so in {build_dir}: run benchmarks/mamba_cuda/build.sh first")
     old = sys.getdlopenflags()
-    sys.setdlopenflags(os.RTLD_LAZY | os.RTLD_GLOBAL)
+    sys.setdlopenflags(os.RTLD_LAZY)
     sys.path.insert(0, str(build_dir))
     try:
         return importlib.import_module(name)
