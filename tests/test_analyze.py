@@ -42,9 +42,20 @@ def probed(mixer, hidden):
     return total
 
 
+def tiny_vim():
+    """3 layers, 8 x 8 images in 4 patches + the cls token (5 tokens)."""
+    return registry.build("vim", num_classes=3, img_size=8, patch_size=4, embed_dim=8, depth=3, d_state=3,
+                          scan_impl="associative", rngs=nnx.Rngs(0))
+
+
+def tiny_phi_mamba():
+    """2 layers, vocabulary 32."""
+    return registry.build("phi_mamba", vocab_size=32, d_model=16, depth=2, intermediate_size=32, d_state=4,
+                          n_qk_heads=2, n_v_heads=4, rngs=nnx.Rngs(0))
+
+
 def test_each_vim_layers_implicit_attention_is_what_its_scans_do_to_a_probe():
-    vim = registry.build("vim", num_classes=3, img_size=8, patch_size=4, embed_dim=8, depth=3, d_state=3,
-                         scan_impl="associative", rngs=nnx.Rngs(0))
+    vim = tiny_vim()
     images = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
     got = vim.implicit_attention(images)
     assert got.shape == (3, 2, 5, 5)  # layers, images, tokens (4 patches and the cls token)
@@ -165,8 +176,7 @@ def test_the_ssd_scans_implicit_attention_is_what_it_does_to_a_probe():
 
 
 def test_each_phi_mamba_layers_implicit_attention_is_what_its_scan_does_to_a_probe():
-    model = registry.build("phi_mamba", vocab_size=32, d_model=16, depth=2, intermediate_size=32, d_state=4,
-                           n_qk_heads=2, n_v_heads=4, rngs=nnx.Rngs(0))
+    model = tiny_phi_mamba()
     tokens = jax.random.randint(jax.random.key(1), (2, 7), 0, 32)
     got = model.implicit_attention(tokens)
     assert got.shape == (2, 2, 7, 7)
@@ -221,13 +231,9 @@ def test_the_attention_transfer_pass_recomputes_each_layer_in_the_backward_pass(
     """Without it the pass keeps every layer's (batch, tokens, d_inner, d_state) residuals: 180 GiB at Vim-S's
     batch 128 (an out-of-memory error on the H200)."""
     if name == "vim":
-        model = registry.build("vim", num_classes=3, img_size=8, patch_size=4, embed_dim=8, depth=2, d_state=3,
-                               scan_impl="associative", rngs=nnx.Rngs(0))
-        inputs = jnp.zeros((2, 8, 8, 3))
+        model, inputs = tiny_vim(), jnp.zeros((2, 8, 8, 3))
     else:
-        model = registry.build("phi_mamba", vocab_size=32, d_model=16, depth=2, intermediate_size=32, d_state=4,
-                               n_qk_heads=2, n_v_heads=4, rngs=nnx.Rngs(0))
-        inputs = jnp.zeros((2, 7), jnp.int32)
+        model, inputs = tiny_phi_mamba(), jnp.zeros((2, 7), jnp.int32)
     jaxpr = jax.make_jaxpr(model.implicit_attention)(inputs).jaxpr
     layer_scan = next(e for e in all_eqns(jaxpr) if e.primitive.name == "scan")  # the outermost scan
     body = [e.primitive.name for e in layer_scan.params["jaxpr"].jaxpr.eqns]
