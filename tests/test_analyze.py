@@ -228,7 +228,7 @@ def test_without_matplotlib_the_figures_are_skipped_with_a_line_saying_how_to_ge
 
 @pytest.mark.parametrize("name", ["vim", "phi_mamba"])
 def test_the_attention_transfer_pass_recomputes_each_layer_in_the_backward_pass(name):
-    """Without it the pass keeps every layer's (batch, tokens, d_inner, d_state) residuals: 180 GiB at Vim-S's
+    """Without it the pass keeps every layer's (batch, tokens, channel block, d_state) factors: 180 GiB at Vim-S's
     batch 128 (an out-of-memory error on the H200)."""
     if name == "vim":
         model, inputs = tiny_vim(), jnp.zeros((2, 8, 8, 3))

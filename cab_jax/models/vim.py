@@ -136,8 +136,8 @@ class Vim(nnx.Module):
     def implicit_attention(self, images: jax.Array) -> jax.Array:
         """(depth, batch, tokens t, tokens s) float32: each layer's ``Mamba.implicit_attention`` (tokens in the
         student's order, the cls token in the middle), without stochastic depth. Each layer is recomputed in the
-        backward pass whatever ``remat`` says: its residuals are (batch, tokens, d_inner, d_state) floats per
-        input block, several GiB per layer at Vim-S's batch 128."""
+        backward pass whatever ``remat`` says: kept, its factors ((batch, tokens, channel block, d_state) floats per
+        block of inputs and of channels) are several GiB per layer at Vim-S's batch 128."""
         hidden = self.embed(images)
 
         def step(block, carry, rate):
