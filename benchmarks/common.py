@@ -3,6 +3,8 @@ tables."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib.util
 import json
 import pathlib
@@ -190,6 +192,21 @@ def peak_gib() -> float:
 
     stats = jax.devices()[0].memory_stats() or {}
     return round(stats.get("peak_bytes_in_use", 0) / 2**30, 2)
+
+
+@contextlib.contextmanager
+def gpu_turn(lock_path: str | None):
+    """Holds an exclusive lock on ``lock_path`` (none when it is None): processes that compile at the same time
+    take turns to time, so no two timings share the GPU."""
+    if lock_path is None:
+        yield
+        return
+    with open(lock_path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def error_message(e: BaseException) -> str:

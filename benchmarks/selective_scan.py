@@ -9,13 +9,15 @@ scratch memory (what it saves for the backward pass, partial sums), "compile s" 
 (``--forward_only`` skips the backward). The Vim shapes are bidirectional (two directions with their own u, delta,
 A, B, C, D, delta_bias, one z), as in Vim's mixer; "long" is one direction. Impls are ``selective_scan``'s
 ("pallas_mosaic", "pallas_triton", "associative"...). ``--check`` also prints the largest difference to the
-sequential reference.
-Prints a Markdown table.
+sequential reference. With ``--lock=FILE`` each row is compiled first and timed while holding an exclusive lock on
+FILE, so several processes can compile at once and time in turns (``benchmarks/scan_three_way.sh`` does this).
+Prints one JSON row per measurement as it comes, then a Markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import pathlib
 import sys
 import time
@@ -25,7 +27,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from common import SCAN_SHAPES, error_message, hbm_peak_gbps  # benchmarks/common.py
+from common import SCAN_SHAPES, error_message, gpu_turn, hbm_peak_gbps  # benchmarks/common.py
 
 from cab_jax.kernels.selective_scan import BlockSizes
 from cab_jax.kernels.selective_scan.autotune import ScanShape, random_inputs, scan_fn
@@ -38,15 +40,15 @@ def nbytes(tree) -> int:
 
 
 def measure(name: str, impl: str, dtype: str, iters: int, blocks: BlockSizes | None, check: bool,
-            backward: bool = True) -> dict:
+            backward: bool = True, lock: str | None = None) -> dict:
     dirs, z = random_inputs(ScanShape(*SCAN_SHAPES[name]), dtype)
     run = scan_fn(impl, len(dirs), blocks)
     start = time.perf_counter()
     fwd = jax.jit(run).lower(dirs, z).compile()
     row = {"shape": name, "impl": impl, "dtype": dtype, "fwd compile s": round(time.perf_counter() - start, 1)}
-    y = fwd(dirs, z)
-    dy = jnp.ones_like(y)
-    fwd_bytes = nbytes((dirs, z)) + nbytes(y)
+    y_shape = jax.eval_shape(run, dirs, z)
+    dy = jnp.ones(y_shape.shape, y_shape.dtype)
+    fwd_bytes = nbytes((dirs, z)) + nbytes(y_shape)
     passes = [("fwd", fwd, fwd_bytes)]
     if backward:
         start = time.perf_counter()
@@ -54,14 +56,15 @@ def measure(name: str, impl: str, dtype: str, iters: int, blocks: BlockSizes | N
         row["fwd+bwd compile s"] = round(time.perf_counter() - start, 1)
         row["fwd+bwd temp MiB"] = temp_mib(fwd_bwd)
         passes.append(("fwd+bwd", fwd_bwd, fwd_bytes + nbytes(dy) + nbytes((dirs, z))))
-    for label, fn, moved in passes:
-        ms = median_ms(fn, (dirs, z), iters)
-        row[f"{label} ms"] = round(ms, 3)
-        row[f"{label} GB/s"] = round(moved / ms / 1e6, 1)
-    if check:
-        y_ref = jax.jit(scan_fn("reference", len(dirs), None))(dirs, z)
-        row["max |y - ref| / max |ref|"] = float(jnp.max(jnp.abs(y.astype(jnp.float32) - y_ref.astype(jnp.float32)))
-                                                / jnp.max(jnp.abs(y_ref.astype(jnp.float32))))
+    with gpu_turn(lock):
+        for label, fn, moved in passes:
+            ms = median_ms(fn, (dirs, z), iters)
+            row[f"{label} ms"] = round(ms, 3)
+            row[f"{label} GB/s"] = round(moved / ms / 1e6, 1)
+        if check:
+            y = fwd(dirs, z).astype(jnp.float32)
+            y_ref = jax.jit(scan_fn("reference", len(dirs), None))(dirs, z).astype(jnp.float32)
+            row["max |y - ref| / max |ref|"] = float(jnp.max(jnp.abs(y - y_ref)) / jnp.max(jnp.abs(y_ref)))
     return row
 
 
@@ -74,6 +77,7 @@ def main() -> None:
     parser.add_argument("--peak_gbps", type=float, default=0.0, help="HBM peak; 0 = from the device name")
     parser.add_argument("--blocks", default="", help="Pallas block sizes chunk,block_d,num_warps,num_stages,save_every")
     parser.add_argument("--check", action="store_true")
+    parser.add_argument("--lock", help="compile each row first, then time it holding an exclusive lock on this file")
     parser.add_argument("--forward_only", action="store_true", help="time the forward pass only")
     parser.add_argument("--mosaic_params", default="", help="Mosaic GPU CompilerParams flags set to True in both "
                         "pallas_mosaic kernels, e.g. unsafe_no_auto_barriers,approx_math (the forward always runs "
@@ -97,7 +101,8 @@ def main() -> None:
         for dtype in args.dtypes.split(","):
             for impl in args.impls.split(","):
                 try:
-                    row = measure(name, impl, dtype, args.iters, blocks, args.check, not args.forward_only)
+                    row = measure(name, impl, dtype, args.iters, blocks, args.check, not args.forward_only,
+                                  args.lock)
                 except Exception as e:  # e.g. out of memory: report it and go on
                     row = {"shape": name, "impl": impl, "dtype": dtype, "error": error_message(e)}
                 if peak:
@@ -105,7 +110,7 @@ def main() -> None:
                         if f"{label} GB/s" in row:
                             row[f"{label} % roofline"] = round(100 * row[f"{label} GB/s"] / peak, 1)
                 rows.append(row)
-                print(row, flush=True)  # each row as it comes: a cut-off run keeps it
+                print(json.dumps(row), flush=True)  # each row as it comes: a cut-off run keeps it
     print(markdown_table(rows))
 
 

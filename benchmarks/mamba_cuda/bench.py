@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import pathlib
 import statistics
@@ -253,7 +254,8 @@ def measure_shape(ext, dev, shape_name: str, dtype_name: str, dtype, args, peak:
         except torch.cuda.OutOfMemoryError as e:
             row["fwd ms"] = f"OOM: {str(e).splitlines()[0][:60]}"
         row["MB fwd / fwd+bwd"] = f"{fwd_bytes / 1e6:.0f} / {bwd_bytes / 1e6:.0f}"
-        print(row, file=sys.stderr, flush=True)
+        print(json.dumps({"impl": "mamba_cuda", **row}) if args.json else row,
+              file=sys.stdout if args.json else sys.stderr, flush=True)
         rows.append(row)
     del dirs, z
     torch.cuda.empty_cache()
@@ -271,6 +273,7 @@ def main() -> None:
     p.add_argument("--skip_check", action="store_true")
     p.add_argument("--peak_gbps", type=float, default=0.0, help="HBM peak; 0 = from the device name")
     p.add_argument("--build_dir", default=str(HERE / "build"))
+    p.add_argument("--json", action="store_true", help="one JSON row per measurement on stdout, no table")
     args = p.parse_args()
 
     if not torch.cuda.is_available():
@@ -279,9 +282,11 @@ def main() -> None:
     dev = torch.device("cuda")
     name = torch.cuda.get_device_name(dev)
     peak = args.peak_gbps or hbm_peak_gbps(name)
+    info = sys.stderr if args.json else sys.stdout  # --json: stdout holds the rows only
     print(f"device: {name} (sm_{''.join(map(str, torch.cuda.get_device_capability(dev)))}), torch {torch.__version__},"
-          f" CUDA {torch.version.cuda}, extension {ext.__file__}")
-    print(f"peak HBM {peak or '?'} GB/s, timer {args.timer}, median of {args.iters} after {args.warmup} warm-up")
+          f" CUDA {torch.version.cuda}, extension {ext.__file__}", file=info)
+    print(f"peak HBM {peak or '?'} GB/s, timer {args.timer}, median of {args.iters} after {args.warmup} warm-up",
+          file=info)
 
     if not args.skip_check:
         errs = [check(ext, dev, 2, 8, 37),  # seqlen <= 128 bucket, odd length
@@ -289,7 +294,7 @@ def main() -> None:
                 check(ext, dev, 1, 4, 2500)]  # two 2048-chunks, 128 x 16 bucket
         if max(errs) > 1e-3:
             sys.exit(f"bench.py: FAILED: the CUDA forward differs from the PyTorch reference by {max(errs):.3e} > 1e-3")
-        print("forward check passed (max |diff| <= 1e-3)")
+        print("forward check passed (max |diff| <= 1e-3)", file=info)
 
     rows = []
     for dtype_name in args.dtypes.split(","):
@@ -297,6 +302,8 @@ def main() -> None:
         for shape_name in args.shapes.split(","):
             rows += measure_shape(ext, dev, shape_name, dtype_name, dtype, args, peak)
 
+    if args.json:
+        return
     cols = ["shape", "dtype", "fwd ms", "fwd+bwd ms", "fwd GB/s", "fwd+bwd GB/s", "fwd % roofline",
             "fwd+bwd % roofline", "MB fwd / fwd+bwd"]
     print()

@@ -9,10 +9,12 @@ state entering the chunk::
     h_out     = exp(s_Q) h_in + sum_j exp(s_Q - s_j) outer(x_j, B_j)                   # state passing
 
 The intra-chunk term is a masked (Q, Q) matrix per chunk and head, so memory is O(length * chunk_size),
-never O(length^2); the only sequential part is a ``lax.scan`` over chunks carrying the float32 state. Every
+never O(length^2). The state passing between chunks is the same segment-sum form one level up (a
+(chunks + 1)^2 decay matrix per head): nothing runs sequentially, which on a GPU saves a launch per chunk. Every
 exponent is <= 0 (the causal mask is applied before ``exp``), so nothing overflows and autodiff is NaN-free.
 The intra-chunk matrices are recomputed in the backward pass rather than saved (``jax.checkpoint``).
-B and C stay per group: C B^T is computed once per group and shared by its heads. All arithmetic is float32.
+B and C stay per group: C B^T is computed once per group and shared by its heads. x, B and C stay in their dtype
+(bfloat16 halves their copies); every product accumulates in float32, and all other arithmetic is float32.
 """
 
 from __future__ import annotations
@@ -28,21 +30,40 @@ _F32 = jnp.float32
 
 
 def _to_chunks(t: jax.Array, pad: int, chunk: int) -> jax.Array:
-    """(batch, length, ...) -> (batch, n_chunks, chunk, ...) in float32, zero-padded at the end."""
-    t = jnp.pad(t.astype(_F32), [(0, 0), (0, pad)] + [(0, 0)] * (t.ndim - 2))
+    """(batch, length, ...) -> (batch, n_chunks, chunk, ...), zero-padded at the end, dtype kept."""
+    t = jnp.pad(t, [(0, 0), (0, pad)] + [(0, 0)] * (t.ndim - 2))
     return t.reshape(t.shape[0], -1, chunk, *t.shape[2:])
+
+
+def _two_sum(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """a + b as (rounded sum, its exact rounding error) (Knuth's TwoSum)."""
+    s = a + b
+    b_part = s - a
+    return s, (a - (s - b_part)) + (b - b_part)
+
+
+def _compensated_cumsum(a: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Inclusive cumulative sum along the last axis as hi + lo, lo holding hi's float32 rounding errors."""
+
+    def add(left, right):
+        hi, err = _two_sum(left[0], right[0])
+        return hi, err + (left[1] + right[1])
+
+    return jax.lax.associative_scan(add, (a, jnp.zeros_like(a)), axis=a.ndim - 1)
 
 
 def _segment_sums(log_decay: jax.Array) -> jax.Array:
     """(..., Q) -> (..., Q, Q): [i, j] = a_{j+1} + ... + a_i for i >= j (0 on the diagonal), -inf above it.
 
-    Summed directly (a cumulative sum of the masked values) rather than as a difference of two cumulative sums,
-    which would lose float32 precision to cancellation when the sums are large (strong decay, long chunks).
+    A difference of cumulative sums s_i - s_j, each carried with its rounding error (``_compensated_cumsum``):
+    plain float32 sums would lose ~ulp(|s_i|) to cancellation when the sums are large (strong decay, long
+    chunks); with the errors the difference is as accurate as a direct sum, at O(Q) work before the (Q, Q) step.
     """
     q = log_decay.shape[-1]
+    hi, lo = _compensated_cumsum(log_decay)
+    diff = (hi[..., :, None] - hi[..., None, :]) + (lo[..., :, None] - lo[..., None, :])
     rows = jnp.arange(q)
-    terms = jnp.where(rows[:, None] > rows[None, :], log_decay[..., :, None], 0.0)  # [k, j] = a_k for k > j
-    return jnp.where(rows[:, None] >= rows[None, :], jnp.cumsum(terms, axis=-2), -jnp.inf)
+    return jnp.where(rows[:, None] >= rows[None, :], diff, -jnp.inf)
 
 
 @jax.checkpoint  # Recomputed in the backward pass: the (Q, Q) matrices stay out of the saved residuals.
@@ -53,8 +74,23 @@ def _intra_chunk(x: jax.Array, log_decay: jax.Array, B: jax.Array, C: jax.Array)
     Q, groups, d_state). Returns (batch, chunks, Q, groups, r, head_dim).
     """
     decay = jnp.exp(_segment_sums(jnp.moveaxis(log_decay, 2, -1)))  # (batch, chunks, groups, r, Q, Q)
-    scores = jnp.einsum("bcign,bcjgn->bcgij", C, B)
+    scores = jnp.einsum("bcign,bcjgn->bcgij", C, B, preferred_element_type=_F32)  # exact for bfloat16 inputs
     return jnp.einsum("bcgrij,bcjgrp->bcigrp", scores[:, :, :, None] * decay, x)
+
+
+def _pass_states(h0: jax.Array, chunk_states: jax.Array, log_total: jax.Array) -> jax.Array:
+    """The state entering each chunk, and the final state: h_in[c] = exp(T_{c-1}) h_in[c-1] + chunk_states[c-1].
+
+    h0: (batch, 1, groups, r, head_dim, d_state); chunk_states: (batch, chunks, groups, r, head_dim, d_state);
+    log_total: (batch, chunks, groups, r), each chunk's summed log decay. Returns (batch, chunks + 1, ...).
+    Unrolled as one product with the chunks' (chunks + 1)^2 segment-sum decays rather than a sequential loop
+    (a GPU pays a launch or more per loop step): O(chunks^2) work that is small beside the intra-chunk products
+    up to tens of thousands of tokens. Full float32 precision: these are the carried states.
+    """
+    states = jnp.concatenate([h0, chunk_states], axis=1)
+    log_total = jnp.pad(log_total, [(0, 0), (1, 0), (0, 0), (0, 0)])  # h0 enters chunk 0 undecayed
+    decay = jnp.exp(_segment_sums(jnp.moveaxis(log_total, 1, -1)))  # (batch, groups, r, chunks + 1, chunks + 1)
+    return jnp.einsum("bgrcd,bdgrpn->bcgrpn", decay, states, precision=jax.lax.Precision.HIGHEST)
 
 
 @functools.partial(jax.jit, static_argnames=("return_final_state", "chunk_size"))
@@ -76,7 +112,7 @@ def ssd_chunked(
     chunk = min(chunk_size, length)  # a single short chunk rather than padding a short sequence
     pad = -length % chunk
     xc = _to_chunks(x, pad, chunk).reshape(batch, -1, chunk, groups, r, head_dim)
-    log_decay_c = _to_chunks(log_decay, pad, chunk).reshape(batch, -1, chunk, groups, r)
+    log_decay_c = _to_chunks(log_decay.astype(_F32), pad, chunk).reshape(batch, -1, chunk, groups, r)
     Bc, Cc = _to_chunks(B, pad, chunk), _to_chunks(C, pad, chunk)
 
     y = _intra_chunk(xc, log_decay_c, Bc, Cc)
@@ -87,20 +123,14 @@ def ssd_chunked(
     to_end = jnp.exp(jax.lax.cumsum(after, axis=2, reverse=True))  # (batch, chunks, Q, groups, r)
     chunk_states = jnp.einsum("bcjgrp,bcjgn->bcgrpn", to_end[..., None] * xc, Bc)
     log_cum = jnp.cumsum(log_decay_c, axis=2)  # s_i, from the chunk start
-    log_total = log_cum[:, :, -1]  # (batch, chunks, groups, r)
-
-    def pass_state(h, inputs):
-        decay, added = inputs
-        return jnp.exp(decay)[..., None, None] * h + added, h
-
     if initial_state is None:
-        h0 = jnp.zeros((batch, groups, r, head_dim, d_state), _F32)
+        h0 = jnp.zeros((batch, 1, groups, r, head_dim, d_state), _F32)
     else:
-        h0 = initial_state.astype(_F32).reshape(batch, groups, r, head_dim, d_state)
-    final_state, h_in = jax.lax.scan(pass_state, h0, (jnp.moveaxis(log_total, 1, 0), jnp.moveaxis(chunk_states, 1, 0)))
-    y = y + jnp.exp(log_cum)[..., None] * jnp.einsum("bcign,cbgrpn->bcigrp", Cc, h_in)
+        h0 = initial_state.astype(_F32).reshape(batch, 1, groups, r, head_dim, d_state)
+    h_in = _pass_states(h0, chunk_states, log_cum[:, :, -1])  # (batch, chunks + 1, groups, r, head_dim, d_state)
+    y = y + jnp.exp(log_cum)[..., None] * jnp.einsum("bcign,bcgrpn->bcigrp", Cc, h_in[:, :-1])
 
     y = add_skip(y.reshape(batch, -1, heads, head_dim)[:, :length], x, D, x.dtype)
     if return_final_state:
-        return y, final_state.reshape(batch, heads, head_dim, d_state)
+        return y, h_in[:, -1].reshape(batch, heads, head_dim, d_state)
     return y
