@@ -33,9 +33,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def synthetic_setup(config_name: str, dtype: str, batch_size: int, steps: int, remat: bool, mode: str,
-                    scan_impl: str, remat_policy: str = "full") -> tuple:
-    """(``train.Setup``, two device-resident batches of random images) for ``configs/<config_name>.py`` with its
-    dtype, remat (and its policy), loss mode and scan implementation replaced, on synthetic data."""
+                    scan_impl: str, remat_policy: str = "full", num_batches: int = 2) -> tuple:
+    """(``train.Setup``, ``num_batches`` device-resident batches of random images) for ``configs/<config_name>.py``
+    with its dtype, remat (and its policy), loss mode and scan implementation replaced, on synthetic data."""
     import numpy as np
 
     from cab_jax import sharding, train
@@ -54,7 +54,7 @@ def synthetic_setup(config_name: str, dtype: str, batch_size: int, steps: int, r
     size, classes = c.data.image_size, c.data.num_classes
     batches = [sharding.global_batch({"image": rng.normal(size=(batch_size, size, size, 3)).astype(np.float32),
                                       "label": rng.integers(0, classes, batch_size).astype(np.int32)}, mesh)
-               for _ in range(2)]
+               for _ in range(num_batches)]
     return built, batches
 
 
