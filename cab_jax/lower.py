@@ -29,7 +29,7 @@ from ml_collections import config_flags
 from cab_jax import cli, memory_plan, sharding, train
 from cab_jax import config as config_lib
 from cab_jax.kernels.selective_scan import lowering_for, resolve_impl
-from cab_jax.kernels.selective_scan.api import TPU_GENERATIONS
+from cab_jax.kernels.selective_scan.api import TPU_GENERATIONS, tpu_vmem_bytes
 from cab_jax.summary import markdown_table
 
 
@@ -62,13 +62,15 @@ class Lowered:
     custom_calls: tuple[str, ...]  # every custom-call target in the module, sorted, once each
     seconds: float
     problems: tuple[str, ...]
+    built_for: str = ""  # TPU: the generation the kernel was built for and its VMEM
 
     def line(self) -> str:
         status = "ok" if not self.problems else "FAILED: " + "; ".join(self.problems)
         shapes = ", ".join("x".join(map(str, s)) for s in sorted(set(self.call_shapes)))
         scan = (f"{self.kernel} kernel called {self.calls} times on shards {shapes}" if self.kernel in KERNEL_TARGETS
                 else f"scan in XLA ({self.kernel})")
-        return (f"{self.platform}: {scan}; custom calls {', '.join(self.custom_calls) or 'none'}; exported in "
+        target = f"{self.platform} ({self.built_for})" if self.built_for else self.platform
+        return (f"{target}: {scan}; custom calls {', '.join(self.custom_calls) or 'none'}; exported in "
                 f"{self.seconds:.1f} s: {status}")
 
 
@@ -117,6 +119,7 @@ def lower(c: ml_collections.ConfigDict, platform: str, devices: list | None = No
     with lowering_for(platform, tpu=tpu):
         # Only the selective scan has kernels (the language student's SSD scan is XLA).
         kernel = resolve_impl(c.student.scan_impl) if "scan_impl" in c.student else "xla"
+        built_for = f"{tpu}, {tpu_vmem_bytes() // 2**20} MiB VMEM" if platform == "tpu" else ""
         trainer, state, teacher = train.abstract_setup(c, mesh)
         batch = trainer.domain.train_batch_spec(c.train.batch_size)
         disabled = [jax.export.DisabledSafetyCheck.custom_call(t) for t in KERNEL_TARGETS.values()]
@@ -125,12 +128,13 @@ def lower(c: ml_collections.ConfigDict, platform: str, devices: list | None = No
                 state, teacher, batch)
         except Exception as e:  # e.g. Mosaic TPU refuses a kernel outside shard_map: a failed check
             error = f"{type(e).__name__}: {e}".splitlines()[0]
-            return Lowered(platform, kernel, 0, (), (), time.perf_counter() - start, (f"lowering failed: {error}",))
+            return Lowered(platform, kernel, 0, (), (), time.perf_counter() - start, (f"lowering failed: {error}",),
+                           built_for)
     seconds = time.perf_counter() - start
     data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
     calls, shapes, targets, problems = check(exported.mlir_module(), kernel, c.train.batch_size,
                                              c.train.batch_size // data_parallel)
-    return Lowered(platform, kernel, calls, tuple(shapes), tuple(targets), seconds, tuple(problems))
+    return Lowered(platform, kernel, calls, tuple(shapes), tuple(targets), seconds, tuple(problems), built_for)
 
 
 def main(argv: list[str]) -> None:

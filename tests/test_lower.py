@@ -25,12 +25,14 @@ def run(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
 
 def test_the_command_line_lowers_a_data_and_fsdp_sharded_vim_step_for_tpu_and_cuda():
     proc = run(["-m", "cab_jax.lower", "--config=configs/vim_tiny.py", "--devices=8", "--config.mesh.data=2",
-                "--config.mesh.fsdp=4", "--config.train.batch_size=64", *SHALLOW])
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(("tpu:", "cuda:"))]
+                "--config.mesh.fsdp=4", "--config.train.batch_size=64", "--tpu=v5e", *SHALLOW])
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(("tpu (", "cuda:"))]
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     assert len(lines) == 2, proc.stdout
-    # 64 images over data x fsdp = 8 devices: 8 rows of Vim-Ti's 197 tokens x 384 channels per kernel call
-    assert lines[0].startswith("tpu: pallas_tpu kernel called 3 times on shards 8x197x384;"), lines[0]
+    # 64 images over data x fsdp = 8 devices: 8 rows of Vim-Ti's 197 tokens x 384 channels per kernel call; the TPU
+    # kernel built for the generation --tpu names (v5e: 128 MiB of VMEM, v4's default 16)
+    assert lines[0].startswith("tpu (v5e, 128 MiB VMEM): pallas_tpu kernel called 3 times on shards 8x197x384;"), (
+        lines[0])
     assert lines[1].startswith("cuda: pallas_") and "on shards 8x197x384;" in lines[1], lines[1]
     assert all(line.endswith(": ok") for line in lines), lines
 
@@ -41,7 +43,7 @@ def test_the_command_line_exits_1_naming_a_failed_check():
     proc = run(["-m", "cab_jax.lower", "--config=configs/vim_tiny.py", "--platforms=tpu", "--devices=8",
                 "--config.student.scan_impl=pallas_triton", *SHALLOW])
     assert proc.returncode == 1, proc.stdout + proc.stderr[-3000:]
-    assert "tpu: pallas_triton kernel called 0 times" in proc.stdout
+    assert "tpu (v4, 16 MiB VMEM): pallas_triton kernel called 0 times" in proc.stdout
     assert "FAILED: no __gpu$xla.gpu.triton call: the pallas_triton scan kernel is not in the step" in proc.stdout
 
 
