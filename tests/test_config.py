@@ -181,6 +181,40 @@ def test_the_defaults_readme_names():
         demo.get_config("ablation=bridge")
 
 
+@pytest.mark.parametrize("name", ["vim_tiny", "vim_small"])
+def test_the_vision_recipe_is_the_one_readme_states(name):
+    """README: AdamW, lr 5e-4 x batch/512, weight decay 0.05, 5 warmup epochs from 1e-6, cosine to 1e-5, label
+    smoothing 0.1, mixup 0.8 / cutmix 1.0, float32, epochs 3000/600/300/150 for the 1/5/10/20 % subsets, per-class
+    subsets chosen with seed 2025; ``configs/vim_tiny.py:subset=0.01`` selects 1 %."""
+    import importlib
+
+    module = importlib.import_module(f"configs.{name}")
+    c = module.get_config()
+    t = c.train
+    assert (t.base_lr, t.lr_reference_batch, t.weight_decay) == (5e-4, 512, 0.05)
+    assert (t.warmup_epochs, t.warmup_lr, t.lr_decay, t.min_lr) == (5.0, 1e-6, "cosine", 1e-5)
+    assert (t.label_smoothing, t.mixup_alpha, t.cutmix_alpha, c.dtype) == (0.1, 0.8, 1.0, "float32")
+    assert c.data.subset_seed == 2025
+    per_epoch = 10  # steps per epoch of a subset of 10 batches
+    for fraction, epochs in {0.01: 3000, 0.05: 600, 0.1: 300, 0.2: 150}.items():
+        assert config_lib.schedule(t, per_epoch * t.batch_size, fraction).total_steps == epochs * per_epoch, fraction
+    assert load(f"{module.__file__}:subset=0.01").data.subset_fraction == 0.01
+
+
+def test_the_language_recipe_and_demo_are_the_ones_readme_states():
+    """README: phi_mamba.py trains with AdamW lr 5e-4 without weight decay, 10 % linear warmup then linear decay,
+    gradient clipping at 1, one epoch, bfloat16 compute; the language demo's corpus is 4 MB with a byte-level BPE of
+    2,048 tokens, and its teacher and students have 4 layers."""
+    from configs import demo_lm, phi_mamba
+
+    c = phi_mamba.get_config()
+    t = c.train
+    assert (t.base_lr * t.batch_size / t.lr_reference_batch, t.weight_decay, t.grad_clip) == (5e-4, 0.0, 1.0)
+    assert (t.warmup_epochs / t.epochs, t.lr_decay, t.epochs, c.dtype) == (0.1, "linear", 1.0, "bfloat16")
+    d = demo_lm.get_config()
+    assert (d.data.max_corpus_bytes, d.data.vocab_size, d.teacher.depth, d.student.depth) == (4_000_000, 2048, 4, 4)
+
+
 def test_every_config_file_shows_its_launch_command():
     """README: each file in configs/ has a docstring with the command that runs it."""
     import importlib

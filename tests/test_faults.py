@@ -52,6 +52,18 @@ def restore(directory):
     return state, step, iterator.step
 
 
+def test_only_the_newest_keep_checkpoints_stay_on_disk(tmp_path):
+    """README: ``train.keep_checkpoints`` (default 2) are kept: older steps are deleted as newer ones land."""
+    ckpt = checkpoint.RunCheckpointer(tmp_path, keep=2)
+    for step in (1, 2, 3, 4):
+        ckpt.save(step, state_at(step, step), FakeIterator(step))
+    ckpt.wait()
+    ckpt.close()
+    assert sorted(int(p.name) for p in tmp_path.iterdir() if p.name.isdigit()) == [3, 4]
+    state, step, data_step = restore(tmp_path)
+    assert (step, data_step, float(state["params"]["w"][0, 0])) == (4, 4, 4.0)
+
+
 def test_a_truncated_step_falls_back_to_the_newest_intact_one(tmp_path, caplog):
     saved(tmp_path, [2, 4, 6])
     truncate_files(tmp_path / "6")
