@@ -91,6 +91,10 @@ def test_unreadable_weights_fail_before_any_work(tmp_path):
     assert_one_line_error(proc, "not a PyTorch checkpoint: neither a zip archive nor a pickle")
     assert "weights_only" not in proc.stderr and not (tmp_path / "run").exists()
 
+    proc = run("cab_jax.main", *demo, f"--workdir={tmp_path / 'run'}", f"--config.student.init_from={tmp_path / 'no'}")
+    assert_one_line_error(proc, "config.student.init_from", str(tmp_path / "no"))
+    assert not (tmp_path / "run").exists()
+
     proc = run("cab_jax.convert", "--src=/nonexistent.pth", "--format=timm", "--model=deit_small",
                f"--out={tmp_path / 'out'}")
     assert_one_line_error(proc, "no weights at /nonexistent.pth")

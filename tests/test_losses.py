@@ -188,6 +188,22 @@ def test_loss_weights_overrides():
     assert (w.ce, w.kl, w.bridge) == (0.0, 0.5, 2.0)
 
 
+@pytest.mark.parametrize("config_name", ["demo", "demo_lm"])
+def test_each_weight_is_set_from_the_config(config_name):
+    """README: each weight can be set with ``loss.{ce,kl,bridge,attention}_weight``, in both domains; unset, a mode
+    keeps its own (CAB: KL + 3 x bridge for vision, CE + 0.5 KL + 0.5 bridge for language)."""
+    import importlib
+
+    from cab_jax import domains
+
+    c = importlib.import_module(f"configs.{config_name}").get_config()
+    c.task, c.loss.mode = "distill", "cab"
+    own = LANGUAGE_MODE_WEIGHTS["cab"] if config_name == "demo_lm" else VISION_MODE_WEIGHTS["cab"]
+    assert domains.for_config(c).job().weights == own
+    c.loss.ce_weight, c.loss.kl_weight, c.loss.bridge_weight, c.loss.attention_weight = 0.25, 0.5, 2.0, 4.0
+    assert domains.for_config(c).job().weights == LossWeights(ce=0.25, kl=0.5, bridge=2.0, attention=4.0)
+
+
 @pytest.mark.parametrize("table", [VISION_MODE_WEIGHTS, LANGUAGE_MODE_WEIGHTS])
 def test_loss_weights_unknown_mode(table):
     message = (r"unknown loss mode 'distill'; expected one of \('vanilla', 'soft', 'cab', 'attention_transfer'\) "
