@@ -127,6 +127,28 @@ def test_attention_transfer_trains_the_students_maps_towards_the_teachers(tmp_pa
     np.testing.assert_allclose(last["loss"], 3.0 * last["attention"], rtol=1e-5)
 
 
+def test_detach_student_leaves_the_bridge_term_to_the_bridges(tmp_path):
+    """README: ``bridge.detach_student`` trains only the bridges: the bridge term alone (KL weighted 0) moves the
+    student's x_proj (B and C come from it) and the bridge maps, and with the flag only the maps."""
+    def grads(detach: bool) -> tuple[float, float]:
+        c = small_config(tmp_path, mixup_alpha=0.0)
+        c.loss.kl_weight, c.bridge.detach_student = 0.0, detach
+        mesh = sharding.make_mesh(c.mesh)
+        trainer, state, teacher = build_trainer(c, mesh)
+        rng = np.random.default_rng(0)
+        batch = sharding.global_batch({"image": rng.normal(size=(16, 32, 32, 3)).astype(np.float32),
+                                       "label": rng.integers(0, 10, 16).astype(np.int32)}, mesh)
+        inputs, targets = trainer.domain.prepare(None, batch, trainer.job.train)
+        teacher_out = trainer.teacher.module(teacher)(inputs)
+        g = jax.grad(lambda p: train.loss_fn(trainer, p, inputs, targets, teacher_out, None)[0])(state["params"])
+        biggest = lambda tree: max(float(jnp.abs(x).max()) for x in jax.tree.leaves(tree))
+        return biggest(g["model"]["layers"]["mixer"]["fwd"]["x_proj"]), biggest(g["bridge"])
+
+    (student, bridge), (detached_student, detached_bridge) = grads(False), grads(True)
+    assert student > 0 and bridge > 0 and detached_bridge > 0
+    assert detached_student == 0
+
+
 def test_ema_weights_follow_the_parameters_by_the_decay(tmp_path):
     """With ``train.ema_decay`` d, after each step ema = d * ema + (1 - d) * the new parameters (starting from the
     initial parameters), and only the student's and bridge's parameters have one."""
