@@ -425,11 +425,15 @@ def test_missing_and_unexpected_keys_are_listed():
         del sd[key]
     sd["blocks.0.attn.extra_scale"] = np.zeros((DIM,), np.float32)
     sd["head.extra"] = np.zeros((DIM,), np.float32)
+    sd["blocks.0.mlp.fc1.bias"] = np.zeros((128,), np.float32)  # mis-shaped, both of them named
+    sd["norm.weight"] = np.zeros((DIM + 1,), np.float32)
     with pytest.raises(ConversionError) as e:
         deit.import_teacher(sd, "timm", teacher_target(config()))
     msg = str(e.value)
     assert "missing in the checkpoint: ['blocks.0.norm1.weight', 'blocks.1.mlp.fc2.bias', 'norm.bias']" in msg
     assert "unexpected in the checkpoint: ['blocks.0.attn.extra_scale', 'head.extra']" in msg
+    assert "blocks.0.mlp.fc1.bias (128,)" in msg and "expected (256,)" in msg, msg
+    assert "norm.weight (65,)" in msg and "expected (64,)" in msg, msg
 
 
 def test_head_count_and_activation_checked_against_the_hf_config():
