@@ -37,13 +37,22 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) ->
     ("--config.trian.steps=5", ("--config.trian.steps=5", "no field 'trian'", "did you mean 'train'?")),
     ("--config.train.stepz=5", ("--config.train.stepz=5", "no field 'stepz'", "did you mean 'steps'?")),
     ("--config.train.steps=-5", ("config.train.steps", "must be positive", "-5")),
-    ("--config.loss.mode=cabb", ("config.loss.mode", "'cabb'", "'vanilla', 'soft', 'cab'", "did you mean 'cab'?")),
+    ("--config.loss.mode=cabb", ("config.loss.mode: got 'cabb', expected one of ('vanilla', 'soft', 'cab', "
+                                 "'attention_transfer', 'ce', 'kl'); did you mean 'cab'?",)),  # README's line
     ("--config.data.subset_fraction=-0.1", ("config.data.subset_fraction", "(0, 1]", "-0.1")),
     ("--config.train.batch_size=abc", ("--config.train.batch_size=abc", "'abc'")),
 ])
 def test_bad_overrides_are_one_line_usage_errors(tmp_path, override, fragments):
     proc = run("cab_jax.main", f"--config={CONFIGS / 'vim_small.py'}", f"--workdir={tmp_path / 'run'}", override)
     assert_one_line_error(proc, *fragments)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_batch_the_data_parallel_mesh_does_not_divide_is_a_usage_error(tmp_path):
+    proc = run("cab_jax.main", f"--config={CONFIGS / 'vim_small.py'}", f"--workdir={tmp_path / 'run'}",
+               "--config.train.batch_size=3", env={"JAX_NUM_CPU_DEVICES": "2"})
+    assert_one_line_error(proc, "config.train.batch_size: 3 must be divisible by the data-parallel mesh size "
+                                "(mesh.data x mesh.fsdp = 2)")
     assert not (tmp_path / "run").exists()
 
 
