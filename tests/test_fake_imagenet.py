@@ -111,6 +111,9 @@ def test_vim_tiny_trains_on_it_through_main(data_dir, tmp_path):
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["step"] == 3 and results["train_examples"] == 1000
     assert results["metrics"]["eval_examples"] == 1000 and 0 <= results["metrics"]["top1"] <= 100
+    # README: exit 0 means finished, the final evaluation in results.json and in the last line of metrics.jsonl
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 3 and last["top1"] == results["metrics"]["top1"], last
 
 
 def test_the_command_line_writes_three_train_and_one_validation_image_per_class_by_default(tmp_path):
