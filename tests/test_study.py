@@ -72,6 +72,29 @@ def test_the_summary_gives_mean_std_and_every_seed_and_the_plot_is_a_png(tmp_pat
     assert (tmp_path / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_plot_draws_the_metric_against_the_fraction_one_line_per_mode_with_error_bars(tmp_path, monkeypatch):
+    """README: study.png draws top-1 against the fraction (log scale), one line per mode, standard deviations as
+    error bars."""
+    pytest.importorskip("matplotlib")
+    from cab_jax import plots
+
+    drawn = []
+    monkeypatch.setattr(plots, "save_png", lambda fig, path: drawn.append(fig))
+    cells = [{"fraction": f, "mode": m, "metric": "top-1", "mean": mean, "std": std}
+             for f, m, mean, std in [(0.05, "soft", 60.0, 1.0), (0.05, "cab", 62.0, 2.0), (0.2, "soft", 70.0, 0.5),
+                                     (0.2, "cab", 75.0, 1.5)]]
+    assert study.plot(cells, tmp_path / "study.png")
+    (ax,) = drawn[0].axes
+    assert ax.get_xscale() == "log" and ax.get_ylabel() == "top-1 (%)"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["soft", "cab"]
+    for container, (mean, std) in zip(ax.containers, [((60, 70), (1.0, 0.5)), ((62, 75), (2.0, 1.5))], strict=True):
+        line, _, (bars,) = container
+        np.testing.assert_allclose(np.asarray(line.get_xdata(), float), [5.0, 20.0])
+        np.testing.assert_allclose(np.asarray(line.get_ydata(), float), mean)
+        heights = [segment[1, 1] - segment[0, 1] for segment in bars.get_segments()]
+        np.testing.assert_allclose(heights, 2 * np.asarray(std))
+
+
 def mlp_bridge_params(hidden_layers, d_in=8, width=64, d_out=64, maps=4 * 8):
     """The demo's bridge: 8 student layers, each with 4 maps (B, B_b -> K; C, C_b -> Q), biases included."""
     sizes = [d_in] + [width] * hidden_layers + [d_out]
