@@ -144,12 +144,21 @@ def test_without_a_grid_the_study_is_the_config_s_one_fraction_and_seed(tmp_path
     assert [x["std"] for x in cells] == [0.0] * 3
 
 
-def test_without_matplotlib_there_is_no_plot_and_a_line_says_how_to_get_it(tmp_path, plot_warnings_without_matplotlib):
+def test_without_matplotlib_there_is_no_plot_and_a_line_says_how_to_get_it(tmp_path, plot_warnings_without_matplotlib,
+                                                                          trained):
+    """README: without matplotlib the study says so (``pip install -e '.[plot]'``) and writes the rest."""
     cells = [{"fraction": 0.1, "mode": "cab", "metric": "top-1", "mean": 1.0, "std": 0.0}]
     from etils import epath
 
     assert not study.plot(cells, epath.Path(tmp_path) / "study.png")
     assert not (tmp_path / "study.png").exists() and "cab-jax[plot]" in plot_warnings_without_matplotlib[0]
+    c = test_config.load(DEMO, "--config.study.fractions=(0.05, 0.2)", "--config.study.seeds=(0, 1)",
+                         "--config.study.modes=('soft', 'cab')")
+    (tmp_path / "run").mkdir()
+    _, finished = study.run(c, str(tmp_path / "run"))
+    assert finished and not (tmp_path / "run" / "study.png").exists()
+    assert len(json.loads((tmp_path / "run" / "study.json").read_text())) == 4
+    assert all((tmp_path / "run" / name).stat().st_size > 0 for name in ("study.md", "results.md", "results.json"))
 
 
 @pytest.mark.parametrize("preset", [False, True])
