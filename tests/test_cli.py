@@ -56,6 +56,14 @@ def test_a_batch_the_data_parallel_mesh_does_not_divide_is_a_usage_error(tmp_pat
     assert not (tmp_path / "run").exists()
 
 
+def test_a_dataset_that_is_not_prepared_is_one_line_before_any_work(tmp_path):
+    proc = run("cab_jax.main", f"--config={CONFIGS / 'vim_small.py'}", f"--workdir={tmp_path / 'run'}",
+               f"--config.data.data_dir={tmp_path / 'tfds'}")
+    assert_one_line_error(proc, f"Dataset 'imagenet2012' is not prepared in data_dir '{tmp_path / 'tfds'}'",
+                          "this pipeline never downloads", "tfds build imagenet2012")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "tfds").exists()
+
+
 def test_bad_config_files_and_variants_are_one_line_usage_errors(tmp_path):
     assert_one_line_error(run("cab_jax.main", "--config=configs/nope.py", f"--workdir={tmp_path}"),
                           "--config=configs/nope.py", "no such file")

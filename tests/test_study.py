@@ -95,6 +95,22 @@ def test_the_plot_draws_the_metric_against_the_fraction_one_line_per_mode_with_e
         np.testing.assert_allclose(heights, 2 * np.asarray(std))
 
 
+def test_each_row_says_whether_this_run_trained_resumed_or_reused_it(tmp_path, monkeypatch):
+    """README: "this run" says trained / resumed / reused: a run restored from an earlier checkpoint before its last
+    step says where it resumed, one restored at its last step was reused."""
+    def train_and_evaluate(c, workdir):
+        resumed_at = {"train_teacher": 5, "soft": None, "cab": 2}[c.loss.mode if c.task == "distill" else c.task]
+        return train.RunResult({"top1": 50.0, "top5": 90.0}, 5 if c.task == "train_teacher" else 3, 1.0, 12,
+                               resumed_at=resumed_at)
+
+    monkeypatch.setattr(train, "train_and_evaluate", train_and_evaluate)
+    c = test_config.load(DEMO, "--config.study.fractions=(0.05,)", "--config.study.seeds=(0,)",
+                         "--config.study.modes=('soft', 'cab')")
+    rows, _ = study.run(c, str(tmp_path))
+    assert [r["this run"] for r in rows] == ["reused", "trained", "resumed at step 2"]
+    assert "resumed at step 2" in (tmp_path / "results.md").read_text()
+
+
 def mlp_bridge_params(hidden_layers, d_in=8, width=64, d_out=64, maps=4 * 8):
     """The demo's bridge: 8 student layers, each with 4 maps (B, B_b -> K; C, C_b -> Q), biases included."""
     sizes = [d_in] + [width] * hidden_layers + [d_out]
