@@ -314,6 +314,20 @@ def test_without_triton_hopper_runs_mosaic_and_saying_so_once(jax_without_triton
                                "Pallas Triton backend)")]
 
 
+def test_with_triton_a_gpu_runs_the_triton_kernel_and_says_so_once(monkeypatch, logged):
+    """README: the first scan of a run logs which kernel it chose; while JAX ships Pallas's Triton backend that is
+    the Triton kernel on any GPU, Hopper included, and the line says why."""
+    monkeypatch.setattr(scan_api.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(scan_api.jax, "devices", lambda: [_Gpu("9.0")])
+    scan_api.gpu_kernel.cache_clear()
+    try:
+        assert [scan_api.resolve_impl(impl) for impl in ("auto", "pallas", "auto")] == ["pallas_triton"] * 3
+    finally:
+        scan_api.gpu_kernel.cache_clear()
+    assert logged == [("info", "selective scan: the pallas_triton kernel (compute capability 9.0; faster than "
+                               "pallas_mosaic today; JAX deprecates Pallas's Triton backend)")]
+
+
 def test_a_gpu_without_a_kernel_falls_back_to_associative_or_says_why(jax_without_triton, logged):
     """Before Hopper, once JAX drops Pallas's Triton backend: "auto" warns once and runs associative; "pallas"
     fails naming both requirements."""
