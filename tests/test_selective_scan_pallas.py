@@ -22,6 +22,7 @@ from cab_jax.kernels.selective_scan import (
     BlockSizes,
     ScanDirection,
     autotune,
+    lowering_for,
     pallas_gpu_mosaic,
     pallas_gpu_triton,
     pallas_tpu,
@@ -160,6 +161,22 @@ def test_bidirectional_kernel_equals_two_unidirectional_runs(backend):
     fused = bi(ScanDirection(**kf), ScanDirection(**kb), z, static["delta_softplus"], blocks=blocks)
     pre = (uni(**kf, **static, blocks=blocks) + uni(**kb, **static, reverse=True, blocks=blocks))
     np.testing.assert_allclose(fused, pre * jax.nn.silu(z), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("platform,impl", [("cuda", "pallas_triton"), ("cuda", "pallas_mosaic"), ("tpu", "pallas")])
+def test_the_backward_direction_is_read_in_place_without_flipped_copies(platform, impl):
+    """README: Vim's two directions run in one launch, the backward one read in place: the program the accelerator
+    would run (forward and backward passes) reverses no array, and launches one kernel per pass."""
+    (kf, static), (kb, _) = _directions(197, 16, "float32", "full", 128, 2)
+    z = kf.pop("z")
+    kb.pop("z")
+    fn = lambda f, b, z: jnp.sum(selective_scan_bidirectional(f, b, z, static["delta_softplus"], impl=impl))
+    with lowering_for(platform):
+        text = jax.jit(jax.grad(fn, argnums=(0, 1, 2))).trace(ScanDirection(**kf), ScanDirection(**kb), z).lower(
+            lowering_platforms=(platform,)).as_text()
+    assert "stablehlo.reverse" not in text
+    target = {"pallas_triton": "__gpu$xla.gpu.triton", "pallas_mosaic": "mosaic_gpu_v2", "pallas": "tpu_custom_call"}
+    assert text.count(f"stablehlo.custom_call @{target[impl]}") == 2, impl
 
 
 @pytest.mark.parametrize("save_every", [1, 4, 100])
