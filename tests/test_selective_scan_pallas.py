@@ -163,6 +163,19 @@ def test_bidirectional_kernel_equals_two_unidirectional_runs(backend):
     np.testing.assert_allclose(fused, pre * jax.nn.silu(z), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kernel", ["pallas_triton", "pallas_mosaic", "pallas_tpu"])
+def test_bfloat16_inputs_accumulate_in_a_float32_state_in_the_kernels(kernel):
+    """README: the kernels keep the state in float32 for bfloat16 inputs. With A ~ 0 the state is a running sum of
+    600 equal increments: a bfloat16 state (8 significant bits) would stop growing a few hundred increments in."""
+    length, dt = 600, 0.01
+    ones = jnp.ones((1, length, 2), jnp.bfloat16)
+    scan = _pallas_fns(kernel, interpret=True)[0]
+    y = scan(u=ones, delta=jnp.full((1, length, 2), dt, jnp.bfloat16), A=-jnp.exp(jnp.full((2, 1), -20.0)),
+             B=ones[..., :1], C=ones[..., :1])
+    steps = np.asarray(jnp.asarray(dt, jnp.bfloat16), np.float64) * np.arange(1, length + 1)
+    np.testing.assert_allclose(np.asarray(y.astype(jnp.float32))[0, :, 0], steps, rtol=2**-8 + 1e-4)
+
+
 @pytest.mark.parametrize("platform,impl", [("cuda", "pallas_triton"), ("cuda", "pallas_mosaic"), ("tpu", "pallas")])
 def test_the_backward_direction_is_read_in_place_without_flipped_copies(platform, impl):
     """README: Vim's two directions run in one launch, the backward one read in place: the program the accelerator
