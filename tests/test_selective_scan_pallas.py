@@ -192,6 +192,21 @@ def test_the_backward_direction_is_read_in_place_without_flipped_copies(platform
     assert text.count(f"stablehlo.custom_call @{target[impl]}") == 2, impl
 
 
+@pytest.mark.parametrize("save_every", [1, 3])
+def test_training_saves_only_the_states_at_segment_starts(save_every):
+    """README: for the backward pass the forward saves the state only at every ``save_every``-th chunk start (12
+    chunks of 4 for 45 positions: 12 or 4 states per sequence and direction), never one per position."""
+    (kf, static), (kb, _) = _directions(45, 16, "float32", "full", 40, 2)
+    z = kf.pop("z")
+    kb.pop("z")
+    blocks = BlockSizes(chunk=4, block_d=16, save_every=save_every)
+    fn = lambda f, b, z: KERNELS["gpu"][1](f, b, z, static["delta_softplus"], blocks=blocks)
+    _, vjp = jax.vjp(fn, ScanDirection(**kf), ScanDirection(**kb), z)
+    residuals = [leaf.shape for leaf in jax.tree.leaves(vjp)]
+    states = [shape for shape in residuals if len(shape) == 4 and shape[2:] == (16, 40)]  # (batch, saved, N, D)
+    assert states and all(shape[:2] == (2, 12 // save_every) for shape in states), residuals
+
+
 @pytest.mark.parametrize("save_every", [1, 4, 100])
 def test_gpu_checkpoint_spacing_changes_nothing(save_every):
     """Saving the state every chunk, every few chunks or once gives the same values and gradients: the
