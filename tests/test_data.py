@@ -194,6 +194,26 @@ def test_repeated_augmentation_needs_more_than_one_device(eight_devices):
     assert images.repeated_augmentation(make_cfg("")) == 1
 
 
+def test_the_recipes_train_crop_is_resized_bicubic():
+    """README: the training crop is resized bicubic (DeiT's recipe): the vision configs' train transform, without
+    flip, RandAugment and erasing, equals PIL's bicubic resize of the crop box the same random draw gives, and not
+    the bilinear one."""
+    from PIL import Image
+
+    from configs import vim_small
+
+    data_cfg = vim_small.get_config().data
+    data_cfg.update(dict(hflip=False, randaugment="", random_erase=0.0, image_size=32))
+    image = np.random.default_rng(0).integers(0, 256, (48, 40, 3), dtype=np.uint8)
+    out = images.train_transform(data_cfg).random_map({"image": image, "label": 0}, np.random.default_rng(7))["image"]
+    top, left, h, w = augment.random_resized_crop_box(48, 40, np.random.default_rng(7), tuple(data_cfg.crop_scale),
+                                                      augment.DEFAULT_CROP_RATIO)
+    crop = lambda resample: augment.normalize(np.asarray(Image.fromarray(image).resize(
+        (32, 32), resample, box=(left, top, left + w, top + h))), data_cfg.mean, data_cfg.std)
+    np.testing.assert_array_equal(out, crop(Image.Resampling.BICUBIC))
+    assert not np.array_equal(out, crop(Image.Resampling.BILINEAR))
+
+
 def test_random_resized_crop_box_is_inside_and_in_scale_range():
     rng = np.random.default_rng(0)
     for _ in range(200):
