@@ -183,3 +183,17 @@ def test_readmes_memory_table_is_what_the_command_prints():
 def table_cells(line: str) -> list[str]:
     """The cells of a Markdown table row (one empty cell for any other line)."""
     return [c.strip() for c in line.strip().strip("|").split("|")] if line.startswith("|") else [""]
+
+
+def test_the_largest_batch_fits_90_percent_of_each_generations_hbm():
+    """README: the largest per-chip batch is the one whose estimate fits within 90 % of the chip's HBM (v4 32, v5e
+    16, v5p 95, v6e 32 GiB); the next batch does not fit."""
+    assert memory_plan.HBM_GIB == {"v4": 32.0, "v5e": 16.0, "v5p": 95.0, "v6e": 32.0}
+    gib = 2**30
+    acts = memory_plan.Activations(fixed=(gib // 8, gib // 4, gib // 8), per_example=(gib // 64, gib // 16, 0))
+    e = memory_plan.Estimate(1, 2 * gib, gib, gib, *acts.at(1))
+    total_at = lambda batch: memory_plan.Estimate(batch, e.state, e.teacher, e.gradients, *acts.at(batch)).total
+    for generation, hbm in memory_plan.HBM_GIB.items():
+        batch = memory_plan.largest_batch(e, acts, hbm * gib)
+        assert total_at(batch) <= 0.9 * hbm * gib < total_at(batch + 1), generation
+    assert memory_plan.largest_batch(e, acts, 4 * gib) == 0  # state, teacher and gradients alone exceed it
