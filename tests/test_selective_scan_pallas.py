@@ -9,6 +9,7 @@ by ``jax.export`` for the TPU platform.
 from __future__ import annotations
 
 import functools
+import re
 from unittest import mock
 
 import jax
@@ -466,20 +467,36 @@ def test_forward_and_backward_lower_for_gpu_and_tpu(platform, dtype, bidirection
     assert "stablehlo.while" not in text
 
 
+def _tpu_forward_text(tpu: str, length: int) -> str:
+    """The exported TPU module of a bidirectional forward over 128 channels, for generation ``tpu``."""
+    with scan_api.lowering_for("tpu", tpu=tpu):
+        d = ScanDirection(*(jax.ShapeDtypeStruct(s, jnp.float32) for s in [(1, length, 128)] * 2 + [(128, 16)]
+                            + [(1, length, 16)] * 2 + [(128,)] * 2))
+        fn = jax.jit(lambda f, b: selective_scan_bidirectional(f, b, None, True, impl="pallas"))
+        return jax.export.export(fn, platforms=["tpu"])(d, d).mlir_module()
+
+
 @pytest.mark.parametrize("tpu,launches,vmem", [("v4", 2, 16), ("v5e", 1, 128), ("v5p", 1, 64), ("v6e", 1, 128)])
 def test_the_tpu_kernel_plans_with_each_generations_vmem(tpu, launches, vmem):
     """The resident budget is half of the generation's VMEM per core (JAX's table), 8 MiB on 16 MiB chips: at 20,480
     positions the first direction's float32 output (80 KiB per channel) fits 128 channels on v5e/v5p/v6e (one
-    launch), not on v4 (two launches, the sum through HBM)."""
+    launch), not on v4 (two launches, the sum through HBM). README: past 16 MiB the kernel raises the scoped VMEM
+    limit to 3/4 of the core's VMEM (v2-v4 keep their default)."""
     assert scan_api.tpu_vmem_bytes() == 16 << 20  # outside lowering_for, on a machine without a TPU: v4's
     with scan_api.lowering_for("tpu", tpu=tpu):
         assert scan_api.tpu_vmem_bytes() == vmem << 20
-        d = ScanDirection(*(jax.ShapeDtypeStruct(s, jnp.float32) for s in [(1, 20480, 128)] * 2 + [(128, 16)]
-                            + [(1, 20480, 16)] * 2 + [(128,)] * 2))
-        fn = jax.jit(lambda f, b: selective_scan_bidirectional(f, b, None, True, impl="pallas"))
-        text = jax.export.export(fn, platforms=["tpu"])(d, d).mlir_module()
+    text = _tpu_forward_text(tpu, 20480)
     assert text.count("@tpu_custom_call") == launches
     assert pallas_tpu.resident_bytes(vmem << 20) == (8 << 20 if vmem == 16 else vmem << 19)
+    scoped = {int(size) for size in re.findall(r"scoped_memory_configs\\22: \[\{[^}]*\\22size\\22: (\d+)", text)}
+    assert scoped == (set() if vmem == 16 else {(vmem << 20) * 3 // 4}), scoped
+
+
+@pytest.mark.parametrize("length,launches", [(131072, 1), (135168, 2)])
+def test_on_v5e_the_first_directions_sum_stays_in_vmem_up_to_128k_positions(length, launches):
+    """README: the sum goes through HBM in two launches past about 128k positions on v5e (64 MiB resident: 128
+    channels x 4 bytes per position)."""
+    assert _tpu_forward_text("v5e", length).count("@tpu_custom_call") == launches
 
 
 @pytest.mark.parametrize("resident_bytes,path,launches", [(4 * 200 * 128, "narrowed block_d", [(2, 128)]),
