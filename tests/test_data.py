@@ -194,6 +194,20 @@ def test_repeated_augmentation_needs_more_than_one_device(eight_devices):
     assert images.repeated_augmentation(make_cfg("")) == 1
 
 
+def test_the_demo_trains_on_40_of_the_1438_train_digits():
+    """README: the embedded dataset is scikit-learn's 1,797 digits, 1,438 train / 359 test images, and the demo's
+    students train on 3 % of each class: 40 images."""
+    from sklearn.datasets import load_digits
+
+    from configs import demo
+
+    labels = load_digits().target
+    train_idx, test_idx = digits.stratified_split(labels, digits.TEST_FRACTION, digits.SPLIT_SEED)
+    assert (len(labels), len(train_idx), len(test_idx)) == (1797, 1438, 359)
+    d = demo.get_config().data
+    assert len(per_class_subset(labels[train_idx], d.subset_fraction, d.subset_seed)) == 40
+
+
 def test_the_recipes_train_crop_is_resized_bicubic():
     """README: the training crop is resized bicubic (DeiT's recipe): the vision configs' train transform, without
     flip, RandAugment and erasing, equals PIL's bicubic resize of the crop box the same random draw gives, and not
