@@ -156,6 +156,15 @@ def test_curves_are_each_runs_metrics_by_step(saved_runs, tmp_path):
     assert (tmp_path / "curves.png").stat().st_size > 0
 
 
+def test_the_curves_command_draws_into_the_runs_analysis_directory(saved_runs):
+    """README: ``python -m cab_jax.analyze curves --workdir=RUN`` draws the run's curves into
+    ``RUN/analysis/curves.png`` when no ``--out`` is given."""
+    cab, vanilla = saved_runs["cab"], saved_runs["vanilla"]
+    analyze_command("curves", f"--workdir={cab}", f"--compare={vanilla}")
+    assert (cab / "analysis" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (vanilla / "analysis").exists()
+
+
 def test_a_teacher_run_is_refused(saved_runs, tmp_path):
     (tmp_path / "run_config.json").write_text(json.dumps({"trains": "teacher", "config": json.loads(
         (saved_runs["cab"] / "run_config.json").read_text())["config"]}))
