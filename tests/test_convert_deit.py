@@ -495,3 +495,28 @@ def test_command_line_imports_a_timm_deit(tmp_path):
     assert set(loaded) == set(expected)
     for name, value in expected.items():
         np.testing.assert_array_equal(np.asarray(loaded[name]), value, err_msg=name)
+
+
+def test_command_line_imports_a_hugging_face_deit_directory(tmp_path):
+    """README: ``python -m cab_jax.convert --src=HF_DIR --format=hf --model=deit_small --out=DIR`` reads a Hugging
+    Face ViT directory (config.json + weights; DeiT-Ti's widths and depth here, at 32 px for 10 classes) and writes
+    exactly what the library import of that directory gives."""
+    torch.manual_seed(0)
+    hf = transformers.ViTForImageClassification(transformers.ViTConfig(
+        hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768, image_size=32,
+        patch_size=16, num_labels=10, layer_norm_eps=1e-6, qkv_bias=True))
+    hf.save_pretrained(tmp_path / "hf")
+    proc = subprocess.run([sys.executable, "-m", "cab_jax.convert", f"--src={tmp_path / 'hf'}", "--format=hf",
+                           "--model=deit_tiny", "--image_size=32", "--patch_size=16", "--num_classes=10",
+                           f"--out={tmp_path / 'ours'}"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    c = config(dim=192, depth=12, heads=3, image=32, patch=16, classes=10)
+    target = nnx.state(registry.abstract("vit", **c)).to_pure_dict()
+    loaded = flatten(checkpoint.load_model_params(tmp_path / "ours", target))
+    expected = flatten(weights.import_pytorch(tmp_path / "hf", registry.abstract("vit", **c)))
+    assert set(loaded) == set(expected)
+    for name, value in expected.items():
+        np.testing.assert_array_equal(np.asarray(loaded[name]), value, err_msg=name)
+    q = load_state_dict(tmp_path / "hf")["vit.encoder.layer.5.attention.attention.query.weight"]
+    np.testing.assert_array_equal(np.asarray(loaded["blocks.attn.q.kernel"][5]), q.T)
+
