@@ -65,21 +65,46 @@ def cpu_env(devices: int) -> dict[str, str]:
             "XLA_FLAGS": " ".join([f"--xla_force_host_platform_device_count={devices}", *flags])}
 
 
+def slurm_env(process: int, processes: int, job_id: int) -> dict[str, str]:
+    """The variables SLURM sets for task ``process`` of a one-node job of ``processes`` tasks (those JAX's cluster
+    detection reads)."""
+    return {"SLURM_JOB_ID": str(job_id), "SLURM_STEP_NODELIST": "localhost", "SLURM_STEP_NUM_NODES": "1",
+            "SLURM_NTASKS": str(processes), "SLURM_PROCID": str(process), "SLURM_LOCALID": str(process)}
+
+
+def free_slurm_job_id() -> int:
+    """A job id whose coordinator port (JAX derives it: 61440 + id % 4096) is free here."""
+    first = os.getpid() % 4096
+    for offset in range(4096):
+        job_id = 4096 + (first + offset) % 4096
+        with socket.socket() as s:
+            try:
+                s.bind(("localhost", 61440 + job_id % 4096))
+            except OSError:
+                continue
+        return job_id
+    raise RuntimeError("no free port for a SLURM job's coordinator")
+
+
 def start(args: list[str], *, processes: int, devices_per_process: int, log_dir: pathlib.Path,
-          heartbeat_timeout_s: int = 10) -> Job:
-    """Start the job; ``args`` are the entry point's flags (``--config=...``, ``--workdir=...``, overrides)."""
+          heartbeat_timeout_s: int = 10, slurm: bool = False) -> Job:
+    """Start the job; ``args`` are the entry point's flags (``--config=...``, ``--workdir=...``, overrides). With
+    ``slurm`` the processes find each other as a SLURM job's tasks do (``--jax_distributed`` alone, JAX's cluster
+    detection reading SLURM's variables); else from ``--coordinator_address`` and the process flags."""
     env = cpu_env(devices_per_process)
-    distributed = []
+    distributed, job_id = [], free_slurm_job_id() if slurm else 0
     if processes > 1:
-        distributed = ["--jax_distributed", f"--coordinator_address=localhost:{free_port()}",
-                       f"--num_processes={processes}", f"--heartbeat_timeout_s={heartbeat_timeout_s}"]
+        distributed = ["--jax_distributed", f"--heartbeat_timeout_s={heartbeat_timeout_s}"]
+        if not slurm:
+            distributed += [f"--coordinator_address=localhost:{free_port()}", f"--num_processes={processes}"]
     log_dir.mkdir(parents=True, exist_ok=True)
     procs, logs = [], []
     for i in range(processes):
         logs.append(log_dir / f"process_{i}.log")
         with logs[-1].open("w") as log:
-            extra = [*distributed, f"--process_id={i}"] if distributed else []
-            procs.append(subprocess.Popen([sys.executable, "-m", "cab_jax.main", *args, *extra], cwd=ROOT, env=env,
+            extra = [*distributed, *([] if slurm else [f"--process_id={i}"])] if distributed else []
+            procs.append(subprocess.Popen([sys.executable, "-m", "cab_jax.main", *args, *extra], cwd=ROOT,
+                                          env={**env, **(slurm_env(i, processes, job_id) if slurm else {})},
                                           stdout=log, stderr=subprocess.STDOUT))
     workdir = next((pathlib.Path(a.split("=", 1)[1]) for a in args if a.startswith("--workdir=")), None)
     return Job(procs, logs, len(metrics(workdir)) if workdir else 0)

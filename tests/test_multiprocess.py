@@ -64,9 +64,9 @@ def mesh_flags(data, fsdp=1, tensor=1):
     return [f"--config.mesh.data={data}", f"--config.mesh.fsdp={fsdp}", f"--config.mesh.tensor={tensor}"]
 
 
-def start(flags, workdir, processes):
+def start(flags, workdir, processes, slurm=False):
     return mp.start([*flags, f"--workdir={workdir}"], processes=processes, devices_per_process=8 // processes,
-                    log_dir=workdir.with_name(workdir.name + "_logs"))
+                    log_dir=workdir.with_name(workdir.name + "_logs"), slurm=slurm)
 
 
 def finished(job):
@@ -115,9 +115,10 @@ def assert_one_checkpoint_per_step(workdir):
 
 def test_two_processes_give_the_numbers_of_one_language(tmp_path, language_flags):
     """The language CAB step (the chunked SSD scan) with data=2 x fsdp=4; the vision step's layouts are the chain's
-    below."""
+    below. The two processes are a SLURM job's two tasks: ``--jax_distributed`` alone, the coordinator, process
+    count and index detected from SLURM's variables (the chain below passes them as flags)."""
     flags = [*language_flags, *mesh_flags(2, 4), "--config.student.ssd_impl=chunked"]
-    one, two = start(flags, tmp_path / "one", 1), start(flags, tmp_path / "two", 2)  # side by side
+    one, two = start(flags, tmp_path / "one", 1), start(flags, tmp_path / "two", 2, slurm=True)  # side by side
     finished(one), finished(two)
     assert "process 1/2" in two.log(1)
     assert_same_run(tmp_path / "two", tmp_path / "one", "language")
