@@ -96,3 +96,19 @@ def test_only_checkpoint_conversion_needs_torch():
     proc = subprocess.run([sys.executable, "-c", NO_TORCH], capture_output=True, text=True, timeout=300,
                           cwd=ROOT.parent)
     assert proc.returncode == 0 and int(proc.stdout.split()[-1]) > 30, proc.stderr[-3000:]
+
+
+def test_readmes_layout_names_every_module_and_only_modules_that_exist():
+    """README's layout block: every module of the package is named there, and every module it names exists (its
+    configs/ and launch/ lines name those directories' files)."""
+    import re
+
+    readme = (ROOT.parent / "README.md").read_text()
+    block = readme[readme.index("```\ncab_jax/"):]
+    block = block[: block.index("```", 4)]
+    named = set(re.findall(r"\w+\.py", block))
+    modules = {p.name for p in ROOT.rglob("*.py") if p.name != "__init__.py"}
+    configs = {p.name for folder in ("configs", "launch") for p in (ROOT.parent / folder).glob("*.py")}
+    assert modules <= named, f"not in README's layout: {sorted(modules - named)}"
+    assert named <= modules | configs, f"named in README's layout but absent: {sorted(named - modules - configs)}"
+
