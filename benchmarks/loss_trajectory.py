@@ -40,7 +40,7 @@ def measure(config_name: str, dtype: str, scan_impl: str, batch_size: int, steps
         state, metrics = step(state, built.teacher_params, data[i % batches])
         history.append(metrics)
     history = jax.device_get(history)
-    names = [k for k, v in history[0].items() if not any(s in k for s in SKIPPED) and getattr(v, "ndim", 1) == 0]
+    names = [k for k, v in history[0].items() if k not in SKIPPED and getattr(v, "ndim", 1) == 0]
     return {"run": f"{dtype} {scan_impl}", "config": config_name, "batch": batch_size,
             "device": jax.devices()[0].device_kind, "jax": jax.__version__,
             "metrics": {k: [float(m[k]) for m in history] for k in names}}
