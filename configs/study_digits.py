@@ -5,9 +5,9 @@ one DeiT teacher, then Vim students over train fractions x loss modes x seeds.
 
 The demo's setting (``configs/demo.py``: scikit-learn's 8x8 digits upsampled to 32 px) in 4 px patches instead of
 8: 64 patches + cls = 65 tokens for both models, against the demo's 17. Vim students of 4 layers train 100 steps of
-batch 16 per cell, so that the default grid (4 fractions x 3 modes x 3 seeds = 36 students) takes about 33 minutes
-on a 2-core CPU. The bridge maps onto raw q and k (kernel map "none"), chosen by measurement (docs/results.md). Writes results.md/json, study.md/json and study.png in the workdir; re-running it reuses
-every finished cell.
+batch 16 per cell: the default grid (4 fractions x 3 modes x 3 seeds = 36 students) takes about 33 minutes on a
+2-core CPU. The bridge maps onto raw q and k (kernel map "none"), chosen by measurement (docs/results.md). Writes
+results.md/json, study.md/json and study.png in the workdir; re-running it reuses every finished cell.
 """
 
 import ml_collections

@@ -477,6 +477,18 @@ def test_not_a_square_grid():
 
 
 @pytest.mark.slow
+def convert_deit_tiny(src, fmt, out):
+    """Runs ``python -m cab_jax.convert --format=FMT --model=deit_tiny`` (32 px, 10 classes) on ``src``: (the
+    model's config fields, what it wrote under ``out``, flat)."""
+    proc = subprocess.run([sys.executable, "-m", "cab_jax.convert", f"--src={src}", f"--format={fmt}",
+                           "--model=deit_tiny", "--image_size=32", "--patch_size=16", "--num_classes=10",
+                           f"--out={out}"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    c = config(dim=192, depth=12, heads=3, image=32, patch=16, classes=10)
+    target = nnx.state(registry.abstract("vit", **c)).to_pure_dict()
+    return c, flatten(checkpoint.load_model_params(out, target))
+
+
 def test_command_line_imports_a_timm_deit(tmp_path):
     """README: ``python -m cab_jax.convert --format=timm --model=deit_tiny ... --out=DIR`` writes our checkpoint
     (DeiT-Ti's widths and depth, here at 32 px for 10 classes) holding exactly what the library import gives."""
@@ -484,13 +496,7 @@ def test_command_line_imports_a_timm_deit(tmp_path):
     tensors = {name: rng.normal(size=shape).astype(np.float32)
                for name, shape in timm_shapes(192, 12, 10, grid=2, patch=16).items()}
     save_state_dict(tensors, tmp_path / "deit.pth")
-    proc = subprocess.run([sys.executable, "-m", "cab_jax.convert", f"--src={tmp_path / 'deit.pth'}", "--format=timm",
-                           "--model=deit_tiny", "--image_size=32", "--patch_size=16", "--num_classes=10",
-                           f"--out={tmp_path / 'ours'}"], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    c = config(dim=192, depth=12, heads=3, image=32, patch=16, classes=10)
-    target = nnx.state(registry.abstract("vit", **c)).to_pure_dict()
-    loaded = flatten(checkpoint.load_model_params(tmp_path / "ours", target))
+    c, loaded = convert_deit_tiny(tmp_path / "deit.pth", "timm", tmp_path / "ours")
     expected = flatten(deit.import_teacher(tensors, "timm", teacher_target(c)))
     assert set(loaded) == set(expected)
     for name, value in expected.items():
@@ -506,13 +512,7 @@ def test_command_line_imports_a_hugging_face_deit_directory(tmp_path):
         hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768, image_size=32,
         patch_size=16, num_labels=10, layer_norm_eps=1e-6, qkv_bias=True))
     hf.save_pretrained(tmp_path / "hf")
-    proc = subprocess.run([sys.executable, "-m", "cab_jax.convert", f"--src={tmp_path / 'hf'}", "--format=hf",
-                           "--model=deit_tiny", "--image_size=32", "--patch_size=16", "--num_classes=10",
-                           f"--out={tmp_path / 'ours'}"], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    c = config(dim=192, depth=12, heads=3, image=32, patch=16, classes=10)
-    target = nnx.state(registry.abstract("vit", **c)).to_pure_dict()
-    loaded = flatten(checkpoint.load_model_params(tmp_path / "ours", target))
+    c, loaded = convert_deit_tiny(tmp_path / "hf", "hf", tmp_path / "ours")
     expected = flatten(weights.import_pytorch(tmp_path / "hf", registry.abstract("vit", **c)))
     assert set(loaded) == set(expected)
     for name, value in expected.items():
