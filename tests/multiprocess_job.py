@@ -1,7 +1,8 @@
 """Run the real entry point as one JAX job of several CPU processes on this machine (gloo collectives).
 
 Each process is ``python -m cab_jax.main ARGS`` with ``devices_per_process`` fake CPU devices; with more than one
-process they get ``--jax_distributed`` and the coordinator on a free local port. Logs go to files, one per process.
+process they get ``--jax_distributed`` and the coordinator on a free local port (as flags, or as the variables of a
+SLURM job's tasks). Logs go to files, one per process.
 """
 
 from __future__ import annotations
