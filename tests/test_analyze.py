@@ -211,11 +211,12 @@ def test_causal_attention_weights_see_only_the_past():
     np.testing.assert_allclose(causal[:, -1], full[:, -1], rtol=1e-6)  # the last query sees every key either way
 
 
-def test_the_attention_maps_are_averaged_over_64_examples_by_default():
-    """README: the maps are averaged over 64 eval examples unless --num_examples says otherwise."""
-    text = analyze_command("--help").stdout
-    flag = text[text.index("  --num_examples:") + 3:]  # the flag's entry in the list of flags
-    assert "(default: '64')" in flag[: flag.index("  --")], flag[:300]
+def test_the_attention_maps_are_averaged_over_64_examples_by_default(saved_runs, tmp_path):
+    """README: the maps are averaged over 64 eval examples unless --num_examples says otherwise (a run of the command
+    without the flag)."""
+    analyze_command("attention", f"--workdir={saved_runs['cab']}", "--batch_size=32", f"--out={tmp_path}")
+    (report,) = json.loads((tmp_path / "attention.json").read_text())
+    assert report["examples"] == 64
 
 
 def test_without_matplotlib_the_figures_are_skipped_with_a_line_saying_how_to_get_them(tmp_path,
