@@ -200,8 +200,8 @@ def reference_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus=True):
     return out, out * F.silu(z)
 
 
-def check(ext, dev, batch, d_inner, length, d_state=16, seed=1, out=sys.stdout) -> float:
-    """Max |forward - reference| at one shape (printed to ``out`` with the gradients' relative errors)."""
+def check(ext, dev, batch, d_inner, length, d_state=16, seed=1, log=sys.stdout) -> float:
+    """Max |forward - reference| at one shape (printed to ``log`` with the gradients' relative errors)."""
     gen = torch.Generator(device=dev).manual_seed(seed)
     d = make_direction(batch, length, d_inner, d_state, gen, dev)
     z = torch.randn(batch, d_inner, length, generator=gen, device=dev)
@@ -211,7 +211,7 @@ def check(ext, dev, batch, d_inner, length, d_state=16, seed=1, out=sys.stdout) 
     ref_out, ref_out_z = reference_scan(**leaves, z=zr)
     fwd_err = max((out - ref_out).abs().max().item(), (out_z - ref_out_z).abs().max().item())
     print(f"check b={batch} d={d_inner} l={length} n={d_state}: max |fwd - ref| = {fwd_err:.3e} "
-          f"(max |ref| = {ref_out_z.abs().max().item():.3g})", file=out)
+          f"(max |ref| = {ref_out_z.abs().max().item():.3g})", file=log)
     # gradients (informational): mamba's bwd vs autograd through the reference, relative to max |ref grad|
     dout = torch.ones_like(z)
     grads = scan_bwd(ext, d, z, out, x, dout)
@@ -220,9 +220,9 @@ def check(ext, dev, batch, d_inner, length, d_state=16, seed=1, out=sys.stdout) 
     rel = {n: ((g - r).abs().max() / r.abs().max().clamp_min(1e-30)).item()
            for n, g, r in zip(names, grads, ref_grads, strict=True)}
     worst = max(rel.values())
-    print("   bwd max |grad - ref| / max |ref|: " + ", ".join(f"{n} {v:.1e}" for n, v in rel.items()), file=out)
+    print("   bwd max |grad - ref| / max |ref|: " + ", ".join(f"{n} {v:.1e}" for n, v in rel.items()), file=log)
     if worst > 1e-3:
-        print(f"   WARNING: a gradient differs from the reference by {worst:.1e} (relative)", file=out)
+        print(f"   WARNING: a gradient differs from the reference by {worst:.1e} (relative)", file=log)
     return fwd_err
 
 
@@ -290,9 +290,9 @@ def main() -> None:
           file=info)
 
     if not args.skip_check:
-        errs = [check(ext, dev, 2, 8, 37, out=info),  # seqlen <= 128 bucket, odd length
-                check(ext, dev, 2, 8, 197, out=info),  # the Vim bucket (32 threads x 8 items)
-                check(ext, dev, 1, 4, 2500, out=info)]  # two 2048-chunks, 128 x 16 bucket
+        errs = [check(ext, dev, 2, 8, 37, log=info),  # seqlen <= 128 bucket, odd length
+                check(ext, dev, 2, 8, 197, log=info),  # the Vim bucket (32 threads x 8 items)
+                check(ext, dev, 1, 4, 2500, log=info)]  # two 2048-chunks, 128 x 16 bucket
         if max(errs) > 1e-3:
             sys.exit(f"bench.py: FAILED: the CUDA forward differs from the PyTorch reference by {max(errs):.3e} > 1e-3")
         print("forward check passed (max |diff| <= 1e-3)", file=info)
