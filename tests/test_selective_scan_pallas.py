@@ -19,6 +19,7 @@ import pytest
 from jax.experimental import pallas as pl
 from test_selective_scan import OPTIONS, _assert_close, _make_inputs
 
+from cab_jax import lower
 from cab_jax.kernels.selective_scan import (
     BlockSizes,
     ScanDirection,
@@ -188,9 +189,9 @@ def test_the_backward_direction_is_read_in_place_without_flipped_copies(platform
     with lowering_for(platform):
         text = jax.jit(jax.grad(fn, argnums=(0, 1, 2))).trace(ScanDirection(**kf), ScanDirection(**kb), z).lower(
             lowering_platforms=(platform,)).as_text()
+        target = lower.KERNEL_TARGETS[scan_api.resolve_impl(impl)]
     assert "stablehlo.reverse" not in text
-    target = {"pallas_triton": "__gpu$xla.gpu.triton", "pallas_mosaic": "mosaic_gpu_v2", "pallas": "tpu_custom_call"}
-    assert text.count(f"stablehlo.custom_call @{target[impl]}") == 2, impl
+    assert text.count(f"stablehlo.custom_call @{target}") == 2, impl
 
 
 @pytest.mark.parametrize("save_every", [1, 3])
@@ -461,7 +462,7 @@ def _export_grad(fn, platform: str, dtype: str, bidirectional: bool, reverse: bo
 def test_forward_and_backward_lower_for_gpu_and_tpu(platform, dtype, bidirectional, reverse):
     kernel = "pallas_triton" if platform == "cuda" else "pallas_tpu"
     text = _export_grad(_pallas_fns(kernel, interpret=False), platform, dtype, bidirectional, reverse)
-    target = "__gpu$xla.gpu.triton" if platform == "cuda" else "tpu_custom_call"
+    target = lower.KERNEL_TARGETS[kernel]
     # Forward (with residuals) and backward are both kernels: two custom calls, no XLA scan.
     assert text.count(f"@{target}") == 2, text.count(f"@{target}")
     assert "stablehlo.while" not in text
