@@ -11,12 +11,16 @@ A, B, C, D, delta_bias, one z), as in Vim's mixer; "long" is one direction. Impl
 ("pallas_mosaic", "pallas_triton", "associative"...). ``--check`` also prints the largest difference to the
 sequential reference. With ``--lock=FILE`` each row is compiled first and timed while holding an exclusive lock on
 FILE, so several processes can compile at once and time in turns (``benchmarks/scan_three_way.sh`` does this).
+``--profile`` runs the last pass once more between the CUDA driver's profiler start and stop, for Nsight Compute:
+``ncu --profile-from-start off python benchmarks/selective_scan.py ... --profile``.
 Prints one JSON row per measurement as it comes, then a Markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import json
 import pathlib
 import sys
@@ -40,7 +44,7 @@ def nbytes(tree) -> int:
 
 
 def measure(name: str, impl: str, dtype: str, iters: int, blocks: BlockSizes | None, check: bool,
-            backward: bool = True, lock: str | None = None) -> dict:
+            backward: bool = True, lock: str | None = None, profile: bool = False) -> dict:
     dirs, z = random_inputs(ScanShape(*SCAN_SHAPES[name]), dtype)
     run = scan_fn(impl, len(dirs), blocks)
     start = time.perf_counter()
@@ -65,7 +69,21 @@ def measure(name: str, impl: str, dtype: str, iters: int, blocks: BlockSizes | N
             y = fwd(dirs, z).astype(jnp.float32)
             y_ref = jax.jit(scan_fn("reference", len(dirs), None))(dirs, z).astype(jnp.float32)
             row["max |y - ref| / max |ref|"] = float(jnp.max(jnp.abs(y - y_ref)) / jnp.max(jnp.abs(y_ref)))
+        if profile:
+            with cuda_profiler():
+                jax.block_until_ready(passes[-1][1](dirs, z))
     return row
+
+
+@contextlib.contextmanager
+def cuda_profiler():
+    """What runs inside is what ``ncu --profile-from-start off`` profiles (the driver's cuProfilerStart/Stop)."""
+    driver = ctypes.CDLL("libcuda.so.1")
+    driver.cuProfilerStart()
+    try:
+        yield
+    finally:
+        driver.cuProfilerStop()
 
 
 def main() -> None:
@@ -79,6 +97,8 @@ def main() -> None:
     parser.add_argument("--check", action="store_true")
     parser.add_argument("--lock", help="compile each row first, then time it holding an exclusive lock on this file")
     parser.add_argument("--forward_only", action="store_true", help="time the forward pass only")
+    parser.add_argument("--profile", action="store_true", help="after the timings, run the last pass once more "
+                        "for ncu --profile-from-start off")
     parser.add_argument("--mosaic_params", default="", help="Mosaic GPU CompilerParams flags set to True in both "
                         "pallas_mosaic kernels, e.g. unsafe_no_auto_barriers,approx_math (the forward always runs "
                         "without automatic barriers)")
@@ -102,7 +122,7 @@ def main() -> None:
             for impl in args.impls.split(","):
                 try:
                     row = measure(name, impl, dtype, args.iters, blocks, args.check, not args.forward_only,
-                                  args.lock)
+                                  args.lock, args.profile)
                 except Exception as e:  # e.g. out of memory: report it and go on
                     row = {"shape": name, "impl": impl, "dtype": dtype, "error": error_message(e)}
                 if peak:

@@ -10,10 +10,10 @@ sum to ``ypre``, the second (Vim's backward direction, reading the positions fro
 copies it in and adds to it, and the last one applies the D skips' sum and the silu(z) gate and writes ``out``.
 delta_bias + softplus are fused. For training the forward pass also stores the state at every chunk start; the
 backward pass walks the same tiles from the end, each tile's chunks from its last: it recomputes a chunk's states
-from its saved start into shared memory, then walks the chunk backwards carrying dh. Positions are loops, not
-unrolled (Mosaic GPU's compile time grows with unrolled code). A length that is not a multiple of the tile ends with
-a shorter tile (its size is static: no masks). d_inner is padded to a multiple of 128 (padded channels have u = 0,
-so their states stay 0 and add nothing to dB and dC).
+from its saved start in registers (a chunk's positions are unrolled), then walks the chunk backwards carrying dh.
+Otherwise positions are loops, not unrolled (Mosaic GPU's compile time grows with unrolled code). A length that is
+not a multiple of the tile ends with a shorter tile (its size is static: no masks). d_inner is padded to a multiple
+of 128 (padded channels have u = 0, so their states stay 0 and add nothing to dB and dC).
 
 Gradients that sum over channels (dB, dC) are staged per channel in shared memory for a chunk, summed once per
 chunk (``_Products``) and written per channel block; those that sum over batch and length (dA, dD, d delta_bias)
@@ -302,17 +302,16 @@ def _forward_tile(tiles: _Tiles, ins, outs, writes, j, size: int, slot, h, *, fi
 
 def _backward_scratch(launch: _Launch, dirs: tuple[ScanDirection, ...], z: jax.Array | None, dout_dtype):
     """The backward kernel's tiles: inputs (``ins``), outputs (``outs``; dB and dC side by side per tile row,
-    flat, with ``_Products.rows`` of room on either side), a chunk's recomputed states, its dB and dC products
-    (``_Products``), and per direction the barriers of its copies in."""
+    flat, with ``_Products.rows`` of room on either side), a chunk's dB and dC products (``_Products``), and per
+    direction the barriers of its copies in."""
     dtypes = {"u": dirs[0].u.dtype, "delta": dirs[0].delta.dtype, "B": _F32, "C": _F32, "dout": dout_dtype,
               "z": None if z is None else z.dtype, "ypre": _F32}
     ins = _tile_types(launch, {name: dtypes[name] for name in _backward_reads(launch)})
     outs = _tile_types(launch, {"du": _F32, "ddelta": _F32, **({"dz": _F32} if z is not None else {})})
     products = _Products(launch)
     outs["dBC"] = plgpu.SMEM((2, launch.tile * products.width + 2 * products.rows), _F32)
-    states = plgpu.SMEM((launch.chunk + 1, launch.d_state, LANES), _F32)  # a chunk's recomputed states
     terms = plgpu.SMEM((products.rows, LANES), _F32)
-    return ins, outs, states, terms, _barriers([_backward_reads(launch)] * len(dirs))
+    return ins, outs, terms, _barriers([_backward_reads(launch)] * len(dirs))
 
 
 class _BlockGrads(NamedTuple):
@@ -368,7 +367,7 @@ def _backward_kernel(launch: _Launch, scratch, *refs):
     n_out = len(_BlockGrads._fields)
     grads = [_BlockGrads(*outputs[launch.has_z + n_out * k:launch.has_z + n_out * (k + 1)]) for k in range(n_dirs)]
 
-    def body(ins, outs, states, terms, barriers):
+    def body(ins, outs, terms, barriers):
         for k, reverse in enumerate(launch.reverses):
             d, g = _Direction(ScanDirection(*inputs[7 * k:7 * k + 7]), reverse, launch), grads[k]
             sources = {"u": d.refs.u, "delta": d.refs.delta, "B": d.refs.B, "C": d.refs.C, "dout": dout_ref,
@@ -377,7 +376,7 @@ def _backward_kernel(launch: _Launch, scratch, *refs):
             writes = [(g.du, outs["du"]), (g.ddelta, outs["ddelta"])]
             writes += [(dz_ref, outs["dz"])] if z_ref is not None and k == 0 else []
             tiles = _Tiles(launch, d)
-            compute = functools.partial(_backward_tile, tiles, ins, outs, states, terms, writes, g,
+            compute = functools.partial(_backward_tile, tiles, ins, outs, terms, writes, g,
                                         state_ref=state_refs[k], dz=z_ref is not None and k == 0,
                                         z=z_ref is not None)
             zero, n = d.zeros(), launch.d_state
@@ -391,20 +390,19 @@ def _backward_kernel(launch: _Launch, scratch, *refs):
     pl.run_scoped(body, *scratch)
 
 
-def _backward_tile(tiles: _Tiles, ins, outs, states, terms, writes, g: _BlockGrads, j, size: int, slot, carry, *,
+def _backward_tile(tiles: _Tiles, ins, outs, terms, writes, g: _BlockGrads, j, size: int, slot, carry, *,
                    state_ref, dz: bool, z: bool):
-    """Tile ``j`` of ``size`` scan steps, backwards, chunk by chunk from its last (which may be short): (dh, dA,
-    dD, d delta_bias) after it -> before it; its rows of du, d delta, dB and dC (and dz) copied out."""
+    """Tile ``j`` of ``size`` scan steps, backwards, chunk by chunk from its last (which may be short: it is walked
+    first, by its own code): (dh, dA, dD, d delta_bias) after it -> before it; its rows of du, d delta, dB and dC
+    (and dz) copied out."""
     chunk = tiles.launch.chunk
-    n_chunks = -(-size // chunk)
-
-    def one(q, carry):
-        c = n_chunks - 1 - q
-        steps = jnp.minimum(chunk, size - c * chunk)
-        return _backward_chunk(tiles, ins, outs, states, terms, size, slot, c, steps, carry, state_ref=state_ref,
-                               dz=dz, z=z, start=j * (tiles.launch.tile // chunk) + c)
-
-    carry = jax.lax.fori_loop(0, n_chunks, one, carry)
+    full, short = divmod(size, chunk)
+    first = j * (tiles.launch.tile // chunk)  # the tile's first saved state
+    run = functools.partial(_backward_chunk, tiles, ins, outs, terms, size, slot, state_ref=state_ref, dz=dz, z=z)
+    if short:
+        carry = run(full, short, carry, start=first + full)
+    carry = jax.lax.fori_loop(0, full, lambda q, carry: run(full - 1 - q, chunk, carry, start=first + full - 1 - q),
+                              carry)
     products = _Products(tiles.launch)
     rows = tiles.rows(j, size)  # dB and dC (summed over this program's channels) by channel block
     dbc = (g.dBC.at[tiles.d.b, tiles.d.block, pl.ds(rows.start * products.width, size * products.width)],
@@ -413,11 +411,11 @@ def _backward_tile(tiles: _Tiles, ins, outs, states, terms, writes, g: _BlockGra
     return carry
 
 
-def _backward_chunk(tiles: _Tiles, ins, outs, states, terms, size: int, slot, c, steps, carry, *, state_ref,
-                    dz: bool, z: bool, start):
-    """Chunk ``c`` (``steps`` scan steps, traced; saved state ``start``) of a tile of ``size``, backwards:
-    recomputes its states from its saved start into ``states`` (shared memory, (chunk + 1, d_state, 128); each
-    thread reads back only its own channel), walks it from its end, then sums its dB and dC ``_Products``."""
+def _backward_chunk(tiles: _Tiles, ins, outs, terms, size: int, slot, c, steps: int, carry, *, state_ref, dz: bool,
+                    z: bool, start):
+    """Chunk ``c`` (traced; ``steps`` scan steps, static; saved state ``start``) of a tile of ``size``, backwards:
+    recomputes its states from its saved start in registers (the chunk is unrolled), walks it from its end, then
+    sums its dB and dC ``_Products``."""
     d, launch = tiles.d, tiles.launch
     products = _Products(launch)
     n_state = range(launch.d_state)
@@ -429,23 +427,13 @@ def _backward_chunk(tiles: _Tiles, ins, outs, states, terms, size: int, slot, c,
         r = tiles.row(c * launch.chunk + i, size)
         return (r, *d.inputs(ins, slot, r))
 
-    h = tuple(state_ref[d.b, start, n, d.cols] for n in n_state)
-    for n, h_n in enumerate(h):
-        states[0, n] = h_n
-
-    def recompute(i, h):
+    states = [[state_ref[d.b, start, n, d.cols] for n in n_state]]  # states[i]: before the chunk's step i
+    for i in range(steps):
         _, u, _, dt, b_s = position(i)
-        _, h = d.update(h, dt, u, b_s)
-        for n, h_n in enumerate(h):
-            states[i + 1, n] = h_n
-        return tuple(h)
+        states.append(d.update(states[-1], dt, u, b_s)[1])
 
-    jax.lax.fori_loop(0, steps, recompute, h)
-    plgpu.commit_smem()  # a barrier: the states are written before they are read (the kernel has no automatic ones)
-
-    def back(q, carry):
-        i = steps - 1 - q
-        dh, dA, dD, dbias = list(carry[0]), list(carry[1]), carry[2], carry[3]
+    dh, dA, dD, dbias = list(carry[0]), list(carry[1]), carry[2], carry[3]
+    for i in reversed(range(steps)):
         r, u, pre, dt, b_s = position(i)
         dy = ins["dout"][slot, r].astype(_F32)
         if z:
@@ -461,9 +449,9 @@ def _backward_chunk(tiles: _Tiles, ins, outs, states, terms, size: int, slot, c,
         for n in n_state:
             decay = jnp.exp(dt * d.A[n])
             terms[row + n, pl.ds(0, LANES)] = dh[n] * dtu
-            terms[row + launch.d_state + n, pl.ds(0, LANES)] = states[i + 1, n] * dy
+            terms[row + launch.d_state + n, pl.ds(0, LANES)] = states[i + 1][n] * dy
             b_dh = b_dh + dh[n] * b_s[n]
-            dh_a_h = dh[n] * decay * states[i, n]  # dh of the previous position (before its output) x h
+            dh_a_h = dh[n] * decay * states[i][n]  # dh of the previous position (before its output) x h
             ddt_a = ddt_a + dh_a_h * d.A[n]
             dA[n] = dA[n] + dh_a_h * dt
             dh[n] = dh[n] * decay
@@ -472,10 +460,9 @@ def _backward_chunk(tiles: _Tiles, ins, outs, states, terms, size: int, slot, c,
         if launch.delta_softplus:
             dpre = dpre * sigmoid(pre)
         outs["ddelta"][slot, r] = dpre
-        return tuple(dh), tuple(dA), dD + dy * u, dbias + dpre
+        dD, dbias = dD + dy * u, dbias + dpre
 
-    carry = jax.lax.fori_loop(0, steps, back, carry)
-    plgpu.commit_smem()  # the products are written before they are summed, the states read before they are reused
+    plgpu.commit_smem()  # a barrier: the products are written before they are summed
     for m in range(products.rows // _SUM_ROWS):
         rows = pl.ds(m * _SUM_ROWS, _SUM_ROWS)
         if launch.interpret:
@@ -484,7 +471,8 @@ def _backward_chunk(tiles: _Tiles, ins, outs, states, terms, size: int, slot, c,
             products_tile = plgpu.load(terms, (rows, slice(None)), layout=plgpu.Layout.WGMMA, optimized=False)
         total = jnp.sum(products_tile, axis=1)
         outs["dBC"][slot, pl.ds(products.rows + base + m * _SUM_ROWS, _SUM_ROWS)] = total
-    return carry
+    plgpu.commit_smem()  # and summed before the next chunk writes them again
+    return tuple(dh), tuple(dA), dD, dbias
 
 
 def _launch(dirs: tuple[ScanDirection, ...], z: jax.Array | None, cfg: KernelConfig) -> _Launch:
@@ -523,9 +511,9 @@ def _kernel_inputs(dirs: tuple[ScanDirection, ...], width: int) -> list[jax.Arra
 # Both kernels run without Pallas's automatic barriers around every load and store, under the two conditions
 # Mosaic GPU's documentation gives for that. Inputs are read from tiles the copies in write, outputs are written to
 # tiles the copies out read, GMEM outputs are only written, and after commit_smem no thread reads a tile that a copy
-# then overwrites. The two regions threads both write and read are the backward's: a chunk's recomputed states and
-# its dB/dC terms (written per channel, read across threads). Each has a barrier (commit_smem) between its writes and
-# its reads, and one before the next chunk writes it again; the others are in the waits for copies.
+# then overwrites. The one region threads both write and read is the backward's dB/dC terms of a chunk (written per
+# channel, read across threads): a barrier (commit_smem) between its writes and its reads, and one before the next
+# chunk writes it again; the others are in the waits for copies.
 FORWARD_PARAMS = plgpu.CompilerParams(unsafe_no_auto_barriers=True)
 BACKWARD_PARAMS = plgpu.CompilerParams(unsafe_no_auto_barriers=True)
 
