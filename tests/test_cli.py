@@ -4,11 +4,13 @@ checks before any work, and a log without library noise."""
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import time
 
 import pytest
+import test_config
 
 ROOT = pathlib.Path(__file__).parents[1]
 CONFIGS = ROOT / "configs"
@@ -132,19 +134,36 @@ NOISE = ("Downloading and preparing", "downloaded and prepared", "\x1b[A", "Vari
          "Using custom data configuration", "Traceback")
 
 
+def log_lines(stderr: str) -> list[str]:
+    """absl's log lines of stderr (I/W/E + date), the part after the source location."""
+    return [line.split("] ", 1)[1] for line in stderr.splitlines() if line[:1] in "IWE" and line[1:5].isdigit()]
+
+
 @pytest.mark.slow
 def test_a_study_logs_only_what_the_user_needs_and_a_rerun_says_it_reused(tmp_path):
-    """A small study (teacher, then one distilled student) twice: the log carries no library noise, and the second
-    invocation's table marks both rows as reused."""
+    """A small study (teacher, then one distilled student) twice: the log carries no library noise, a line per
+    ``log_every`` steps, and so (README) about 45 lines for the whole demo; the second invocation's table marks both
+    rows as reused."""
     args = [f"--config={CONFIGS / 'demo.py'}", f"--workdir={tmp_path}", "--config.study.modes=('soft',)",
-            "--config.teacher.depth=1", "--config.student.depth=2", "--config.teacher.train.steps=2",
-            "--config.train.steps=2", "--config.teacher.train.log_every=1", "--config.train.log_every=1"]
+            "--config.teacher.depth=1", "--config.student.depth=2", "--config.teacher.train.steps=4",
+            "--config.train.steps=4", "--config.teacher.train.log_every=2", "--config.train.log_every=2"]
     first = run("cab_jax.main", *args)
     assert first.returncode == 0, first.stderr[-3000:]
     for noise in NOISE:
         assert noise not in first.stderr + first.stdout, noise
     rows = json.loads((tmp_path / "results.json").read_text())
     assert [r["this run"] for r in rows] == ["trained", "trained"]
+
+    log = log_lines(first.stderr)
+    progress = [line.split("]")[0] + "]" for line in log if re.match(r"\[(teacher|student) \d+/4\]", line)]
+    assert progress == ["[teacher 2/4]", "[teacher 4/4]", "[student 2/4]", "[student 4/4]"], log
+    student = next(i for i, line in enumerate(log) if line.startswith("Study stage 2"))
+    teacher_lines, student_lines = student - 2, len(log) - student - 2  # each without its progress lines
+    demo = test_config.load(CONFIGS / "demo.py")
+    assert demo.teacher.train.log_every == demo.train.log_every == 50
+    lines = (teacher_lines + demo.teacher.train.steps // demo.teacher.train.log_every
+             + len(demo.study.modes) * (student_lines + demo.train.steps // demo.train.log_every))
+    assert 40 <= lines <= 50, (lines, log)  # README: "about 45 lines in all"
 
     second = run("cab_jax.main", *args)
     assert second.returncode == 0, second.stderr[-3000:]
