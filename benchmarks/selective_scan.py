@@ -9,8 +9,9 @@ scratch memory (what it saves for the backward pass, partial sums), "compile s" 
 (``--forward_only`` skips the backward). The Vim shapes are bidirectional (two directions with their own u, delta,
 A, B, C, D, delta_bias, one z), as in Vim's mixer; "long" is one direction. Impls are ``selective_scan``'s
 ("pallas_mosaic", "pallas_triton", "associative"...). ``--check`` also prints the largest difference to the
-sequential reference. With ``--lock=FILE`` each row is compiled first and timed while holding an exclusive lock on
-FILE, so several processes can compile at once and time in turns (``benchmarks/scan_three_way.sh`` does this).
+sequential reference (relative to its largest value), of the output and, over every input, of the gradients. With
+``--lock=FILE`` each row is compiled first and timed while holding an exclusive lock on FILE, so several processes
+can compile at once and time in turns (``benchmarks/scan_three_way.sh`` does this).
 ``--profile`` runs the last pass once more between the CUDA driver's profiler start and stop, for Nsight Compute:
 ``ncu --profile-from-start off python benchmarks/selective_scan.py ... --profile``.
 Prints one JSON row per measurement as it comes, then a Markdown table.
@@ -43,6 +44,12 @@ def nbytes(tree) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
+def relative_error(x: jax.Array, ref: jax.Array) -> float:
+    """max |x - ref| / max |ref|, in float32."""
+    x, ref = x.astype(jnp.float32), ref.astype(jnp.float32)
+    return float(jnp.max(jnp.abs(x - ref)) / jnp.max(jnp.abs(ref)))
+
+
 def measure(name: str, impl: str, dtype: str, iters: int, blocks: BlockSizes | None, check: bool,
             backward: bool = True, lock: str | None = None, profile: bool = False) -> dict:
     dirs, z = random_inputs(ScanShape(*SCAN_SHAPES[name]), dtype)
@@ -66,9 +73,12 @@ def measure(name: str, impl: str, dtype: str, iters: int, blocks: BlockSizes | N
             row[f"{label} ms"] = round(ms, 3)
             row[f"{label} GB/s"] = round(moved / ms / 1e6, 1)
         if check:
-            y = fwd(dirs, z).astype(jnp.float32)
-            y_ref = jax.jit(scan_fn("reference", len(dirs), None))(dirs, z).astype(jnp.float32)
-            row["max |y - ref| / max |ref|"] = float(jnp.max(jnp.abs(y - y_ref)) / jnp.max(jnp.abs(y_ref)))
+            reference = scan_fn("reference", len(dirs), None)
+            row["max |y - ref| / max |ref|"] = relative_error(fwd(dirs, z), jax.jit(reference)(dirs, z))
+            if backward:
+                ref_grads = jax.jit(lambda dirs, z: jax.vjp(reference, dirs, z)[1](dy))(dirs, z)
+                row["max grad error"] = max(map(relative_error, jax.tree.leaves(fwd_bwd(dirs, z)),
+                                                jax.tree.leaves(ref_grads)))
         if profile:
             with cuda_profiler():
                 jax.block_until_ready(passes[-1][1](dirs, z))
