@@ -415,7 +415,7 @@ def _backward_chunk(tiles: _Tiles, ins, outs, terms, size: int, slot, c, steps: 
                     z: bool, start):
     """Chunk ``c`` (traced; ``steps`` scan steps, static; saved state ``start``) of a tile of ``size``, backwards:
     recomputes its states from its saved start in registers (the chunk is unrolled), walks it from its end, then
-    sums its dB and dC ``_Products``. ``states[i]``: the state before the chunk's step i."""
+    sums its dB and dC ``_Products``."""
     d, launch = tiles.d, tiles.launch
     products = _Products(launch)
     n_state = range(launch.d_state)
@@ -427,33 +427,21 @@ def _backward_chunk(tiles: _Tiles, ins, outs, terms, size: int, slot, c, steps: 
         r = tiles.row(c * launch.chunk + i, size)
         return (r, *d.inputs(ins, slot, r))
 
-    def gated(r):
-        """d ypre at tile row ``r`` (dout through the silu(z) gate); stores dz there."""
-        dy = ins["dout"][slot, r].astype(_F32)
-        if not z:
-            return dy
-        zt = ins["z"][slot, r].astype(_F32)
-        sig = sigmoid(zt)
-        if dz:
-            outs["dz"][slot, r] = dy * ins["ypre"][slot, r] * sig * (1.0 + zt * (1.0 - sig))
-        return dy * zt * sig
-
-    # The recomputation stores each position's dC terms (state after it x dy) at once, so that the walk back keeps
-    # only the states before each position (fewer registers).
-    h, states, dys = [state_ref[d.b, start, n, d.cols] for n in n_state], [], []
+    states = [[state_ref[d.b, start, n, d.cols] for n in n_state]]  # states[i]: before the chunk's step i
     for i in range(steps):
-        r, u, _, dt, b_s = position(i)
-        states.append(h)
-        dys.append(gated(r))
-        h = d.update(h, dt, u, b_s)[1]
-        row = r * products.width - base
-        for n, h_n in enumerate(h):
-            terms[row + launch.d_state + n, pl.ds(0, LANES)] = h_n * dys[i]
+        _, u, _, dt, b_s = position(i)
+        states.append(d.update(states[-1], dt, u, b_s)[1])
 
     dh, dA, dD, dbias = list(carry[0]), list(carry[1]), carry[2], carry[3]
     for i in reversed(range(steps)):
         r, u, pre, dt, b_s = position(i)
-        dy = dys[i]
+        dy = ins["dout"][slot, r].astype(_F32)
+        if z:
+            zt = ins["z"][slot, r].astype(_F32)
+            sig = sigmoid(zt)
+            if dz:
+                outs["dz"][slot, r] = dy * ins["ypre"][slot, r] * sig * (1.0 + zt * (1.0 - sig))
+            dy = dy * zt * sig
         dh = [dh_n + ins["C"][slot, r, n] * dy for n, dh_n in enumerate(dh)]
         dtu = dt * u
         row = r * products.width - base
@@ -461,6 +449,7 @@ def _backward_chunk(tiles: _Tiles, ins, outs, terms, size: int, slot, c, steps: 
         for n in n_state:
             decay = jnp.exp(dt * d.A[n])
             terms[row + n, pl.ds(0, LANES)] = dh[n] * dtu
+            terms[row + launch.d_state + n, pl.ds(0, LANES)] = states[i + 1][n] * dy
             b_dh = b_dh + dh[n] * b_s[n]
             dh_a_h = dh[n] * decay * states[i][n]  # dh of the previous position (before its output) x h
             ddt_a = ddt_a + dh_a_h * d.A[n]
