@@ -45,8 +45,8 @@ from cab_jax.kernels.selective_scan.pallas_common import (
 _F32 = jnp.float32
 LANES = 128  # channels per program: one warpgroup, one channel per thread
 _SUM_ROWS = 64  # rows of products summed at once: the rows of one WGMMA-layout tile
-# Chunks of 2 in tiles of 4: the backward's shared memory (about 92 KiB at d_state 16) lets two programs share an
-# SM, where chunks of 4 in tiles of 8 (about 176 KiB) run one per SM (BENCHMARKS.md compares them).
+# Chunks of 2 in tiles of 4: the backward (about 72 KiB of shared memory at d_state 16 and 200 registers per thread)
+# runs two programs per SM; longer chunks hold more of everything (BENCHMARKS.md compares them).
 DEFAULT_BLOCKS = BlockSizes(chunk=2, block_d=LANES, num_warps=4, num_stages=2, save_every=1)
 
 
