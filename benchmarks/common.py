@@ -209,6 +209,14 @@ def gpu_turn(lock_path: str | None):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def relative_error(x, ref) -> float:
+    """max |x - ref| / max |ref| of two arrays, in float32."""
+    import jax.numpy as jnp
+
+    x, ref = x.astype(jnp.float32), ref.astype(jnp.float32)
+    return float(jnp.max(jnp.abs(x - ref)) / jnp.max(jnp.abs(ref)))
+
+
 def error_message(e: BaseException) -> str:
     """The first line of an exception, short enough for a table cell."""
     return f"{type(e).__name__}: {e}".splitlines()[0][:100]

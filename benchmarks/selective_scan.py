@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from common import SCAN_SHAPES, error_message, gpu_turn, hbm_peak_gbps  # benchmarks/common.py
+from common import SCAN_SHAPES, error_message, gpu_turn, hbm_peak_gbps, relative_error  # benchmarks/common.py
 
 from cab_jax.kernels.selective_scan import BlockSizes
 from cab_jax.kernels.selective_scan.autotune import ScanShape, random_inputs, scan_fn
@@ -42,12 +42,6 @@ from cab_jax.timing import median_ms, temp_mib
 
 def nbytes(tree) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
-
-
-def relative_error(x: jax.Array, ref: jax.Array) -> float:
-    """max |x - ref| / max |ref|, in float32."""
-    x, ref = x.astype(jnp.float32), ref.astype(jnp.float32)
-    return float(jnp.max(jnp.abs(x - ref)) / jnp.max(jnp.abs(ref)))
 
 
 def measure(name: str, impl: str, dtype: str, iters: int, blocks: BlockSizes | None, check: bool,

@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from common import error_message, torch_median_ms  # benchmarks/common.py
+from common import error_message, relative_error, torch_median_ms  # benchmarks/common.py
 
 from cab_jax.kernels.ssd import ssd
 from cab_jax.summary import markdown_table
@@ -88,9 +88,8 @@ def measure(args: argparse.Namespace, length: int, impl: str) -> dict:
         row["fwd+bwd ms"] = round(median_ms(fwd_bwd, inputs, args.iters), 3)
     row["fwd ms"], row["fwd+bwd ms"] = round(row["fwd ms"], 3), round(row["fwd+bwd ms"], 3)
     if args.check:
-        y_ref = jax.jit(functools.partial(ssd, impl="reference"))(*inputs).astype(jnp.float32)
-        row["max |y - ref| / max |ref|"] = float(jnp.max(jnp.abs(y.astype(jnp.float32) - y_ref))
-                                                / jnp.max(jnp.abs(y_ref)))
+        y_ref = jax.jit(functools.partial(ssd, impl="reference"))(*inputs)
+        row["max |y - ref| / max |ref|"] = relative_error(y, y_ref)
     return row
 
 
