@@ -476,7 +476,6 @@ def test_not_a_square_grid():
         deit.import_teacher(sd, "timm", teacher_target(config()))
 
 
-@pytest.mark.slow
 def convert_deit_tiny(src, fmt, out):
     """Runs ``python -m cab_jax.convert --format=FMT --model=deit_tiny`` (32 px, 10 classes) on ``src``: (the
     model's config fields, what it wrote under ``out``, flat)."""
@@ -489,6 +488,7 @@ def convert_deit_tiny(src, fmt, out):
     return c, flatten(checkpoint.load_model_params(out, target))
 
 
+@pytest.mark.slow
 def test_command_line_imports_a_timm_deit(tmp_path):
     """README: ``python -m cab_jax.convert --format=timm --model=deit_tiny ... --out=DIR`` writes our checkpoint
     (DeiT-Ti's widths and depth, here at 32 px for 10 classes) holding exactly what the library import gives."""
@@ -503,6 +503,7 @@ def test_command_line_imports_a_timm_deit(tmp_path):
         np.testing.assert_array_equal(np.asarray(loaded[name]), value, err_msg=name)
 
 
+@pytest.mark.slow
 def test_command_line_imports_a_hugging_face_deit_directory(tmp_path):
     """README: ``python -m cab_jax.convert --src=HF_DIR --format=hf --model=deit_small --out=DIR`` reads a Hugging
     Face ViT directory (config.json + weights; DeiT-Ti's widths and depth here, at 32 px for 10 classes) and writes
