@@ -21,9 +21,14 @@ def run(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.C
                           env={**os.environ, **(env or {})})
 
 
+def is_log_line(line: str) -> bool:
+    """An absl log line: I/W/E + date."""
+    return line[:1] in "IWE" and line[1:5].isdigit()
+
+
 def user_lines(stderr: str) -> list[str]:
-    """stderr without absl's log lines (I/W/E + date)."""
-    return [line for line in stderr.splitlines() if line.strip() and not (line[:1] in "IWE" and line[1:5].isdigit())]
+    """stderr without absl's log lines."""
+    return [line for line in stderr.splitlines() if line.strip() and not is_log_line(line)]
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -135,8 +140,8 @@ NOISE = ("Downloading and preparing", "downloaded and prepared", "\x1b[A", "Vari
 
 
 def log_lines(stderr: str) -> list[str]:
-    """absl's log lines of stderr (I/W/E + date), the part after the source location."""
-    return [line.split("] ", 1)[1] for line in stderr.splitlines() if line[:1] in "IWE" and line[1:5].isdigit()]
+    """absl's log lines of stderr, the part after the source location."""
+    return [line.split("] ", 1)[1] for line in stderr.splitlines() if is_log_line(line)]
 
 
 @pytest.mark.slow
