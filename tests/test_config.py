@@ -245,11 +245,10 @@ def test_the_gpu_extra_pins_the_jax_the_kernels_are_tested_with():
 
     text = (pathlib.Path(__file__).parents[1] / "pyproject.toml").read_text()
     (gpu,) = re.findall(r'^gpu = \["([^"]+)"\]$', text, re.M)
-    low, high = re.fullmatch(r"jax\[cuda\d+\]>=(\d+\.\d+)\.\d+,<(\d+\.\d+)", gpu).groups()
+    pinned, low, high = re.fullmatch(r"jax\[cuda\d+\]>=((\d+\.\d+)\.\d+),<(\d+\.\d+)", gpu).groups()
     assert tuple(map(int, high.split("."))) == (int(low.split(".")[0]), int(low.split(".")[1]) + 1), gpu
     # ... and its lower bound is the release README's kernel table says each GPU kernel was compiled and tested with
     readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
-    pinned = re.fullmatch(r"jax\[cuda\d+\]>=([\d.]+),.*", gpu).group(1)
     for kernel in ("pallas_triton", "pallas_mosaic"):
         (row,) = [line for line in readme.splitlines() if line.startswith(f"| `{kernel}` |")]
         assert f"jax {pinned}, H" in row, (kernel, pinned, row)
