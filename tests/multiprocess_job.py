@@ -93,18 +93,19 @@ def start(args: list[str], *, processes: int, devices_per_process: int, log_dir:
     ``slurm`` the processes find each other as a SLURM job's tasks do (``--jax_distributed`` alone, JAX's cluster
     detection reading SLURM's variables); else from ``--coordinator_address`` and the process flags."""
     env = cpu_env(devices_per_process)
-    distributed, job_id = [], free_slurm_job_id() if slurm else 0
+    job_id = free_slurm_job_id() if slurm else 0
+    flags = [[] for _ in range(processes)]  # each process's distributed flags
     if processes > 1:
-        distributed = ["--jax_distributed", f"--heartbeat_timeout_s={heartbeat_timeout_s}"]
+        shared = ["--jax_distributed", f"--heartbeat_timeout_s={heartbeat_timeout_s}"]
         if not slurm:
-            distributed += [f"--coordinator_address=localhost:{free_port()}", f"--num_processes={processes}"]
+            shared += [f"--coordinator_address=localhost:{free_port()}", f"--num_processes={processes}"]
+        flags = [shared + ([] if slurm else [f"--process_id={i}"]) for i in range(processes)]
     log_dir.mkdir(parents=True, exist_ok=True)
     procs, logs = [], []
     for i in range(processes):
         logs.append(log_dir / f"process_{i}.log")
         with logs[-1].open("w") as log:
-            extra = [*distributed, *([] if slurm else [f"--process_id={i}"])] if distributed else []
-            procs.append(subprocess.Popen([sys.executable, "-m", "cab_jax.main", *args, *extra], cwd=ROOT,
+            procs.append(subprocess.Popen([sys.executable, "-m", "cab_jax.main", *args, *flags[i]], cwd=ROOT,
                                           env={**env, **(slurm_env(i, processes, job_id) if slurm else {})},
                                           stdout=log, stderr=subprocess.STDOUT))
     workdir = next((pathlib.Path(a.split("=", 1)[1]) for a in args if a.startswith("--workdir=")), None)
