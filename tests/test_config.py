@@ -4,6 +4,7 @@ import pathlib
 import subprocess
 import sys
 
+import ml_collections
 import pytest
 from ml_collections import config_flags
 
@@ -225,6 +226,27 @@ def test_every_config_file_shows_its_launch_command():
     for path in CONFIGS:
         module = importlib.import_module(f"configs.{path.stem}")
         assert f"python -m cab_jax.main --config=configs/{path.name}" in (module.__doc__ or ""), path.name
+
+
+def test_every_config_file_states_every_field():
+    """README: each config has every field of its domain, the fields of every other config of that domain (a study's
+    grid only in studies), so no config leaves a field to the code's fallback (``student.get("remat_policy", ...)``)."""
+    import importlib
+
+    def fields(d, prefix=""):
+        for key, value in d.items():
+            if isinstance(value, ml_collections.ConfigDict):
+                yield from fields(value, f"{prefix}{key}.")
+            else:
+                yield prefix + key
+
+    configs = {p.name: importlib.import_module(f"configs.{p.stem}").get_config() for p in CONFIGS}
+    stated = {name: set(fields(c)) for name, c in configs.items()}
+    for name, c in configs.items():
+        domain = set().union(*(stated[other] for other, o in configs.items() if o.domain == c.domain))
+        expected = {f for f in domain if c.task == "study" or not f.startswith("study.")}
+        assert stated[name] == expected, (name, "lacks", sorted(expected - stated[name]), "adds",
+                                          sorted(stated[name] - expected))
 
 
 def test_the_study_digits_grid_is_4_fractions_3_modes_3_seeds_on_65_tokens():
