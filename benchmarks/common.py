@@ -20,6 +20,7 @@ SCAN_SHAPES = {
     "vim_s": (128, 197, 768, 16, True),
     "vim_b": (128, 197, 1536, 16, True),
     "long": (8, 4096, 2048, 16, False),
+    "tiny": (2, 16, 8, 4, True),  # the tests' run on a CPU
 }
 _PEAK_GBPS = {"H100": 3350.0, "H200": 4800.0}  # SXM HBM3 / HBM3e datasheet peaks
 
@@ -32,10 +33,23 @@ def hbm_peak_gbps(device_name: str) -> float:
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+def apply_overrides(c, overrides: str) -> None:
+    """Sets ``overrides`` ("student.depth=2,teacher.depth=1": dotted fields of the ConfigDict ``c``, each value read
+    as its field's type, a boolean as "true" or not) in ``c``."""
+    for item in filter(None, overrides.split(",")):
+        key, value = item.split("=")
+        *parents, leaf = key.split(".")
+        node = c
+        for p in parents:
+            node = node[p]
+        node[leaf] = type(node[leaf])(value) if not isinstance(node[leaf], bool) else value == "true"
+
+
 def synthetic_setup(config_name: str, dtype: str, batch_size: int, steps: int, remat: bool, mode: str,
-                    scan_impl: str, remat_policy: str = "full", num_batches: int = 2) -> tuple:
+                    scan_impl: str, remat_policy: str = "full", num_batches: int = 2, overrides: str = "") -> tuple:
     """(``train.Setup``, ``num_batches`` device-resident batches of random images) for ``configs/<config_name>.py``
-    with its dtype, remat (and its policy), loss mode and scan implementation replaced, on synthetic data."""
+    with its dtype, remat (and its policy), loss mode and scan implementation replaced, then ``overrides``
+    (``apply_overrides``), on synthetic data."""
     import numpy as np
 
     from cab_jax import sharding, train
@@ -48,6 +62,7 @@ def synthetic_setup(config_name: str, dtype: str, batch_size: int, steps: int, r
     c.student.remat_policy = remat_policy
     c.data.synthetic = True
     c.train.batch_size, c.train.steps = batch_size, steps
+    apply_overrides(c, overrides)
     mesh = sharding.make_mesh(c.mesh)
     built = train.create_trainer(c, mesh, train_size=batch_size * steps)
     rng = np.random.default_rng(0)

@@ -3,11 +3,11 @@
     python benchmarks/input_pipeline.py --data_dir=/tmp/fake_imagenet --workers=1,2,4,8,16 [--batch_size=128]
 
 Reads the fake ImageNet of :mod:`cab_jax.data.fake_imagenet` (written into ``--data_dir`` first if it is not there,
-``--train_per_class`` images per class at ImageNet's sizes) through the real training iterator of
-configs/vim_small.py: read, decode, random resized crop to 224 (bicubic), flip, RandAugment rand-m9-mstd0.5-inc1,
-normalise, random erasing, batch (mixup runs on the device, in the step). One table gives images/s per number of
-grain worker processes, the other the milliseconds per image of each stage in one process. Prints Markdown
-tables.
+``--train_per_class`` images per class at ImageNet's sizes, or ``--scale`` times them) through the real training
+iterator of configs/vim_small.py: read, decode, random resized crop to 224 (bicubic), flip, RandAugment
+rand-m9-mstd0.5-inc1, normalise, random erasing, batch (mixup runs on the device, in the step). One table gives
+images/s per number of grain worker processes, the other the milliseconds per image of each stage in one process.
+Prints Markdown tables.
 """
 
 from __future__ import annotations
@@ -80,6 +80,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data_dir", required=True)
     parser.add_argument("--train_per_class", type=int, default=3)
+    parser.add_argument("--scale", type=float, default=1.0, help="of the fake images' sides, when writing them")
     parser.add_argument("--workers", default="1,2,4,8,16")
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--batches", type=int, default=20, help="timed batches per worker count")
@@ -91,7 +92,8 @@ def main() -> None:
 
     if not (pathlib.Path(args.data_dir) / fake_imagenet.NAME).exists():
         start = time.perf_counter()
-        fake_imagenet.write(args.data_dir, train_per_class=args.train_per_class, validation_per_class=1)
+        fake_imagenet.write(args.data_dir, train_per_class=args.train_per_class, validation_per_class=1,
+                            scale=args.scale)
         print(f"wrote the fake ImageNet in {time.perf_counter() - start:.0f} s", flush=True)
     cfg = config.vision_data(data_dir=args.data_dir)
     print(f"\n{os.cpu_count()} CPUs (os.cpu_count), {len(os.sched_getaffinity(0))} usable\n")

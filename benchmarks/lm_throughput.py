@@ -24,7 +24,13 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from common import peak_gib, report_one, run_each, time_train_steps  # benchmarks/common.py  # noqa: E402
+from common import (  # benchmarks/common.py  # noqa: E402
+    apply_overrides,
+    peak_gib,
+    report_one,
+    run_each,
+    time_train_steps,
+)
 
 from cab_jax.summary import markdown_table  # noqa: E402
 
@@ -35,13 +41,7 @@ def _config(dtype: str, overrides: str):
     spec.loader.exec_module(module)
     c = module.get_config()
     c.dtype, c.data.synthetic = dtype, True
-    for item in filter(None, overrides.split(",")):
-        key, value = item.split("=")
-        *parents, leaf = key.split(".")
-        node = c
-        for p in parents:
-            node = node[p]
-        node[leaf] = type(node[leaf])(value) if not isinstance(node[leaf], bool) else value == "true"
+    apply_overrides(c, overrides)
     return c
 
 

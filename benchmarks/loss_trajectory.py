@@ -29,11 +29,12 @@ from cab_jax.summary import markdown_table
 SKIPPED = ("lr", "nonfinite")  # schedule and guard flags, the same in every run
 
 
-def measure(config_name: str, dtype: str, scan_impl: str, batch_size: int, steps: int, batches: int) -> dict:
+def measure(config_name: str, dtype: str, scan_impl: str, batch_size: int, steps: int, batches: int,
+            overrides: str = "") -> dict:
     import jax
 
     built, data = synthetic_setup(config_name, dtype, batch_size, steps, True, "cab", scan_impl,
-                                  num_batches=batches)
+                                  num_batches=batches, overrides=overrides)
     state, step = built.state, built.trainer.jit_train_step
     history = []
     for i in range(steps):
@@ -56,7 +57,7 @@ def summary_rows(runs: list[dict], at: list[int]) -> list[dict]:
             values = run["metrics"][name]
             dev = max(abs(v - b) / max(abs(b), 1e-12) for v, b in zip(values, base[name], strict=True))
             rows.append({"metric": name, "run": run["run"],
-                         **{f"step {s}": f"{values[s - 1]:.4g}" for s in at if s <= len(values)},
+                         **{f"step {s}": f"{values[s - 1]:.4g}" for s in at if 1 <= s <= len(values)},
                          "max rel. deviation": f"{dev:.2%}"})
     return rows
 
@@ -88,6 +89,7 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batches", type=int, default=8, help="distinct synthetic batches, cycled")
+    parser.add_argument("--set", default="", help="config overrides, e.g. student.depth=2,teacher.depth=1")
     parser.add_argument("--out", help="write the trajectories here (JSON)")
     parser.add_argument("--plot", help="draw them here (PNG, needs matplotlib)")
     parser.add_argument("--replot", help="a saved --out file: only draw it (with --plot) and summarise it")
@@ -100,7 +102,7 @@ def main() -> None:
         runs = json.loads(pathlib.Path(args.replot).read_text())
     else:
         jobs = (dict(config_name=args.config, dtype=dtype, scan_impl=impl, batch_size=args.batch_size,
-                     steps=args.steps, batches=args.batches)
+                     steps=args.steps, batches=args.batches, overrides=args.set)
                 for dtype, impl in itertools.product(args.dtypes.split(","), args.scan_impls.split(",")))
         runs = run_each(__file__, jobs, lambda job: {"run": f"{job['dtype']} {job['scan_impl']}"})
         if failed := [r for r in runs if "error" in r]:

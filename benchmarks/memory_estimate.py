@@ -23,12 +23,12 @@ from common import peak_gib, report_one, run_each, synthetic_setup  # benchmarks
 from cab_jax.summary import markdown_table
 
 
-def measure(config_name: str, dtype: str, batch_size: int, remat: bool) -> dict:
+def measure(config_name: str, dtype: str, batch_size: int, remat: bool, overrides: str = "") -> dict:
     import jax
 
     from cab_jax import memory_plan, train
 
-    built, batches = synthetic_setup(config_name, dtype, batch_size, 3, remat, "cab", "auto")
+    built, batches = synthetic_setup(config_name, dtype, batch_size, 3, remat, "cab", "auto", overrides=overrides)
     c, mesh = built.trainer.c, built.trainer.mesh
     estimate = memory_plan.estimate(c, mesh, memory_plan.activations(c, jax.devices()[0]))
     step = built.trainer.jit_train_step
@@ -52,13 +52,15 @@ def main() -> None:
     parser.add_argument("--dtypes", default="float32")
     parser.add_argument("--remat", default="true")
     parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--set", default="", help="config overrides, e.g. student.depth=2,teacher.depth=1")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         report_one(args.one, measure)
         return
     grid = itertools.product(args.configs.split(","), args.dtypes.split(","), args.remat.split(","))
-    jobs = (dict(config_name=config_name, dtype=dtype, batch_size=args.batch_size, remat=remat == "true")
+    jobs = (dict(config_name=config_name, dtype=dtype, batch_size=args.batch_size, remat=remat == "true",
+                 overrides=args.set)
             for config_name, dtype, remat in grid)
     rows = run_each(__file__, jobs, lambda job: job)
     print(markdown_table(rows))

@@ -99,7 +99,7 @@ def profile(args: argparse.Namespace) -> dict:
     import jax
 
     built, batches = synthetic_setup(args.config, args.dtype, args.batch_size, args.steps, args.remat, args.mode,
-                                     args.scan_impl, args.remat_policy)
+                                     args.scan_impl, args.remat_policy, overrides=args.set)
     step, state, teacher = built.trainer.jit_train_step, built.state, built.teacher_params
     compiled = step.lower(state, teacher, batches[0]).compile()
     scopes = op_scopes(compiled.as_text())
@@ -156,6 +156,7 @@ def main() -> None:
     parser.add_argument("--profile_steps", type=int, default=3)
     parser.add_argument("--top", type=int, default=15, help="rows of the slowest-ops table")
     parser.add_argument("--out", help="also write the result as JSON here")
+    parser.add_argument("--set", default="", help="config overrides, e.g. student.depth=2,teacher.depth=1")
     args = parser.parse_args()
     # XLA runs a GPU step's kernels as CUDA graphs (command buffers), which the profile shows as one event each:
     # without them every kernel is its own event with its own op (the step's launches cost a little more).

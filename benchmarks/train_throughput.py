@@ -36,12 +36,13 @@ from cab_jax.summary import markdown_table
 
 
 def measure(config_name: str, dtype: str, batch_size: int, steps: int, remat: bool, mode: str,
-            scan_impl: str, remat_policy: str = "full") -> dict:
+            scan_impl: str, remat_policy: str = "full", overrides: str = "") -> dict:
     import jax
 
     from cab_jax import train
 
-    built, batches = synthetic_setup(config_name, dtype, batch_size, steps, remat, mode, scan_impl, remat_policy)
+    built, batches = synthetic_setup(config_name, dtype, batch_size, steps, remat, mode, scan_impl, remat_policy,
+                                      overrides=overrides)
     compile_s, elapsed, metrics = time_train_steps(built, batches, steps, warmup=3)
     compiled = built.trainer.jit_train_step.lower(built.state, built.teacher_params, batches[0]).compile()
     flops, rate = model_flops(built, batches[0]), matmul_flops_per_s(dtype)
@@ -75,6 +76,7 @@ def main() -> None:
     parser.add_argument("--remat_policies", default="full", help="student.remat_policy values (with remat)")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--set", default="", help="config overrides, e.g. student.depth=2,teacher.depth=1")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -83,7 +85,7 @@ def main() -> None:
     grid = itertools.product(*(getattr(args, name).split(",") for name in ("configs", "dtypes", "remat", "modes",
                                                                           "scan_impls")))
     jobs = (dict(config_name=config_name, dtype=dtype, batch_size=args.batch_size, steps=args.steps,
-                 remat=remat == "true", mode=mode, scan_impl=scan_impl, remat_policy=policy)
+                 remat=remat == "true", mode=mode, scan_impl=scan_impl, remat_policy=policy, overrides=args.set)
             for config_name, dtype, remat, mode, scan_impl in grid
             for policy in (args.remat_policies.split(",") if remat == "true" else ["full"]))
     rows = run_each(__file__, jobs, _error_row)

@@ -106,8 +106,9 @@ def _with_mode(c: ml_collections.ConfigDict, mode: str) -> ml_collections.Config
 
 def markdown_table(rows: list[dict], columns: Sequence[str] | None = None) -> str:
     """A Markdown table, one line per row; the columns default to every key, in first-seen order, and a row without
-    a column's key leaves its cell empty."""
+    a column's key leaves its cell empty. A "|" in a name or a cell is escaped (``max |y - ref|`` stays one cell)."""
     columns = columns or list(dict.fromkeys(k for row in rows for k in row))
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(str(row.get(col, "")) for col in columns) + " |" for row in rows]
+    cells = lambda values: "| " + " | ".join(str(v).replace("|", "\\|") for v in values) + " |"
+    lines = [cells(columns), "|" + "---|" * len(columns)]
+    lines += [cells(row.get(col, "") for col in columns) for row in rows]
     return "\n".join(lines)

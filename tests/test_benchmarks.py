@@ -1,17 +1,24 @@
-"""The benchmark scripts are run on a GPU machine, never by the tests: each name they import from this repository
-(``cab_jax``, ``benchmarks/common.py``, ``benchmarks/mamba_cuda/bench.py``), at any depth of a script (lazy imports
-inside functions included), must exist, or the first sign of a rename is a lost device call."""
+"""The benchmark scripts: each name they import from this repository (``cab_jax``, ``benchmarks/common.py``,
+``benchmarks/mamba_cuda/bench.py``), at any depth of a script (lazy imports inside functions included), must exist,
+or the first sign of a rename is a lost device call; and each script that runs on a CPU is run from the repository
+root at its smallest size, its printed tables checked (columns, row count, finite numbers). Not run here: what needs
+a GPU, torch's CUDA or a mamba build (``mamba_cuda/``, ``cab_torch/``, ``scan_three_way.sh``), and
+``input_bound.py`` (two trainings of a full-size config, one through ``cab_jax.main``: minutes on a CPU)."""
 
 import ast
 import importlib
+import json
+import math
 import pathlib
+import re
 import subprocess
 import sys
 
 import pytest
 from test_launch import shellcheck
 
-BENCHMARKS = pathlib.Path(__file__).parents[1] / "benchmarks"
+ROOT = pathlib.Path(__file__).parents[1]
+BENCHMARKS = ROOT / "benchmarks"
 SCRIPTS = sorted(BENCHMARKS.rglob("*.py"))
 LOCAL = {"common": BENCHMARKS, "bench": BENCHMARKS / "mamba_cuda"}  # modules the scripts import off sys.path
 
@@ -63,3 +70,143 @@ def test_matmul_flops_counts_products_convolutions_and_every_scan_iteration(monk
     patchify = lambda i, k: jax.lax.conv_general_dilated(i, k, (4, 4), "VALID")
     assert matmul_flops(patchify, images, kernel) == 2 * (2 * 5 * 4 * 4) * (3 * 4 * 4)
     assert matmul_flops(jax.jit(lambda a: a @ a.T), x) == 2 * 4 * 4 * 8  # inside a nested jit
+
+
+def run_script(script: str, *flags: str) -> str:
+    """The stdout of ``python benchmarks/<script> <flags>``, run from the repository root; it must exit 0."""
+    proc = subprocess.run([sys.executable, f"benchmarks/{script}", *flags], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def markdown_tables(text: str) -> list[list[dict[str, str]]]:
+    """Each Markdown table in ``text``, as its rows ({column: cell}, "\\|" read back as "|"); every row must be as
+    wide as its header."""
+    tables, lines = [], []
+    for line in [*text.splitlines(), ""]:
+        if line.startswith("|"):
+            lines.append([c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line)[1:-1]])
+        elif lines:
+            header, _, *rows = lines
+            assert all(len(row) == len(header) for row in rows), f"cells do not match the header {header}: {rows}"
+            tables.append([dict(zip(header, row, strict=True)) for row in rows])
+            lines = []
+    return tables
+
+
+def number(cell: str) -> float:
+    """A table cell as a number; NaN if it is none (an empty cell: nothing measured)."""
+    try:
+        return float(cell)
+    except ValueError:
+        return math.nan
+
+
+def assert_numbers(rows: list[dict], positive: tuple[str, ...] = (), nonnegative: tuple[str, ...] = ()) -> None:
+    """Each row's cells of ``positive`` are finite numbers > 0, those of ``nonnegative`` finite numbers >= 0 (values
+    a tiny run rounds to 0)."""
+    for row in rows:
+        for column in (*positive, *nonnegative):
+            value = number(row[column])
+            assert math.isfinite(value) and (value > 0 if column in positive else value >= 0), (column, row)
+
+
+
+TINY_VISION = "--set=teacher.depth=1,student.depth=2"  # configs/demo.py's models, a quarter as deep
+
+
+def test_train_throughput_prints_a_row_of_rates_per_combination():
+    out = run_script("train_throughput.py", TINY_VISION, "--configs=demo", "--dtypes=float32", "--remat=true",
+                     "--batch_size=2", "--steps=3")
+    [rows] = markdown_tables(out)
+    assert [(r["config"], r["dtype"], r["remat"], r["batch"], r["error"]) for r in rows] == [
+        ("demo", "float32", "True", "2", "")], rows
+    assert_numbers(rows, positive=("images_per_s", "ms_per_step", "xla_step_gib", "loss"),
+                   nonnegative=("peak_gib", "compile_s", "model_gflop", "matmul_tflops", "mfu"))
+
+
+def test_memory_estimate_prints_the_estimate_beside_xla():
+    out = run_script("memory_estimate.py", TINY_VISION, "--configs=demo", "--batch_size=16")
+    [rows] = markdown_tables(out)
+    assert [(r["config"], r["remat"], r["batch"]) for r in rows] == [("demo", "True", "16")] and "error" not in rows[0]
+    assert_numbers(rows, positive=("estimate GiB", "of which activations", "xla GiB"), nonnegative=("peak GiB",))
+
+
+def test_step_profile_splits_the_step_by_scope(tmp_path):
+    out = run_script("step_profile.py", TINY_VISION, "--config=demo", "--dtype=float32", "--remat=true",
+                     "--batch_size=2", "--steps=2", "--profile_steps=1", "--top=3", f"--out={tmp_path / 'p.json'}")
+    parts, slowest = markdown_tables(out)
+    result = json.loads((tmp_path / "p.json").read_text())
+    assert result["ms_per_step"] > 0 and result["images_per_s"] > 0 and result["device_busy_ms"] > 0, result
+    names = [r["part"] for r in parts]
+    assert names == [p["part"] for p in result["parts"]] and names[-1] == "host and idle", names
+    assert {"selective_scan", "teacher", "optimizer"} <= set(names), names
+    assert_numbers(parts[:-1], positive=("ms",), nonnegative=("forward ms", "backward ms", "% of step"))
+    assert len(slowest) == 3 and {r["pass"] for r in slowest} <= {"forward", "backward"}, slowest
+    assert_numbers(slowest, positive=("ms",))
+
+
+def test_loss_trajectory_summarises_saves_and_plots_the_run(tmp_path):
+    out = run_script("loss_trajectory.py", TINY_VISION, "--config=demo", "--dtypes=float32", "--batch_size=2",
+                     "--steps=3", "--batches=1", f"--out={tmp_path / 'traj.json'}", f"--plot={tmp_path / 'traj.png'}")
+    [rows] = markdown_tables(out)
+    [run] = json.loads((tmp_path / "traj.json").read_text())
+    assert {len(v) for v in run["metrics"].values()} == {3} and "loss" in run["metrics"], run
+    assert [r["metric"] for r in rows] == list(run["metrics"]) and {r["run"] for r in rows} == {"float32 auto"}
+    assert list(rows[0]) == ["metric", "run", "step 1", "step 3", "max rel. deviation"], rows[0]
+    assert {r["max rel. deviation"] for r in rows} == {"0.00%"}  # one run: its own baseline
+    assert_numbers([r for r in rows if r["metric"] == "loss"], positive=("step 1", "step 3"))
+    assert (tmp_path / "traj.png").stat().st_size > 0
+
+
+TINY_LM = ("teacher.vocab_size=256,student.vocab_size=256,data.vocab_size=256,teacher.hidden_size=32,"
+           "student.d_model=32,teacher.depth=1,student.depth=1,teacher.num_heads=2,student.n_qk_heads=2,"
+           "student.n_v_heads=2,student.d_state=16,teacher.intermediate_size=64,student.intermediate_size=64,"
+           "student.chunk_size=8")
+
+
+@pytest.mark.slow
+def test_lm_throughput_prints_train_and_generation_rates():
+    out = run_script("lm_throughput.py", "--lengths=16", "--modes=cab", "--tokens_per_step=32", "--steps=1",
+                     "--gen_batch=1", "--new_tokens=4", "--dtype=float32", f"--set={TINY_LM}")
+    [rows] = markdown_tables(out)
+    assert [(r["part"], r["mode"], r["length"], r["error"]) for r in rows] == [
+        ("train", "cab", "16", ""), ("generate", "student", "16", ""), ("generate", "teacher", "16", "")], rows
+    assert_numbers(rows, positive=("tokens_per_s", "ms_per_step"), nonnegative=("peak_gib", "compile_s"))
+    assert_numbers(rows[:1], positive=("loss",))
+    assert_numbers(rows[1:], nonnegative=("cache_mib",))
+
+
+def test_selective_scan_times_and_checks_each_implementation(tmp_path):
+    impls = ["associative", "reference", "pallas"]  # pallas: the GPU kernel, interpreted on a CPU
+    out = run_script("selective_scan.py", "--shapes=tiny", f"--impls={','.join(impls)}", "--iters=2", "--check",
+                     f"--lock={tmp_path / 'lock'}")
+    [rows] = markdown_tables(out)
+    json_rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [r["impl"] for r in rows] == [r["impl"] for r in json_rows] == impls and "error" not in rows[0], rows
+    assert_numbers(rows, positive=("fwd ms", "fwd+bwd ms"), nonnegative=(
+        "fwd compile s", "fwd+bwd compile s", "fwd+bwd temp MiB", "fwd GB/s", "fwd+bwd GB/s"))
+    assert all(r["max |y - ref| / max |ref|"] < 1e-5 and r["max grad error"] < 1e-5 for r in json_rows), json_rows
+
+
+def test_ssd_times_and_checks_each_implementation():
+    out = run_script("ssd.py", "--lengths=32", "--impls=reference,chunked", "--batch=1", "--heads=2", "--head_dim=4",
+                     "--groups=2", "--d_state=4", "--chunk_size=8", "--dtype=float32", "--iters=2", "--check")
+    [rows] = markdown_tables(out)
+    assert [(r["length"], r["impl"]) for r in rows] == [("32", "reference"), ("32", "chunked")], rows
+    assert_numbers(rows, positive=("fwd ms", "fwd+bwd ms"))
+    assert all(float(r["max |y - ref| / max |ref|"]) < 1e-5 for r in rows), rows
+
+
+def test_input_pipeline_writes_the_data_then_times_stages_and_workers(tmp_path):
+    out = run_script("input_pipeline.py", f"--data_dir={tmp_path}", "--train_per_class=1", "--scale=0.05",
+                     "--workers=0,1", "--batch_size=2", "--batches=1", "--stage_images=2")
+    assert "wrote the fake ImageNet" in out
+    stages, workers = markdown_tables(out)
+    assert list(stages[0]) == ["read record", "decode", "crop + resize (bicubic)", "flip", "RandAugment",
+                               "normalise", "random erasing"] and len(stages) == 1, stages
+    assert_numbers(stages, positive=("read record", "decode", "crop + resize (bicubic)", "RandAugment"),
+                   nonnegative=("flip", "normalise", "random erasing"))
+    assert [r["workers"] for r in workers] == ["0", "1"], workers
+    assert_numbers(workers, positive=("images/s",))
