@@ -72,11 +72,12 @@ def candidates(shape: ScanShape, kernel: str | None = None) -> list[BlockSizes]:
         base = pallas_tpu.default_blocks(shape.d_state)
         widths = [w for w in (128, 256, 512) if w <= max(128, shape.d_inner)]
         tiles = [BlockSizes(chunk=c, block_d=w) for c in (8, 16, 32) for w in widths]
-    elif kernel == "pallas_mosaic":  # 128 channels per program, every chunk start saved: only the chunk varies
+    elif kernel == "pallas_mosaic":  # 128 channels per program, every chunk start saved: chunk and tile vary
         from cab_jax.kernels.selective_scan import pallas_gpu_mosaic
 
         base = pallas_gpu_mosaic.default_blocks(shape.d_state)
-        tiles = [dataclasses.replace(base, chunk=c) for c in (1, 2, 4, 8)]
+        # the backward unrolls a chunk: chunks above 2 compile for many minutes (BENCHMARKS.md)
+        tiles = [dataclasses.replace(base, chunk=c, num_stages=s) for c in (1, 2) for s in (1, 2, 4)]
     else:
         from cab_jax.kernels.selective_scan import pallas_gpu_triton
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -48,6 +49,11 @@ _SUM_ROWS = 64  # rows of products summed at once: the rows of one WGMMA-layout 
 # Chunks of 2 in tiles of 4: the backward (about 72 KiB of shared memory at d_state 16 and 200 registers per thread)
 # runs two programs per SM; longer chunks hold more of everything (BENCHMARKS.md compares them).
 DEFAULT_BLOCKS = BlockSizes(chunk=2, block_d=LANES, num_warps=4, num_stages=2, save_every=1)
+# Shared memory one program may have on Hopper (227 KiB per SM on the H100 and H200); Mosaic GPU aligns each array
+# to 1 KiB and adds its barriers and a little of its own (2,064 bytes beside the arrays of one backward measured on the
+# H200): ``_SMEM_RESERVE`` keeps room for those.
+MAX_SMEM_BYTES = 227 * 1024
+_SMEM_ALIGN, _SMEM_RESERVE = 1024, 3 * 1024
 
 
 def default_blocks(d_state: int) -> BlockSizes:
@@ -476,12 +482,26 @@ def _backward_chunk(tiles: _Tiles, ins, outs, terms, size: int, slot, c, steps: 
 
 
 def _launch(dirs: tuple[ScanDirection, ...], z: jax.Array | None, cfg: KernelConfig) -> _Launch:
+    """The launch of ``cfg``'s block sizes; refuses sizes the kernels cannot run, in interpret mode too."""
     blocks = cfg.blocks
     if blocks.block_d != LANES or blocks.save_every != 1:
         raise ValueError(f"the Mosaic GPU scan runs {LANES} channels per program and saves every chunk start: "
                          f"block_d must be {LANES} and save_every 1, got {blocks}")
-    return _Launch(tuple(cfg.reverses), cfg.delta_softplus, z is not None, dirs[0].u.shape[1],
-                   dirs[0].A.shape[1], blocks.chunk, blocks.chunk * blocks.num_stages, cfg.interpret)
+    launch = _Launch(tuple(cfg.reverses), cfg.delta_softplus, z is not None, dirs[0].u.shape[1],
+                     dirs[0].A.shape[1], blocks.chunk, blocks.chunk * blocks.num_stages, cfg.interpret)
+    need = _smem_bytes(_backward_scratch(launch, dirs, z, dirs[0].u.dtype)) + _SMEM_RESERVE
+    if need > MAX_SMEM_BYTES:
+        raise ValueError(f"the Mosaic GPU backward needs {need / 1024:.0f} KiB of shared memory at chunk "
+                         f"{blocks.chunk}, {blocks.num_stages} stages and d_state {launch.d_state}, more than the "
+                         f"{MAX_SMEM_BYTES // 1024} KiB a program has: lower num_stages or chunk")
+    return launch
+
+
+def _smem_bytes(scratch) -> int:
+    """Bytes of the shared-memory arrays in a kernel's scratch types, each aligned as Mosaic GPU places it."""
+    refs = jax.tree.leaves(scratch, is_leaf=lambda x: hasattr(x, "memory_space"))
+    sizes = (math.prod(r.shape) * jnp.dtype(r.dtype).itemsize for r in refs if hasattr(r, "memory_space"))
+    return sum(-(-size // _SMEM_ALIGN) * _SMEM_ALIGN for size in sizes)
 
 
 def _bc_width(d_state: int) -> int:
