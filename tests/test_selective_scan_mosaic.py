@@ -112,7 +112,7 @@ def test_block_sizes_it_cannot_run_are_refused():
     # d_state 64 in tiles of 16 positions: the backward's tiles and dB/dC terms need 295 KiB of shared memory
     dirs = (direction(0, 1, 16, 128, 64, "float32"),)
     cfg = KernelConfig((False,), True, BlockSizes(chunk=2, block_d=128, num_stages=8, save_every=1), ON_CPU)
-    with pytest.raises(ValueError, match="needs 295 KiB of shared memory .* lower num_stages or chunk"):
+    with pytest.raises(ValueError, match=r"needs 295 KiB of shared memory .* lower num_stages or chunk"):
         pallas_gpu_mosaic.scan(dirs, jnp.zeros((1, 16, 128)), cfg)
     cfg = KernelConfig((False,), True, BlockSizes(chunk=2, block_d=128, num_stages=4, save_every=1), ON_CPU)
     pallas_gpu_mosaic._launch(dirs, jnp.zeros((1, 16, 128)), cfg)  # 215 KiB: fits
