@@ -1,6 +1,7 @@
 """Every config builds and validates; bad overrides fail before any work, naming the key."""
 
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -204,18 +205,136 @@ def test_the_vision_recipe_is_the_one_readme_states(name):
     assert load(f"{module.__file__}:subset=0.01").data.subset_fraction == 0.01
 
 
-def test_the_language_recipe_and_demo_are_the_ones_readme_states():
+def test_the_language_recipe_is_the_one_readme_states():
     """README: phi_mamba.py trains with AdamW lr 5e-4 without weight decay, 10 % linear warmup then linear decay,
-    gradient clipping at 1, one epoch, bfloat16 compute; the language demo's corpus is 4 MB with a byte-level BPE of
-    2,048 tokens, and its teacher and students have 4 layers."""
-    from configs import demo_lm, phi_mamba
+    gradient clipping at 1, one epoch, bfloat16 compute (the language demo has a test of its own, below)."""
+    from configs import phi_mamba
 
     c = phi_mamba.get_config()
     t = c.train
     assert (t.base_lr * t.batch_size / t.lr_reference_batch, t.weight_decay, t.grad_clip) == (5e-4, 0.0, 1.0)
     assert (t.warmup_epochs / t.epochs, t.lr_decay, t.epochs, c.dtype) == (0.1, "linear", 1.0, "bfloat16")
-    d = demo_lm.get_config()
-    assert (d.data.max_corpus_bytes, d.data.vocab_size, d.teacher.depth, d.student.depth) == (4_000_000, 2048, 4, 4)
+
+
+README = pathlib.Path(__file__).parents[1] / "README.md"
+
+
+def _readme_prose() -> str:
+    """README.md with every run of whitespace one space, so a sentence reads the same across line breaks."""
+    return " ".join(README.read_text().split())
+
+
+def _readme_find(pattern: str) -> tuple[str, ...]:
+    """The groups of ``pattern``'s first match in README's prose; a missing sentence fails, naming the pattern."""
+    match = re.search(pattern, _readme_prose())
+    assert match, f"README.md no longer has {pattern!r}: update the test with README"
+    return match.groups()
+
+
+def _number(text: str) -> int:
+    return int(text.replace(",", ""))
+
+
+def _study_stage(c: ml_collections.ConfigDict, **changes):
+    """One stage of the study ``c`` as ``study.run`` makes it: the job, its train-set size and its schedule."""
+    from cab_jax import domains, study
+
+    stage = study._stage(c, **changes)
+    domain = domains.for_config(stage)
+    job = domain.job()
+    size = domain.data.train_size(job.data)
+    return job, size, config_lib.schedule(job.train, size, job.data.get("subset_fraction", 1.0))
+
+
+@pytest.fixture(scope="module")
+def digits_dir(tmp_path_factory) -> str:
+    """A data_dir for the embedded digits, built by the first test that reads it (a few seconds)."""
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+def test_the_vision_demo_teacher_is_the_one_readme_logs(digits_dir):
+    """README's log of configs/demo.py at full size: ``teacher: 214218 parameters, 1438 train examples, 600 steps (22
+    warmup, 22 per epoch), peak lr 0.001``, a line per 50 steps, and the 1,438 train / 359 test images of its prose,
+    all derived from the unmodified config without training (the lr logged at step 50 too)."""
+    from cab_jax import summary, train
+    from cab_jax.data import images
+    from configs import demo
+
+    c = demo.get_config()
+    job, size, sched = _study_stage(c, task="train_teacher", **{"data.data_dir": digits_dir})
+    params, examples, steps, warmup, per_epoch, peak_lr = _readme_find(
+        r"train\.py:\d+\] teacher: (\d+) parameters, (\d+) train examples, (\d+) steps \((\d+) warmup, (\d+) per "
+        r"epoch\), peak lr ([\d.e-]+),")
+    assert (summary.parameter_count(job.model), size, sched.total_steps, sched.warmup_steps, sched.steps_per_epoch,
+            f"{sched.peak_lr:.3g}") == (int(params), int(examples), int(steps), int(warmup), int(per_epoch), peak_lr)
+    log_every, total, lr = _readme_find(r"\[teacher (\d+)/(\d+)\] .*? lr=([\d.e-]+) ")
+    (final_step, eval_examples) = _readme_find(r"\[teacher\] final eval at step (\d+): .* eval_examples=(\d+)")
+    assert (job.train.log_every, sched.total_steps, sched.total_steps) == (int(log_every), int(total), int(final_step))
+    # the lr logged at step s is the one the s-th update used: the schedule's value at s - 1
+    assert f"{float(train.learning_rate_fn(job.train, sched)(int(log_every) - 1)):.4g}" == lr
+    train_images, test_images = _readme_find(r"(\d[\d,]*) train / (\d[\d,]*) test images")
+    test_size = len(images._eval_source(job.data))
+    assert (size, test_size, test_size) == (_number(train_images), _number(test_images), int(eval_examples))
+
+
+def test_the_vision_demo_table_is_the_one_readme_shows(digits_dir):
+    """README's table of configs/demo.py at full size: the teacher's 600 steps on 1438 images, then one Vim student
+    per loss mode (vanilla, soft, cab) on 3 % of each class (40 images) for 250 steps: each row's mode, fraction,
+    seed, train images and steps, in order, derived from the unmodified config as ``study.run`` derives them."""
+    from cab_jax import study
+    from configs import demo
+
+    text = README.read_text()
+    header = "| model | mode | fraction | seed | train images |"
+    lines = text[text.index(header):].splitlines()
+    table = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[:next(
+        i for i, line in enumerate(lines) if not line.startswith("|"))]]
+    rows = [dict(zip(table[0], row, strict=True)) for row in table[2:]]
+    shown = [(r["mode"], float(r["fraction"]), int(r["seed"]), int(r["train images"]), int(r["steps"])) for r in rows]
+
+    c = demo.get_config()
+    _, size, sched = _study_stage(c, task="train_teacher", **{"data.data_dir": digits_dir})
+    derived = [("supervised", 1.0, c.seed, size, sched.total_steps)]
+    for fraction, mode, variant, seed in study.grid(c):
+        assert variant == study.NO_VARIANT
+        _, size, sched = _study_stage(c, task="distill", seed=seed, **{
+            "loss.mode": mode, "data.data_dir": digits_dir, "data.subset_fraction": fraction})
+        derived.append((mode, fraction, seed, size, sched.total_steps))
+    assert shown == derived
+    # ... and the prose says the same: the modes, 3 % of each class (40 images), the students' workdirs
+    modes, percent, images = _readme_find(r"distils one Vim student per loss mode \(([^)]*)\) on (\d+) % of each "
+                                          r"class \((\d+) images\)")
+    _, fraction, _, size, _ = derived[1]
+    assert (modes.split(", "), float(percent) / 100, int(images)) == (list(c.study.modes), fraction, size)
+    mode, fraction, seed = _readme_find(r"/tmp/cab_demo/students/(\w+)/fraction([\d.]+)_seed(\d+)")
+    assert (mode, float(fraction), int(seed)) in [(d[0], d[1], d[2]) for d in derived[1:]]
+
+
+WORD_NUMBERS = {"one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6}
+
+
+def test_the_language_demo_is_the_one_readme_states():
+    """README's language demo (configs/demo_lm.py): a 4 MB corpus with a byte-level BPE of 2,048 tokens, a 4-layer
+    Phi teacher and three 4-layer Phi-Mamba students (vanilla, soft, and cab initialised from the teacher's
+    attention), whose workdirs ``students/MODE/seedN`` the sampling commands read."""
+    from cab_jax import study
+    from configs import demo_lm
+
+    c = demo_lm.get_config()
+    megabytes, vocab, teacher_depth, students, student_depth = _readme_find(
+        r"Laptop demo \(the Python standard library's own source and pydoc topics, (\d+) MB, with a byte-level BPE of "
+        r"([\d,]+) tokens trained on it; a (\d+)-layer Phi teacher, (\w+) (\d+)-layer Phi-Mamba students\)")
+    assert c.data.max_corpus_bytes == int(megabytes) * 1_000_000
+    assert (c.data.vocab_size, c.teacher.vocab_size, c.student.vocab_size) == (_number(vocab),) * 3
+    assert (c.teacher.model, c.teacher.depth, c.student.model, c.student.depth) == (
+        "phi", int(teacher_depth), "phi_mamba", int(student_depth))
+    cells = study.grid(c)
+    assert len(cells) == WORD_NUMBERS[students]
+    (perplexities,) = _readme_find(r"Held-out perplexity: teacher [\d.]+; students ([^(]*\([^)]*\) [\d.]+)")
+    shown = [(part.split()[0], "initialised from the teacher's attention" in part) for part in perplexities.split(", ")]
+    assert shown == [(mode, mode in c.study.init_from_attention_modes) for _, mode, _, _ in cells]
+    mode, seed = _readme_find(r"--workdir=/tmp/cab_demo_lm/students/(\w+)/seed(\d+)")
+    assert (mode, int(seed)) in [(m, s) for _, m, _, s in cells]
 
 
 def test_every_config_file_shows_its_launch_command():
