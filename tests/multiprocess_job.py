@@ -2,7 +2,7 @@
 
 Each process is ``python -m cab_jax.main ARGS`` with ``devices_per_process`` fake CPU devices; with more than one
 process they get ``--jax_distributed`` and the coordinator on a free local port (as flags, or as the variables of a
-SLURM job's tasks). Logs go to files, one per process.
+SLURM job's tasks or of a GKE TPU pod's workers). Logs go to files, one per process.
 """
 
 from __future__ import annotations
@@ -73,6 +73,18 @@ def slurm_env(process: int, processes: int, job_id: int) -> dict[str, str]:
             "SLURM_NTASKS": str(processes), "SLURM_PROCID": str(process), "SLURM_LOCALID": str(process)}
 
 
+def gke_tpu_env(process: int, processes: int, port: int) -> dict[str, str]:
+    """The variables of worker ``process`` of a GKE TPU pod of ``processes`` hosts (one slice) that JAX's GkeTpuCluster
+    reads: TPU_WORKER_HOSTNAMES and TPU_WORKER_ID (GKE's), and the MEGASCALE_* variables that a JobSet sets (without
+    them JAX asks the GCE metadata server, which is not here). Two stand-ins: JAX_FORCE_TPU_INIT, with which JAX takes
+    this machine for a Cloud TPU VM although it has no TPU chips (JAX_PLATFORMS=cpu keeps the CPU backend), and
+    JAX_COORDINATOR_PORT, a free port instead of JAX's fixed 8482. Worker ids go in reverse launch order, so that a
+    test can tell a process's index came from TPU_WORKER_ID."""
+    return {"JAX_FORCE_TPU_INIT": "1", "TPU_WORKER_HOSTNAMES": ",".join(["localhost"] * processes),
+            "TPU_WORKER_ID": str(processes - 1 - process), "MEGASCALE_COORDINATOR_ADDRESS": "localhost",
+            "MEGASCALE_NUM_SLICES": "1", "MEGASCALE_SLICE_ID": "0", "JAX_COORDINATOR_PORT": str(port)}
+
+
 def free_slurm_job_id() -> int:
     """A job id whose coordinator port (JAX derives it: 61440 + id % 4096) is free here."""
     first = os.getpid() % 4096
@@ -88,25 +100,30 @@ def free_slurm_job_id() -> int:
 
 
 def start(args: list[str], *, processes: int, devices_per_process: int, log_dir: pathlib.Path,
-          heartbeat_timeout_s: int = 10, slurm: bool = False) -> Job:
+          heartbeat_timeout_s: int = 10, cluster: str | None = None) -> Job:
     """Start the job; ``args`` are the entry point's flags (``--config=...``, ``--workdir=...``, overrides). With
-    ``slurm`` the processes find each other as a SLURM job's tasks do (``--jax_distributed`` alone, JAX's cluster
-    detection reading SLURM's variables); else from ``--coordinator_address`` and the process flags."""
+    ``cluster`` "slurm" or "gke_tpu" the processes find each other as a SLURM job's tasks or a GKE TPU pod's workers
+    do (``--jax_distributed`` alone, JAX's cluster detection reading that cluster's variables); else from
+    ``--coordinator_address`` and the process flags."""
+    assert cluster in (None, "slurm", "gke_tpu"), cluster
     env = cpu_env(devices_per_process)
-    job_id = free_slurm_job_id() if slurm else 0
+    port = free_port()  # the coordinator's (a SLURM job's is derived from its id)
+    job_id = free_slurm_job_id() if cluster == "slurm" else 0
+    variables = [slurm_env(i, processes, job_id) if cluster == "slurm" else
+                 gke_tpu_env(i, processes, port) if cluster == "gke_tpu" else {} for i in range(processes)]
     flags = [[] for _ in range(processes)]  # each process's distributed flags
     if processes > 1:
         shared = ["--jax_distributed", f"--heartbeat_timeout_s={heartbeat_timeout_s}"]
-        if not slurm:
-            shared += [f"--coordinator_address=localhost:{free_port()}", f"--num_processes={processes}"]
-        flags = [shared + ([] if slurm else [f"--process_id={i}"]) for i in range(processes)]
+        if not cluster:
+            shared += [f"--coordinator_address=localhost:{port}", f"--num_processes={processes}"]
+        flags = [shared + ([] if cluster else [f"--process_id={i}"]) for i in range(processes)]
     log_dir.mkdir(parents=True, exist_ok=True)
     procs, logs = [], []
     for i in range(processes):
         logs.append(log_dir / f"process_{i}.log")
         with logs[-1].open("w") as log:
             procs.append(subprocess.Popen([sys.executable, "-m", "cab_jax.main", *args, *flags[i]], cwd=ROOT,
-                                          env={**env, **(slurm_env(i, processes, job_id) if slurm else {})},
+                                          env={**env, **variables[i]},
                                           stdout=log, stderr=subprocess.STDOUT))
     workdir = next((pathlib.Path(a.split("=", 1)[1]) for a in args if a.startswith("--workdir=")), None)
     return Job(procs, logs, len(metrics(workdir)) if workdir else 0)

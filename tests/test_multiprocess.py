@@ -64,9 +64,9 @@ def mesh_flags(data, fsdp=1, tensor=1):
     return [f"--config.mesh.data={data}", f"--config.mesh.fsdp={fsdp}", f"--config.mesh.tensor={tensor}"]
 
 
-def start(flags, workdir, processes, slurm=False):
+def start(flags, workdir, processes, cluster=None):
     return mp.start([*flags, f"--workdir={workdir}"], processes=processes, devices_per_process=8 // processes,
-                    log_dir=workdir.with_name(workdir.name + "_logs"), slurm=slurm)
+                    log_dir=workdir.with_name(workdir.name + "_logs"), cluster=cluster)
 
 
 def finished(job):
@@ -113,15 +113,39 @@ def assert_one_checkpoint_per_step(workdir):
         assert (step / "state" / "manifest.ocdbt").exists() and (step / "state" / "_METADATA").exists(), step
 
 
-def test_two_processes_give_the_numbers_of_one_language(tmp_path, language_flags):
-    """The language CAB step (the chunked SSD scan) with data=2 x fsdp=4; the vision step's layouts are the chain's
-    below. The two processes are a SLURM job's two tasks: ``--jax_distributed`` alone, the coordinator, process
-    count and index detected from SLURM's variables (the chain below passes them as flags)."""
+@pytest.fixture(scope="module")
+def language_one(tmp_path_factory, language_flags):
+    """The language CAB step (the chunked SSD scan) with data=2 x fsdp=4, its flags and the workdir of its run in
+    one process, started (not waited for: a test starts its two-process job beside it, then waits for both)."""
     flags = [*language_flags, *mesh_flags(2, 4), "--config.student.ssd_impl=chunked"]
-    one, two = start(flags, tmp_path / "one", 1), start(flags, tmp_path / "two", 2, slurm=True)  # side by side
-    finished(one), finished(two)
+    workdir = tmp_path_factory.mktemp("language_one") / "one"
+    return flags, workdir, start(flags, workdir, 1)
+
+
+def test_two_processes_give_the_numbers_of_one_language(tmp_path, language_one):
+    """The language step of ``language_one``; the vision step's layouts are the chain's below. The two processes are
+    a SLURM job's two tasks: ``--jax_distributed`` alone, the coordinator, process count and index detected from
+    SLURM's variables (the chain below passes them as flags)."""
+    flags, one, reference = language_one
+    two = start(flags, tmp_path / "two", 2, cluster="slurm")
+    finished(reference), finished(two)
     assert "process 1/2" in two.log(1)
-    assert_same_run(tmp_path / "two", tmp_path / "one", "language")
+    assert_same_run(tmp_path / "two", one, "language")
+    assert_one_checkpoint_per_step(tmp_path / "two")
+
+
+def test_two_processes_find_each_other_as_a_gke_tpu_pods_workers(tmp_path, language_one):
+    """The same job as a GKE TPU pod's two workers: ``--jax_distributed`` alone, and JAX's GkeTpuCluster takes the
+    coordinator, process count and index from TPU_WORKER_HOSTNAMES, TPU_WORKER_ID and the MEGASCALE_* variables
+    (``multiprocess_job.gke_tpu_env``; JAX_FORCE_TPU_INIT stands in for the TPU chips). The worker ids are the reverse
+    of the launch order, so each process's index is seen to come from TPU_WORKER_ID. The numbers are one process's.
+    A Cloud TPU VM slice's detection (GceTpuCluster, from the GCE metadata server) cannot run here: JAX skips it on a
+    machine without TPU chips."""
+    flags, one, reference = language_one
+    two = start(flags, tmp_path / "two", 2, cluster="gke_tpu")
+    finished(reference), finished(two)
+    assert "process 1/2" in two.log(0) and "process 0/2" in two.log(1), two.tail()
+    assert_same_run(tmp_path / "two", one, "language")
     assert_one_checkpoint_per_step(tmp_path / "two")
 
 
