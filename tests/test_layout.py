@@ -112,3 +112,227 @@ def test_readmes_layout_names_every_module_and_only_modules_that_exist():
     assert modules <= named, f"not in README's layout: {sorted(modules - named)}"
     assert named <= modules | configs, f"named in README's layout but absent: {sorted(named - modules - configs)}"
 
+
+
+# README's promises about the repository's own files: extras, links, lists of files, torch in the tests.
+
+REPO = ROOT.parent
+README = REPO / "README.md"
+
+
+def requirement_name(requirement: str) -> str:
+    """``"pytest-xdist>=3.5"`` -> ``"pytest_xdist"`` (PEP 503 normalised, ``-``/``.`` as ``_``)."""
+    import re
+
+    return re.sub(r"[-_.]+", "_", re.match(r"[A-Za-z0-9_.-]+", requirement.strip()).group()).lower()
+
+
+def test_pyprojects_extras_hold_what_readme_says_they_do():
+    """README's commands install extras: each one it names exists; `.[test]` runs `pytest -n 2` and gets every
+    package a test imports; `.[convert]` what checkpoint conversion imports (torch, safetensors); `.[plot]`
+    matplotlib for the figures; README's torch pin is pyproject's."""
+    import ast
+    import importlib.metadata
+    import re
+    import sys
+
+    import pytest
+
+    tomllib = pytest.importorskip("tomllib", reason="Python 3.11's tomllib reads pyproject.toml")
+    readme = README.read_text()
+    text = (REPO / "pyproject.toml").read_text()
+    project = tomllib.loads(text)["project"]
+    extras = {name: {requirement_name(r) for r in reqs} for name, reqs in project["optional-dependencies"].items()}
+    named = set(re.findall(r"pip install -e '?\.\[(\w+)\]", readme))
+    assert {"test", "convert", "plot", "gpu"} <= named and named <= set(extras), (named, sorted(extras))
+    assert "pip install torch==2.13.0 && pip install -e '.[test]' && python -m pytest tests -n 2" in readme
+    assert {"pytest", "pytest_xdist"} <= extras["test"]
+    assert {"torch", "safetensors"} <= extras["convert"]
+    assert "matplotlib" in extras["plot"]
+    assert set(re.findall(r"torch==([\d.]+)", readme)) == set(re.findall(r"torch==([\d.]+)", text)) == {"2.13.0"}
+
+    def closure(roots: set[str]) -> set[str]:
+        """The distributions ``roots`` install, their requirements' requirements included (markers ignored)."""
+        seen, todo = set(), list(roots)
+        while todo:
+            name = todo.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            try:
+                requires = importlib.metadata.requires(name) or []
+            except importlib.metadata.PackageNotFoundError:
+                continue
+            todo += [requirement_name(r) for r in requires if "extra ==" not in r]
+        return seen
+
+    core = {requirement_name(r) for r in project["dependencies"]}
+    with_extras = {"test": core | extras["test"] | extras["convert"] | extras["plot"],  # test pulls [convert,plot]
+                   "convert": core | extras["convert"], "plot": core | extras["plot"]}
+    assert "cab_jax[convert,plot]" in {r.replace("-", "_") for r in project["optional-dependencies"]["test"]}
+    providers = {module: {requirement_name(d) for d in dists}
+                 for module, dists in importlib.metadata.packages_distributions().items()}
+    local = {p.stem for folder in ("tests", "benchmarks", "configs", "launch", "docs")  # scripts put on sys.path
+             for p in (REPO / folder).rglob("*.py")} | {p.name for p in REPO.iterdir() if p.is_dir()}  # cab_jax...
+    for extra, paths in {"test": sorted((REPO / "tests").glob("*.py")),
+                         "convert": sorted((ROOT / "convert").glob("*.py")), "plot": [ROOT / "plots.py"]}.items():
+        installed = closure(with_extras[extra])
+        for path in paths:
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    tops = {alias.name.split(".")[0] for alias in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    tops = {node.module.split(".")[0]}
+                else:
+                    continue
+                for top in tops - local - set(sys.stdlib_module_names):
+                    assert providers.get(top, set()) & installed, (
+                        f"{path.relative_to(REPO)} imports {top}, which pip install -e '.[{extra}]' does not install")
+
+
+# The test modules allowed to import torch (or transformers, which imports it) at module level: README says torch
+# is only for the checkpoint-conversion tests and names these.
+CONVERSION_TESTS = "test_convert_*.py"
+TORCH = {"torch", "transformers"}
+
+
+def module_level_torch(path: pathlib.Path, tests: pathlib.Path) -> list[str]:
+    """What makes importing the test module ``path`` import torch: its module-level imports (``if``/``try`` and
+    class bodies included, function bodies not) of torch, transformers, a module-level ``importorskip`` of them, or
+    of another test module that does."""
+    import ast
+
+    found, todo = [], list(ast.parse(path.read_text()).body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
+            continue
+        names = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        elif (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) == "importorskip"
+              and node.args and isinstance(node.args[0], ast.Constant)):
+            names = [node.args[0].value]
+        for name in names:
+            top = name.split(".")[0]
+            if top in TORCH:
+                found.append(f"{path.name}:{node.lineno} imports {name}")
+            elif (tests / f"{top}.py").exists() and (tests / f"{top}.py") != path:
+                found += [f"{path.name}:{node.lineno} imports {top}, and " + why
+                          for why in module_level_torch(tests / f"{top}.py", tests)]
+        todo += list(ast.iter_child_nodes(node))
+    return found
+
+
+def test_only_the_conversion_tests_import_torch():
+    """README: torch is only for the checkpoint-conversion tests (it names them). No other test module imports
+    torch or transformers when it is collected: the tests that compare with them import them inside, and skip
+    without them."""
+    assert f"`tests/{CONVERSION_TESTS}`" in README.read_text()
+    tests = REPO / "tests"
+    conversion = set(tests.glob(CONVERSION_TESTS))
+    assert len(conversion) >= 3
+    found = [why for path in sorted(set(tests.glob("*.py")) - conversion) for why in module_level_torch(path, tests)]
+    assert found == [], "torch outside the conversion tests (import it inside the test that needs it):\n" + "\n".join(
+        found)
+
+
+def github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a heading: lower case, punctuation but ``-`` and ``_`` dropped, spaces -> ``-``."""
+    import re
+
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_path_and_link_readme_gives_exists():
+    """Every relative link of README.md and of the pages in docs/ (files, and README's #anchors to its headings),
+    every repository path README writes (``configs/demo.py``, ``launch/tpu_pod.sh``, ``BENCHMARKS.md``...; not
+    placeholders like ``configs/NAME.py``) and every ``python -m cab_jax...`` module it runs exists."""
+    import re
+
+    readme = README.read_text()
+    missing = []
+    for page in [README, *sorted((REPO / "docs").glob("*.md"))]:
+        text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.M | re.S)  # not the comments in code blocks
+        anchors = {github_anchor(h) for h in re.findall(r"^#+ (.+)$", text, flags=re.M)}
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):  # https:, mailto:
+                continue
+            if target.startswith("#"):
+                missing += [f"{page.name}: {target}"] * (target[1:] not in anchors)
+            elif not (page.parent / target.split("#")[0]).exists():
+                missing.append(f"{page.name}: {target}")
+    paths = set(re.findall(r"(?<![\w/.:-])((?:configs|launch|docs|benchmarks|cab_jax|tests)/[\w./*-]*|[A-Z]+\.md)",
+                           readme))
+    assert len(paths) > 20
+    for path in sorted(paths):
+        path = path.rstrip(".")
+        if not re.search(r"/[A-Z_]+(\.\w+)?$", path) and not list(REPO.glob(path)):
+            missing.append(f"README.md: {path}")
+    modules = set(re.findall(r"python3? -m (cab_jax[\w.]*)", readme))
+    assert len(modules) > 5
+    for module in sorted(modules):
+        base = REPO.joinpath(*module.split("."))
+        if not (base.with_suffix(".py").exists() or (base / "__main__.py").exists()):
+            missing.append(f"README.md: python -m {module}")
+    assert missing == []
+
+
+def markdown_sections(text: str, level: str = "## ") -> dict[str, str]:
+    """Heading -> the text under it, for the headings of ``level``."""
+    import re
+
+    parts = re.split(rf"^{level}(.+)$", text, flags=re.M)
+    return dict(zip(parts[1::2], parts[2::2], strict=True))
+
+
+def test_the_pages_readme_links_hold_what_it_says_they_do():
+    """docs/results.md: both demos' tables (vision, language), the digits study's table and plot, the variants
+    tried; docs/running_at_scale.md: each launch script (the ones not sourced by the others), its NCCL and SLURM
+    settings, exit status 75, the disk a run needs; docs/augmentation_gallery.png: eight draws per photo."""
+    import re
+
+    from PIL import Image
+
+    results = (REPO / "docs" / "results.md").read_text()
+    sections = markdown_sections(results)
+    for words, what in [(("Vision", "Vim"), "the vision demo"), (("Language", "Phi-Mamba"), "the language demo"),
+                        (("study", "configs/study_digits.py"), "the digits study")]:
+        found = [body for heading, body in sections.items() if all(w in heading for w in words)]
+        assert found and re.search(r"^\|.*\|$", found[0], flags=re.M), f"docs/results.md: no table for {what}"
+    assert "study_digits.png" in results and re.search(r"^#+ .*(variant|ablation)", results, flags=re.M | re.I)
+
+    scale = (REPO / "docs" / "running_at_scale.md").read_text()
+    launch = REPO / "launch"
+    sourced = {name for text in (p.read_text() for p in launch.iterdir()) for name in re.findall(
+        r"^source .*/([\w.]+)\"?", text, flags=re.M)}
+    scripts = {p.name for p in launch.iterdir() if p.is_file()} - sourced
+    assert sourced == {"common.sh"} and len(scripts) == 6
+    assert [name for name in sorted(scripts) if name not in scale] == [], "scripts docs/running_at_scale.md omits"
+    assert all(word in scale for word in ("NCCL", "SLURM", "| 75 |", "requeue")) and "Disk" in markdown_sections(scale)
+
+    gallery = (REPO / "docs" / "make_augmentation_gallery.py").read_text()
+    draws, tile = (int(n) for n in re.search(r"^DRAWS, TILE, \w+ = (\d+), (\d+),", gallery, flags=re.M).groups())
+    assert draws == 8 and Image.open(REPO / "docs" / "augmentation_gallery.png").width == (1 + draws) * tile
+
+
+def layout_entry(name: str) -> str:
+    """The text of README's layout block for the entry ``name`` (its first line and those indented under it)."""
+    readme = README.read_text()
+    block = readme[readme.index("```\ncab_jax/"):]
+    lines = block[: block.index("```", 4)].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(name))
+    end = next((i for i in range(start + 1, len(lines)) if lines[i][:1] not in (" ", "")), len(lines))
+    return "\n".join(lines[start:end])[len(name):]
+
+
+def test_readmes_configs_and_launch_lines_list_exactly_those_directories_files():
+    import re
+
+    for folder in ("configs", "launch"):
+        listed = set(re.findall(r"[\w.]+\.(?:py|sh|sbatch)\b", layout_entry(f"{folder}/")))
+        present = {p.name for p in (REPO / folder).iterdir() if p.is_file()}
+        assert listed == present, f"README's {folder}/ line: {sorted(listed - present)} absent, " \
+                                  f"{sorted(present - listed)} not listed"

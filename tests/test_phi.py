@@ -1,5 +1,10 @@
 """Phi teacher: parity with transformers' PhiForCausalLM (logits and every layer's rotated q, k), Hugging Face
-import/export, size errors, KV-cache decoding against the full forward, bfloat16."""
+import/export, size errors, KV-cache decoding against the full forward, bfloat16.
+
+torch and transformers are imported only by the conversion and parity tests (through ``hf_model`` and
+``torch_forward``), which skip without them; the model's own tests (KV cache, bfloat16, remat, phi-1.5's size and
+axes) run on randomly perturbed parameters of our Phi and need neither (README: torch is only for the
+checkpoint-conversion tests; tests/test_layout.py checks that no test module imports it at module level)."""
 
 import dataclasses
 import json
@@ -8,11 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import transformers
 from absl import flags
 from flax import nnx
-from transformers.models.phi import modeling_phi
 
 from cab_jax import checkpoint, sharding
 from cab_jax.convert import __main__ as convert_cli
@@ -29,8 +31,11 @@ forward = nnx.jit(lambda m, t: m(t))
 step = nnx.jit(lambda m, t, c: m.decode(t, c))
 
 
-def hf_model(size: PhiSize = SIZE, seed: int = 0) -> transformers.PhiForCausalLM:
-    """A random float32 PhiForCausalLM in eval mode; every parameter perturbed so biases and norms matter."""
+def hf_model(size: PhiSize = SIZE, seed: int = 0):
+    """A random float32 transformers.PhiForCausalLM in eval mode; every parameter perturbed so biases and norms
+    matter."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
     cfg = transformers.PhiConfig(
         vocab_size=size.vocab_size, hidden_size=size.hidden_size, num_hidden_layers=size.depth,
         num_attention_heads=size.num_heads, intermediate_size=size.intermediate_size,
@@ -74,9 +79,13 @@ def our_model(params: dict, size: PhiSize = SIZE, dtype=jnp.float32):
     return model
 
 
-def torch_forward(model: transformers.PhiForCausalLM, tokens: np.ndarray) -> tuple[np.ndarray, list]:
-    """Logits and each layer's (q, k) as CAB's output_QK gives them: projections captured by hooks, then the
-    original's own partial rotary (``apply_rotary_pos_emb`` with the model's cos/sin), no 1/sqrt(d) scale."""
+def torch_forward(model, tokens: np.ndarray) -> tuple[np.ndarray, list]:
+    """Logits and each layer's (q, k) of a transformers.PhiForCausalLM as CAB's output_QK gives them: projections
+    captured by hooks, then the original's own partial rotary (``apply_rotary_pos_emb`` with the model's cos/sin),
+    no 1/sqrt(d) scale."""
+    import torch
+    from transformers.models.phi import modeling_phi
+
     captured = {}
     hooks = [getattr(layer.self_attn, name).register_forward_hook(
         lambda mod, inp, out, key=(i, name): captured.__setitem__(key, out))
@@ -104,6 +113,8 @@ def convert(path) -> dict:
 
 @pytest.mark.parametrize("serialization", ["safetensors", "bin"])
 def test_logits_and_qk_match_transformers(tmp_path, torch_model, hf_dir, tokens, serialization):
+    import torch
+
     path = hf_dir
     if serialization == "bin":  # pytorch_model.bin, read with torch.load(weights_only=True)
         path = tmp_path / "bin"
@@ -123,6 +134,9 @@ def test_logits_and_qk_match_transformers(tmp_path, torch_model, hf_dir, tokens,
 
 
 def test_export_round_trip_is_bitwise_and_loads_in_transformers(tmp_path, torch_model, hf_dir, tokens):
+    import torch
+    import transformers
+
     params = convert(hf_dir)
     tensors = convert_phi.export_phi(params)
     original = {k: v.numpy() for k, v in torch_model.state_dict().items()}
@@ -227,8 +241,16 @@ def test_phi_1_5_config_and_logical_axes():
 
 
 @pytest.fixture(scope="module")
-def model(hf_dir):
-    return our_model(convert(hf_dir))
+def params():
+    """Our Phi's parameters, each perturbed (as ``hf_model`` perturbs transformers') so biases and norms matter."""
+    rng = np.random.default_rng(0)
+    built = nnx.to_pure_dict(nnx.state(registry.build("phi", **dataclasses.asdict(SIZE), rngs=nnx.Rngs(0))))
+    return jax.tree.map(lambda p: np.asarray(p) + 0.1 * rng.standard_normal(p.shape).astype(np.float32), built)
+
+
+@pytest.fixture(scope="module")
+def model(params):
+    return our_model(params)
 
 
 PROMPT, MAX_LENGTH = 5, LENGTH + 3  # shared by the decoding tests, so each compiles the same two steps
@@ -277,8 +299,7 @@ def test_decoding_past_the_cache_is_an_error(model, tokens):
     assert np.isnan(np.asarray(logits)).all()  # under jit the length is not known: NaN logits, not silent garbage
 
 
-def test_bfloat16_forward_stays_close_to_float32(hf_dir, tokens):
-    params = convert(hf_dir)
+def test_bfloat16_forward_stays_close_to_float32(params, tokens):
     want, want_qks = forward(our_model(params), jnp.asarray(tokens))
     logits, qks = forward(our_model(params, dtype=jnp.bfloat16), jnp.asarray(tokens))
     (q, k), (_, want_k) = qks, want_qks  # stacked over layers
