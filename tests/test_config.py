@@ -177,6 +177,9 @@ def test_the_defaults_readme_names():
         assert (tuple(c.study.modes), tuple(c.study.seeds), tuple(c.study.variants)) == (("soft", "cab"), (0, 1, 2),
                                                                                         variants)
     assert "attention: bridge.kind=attention" in demo.ABLATIONS["bridge_form"]
+    # README: `configs/demo.py:ablation=bridge_form` (or `layer_map`, `larger_teacher`): those names, no others
+    assert set(demo.ABLATIONS) == set(_readme_find(
+        r"`configs/demo\.py:ablation=(\w+)` \(or `(\w+)`, `(\w+)`\) runs the reviewers' ablations"))
     from configs import phi_mamba  # FSDP over every device; ":synthetic=True" needs no data nor weights
 
     assert (phi_mamba.get_config().mesh.data, phi_mamba.get_config().mesh.fsdp) == (1, -1)
@@ -189,7 +192,9 @@ def test_the_defaults_readme_names():
 def test_the_vision_recipe_is_the_one_readme_states(name):
     """README: AdamW, lr 5e-4 x batch/512, weight decay 0.05, 5 warmup epochs from 1e-6, cosine to 1e-5, label
     smoothing 0.1, mixup 0.8 / cutmix 1.0, float32, epochs 3000/600/300/150 for the 1/5/10/20 % subsets, per-class
-    subsets chosen with seed 2025; ``configs/vim_tiny.py:subset=0.01`` selects 1 %."""
+    subsets chosen with seed 2025; ``configs/vim_tiny.py:subset=0.01`` selects 1 %; DeiT's augmentation: random
+    resized crop (bicubic), flip, RandAugment ``rand-m9-mstd0.5-inc1``, random erasing 0.25 and repeated
+    augmentation (3), the values read from README."""
     import importlib
 
     module = importlib.import_module(f"configs.{name}")
@@ -199,6 +204,12 @@ def test_the_vision_recipe_is_the_one_readme_states(name):
     assert (t.warmup_epochs, t.warmup_lr, t.lr_decay, t.min_lr) == (5.0, 1e-6, "cosine", 1e-5)
     assert (t.label_smoothing, t.mixup_alpha, t.cutmix_alpha, c.dtype) == (0.1, 0.8, 1.0, "float32")
     assert c.data.subset_seed == 2025
+    # README's augmentation sentence: crop (bicubic), flip, the RandAugment policy, erasing and repeated augmentation
+    interpolation, policy, erase, repeats = _readme_find(
+        r"The augmentation is DeiT's: random resized crop \((\w+)\), flip, RandAugment `([^`]+)`, random erasing "
+        r"([\d.]+), and repeated augmentation \((\d+)\) when training on more than one device")
+    assert (c.data.interpolation, c.data.hflip, c.data.randaugment, c.data.random_erase,
+            c.data.repeated_augmentation) == (interpolation, True, policy, float(erase), int(repeats))
     per_epoch = 10  # steps per epoch of a subset of 10 batches
     for fraction, epochs in {0.01: 3000, 0.05: 600, 0.1: 300, 0.2: 150}.items():
         assert config_lib.schedule(t, per_epoch * t.batch_size, fraction).total_steps == epochs * per_epoch, fraction
@@ -393,3 +404,71 @@ def test_the_gpu_extra_pins_the_jax_the_kernels_are_tested_with():
     for kernel in ("pallas_triton", "pallas_mosaic"):
         (row,) = [line for line in readme.splitlines() if line.startswith(f"| `{kernel}` |")]
         assert f"jax {pinned}, H" in row, (kernel, pinned, row)
+
+
+def test_the_vision_demo_runs_on_the_17_tokens_readme_states():
+    """README: the demo's teacher and student run "on 17 tokens of upsampled digits": 32 px images in 8 px patches
+    plus the cls token, in the config and in the position embeddings of the models the domain builds from it."""
+    from flax import nnx
+
+    from cab_jax import domains
+    from configs import demo
+
+    (tokens,) = _readme_find(r"on (\d+) tokens of upsampled digits")
+    c = demo.get_config()
+    domain = domains.for_config(c)
+    for model, build in ((c.teacher, domain.build_teacher), (c.student, domain.build_student)):
+        assert (c.data.image_size // model.patch_size) ** 2 + 1 == int(tokens), model.model
+        assert nnx.eval_shape(lambda build=build: build(nnx.Rngs(0))).pos_embed.shape[1] == int(tokens)
+
+
+def test_study_digits_bridges_raw_q_and_k():
+    """README: configs/study_digits.py runs "its bridge on raw q and k targets": no kernel map on the teacher's q and
+    k (bridge.kernel_map none), where the demo's CAB keeps the softmax map."""
+    from configs import demo, study_digits
+
+    _readme_find(r"`configs/study_digits\.py` runs the default grid .*?(its bridge on raw q and k targets)")
+    assert (study_digits.get_config().bridge.kernel_map, demo.get_config().bridge.kernel_map) == ("none", "softmax")
+
+
+# The shared sections README says start from cab_jax/config.py's defaults, and the functions that make them.
+SHARED_SECTIONS = {"train": {"vision": "vision_train", "language": "language_train"}, "loss": "loss", "mesh": "mesh",
+                   "data": {"vision": "vision_data"}}
+
+
+def test_every_config_builds_its_shared_sections_from_config_py():
+    """README: the sections the recipes share (training, loss, mesh, the vision data) start from the defaults in
+    cab_jax/config.py, which each file changes through arguments: in each config file's source, each such section
+    (the teacher's ``train`` too) is assigned once, from a call of that config.py function, and not changed after."""
+    import ast
+    import importlib
+
+    for path in CONFIGS:
+        domain = importlib.import_module(f"configs.{path.stem}").get_config().domain
+        wanted = {name: f if isinstance(f, str) else f.get(domain) for name, f in SHARED_SECTIONS.items()}
+        wanted = {name: f for name, f in wanted.items() if f}
+        tree = ast.parse(path.read_text())
+        made = {}  # section -> the config.py function called to make it
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Assign):
+                for target in node.targets:
+                    if isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name) \
+                            and target.value.id == "c" and target.attr in wanted:
+                        call = node.value
+                        assert isinstance(call, ast.Call) and ast.unparse(call.func).startswith("config."), \
+                            (path.name, target.attr, ast.unparse(call))
+                        assert target.attr not in made, (path.name, target.attr, "assigned twice")
+                        made[target.attr] = ast.unparse(call.func)
+            if isinstance(node, ast.keyword) and node.arg == "train":  # c.teacher = dict(..., train=config.X(...))
+                made["teacher.train"] = ast.unparse(node.value.func) if isinstance(node.value, ast.Call) else None
+            # no later change: c.SECTION.field = ..., c.SECTION[...] += ..., c.SECTION.update(...)
+            changed = [t.value for t in getattr(node, "targets", [getattr(node, "target", None)])
+                       if isinstance(t, ast.Attribute | ast.Subscript)]
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                changed.append(node.func.value)
+            for section in changed:
+                assert ast.unparse(section) not in {f"c.{name}" for name in wanted}, \
+                    (path.name, "changes", ast.unparse(node), "after config.py made it")
+        expected = {name: f"config.{f}" for name, f in wanted.items()}
+        expected["teacher.train"] = expected["train"]
+        assert made == expected, path.name

@@ -228,6 +228,28 @@ def test_the_recipes_train_crop_is_resized_bicubic():
     assert not np.array_equal(out, crop(Image.Resampling.BILINEAR))
 
 
+def test_the_recipes_train_transform_flips_half_of_the_draws_horizontally():
+    """README: the vision recipe's augmentation flips: with the vision configs' data section (RandAugment and erasing
+    off, so that only the crop and the flip draw), every output is the unflipped transform's output from the same
+    draw or its left-right mirror, and about half of 400 draws are the mirror."""
+    from configs import vim_small
+
+    data_cfg = vim_small.get_config().data
+    data_cfg.update(dict(randaugment="", random_erase=0.0, image_size=16))
+    unflipped_cfg = ml_collections.ConfigDict(data_cfg.to_dict())
+    unflipped_cfg.hflip = False
+    flip, unflipped = images.train_transform(data_cfg), images.train_transform(unflipped_cfg)
+    element = {"image": np.random.default_rng(0).integers(0, 256, (24, 20, 3), dtype=np.uint8), "label": 0}
+    mirrored = 0
+    for seed in range(400):
+        out = flip.random_map(element, np.random.default_rng(seed))["image"]
+        ref = unflipped.random_map(element, np.random.default_rng(seed))["image"]
+        is_mirror = np.array_equal(out, ref[:, ::-1])
+        assert is_mirror or np.array_equal(out, ref), seed
+        mirrored += is_mirror
+    assert 160 <= mirrored <= 240, mirrored  # Binomial(400, 1/2): 200 +- 10
+
+
 def test_random_resized_crop_box_is_inside_and_in_scale_range():
     rng = np.random.default_rng(0)
     for _ in range(200):

@@ -92,6 +92,36 @@ def test_a_bfloat16_train_step_keeps_float32_state_and_follows_the_float32_step(
     assert loss16[-1] < loss16[0]
 
 
+def test_dtype_bfloat16_runs_the_domain_built_teacher_and_student_in_bfloat16():
+    """README: ``dtype=bfloat16`` runs the teacher and the student in bfloat16 with float32 parameters. On the demo's
+    teacher and student as the domain builds them, every matmul against a weight (a 2-D operand) and the patch
+    embedding's convolution take bfloat16 operands, from float32 parameters (float32 with dtype=float32)."""
+    from jax.extend.core import jaxprs_in_params
+
+    def weight_ops(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "conv_general_dilated" or (
+                    eqn.primitive.name == "dot_general" and 2 in {v.aval.ndim for v in eqn.invars}):
+                yield tuple(v.aval.dtype for v in eqn.invars)
+            for sub in jaxprs_in_params(eqn.params):
+                yield from weight_ops(sub)
+
+    def forward_jaxpr(domain, build):
+        model = nnx.eval_shape(lambda: build(nnx.Rngs(0)))
+        assert {x.dtype for x in jax.tree.leaves(nnx.state(model, nnx.Param))} == {np.dtype(np.float32)}
+        graph, state = nnx.split(model)
+        images = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+        return jax.make_jaxpr(lambda s, x: domain.forward(nnx.merge(graph, s), x))(state, images).jaxpr
+
+    for dtype in ("bfloat16", "float32"):
+        c = demo_config.get_config()
+        c.task, c.dtype = "distill", dtype
+        domain = domains.for_config(c)
+        for build in (domain.build_teacher, domain.build_student):
+            ops = list(weight_ops(forward_jaxpr(domain, build)))
+            assert len(ops) >= 5 and set(ops) == {(np.dtype(dtype),) * 2}, (dtype, build.__name__, set(ops))
+
+
 def test_the_train_step_donates_its_state(tmp_path):
     """README: the jitted train step donates its state: XLA aliases the state's buffers to the new state's (every
     parameter, moment and counter), and the state passed in is deleted after the call."""
