@@ -133,6 +133,33 @@ def test_memory_estimate_prints_the_estimate_beside_xla():
     assert_numbers(rows, positive=("estimate GiB", "of which activations", "xla GiB"), nonnegative=("peak GiB",))
 
 
+def test_memory_estimate_measures_each_combination_of_its_lists_once(monkeypatch, capsys):
+    """README's H200 command, `memory_estimate.py --configs=vim_tiny,vim_small --dtypes=float32,bfloat16
+    --remat=true,false --batch_size=128`, gives one row per config, dtype and remat: eight measurements, each with
+    arguments ``measure`` takes, in the table's order (the measurement itself, one process per row, is run above for
+    one row; here the processes are replaced by a row of their arguments)."""
+    import inspect
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    monkeypatch.delitem(sys.modules, "memory_estimate", raising=False)
+    script = importlib.import_module("memory_estimate")
+    fields = {"config_name": "config", "dtype": "dtype", "remat": "remat", "batch_size": "batch"}
+
+    def run_each(path, jobs, error_row):
+        jobs = list(jobs)
+        for job in jobs:
+            inspect.signature(script.measure).bind(**job)
+        return [{column: job[name] for name, column in fields.items()} for job in jobs]
+
+    monkeypatch.setattr(script, "run_each", run_each)
+    monkeypatch.setattr(sys, "argv", ["memory_estimate.py", "--configs=vim_tiny,vim_small",
+                                      "--dtypes=float32,bfloat16", "--remat=true,false", "--batch_size=128"])
+    script.main()
+    [rows] = markdown_tables(capsys.readouterr().out)
+    assert [(r["config"], r["dtype"], r["remat"], r["batch"]) for r in rows] == [
+        (config, dtype, remat, "128") for config in ("vim_tiny", "vim_small") for dtype in ("float32", "bfloat16")
+        for remat in ("True", "False")]
+
 def test_step_profile_splits_the_step_by_scope(tmp_path):
     out = run_script("step_profile.py", TINY_VISION, "--config=demo", "--dtype=float32", "--remat=true",
                      "--batch_size=2", "--steps=2", "--profile_steps=1", "--top=3", f"--out={tmp_path / 'p.json'}")

@@ -9,11 +9,14 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from absl import flags
 from flax import nnx
 
 from cab_jax import checkpoint, domains, sharding, train
+from cab_jax.convert import __main__ as convert_cli
 from cab_jax.convert import io, mapping, vim, weights
 from cab_jax.convert.__main__ import MODELS, vision_model
+from cab_jax.errors import UserError
 from cab_jax.models import registry
 from configs import demo
 
@@ -182,3 +185,54 @@ def test_bfloat16_safetensors_are_read_as_float32(tmp_path):
     loaded = io.load_state_dict(tmp_path / "w.safetensors")
     assert loaded["w"].dtype == np.float32 and loaded["n"].dtype == np.int64
     np.testing.assert_array_equal(loaded["w"], weight.float().numpy())
+
+
+def cli_in_process(*args):
+    """``python -m cab_jax.convert ...`` in this process (a subprocess costs seconds of imports); a UserError is
+    what the command prints as its one line with exit status 2."""
+    try:
+        flags.FLAGS(["convert", *args])
+        convert_cli.main([])
+    finally:
+        flags.FLAGS.unparse_flags()
+
+
+def test_cli_phi_1_5_is_phi_1_5s_size_and_refuses_another_checkpoint_naming_both_sizes(tmp_path):
+    """README: `convert --src=/hf/phi-1_5 --format=hf --model=phi_1_5`. The named size is microsoft/phi-1_5's (its
+    config.json: 51,200 tokens, width 2,048, 24 layers of 32 heads, MLP 8,192); a smaller PhiForCausalLM directory
+    given as phi_1_5 is refused, the message naming the checkpoint's size and phi_1_5's, and nothing is written."""
+    hf = transformers.PhiForCausalLM(transformers.PhiConfig(
+        vocab_size=97, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128))
+    hf.save_pretrained(tmp_path / "hf")
+    with pytest.raises(UserError) as info:
+        cli_in_process(f"--src={tmp_path / 'hf'}", "--format=hf", "--model=phi_1_5", f"--out={tmp_path / 'ours'}")
+    message = str(info.value)
+    assert "checkpoint has vocab_size 97, hidden_size 64, depth 3" in message, message
+    assert "the model expects vocab_size 51200, hidden_size 2048, depth 24, intermediate_size 8192, num_heads 32" \
+        in message, message
+    assert not (tmp_path / "ours").exists()
+
+
+def test_cli_exports_a_training_runs_student_to_a_pth_file(tmp_path, monkeypatch):
+    """README: `convert --export --src=WORKDIR --format=vim --model=vim_small --out=student.pth`. WORKDIR is a
+    2-step distillation run; its student is the small test size, which the command is given in place of a named
+    size's (test_cli_imports_and_exports_vim_losslessly runs a named size, with a converted checkpoint and a
+    .safetensors output). The .pth loads with torch.load(weights_only=True) as the original layout's tensors, and
+    imports back to exactly the run's trained student."""
+    c = small_config(tmp_path)
+    c.loss.mode = "vanilla"
+    train.train_and_evaluate(c, str(tmp_path / "run"))
+    student = nnx.eval_shape(lambda: domains.for_config(c).build_student(nnx.Rngs(0)))
+    monkeypatch.setattr(convert_cli, "vision_model", lambda *args: student)
+    cli_in_process("--export", f"--src={tmp_path / 'run'}", "--format=vim", "--model=vim_small",
+                   f"--out={tmp_path / 'student.pth'}")
+    exported = torch.load(tmp_path / "student.pth", weights_only=True)
+    assert set(exported) == set(random_vim_tensors(domains.for_config(c).build_student(nnx.Rngs(1))))
+    assert all(isinstance(v, torch.Tensor) for v in exported.values())
+    _, trains, trained = train.load_trained_model(str(tmp_path / "run"), "vision")
+    assert trains == "student"
+    back = mapping.flatten(weights.import_pytorch(tmp_path / "student.pth", student, "vim"))
+    run = mapping.flatten(jax.device_get(nnx.state(trained).to_pure_dict()))
+    assert set(back) == set(run)
+    for name, value in run.items():
+        np.testing.assert_array_equal(back[name], value, err_msg=name)

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import multiprocess_job
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -23,6 +24,7 @@ from cab_jax.models.mamba import SSMProjections
 ROOT = pathlib.Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT / "configs"))
 import demo_lm as demo_lm_config  # noqa: E402
+import phi_mamba as phi_mamba_config  # noqa: E402
 
 VOCAB, SEQ = 64, 16
 
@@ -276,3 +278,67 @@ def test_sharded_language_step_on_8_devices_equals_1_device(tmp_path):
     np.testing.assert_allclose(out["eight"]["losses"], out["one"]["losses"], rtol=2e-5)
     np.testing.assert_allclose(out["eight"]["kernel"], out["one"]["kernel"], rtol=1e-4, atol=1e-6)
     assert out["eight"]["shards"] != out["one"]["shards"]  # the parameter really is split on the mesh
+
+
+# configs/phi_mamba.py's models shrunk to two layers of width 32 on 16-token sequences: the recipe's everything else
+# (its optimizer, loss, bfloat16, FSDP mesh, initialisation from the teacher's attention)
+PHI_MAMBA_SHRINK = {
+    "data": dict(vocab_size=VOCAB, seq_len=SEQ, synthetic_size=32),
+    "teacher": dict(vocab_size=VOCAB, hidden_size=32, depth=2, num_heads=2, intermediate_size=64),
+    "student": dict(vocab_size=VOCAB, d_model=32, depth=2, d_state=16, n_qk_heads=2, n_v_heads=2,
+                    intermediate_size=64, chunk_size=8),
+    "train": dict(steps=2, batch_size=8),
+}
+
+
+def test_the_language_recipe_clips_the_gradient_at_global_norm_1(tmp_path):
+    """README: the language recipe clips gradients at 1. The optimizer of a configs/phi_mamba.py run (shrunk), two
+    steps from the same state: after a first gradient of global norm 0.5, a second gradient of norm 10 moves the
+    parameters exactly as the same direction at norm 1 does, and one of norm 0.8 (not clipped) differently. (Adam's
+    first step does not depend on the gradient's scale, so the clip shows only from the second step on.)"""
+    c = phi_mamba_config.get_config("synthetic=True")
+    for section, fields in PHI_MAMBA_SHRINK.items():
+        c[section].update(fields)
+    c.data.data_dir = str(tmp_path / "tfds")
+    trainer, state, _ = train.abstract_setup(c, sharding.make_mesh(c.mesh))
+    params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), state["params"])
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(0), 2 * len(leaves))
+
+    def direction(keys):  # a random gradient of global norm 1
+        g = [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves, strict=True)]
+        return jax.tree.unflatten(treedef, [x / optax.global_norm(g) for x in g])
+
+    first, second = direction(keys[: len(leaves)]), direction(keys[len(leaves):])
+
+    def second_update(norm: float) -> np.ndarray:
+        opt_state = trainer.tx.init(params)
+        _, opt_state = trainer.tx.update(jax.tree.map(lambda g: 0.5 * g, first), opt_state, params)
+        updates, _ = trainer.tx.update(jax.tree.map(lambda g: norm * g, second), opt_state, params)
+        return np.concatenate([np.ravel(u) for u in jax.tree.leaves(updates)])
+
+    at_1, at_10, at_08 = second_update(1.0), second_update(10.0), second_update(0.8)
+    apart = lambda u: float(np.linalg.norm(u - at_1) / np.linalg.norm(at_1))
+    assert np.linalg.norm(at_1) > 0 and apart(at_10) < 1e-5 and apart(at_08) > 1e-2, (apart(at_10), apart(at_08))
+
+
+@pytest.mark.slow
+def test_the_phi_mamba_recipe_trains_through_main_on_synthetic_tokens(tmp_path):
+    """README's `python -m cab_jax.main --config=configs/phi_mamba.py:synthetic=True`, its models shrunk by
+    overrides (PHI_MAMBA_SHRINK): the student starts from the random teacher's attention, trains two steps with
+    every term of the cab loss in bfloat16, and ends with a held-out perplexity."""
+    overrides = [f"--config.{section}.{field}={value}"
+                 for section, fields in PHI_MAMBA_SHRINK.items() for field, value in fields.items()]
+    proc = subprocess.run([sys.executable, "-m", "cab_jax.main", "--config=configs/phi_mamba.py:synthetic=True",
+                           f"--workdir={tmp_path}", f"--config.data.data_dir={tmp_path / 'tfds'}", *overrides],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Student initialised from the teacher's attention" in proc.stderr
+    run = json.loads((tmp_path / "run_config.json").read_text())
+    assert (run["trains"], run["config"]["dtype"], run["config"]["loss"]["mode"]) == ("student", "bfloat16", "cab")
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    trained = [r for r in records if r["split"] == "train"]
+    assert trained[-1]["step"] == 2 and all(np.isfinite(trained[-1][k]) for k in ("ce", "kl", "bridge")), trained
+    result = json.loads((tmp_path / "results.json").read_text())
+    perplexity = result["metrics"]["perplexity"]
+    assert result["step"] == 2 and np.isfinite(perplexity) and perplexity > 1, result

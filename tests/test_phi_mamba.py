@@ -114,6 +114,37 @@ def test_mixer_matches_numpy(conv_activation, ssd_impl, dtype, expand):
         np.testing.assert_allclose(np.asarray(got, np.float64), ref, rtol=0, atol=tol * np.max(np.abs(ref)))
 
 
+def primitives(jaxpr: jax.extend.core.Jaxpr) -> set[str]:
+    """Every primitive in ``jaxpr`` and the jaxprs nested in its equations (jit, scan, remat, custom_jvp, ...)."""
+    names = set()
+    for eqn in jaxpr.eqns:
+        names.add(eqn.primitive.name)
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    names |= primitives(sub.jaxpr)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    names |= primitives(sub)
+    return names
+
+
+@pytest.mark.parametrize("ssd_impl", ["chunked", "reference"])
+def test_the_mixer_feeds_x_to_the_scan_as_it_is_not_divided_and_multiplied_by_dt(ssd_impl):
+    """README: the mixer computes the decayed update as B x directly, not (x / dt) * dt. The forward pass, the
+    prefill and the one-token decoding step divide nothing (no div, no negative power: dt = softplus(a) only enters as
+    the decay exp(-dt)); the mixer's values are test_mixer_matches_numpy's."""
+    mixer = DiscreteMamba2(D_MODEL, d_state=8, n_qk_heads=2, n_v_heads=4, chunk_size=8, ssd_impl=ssd_impl,
+                           rngs=nnx.Rngs(0))
+    hidden = jnp.ones((2, 12, D_MODEL))
+    cache = mixer.init_cache(2)
+    paths = {"forward": jax.make_jaxpr(lambda h: mixer(h))(hidden),
+             "prefill": jax.make_jaxpr(lambda h, c: mixer.decode(h, c))(hidden, cache),
+             "step": jax.make_jaxpr(lambda h, c: mixer.decode(h, c))(hidden[:, :1], cache)}
+    for path, jaxpr in paths.items():
+        used = primitives(jaxpr.jaxpr)
+        assert {"exp", "dot_general"} <= used and not used & {"div", "pow", "integer_pow", "rsqrt"}, (path, used)
+
+
 # ----------------------------------------------------------------------------------------------- decoding
 
 

@@ -18,6 +18,7 @@ import pytest
 from flax import nnx
 
 from cab_jax import checkpoint, domains, lower, sharding, train
+from cab_jax.errors import ConfigError
 from cab_jax.kernels.selective_scan import lowering_for
 
 ROOT = pathlib.Path(__file__).parents[1]
@@ -347,6 +348,42 @@ def test_every_logged_metric_is_a_json_line_and_a_tensorboard_scalar(tmp_path):
     assert got.keys() == expected.keys()
     np.testing.assert_allclose([got[k] for k in expected], list(expected.values()), rtol=1e-6)
 
+
+def test_the_eval_step_alone_too_large_for_the_device_stops_before_training(tmp_path, monkeypatch):
+    """README: before the first step both the train and the eval step are compiled and XLA's estimate of their memory
+    is compared with the device's. An eval batch (1,024 images) whose step needs more than the limit while the train
+    step (16 images) fits: the check names config.train.eval_batch_size."""
+    c = small_config(tmp_path, mode="vanilla", eval_batch_size=1024)
+    trainer, state, teacher = build_trainer(c, sharding.make_mesh(c.mesh))
+    rng = np.random.default_rng(0)
+
+    def batch(n):
+        return sharding.global_batch({"image": rng.normal(size=(n, 32, 32, 3)).astype(np.float32),
+                                      "label": rng.integers(0, 10, n).astype(np.int32),
+                                      "mask": np.ones(n, np.float32)}, trainer.mesh)
+
+    train_batch, eval_batch = batch(16), batch(1024)
+    train_batch.pop("mask")
+    monkeypatch.delenv("CAB_JAX_DEVICE_MEMORY_GIB", raising=False)
+    steps = train.compile_steps(trainer, state, teacher, train_batch, eval_batch)  # the host's memory: both fit
+    train_need, eval_need = train.step_memory_bytes(steps.train), train.step_memory_bytes(steps.eval)
+    assert eval_need > 2 * train_need, (train_need, eval_need)
+    monkeypatch.setenv("CAB_JAX_DEVICE_MEMORY_GIB", str((train_need + eval_need) / 2 / 2**30))
+    with pytest.raises(ConfigError, match=r"^config\.train\.eval_batch_size: the eval step needs about"):
+        train.compile_steps(trainer, state, teacher, train_batch, eval_batch)
+
+
+def test_without_the_variable_a_cpu_device_has_the_hosts_memory(monkeypatch):
+    """README: the memory check's limit on CPU is the host's memory (/proc/meminfo's MemTotal, shared by the process's
+    CPU devices) unless CAB_JAX_DEVICE_MEMORY_GIB lowers it."""
+    meminfo = pathlib.Path("/proc/meminfo")
+    if jax.local_devices()[0].platform != "cpu" or not meminfo.exists():
+        pytest.skip("a Linux host's CPU devices")
+    total = int(re.search(r"^MemTotal:\s+(\d+) kB$", meminfo.read_text(), re.M).group(1)) * 1024
+    monkeypatch.delenv("CAB_JAX_DEVICE_MEMORY_GIB", raising=False)
+    assert train.device_memory_bytes() == total // jax.local_device_count()
+    monkeypatch.setenv("CAB_JAX_DEVICE_MEMORY_GIB", "1.5")
+    assert train.device_memory_bytes() == 1.5 * 2**30
 
 @pytest.mark.parametrize("decay", ["cosine", "linear"])
 def test_learning_rate_warms_up_linearly_then_decays_to_min_lr(decay):
