@@ -8,12 +8,15 @@ import re
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import test_config
+import yaml
 
 ROOT = pathlib.Path(__file__).parents[1]
 CONFIGS = ROOT / "configs"
+README = ROOT / "README.md"
 
 
 def run(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -53,6 +56,9 @@ def test_bad_overrides_are_one_line_usage_errors(tmp_path, override, fragments):
     proc = run("cab_jax.main", f"--config={CONFIGS / 'vim_small.py'}", f"--workdir={tmp_path / 'run'}", override)
     assert_one_line_error(proc, *fragments)
     assert not (tmp_path / "run").exists()
+    if override == "--config.trian.steps=5":  # README's example of an unknown field, the whole line
+        readme = re.search(r"\(`(error: --config\.trian\.steps=5: [^`]*)`\)", README.read_text().replace("\n", " "))
+        assert user_lines(proc.stderr) == [readme.group(1)], proc.stderr
 
 
 def test_a_batch_the_data_parallel_mesh_does_not_divide_is_a_usage_error(tmp_path):
@@ -100,6 +106,35 @@ def test_print_config_shows_the_derived_values_and_trains_nothing(tmp_path):
     assert "mesh data 1 x fsdp 1 x tensor 1" in out
     assert "parameters: student 25.80 M, bridges 4.96 M, frozen teacher 22.05 M" in out
     assert not (tmp_path / "run").exists()
+    assert_prints_every_field(out, test_config.load(f"{CONFIGS / 'vim_small.py'}:synthetic=True",
+                                                    "--config.train.batch_size=64"))
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    return {k: v for name, value in tree.items()
+            for k, v in (flatten(value, f"{prefix}{name}.") if isinstance(value, dict) else
+                         {f"{prefix}{name}": value}).items()}
+
+
+def assert_prints_every_field(out: str, config) -> None:
+    """README: ``--print_config`` prints every field (then the derived values): its ``# config`` section reads back
+    as the resolved config, every field with its value."""
+    section = out.split("# config\n", 1)[1].split("\n# derived\n", 1)[0]
+    printed, expected = flatten(yaml.unsafe_load(section)), flatten(config.to_dict())
+    assert sorted(printed) == sorted(expected), set(printed) ^ set(expected)
+    assert printed == expected
+
+
+def test_the_synthetic_language_variant_prints_its_config(tmp_path):
+    """README's ``configs/phi_mamba.py:synthetic=True`` command, with ``--print_config``: random tokens and a random
+    teacher, FSDP over every device, and nothing trained."""
+    proc = run("cab_jax.main", f"--config={CONFIGS / 'phi_mamba.py'}:synthetic=True", f"--workdir={tmp_path / 'run'}",
+               "--print_config")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "train examples: 1,024 (random (data.synthetic))" in proc.stdout
+    assert "mesh data 1 x fsdp 1 x tensor 1" in proc.stdout  # fsdp -1: the one device here
+    assert_prints_every_field(proc.stdout, test_config.load(f"{CONFIGS / 'phi_mamba.py'}:synthetic=True"))
+    assert not (tmp_path / "run").exists()
 
 
 def test_unreadable_weights_fail_before_any_work(tmp_path):
@@ -144,6 +179,41 @@ def log_lines(stderr: str) -> list[str]:
     return [line.split("] ", 1)[1] for line in stderr.splitlines() if is_log_line(line)]
 
 
+def located_log_lines(stderr: str) -> list[tuple[str, str]]:
+    """absl's log lines of stderr as (source location ``file.py:N``, message)."""
+    return [tuple(line.split(" ", 3)[3].split("] ", 1)) for line in stderr.splitlines() if is_log_line(line)]
+
+
+def readme_sample_log() -> list[tuple[str, str]]:
+    """README's abridged demo log: (source location, message) per line, without its "..." lines."""
+    text = README.read_text()
+    block = text[text.index("```\nmain.py:"):].split("\n```", 1)[0]
+    return [tuple(line.split("] ", 1)) for line in block.splitlines()[1:] if line != "..."]
+
+
+NUMBER = r"\d+(?:\.\d+)*(?:e[-+]?\d+)?"
+
+
+def sample_pattern(message: str, workdir: pathlib.Path) -> str:
+    """A README sample log message as a pattern for a run in ``workdir``: its numbers stand for any number, a quoted
+    name for any name, README's /tmp/cab_demo for ``workdir``, and a trailing "..." for the rest of the line."""
+    message = message.replace("/tmp/cab_demo", str(workdir))
+    message, rest = (message[:-4], ".*") if message.endswith(" ...") else (message, "")
+    parts = re.split(rf"((?<![\w.]){NUMBER}|'\w+')", message)
+    return "".join(re.escape(part) if i % 2 == 0 else NUMBER if part[0] != "'" else r"'\w+'"
+                   for i, part in enumerate(parts)) + rest
+
+
+def test_the_readme_logs_source_locations_are_its_logging_calls():
+    """README's sample log names where each line is logged (``train.py:608]``): that line of that file is a logging
+    call (the slow study test checks that a run logs each sample line from there)."""
+    sources = {path.name: path for path in (ROOT / "cab_jax").rglob("*.py")}
+    for location, _ in readme_sample_log():
+        name, number = location.split(":")
+        line = sources[name].read_text().splitlines()[int(number) - 1]
+        assert re.search(r"\blogging\.(info|warning)\(", line), (location, line)
+
+
 @pytest.mark.slow
 def test_a_study_logs_only_what_the_user_needs_and_a_rerun_says_it_reused(tmp_path):
     """A small study (teacher, then one distilled student) twice: the log carries no library noise, a line per
@@ -151,17 +221,50 @@ def test_a_study_logs_only_what_the_user_needs_and_a_rerun_says_it_reused(tmp_pa
     rows as reused."""
     args = [f"--config={CONFIGS / 'demo.py'}", f"--workdir={tmp_path}", "--config.study.modes=('soft',)",
             "--config.teacher.depth=1", "--config.student.depth=2", "--config.teacher.train.steps=4",
-            "--config.train.steps=4", "--config.teacher.train.log_every=2", "--config.train.log_every=2"]
+            "--config.train.steps=4", "--config.teacher.train.log_every=2", "--config.train.log_every=2",
+            "--config.train.checkpoint_every=1", "--config.train.keep_checkpoints=3"]
     first = run("cab_jax.main", *args)
     assert first.returncode == 0, first.stderr[-3000:]
     for noise in NOISE:
         assert noise not in first.stderr + first.stdout, noise
     rows = json.loads((tmp_path / "results.json").read_text())
     assert [r["this run"] for r in rows] == ["trained", "trained"]
+    student_dir = tmp_path / "students" / "soft" / "fraction0.03_seed0"
+    # train.keep_checkpoints reaches the run: of the student's checkpoints at steps 1-4, the newest 3 stay
+    assert sorted(int(p.name) for p in (student_dir / "checkpoints").iterdir() if p.name.isdigit()) == [2, 3, 4]
+    # TensorBoard: one run per model, each model's events in its own directory
+    for model_dir in (tmp_path / "teacher", student_dir):
+        assert list(model_dir.glob("events.out.tfevents.*")), model_dir
+    assert not list(tmp_path.glob("events.out.tfevents.*"))
+    # results.md: README's table header, less the columns README says it leaves out
+    text = README.read_text()
+    left_out = re.findall(r"`([^`]+)`", re.search(r"\(shown here without its (.*?) columns\)",
+                                                  text.replace("\n", " ")).group(1))
+    readme_header = next(line for line in text.splitlines() if line.startswith("| model | mode |"))
+    header = (tmp_path / "results.md").read_text().splitlines()[0]
+    columns = [cell.strip() for cell in header.strip("|").split("|")]
+    assert set(left_out) <= set(columns), (left_out, header)
+    assert "| " + " | ".join(c for c in columns if c not in left_out) + " |" == readme_header, header
+
+    # README's sample log: each of its lines (numbers, names and the workdir aside) is a line of this run's log,
+    # logged from the place it names; the dataset is built once
+    located = located_log_lines(first.stderr)
+    for location, message in readme_sample_log():
+        pattern = sample_pattern(message, tmp_path)
+        found = [where for where, got in located if re.fullmatch(pattern, got)]
+        assert len(found) == 1 if "(once)" in message else found, (message, pattern, located)
+        assert set(found) == {location}, (message, found)
 
     log = log_lines(first.stderr)
     progress = [line.split("]")[0] + "]" for line in log if re.match(r"\[(teacher|student) \d+/4\]", line)]
     assert progress == ["[teacher 2/4]", "[teacher 4/4]", "[student 2/4]", "[student 4/4]"], log
+    # README: each progress line has the loss terms (the teacher's ce; soft distillation's kl), lr and throughput
+    for line in log:
+        if match := re.fullmatch(r"\[(teacher|student) \d+/4\] (.*) eta=\S+", line):
+            keys = {item.split("=")[0] for item in match.group(2).split()}
+            terms = {"teacher": {"ce"}, "student": {"kl"}}[match.group(1)]
+            assert keys >= terms | {"loss", "lr", "images_per_s"}, line
+    assert sum(" eta=" in line for line in log) == len(progress)
     student = next(i for i, line in enumerate(log) if line.startswith("Study stage 2"))
     teacher_lines, student_lines = student - 2, len(log) - student - 2  # each without its progress lines
     demo = test_config.load(CONFIGS / "demo.py")
@@ -175,6 +278,33 @@ def test_a_study_logs_only_what_the_user_needs_and_a_rerun_says_it_reused(tmp_pa
     rows = json.loads((tmp_path / "results.json").read_text())
     assert [r["this run"] for r in rows] == ["reused", "reused"]
     assert "| reused |" in second.stdout
+    building = next(message for _, message in readme_sample_log() if message.startswith("Building the embedded"))
+    assert not any(line.startswith(building.split(" in ")[0]) for line in log_lines(second.stderr)), second.stderr
+    assert any(line.startswith("Study stage 1: ") for line in log_lines(second.stderr))
+
+
+def test_the_eta_counts_the_time_of_evaluations(tmp_path, monkeypatch, caplog):
+    """README: ``eta=`` is from the average step so far, evaluations included. A clock that only moves during
+    evaluations (300 s each): after step 3 of 4, with an evaluation after step 2, 300 s / 3 steps x 1 step left."""
+    from cab_jax import train
+
+    c = test_config.load(CONFIGS / "demo.py", "--config.task=distill", "--config.data.synthetic=True",
+                         f"--config.data.data_dir={tmp_path / 'tfds'}", "--config.teacher.depth=1",
+                         "--config.student.depth=1", "--config.train.steps=4", "--config.train.log_every=1",
+                         "--config.train.eval_every=2", "--config.train.batch_size=8")
+    now = [1000.0]
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(time=lambda: now[0]))
+    evaluate = train.evaluate
+
+    def slow_evaluate(*args, **kwargs):
+        now[0] += 300.0
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train, "evaluate", slow_evaluate)
+    with caplog.at_level("INFO"):
+        train.train_and_evaluate(c, str(tmp_path / "run"))
+    etas = re.findall(r"\[student (\d)/4\] .* eta=(\S+)$", caplog.text, re.MULTILINE)
+    assert etas == [("1", "0s"), ("2", "0s"), ("3", "1m40s"), ("4", "0s")], caplog.text
 
 
 @pytest.mark.parametrize("raised, status, one_line", [("RuntimeError('boom')", 1, False),
