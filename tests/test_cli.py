@@ -125,6 +125,28 @@ def assert_prints_every_field(out: str, config) -> None:
     assert printed == expected
 
 
+@pytest.mark.slow
+def test_the_synthetic_vision_command_trains_through_main(tmp_path):
+    """README's ``configs/vim_small.py:synthetic=True`` command, as README writes it (its overrides read from it),
+    then shrunk for a CPU (one teacher and two student layers, 2 steps of 4 of 8 images, read in the trainer's
+    threads): random images and a random teacher, every term of the cab loss, and a final evaluation in
+    results.json."""
+    readme = README.read_text()
+    command = re.search(r"python -m cab_jax\.main (--config=configs/vim_small\.py:synthetic=True) "
+                        r"--workdir=\S+ \\\n\s+(.+)\n", readme)
+    assert command, "README's synthetic vim_small command"
+    shrink = ["--config.teacher.depth=1", "--config.student.depth=2", "--config.train.steps=2",
+              "--config.train.batch_size=4", "--config.data.synthetic_size=8", "--config.data.num_workers=0"]
+    proc = run("cab_jax.main", command.group(1), f"--workdir={tmp_path}", *command.group(2).split(), *shrink,
+               timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trained = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    trained = [r for r in trained if r["split"] == "train"]
+    assert trained[-1]["step"] == 2 and all(trained[-1][k] >= 0 for k in ("kl", "bridge", "loss")), trained[-1]
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["step"] == 2 and 0 <= result["metrics"]["top1"] <= 100, result
+
+
 def test_the_synthetic_language_variant_prints_its_config(tmp_path):
     """README's ``configs/phi_mamba.py:synthetic=True`` command, with ``--print_config``: random tokens and a random
     teacher, FSDP over every device, and nothing trained."""
