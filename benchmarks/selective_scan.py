@@ -10,9 +10,9 @@ scratch memory (what it saves for the backward pass, partial sums), "compile s" 
 A, B, C, D, delta_bias, one z), as in Vim's mixer; "long" is one direction; "tiny" (bidirectional) is the tests',
 small enough for a CPU. Impls are ``selective_scan``'s ("pallas_mosaic", "pallas_triton", "associative"...).
 ``--check`` also prints the largest difference to the sequential reference (relative to its largest value), of the
-output and, over every input, of the gradients. With
-``--lock=FILE`` each row is compiled first and timed while holding an exclusive lock on FILE, so several processes
-can compile at once and time in turns (``benchmarks/scan_three_way.sh`` does this).
+output and, over every input, of the gradients. With ``--lock=FILE`` each row is compiled first and timed while
+holding an exclusive lock on FILE, so several processes can compile at once and time in turns
+(``benchmarks/scan_three_way.sh`` does this).
 ``--profile`` runs the last pass once more between the CUDA driver's profiler start and stop, for Nsight Compute:
 ``ncu --profile-from-start off python benchmarks/selective_scan.py ... --profile``.
 Prints one JSON row per measurement as it comes, then a Markdown table.
