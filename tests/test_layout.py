@@ -113,7 +113,6 @@ def test_readmes_layout_names_every_module_and_only_modules_that_exist():
     assert named <= modules | configs, f"named in README's layout but absent: {sorted(named - modules - configs)}"
 
 
-
 # README's promises about the repository's own files: extras, links, lists of files, torch in the tests.
 
 REPO = ROOT.parent
