@@ -11,12 +11,13 @@ import time
 import types
 
 import pytest
+import readme_text
 import test_config
 import yaml
 
 ROOT = pathlib.Path(__file__).parents[1]
 CONFIGS = ROOT / "configs"
-README = ROOT / "README.md"
+README = readme_text.README
 
 
 def run(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -57,8 +58,8 @@ def test_bad_overrides_are_one_line_usage_errors(tmp_path, override, fragments):
     assert_one_line_error(proc, *fragments)
     assert not (tmp_path / "run").exists()
     if override == "--config.trian.steps=5":  # README's example of an unknown field, the whole line
-        readme = re.search(r"\(`(error: --config\.trian\.steps=5: [^`]*)`\)", README.read_text().replace("\n", " "))
-        assert user_lines(proc.stderr) == [readme.group(1)], proc.stderr
+        assert user_lines(proc.stderr) == list(readme_text.find(r"\(`(error: --config\.trian\.steps=5: [^`]*)`\)")), \
+            proc.stderr
 
 
 def test_a_batch_the_data_parallel_mesh_does_not_divide_is_a_usage_error(tmp_path):
@@ -110,17 +111,11 @@ def test_print_config_shows_the_derived_values_and_trains_nothing(tmp_path):
                                                     "--config.train.batch_size=64"))
 
 
-def flatten(tree: dict, prefix: str = "") -> dict:
-    return {k: v for name, value in tree.items()
-            for k, v in (flatten(value, f"{prefix}{name}.") if isinstance(value, dict) else
-                         {f"{prefix}{name}": value}).items()}
-
-
 def assert_prints_every_field(out: str, config) -> None:
     """README: ``--print_config`` prints every field (then the derived values): its ``# config`` section reads back
     as the resolved config, every field with its value."""
     section = out.split("# config\n", 1)[1].split("\n# derived\n", 1)[0]
-    printed, expected = flatten(yaml.unsafe_load(section)), flatten(config.to_dict())
+    printed, expected = test_config.flatten(yaml.unsafe_load(section)), test_config.flatten(config.to_dict())
     assert sorted(printed) == sorted(expected), set(printed) ^ set(expected)
     assert printed == expected
 
@@ -259,12 +254,11 @@ def test_a_study_logs_only_what_the_user_needs_and_a_rerun_says_it_reused(tmp_pa
         assert list(model_dir.glob("events.out.tfevents.*")), model_dir
     assert not list(tmp_path.glob("events.out.tfevents.*"))
     # results.md: README's table header, less the columns README says it leaves out
-    text = README.read_text()
-    left_out = re.findall(r"`([^`]+)`", re.search(r"\(shown here without its (.*?) columns\)",
-                                                  text.replace("\n", " ")).group(1))
-    readme_header = next(line for line in text.splitlines() if line.startswith("| model | mode |"))
+    (left_out,) = readme_text.find(r"\(shown here without its (.*?) columns\)")
+    left_out = re.findall(r"`([^`]+)`", left_out)
+    readme_header = next(line for line in README.read_text().splitlines() if line.startswith("| model | mode |"))
     header = (tmp_path / "results.md").read_text().splitlines()[0]
-    columns = [cell.strip() for cell in header.strip("|").split("|")]
+    columns = readme_text.table_cells(header)
     assert set(left_out) <= set(columns), (left_out, header)
     assert "| " + " | ".join(c for c in columns if c not in left_out) + " |" == readme_header, header
 

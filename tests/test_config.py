@@ -1,12 +1,12 @@
 """Every config builds and validates; bad overrides fail before any work, naming the key."""
 
 import pathlib
-import re
 import subprocess
 import sys
 
 import ml_collections
 import pytest
+import readme_text
 from ml_collections import config_flags
 
 from cab_jax import config as config_lib
@@ -178,7 +178,7 @@ def test_the_defaults_readme_names():
                                                                                         variants)
     assert "attention: bridge.kind=attention" in demo.ABLATIONS["bridge_form"]
     # README: `configs/demo.py:ablation=bridge_form` (or `layer_map`, `larger_teacher`): those names, no others
-    assert set(demo.ABLATIONS) == set(_readme_find(
+    assert set(demo.ABLATIONS) == set(readme_text.find(
         r"`configs/demo\.py:ablation=(\w+)` \(or `(\w+)`, `(\w+)`\) runs the reviewers' ablations"))
     from configs import phi_mamba  # FSDP over every device; ":synthetic=True" needs no data nor weights
 
@@ -205,7 +205,7 @@ def test_the_vision_recipe_is_the_one_readme_states(name):
     assert (t.label_smoothing, t.mixup_alpha, t.cutmix_alpha, c.dtype) == (0.1, 0.8, 1.0, "float32")
     assert c.data.subset_seed == 2025
     # README's augmentation sentence: crop (bicubic), flip, the RandAugment policy, erasing and repeated augmentation
-    interpolation, policy, erase, repeats = _readme_find(
+    interpolation, policy, erase, repeats = readme_text.find(
         r"The augmentation is DeiT's: random resized crop \((\w+)\), flip, RandAugment `([^`]+)`, random erasing "
         r"([\d.]+), and repeated augmentation \((\d+)\) when training on more than one device")
     assert (c.data.interpolation, c.data.hflip, c.data.randaugment, c.data.random_erase,
@@ -225,21 +225,6 @@ def test_the_language_recipe_is_the_one_readme_states():
     t = c.train
     assert (t.base_lr * t.batch_size / t.lr_reference_batch, t.weight_decay, t.grad_clip) == (5e-4, 0.0, 1.0)
     assert (t.warmup_epochs / t.epochs, t.lr_decay, t.epochs, c.dtype) == (0.1, "linear", 1.0, "bfloat16")
-
-
-README = pathlib.Path(__file__).parents[1] / "README.md"
-
-
-def _readme_prose() -> str:
-    """README.md with every run of whitespace one space, so a sentence reads the same across line breaks."""
-    return " ".join(README.read_text().split())
-
-
-def _readme_find(pattern: str) -> tuple[str, ...]:
-    """The groups of ``pattern``'s first match in README's prose; a missing sentence fails, naming the pattern."""
-    match = re.search(pattern, _readme_prose())
-    assert match, f"README.md no longer has {pattern!r}: update the test with README"
-    return match.groups()
 
 
 def _number(text: str) -> int:
@@ -273,17 +258,17 @@ def test_the_vision_demo_teacher_is_the_one_readme_logs(digits_dir):
 
     c = demo.get_config()
     job, size, sched = _study_stage(c, task="train_teacher", **{"data.data_dir": digits_dir})
-    params, examples, steps, warmup, per_epoch, peak_lr = _readme_find(
+    params, examples, steps, warmup, per_epoch, peak_lr = readme_text.find(
         r"train\.py:\d+\] teacher: (\d+) parameters, (\d+) train examples, (\d+) steps \((\d+) warmup, (\d+) per "
         r"epoch\), peak lr ([\d.e-]+),")
     assert (summary.parameter_count(job.model), size, sched.total_steps, sched.warmup_steps, sched.steps_per_epoch,
             f"{sched.peak_lr:.3g}") == (int(params), int(examples), int(steps), int(warmup), int(per_epoch), peak_lr)
-    log_every, total, lr = _readme_find(r"\[teacher (\d+)/(\d+)\] .*? lr=([\d.e-]+) ")
-    (final_step, eval_examples) = _readme_find(r"\[teacher\] final eval at step (\d+): .* eval_examples=(\d+)")
+    log_every, total, lr = readme_text.find(r"\[teacher (\d+)/(\d+)\] .*? lr=([\d.e-]+) ")
+    (final_step, eval_examples) = readme_text.find(r"\[teacher\] final eval at step (\d+): .* eval_examples=(\d+)")
     assert (job.train.log_every, sched.total_steps, sched.total_steps) == (int(log_every), int(total), int(final_step))
     # the lr logged at step s is the one the s-th update used: the schedule's value at s - 1
     assert f"{float(train.learning_rate_fn(job.train, sched)(int(log_every) - 1)):.4g}" == lr
-    train_images, test_images = _readme_find(r"(\d[\d,]*) train / (\d[\d,]*) test images")
+    train_images, test_images = readme_text.find(r"(\d[\d,]*) train / (\d[\d,]*) test images")
     test_size = len(images._eval_source(job.data))
     assert (size, test_size, test_size) == (_number(train_images), _number(test_images), int(eval_examples))
 
@@ -295,10 +280,10 @@ def test_the_vision_demo_table_is_the_one_readme_shows(digits_dir):
     from cab_jax import study
     from configs import demo
 
-    text = README.read_text()
+    text = readme_text.README.read_text()
     header = "| model | mode | fraction | seed | train images |"
     lines = text[text.index(header):].splitlines()
-    table = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[:next(
+    table = [readme_text.table_cells(line) for line in lines[:next(
         i for i, line in enumerate(lines) if not line.startswith("|"))]]
     rows = [dict(zip(table[0], row, strict=True)) for row in table[2:]]
     shown = [(r["mode"], float(r["fraction"]), int(r["seed"]), int(r["train images"]), int(r["steps"])) for r in rows]
@@ -313,11 +298,11 @@ def test_the_vision_demo_table_is_the_one_readme_shows(digits_dir):
         derived.append((mode, fraction, seed, size, sched.total_steps))
     assert shown == derived
     # ... and the prose says the same: the modes, 3 % of each class (40 images), the students' workdirs
-    modes, percent, images = _readme_find(r"distils one Vim student per loss mode \(([^)]*)\) on (\d+) % of each "
+    modes, percent, images = readme_text.find(r"distils one Vim student per loss mode \(([^)]*)\) on (\d+) % of each "
                                           r"class \((\d+) images\)")
     _, fraction, _, size, _ = derived[1]
     assert (modes.split(", "), float(percent) / 100, int(images)) == (list(c.study.modes), fraction, size)
-    mode, fraction, seed = _readme_find(r"/tmp/cab_demo/students/(\w+)/fraction([\d.]+)_seed(\d+)")
+    mode, fraction, seed = readme_text.find(r"/tmp/cab_demo/students/(\w+)/fraction([\d.]+)_seed(\d+)")
     assert (mode, float(fraction), int(seed)) in [(d[0], d[1], d[2]) for d in derived[1:]]
 
 
@@ -332,7 +317,7 @@ def test_the_language_demo_is_the_one_readme_states():
     from configs import demo_lm
 
     c = demo_lm.get_config()
-    megabytes, vocab, teacher_depth, students, student_depth = _readme_find(
+    megabytes, vocab, teacher_depth, students, student_depth = readme_text.find(
         r"Laptop demo \(the Python standard library's own source and pydoc topics, (\d+) MB, with a byte-level BPE of "
         r"([\d,]+) tokens trained on it; a (\d+)-layer Phi teacher, (\w+) (\d+)-layer Phi-Mamba students\)")
     assert c.data.max_corpus_bytes == int(megabytes) * 1_000_000
@@ -341,10 +326,10 @@ def test_the_language_demo_is_the_one_readme_states():
         "phi", int(teacher_depth), "phi_mamba", int(student_depth))
     cells = study.grid(c)
     assert len(cells) == WORD_NUMBERS[students]
-    (perplexities,) = _readme_find(r"Held-out perplexity: teacher [\d.]+; students ([^(]*\([^)]*\) [\d.]+)")
+    (perplexities,) = readme_text.find(r"Held-out perplexity: teacher [\d.]+; students ([^(]*\([^)]*\) [\d.]+)")
     shown = [(part.split()[0], "initialised from the teacher's attention" in part) for part in perplexities.split(", ")]
     assert shown == [(mode, mode in c.study.init_from_attention_modes) for _, mode, _, _ in cells]
-    mode, seed = _readme_find(r"--workdir=/tmp/cab_demo_lm/students/(\w+)/seed(\d+)")
+    mode, seed = readme_text.find(r"--workdir=/tmp/cab_demo_lm/students/(\w+)/seed(\d+)")
     assert (mode, int(seed)) in [(m, s) for _, m, _, s in cells]
 
 
@@ -358,20 +343,20 @@ def test_every_config_file_shows_its_launch_command():
         assert f"python -m cab_jax.main --config=configs/{path.name}" in (module.__doc__ or ""), path.name
 
 
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """A nested dict (a config's ``to_dict()``) as {dotted field name: value}."""
+    return {k: v for name, value in tree.items()
+            for k, v in (flatten(value, f"{prefix}{name}.") if isinstance(value, dict) else
+                         {f"{prefix}{name}": value}).items()}
+
+
 def test_every_config_file_states_every_field():
     """README: each config has every field of its domain, the fields of every other config of that domain (a study's
     grid only in studies), so no config leaves a field to the code's fallback (``student.get("remat_policy", ...)``)."""
     import importlib
 
-    def fields(d, prefix=""):
-        for key, value in d.items():
-            if isinstance(value, ml_collections.ConfigDict):
-                yield from fields(value, f"{prefix}{key}.")
-            else:
-                yield prefix + key
-
     configs = {p.name: importlib.import_module(f"configs.{p.stem}").get_config() for p in CONFIGS}
-    stated = {name: set(fields(c)) for name, c in configs.items()}
+    stated = {name: set(flatten(c.to_dict())) for name, c in configs.items()}
     for name, c in configs.items():
         domain = set().union(*(stated[other] for other, o in configs.items() if o.domain == c.domain))
         expected = {f for f in domain if c.task == "study" or not f.startswith("study.")}
@@ -400,7 +385,7 @@ def test_the_gpu_extra_pins_the_jax_the_kernels_are_tested_with():
     pinned, low, high = re.fullmatch(r"jax\[cuda\d+\]>=((\d+\.\d+)\.\d+),<(\d+\.\d+)", gpu).groups()
     assert tuple(map(int, high.split("."))) == (int(low.split(".")[0]), int(low.split(".")[1]) + 1), gpu
     # ... and its lower bound is the release README's kernel table says each GPU kernel was compiled and tested with
-    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    readme = readme_text.README.read_text()
     for kernel in ("pallas_triton", "pallas_mosaic"):
         (row,) = [line for line in readme.splitlines() if line.startswith(f"| `{kernel}` |")]
         assert f"jax {pinned}, H" in row, (kernel, pinned, row)
@@ -414,7 +399,7 @@ def test_the_vision_demo_runs_on_the_17_tokens_readme_states():
     from cab_jax import domains
     from configs import demo
 
-    (tokens,) = _readme_find(r"on (\d+) tokens of upsampled digits")
+    (tokens,) = readme_text.find(r"on (\d+) tokens of upsampled digits")
     c = demo.get_config()
     domain = domains.for_config(c)
     for model, build in ((c.teacher, domain.build_teacher), (c.student, domain.build_student)):
@@ -427,7 +412,7 @@ def test_study_digits_bridges_raw_q_and_k():
     k (bridge.kernel_map none), where the demo's CAB keeps the softmax map."""
     from configs import demo, study_digits
 
-    _readme_find(r"`configs/study_digits\.py` runs the default grid .*?(its bridge on raw q and k targets)")
+    readme_text.find(r"`configs/study_digits\.py` runs the default grid .*?(its bridge on raw q and k targets)")
     assert (study_digits.get_config().bridge.kernel_map, demo.get_config().bridge.kernel_map) == ("none", "softmax")
 
 

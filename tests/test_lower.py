@@ -10,6 +10,8 @@ import sys
 import textwrap
 
 import pytest
+import readme_text
+from readme_text import table_cells
 
 from cab_jax import lower, memory_plan, sharding, train
 from configs import demo
@@ -170,7 +172,7 @@ def test_readmes_memory_table_is_what_the_command_prints(config):
     proc = run(["-m", "cab_jax.lower", f"--config=configs/{config}.py", "--platforms=", "--memory_plan"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     printed = {cells[0]: cells for cells in map(table_cells, proc.stdout.splitlines()) if cells[0].isdigit()}
-    readme = [cells for cells in map(table_cells, (ROOT / "README.md").read_text().splitlines())
+    readme = [cells for cells in map(table_cells, readme_text.README.read_text().splitlines())
               if cells[0].split(" ")[0] == config]
     assert len(readme) == 3, readme
     largest = None
@@ -179,11 +181,6 @@ def test_readmes_memory_table_is_what_the_command_prints(config):
         assert [mesh, per_chip.split(" ")[0], gib, fixed] == [got[1], got[3], got[4], got[5]], got
         largest = batches if batches != "same" else largest
         assert largest == ", ".join(got[7:11]), got
-
-
-def table_cells(line: str) -> list[str]:
-    """The cells of a Markdown table row (one empty cell for any other line)."""
-    return [c.strip() for c in line.strip().strip("|").split("|")] if line.startswith("|") else [""]
 
 
 def test_the_largest_batch_fits_90_percent_of_each_generations_hbm():
