@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from test_bridge import all_eqns
 
 from cab_jax.models import registry
 from cab_jax.models.layers import dense, layer_norm
@@ -114,20 +115,6 @@ def test_mixer_matches_numpy(conv_activation, ssd_impl, dtype, expand):
         np.testing.assert_allclose(np.asarray(got, np.float64), ref, rtol=0, atol=tol * np.max(np.abs(ref)))
 
 
-def primitives(jaxpr: jax.extend.core.Jaxpr) -> set[str]:
-    """Every primitive in ``jaxpr`` and the jaxprs nested in its equations (jit, scan, remat, custom_jvp, ...)."""
-    names = set()
-    for eqn in jaxpr.eqns:
-        names.add(eqn.primitive.name)
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (tuple, list)) else (param,):
-                if isinstance(sub, jax.extend.core.ClosedJaxpr):
-                    names |= primitives(sub.jaxpr)
-                elif isinstance(sub, jax.extend.core.Jaxpr):
-                    names |= primitives(sub)
-    return names
-
-
 @pytest.mark.parametrize("ssd_impl", ["chunked", "reference"])
 def test_the_mixer_feeds_x_to_the_scan_as_it_is_not_divided_and_multiplied_by_dt(ssd_impl):
     """README: the mixer computes the decayed update as B x directly, not (x / dt) * dt. The forward pass, the
@@ -141,7 +128,7 @@ def test_the_mixer_feeds_x_to_the_scan_as_it_is_not_divided_and_multiplied_by_dt
              "prefill": jax.make_jaxpr(lambda h, c: mixer.decode(h, c))(hidden, cache),
              "step": jax.make_jaxpr(lambda h, c: mixer.decode(h, c))(hidden[:, :1], cache)}
     for path, jaxpr in paths.items():
-        used = primitives(jaxpr.jaxpr)
+        used = {eqn.primitive.name for eqn in all_eqns(jaxpr.jaxpr)}
         assert {"exp", "dot_general"} <= used and not used & {"div", "pow", "integer_pow", "rsqrt"}, (path, used)
 
 

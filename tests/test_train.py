@@ -97,15 +97,13 @@ def test_dtype_bfloat16_runs_the_domain_built_teacher_and_student_in_bfloat16():
     """README: ``dtype=bfloat16`` runs the teacher and the student in bfloat16 with float32 parameters. On the demo's
     teacher and student as the domain builds them, every matmul against a weight (a 2-D operand) and the patch
     embedding's convolution take bfloat16 operands, from float32 parameters (float32 with dtype=float32)."""
-    from jax.extend.core import jaxprs_in_params
+    from test_bridge import all_eqns
 
     def weight_ops(jaxpr):
-        for eqn in jaxpr.eqns:
+        for eqn in all_eqns(jaxpr):
             if eqn.primitive.name == "conv_general_dilated" or (
                     eqn.primitive.name == "dot_general" and 2 in {v.aval.ndim for v in eqn.invars}):
                 yield tuple(v.aval.dtype for v in eqn.invars)
-            for sub in jaxprs_in_params(eqn.params):
-                yield from weight_ops(sub)
 
     def forward_jaxpr(domain, build):
         model = nnx.eval_shape(lambda: build(nnx.Rngs(0)))
