@@ -7,17 +7,16 @@ axes) run on randomly perturbed parameters of our Phi and need neither (README: 
 checkpoint-conversion tests; tests/test_layout.py checks that no test module imports it at module level)."""
 
 import dataclasses
+import functools
 import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from absl import flags
 from flax import nnx
 
 from cab_jax import checkpoint, sharding
-from cab_jax.convert import __main__ as convert_cli
 from cab_jax.convert import io, mapping, weights
 from cab_jax.convert import phi as convert_phi
 from cab_jax.convert.mapping import ConversionError
@@ -312,12 +311,9 @@ def test_bfloat16_forward_stays_close_to_float32(params, tokens):
 
 
 def test_cli_import_and_export(tmp_path, hf_dir, torch_model):
-    def cli(*args):  # ``python -m cab_jax.convert ...``, in this process (a subprocess costs seconds of imports)
-        try:
-            flags.FLAGS(["convert", "--format=hf", "--model=phi_custom", *args])
-            convert_cli.main([])
-        finally:
-            flags.FLAGS.unparse_flags()
+    from test_convert_cli import cli_in_process  # a conversion test module: it imports torch
+
+    cli = functools.partial(cli_in_process, "--format=hf", "--model=phi_custom")
 
     cli(f"--src={hf_dir}", f"--out={tmp_path / 'ours'}")
     assert json.loads((tmp_path / "ours" / "phi_size.json").read_text()) == dataclasses.asdict(SIZE)
