@@ -112,7 +112,6 @@ def assert_numbers(rows: list[dict], positive: tuple[str, ...] = (), nonnegative
             assert math.isfinite(value) and (value > 0 if column in positive else value >= 0), (column, row)
 
 
-
 TINY_VISION = "--set=teacher.depth=1,student.depth=2"  # configs/demo.py's models, a quarter as deep
 
 
@@ -159,6 +158,7 @@ def test_memory_estimate_measures_each_combination_of_its_lists_once(monkeypatch
     assert [(r["config"], r["dtype"], r["remat"], r["batch"]) for r in rows] == [
         (config, dtype, remat, "128") for config in ("vim_tiny", "vim_small") for dtype in ("float32", "bfloat16")
         for remat in ("True", "False")]
+
 
 def test_step_profile_splits_the_step_by_scope(tmp_path):
     out = run_script("step_profile.py", TINY_VISION, "--config=demo", "--dtype=float32", "--remat=true",

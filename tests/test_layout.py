@@ -3,7 +3,14 @@ points, with the shared utilities (errors, sharding, checkpoints, data pipelines
 in the package, at any depth of a module (lazy imports inside functions included), is read from the source."""
 
 import ast
+import importlib.metadata
 import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+from readme_text import README
 
 ROOT = pathlib.Path(__file__).parents[1] / "cab_jax"
 
@@ -90,9 +97,6 @@ print(len(names))
 def test_only_checkpoint_conversion_needs_torch():
     """README: torch is needed only for checkpoint conversion. With torch hidden, every other module of the package
     imports."""
-    import subprocess
-    import sys
-
     proc = subprocess.run([sys.executable, "-c", NO_TORCH], capture_output=True, text=True, timeout=300,
                           cwd=ROOT.parent)
     assert proc.returncode == 0 and int(proc.stdout.split()[-1]) > 30, proc.stderr[-3000:]
@@ -101,9 +105,7 @@ def test_only_checkpoint_conversion_needs_torch():
 def test_readmes_layout_names_every_module_and_only_modules_that_exist():
     """README's layout block: every module of the package is named there, and every module it names exists (its
     configs/ and launch/ lines name those directories' files)."""
-    import re
-
-    readme = (ROOT.parent / "README.md").read_text()
+    readme = README.read_text()
     block = readme[readme.index("```\ncab_jax/"):]
     block = block[: block.index("```", 4)]
     named = set(re.findall(r"\w+\.py", block))
@@ -116,13 +118,10 @@ def test_readmes_layout_names_every_module_and_only_modules_that_exist():
 # README's promises about the repository's own files: extras, links, lists of files, torch in the tests.
 
 REPO = ROOT.parent
-README = REPO / "README.md"
 
 
 def requirement_name(requirement: str) -> str:
     """``"pytest-xdist>=3.5"`` -> ``"pytest_xdist"`` (PEP 503 normalised, ``-``/``.`` as ``_``)."""
-    import re
-
     return re.sub(r"[-_.]+", "_", re.match(r"[A-Za-z0-9_.-]+", requirement.strip()).group()).lower()
 
 
@@ -130,13 +129,6 @@ def test_pyprojects_extras_hold_what_readme_says_they_do():
     """README's commands install extras: each one it names exists; `.[test]` runs `pytest -n 2` and gets every
     package a test imports; `.[convert]` what checkpoint conversion imports (torch, safetensors); `.[plot]`
     matplotlib for the figures; README's torch pin is pyproject's."""
-    import ast
-    import importlib.metadata
-    import re
-    import sys
-
-    import pytest
-
     tomllib = pytest.importorskip("tomllib", reason="Python 3.11's tomllib reads pyproject.toml")
     readme = README.read_text()
     text = (REPO / "pyproject.toml").read_text()
@@ -199,8 +191,6 @@ def module_level_torch(path: pathlib.Path, tests: pathlib.Path) -> list[str]:
     """What makes importing the test module ``path`` import torch: its module-level imports (``if``/``try`` and
     class bodies included, function bodies not) of torch, transformers, a module-level ``importorskip`` of them, or
     of another test module that does."""
-    import ast
-
     found, todo = [], list(ast.parse(path.read_text()).body)
     while todo:
         node = todo.pop()
@@ -240,8 +230,6 @@ def test_only_the_conversion_tests_import_torch():
 
 def github_anchor(heading: str) -> str:
     """The anchor GitHub gives a heading: lower case, punctuation but ``-`` and ``_`` dropped, spaces -> ``-``."""
-    import re
-
     return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
 
 
@@ -249,8 +237,6 @@ def test_every_path_and_link_readme_gives_exists():
     """Every relative link of README.md and of the pages in docs/ (files, and README's #anchors to its headings),
     every repository path README writes (``configs/demo.py``, ``launch/tpu_pod.sh``, ``BENCHMARKS.md``...; not
     placeholders like ``configs/NAME.py``) and every ``python -m cab_jax...`` module it runs exists."""
-    import re
-
     readme = README.read_text()
     missing = []
     for page in [README, *sorted((REPO / "docs").glob("*.md"))]:
@@ -281,8 +267,6 @@ def test_every_path_and_link_readme_gives_exists():
 
 def markdown_sections(text: str, level: str = "## ") -> dict[str, str]:
     """Heading -> the text under it, for the headings of ``level``."""
-    import re
-
     parts = re.split(rf"^{level}(.+)$", text, flags=re.M)
     return dict(zip(parts[1::2], parts[2::2], strict=True))
 
@@ -291,8 +275,6 @@ def test_the_pages_readme_links_hold_what_it_says_they_do():
     """docs/results.md: both demos' tables (vision, language), the digits study's table and plot, the variants
     tried; docs/running_at_scale.md: each launch script (the ones not sourced by the others), its NCCL and SLURM
     settings, exit status 75, the disk a run needs; docs/augmentation_gallery.png: eight draws per photo."""
-    import re
-
     from PIL import Image
 
     results = (REPO / "docs" / "results.md").read_text()
@@ -328,8 +310,6 @@ def layout_entry(name: str) -> str:
 
 
 def test_readmes_configs_and_launch_lines_list_exactly_those_directories_files():
-    import re
-
     for folder in ("configs", "launch"):
         listed = set(re.findall(r"[\w.]+\.(?:py|sh|sbatch)\b", layout_entry(f"{folder}/")))
         present = {p.name for p in (REPO / folder).iterdir() if p.is_file()}
