@@ -8,6 +8,7 @@ import fcntl
 import importlib.util
 import json
 import pathlib
+import re
 import subprocess
 import sys
 import time
@@ -35,9 +36,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def apply_overrides(c, overrides: str) -> None:
     """Sets ``overrides`` ("student.depth=2,teacher.depth=1": dotted fields of the ConfigDict ``c``, each value read
-    as its field's type, a boolean as "true" or not) in ``c``."""
-    for item in filter(None, overrides.split(",")):
-        key, value = item.split("=")
+    as its field's type, a boolean as "true" or not) in ``c``. A value may hold commas
+    ("student.scan_blocks=2,32,1,1,4"): items split only at a comma followed by the next ``key=``."""
+    for item in filter(None, re.split(r",(?=[\w.]+=)", overrides)):
+        key, value = item.split("=", 1)
         *parents, leaf = key.split(".")
         node = c
         for p in parents:

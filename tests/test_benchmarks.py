@@ -72,6 +72,17 @@ def test_matmul_flops_counts_products_convolutions_and_every_scan_iteration(monk
     assert matmul_flops(jax.jit(lambda a: a @ a.T), x) == 2 * 4 * 4 * 8  # inside a nested jit
 
 
+def test_overrides_split_at_keys_so_a_value_may_hold_commas(monkeypatch):
+    import ml_collections
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from common import apply_overrides
+
+    c = ml_collections.ConfigDict({"student": {"scan_blocks": "", "depth": 24, "remat": True}, "lr": 0.1})
+    apply_overrides(c, "student.scan_blocks=2,32,1,1,4,student.depth=2,student.remat=false,lr=0.5")
+    assert c.to_dict() == {"student": {"scan_blocks": "2,32,1,1,4", "depth": 2, "remat": False}, "lr": 0.5}
+
+
 def run_script(script: str, *flags: str) -> str:
     """The stdout of ``python benchmarks/<script> <flags>``, run from the repository root; it must exit 0."""
     proc = subprocess.run([sys.executable, f"benchmarks/{script}", *flags], cwd=ROOT, capture_output=True, text=True,
