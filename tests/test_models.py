@@ -16,7 +16,7 @@ from test_bridge import all_eqns
 
 from cab_jax.models import registry
 from cab_jax.models.layers import dense, drop_path, drop_path_rates, layer_norm, stack_layers, token_params
-from cab_jax.models.mamba import CAB_A_LOG, Mamba, SSMProjections, conv_silu
+from cab_jax.models.mamba import CAB_A_LOG, Mamba, SSMProjections
 from cab_jax.models.vim import Vim, VimBlock, rms_norm
 from cab_jax.models.vit import Block, ViT
 
@@ -289,45 +289,6 @@ def mamba_reference_np(mixer: Mamba, hidden, direction: str = "fwd") -> tuple[np
     y = y + u * f64(d.D[...])
     y = y * (z / (1.0 + np.exp(-z)))
     return y @ f64(mixer.out_proj.kernel[...]), B, C
-
-
-def conv_silu_reference_np(x, w, b, dy, reverse: bool):
-    """silu(depthwise conv) and its gradients (dx, dw, db) for the output cotangent dy, float64 loops over tokens
-    and taps: tap j of output t reads token t - (d_conv - 1) + j (``reverse``: t + (d_conv - 1) - j)."""
-    x, w, b, dy = (f64(a) for a in (x, w, b, dy))
-    length, d_conv = x.shape[1], w.shape[0]
-    pre = np.zeros_like(x) + b
-    sources = [(t, j, t + (d_conv - 1 - j) * (1 if reverse else -1)) for t in range(length) for j in range(d_conv)]
-    sources = [(t, j, s) for t, j, s in sources if 0 <= s < length]
-    for t, j, s in sources:
-        pre[:, t] += w[j] * x[:, s]
-    sig = 1.0 / (1.0 + np.exp(-pre))
-    grad = dy * (sig + pre * sig * (1.0 - sig))
-    dx, dw = np.zeros_like(x), np.zeros_like(w)
-    for t, j, s in sources:
-        dx[:, s] += w[j] * grad[:, t]
-        dw[j] += (x[:, s] * grad[:, t]).sum(0)
-    return pre * sig, (dx, dw, grad.sum((0, 1)))
-
-
-@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
-@pytest.mark.parametrize("reverse", [False, True])
-@pytest.mark.parametrize("length", [1, 3, 17])
-def test_conv_silu_and_its_gradients_match_a_loop_reference(dtype, tol, reverse, length):
-    """The hand-written backward of the mixer's conv + silu, against float64 loops, at lengths shorter than, one
-    below and beyond the 4 taps and an odd channel count, in both directions."""
-    k = jax.random.split(jax.random.key(length), 4)
-    x = jax.random.normal(k[0], (2, length, 5), dtype)
-    w, b = jax.random.normal(k[1], (4, 5)), jax.random.normal(k[2], (5,))
-    dy = jax.random.normal(k[3], (2, length, 5), dtype)
-    y, vjp = jax.vjp(lambda x, w, b: conv_silu(x, w, b, reverse), x, w, b)
-    y_ref, grads_ref = conv_silu_reference_np(x, w, b, dy, reverse)
-    assert y.dtype == dtype
-    scale = np.abs(y_ref).max()
-    np.testing.assert_allclose(f64(y), y_ref, atol=tol * scale, rtol=0)
-    for name, got, ref in zip(("dx", "dw", "db"), vjp(dy), grads_ref):
-        assert got.shape == ref.shape, name
-        np.testing.assert_allclose(f64(got), ref, atol=tol * np.abs(ref).max(), rtol=0, err_msg=name)
 
 
 @pytest.mark.parametrize("scan_impl", ["reference", "associative"])

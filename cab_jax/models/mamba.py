@@ -7,7 +7,6 @@ mesh, a Pallas scan kernel runs once per device on its batch / d_inner shard.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -88,55 +87,11 @@ class SSMDirection(nnx.Module):
         looks at the following tokens instead of the preceding ones.
         """
         with jax.named_scope("conv1d"):
-            x = conv_silu(x, self.conv_kernel[...], self.conv_bias[...], reverse)
+            x = jax.nn.silu(causal_depthwise_conv(x, self.conv_kernel[...], self.conv_bias[...], reverse=reverse))
         with jax.named_scope("x_proj"):
             dt, B, C = jnp.split(self.x_proj(x), [self.dt_rank, self.dt_rank + self.d_state], axis=-1)
             delta = dt @ self.dt_proj.kernel[...].astype(dt.dtype)
         return ScanDirection(x, delta, -jnp.exp(self.A_log[...]), B, C, self.D[...], self.dt_proj.bias[...])
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def conv_silu(x: jax.Array, kernel: jax.Array, bias: jax.Array, reverse: bool = False) -> jax.Array:
-    """silu(causal_depthwise_conv(x, kernel, bias, reverse)), summed in float32 and cast to x's dtype once.
-
-    Its backward is written out: the input gradient is the convolution of the pre-activation gradient run the other
-    way, and the kernel and bias gradients are one stacked reduction over (batch, length), where autodiff of the
-    taps leaves XLA a separate reduction per tap.
-    """
-    return jax.nn.silu(_conv_f32(x, kernel, bias, reverse)).astype(x.dtype)
-
-
-def _conv_f32(x: jax.Array, kernel: jax.Array, bias: jax.Array | float, reverse: bool) -> jax.Array:
-    taps = _conv_taps(x, kernel.shape[0], reverse)
-    kernel = kernel[::-1] if reverse else kernel  # tap i multiplies kernel row i
-    return sum(t.astype(jnp.float32) * kernel[i].astype(jnp.float32) for i, t in enumerate(taps)) + bias
-
-
-def _conv_taps(x: jax.Array, d_conv: int, reverse: bool) -> list[jax.Array]:
-    """The d_conv shifted views of x (batch, length, channels) a causal (``reverse``: anti-causal) convolution sums,
-    zero-padded: view i holds token t - (d_conv - 1) + i (``reverse``: t + i) at position t."""
-    length = x.shape[1]
-    padded = jnp.pad(x, ((0, 0), (0, d_conv - 1) if reverse else (d_conv - 1, 0), (0, 0)))
-    return [padded[:, i : i + length] for i in range(d_conv)]
-
-
-def _conv_silu_fwd(x, kernel, bias, reverse):
-    return conv_silu(x, kernel, bias, reverse), (x, kernel, bias)
-
-
-def _conv_silu_bwd(reverse, residuals, dy):
-    x, kernel, bias = residuals
-    pre = _conv_f32(x, kernel, bias, reverse)
-    sig = jax.nn.sigmoid(pre)
-    grad = dy.astype(jnp.float32) * sig * (1 + pre * (1 - sig))  # d silu(pre) / d pre = sig (1 + pre (1 - sig))
-    dx = _conv_f32(grad, kernel, 0.0, not reverse)  # each input feeds d_conv outputs on the other side
-    taps = _conv_taps(x, kernel.shape[0], reverse)
-    sums = jnp.stack([t.astype(jnp.float32) * grad for t in taps] + [grad]).sum(axis=(1, 2))
-    dkernel = sums[:-1][::-1] if reverse else sums[:-1]
-    return dx.astype(x.dtype), dkernel.astype(kernel.dtype), sums[-1].astype(bias.dtype)
-
-
-conv_silu.defvjp(_conv_silu_fwd, _conv_silu_bwd)
 
 
 def causal_depthwise_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array, reverse: bool = False,
