@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cab_jax.models.layers import dense, stack_layers
+from cab_jax.models.layers import build_stacked, dense
 from cab_jax.models.mamba import SSMProjections
 
 BRIDGE_KINDS = ("mlp", "linear", "attention")
@@ -221,9 +221,10 @@ class AttentionBridge(nnx.Module):
         self.kernel_map, self.teacher_depth = kernel_map, teacher_depth
         self.mapping = layer_map(student_depth, teacher_depth, layers)
         self.student_layers = tuple(i for i, g in enumerate(self.mapping) if g >= 0)  # the bridged ones
-        self.layers = stack_layers([LayerBridge(d_in, d_teacher, hidden, kind, bidirectional, rngs=rngs,
-                                                hidden_layers=hidden_layers, dtype=dtype)
-                                    for _ in self.student_layers])
+        self.layers = build_stacked(
+            lambda r: LayerBridge(d_in, d_teacher, hidden, kind, bidirectional, rngs=r, hidden_layers=hidden_layers,
+                                  dtype=dtype),
+            len(self.student_layers), rngs)
 
     def __call__(self, projections: SSMProjections, teacher_qk: tuple[jax.Array, jax.Array],
                  cls_position: int | None) -> jax.Array:

@@ -15,7 +15,7 @@ from flax import nnx
 from test_bridge import all_eqns
 
 from cab_jax.models import registry
-from cab_jax.models.layers import dense, drop_path, drop_path_rates, layer_norm, stack_layers, token_params
+from cab_jax.models.layers import build_stacked, dense, drop_path, drop_path_rates, layer_norm, token_params
 from cab_jax.models.mamba import CAB_A_LOG, Mamba, SSMProjections
 from cab_jax.models.vim import Vim, VimBlock, rms_norm
 from cab_jax.models.vit import Block, ViT
@@ -491,11 +491,18 @@ def unrolled_layers(family: str, depth: int, seed: int) -> tuple[list[nnx.Module
     return layers, dense(D_MODEL, CLASSES, ("embed", "classes"), rngs=rngs)
 
 
+@pytest.mark.parametrize("jitted", [False, True])
 @pytest.mark.parametrize("family", ["vit", "vim"])
-def test_stacked_layers_equal_an_unrolled_build(family):
-    model = (small_vit if family == "vit" else small_vim)(depth=3, seed=5)
+def test_stacked_layers_equal_an_unrolled_build(family, jitted):
+    build = lambda: (small_vit if family == "vit" else small_vim)(depth=3, seed=5)
+    build_unrolled = lambda: unrolled_layers(family, 3, seed=5)
+    if jitted:  # both built inside one jitted call each, as train.init_modules builds (XLA's values can differ from
+        # eager ones in the last bit)
+        in_jit = lambda fn: nnx.merge(nnx.graphdef(nnx.eval_shape(fn)), jax.jit(lambda: nnx.state(fn()))())
+        model, (unrolled, head) = in_jit(build), in_jit(build_unrolled)
+    else:
+        model, (unrolled, head) = build(), build_unrolled()
     stacked = model.blocks if family == "vit" else model.layers
-    unrolled, head = unrolled_layers(family, 3, seed=5)
     assert_stacked_equals_unrolled(stacked, unrolled)
     np.testing.assert_array_equal(model.head.kernel[...], head.kernel[...])  # the same draws after the layers
     # The layers really differ (each drew its own values).
@@ -503,11 +510,23 @@ def test_stacked_layers_equal_an_unrolled_build(family):
     assert kernels and all(not np.array_equal(k[0], k[1]) for k in kernels)
 
 
-def test_stack_layers_errors():
-    rngs = nnx.Rngs(0)
-    with pytest.raises(ValueError, match="differ in structure"):
-        stack_layers([dense(4, 4, ("embed", "mlp"), rngs=rngs), dense(4, 4, ("embed", "mlp"), rngs=rngs,
-                                                                      use_bias=False)])
+def test_build_stacked_follows_every_stream_and_refuses_no_layers():
+    """A layer drawing twice from "params" and once from "dropout": each stream advances by its own count."""
+
+    def make(rngs: nnx.Rngs) -> nnx.Module:
+        layer = dense(4, 3, ("embed", "mlp"), rngs=rngs)  # kernel and bias: two "params" draws
+        layer.noise = nnx.Param(jax.random.normal(rngs.dropout(), (3,)))
+        return layer
+
+    stacked_rngs, unrolled_rngs = nnx.Rngs(params=0, dropout=1), nnx.Rngs(params=0, dropout=1)
+    stacked = build_stacked(make, 4, stacked_rngs)
+    unrolled = [make(unrolled_rngs) for _ in range(4)]
+    for i, layer in enumerate(unrolled):
+        for name in ("kernel", "bias", "noise"):
+            np.testing.assert_array_equal(getattr(stacked, name)[...][i], getattr(layer, name)[...])
+    for stream in ("params", "dropout"):
+        np.testing.assert_array_equal(jax.random.key_data(stacked_rngs[stream]()),
+                                      jax.random.key_data(unrolled_rngs[stream]()))
     with pytest.raises(ValueError, match="no layers"):
         small_vim(depth=0)
 

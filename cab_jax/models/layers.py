@@ -8,7 +8,7 @@ those names onto mesh axes. Stacked layers add a leading ``"layers"`` axis.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -89,22 +89,55 @@ def drop_path_rates(rate: float, depth: int) -> tuple[float, ...]:
     return tuple(float(r) for r in np.linspace(0.0, rate, depth, dtype=np.float32))
 
 
-def stack_layers(layers: Sequence[nnx.Module]) -> nnx.Module:
-    """One module holding ``layers`` (identical in structure) with every parameter stacked on a new leading
-    axis, tagged ``"layers"``: layer i's values at index i. Build the layers one by one first, so that their
-    initial values are those of an unrolled model."""
-    if not layers:
-        raise ValueError("stack_layers: no layers to stack (a depth of 0?)")
-    graphdef, first = nnx.split(layers[0])
-    states = [first] + [nnx.state(layer) for layer in layers[1:]]
-    if any(nnx.graphdef(layer) != graphdef for layer in layers[1:]):
-        raise ValueError("stack_layers: the layers differ in structure or static attributes")
-    stacked = nnx.merge(graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *states))
+def build_stacked(make: Callable[[nnx.Rngs], nnx.Module], count: int, rngs: nnx.Rngs) -> nnx.Module:
+    """``count`` layers ``make(rngs)`` in one module, every parameter stacked on a new leading axis tagged
+    ``"layers"``, each layer's values those of building the layers one by one from ``rngs`` (an unrolled model's,
+    bit for bit), and ``rngs`` advanced past them as that would.
+
+    ``make`` is traced once, vectorised over the layers' positions in each random stream, not ``count`` times: a
+    deep model's initialisation then compiles in seconds, not minutes (every draw is a threefry computation of its
+    own in XLA). ``make`` must draw the same number of keys from each stream for every layer.
+    """
+    if count < 1:
+        raise ValueError(f"build_stacked: no layers to stack (count {count}: a depth of 0?)")
+    streams = list(rngs)
+    keys = {name: rngs[name].key[...] for name in streams}
+    draws = _draws_per_call(make, keys)
+    graphdef = None
+
+    def one_layer(starts: dict[str, jax.Array]) -> nnx.State:
+        nonlocal graphdef
+        layer_rngs = nnx.Rngs(**keys)
+        for name in streams:
+            layer_rngs[name].count[...] = starts[name]
+        graphdef, state = nnx.split(make(layer_rngs))
+        return state
+
+    index = jnp.arange(count, dtype=jnp.uint32)
+    states = jax.vmap(one_layer)({name: rngs[name].count[...] + draws[name] * index for name in streams})
+    for name in streams:
+        rngs[name].count[...] += draws[name] * count
+    stacked = nnx.merge(graphdef, states)
     for _, variable in nnx.iter_graph(stacked):
         if isinstance(variable, nnx.Variable):
             axes = variable.get_metadata().get("logical_axes")
             variable.set_metadata("logical_axes", None if axes is None else ("layers", *axes))
     return stacked
+
+
+def _draws_per_call(make: Callable[[nnx.Rngs], nnx.Module], keys: dict[str, jax.Array]) -> dict[str, int]:
+    """How many keys ``make`` draws from each stream: counted on a throwaway build whose counters stay concrete
+    (its parameters are only traced, never computed)."""
+    counts = {}
+
+    def probe(keys):
+        with jax.ensure_compile_time_eval():
+            probe_rngs = nnx.Rngs(**keys)
+            make(probe_rngs)
+            counts.update({name: int(probe_rngs[name].count[...]) for name in keys})
+
+    jax.eval_shape(probe, keys)
+    return counts
 
 
 def attention_weights(q: jax.Array, k: jax.Array, causal: bool = False) -> jax.Array:

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cab_jax.models.layers import Dtype, check_tokens, dense, layer_norm, scan_layers, stack_layers
+from cab_jax.models.layers import Dtype, build_stacked, check_tokens, dense, layer_norm, scan_layers
 
 normal_02 = nnx.initializers.normal(stddev=0.02)
 
@@ -170,10 +170,10 @@ class Phi(nnx.Module):
                             rope_theta, layer_norm_eps)
         self.embed = nnx.Embed(vocab_size, hidden_size, dtype=dtype, embedding_init=normal_02, rngs=rngs,
                                embedding_metadata={"logical_axes": ("vocab", "embed")})
-        self.layers = stack_layers([
-            PhiBlock(hidden_size, num_heads, intermediate_size, rotary_dim, rope_theta, layer_norm_eps, rngs=rngs,
-                     dtype=dtype)
-            for _ in range(depth)])
+        self.layers = build_stacked(
+            lambda r: PhiBlock(hidden_size, num_heads, intermediate_size, rotary_dim, rope_theta, layer_norm_eps,
+                               rngs=r, dtype=dtype),
+            depth, rngs)
         self.final_layernorm = layer_norm(hidden_size, layer_norm_eps, rngs=rngs, dtype=dtype)
         self.lm_head = dense(hidden_size, vocab_size, ("embed", "vocab"), rngs=rngs, dtype=dtype,
                              kernel_init=normal_02)

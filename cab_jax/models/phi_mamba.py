@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cab_jax.models.layers import Dtype, check_tokens, layer_norm, scan_layers, stack_layers
+from cab_jax.models.layers import Dtype, build_stacked, check_tokens, layer_norm, scan_layers
 from cab_jax.models.mamba2 import DiscreteMamba2, Mamba2Cache, torch_linear
 from cab_jax.models.phi import Phi, PhiMlp
 
@@ -85,15 +85,14 @@ class PhiMamba(nnx.Module):
         # PyTorch's nn.Embedding default: N(0, 1). Looked up in float32: the residual stream is float32.
         self.embed = nnx.Embed(vocab_size, d_model, dtype=jnp.float32, embedding_init=nnx.initializers.normal(1.0),
                                embedding_metadata={"logical_axes": ("vocab", "embed")}, rngs=rngs)
-        self.layers = stack_layers([
-            PhiMambaBlock(
+        self.layers = build_stacked(
+            lambda r: PhiMambaBlock(
                 d_model, intermediate_size, layer_norm_eps,
                 DiscreteMamba2(d_model, d_state=d_state, n_qk_heads=n_qk_heads, n_v_heads=n_v_heads, expand=expand,
                                d_conv=d_conv, conv_activation=conv_activation, ssd_impl=ssd_impl,
-                               chunk_size=chunk_size, dtype=dtype, rngs=rngs),
-                rngs=rngs, dtype=dtype)
-            for _ in range(depth)
-        ])
+                               chunk_size=chunk_size, dtype=dtype, rngs=r),
+                rngs=r, dtype=dtype),
+            depth, rngs)
         self.final_layernorm = layer_norm(d_model, layer_norm_eps, rngs=rngs, dtype=dtype)
         self.lm_head = torch_linear(d_model, vocab_size, ("embed", "vocab"), rngs=rngs, dtype=dtype)
 

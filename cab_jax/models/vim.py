@@ -12,12 +12,12 @@ from flax import nnx
 from cab_jax.kernels.selective_scan import SCAN_RESIDUALS, BlockSizes
 from cab_jax.models.layers import (
     Dtype,
+    build_stacked,
     dense,
     drop_path,
     drop_path_rates,
     embed_tokens,
     scan_layers,
-    stack_layers,
     token_params,
 )
 from cab_jax.models.mamba import Mamba, SSMProjections
@@ -98,15 +98,14 @@ class Vim(nnx.Module):
         self.remat_saved = REMAT_POLICIES[remat_policy]
         # As in Vim: block i gets ([0] + linspace(0, rate, depth))[i]; the first block has no residual input.
         self.drop_path_rates = (0.0, *drop_path_rates(drop_path_rate, depth)[:depth - 1])
-        self.layers = stack_layers([
-            VimBlock(
+        self.layers = build_stacked(
+            lambda r: VimBlock(
                 embed_dim,
                 Mamba(embed_dim, d_state=d_state, d_conv=d_conv, expand=expand, bidirectional=bidirectional,
                       a_init=a_init, scan_impl=scan_impl, scan_blocks=scan_blocks, num_layers_for_init=depth,
-                      dtype=dtype, rngs=rngs),
-                rngs=rngs)
-            for _ in range(depth)
-        ])
+                      dtype=dtype, rngs=r),
+                rngs=r),
+            depth, rngs)
         self.norm_f = rms_norm(embed_dim, rngs=rngs)
         self.head = dense(embed_dim, num_classes, ("embed", "classes"), rngs=rngs, dtype=dtype)
 

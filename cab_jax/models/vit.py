@@ -12,6 +12,7 @@ from flax import nnx
 from cab_jax.models.layers import (
     Dtype,
     attention_weights,
+    build_stacked,
     dense,
     drop_path,
     drop_path_rates,
@@ -19,7 +20,6 @@ from cab_jax.models.layers import (
     layer_norm,
     scan_layers,
     split_key,
-    stack_layers,
     token_params,
 )
 
@@ -115,8 +115,7 @@ class ViT(nnx.Module):
             img_size, patch_size, in_chans, embed_dim, rngs=rngs, dtype=dtype)
         self.num_heads, self.depth = num_heads, depth
         self.drop_path_rates = drop_path_rates(drop_path_rate, depth)  # block i's rate
-        self.blocks = stack_layers([Block(embed_dim, num_heads, mlp_ratio, rngs=rngs, dtype=dtype)
-                                    for _ in range(depth)])
+        self.blocks = build_stacked(lambda r: Block(embed_dim, num_heads, mlp_ratio, rngs=r, dtype=dtype), depth, rngs)
         self.norm = layer_norm(embed_dim, LN_EPS, rngs=rngs, dtype=dtype)
         self.head = dense(embed_dim, num_classes, ("embed", "classes"), rngs=rngs, dtype=dtype)
         self.dtype = dtype
