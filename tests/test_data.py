@@ -418,7 +418,7 @@ def test_eval_batches_cover_the_split_once(digits_dir, process_count):
 
 def test_eval_first_batch_starts_no_data_workers(digits_dir, monkeypatch):
     """The batch the eval step compiles for is read in this process (starting workers for it cost seconds); the
-    passes themselves read through the configured workers."""
+    passes themselves read through the configured workers, at most one per batch."""
     asked = []
     real = loader.to_iter_dataset
     monkeypatch.setattr(loader, "to_iter_dataset", lambda ds, num_workers: asked.append(num_workers) or real(ds, 0))
@@ -427,6 +427,12 @@ def test_eval_first_batch_starts_no_data_workers(digits_dir, monkeypatch):
     assert asked == [0]
     assert_batches_equal([first], take(iter(batches), 1))
     assert asked == [0, 2]
+    # Never more workers than batches in a pass, and none for a pass of one batch.
+    many = images.eval_batches(make_cfg(digits_dir, num_workers=64), global_batch_size=64)
+    take(iter(many), 1)
+    assert 2 < len(many) < 64 and asked[-1] == len(many)
+    one = images.eval_batches(make_cfg(digits_dir, num_workers=2), global_batch_size=many.num_examples)
+    assert len(one) == 1 and len(take(iter(one), 1)) == 1 and asked[-1] == 0
 
 
 # --------------------------------------------------------------------------------------------------

@@ -385,7 +385,9 @@ class EvalBatches:
             batches.close()
 
     def __iter__(self) -> Iterator[Batch]:
-        return self._batches(self._num_workers)
+        """One pass, read by at most one worker per batch, and in this process when there is one batch (as
+        ``first``)."""
+        return self._batches(min(self._num_workers, len(self)) if len(self) > 1 else 0)
 
     def _batches(self, num_workers: int) -> Iterator[Batch]:
         iterator = iter(to_iter_dataset(self._dataset, num_workers))
