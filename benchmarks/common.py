@@ -34,6 +34,12 @@ def hbm_peak_gbps(device_name: str) -> float:
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+def add_overrides_flag(parser, example: str = "student.depth=2,teacher.depth=1") -> None:
+    """The ``--set`` flag every benchmark takes: config overrides for ``apply_overrides``."""
+    parser.add_argument("--set", default="", help=f"config overrides, e.g. {example} (a value may hold commas: "
+                                                  "student.scan_blocks=2,32,1,1,4)")
+
+
 def apply_overrides(c, overrides: str) -> None:
     """Sets ``overrides`` ("student.depth=2,teacher.depth=1": dotted fields of the ConfigDict ``c``, each value read
     as its field's type, a boolean as "true" or not) in ``c``. A value may hold commas

@@ -25,6 +25,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from common import (  # benchmarks/common.py  # noqa: E402
+    add_overrides_flag,
     apply_overrides,
     peak_gib,
     report_one,
@@ -105,7 +106,7 @@ def main() -> None:
     parser.add_argument("--gen_batch", type=int, default=8)
     parser.add_argument("--new_tokens", type=int, default=64)
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--set", default="", help="config overrides, e.g. student.depth=4,teacher.depth=4")
+    add_overrides_flag(parser, "student.depth=4,teacher.depth=4")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:

@@ -22,7 +22,7 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from common import report_one, run_each, synthetic_setup  # benchmarks/common.py
+from common import add_overrides_flag, report_one, run_each, synthetic_setup  # benchmarks/common.py
 
 from cab_jax.summary import markdown_table
 
@@ -89,7 +89,7 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batches", type=int, default=8, help="distinct synthetic batches, cycled")
-    parser.add_argument("--set", default="", help="config overrides, e.g. student.depth=2,teacher.depth=1")
+    add_overrides_flag(parser)
     parser.add_argument("--out", help="write the trajectories here (JSON)")
     parser.add_argument("--plot", help="draw them here (PNG, needs matplotlib)")
     parser.add_argument("--replot", help="a saved --out file: only draw it (with --plot) and summarise it")

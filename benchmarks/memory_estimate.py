@@ -18,7 +18,7 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from common import peak_gib, report_one, run_each, synthetic_setup  # benchmarks/common.py
+from common import add_overrides_flag, peak_gib, report_one, run_each, synthetic_setup  # benchmarks/common.py
 
 from cab_jax.summary import markdown_table
 
@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("--dtypes", default="float32")
     parser.add_argument("--remat", default="true")
     parser.add_argument("--batch_size", type=int, default=128)
-    parser.add_argument("--set", default="", help="config overrides, e.g. student.depth=2,teacher.depth=1")
+    add_overrides_flag(parser)
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:

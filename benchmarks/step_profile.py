@@ -27,7 +27,7 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from common import synthetic_setup  # benchmarks/common.py
+from common import add_overrides_flag, synthetic_setup  # benchmarks/common.py
 
 from cab_jax.summary import markdown_table
 
@@ -156,7 +156,7 @@ def main() -> None:
     parser.add_argument("--profile_steps", type=int, default=3)
     parser.add_argument("--top", type=int, default=15, help="rows of the slowest-ops table")
     parser.add_argument("--out", help="also write the result as JSON here")
-    parser.add_argument("--set", default="", help="config overrides, e.g. student.depth=2,teacher.depth=1")
+    add_overrides_flag(parser)
     args = parser.parse_args()
     # XLA runs a GPU step's kernels as CUDA graphs (command buffers), which the profile shows as one event each:
     # without them every kernel is its own event with its own op (the step's launches cost a little more).

@@ -22,6 +22,7 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from common import (  # benchmarks/common.py
+    add_overrides_flag,
     matmul_flops_per_s,
     model_flops,
     peak_gib,
@@ -76,7 +77,7 @@ def main() -> None:
     parser.add_argument("--remat_policies", default="full", help="student.remat_policy values (with remat)")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--set", default="", help="config overrides, e.g. student.depth=2,teacher.depth=1")
+    add_overrides_flag(parser)
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
