@@ -126,8 +126,8 @@ def build_stacked(make: Callable[[nnx.Rngs], nnx.Module], count: int, rngs: nnx.
 
 
 def _draws_per_call(make: Callable[[nnx.Rngs], nnx.Module], keys: dict[str, jax.Array]) -> dict[str, int]:
-    """How many keys ``make`` draws from each stream: counted on a throwaway build whose counters stay concrete
-    (its parameters are only traced, never computed)."""
+    """How many keys ``make`` draws from each stream: counted on a throwaway build whose counters stay concrete (its
+    random draws are only traced, never computed; constant initialisers, ones or an ``arange``, do run)."""
     counts = {}
 
     def probe(keys):
