@@ -5,6 +5,7 @@ scanned forward equal to a Python loop over the layers), drop path, remat, bfloa
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import jax
@@ -620,6 +621,34 @@ def test_vim_scan_equals_python_loop_with_and_without_remat():
         assert len(grads) == len(g_ref)
         for a, b in zip(g_ref, grads, strict=True):
             np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+
+
+def forward_kernel_outputs(jaxpr) -> list[int]:
+    """The output count of every selective-scan forward kernel launch in ``jaxpr``, in order (2 for a
+    bidirectional launch that saves no states: out and the first direction's sum; 4 with both directions'
+    states)."""
+    return [len(e.outvars) for e in all_eqns(jaxpr)
+            if e.primitive.name == "pallas_call" and e.params["name"] == "selective_scan_fwd"]
+
+
+@pytest.mark.parametrize("mesh", [None, ("data", "tensor")])
+def test_full_remat_runs_the_forward_kernel_without_saving_states_until_the_backward_pass(mesh):
+    """Under remat "full" the forward pass's kernel saves no states (custom_vjp's optimize_remat: XLA cannot drop
+    the unused outputs of a kernel); only the backward pass's rerun saves them. Without remat, and with
+    "save_scan" (whose policy must see the named residuals), the forward kernel saves them. Also per device on
+    a mesh (the kernel inside shard_map)."""
+    imgs = images(batch=4)
+    context = (jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((2, 2), mesh)) if mesh
+               else contextlib.nullcontext())
+    launches = {}
+    for remat, policy in ((False, "full"), (True, "full"), (True, "save_scan")):
+        graphdef, state = nnx.split(small_vim(depth=2, remat=remat, remat_policy=policy, scan_impl="pallas"))
+        grad = jax.grad(lambda s, g=graphdef: jnp.sum(nnx.merge(g, s)(imgs)[0] ** 2))
+        with context:
+            jaxpr = jax.make_jaxpr(grad)(state).jaxpr
+        launches[remat, policy] = forward_kernel_outputs(jaxpr)
+        assert any(e.primitive.name == "shard_map" for e in all_eqns(jaxpr)) == bool(mesh)
+    assert launches == {(False, "full"): [4], (True, "full"): [2, 4], (True, "save_scan"): [4, 4]}, launches
 
 
 def test_remat_saving_the_scan_keeps_the_gradients_and_drops_the_recomputed_forward_kernel():

@@ -130,6 +130,7 @@ class Mamba(nnx.Module):
         a_init: str = "s4d",
         scan_impl: str = "auto",
         scan_blocks: BlockSizes | None = None,
+        name_scan_residuals: bool = False,
         num_layers_for_init: int = 1,
         dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs,
@@ -137,7 +138,7 @@ class Mamba(nnx.Module):
         d_inner = expand * d_model
         dt_rank = dt_rank or math.ceil(d_model / 16)
         self.d_inner, self.bidirectional, self.scan_impl = d_inner, bidirectional, scan_impl
-        self.scan_blocks = scan_blocks
+        self.scan_blocks, self.name_scan_residuals = scan_blocks, name_scan_residuals
         self.in_proj = dense(d_model, 2 * d_inner, ("embed", "inner"), rngs=rngs, use_bias=False,
                              kernel_init=torch_uniform(d_model), dtype=dtype)
         self.fwd = SSMDirection(d_inner, d_state, dt_rank, d_conv, a_init, rngs=rngs, dtype=dtype)
@@ -181,10 +182,11 @@ class Mamba(nnx.Module):
         def scan(dirs, z):
             if len(dirs) == 2:
                 return selective_scan_bidirectional(*dirs, z, delta_softplus=True, impl=self.scan_impl,
-                                                    blocks=self.scan_blocks)
+                                                    blocks=self.scan_blocks, name_residuals=self.name_scan_residuals)
             d = dirs[0]
             return selective_scan(d.u, d.delta, d.A, d.B, d.C, D=d.D, z=z, delta_bias=d.delta_bias,
-                                  delta_softplus=True, impl=self.scan_impl, blocks=self.scan_blocks)
+                                  delta_softplus=True, impl=self.scan_impl, blocks=self.scan_blocks,
+                                  name_residuals=self.name_scan_residuals)
 
         with jax.named_scope("selective_scan"):
             return self._scan_per_device(scan, dirs, z)

@@ -102,7 +102,8 @@ class Vim(nnx.Module):
             lambda r: VimBlock(
                 embed_dim,
                 Mamba(embed_dim, d_state=d_state, d_conv=d_conv, expand=expand, bidirectional=bidirectional,
-                      a_init=a_init, scan_impl=scan_impl, scan_blocks=scan_blocks, num_layers_for_init=depth,
+                      a_init=a_init, scan_impl=scan_impl, scan_blocks=scan_blocks,
+                      name_scan_residuals=SCAN_RESIDUALS in self.remat_saved, num_layers_for_init=depth,
                       dtype=dtype, rngs=r),
                 rngs=r),
             depth, rngs)

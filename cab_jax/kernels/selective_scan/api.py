@@ -133,11 +133,12 @@ def _warn_no_gpu_kernel() -> None:
 
 
 def _pallas_launch(kernel: str, reverses: tuple[bool, ...], delta_softplus: bool, blocks: BlockSizes | None,
-                   d_state: int) -> tuple[Callable[..., jax.Array], KernelConfig]:
+                   d_state: int, name_residuals: bool) -> tuple[Callable[..., jax.Array], KernelConfig]:
     """``kernel``'s ``scan(dirs, z, cfg)`` and the ``KernelConfig`` of one launch (``blocks`` None: the kernel's
     ``default_blocks``), interpreted on a backend the kernel does not compile for (tests)."""
     module = importlib.import_module(f"cab_jax.kernels.selective_scan.{_KERNEL_MODULES[kernel]}")
-    cfg = KernelConfig(reverses, delta_softplus, blocks or module.default_blocks(d_state), _interpreted(kernel))
+    cfg = KernelConfig(reverses, delta_softplus, blocks or module.default_blocks(d_state), _interpreted(kernel),
+                       name_residuals)
     return module.scan, (dataclasses.replace(cfg, vmem_bytes=tpu_vmem_bytes()) if kernel == "pallas_tpu" else cfg)
 
 
@@ -193,17 +194,20 @@ def selective_scan(
     reverse: bool = False,
     impl: str = "auto",
     blocks: BlockSizes | None = None,
+    name_residuals: bool = False,
 ) -> jax.Array:
     """Mamba-1 selective scan (semantics in ``reference.py``) with the implementation chosen by ``impl``.
 
     u, delta, z: (batch, length, d_inner); A: (d_inner, d_state); B, C: (batch, length, d_state);
     D, delta_bias: (d_inner,). Returns y of shape (batch, length, d_inner) and dtype ``u.dtype``.
-    ``impl`` is one of ``SCAN_IMPLS``.
+    ``impl`` is one of ``SCAN_IMPLS``. ``name_residuals`` (Pallas kernels): name the kernel's outputs kept for the
+    gradient ``SCAN_RESIDUALS``, for a remat policy that saves them; without it a ``jax.checkpoint`` that saves
+    nothing runs the kernel twice, first without saving states, then with them for the backward pass.
     """
     name = resolve_impl(impl)
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
     if name in _KERNEL_MODULES:
-        scan, cfg = _pallas_launch(name, (reverse,), delta_softplus, blocks, A.shape[1])
+        scan, cfg = _pallas_launch(name, (reverse,), delta_softplus, blocks, A.shape[1], name_residuals)
         return scan((with_defaults(ScanDirection(u, delta, A, B, C, D, delta_bias)),), z, cfg)
     return _xla_impl(name)(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
                            reverse=reverse)
@@ -216,12 +220,14 @@ def selective_scan_bidirectional(
     delta_softplus: bool = False,
     impl: str = "auto",
     blocks: BlockSizes | None = None,
+    name_residuals: bool = False,
 ) -> jax.Array:
     """Vim's two directions over one sequence: (scan(fwd) + scan(bwd, reverse=True)) * silu(z).
 
     Both directions are given in sequence order (the backward one is scanned from the last position to the
     first) and each has its own u, delta, A, B, C, D, delta_bias; z gates their float32 sum once. The
-    Pallas kernels run both in one launch, reading the backward direction in place.
+    Pallas kernels run both in one launch, reading the backward direction in place. ``name_residuals`` as in
+    ``selective_scan``.
     """
     for d in (fwd, bwd):
         _check_shapes(d.u, d.delta, d.A, d.B, d.C, d.D, z, d.delta_bias)
@@ -230,7 +236,7 @@ def selective_scan_bidirectional(
                          f"{tuple(bwd.u.shape)}, A {tuple(fwd.A.shape)} vs {tuple(bwd.A.shape)}")
     name = resolve_impl(impl)
     if name in _KERNEL_MODULES:
-        scan, cfg = _pallas_launch(name, (False, True), delta_softplus, blocks, fwd.A.shape[1])
+        scan, cfg = _pallas_launch(name, (False, True), delta_softplus, blocks, fwd.A.shape[1], name_residuals)
         return scan((with_defaults(fwd), with_defaults(bwd)), z, cfg)
     fn = _xla_impl(name)
     # Each direction ungated in float32 (inputs upcast: exact), then one gate and one cast.

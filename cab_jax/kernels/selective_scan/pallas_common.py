@@ -96,6 +96,7 @@ class KernelConfig:
     delta_softplus: bool
     blocks: BlockSizes
     interpret: bool
+    name_residuals: bool = False  # see ``make_scan``
     vmem_bytes: int = SMALLEST_TPU_VMEM  # VMEM per TensorCore of the TPU the kernel is built for (TPU kernel only)
 
 
@@ -137,15 +138,11 @@ Backward = Callable[..., tuple[tuple[DirectionGrads, ...], jax.Array | None]]
 def make_scan(forward: Forward, backward: Backward) -> Callable[..., jax.Array]:
     """``scan(dirs, z, cfg) -> out``: a ``custom_vjp`` whose forward and backward passes are the backend's
     launchers (``dirs`` with D and delta_bias given, see ``with_defaults``). It computes on the arrays it is
-    given: a caller that shards them runs it inside ``jax.shard_map``."""
+    given: a caller that shards them runs it inside ``jax.shard_map``.
 
-    @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-    def scan(dirs: tuple[ScanDirection, ...], z: jax.Array | None, cfg: KernelConfig) -> jax.Array:
-        return forward(dirs, z, cfg, save=False)[0]
-
-    def scan_fwd(dirs, z, cfg):
-        out, ypre, states = checkpoint_name(forward(dirs, z, cfg, save=True), SCAN_RESIDUALS)
-        return out, (dirs, z, ypre, states)
+    With ``cfg.name_residuals`` the gradient's forward pass names the kernel's outputs ``SCAN_RESIDUALS`` (for a
+    remat policy that keeps them). Without it, a forward pass whose residuals ``jax.checkpoint`` drops runs the
+    kernel without saving states (``optimize_remat``), and the backward pass runs it again with them."""
 
     def scan_bwd(cfg, residuals, dout):
         dirs, z, ypre, states = residuals
@@ -156,5 +153,23 @@ def make_scan(forward: Forward, backward: Backward) -> Callable[..., jax.Array]:
         )
         return dirs_grads, (None if z is None else dz.astype(z.dtype))
 
-    scan.defvjp(scan_fwd, scan_bwd)
+    def with_vjp(name: str | None) -> Callable[..., jax.Array]:
+        @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+        def scan(dirs: tuple[ScanDirection, ...], z: jax.Array | None, cfg: KernelConfig) -> jax.Array:
+            return forward(dirs, z, cfg, save=False)[0]
+
+        def scan_fwd(dirs, z, cfg):
+            saved = forward(dirs, z, cfg, save=True)
+            out, ypre, states = saved if name is None else checkpoint_name(saved, name)
+            return out, (dirs, z, ypre, states)
+
+        # A policy cannot see names inside an optimize_remat forward, so the named variant goes without it.
+        scan.defvjp(scan_fwd, scan_bwd, optimize_remat=name is None)
+        return scan
+
+    named, unnamed = with_vjp(SCAN_RESIDUALS), with_vjp(None)
+
+    def scan(dirs: tuple[ScanDirection, ...], z: jax.Array | None, cfg: KernelConfig) -> jax.Array:
+        return (named if cfg.name_residuals else unnamed)(dirs, z, cfg)
+
     return scan
