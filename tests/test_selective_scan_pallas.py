@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental import pallas as pl
+from test_bridge import all_eqns
 from test_selective_scan import OPTIONS, _assert_close, _make_inputs
 
 from cab_jax import lower
@@ -176,6 +177,31 @@ def test_bfloat16_inputs_accumulate_in_a_float32_state_in_the_kernels(kernel):
              B=ones[..., :1], C=ones[..., :1])
     steps = np.asarray(jnp.asarray(dt, jnp.bfloat16), np.float64) * np.arange(1, length + 1)
     np.testing.assert_allclose(np.asarray(y.astype(jnp.float32))[0, :, 0], steps, rtol=2**-8 + 1e-4)
+
+
+def test_triton_backward_writes_bfloat16_gradients_rounded_once_from_float32():
+    """For bfloat16 inputs the Triton backward kernel stores du, d delta and dz as bfloat16 itself (no float32
+    copies for XLA to convert): each equals the float32 computation on the same values, rounded to nearest."""
+    (kf, static), (kb, _) = _directions(45, 16, "bfloat16", "full", 40, 2)
+    z = kf.pop("z")
+    kb.pop("z")
+    weights = jax.random.normal(jax.random.key(0), z.shape, jnp.bfloat16)
+    bidirectional = _pallas_fns("pallas_triton", interpret=True)[1]
+    blocks = BlockSizes(chunk=4, block_d=16, save_every=1)
+    loss = lambda f, b, z: jnp.sum(bidirectional(f, b, z, static["delta_softplus"], blocks=blocks) * weights)
+    wanted = lambda *args: [a for a in jax.tree.leaves(args) if a.shape == z.shape]  # du, d delta per dir, dz
+    args = (ScanDirection(**kf), ScanDirection(**kb), z)
+    got = wanted(jax.grad(loss, argnums=(0, 1, 2))(*args))
+    f32 = jax.tree.map(lambda a: a.astype(jnp.float32), args)
+    expected = wanted(jax.grad(loss, argnums=(0, 1, 2))(*f32))
+    assert len(got) == 5
+    for g, e in zip(got, expected, strict=True):
+        assert g.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(e.astype(jnp.bfloat16), np.float32))
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(*args).jaxpr
+    launch = next(e for e in all_eqns(jaxpr) if e.primitive.name == "pallas_call"
+                  and e.params["name"] == "selective_scan_bwd")
+    assert [v.aval.dtype for v in launch.outvars if v.aval.shape == z.shape] == [jnp.bfloat16] * 5
 
 
 @pytest.mark.parametrize("platform,impl", [("cuda", "pallas_triton"), ("cuda", "pallas_mosaic"), ("tpu", "pallas")])

@@ -439,14 +439,16 @@ def _backward(dirs, z, ypre, states, dout, cfg: KernelConfig):
     u = dirs[0].u
     geo = _Geometry(u, dirs[0].A.shape[1], cfg.blocks)
     b, length, d_inner, n_pad, n_db = geo.batch, geo.length, geo.d_inner, geo.n_pad, geo.n_dblocks
-    act32 = jax.ShapeDtypeStruct(u.shape, _F32)
+    # du, d delta and dz in their inputs' dtypes: each position's is written once, rounded as a cast after would.
+    act = functools.partial(jax.ShapeDtypeStruct, u.shape)
     per_dblock = jax.ShapeDtypeStruct((b, n_db, length, n_pad), _F32)
     per_dblock_spec = pl.BlockSpec((pl.squeezed, pl.squeezed, length, n_pad), lambda i, j: (i, j, 0, 0))
     per_batch_dn = jax.ShapeDtypeStruct((b, n_pad, d_inner), _F32)
     per_batch_d = jax.ShapeDtypeStruct((b, d_inner), _F32)
     batch_dn_spec = pl.BlockSpec((pl.squeezed, n_pad, d_inner), lambda i, j: (i, 0, 0))
     batch_d_spec = pl.BlockSpec((pl.squeezed, d_inner), lambda i, j: (i, 0))
-    grad_shapes = DirectionGrads(act32, act32, per_batch_dn, per_dblock, per_dblock, per_batch_d, per_batch_d)
+    grad_shapes = tuple(DirectionGrads(act(d.u.dtype), act(d.delta.dtype), per_batch_dn, per_dblock, per_dblock,
+                                       per_batch_d, per_batch_d) for d in dirs)
     seq = geo.seq_spec(d_inner)
     grad_specs = DirectionGrads(seq, seq, batch_dn_spec, per_dblock_spec, per_dblock_spec, batch_d_spec,
                                 batch_d_spec)
@@ -458,7 +460,7 @@ def _backward(dirs, z, ypre, states, dout, cfg: KernelConfig):
         in_specs=((geo.dir_specs(),) * len(dirs), seq if has_z else None, seq if has_z else None, seq,
                   (geo.states_spec(),) * len(dirs)),
         out_specs=(seq if has_z else None, (grad_specs,) * len(dirs), scratch_spec),
-        out_shape=(act32 if has_z else None, (grad_shapes,) * len(dirs), scratch),
+        out_shape=(act(z.dtype) if has_z else None, grad_shapes, scratch),
         compiler_params=_compiler_params(cfg.blocks), interpret=cfg.interpret, name="selective_scan_bwd",
     )(_channels_last(dirs), z, ypre if has_z else None, dout, states)
     n = geo.d_state
