@@ -307,6 +307,19 @@ def test_unidirectional_mamba_matches_numpy_reference(scan_impl):
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4 * np.max(np.abs(expected)))
 
 
+def test_the_mixers_passes_never_hold_the_whole_in_proj_product():
+    """in_proj runs as two matmuls (x and z): no array of the forward and backward passes has the (batch, length,
+    2 d_inner) shape of the one product, which would be sliced in the forward pass and concatenated in the
+    backward one."""
+    mixer = Mamba(D_MODEL, d_state=D_STATE, expand=2, scan_impl="reference", rngs=nnx.Rngs(3))
+    hidden = jax.random.normal(jax.random.key(5), (2, TOKENS, D_MODEL))
+    graphdef, state = nnx.split(mixer)
+    loss = lambda s, h: jnp.sum(nnx.merge(graphdef, s)(h)[0])
+    shapes = {v.aval.shape for e in all_eqns(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(state, hidden).jaxpr)
+              for v in (*e.invars, *e.outvars) if hasattr(v.aval, "shape")}
+    assert (2, TOKENS, mixer.d_inner) in shapes and (2, TOKENS, 2 * mixer.d_inner) not in shapes
+
+
 @pytest.mark.parametrize("scan_impl", ["reference", "associative", "pallas"])
 def test_bidirectional_mixer_is_the_mean_of_forward_and_rereversed_backward(scan_impl):
     """Vim's v2 as the original computes it: the backward SSM runs on the flipped sequence (its own conv,

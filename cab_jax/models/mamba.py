@@ -153,7 +153,7 @@ class Mamba(nnx.Module):
     def __call__(self, hidden: jax.Array) -> tuple[jax.Array, SSMProjections]:
         """hidden: (batch, length, d_model) -> output (batch, length, d_model) and the B/C projections."""
         with jax.named_scope("in_proj"):
-            x, z = jnp.split(self.in_proj(hidden), 2, axis=-1)
+            x, z = self._in_proj(hidden)
         fwd = self.fwd.scan_inputs(x)
         if self.bwd is None:
             projections, dirs = SSMProjections(fwd.B, fwd.C), (fwd,)
@@ -168,11 +168,17 @@ class Mamba(nnx.Module):
         """hidden: (batch, length, d_model) -> (batch, length t, length s) float32: the weight the scan puts on
         input s in output t, averaged over channels and summed over the directions (before their halving, the D
         skip and the gate)."""
-        x, _ = jnp.split(self.in_proj(hidden), 2, axis=-1)
+        x, _ = self._in_proj(hidden)
         dirs = [(self.fwd.scan_inputs(x), False)] + ([(self.bwd.scan_inputs(x, reverse=True), True)]
                                                      if self.bwd is not None else [])
         return sum(implicit_attention(d.delta, d.A, d.B, d.C, reverse=reverse, delta_bias=d.delta_bias,
                                       delta_softplus=True) for d, reverse in dirs)
+
+    def _in_proj(self, hidden: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """x and z, (batch, length, d_inner) each: ``hidden`` times each half of in_proj's kernel. Two matmuls, so
+        that neither pass slices the (batch, length, 2 d_inner) product nor concatenates its gradient."""
+        hidden, kernel = nnx.nn.dtypes.promote_dtype((hidden, self.in_proj.kernel[...]), dtype=self.in_proj.dtype)
+        return hidden @ kernel[:, :self.d_inner], hidden @ kernel[:, self.d_inner:]
 
     def _scan(self, dirs: tuple[ScanDirection, ...], z: jax.Array) -> jax.Array:
         """The gated scan of one direction, or of Vim's two (the second read last-to-first). A Pallas kernel is a
