@@ -9,7 +9,8 @@ step). Ops under a ``transpose(...)`` name (the backward pass, remat's recomputa
 from the forward pass. ``host and idle`` is the step's wall time minus the time the device was busy. On GPU the
 step runs without CUDA graphs here (XLA's command buffers hide the kernels from the profile), so its wall time is a
 little above ``train_throughput.py``'s. On CPU the ops of several threads overlap, so the parts can sum past the
-step. Prints two Markdown tables (parts, and the slowest ops); ``--out`` also writes them as JSON.
+step. Prints three Markdown tables (parts, the slowest ops, and the longest idle gaps between the step's ops, by
+the ops on either side); ``--out`` also writes them as JSON.
 """
 
 from __future__ import annotations
@@ -87,6 +88,18 @@ def busy_us(events: list[dict]) -> float:
     return total
 
 
+def idle_gaps(events: list[dict]) -> collections.Counter:
+    """Microseconds the device sat idle between two of ``events`` (on any of its timelines), summed by the pair
+    of ops around each gap: (the op that ended last before it, the op that starts it)."""
+    gaps, end, last = collections.Counter(), None, None
+    for e in sorted(events, key=lambda e: e["ts"]):
+        if end is not None and e["ts"] > end:
+            gaps[(last["args"]["hlo_op"], e["args"]["hlo_op"])] += e["ts"] - end
+        if end is None or e["ts"] + e["dur"] > end:
+            end, last = e["ts"] + e["dur"], e
+    return gaps
+
+
 def read_trace(log_dir: str) -> dict:
     files = sorted(pathlib.Path(log_dir).rglob("*.trace.json.gz")) or sorted(pathlib.Path(log_dir).rglob("*.json.gz"))
     if not files:
@@ -135,12 +148,15 @@ def profile(args: argparse.Namespace) -> dict:
     slowest = [{"op": op, "part": part, "pass": "backward" if backward else "forward", "ms": per_step(us),
                 "jax op": (scopes.get(op) or "").rsplit("/", 1)[-1]}
                for (op, part, backward), us in ops.most_common(args.top)]
+    name = lambda op: f"{op} ({part_of(scopes.get(op))[0]})"
+    gaps = [{"idle after": name(before), "before": name(after), "ms": per_step(us)}
+            for (before, after), us in idle_gaps(events).most_common(args.gaps)]
     images_per_s = args.batch_size / step_ms * 1e3
     return {"config": args.config, "dtype": args.dtype, "remat": args.remat, "remat_policy": args.remat_policy,
             "mode": args.mode,
             "scan_impl": args.scan_impl, "batch": args.batch_size, "ms_per_step": round(step_ms, 2),
             "images_per_s": round(images_per_s, 1), "device_busy_ms": busy, "device": jax.devices()[0].device_kind,
-            "jax": jax.__version__, "parts": parts, "slowest_ops": slowest}
+            "jax": jax.__version__, "parts": parts, "slowest_ops": slowest, "idle_gaps": gaps}
 
 
 def main() -> None:
@@ -155,6 +171,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="steps timed for the wall time per step")
     parser.add_argument("--profile_steps", type=int, default=3)
     parser.add_argument("--top", type=int, default=15, help="rows of the slowest-ops table")
+    parser.add_argument("--gaps", type=int, default=10, help="rows of the idle-gaps table")
     parser.add_argument("--out", help="also write the result as JSON here")
     add_overrides_flag(parser)
     args = parser.parse_args()
@@ -162,11 +179,9 @@ def main() -> None:
     # without them every kernel is its own event with its own op (the step's launches cost a little more).
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_gpu_enable_command_buffer=".strip()
     result = profile(args)
-    head = {k: v for k, v in result.items() if k not in ("parts", "slowest_ops")}
-    print(" ".join(f"{k}={v}" for k, v in head.items()))
-    print(markdown_table(result["parts"]))
-    print()
-    print(markdown_table(result["slowest_ops"]))
+    tables = ("parts", "slowest_ops", "idle_gaps")
+    print(" ".join(f"{k}={v}" for k, v in result.items() if k not in tables))
+    print("\n\n".join(markdown_table(result[k]) for k in tables if result[k]))
     if args.out:
         pathlib.Path(args.out).write_text(json.dumps(result, indent=1))
 

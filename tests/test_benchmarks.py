@@ -174,8 +174,9 @@ def test_memory_estimate_measures_each_combination_of_its_lists_once(monkeypatch
 def test_step_profile_splits_the_step_by_scope(tmp_path):
     out = run_script("step_profile.py", TINY_VISION, "--config=demo", "--dtype=float32", "--remat=true",
                      "--batch_size=2", "--steps=2", "--profile_steps=1", "--top=3", f"--out={tmp_path / 'p.json'}")
-    parts, slowest = markdown_tables(out)
+    parts, slowest, *gaps = markdown_tables(out)
     result = json.loads((tmp_path / "p.json").read_text())
+    assert len(gaps) == int(bool(result["idle_gaps"])) and all(len(g) == len(result["idle_gaps"]) for g in gaps)
     assert result["ms_per_step"] > 0 and result["images_per_s"] > 0 and result["device_busy_ms"] > 0, result
     names = [r["part"] for r in parts]
     assert names == [p["part"] for p in result["parts"]] and names[-1] == "host and idle", names
@@ -183,6 +184,15 @@ def test_step_profile_splits_the_step_by_scope(tmp_path):
     assert_numbers(parts[:-1], positive=("ms",), nonnegative=("forward ms", "backward ms", "% of step"))
     assert len(slowest) == 3 and {r["pass"] for r in slowest} <= {"forward", "backward"}, slowest
     assert_numbers(slowest, positive=("ms",))
+
+
+def test_idle_gaps_are_summed_by_the_ops_around_them(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    script = importlib.import_module("step_profile")
+    event = lambda op, ts, dur, tid=0: {"ts": ts, "dur": dur, "tid": tid, "args": {"hlo_op": op}}
+    events = [event("a", 0, 10), event("b", 5, 7, tid=1), event("c", 20, 5), event("d", 25, 5), event("e", 40, 1),
+              event("c", 50, 5), event("f", 1, 2)]  # f lies inside a; c follows e after a gap, as after b
+    assert script.idle_gaps(events) == {("b", "c"): 8, ("d", "e"): 10, ("e", "c"): 9}
 
 
 def test_loss_trajectory_summarises_saves_and_plots_the_run(tmp_path):
