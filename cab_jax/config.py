@@ -86,9 +86,23 @@ def vision_train(**overrides: Any) -> ml_collections.ConfigDict:
         keep_checkpoints=2,  # the newest ones; each holds the student, bridges and optimizer state
         on_nonfinite="stop",  # a non-finite loss or gradient: "stop" the run, or "skip" the update
         eval_batch_size=config_dict.placeholder(int),  # unset: batch_size
+        # XLA options of the train step's compilation on GPUs, "name=value,...", "" for XLA's defaults. XLA's dot
+        # merger would join in_proj's two matmuls again and slice their product (BENCHMARKS.md, Vim-S step).
+        xla_gpu_options="xla_gpu_dot_merger_threshold_mb=0",
     ))
     t.update(overrides)
     return t
+
+
+def xla_options(text: str, key: str = "train.xla_gpu_options") -> dict[str, str]:
+    """``"name=value,..."`` as {name: value}, each name an XLA option (``xla_...``); "" is {}."""
+    options = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = part.partition("=")
+        _check(bool(sep) and name.startswith("xla_") and bool(value), key,
+               f"expected comma-separated xla_NAME=VALUE options, got {part!r} in {text!r}")
+        options[name] = value
+    return options
 
 
 def vision_data(**overrides: Any) -> ml_collections.ConfigDict:
@@ -113,7 +127,7 @@ def language_train(**overrides: Any) -> ml_collections.ConfigDict:
     """The original language recipe (HF Trainer defaults of CAB's kd_trainer): AdamW lr 5e-4 without weight
     decay, 10 % linear warmup then linear decay to 0, gradient clipping at 1, one epoch."""
     t = vision_train(batch_size=32, epochs=1.0, lr_reference_batch=32, weight_decay=0.0, warmup_epochs=0.1,
-                     warmup_lr=0.0, min_lr=0.0, lr_decay="linear", grad_clip=1.0)
+                     warmup_lr=0.0, min_lr=0.0, lr_decay="linear", grad_clip=1.0, xla_gpu_options="")
     for name in ("label_smoothing", "mixup_alpha", "cutmix_alpha", "mixup_prob", "mixup_switch_prob"):
         del t[name]
     t.update(overrides)
@@ -161,6 +175,7 @@ def _validate_train(t: ml_collections.ConfigDict, key: str, data_parallel: int |
            f"must be positive (or unset: batch_size), got {t.eval_batch_size}")
     _check(t.eval_every >= 0, f"{key}.eval_every", f"must be >= 0, got {t.eval_every}")
     _check_choice(t.on_nonfinite, f"{key}.on_nonfinite", NONFINITE_ACTIONS)
+    xla_options(t.xla_gpu_options, f"{key}.xla_gpu_options")
     if "mixup_alpha" in t:  # vision only
         for name in ("mixup_alpha", "cutmix_alpha", "label_smoothing"):
             _check(t[name] >= 0, f"{key}.{name}", f"must be >= 0, got {t[name]}")

@@ -120,10 +120,13 @@ class Trainer:
 
     @functools.cached_property
     def jit_train_step(self) -> Callable[[State, dict | None, dict], tuple[State, dict]]:
-        """``train_step`` jitted with explicit shardings; it donates the state."""
+        """``train_step`` jitted with explicit shardings; it donates the state. On GPUs it compiles with the job's
+        ``xla_gpu_options``."""
+        on_gpu = self.mesh.devices.flat[0].platform == "gpu"
         return jax.jit(functools.partial(train_step, self),
                        in_shardings=(self.state_shardings, self.teacher_shardings, sharding.batch_sharding(self.mesh)),
-                       out_shardings=(self.state_shardings, sharding.replicated(self.mesh)), donate_argnums=(0,))
+                       out_shardings=(self.state_shardings, sharding.replicated(self.mesh)), donate_argnums=(0,),
+                       compiler_options=config_lib.xla_options(self.job.train.xla_gpu_options) if on_gpu else None)
 
     @functools.cached_property
     def jit_eval_step(self) -> Callable[[dict, dict], dict]:

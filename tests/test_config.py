@@ -4,6 +4,7 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import ml_collections
 import pytest
 import readme_text
@@ -71,6 +72,22 @@ def test_batch_must_divide_the_data_parallel_mesh():
         config_lib.validate(c, {"data": 4, "fsdp": 1, "tensor": 2})
 
 
+def test_the_configs_xla_gpu_options_parse_and_this_xla_knows_them():
+    """The train step's GPU compile options, as every config sets them, are options the installed XLA accepts (it
+    rejects an unknown one at compile time: a renamed option would fail every GPU run)."""
+    assert config_lib.xla_options(" xla_a=1, xla_b=x ,") == {"xla_a": "1", "xla_b": "x"}
+    assert config_lib.xla_options("") == {}
+    options = {}
+    for path in CONFIGS:
+        c = load(path)
+        for train in (c.train, c.teacher.get("train")):
+            options.update(config_lib.xla_options(train.xla_gpu_options) if train else {})
+    assert options == {"xla_gpu_dot_merger_threshold_mb": "0"}
+    assert float(jax.jit(lambda x: x + 1, compiler_options=options)(1.0)) == 2.0
+    with pytest.raises(Exception, match="xla_gpu_no_such_option"):
+        jax.jit(lambda x: x + 2, compiler_options={"xla_gpu_no_such_option": "0"})(1.0)
+
+
 def test_sizes_follow_the_paper():
     small, tiny = load(CONFIGS[0].parent / "vim_small.py"), load(CONFIGS[0].parent / "vim_tiny.py")
     assert (small.teacher.embed_dim, small.teacher.num_heads, small.student.embed_dim) == (384, 6, 384)
@@ -97,6 +114,8 @@ def test_wrong_type_fails():
 
 
 @pytest.mark.parametrize("override, key", [
+    ("--config.train.xla_gpu_options=dot_merger=0", "train.xla_gpu_options"),
+    ("--config.train.xla_gpu_options=xla_gpu_dot_merger_threshold_mb", "train.xla_gpu_options"),
     ("--config.data.subset_fraction=-0.1", "data.subset_fraction"),
     ("--config.data.subset_fraction=1.5", "data.subset_fraction"),
     ("--config.loss.mode=hard", "loss.mode"),
