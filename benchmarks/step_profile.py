@@ -5,7 +5,7 @@
 Builds the step as ``train_throughput.py`` does (synthetic images on the device), times ``--steps`` steps, then
 records ``--profile_steps`` more with ``jax.profiler`` and sums the device time of every executed HLO op by the
 innermost of the model's named scopes in its metadata (``SCOPES``: ``jax.named_scope`` in the models and the train
-step). Ops under a ``transpose(...)`` name (the backward pass, remat's recomputation included) are counted apart
+step; a fusion XLA made without metadata, such as a padded copy before a matmul, by the ops inside it). Ops under a ``transpose(...)`` name (the backward pass, remat's recomputation included) are counted apart
 from the forward pass. ``host and idle`` is the step's wall time minus the time the device was busy. On GPU the
 step runs without CUDA graphs here (XLA's command buffers hide the kernels from the profile), so its wall time is a
 little above ``train_throughput.py``'s. On CPU the ops of several threads overlap, so the parts can sum past the
@@ -38,9 +38,20 @@ SCOPES = ("prepare", "teacher", "student", "patch_embed", "norm_residual", "in_p
 
 
 def op_scopes(hlo_text: str) -> dict[str, str]:
-    """Instruction name -> its metadata's op_name, from a compiled module's text."""
-    pattern = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?metadata=\{[^}]*op_name=\"([^\"]*)\"", re.M)
-    return dict(pattern.findall(hlo_text))
+    """Instruction name -> its metadata's op_name, from a compiled module's text. A fusion without one (XLA's own,
+    such as the padded copy before a split-K matmul) takes the first op_name in the computation it calls."""
+    op_name = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?metadata=\{[^}]*op_name=\"([^\"]*)\"")
+    calls = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?\bcalls=%?([\w.\-]+)")
+    scopes, first_in, callers, computation = {}, {}, {}, None
+    for line in hlo_text.splitlines():
+        if line.rstrip().endswith("{") and not line[:1].isspace():  # a computation's header
+            computation = re.sub(r"^ENTRY\s+", "", line).lstrip("%").split(" ", 1)[0]
+        elif named := op_name.match(line):
+            scopes[named[1]] = named[2]
+            first_in.setdefault(computation, named[2])
+        elif call := calls.match(line):
+            callers[call[1]] = call[2]
+    return {**{op: first_in[c] for op, c in callers.items() if c in first_in}, **scopes}
 
 
 def part_of(op_name: str | None) -> tuple[str, bool]:

@@ -195,6 +195,28 @@ def test_idle_gaps_are_summed_by_the_ops_around_them(monkeypatch):
     assert script.idle_gaps(events) == {("b", "c"): 8, ("d", "e"): 10, ("e", "c"): 9}
 
 
+def test_a_fusion_without_metadata_takes_the_scope_of_its_computation(monkeypatch):
+    """XLA's own fusions (the padded copy before a split-K matmul) carry no op_name; the ops inside them do."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    script = importlib.import_module("step_profile")
+    hlo = """%fused_pad.1 (param_0: bf16[4,3,8]) -> bf16[16,8] {
+  %param_0 = bf16[4,3,8]{2,1,0} parameter(0), metadata={scheduling_name="param_0"}
+  %bitcast.1 = bf16[12,8]{1,0} bitcast(%param_0), metadata={op_name="jit(step)/transpose(jvp(x_proj))/dot_general"}
+  ROOT %pad.1 = bf16[16,8]{1,0} pad(%bitcast.1, %constant.1), padding=0_4x0_0
+}
+
+ENTRY %main.2 (p: bf16[4,3,8]) -> bf16[16,8] {
+  %p = bf16[4,3,8]{2,1,0} parameter(0)
+  %mul.3 = bf16[4,3,8]{2,1,0} multiply(%p, %p), metadata={op_name="jit(step)/conv1d/mul"}
+  ROOT %loop_pad_fusion.1 = bf16[16,8]{1,0} fusion(%mul.3), kind=kLoop, calls=%fused_pad.1, metadata={scheduling_name="x"}
+}
+"""
+    scopes = script.op_scopes(hlo)
+    assert scopes["loop_pad_fusion.1"] == "jit(step)/transpose(jvp(x_proj))/dot_general"
+    assert scopes["mul.3"] == "jit(step)/conv1d/mul" and "p" not in scopes
+    assert script.part_of(scopes["loop_pad_fusion.1"]) == ("x_proj", True)
+
+
 def test_loss_trajectory_summarises_saves_and_plots_the_run(tmp_path):
     out = run_script("loss_trajectory.py", TINY_VISION, "--config=demo", "--dtypes=float32", "--batch_size=2",
                      "--steps=3", "--batches=1", f"--out={tmp_path / 'traj.json'}", f"--plot={tmp_path / 'traj.png'}")
