@@ -208,7 +208,7 @@ def test_a_fusion_without_metadata_takes_the_scope_of_its_computation(monkeypatc
 ENTRY %main.2 (p: bf16[4,3,8]) -> bf16[16,8] {
   %p = bf16[4,3,8]{2,1,0} parameter(0)
   %mul.3 = bf16[4,3,8]{2,1,0} multiply(%p, %p), metadata={op_name="jit(step)/conv1d/mul"}
-  ROOT %loop_pad_fusion.1 = bf16[16,8]{1,0} fusion(%mul.3), kind=kLoop, calls=%fused_pad.1, metadata={scheduling_name="x"}
+  ROOT %loop_pad_fusion.1 = bf16[16,8]{1,0} fusion(%mul.3), kind=kLoop, calls=%fused_pad.1, metadata={a="x"}
 }
 """
     scopes = script.op_scopes(hlo)
