@@ -42,15 +42,17 @@ def add_overrides_flag(parser, example: str = "student.depth=2,teacher.depth=1")
 
 def apply_overrides(c, overrides: str) -> None:
     """Sets ``overrides`` ("student.depth=2,teacher.depth=1": dotted fields of the ConfigDict ``c``, each value read
-    as its field's type, a boolean as "true" or not) in ``c``. A value may hold commas
-    ("student.scan_blocks=2,32,1,1,4"): items split only at a comma followed by the next ``key=``."""
+    as its field's type by ``config.parse_value``) in ``c``. A value may hold commas ("student.scan_blocks=2,32,1,1,4"):
+    items split only at a comma followed by the next ``key=``."""
+    from cab_jax.config import parse_value
+
     for item in filter(None, re.split(r",(?=[\w.]+=)", overrides)):
         key, value = item.split("=", 1)
         *parents, leaf = key.split(".")
         node = c
         for p in parents:
             node = node[p]
-        node[leaf] = type(node[leaf])(value) if not isinstance(node[leaf], bool) else value == "true"
+        node[leaf] = parse_value(key, value, node.get_type(leaf))
 
 
 def synthetic_setup(config_name: str, dtype: str, batch_size: int, steps: int, remat: bool, mode: str,

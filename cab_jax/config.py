@@ -42,19 +42,20 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
         key = key.strip()
         if not sep or key not in defaults:
             raise ConfigError(f"config variant {item!r}: expected key=value with a key among {sorted(defaults)}")
-        out[key] = _parse_value(key, text.strip(), defaults[key])
+        out[key] = parse_value(f"config variant {key}", text.strip(), type(defaults[key]))
     return out
 
 
-def _parse_value(key: str, text: str, default: Any) -> Any:
-    if isinstance(default, bool):
+def parse_value(key: str, text: str, kind: type) -> Any:
+    """``text`` as a ``kind`` (a bool from True/False/1/0, any case); a ConfigError naming ``key`` otherwise."""
+    if kind is bool:
         if text.lower() not in ("true", "false", "1", "0"):
-            raise ConfigError(f"config variant {key}={text!r}: expected True or False")
+            raise ConfigError(f"{key}={text!r}: expected True or False")
         return text.lower() in ("true", "1")
     try:
-        return type(default)(text)
+        return kind(text)
     except ValueError as e:
-        raise ConfigError(f"config variant {key}={text!r}: expected a {type(default).__name__}") from e
+        raise ConfigError(f"{key}={text!r}: expected a {kind.__name__}") from e
 
 
 # ------------------------------------------------------------------------------------ default sections

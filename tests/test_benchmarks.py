@@ -78,9 +78,13 @@ def test_overrides_split_at_keys_so_a_value_may_hold_commas(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     from common import apply_overrides
 
-    c = ml_collections.ConfigDict({"student": {"scan_blocks": "", "depth": 24, "remat": True}, "lr": 0.1})
-    apply_overrides(c, "student.scan_blocks=2,32,1,1,4,student.depth=2,student.remat=false,lr=0.5")
-    assert c.to_dict() == {"student": {"scan_blocks": "2,32,1,1,4", "depth": 2, "remat": False}, "lr": 0.5}
+    c = ml_collections.ConfigDict({"student": {"scan_blocks": "", "depth": 24, "remat": True}, "lr": 0.1,
+                                   "steps": ml_collections.config_dict.placeholder(int)})
+    apply_overrides(c, "student.scan_blocks=2,32,1,1,4,student.depth=2,student.remat=false,lr=0.5,steps=7")
+    assert c.to_dict() == {"student": {"scan_blocks": "2,32,1,1,4", "depth": 2, "remat": False}, "lr": 0.5,
+                           "steps": 7}
+    with pytest.raises(ValueError, match=r"student\.remat='flase': expected True or False"):
+        apply_overrides(c, "student.remat=flase")
 
 
 def run_script(script: str, *flags: str) -> str:
