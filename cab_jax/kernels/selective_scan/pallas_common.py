@@ -135,14 +135,16 @@ Forward = Callable[..., tuple[jax.Array, jax.Array | None, tuple[jax.Array, ...]
 Backward = Callable[..., tuple[tuple[DirectionGrads, ...], jax.Array | None]]
 
 
-def make_scan(forward: Forward, backward: Backward) -> Callable[..., jax.Array]:
+def make_scan(forward: Forward, backward: Backward, interpreter_has_effects: bool = False) -> Callable[..., jax.Array]:
     """``scan(dirs, z, cfg) -> out``: a ``custom_vjp`` whose forward and backward passes are the backend's
     launchers (``dirs`` with D and delta_bias given, see ``with_defaults``). It computes on the arrays it is
     given: a caller that shards them runs it inside ``jax.shard_map``.
 
     With ``cfg.name_residuals`` the gradient's forward pass names the kernel's outputs ``SCAN_RESIDUALS`` (for a
     remat policy that keeps them). Without it, a forward pass whose residuals ``jax.checkpoint`` drops runs the
-    kernel without saving states (``optimize_remat``), and the backward pass runs it again with them."""
+    kernel without saving states (``optimize_remat``), and the backward pass runs it again with them; except
+    interpreted when the backend's interpreter has effects (``interpreter_has_effects``: optimize_remat refuses
+    those)."""
 
     def scan_bwd(cfg, residuals, dout):
         dirs, z, ypre, states = residuals
@@ -170,6 +172,7 @@ def make_scan(forward: Forward, backward: Backward) -> Callable[..., jax.Array]:
     named, unnamed = with_vjp(SCAN_RESIDUALS), with_vjp(None)
 
     def scan(dirs: tuple[ScanDirection, ...], z: jax.Array | None, cfg: KernelConfig) -> jax.Array:
-        return (named if cfg.name_residuals else unnamed)(dirs, z, cfg)
+        plain = not cfg.name_residuals and not (cfg.interpret and interpreter_has_effects)
+        return (unnamed if plain else named)(dirs, z, cfg)
 
     return scan

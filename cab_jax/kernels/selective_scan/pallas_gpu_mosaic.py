@@ -585,4 +585,4 @@ def _backward(dirs, z, ypre, states, dout, cfg: KernelConfig):
 
 
 # The Mosaic GPU kernels as scan(dirs, z, cfg) -> out, with their custom_vjp (what api.py calls).
-scan = make_scan(_forward, _backward)
+scan = make_scan(_forward, _backward, interpreter_has_effects=True)  # its interpreter's IO callbacks
