@@ -6,12 +6,12 @@ Builds the step as ``train_throughput.py`` does (synthetic images on the device)
 records ``--profile_steps`` more with ``jax.profiler`` and sums the device time of every executed HLO op by the
 innermost of the model's named scopes in its metadata (``SCOPES``: ``jax.named_scope`` in the models and the train
 step; a fusion XLA made without metadata, such as a padded copy before a matmul, by the ops inside it). Ops under a
-``transpose(...)`` name (the backward pass, remat's recomputation included) are counted apart from the forward
-pass. ``host and idle`` is the step's wall time minus the time the device was busy. On GPU the
-step runs without CUDA graphs here (XLA's command buffers hide the kernels from the profile), so its wall time is a
-little above ``train_throughput.py``'s. On CPU the ops of several threads overlap, so the parts can sum past the
-step. Prints three Markdown tables (parts, the slowest ops, and the longest idle gaps between the step's ops, by
-the ops on either side); ``--out`` also writes them as JSON.
+``transpose(...)`` name (the backward pass, remat's recomputation included) are counted apart from the forward pass.
+``host and idle`` is the step's wall time minus the time the device was busy. On GPU the step runs without CUDA
+graphs here (XLA's command buffers hide the kernels from the profile), so its wall time is a little above
+``train_throughput.py``'s. On CPU the ops of several threads overlap, so the parts can sum past the step. Prints
+three Markdown tables (parts, the slowest ops, and the longest idle gaps between the step's ops, by the ops on
+either side); ``--out`` also writes them as JSON.
 """
 
 from __future__ import annotations
