@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from test_bridge import all_eqns
+from test_selective_scan_pallas import kernel_launches
 
 from cab_jax.models import registry
 from cab_jax.models.layers import build_stacked, dense, drop_path, drop_path_rates, layer_norm, token_params
@@ -640,8 +641,7 @@ def forward_kernel_outputs(jaxpr) -> list[int]:
     """The output count of every selective-scan forward kernel launch in ``jaxpr``, in order (2 for a
     bidirectional launch that saves no states: out and the first direction's sum; 4 with both directions'
     states)."""
-    return [len(e.outvars) for e in all_eqns(jaxpr)
-            if e.primitive.name == "pallas_call" and e.params["name"] == "selective_scan_fwd"]
+    return [len(e.outvars) for e in kernel_launches(jaxpr, "selective_scan_fwd")]
 
 
 @pytest.mark.parametrize("mesh", [None, ("data", "tensor")])

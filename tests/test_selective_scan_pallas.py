@@ -179,6 +179,11 @@ def test_bfloat16_inputs_accumulate_in_a_float32_state_in_the_kernels(kernel):
     np.testing.assert_allclose(np.asarray(y.astype(jnp.float32))[0, :, 0], steps, rtol=2**-8 + 1e-4)
 
 
+def kernel_launches(jaxpr, name: str) -> list:
+    """The Pallas launches named ``name`` in ``jaxpr`` and the jaxprs nested in it, in order."""
+    return [e for e in all_eqns(jaxpr) if e.primitive.name == "pallas_call" and e.params["name"] == name]
+
+
 def test_triton_backward_writes_bfloat16_gradients_rounded_once_from_float32():
     """For bfloat16 inputs the Triton backward kernel stores du, d delta and dz as bfloat16 itself (no float32
     copies for XLA to convert): each equals the float32 computation on the same values, rounded to nearest."""
@@ -199,8 +204,7 @@ def test_triton_backward_writes_bfloat16_gradients_rounded_once_from_float32():
         assert g.dtype == jnp.bfloat16
         np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(e.astype(jnp.bfloat16), np.float32))
     jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(*args).jaxpr
-    launch = next(e for e in all_eqns(jaxpr) if e.primitive.name == "pallas_call"
-                  and e.params["name"] == "selective_scan_bwd")
+    [launch] = kernel_launches(jaxpr, "selective_scan_bwd")
     assert [v.aval.dtype for v in launch.outvars if v.aval.shape == z.shape] == [jnp.bfloat16] * 5
 
 
