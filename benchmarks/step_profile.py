@@ -7,11 +7,12 @@ records ``--profile_steps`` more with ``jax.profiler`` and sums the device time 
 innermost of the model's named scopes in its metadata (``SCOPES``: ``jax.named_scope`` in the models and the train
 step; a fusion XLA made without metadata, such as a padded copy before a matmul, by the ops inside it). Ops under a
 ``transpose(...)`` name (the backward pass, remat's recomputation included) are counted apart from the forward pass.
-``host and idle`` is the step's wall time minus the time the device was busy. On GPU the step runs without CUDA
-graphs here (XLA's command buffers hide the kernels from the profile), so its wall time is a little above
-``train_throughput.py``'s. On CPU the ops of several threads overlap, so the parts can sum past the step. Prints
-three Markdown tables (parts, the slowest ops, and the longest idle gaps between the step's ops, by the ops on
-either side); ``--out`` also writes them as JSON.
+Device events without an HLO op inside the step (a library's own kernels, memsets) count as ``no hlo op``, so
+``host and idle``, the step's wall time minus the time the device was busy, is time no kernel ran. On GPU the step
+runs without CUDA graphs here (XLA's command buffers hide the kernels from the profile), so its wall time is a
+little above ``train_throughput.py``'s. On CPU the ops of several threads overlap, so the parts can sum past the
+step. Prints three Markdown tables (parts, the slowest ops, and the longest idle gaps between the step's ops, by the
+ops on either side); ``--out`` also writes them as JSON.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from
 from common import add_overrides_flag, synthetic_setup  # benchmarks/common.py
 
 from cab_jax.summary import markdown_table
+
+# Device events inside the step's span without an HLO op (a library's own kernels, memsets): op name prefix.
+UNNAMED = "no hlo op: "
 
 # The named scopes of the step, as parts of the table (innermost wins).
 SCOPES = ("prepare", "teacher", "student", "patch_embed", "norm_residual", "in_proj", "conv1d", "x_proj",
@@ -64,15 +68,30 @@ def part_of(op_name: str | None) -> tuple[str, bool]:
     return (known[-1] if known else "other"), "transpose" in op_name
 
 
+def part_of_op(op: str, scopes: dict[str, str]) -> tuple[str, bool]:
+    """``part_of`` the op's scope; the part "no hlo op" for a device event without one."""
+    return ("no hlo op", False) if op.startswith(UNNAMED) else part_of(scopes.get(op))
+
+
 def device_events(trace: dict, module: str) -> list[dict]:
     """The trace's op events of ``module``: those of the device's timelines when there are any (GPU), else of the
-    host's threads (CPU, where the ops run on the host)."""
+    host's threads (CPU, where the ops run on the host). On the device, events of its streams that carry no HLO op
+    (a library's own kernels, memsets) between the module's first and last op come too, named ``UNNAMED`` + name."""
     events = [e for e in trace["traceEvents"] if e.get("ph") == "X" and e.get("args", {}).get("hlo_op")
               and module in e["args"].get("hlo_module", "")]
-    names = {e["pid"]: e["args"]["name"] for e in trace["traceEvents"]
-             if e.get("ph") == "M" and e.get("name") == "process_name"}
-    on_device = [e for e in events if "/device:" in names.get(e["pid"], "")]
-    return without_containers(on_device or events)
+    metadata = [e for e in trace["traceEvents"] if e.get("ph") == "M"]
+    processes = {e["pid"]: e["args"]["name"] for e in metadata if e.get("name") == "process_name"}
+    threads = {(e["pid"], e.get("tid")): e["args"]["name"] for e in metadata if e.get("name") == "thread_name"}
+    on_device = [e for e in events if "/device:" in processes.get(e["pid"], "")]
+    if not on_device:
+        return without_containers(events)
+    first, last = min(e["ts"] for e in on_device), max(e["ts"] + e["dur"] for e in on_device)
+    devices = {e["pid"] for e in on_device}
+    unnamed = [{**e, "args": {**e.get("args", {}), "hlo_op": UNNAMED + e["name"]}} for e in trace["traceEvents"]
+               if e.get("ph") == "X" and not e.get("args", {}).get("hlo_op") and e["pid"] in devices
+               and "stream" in threads.get((e["pid"], e.get("tid")), "").lower()
+               and first <= e["ts"] < last]
+    return without_containers(on_device + unnamed)
 
 
 def without_containers(events: list[dict]) -> list[dict]:
@@ -148,7 +167,7 @@ def profile(args: argparse.Namespace) -> dict:
     per_step = lambda us: round(us / 1e3 / args.profile_steps, 3)
     totals, ops = collections.defaultdict(lambda: [0.0, 0.0]), collections.Counter()
     for e in events:
-        part, backward = part_of(scopes.get(e["args"]["hlo_op"]))
+        part, backward = part_of_op(e["args"]["hlo_op"], scopes)
         totals[part][backward] += e["dur"]
         ops[(e["args"]["hlo_op"], part, backward)] += e["dur"]
     busy = per_step(busy_us(events))
@@ -160,7 +179,7 @@ def profile(args: argparse.Namespace) -> dict:
     slowest = [{"op": op, "part": part, "pass": "backward" if backward else "forward", "ms": per_step(us),
                 "jax op": (scopes.get(op) or "").rsplit("/", 1)[-1]}
                for (op, part, backward), us in ops.most_common(args.top)]
-    name = lambda op: f"{op} ({part_of(scopes.get(op))[0]})"
+    name = lambda op: f"{op} ({part_of_op(op, scopes)[0]})"
     gaps = [{"idle after": name(before), "before": name(after), "ms": per_step(us)}
             for (before, after), us in idle_gaps(events).most_common(args.gaps)]
     images_per_s = args.batch_size / step_ms * 1e3

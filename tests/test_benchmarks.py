@@ -199,6 +199,30 @@ def test_idle_gaps_are_summed_by_the_ops_around_them(monkeypatch):
     assert script.idle_gaps(events) == {("b", "c"): 8, ("d", "e"): 10, ("e", "c"): 9}
 
 
+def test_device_events_without_an_hlo_op_count_inside_the_step(monkeypatch):
+    """A library's own kernels (cuBLAS's, a memset) on a device stream carry no HLO op: those between the step's
+    first and last op count as busy time under "no hlo op"; the module's span line and the host do not."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    script = importlib.import_module("step_profile")
+    meta = lambda kind, pid, name, tid=None: {"ph": "M", "name": kind, "pid": pid, "tid": tid, "args": {"name": name}}
+    op = lambda name, ts, dur, tid=1, pid=1, module="jit_train_step": {
+        "ph": "X", "name": name, "pid": pid, "tid": tid, "ts": ts, "dur": dur,
+        "args": {"hlo_op": name, "hlo_module": module}}
+    bare = lambda name, ts, dur, tid=1, pid=1: {"ph": "X", "name": name, "pid": pid, "tid": tid, "ts": ts, "dur": dur}
+    trace = {"traceEvents": [
+        meta("process_name", 1, "/device:GPU:0"), meta("process_name", 2, "/host:CPU"),
+        meta("thread_name", 1, "Stream #7(Compute)", tid=1), meta("thread_name", 1, "XLA Modules", tid=2),
+        op("custom-call.1", 10, 5), bare("sm90_gemm_splitk_reduce", 15, 3), op("fusion.2", 20, 4),
+        bare("jit_train_step(1)", 10, 14, tid=2), bare("before_the_step", 0, 5), bare("after_the_step", 30, 5),
+        bare("host_work", 12, 2, pid=2), op("other_module_op", 16, 1, module="jit_eval")]}
+    events = script.device_events(trace, "train_step")
+    assert sorted(e["args"]["hlo_op"] for e in events) == [
+        "custom-call.1", "fusion.2", script.UNNAMED + "sm90_gemm_splitk_reduce"]
+    assert script.busy_us(events) == 12 and script.idle_gaps(events) == {(script.UNNAMED + "sm90_gemm_splitk_reduce",
+                                                                          "fusion.2"): 2}
+    assert script.part_of_op(script.UNNAMED + "x", {}) == ("no hlo op", False)
+
+
 def test_a_fusion_without_metadata_takes_the_scope_of_its_computation(monkeypatch):
     """XLA's own fusions (the padded copy before a split-K matmul) carry no op_name; the ops inside them do."""
     monkeypatch.syspath_prepend(str(BENCHMARKS))
