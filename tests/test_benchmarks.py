@@ -33,6 +33,19 @@ def repository_imports(path: pathlib.Path) -> list[tuple[str, str]]:
     return pairs
 
 
+@pytest.fixture
+def bench_script(monkeypatch):
+    """Imports a script of ``benchmarks/`` by module name, fresh (as the scripts import each other: from that
+    folder)."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+
+    def load(module: str):
+        monkeypatch.delitem(sys.modules, module, raising=False)
+        return importlib.import_module(module)
+
+    return load
+
+
 def test_the_scripts_are_found():
     assert {"train_throughput.py", "step.py", "bench.py"} <= {p.name for p in SCRIPTS}
 
@@ -56,12 +69,11 @@ def test_the_benchmark_shell_scripts_are_shellcheck_clean():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_matmul_flops_counts_products_convolutions_and_every_scan_iteration(monkeypatch):
+def test_matmul_flops_counts_products_convolutions_and_every_scan_iteration(bench_script):
     import jax
     import jax.numpy as jnp
 
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    from common import matmul_flops
+    matmul_flops = bench_script("common").matmul_flops
 
     w, x = jnp.ones((3, 8, 16)), jnp.ones((4, 8))
     layers = lambda w, x: jax.lax.scan(lambda h, wi: (jnp.tanh(h @ wi[:, :8]), None), x, w)[0]
@@ -72,11 +84,10 @@ def test_matmul_flops_counts_products_convolutions_and_every_scan_iteration(monk
     assert matmul_flops(jax.jit(lambda a: a @ a.T), x) == 2 * 4 * 4 * 8  # inside a nested jit
 
 
-def test_overrides_split_at_keys_so_a_value_may_hold_commas(monkeypatch):
+def test_overrides_split_at_keys_so_a_value_may_hold_commas(bench_script):
     import ml_collections
 
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    from common import apply_overrides
+    apply_overrides = bench_script("common").apply_overrides
 
     c = ml_collections.ConfigDict({"student": {"scan_blocks": "", "depth": 24, "remat": True}, "lr": 0.1,
                                    "steps": ml_collections.config_dict.placeholder(int)})
@@ -147,16 +158,14 @@ def test_memory_estimate_prints_the_estimate_beside_xla():
     assert_numbers(rows, positive=("estimate GiB", "of which activations", "xla GiB"), nonnegative=("peak GiB",))
 
 
-def test_memory_estimate_measures_each_combination_of_its_lists_once(monkeypatch, capsys):
+def test_memory_estimate_measures_each_combination_of_its_lists_once(bench_script, monkeypatch, capsys):
     """README's H200 command, `memory_estimate.py --configs=vim_tiny,vim_small --dtypes=float32,bfloat16
     --remat=true,false --batch_size=128`, gives one row per config, dtype and remat: eight measurements, each with
     arguments ``measure`` takes, in the table's order (the measurement itself, one process per row, is run above for
     one row; here the processes are replaced by a row of their arguments)."""
     import inspect
 
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    monkeypatch.delitem(sys.modules, "memory_estimate", raising=False)
-    script = importlib.import_module("memory_estimate")
+    script = bench_script("memory_estimate")
     fields = {"config_name": "config", "dtype": "dtype", "remat": "remat", "batch_size": "batch"}
 
     def run_each(path, jobs, error_row):
@@ -190,20 +199,18 @@ def test_step_profile_splits_the_step_by_scope(tmp_path):
     assert_numbers(slowest, positive=("ms",))
 
 
-def test_idle_gaps_are_summed_by_the_ops_around_them(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    script = importlib.import_module("step_profile")
+def test_idle_gaps_are_summed_by_the_ops_around_them(bench_script):
+    script = bench_script("step_profile")
     event = lambda op, ts, dur, tid=0: {"ts": ts, "dur": dur, "tid": tid, "args": {"hlo_op": op}}
     events = [event("a", 0, 10), event("b", 5, 7, tid=1), event("c", 20, 5), event("d", 25, 5), event("e", 40, 1),
               event("c", 50, 5), event("f", 1, 2)]  # f lies inside a; c follows e after a gap, as after b
     assert script.idle_gaps(events) == {("b", "c"): 8, ("d", "e"): 10, ("e", "c"): 9}
 
 
-def test_device_events_without_an_hlo_op_count_inside_the_step(monkeypatch):
+def test_device_events_without_an_hlo_op_count_inside_the_step(bench_script):
     """A library's own kernels (cuBLAS's, a memset) on a device stream carry no HLO op: those between the step's
     first and last op count as busy time under "no hlo op"; the module's span line and the host do not."""
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    script = importlib.import_module("step_profile")
+    script = bench_script("step_profile")
     meta = lambda kind, pid, name, tid=None: {"ph": "M", "name": kind, "pid": pid, "tid": tid, "args": {"name": name}}
     op = lambda name, ts, dur, tid=1, pid=1, module="jit_train_step": {
         "ph": "X", "name": name, "pid": pid, "tid": tid, "ts": ts, "dur": dur,
@@ -223,10 +230,9 @@ def test_device_events_without_an_hlo_op_count_inside_the_step(monkeypatch):
     assert script.part_of_op(script.UNNAMED + "x", {}) == ("no hlo op", False)
 
 
-def test_a_fusion_without_metadata_takes_the_scope_of_its_computation(monkeypatch):
+def test_a_fusion_without_metadata_takes_the_scope_of_its_computation(bench_script):
     """XLA's own fusions (the padded copy before a split-K matmul) carry no op_name; the ops inside them do."""
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    script = importlib.import_module("step_profile")
+    script = bench_script("step_profile")
     hlo = """%fused_pad.1 (param_0: bf16[4,3,8]) -> bf16[16,8] {
   %param_0 = bf16[4,3,8]{2,1,0} parameter(0), metadata={scheduling_name="param_0"}
   %bitcast.1 = bf16[12,8]{1,0} bitcast(%param_0), metadata={op_name="jit(step)/transpose(jvp(x_proj))/dot_general"}
