@@ -313,7 +313,9 @@ def _backward_scratch(launch: _Launch, dirs: tuple[ScanDirection, ...], z: jax.A
     dtypes = {"u": dirs[0].u.dtype, "delta": dirs[0].delta.dtype, "B": _F32, "C": _F32, "dout": dout_dtype,
               "z": None if z is None else z.dtype, "ypre": _F32}
     ins = _tile_types(launch, {name: dtypes[name] for name in _backward_reads(launch)})
-    outs = _tile_types(launch, {"du": _F32, "ddelta": _F32, **({"dz": _F32} if z is not None else {})})
+    # du, d delta and dz in their inputs' dtypes: each position's is written once, rounded as a cast after would.
+    outs = _tile_types(launch, {"du": dirs[0].u.dtype, "ddelta": dirs[0].delta.dtype,
+                                **({"dz": z.dtype} if z is not None else {})})
     products = _Products(launch)
     outs["dBC"] = plgpu.SMEM((2, launch.tile * products.width + 2 * products.rows), _F32)
     terms = plgpu.SMEM((products.rows, LANES), _F32)
@@ -446,7 +448,8 @@ def _backward_chunk(tiles: _Tiles, ins, outs, terms, size: int, slot, c, steps: 
             zt = ins["z"][slot, r].astype(_F32)
             sig = sigmoid(zt)
             if dz:
-                outs["dz"][slot, r] = dy * ins["ypre"][slot, r] * sig * (1.0 + zt * (1.0 - sig))
+                dz_r = dy * ins["ypre"][slot, r] * sig * (1.0 + zt * (1.0 - sig))
+                outs["dz"][slot, r] = dz_r.astype(outs["dz"].dtype)
             dy = dy * zt * sig
         dh = [dh_n + ins["C"][slot, r, n] * dy for n, dh_n in enumerate(dh)]
         dtu = dt * u
@@ -461,11 +464,11 @@ def _backward_chunk(tiles: _Tiles, ins, outs, terms, size: int, slot, c, steps: 
             ddt_a = ddt_a + dh_a_h * d.A[n]
             dA[n] = dA[n] + dh_a_h * dt
             dh[n] = dh[n] * decay
-        outs["du"][slot, r] = b_dh * dt + d.D * dy
+        outs["du"][slot, r] = (b_dh * dt + d.D * dy).astype(outs["du"].dtype)
         dpre = ddt_a + u * b_dh
         if launch.delta_softplus:
             dpre = dpre * sigmoid(pre)
-        outs["ddelta"][slot, r] = dpre
+        outs["ddelta"][slot, r] = dpre.astype(outs["ddelta"].dtype)
         dD, dbias = dD + dy * u, dbias + dpre
 
     plgpu.commit_smem()  # a barrier: the products are written before they are summed
@@ -564,11 +567,12 @@ def _backward(dirs, z, ypre, states, dout, cfg: KernelConfig):
     batch, length, d_inner = dirs[0].u.shape
     width = ypre.shape[-1]
     n_state, n_blocks, bc = launch.d_state, width // LANES, _Products(launch).width
-    act = jax.ShapeDtypeStruct((batch, length, width), _F32)
+    act = functools.partial(jax.ShapeDtypeStruct, (batch, length, width))
     per_batch = jax.ShapeDtypeStruct((batch, width), _F32)
-    grad_types = _BlockGrads(act, act, jax.ShapeDtypeStruct((batch, n_state, width), _F32),
+    grad_types = _BlockGrads(act(dirs[0].u.dtype), act(dirs[0].delta.dtype),
+                             jax.ShapeDtypeStruct((batch, n_state, width), _F32),
                              jax.ShapeDtypeStruct((batch, n_blocks, length * bc), _F32), per_batch, per_batch)
-    out_type = ((act,) if z is not None else ()) + tuple(grad_types) * len(dirs)
+    out_type = ((act(z.dtype),) if z is not None else ()) + tuple(grad_types) * len(dirs)
     args = _kernel_inputs(dirs, width) + ([] if z is None else [_padded(z, width), ypre]) + [
         _padded(dout, width), *states]
     body = functools.partial(_backward_kernel, launch, _backward_scratch(launch, dirs, z, dout.dtype))
