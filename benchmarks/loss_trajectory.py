@@ -4,6 +4,7 @@ train the same way?
     python benchmarks/loss_trajectory.py --config=vim_small --dtypes=float32,bfloat16 --steps=200 --out=traj.json \
         [--plot=traj.png]
     python benchmarks/loss_trajectory.py --replot=traj.json --plot=traj.png      # draw a saved run (needs matplotlib)
+    python benchmarks/loss_trajectory.py --replot=one_gpu.json,two_gpus.json     # runs saved apart, side by side
 
 Each run (one per dtype and scan implementation, in its own process) starts from the same initialisation and
 cycles through the same ``--batches`` synthetic batches (random images and labels: the student fits the teacher's
@@ -45,6 +46,15 @@ def measure(config_name: str, dtype: str, scan_impl: str, batch_size: int, steps
     return {"run": f"{dtype} {scan_impl}", "config": config_name, "batch": batch_size,
             "device": jax.devices()[0].device_kind, "jax": jax.__version__,
             "metrics": {k: [float(m[k]) for m in history] for k in names}}
+
+
+def saved_runs(paths: list[str]) -> list[dict]:
+    """The runs of ``--out`` files, in order; from several files each run's name starts with its file's stem."""
+    runs = []
+    for path in map(pathlib.Path, paths):
+        for run in json.loads(path.read_text()):
+            runs.append({**run, "run": f"{path.stem}: {run['run']}"} if len(paths) > 1 else run)
+    return runs
 
 
 def summary_rows(runs: list[dict], at: list[int]) -> list[dict]:
@@ -92,14 +102,15 @@ def main() -> None:
     add_overrides_flag(parser)
     parser.add_argument("--out", help="write the trajectories here (JSON)")
     parser.add_argument("--plot", help="draw them here (PNG, needs matplotlib)")
-    parser.add_argument("--replot", help="a saved --out file: only draw it (with --plot) and summarise it")
+    parser.add_argument("--replot", help="saved --out files (comma-separated): only summarise them (against the "
+                        "first file's first run) and draw them (with --plot)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         report_one(args.one, measure)
         return
     if args.replot:
-        runs = json.loads(pathlib.Path(args.replot).read_text())
+        runs = saved_runs(args.replot.split(","))
     else:
         jobs = (dict(config_name=args.config, dtype=dtype, scan_impl=impl, batch_size=args.batch_size,
                      steps=args.steps, batches=args.batches, overrides=args.set)

@@ -264,6 +264,20 @@ def test_loss_trajectory_summarises_saves_and_plots_the_run(tmp_path):
     assert (tmp_path / "traj.png").stat().st_size > 0
 
 
+def test_loss_trajectory_compares_runs_saved_apart(tmp_path, bench_script):
+    """`--replot=a.json,b.json` summarises runs of separate invocations (one GPU against two) against the first
+    file's first run, each named by its file."""
+    script = bench_script("loss_trajectory")
+    run = lambda loss: {"run": "float32 auto", "config": "demo", "batch": 2, "device": "cpu", "jax": "0",
+                        "metrics": {"loss": loss}}
+    (tmp_path / "one.json").write_text(json.dumps([run([1.0, 0.5])]))
+    (tmp_path / "two.json").write_text(json.dumps([run([1.0, 0.5]), run([1.01, 0.49])]))
+    runs = script.saved_runs([str(tmp_path / "one.json"), str(tmp_path / "two.json")])
+    assert [r["run"] for r in runs] == ["one: float32 auto", "two: float32 auto", "two: float32 auto"]
+    assert [r["max rel. deviation"] for r in script.summary_rows(runs, [1, 2])] == ["0.00%", "0.00%", "2.00%"]
+    assert script.saved_runs([str(tmp_path / "one.json")])[0]["run"] == "float32 auto"
+
+
 TINY_LM = ("teacher.vocab_size=256,student.vocab_size=256,data.vocab_size=256,teacher.hidden_size=32,"
            "student.d_model=32,teacher.depth=1,student.depth=1,teacher.num_heads=2,student.n_qk_heads=2,"
            "student.n_v_heads=2,student.d_state=16,teacher.intermediate_size=64,student.intermediate_size=64,"
