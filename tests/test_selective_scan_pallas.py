@@ -184,9 +184,22 @@ def kernel_launches(jaxpr, name: str) -> list:
     return [e for e in all_eqns(jaxpr) if e.primitive.name == "pallas_call" and e.params["name"] == name]
 
 
+def assert_bfloat16_gradients_rounded_once(grad, args, shape, backward_launch) -> None:
+    """``grad(*args)`` of a bidirectional gated scan, ``args`` bfloat16: its gradients of ``shape`` (du and d delta
+    per direction, dz) are bfloat16, each the gradient at the same values in float32 rounded to nearest, and so are
+    those outputs of the backward kernel's launch (``backward_launch(jaxpr)``: no float32 copies for XLA to cast)."""
+    wanted = lambda grads: [a for a in jax.tree.leaves(grads) if a.shape == shape]
+    got = wanted(grad(*args))
+    expected = wanted(grad(*jax.tree.map(lambda a: a.astype(jnp.float32), args)))
+    assert len(got) == 5 and all(g.dtype == jnp.bfloat16 for g in got), [g.dtype for g in got]
+    for g, e in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(e.astype(jnp.bfloat16), np.float32))
+    launch = backward_launch(jax.make_jaxpr(grad)(*args).jaxpr)
+    assert [v.aval.dtype for v in launch.outvars if v.aval.shape == shape] == [jnp.bfloat16] * 5
+
+
 def test_triton_backward_writes_bfloat16_gradients_rounded_once_from_float32():
-    """For bfloat16 inputs the Triton backward kernel stores du, d delta and dz as bfloat16 itself (no float32
-    copies for XLA to convert): each equals the float32 computation on the same values, rounded to nearest."""
+    """For bfloat16 inputs the Triton backward kernel stores du, d delta and dz as bfloat16 itself."""
     (kf, static), (kb, _) = _directions(45, 16, "bfloat16", "full", 40, 2)
     z = kf.pop("z")
     kb.pop("z")
@@ -194,18 +207,13 @@ def test_triton_backward_writes_bfloat16_gradients_rounded_once_from_float32():
     bidirectional = _pallas_fns("pallas_triton", interpret=True)[1]
     blocks = BlockSizes(chunk=4, block_d=16, save_every=1)
     loss = lambda f, b, z: jnp.sum(bidirectional(f, b, z, static["delta_softplus"], blocks=blocks) * weights)
-    wanted = lambda *args: [a for a in jax.tree.leaves(args) if a.shape == z.shape]  # du, d delta per dir, dz
-    args = (ScanDirection(**kf), ScanDirection(**kb), z)
-    got = wanted(jax.grad(loss, argnums=(0, 1, 2))(*args))
-    f32 = jax.tree.map(lambda a: a.astype(jnp.float32), args)
-    expected = wanted(jax.grad(loss, argnums=(0, 1, 2))(*f32))
-    assert len(got) == 5
-    for g, e in zip(got, expected, strict=True):
-        assert g.dtype == jnp.bfloat16
-        np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(e.astype(jnp.bfloat16), np.float32))
-    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(*args).jaxpr
-    [launch] = kernel_launches(jaxpr, "selective_scan_bwd")
-    assert [v.aval.dtype for v in launch.outvars if v.aval.shape == z.shape] == [jnp.bfloat16] * 5
+
+    def backward_launch(jaxpr):
+        [launch] = kernel_launches(jaxpr, "selective_scan_bwd")
+        return launch
+
+    assert_bfloat16_gradients_rounded_once(jax.grad(loss, argnums=(0, 1, 2)),
+                                           (ScanDirection(**kf), ScanDirection(**kb), z), z.shape, backward_launch)
 
 
 @pytest.mark.parametrize("platform,impl", [("cuda", "pallas_triton"), ("cuda", "pallas_mosaic"), ("tpu", "pallas")])
