@@ -314,8 +314,8 @@ def _backward_scratch(launch: _Launch, dirs: tuple[ScanDirection, ...], z: jax.A
               "z": None if z is None else z.dtype, "ypre": _F32}
     ins = _tile_types(launch, {name: dtypes[name] for name in _backward_reads(launch)})
     # du, d delta and dz in their inputs' dtypes: each position's is written once, rounded as a cast after would.
-    outs = _tile_types(launch, {"du": dirs[0].u.dtype, "ddelta": dirs[0].delta.dtype,
-                                **({"dz": z.dtype} if z is not None else {})})
+    outs = _tile_types(launch, {"du": dtypes["u"], "ddelta": dtypes["delta"],
+                                **({"dz": dtypes["z"]} if z is not None else {})})
     products = _Products(launch)
     outs["dBC"] = plgpu.SMEM((2, launch.tile * products.width + 2 * products.rows), _F32)
     terms = plgpu.SMEM((products.rows, LANES), _F32)
