@@ -536,9 +536,10 @@ def _kernel_inputs(dirs: tuple[ScanDirection, ...], width: int) -> list[jax.Arra
 # tiles the copies out read, GMEM outputs are only written, and after commit_smem no thread reads a tile that a copy
 # then overwrites. The one region threads both write and read is the backward's dB/dC terms of a chunk (written per
 # channel, read across threads): a barrier (commit_smem) between its writes and its reads, and one before the next
-# chunk writes it again; the others are in the waits for copies.
-FORWARD_PARAMS = plgpu.CompilerParams(unsafe_no_auto_barriers=True)
-BACKWARD_PARAMS = plgpu.CompilerParams(unsafe_no_auto_barriers=True)
+# chunk writes it again; the others are in the waits for copies. exp and log run as the GPU's approximate ex2 and
+# lg2 instructions (``approx_math``): BENCHMARKS.md gives the errors and times with and without.
+FORWARD_PARAMS = plgpu.CompilerParams(unsafe_no_auto_barriers=True, approx_math=True)
+BACKWARD_PARAMS = plgpu.CompilerParams(unsafe_no_auto_barriers=True, approx_math=True)
 
 
 def _call(body, out_type, batch: int, width: int, cfg: KernelConfig, params: plgpu.CompilerParams | None):
