@@ -9,11 +9,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental.pallas import mosaic_gpu as plgpu
 from test_bridge import all_eqns
 from test_selective_scan_pallas import assert_bfloat16_gradients_rounded_once
 
 from cab_jax.kernels.selective_scan import pallas_gpu_mosaic, reference
-from cab_jax.kernels.selective_scan.pallas_common import BlockSizes, KernelConfig, ScanDirection
+from cab_jax.kernels.selective_scan.pallas_common import (
+    BlockSizes,
+    KernelConfig,
+    ScanDirection,
+    softplus_from_exp_and_log,
+)
 
 ON_CPU = jax.default_backend() == "cpu"
 VALUE_TOL = {"float32": 2e-5, "bfloat16": 1e-2}  # relative to max(1, max |expected|); bfloat16: its rounding
@@ -95,6 +101,24 @@ def test_values_and_gradients_match_the_float64_reference(batch, length, d_inner
         for name, got, expected, x in zip(ScanDirection._fields, g, want, dirs[k], strict=True):
             assert got.dtype == x.dtype and got.shape == x.shape, name
             assert_close(got.astype(jnp.float32), expected, GRAD_TOL[dtype], f"direction {k}: d{name}")
+
+
+def test_the_kernels_softplus_keeps_its_relative_error_where_exp_is_tiny():
+    """softplus as the kernels run it (compiled on a GPU: with approximate ex2/lg2) against float64 log1p(exp(x)),
+    down to x = -100 where log(1 + exp(x)) would round to 0."""
+    x = np.concatenate([np.linspace(-100.0, 40.0, 4000), [-20.0, -2.1, -2.0, 0.0, 19.99, 20.0, 20.01]])
+    x = np.pad(x, (0, 4096 - x.size)).astype(np.float32).reshape(32, 128)
+
+    def body(x_ref, o_ref):
+        for i in range(x.shape[0]):
+            o_ref[i] = softplus_from_exp_and_log(x_ref[i])
+
+    got = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct(x.shape, jnp.float32),
+                       compiler_params=None if ON_CPU else pallas_gpu_mosaic.FORWARD_PARAMS,
+                       interpret=pallas_gpu_mosaic.interpret_params() if ON_CPU else None)(x)
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(got, np.where(x64 > 20, x64, np.log1p(np.exp(x64))), rtol=1e-6 if ON_CPU else 5e-6,
+                               atol=1e-37)
 
 
 def test_the_forward_without_saved_states_gives_the_same_output():

@@ -117,6 +117,18 @@ def softplus(x: jax.Array) -> jax.Array:
     return jnp.where(x > 20.0, x, jnp.log1p(jnp.exp(jnp.minimum(x, 20.0))))
 
 
+def softplus_from_exp_and_log(x: jax.Array, exp: Callable = jnp.exp, log: Callable = jnp.log,
+                              fma: Callable = lambda a, b, c: a * b + c) -> jax.Array:
+    """softplus with PyTorch's threshold, for backends without log1p: log1p(e) is ``log(1 + e)`` where that is
+    accurate, and its series where e = ``exp(x)`` < 1/8 (there rounding 1 + e, and an approximate log's absolute
+    error, would be large relative ones). ``exp``, ``log``, ``fma`` may be a backend's own instructions."""
+    e = exp(jnp.minimum(x, 20.0))
+    series = -1.0 / 6.0
+    for k in range(5, 0, -1):  # (e - e**2/2 + ... - e**6/6) / e, relative error below e**6 / 7 (5e-7)
+        series = fma(series, e, (-1.0) ** (k + 1) / k)
+    return jnp.where(x > 20.0, x, jnp.where(e < 0.125, series * e, log(1.0 + e)))
+
+
 def sigmoid(x: jax.Array) -> jax.Array:
     return 1.0 / (1.0 + jnp.exp(-x))
 

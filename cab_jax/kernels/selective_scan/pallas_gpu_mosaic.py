@@ -41,6 +41,7 @@ from cab_jax.kernels.selective_scan.pallas_common import (
     make_scan,
     num_chunks,
     sigmoid,
+    softplus_from_exp_and_log,
 )
 
 _F32 = jnp.float32
@@ -67,11 +68,6 @@ def interpret_params():
     if params is None:
         from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as params
     return params()
-
-
-def _softplus(x: jax.Array) -> jax.Array:
-    """PyTorch's softplus (identity above 20) from primitives Mosaic GPU lowers (it has no log1p)."""
-    return jnp.where(x > 20.0, x, jnp.log(1.0 + jnp.exp(jnp.minimum(x, 20.0))))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +104,7 @@ class _Direction:
         """Tile row ``r`` of ``slot``: (u, delta + bias, dt, B scalars), float32."""
         u = ins["u"][slot, r].astype(_F32)
         pre = ins["delta"][slot, r].astype(_F32) + self.bias
-        dt = _softplus(pre) if self.launch.delta_softplus else pre
+        dt = softplus_from_exp_and_log(pre) if self.launch.delta_softplus else pre
         return u, pre, dt, [ins["B"][slot, r, n] for n in range(self.launch.d_state)]
 
     def zeros(self) -> jax.Array:

@@ -44,6 +44,7 @@ from cab_jax.kernels.selective_scan.pallas_common import (
     make_scan,
     num_chunks,
     sigmoid,
+    softplus_from_exp_and_log,
 )
 
 _F32 = jnp.float32
@@ -246,14 +247,9 @@ def _sigmoid(x: jax.Array, asm: bool) -> jax.Array:
 
 
 def _softplus(x: jax.Array, asm: bool) -> jax.Array:
-    """PyTorch's softplus (identity above 20). log1p(e) is log2(1 + e) * ln 2 where that is accurate, and its
-    series where e < 1/8 (there rounding 1 + e, and ``lg2``'s absolute error, would be large relative ones)."""
-    e = _ex2(jnp.minimum(x, 20.0) * _LOG2E, asm)
-    series = -1.0 / 6.0
-    for k in range(5, 0, -1):  # (e - e**2/2 + ... - e**6/6) / e, relative error below e**6 / 7 (5e-7)
-        series = _fma(series, e, (-1.0) ** (k + 1) / k, asm)
-    log1p = jnp.where(e < 0.125, series * e, _lg2(1.0 + e, asm) * math.log(2.0))
-    return jnp.where(x > 20.0, x, log1p)
+    """PyTorch's softplus from ``ex2`` and ``lg2`` (``softplus_from_exp_and_log``)."""
+    return softplus_from_exp_and_log(x, lambda v: _ex2(v * _LOG2E, asm), lambda v: _lg2(v, asm) * math.log(2.0),
+                                     functools.partial(_fma, asm=asm))
 
 
 def _forward_kernel(dirs: tuple[ScanDirection, ...], z_ref, out_ref, acc_ref, state_refs, *, geo: _Geometry,
