@@ -121,6 +121,24 @@ def test_the_kernels_softplus_keeps_its_relative_error_where_exp_is_tiny():
                                atol=1e-37)
 
 
+def test_load_ref_passes_an_index_only_to_a_load_that_requires_one(monkeypatch):
+    calls = []
+
+    def load_requiring_index(src, idx, *, layout=None, optimized=True):  # jax 0.10
+        calls.append(("required", idx))
+
+    def load_deprecating_index(src, idx=None, *, layout=None, optimized=True):  # jax 0.11
+        calls.append(("deprecated", idx))
+
+    def load_without_index(src, *, layout=None, optimized=True):  # later
+        calls.append(("none", None))
+
+    for load in (load_requiring_index, load_deprecating_index, load_without_index):
+        monkeypatch.setattr(plgpu, "load", load)
+        pallas_gpu_mosaic.load_ref("ref", layout="layout", optimized=False)
+    assert calls == [("required", ()), ("deprecated", None), ("none", None)]
+
+
 def test_the_forward_without_saved_states_gives_the_same_output():
     dirs = tuple(direction(i, 2, 7, 160, 4, "float32") for i in range(2))
     z = jnp.asarray(np.random.default_rng(3).normal(size=(2, 7, 160)), jnp.float32)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import math
 from typing import NamedTuple
 
@@ -64,6 +65,15 @@ _SMEM_ALIGN, _SMEM_RESERVE = 1024, 3 * 1024
 def default_blocks(d_state: int) -> BlockSizes:
     del d_state  # the state lives in registers of the channel's thread whatever its size
     return DEFAULT_BLOCKS
+
+
+def load_ref(ref, **kwargs) -> jax.Array:
+    """``plgpu.load`` of all of ``ref`` (index it with ``.at`` first): jax 0.10 requires an index argument, 0.11
+    deprecates it and later releases take none."""
+    index = inspect.signature(plgpu.load).parameters.get("idx")
+    if index is not None and index.default is inspect.Parameter.empty:
+        return plgpu.load(ref, (), **kwargs)
+    return plgpu.load(ref, **kwargs)
 
 
 def interpret_params():
@@ -477,7 +487,7 @@ def _backward_chunk(tiles: _Tiles, ins, outs, terms, size: int, slot, c, steps: 
         if launch.interpret:
             products_tile = terms[rows, pl.ds(0, LANES)]
         else:  # rows spread over threads as in a WGMMA tile: a row sums in 4 threads
-            products_tile = plgpu.load(terms, (rows, pl.ds(0, LANES)), layout=plgpu.Layout.WGMMA, optimized=False)
+            products_tile = load_ref(terms.at[rows, pl.ds(0, LANES)], layout=plgpu.Layout.WGMMA, optimized=False)
         total = jnp.sum(products_tile, axis=1)
         outs["dBC"][slot, pl.ds(products.rows + base + m * _SUM_ROWS, _SUM_ROWS)] = total
     plgpu.commit_smem()  # and summed before the next chunk writes them again
