@@ -483,11 +483,11 @@ def _backward_chunk(tiles: _Tiles, ins, outs, terms, size: int, slot, c, steps: 
 
     plgpu.commit_smem()  # a barrier: the products are written before they are summed
     for m in range(products.rows // _SUM_ROWS):
-        rows = pl.ds(m * _SUM_ROWS, _SUM_ROWS)
+        products_rows = terms.at[pl.ds(m * _SUM_ROWS, _SUM_ROWS), pl.ds(0, LANES)]
         if launch.interpret:
-            products_tile = terms[rows, pl.ds(0, LANES)]
+            products_tile = products_rows[...]
         else:  # rows spread over threads as in a WGMMA tile: a row sums in 4 threads
-            products_tile = load_ref(terms.at[rows, pl.ds(0, LANES)], layout=plgpu.Layout.WGMMA, optimized=False)
+            products_tile = load_ref(products_rows, layout=plgpu.Layout.WGMMA, optimized=False)
         total = jnp.sum(products_tile, axis=1)
         outs["dBC"][slot, pl.ds(products.rows + base + m * _SUM_ROWS, _SUM_ROWS)] = total
     plgpu.commit_smem()  # and summed before the next chunk writes them again
