@@ -16,7 +16,7 @@ not a multiple of the tile ends with a shorter tile (its size is static: no mask
 of 128 (padded channels have u = 0, so their states stay 0 and add nothing to dB and dC).
 
 Gradients that sum over channels (dB, dC) are staged per channel in shared memory for a chunk, summed once per
-chunk (``_Products``) and written per half of a channel block; those that sum over batch and length (dA, dD, d delta_bias)
+chunk (``_Products``) and written per channel block; those that sum over batch and length (dA, dD, d delta_bias)
 are written per batch element: no atomics, so the result is deterministic. ``block_d`` must be 128 and
 ``save_every`` 1.
 """
@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import math
-import operator
 from typing import NamedTuple
 
 import jax
@@ -47,10 +47,11 @@ from cab_jax.kernels.selective_scan.pallas_common import (
 
 _F32 = jnp.float32
 LANES = 128  # channels per program: one warpgroup, one channel per thread
-# The backward sums each chunk's dB/dC products over a program's channels in two halves of 64 channels (one per pair
-# of warps): a thread sums one product row over its half, and the program writes both halves' sums (XLA adds them).
-_HALF = LANES // 2
-_SUM_CHAINS = 4  # independent additions in flight per thread while it sums a column
+_SUM_ROWS = 64  # rows of products summed at once: the rows of one WGMMA-layout tile
+# Words after each row of 128 products: a warp's WGMMA-layout load reads 8 rows at once, 8 words of each; rows of 128
+# words put them all in the same 8 of the 32 banks (8-way conflicts), rows of 136 spread them over all 32 (2 ways,
+# the least for 64-bit loads).
+_TERMS_PAD = 8
 # Chunks of 2 in tiles of 4: the backward (about 73 KiB of shared memory at d_state 16 and 200 registers per thread)
 # runs two programs per SM; longer chunks hold more of everything (BENCHMARKS.md compares them).
 DEFAULT_BLOCKS = BlockSizes(chunk=2, block_d=LANES, num_warps=4, num_stages=2, save_every=1)
@@ -64,6 +65,15 @@ _SMEM_ALIGN, _SMEM_RESERVE = 1024, 3 * 1024
 def default_blocks(d_state: int) -> BlockSizes:
     del d_state  # the state lives in registers of the channel's thread whatever its size
     return DEFAULT_BLOCKS
+
+
+def load_ref(ref, **kwargs) -> jax.Array:
+    """``plgpu.load`` of all of ``ref`` (index it with ``.at`` first): jax 0.10 requires an index argument, 0.11
+    deprecates it and later releases take none."""
+    index = inspect.signature(plgpu.load).parameters.get("idx")
+    if index is not None and index.default is inspect.Parameter.empty:
+        return plgpu.load(ref, (), **kwargs)
+    return plgpu.load(ref, **kwargs)
 
 
 def interpret_params():
@@ -308,8 +318,8 @@ def _forward_tile(tiles: _Tiles, ins, outs, writes, j, size: int, slot, h, *, fi
 
 def _backward_scratch(launch: _Launch, dirs: tuple[ScanDirection, ...], z: jax.Array | None, dout_dtype):
     """The backward kernel's tiles: inputs (``ins``), outputs (``outs``; dB and dC side by side per tile row,
-    flat, with ``_Products.rows`` of room on either side, one per half of the channels), a chunk's dB and dC
-    products (``_Products``), and per direction the barriers of its copies in."""
+    flat, with ``_Products.rows`` of room on either side), a chunk's dB and dC products (``_Products``), and per
+    direction the barriers of its copies in."""
     dtypes = {"u": dirs[0].u.dtype, "delta": dirs[0].delta.dtype, "B": _F32, "C": _F32, "dout": dout_dtype,
               "z": None if z is None else z.dtype, "ypre": _F32}
     ins = _tile_types(launch, {name: dtypes[name] for name in _backward_reads(launch)})
@@ -317,15 +327,15 @@ def _backward_scratch(launch: _Launch, dirs: tuple[ScanDirection, ...], z: jax.A
     outs = _tile_types(launch, {"du": dtypes["u"], "ddelta": dtypes["delta"],
                                 **({"dz": dtypes["z"]} if z is not None else {})})
     products = _Products(launch)
-    outs["dBC"] = plgpu.SMEM((2, 2, launch.tile * products.width + 2 * products.rows), _F32)
-    terms = plgpu.SMEM((2, _HALF, products.rows + 1), _F32)
+    outs["dBC"] = plgpu.SMEM((2, launch.tile * products.width + 2 * products.rows), _F32)
+    terms = plgpu.SMEM((products.rows, LANES + _TERMS_PAD), _F32)
     return ins, outs, terms, _barriers([_backward_reads(launch)] * len(dirs))
 
 
 class _BlockGrads(NamedTuple):
     """One direction's outputs of the backward kernel: du, d delta (batch, length, width), dA (batch, d_state,
-    width), dB and dC side by side (batch, halves of channel blocks, length * ``_Products.width``), dD, d
-    delta_bias (batch, width)."""
+    width), dB and dC side by side (batch, channel blocks, length * ``_Products.width``), dD, d delta_bias
+    (batch, width)."""
 
     du: jax.Array
     ddelta: jax.Array
@@ -337,15 +347,14 @@ class _BlockGrads(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class _Products:
-    """A chunk's dB and dC terms of each channel before their sum over the program's channels, in an SMEM array
-    (2 halves, 64 channels, ``rows`` + 1): the flat dB/dC tile has ``width`` entries per position (dB's d_state,
-    then dC's, then padding), and column i holds, per channel, the term of flat tile entry ``base + i``. A thread
-    writes its channel's terms down a column and, after the chunk, sums one column over its half's 64 channels
-    reading rows (an odd row length keeps both conflict-free in shared memory); each half's sums land in its flat
-    tile from entry ``base`` on. ``rows`` is a multiple of 64 (one column per thread of a half); columns past the
-    chunk's entries hold stale values, and they land on entries that a later chunk of the walk overwrites (or on
-    the tile's room at either end): below the chunk when the direction runs forward (its backward walk goes down
-    the positions), above it when it runs in reverse."""
+    """A chunk's dB and dC terms of each channel before their sum over the program's 128 channels, in an SMEM
+    array (``rows``, 128): the flat dB/dC tile has ``width`` entries per position (dB's d_state, then dC's, then
+    padding), and row i of the array holds, per channel, the term of flat tile entry ``base + i``. After the chunk
+    the rows are read in the WGMMA register layout, where a row's 128 values sit in 4 threads (two shuffles to sum
+    them), and the sums land in the flat tile from entry ``base`` on. ``rows`` is a multiple of 64 (one WGMMA tile
+    per pass); rows past the chunk's entries hold stale values, and they land on entries that a later chunk of the
+    walk overwrites (or on the tile's room at either end): below the chunk when the direction runs forward (its
+    backward walk goes down the positions), above it when it runs in reverse."""
 
     launch: _Launch
 
@@ -355,7 +364,7 @@ class _Products:
 
     @property
     def rows(self) -> int:
-        return -(-self.launch.chunk * self.width // _HALF) * _HALF
+        return -(-self.launch.chunk * self.width // _SUM_ROWS) * _SUM_ROWS
 
     def base(self, low, steps, reverse: bool):
         """The flat tile entry of product row 0 for a chunk of tile rows [low, low + steps): the chunk's first
@@ -413,11 +422,10 @@ def _backward_tile(tiles: _Tiles, ins, outs, terms, writes, g: _BlockGrads, j, s
     carry = jax.lax.fori_loop(0, full, lambda q, carry: run(full - 1 - q, chunk, carry, start=first + full - 1 - q),
                               carry)
     products = _Products(tiles.launch)
-    rows = tiles.rows(j, size)  # dB and dC (summed over this program's channels) by half of a channel block
-    flat = pl.ds(rows.start * products.width, size * products.width)
-    dbc = [(g.dBC.at[tiles.d.b, 2 * tiles.d.block + half, flat],
-            outs["dBC"].at[slot, half, pl.ds(products.rows, size * products.width)]) for half in range(2)]
-    tiles.store(writes, j, size, slot, extra=dbc)
+    rows = tiles.rows(j, size)  # dB and dC (summed over this program's channels) by channel block
+    dbc = (g.dBC.at[tiles.d.b, tiles.d.block, pl.ds(rows.start * products.width, size * products.width)],
+           outs["dBC"].at[slot, pl.ds(products.rows, size * products.width)])
+    tiles.store(writes, j, size, slot, extra=[dbc])
     return carry
 
 
@@ -459,8 +467,8 @@ def _backward_chunk(tiles: _Tiles, ins, outs, terms, size: int, slot, c, steps: 
         b_dh = ddt_a = d.zeros()
         for n in n_state:
             decay = jnp.exp(dt * d.A[n])
-            terms[:, :, row + n] = (dh[n] * dtu).reshape(2, _HALF)
-            terms[:, :, row + launch.d_state + n] = (states[i + 1][n] * dy).reshape(2, _HALF)
+            terms[row + n, pl.ds(0, LANES)] = dh[n] * dtu
+            terms[row + launch.d_state + n, pl.ds(0, LANES)] = states[i + 1][n] * dy
             b_dh = b_dh + dh[n] * b_s[n]
             dh_a_h = dh[n] * decay * states[i][n]  # dh of the previous position (before its output) x h
             ddt_a = ddt_a + dh_a_h * d.A[n]
@@ -474,12 +482,14 @@ def _backward_chunk(tiles: _Tiles, ins, outs, terms, size: int, slot, c, steps: 
         dD, dbias = dD + dy * u, dbias + dpre
 
     plgpu.commit_smem()  # a barrier: the products are written before they are summed
-    for m in range(products.rows // _HALF):
-        columns = pl.ds(m * _HALF, _HALF)  # thread t sums column t % 64 over half t // 64
-        sums = [terms[:, k, columns] for k in range(_SUM_CHAINS)]
-        for k in range(_SUM_CHAINS, _HALF):
-            sums[k % _SUM_CHAINS] = sums[k % _SUM_CHAINS] + terms[:, k, columns]
-        outs["dBC"][slot, :, pl.ds(products.rows + base + m * _HALF, _HALF)] = functools.reduce(operator.add, sums)
+    for m in range(products.rows // _SUM_ROWS):
+        products_rows = terms.at[pl.ds(m * _SUM_ROWS, _SUM_ROWS), pl.ds(0, LANES)]
+        if launch.interpret:
+            products_tile = products_rows[...]
+        else:  # rows spread over threads as in a WGMMA tile: a row sums in 4 threads
+            products_tile = load_ref(products_rows, layout=plgpu.Layout.WGMMA, optimized=False)
+        total = jnp.sum(products_tile, axis=1)
+        outs["dBC"][slot, pl.ds(products.rows + base + m * _SUM_ROWS, _SUM_ROWS)] = total
     plgpu.commit_smem()  # and summed before the next chunk writes them again
     return tuple(dh), tuple(dA), dD, dbias
 
@@ -572,7 +582,7 @@ def _backward(dirs, z, ypre, states, dout, cfg: KernelConfig):
     per_batch = jax.ShapeDtypeStruct((batch, width), _F32)
     grad_types = _BlockGrads(act(dirs[0].u.dtype), act(dirs[0].delta.dtype),
                              jax.ShapeDtypeStruct((batch, n_state, width), _F32),
-                             jax.ShapeDtypeStruct((batch, 2 * n_blocks, length * bc), _F32), per_batch, per_batch)
+                             jax.ShapeDtypeStruct((batch, n_blocks, length * bc), _F32), per_batch, per_batch)
     out_type = ((act(z.dtype),) if z is not None else ()) + tuple(grad_types) * len(dirs)
     args = _kernel_inputs(dirs, width) + ([] if z is None else [_padded(z, width), ypre]) + [
         _padded(dout, width), *states]
