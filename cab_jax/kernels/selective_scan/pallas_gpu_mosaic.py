@@ -48,11 +48,7 @@ from cab_jax.kernels.selective_scan.pallas_common import (
 _F32 = jnp.float32
 LANES = 128  # channels per program: one warpgroup, one channel per thread
 _SUM_ROWS = 64  # rows of products summed at once: the rows of one WGMMA-layout tile
-# Words after each row of 128 products: a warp's WGMMA-layout load reads 8 rows at once, 8 words of each; rows of 128
-# words put them all in the same 8 of the 32 banks (8-way conflicts), rows of 136 spread them over all 32 (2 ways,
-# the least for 64-bit loads).
-_TERMS_PAD = 8
-# Chunks of 2 in tiles of 4: the backward (about 73 KiB of shared memory at d_state 16 and 200 registers per thread)
+# Chunks of 2 in tiles of 4: the backward (about 72 KiB of shared memory at d_state 16 and 200 registers per thread)
 # runs two programs per SM; longer chunks hold more of everything (BENCHMARKS.md compares them).
 DEFAULT_BLOCKS = BlockSizes(chunk=2, block_d=LANES, num_warps=4, num_stages=2, save_every=1)
 # Shared memory one program may have on Hopper (227 KiB per SM on the H100 and H200); Mosaic GPU aligns each array
@@ -328,7 +324,7 @@ def _backward_scratch(launch: _Launch, dirs: tuple[ScanDirection, ...], z: jax.A
                                 **({"dz": dtypes["z"]} if z is not None else {})})
     products = _Products(launch)
     outs["dBC"] = plgpu.SMEM((2, launch.tile * products.width + 2 * products.rows), _F32)
-    terms = plgpu.SMEM((products.rows, LANES + _TERMS_PAD), _F32)
+    terms = plgpu.SMEM((products.rows, LANES), _F32)
     return ins, outs, terms, _barriers([_backward_reads(launch)] * len(dirs))
 
 
@@ -483,10 +479,10 @@ def _backward_chunk(tiles: _Tiles, ins, outs, terms, size: int, slot, c, steps: 
 
     plgpu.commit_smem()  # a barrier: the products are written before they are summed
     for m in range(products.rows // _SUM_ROWS):
-        products_rows = terms.at[pl.ds(m * _SUM_ROWS, _SUM_ROWS), pl.ds(0, LANES)]
+        products_rows = terms.at[pl.ds(m * _SUM_ROWS, _SUM_ROWS)]
         if launch.interpret:
             products_tile = products_rows[...]
-        else:  # rows spread over threads as in a WGMMA tile: a row sums in 4 threads
+        else:  # rows spread over threads as in a WGMMA tile: a row sums in 4 threads (8-way bank conflicts)
             products_tile = load_ref(products_rows, layout=plgpu.Layout.WGMMA, optimized=False)
         total = jnp.sum(products_tile, axis=1)
         outs["dBC"][slot, pl.ds(products.rows + base + m * _SUM_ROWS, _SUM_ROWS)] = total
