@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -96,11 +97,13 @@ def vision_train(**overrides: Any) -> ml_collections.ConfigDict:
 
 
 def xla_options(text: str, key: str = "train.xla_gpu_options") -> dict[str, str]:
-    """``"name=value,..."`` as {name: value}, each name an XLA option (``xla_...``); "" is {}."""
+    """``"name=value,..."`` as {name: value}, each name an XLA option (``xla_...``); "" is {}. A value may hold
+    commas itself (``xla_gpu_enable_command_buffer=FUSION,CUBLAS``): only a comma before ``xla_NAME=`` starts an
+    option."""
     options = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
+    for part in filter(None, (p.strip() for p in re.split(r",(?=\s*xla_\w+=)", text.strip().rstrip(",")))):
         name, sep, value = part.partition("=")
-        _check(bool(sep) and name.startswith("xla_") and bool(value), key,
+        _check(bool(sep) and name.startswith("xla_") and bool(value) and "=" not in value, key,
                f"expected comma-separated xla_NAME=VALUE options, got {part!r} in {text!r}")
         options[name] = value
     return options

@@ -11,6 +11,7 @@ import readme_text
 from ml_collections import config_flags
 
 from cab_jax import config as config_lib
+from cab_jax.errors import ConfigError
 
 CONFIGS = sorted(pathlib.Path(__file__).parents[1].glob("configs/*.py"))
 
@@ -77,6 +78,10 @@ def test_the_configs_xla_gpu_options_parse_and_this_xla_knows_them():
     rejects an unknown one at compile time: a renamed option would fail every GPU run)."""
     assert config_lib.xla_options(" xla_a=1, xla_b=x ,") == {"xla_a": "1", "xla_b": "x"}
     assert config_lib.xla_options("") == {}
+    assert config_lib.xla_options("xla_a=1,xla_gpu_enable_command_buffer=FUSION,CUBLAS") == {
+        "xla_a": "1", "xla_gpu_enable_command_buffer": "FUSION,CUBLAS"}  # a list value keeps its commas
+    with pytest.raises(ConfigError, match="dot_merger=0"):
+        config_lib.xla_options("xla_a=1,dot_merger=0")
     options = {}
     for path in CONFIGS:
         c = load(path)
