@@ -109,10 +109,11 @@ def without_containers(events: list[dict]) -> list[dict]:
     return kept
 
 
-def busy_us(events: list[dict]) -> float:
-    """Microseconds covered by at least one event: their span less the gaps between them."""
+def busy_us(events: list[dict], gaps: collections.Counter | None = None) -> float:
+    """Microseconds covered by at least one event: their span less the gaps between them (``idle_gaps``, computed
+    here unless given)."""
     span = max(e["ts"] + e["dur"] for e in events) - min(e["ts"] for e in events)
-    return span - sum(idle_gaps(events).values())
+    return span - sum((idle_gaps(events) if gaps is None else gaps).values())
 
 
 def idle_gaps(events: list[dict]) -> collections.Counter:
@@ -166,7 +167,8 @@ def profile(args: argparse.Namespace) -> dict:
         part, backward = part_of_op(e["args"]["hlo_op"], scopes)
         totals[part][backward] += e["dur"]
         ops[(e["args"]["hlo_op"], part, backward)] += e["dur"]
-    busy = per_step(busy_us(events))
+    gaps_us = idle_gaps(events)
+    busy = per_step(busy_us(events, gaps_us))
     parts = [{"part": part, "forward ms": per_step(fwd), "backward ms": per_step(bwd), "ms": per_step(fwd + bwd),
               "% of step": round(100 * per_step(fwd + bwd) / step_ms, 1)}
              for part, (fwd, bwd) in sorted(totals.items(), key=lambda kv: -sum(kv[1]))]
@@ -177,7 +179,7 @@ def profile(args: argparse.Namespace) -> dict:
                for (op, part, backward), us in ops.most_common(args.top)]
     name = lambda op: f"{op} ({part_of_op(op, scopes)[0]})"
     gaps = [{"idle after": name(before), "before": name(after), "ms": per_step(us)}
-            for (before, after), us in idle_gaps(events).most_common(args.gaps)]
+            for (before, after), us in gaps_us.most_common(args.gaps)]
     images_per_s = args.batch_size / step_ms * 1e3
     return {"config": args.config, "dtype": args.dtype, "remat": args.remat, "remat_policy": args.remat_policy,
             "mode": args.mode,
