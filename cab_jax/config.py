@@ -101,7 +101,7 @@ def xla_options(text: str, key: str = "train.xla_gpu_options") -> dict[str, str]
     commas itself (``xla_gpu_enable_command_buffer=FUSION,CUBLAS``): only a comma before ``xla_NAME=`` starts an
     option."""
     options = {}
-    for part in filter(None, (p.strip() for p in re.split(r",(?=\s*xla_\w+=)", text.strip().rstrip(",")))):
+    for part in filter(None, (p.strip(", \t\n") for p in re.split(r",(?=\s*xla_\w+=)", text))):
         name, sep, value = part.partition("=")
         _check(bool(sep) and name.startswith("xla_") and bool(value) and "=" not in value, key,
                f"expected comma-separated xla_NAME=VALUE options, got {part!r} in {text!r}")

@@ -78,6 +78,7 @@ def test_the_configs_xla_gpu_options_parse_and_this_xla_knows_them():
     rejects an unknown one at compile time: a renamed option would fail every GPU run)."""
     assert config_lib.xla_options(" xla_a=1, xla_b=x ,") == {"xla_a": "1", "xla_b": "x"}
     assert config_lib.xla_options("") == {}
+    assert config_lib.xla_options("xla_a=1,, xla_b=x") == {"xla_a": "1", "xla_b": "x"}
     assert config_lib.xla_options("xla_a=1,xla_gpu_enable_command_buffer=FUSION,CUBLAS") == {
         "xla_a": "1", "xla_gpu_enable_command_buffer": "FUSION,CUBLAS"}  # a list value keeps its commas
     with pytest.raises(ConfigError, match="dot_merger=0"):
