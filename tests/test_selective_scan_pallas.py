@@ -269,9 +269,9 @@ def test_gpu_checkpoint_spacing_changes_nothing(save_every):
 
 # 4,096 float32 points for the GPU kernels' softplus and sigmoid: -100 to 40, and both sides of their branches
 # (e = exp(x) = 1/8 near -2.08, softplus's identity above 20).
-MATH_POINTS = np.pad(np.concatenate([np.linspace(-100.0, 40.0, 4000),
-                                     [-20.0, -3.5, -3.4, -2.1, -2.0, 0.0, 19.99, 20.0, 20.01]]),
-                     (0, 87)).astype(np.float32)
+_MATH_EDGES = [-20.0, -3.5, -3.4, -2.1, -2.0, 0.0, 19.99, 20.0, 20.01]
+MATH_POINTS = np.pad(np.concatenate([np.linspace(-100.0, 40.0, 4000), _MATH_EDGES]),
+                     (0, 4096 - 4000 - len(_MATH_EDGES))).astype(np.float32)
 
 
 def assert_kernel_math_matches_float64(got, x, name: str) -> None:
