@@ -115,10 +115,12 @@ _NO_GPU_KERNEL = ("no Pallas GPU kernel runs here: the Mosaic GPU kernel needs c
 @functools.cache
 def gpu_kernel(compute_capability: str) -> str | None:
     """The GPU kernel for a device of ``compute_capability`` ("9.0"): the Triton kernel while the installed JAX
-    still ships Pallas's (deprecated) Triton backend, since it is the faster one today (BENCHMARKS.md); then the
-    Mosaic GPU kernel on Hopper and newer; else None. Logs its choice once."""
+    still ships Pallas's (deprecated) Triton backend: as fast as the Mosaic GPU kernel at Vim-S and compiled in
+    seconds rather than minutes (BENCHMARKS.md); then the Mosaic GPU kernel on Hopper and newer; else None. Logs
+    its choice once."""
     if importlib.util.find_spec("jax.experimental.pallas.triton") is not None:
-        choice, why = "pallas_triton", "faster than pallas_mosaic today; JAX deprecates Pallas's Triton backend"
+        choice, why = "pallas_triton", ("as fast as pallas_mosaic and compiled in seconds, not minutes; "
+                                         "JAX deprecates Pallas's Triton backend")
     elif int(compute_capability.split(".")[0]) >= 9:
         choice, why = "pallas_mosaic", "this JAX has no Pallas Triton backend"
     else:
