@@ -151,12 +151,12 @@ def report_one(job: str, measure: Callable[..., dict]) -> None:
     print("ROW" + json.dumps(measure(**json.loads(job))), flush=True)
 
 
-def run_one(script: str, job: dict, error_row: dict) -> dict:
-    """Runs ``python script --one JSON(job)`` (one measurement in its own process, so its peak memory is its own):
-    the row it printed after "ROW" (``report_one``), or ``error_row`` with the last error line of its stderr as
-    "error"."""
+def run_one(script: str, job: dict, error_row: dict, env: dict[str, str] | None = None) -> dict:
+    """Runs ``python script --one JSON(job)`` (one measurement in its own process, so its peak memory is its own;
+    in ``env``, default this process's environment): the row it printed after "ROW" (``report_one``), or
+    ``error_row`` with the last error line of its stderr as "error"."""
     proc = subprocess.run([sys.executable, script, "--one", json.dumps(job)], capture_output=True, text=True,
-                          cwd=ROOT)
+                          cwd=ROOT, env=env)
     if proc.returncode == 0 and "ROW" in proc.stdout:
         return json.loads(proc.stdout.split("ROW", 1)[1])
     lines = proc.stderr.strip().splitlines() or ["?"]
@@ -210,6 +210,17 @@ def torch_median_ms(fn, iters: int, warmup: int = 3) -> float:
         torch.cuda.synchronize()
         times.append(1e3 * (time.perf_counter() - start))
     return statistics.median(times)
+
+
+def state_gib(state) -> float:
+    """GiB of the arrays of ``state`` (a pytree: parameters, optimizer state) held on the first device: its shards
+    where the arrays are split over several devices."""
+    import jax
+
+    first = jax.devices()[0]
+    held = sum(shard.data.nbytes for leaf in jax.tree.leaves(state) if isinstance(leaf, jax.Array)
+               for shard in leaf.addressable_shards if shard.device == first)
+    return round(held / 2**30, 3)
 
 
 def peak_gib() -> float:

@@ -9,6 +9,8 @@ measurement runs in its own process so peak memory is its own.
 - train: one optimizer step on device-resident batches of ``tokens_per_step`` tokens; mode ``vanilla`` is the
   student alone (CE), ``cab`` adds the frozen teacher's forward and the bridges (CE + 0.5 KL + 0.5 bridge),
   ``teacher`` trains the teacher itself (CE), for comparison.
+  ``state_gib``: the train state (parameters, optimizer state) held on the first device, its share of it under
+  ``--set=mesh.fsdp=N``; ``teacher_gib`` the same of the frozen teacher.
 - generate: prefill a ``length``-token context, then greedy decoding of ``new_tokens`` tokens one at a time; the
   student keeps a fixed-size recurrent state, the teacher a KV cache of ``length + new_tokens`` positions.
 """
@@ -30,6 +32,7 @@ from common import (  # benchmarks/common.py  # noqa: E402
     peak_gib,
     report_one,
     run_each,
+    state_gib,
     time_train_steps,
 )
 
@@ -62,10 +65,12 @@ def measure_train(length: int, tokens_per_step: int, mode: str, dtype: str, step
     rng = np.random.default_rng(0)
     batches = [sharding.global_batch({"tokens": rng.integers(0, c.data.vocab_size, (batch, length + 1), np.int32),
                                       "loss_mask": np.ones((batch, length), np.float32)}, mesh) for _ in range(2)]
+    held, teacher_held = state_gib(built.state), state_gib(built.teacher_params)  # before the steps donate them
     compile_s, elapsed, metrics = time_train_steps(built, batches, steps)
     return {"part": "train", "mode": mode, "length": length, "batch": batch,
             "tokens_per_s": round(batch * length * steps / elapsed), "ms_per_step": round(1e3 * elapsed / steps, 1),
-            "peak_gib": peak_gib(), "compile_s": round(compile_s, 1), "loss": round(float(metrics["loss"]), 3)}
+            "state_gib": held, "teacher_gib": teacher_held, "peak_gib": peak_gib(), "compile_s": round(compile_s, 1),
+            "loss": round(float(metrics["loss"]), 3)}
 
 
 def measure_generate(length: int, role: str, batch: int, new_tokens: int, dtype: str, overrides: str) -> dict:
@@ -124,8 +129,8 @@ def main() -> None:
             jobs += [dict(kind="generate", length=length, role=r, batch=args.gen_batch, new_tokens=args.new_tokens,
                           dtype=args.dtype, overrides=args.set) for r in ("student", "teacher")]
         rows += run_each(__file__, jobs, _error_row)
-    columns = ["part", "mode", "length", "batch", "tokens_per_s", "ms_per_step", "peak_gib", "cache_mib", "compile_s",
-               "loss", "error"]
+    columns = ["part", "mode", "length", "batch", "tokens_per_s", "ms_per_step", "state_gib", "teacher_gib", "peak_gib",
+               "cache_mib", "compile_s", "loss", "error"]
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, dtype {args.dtype}, set: {args.set or '-'}")
     print(markdown_table(rows, columns))
 

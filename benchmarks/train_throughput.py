@@ -8,8 +8,8 @@ full CAB step (teacher forward, student forward/backward, bridge, AdamW update) 
 it measures the model, not the input pipeline. Prints a Markdown table; ``peak_gib`` is the device's peak (0 where
 the backend does not say, as on CPU), ``xla_step_gib`` XLA's estimate for the compiled step (arguments, outputs,
 temporaries). ``mfu``: model FLOPs per step (``common.model_flops``: teacher forward + 3 x student forward) over the
-step time and this device's matmul rate in the step's dtype, measured in the same process
-(``common.matmul_flops_per_s``; ``matmul_tflops`` beside it).
+step time and the devices' matmul rate in the step's dtype (one device's, measured in the same process by
+``common.matmul_flops_per_s`` and given as ``matmul_tflops``, times the number of devices).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def measure(config_name: str, dtype: str, batch_size: int, steps: int, remat: bo
             "compile_s": round(compile_s, 1), "peak_gib": peak_gib(),
             "xla_step_gib": round(train.step_memory_bytes(compiled) / 2**30, 3),
             "loss": round(float(metrics["loss"]), 4), "model_gflop": round(flops / 1e9, 1),
-            "matmul_tflops": round(rate / 1e12, 1), "mfu": round(flops / step_s / rate, 3),
+            "matmul_tflops": round(rate / 1e12, 1), "mfu": round(flops / step_s / (rate * jax.device_count()), 3),
             "device": jax.devices()[0].device_kind, "jax": jax.__version__}
 
 

@@ -328,3 +328,63 @@ def test_input_pipeline_writes_the_data_then_times_stages_and_workers(tmp_path):
                    nonnegative=("flip", "normalise", "random erasing"))
     assert [r["workers"] for r in workers] == ["0", "1"], workers
     assert_numbers(workers, positive=("images/s",))
+
+
+@pytest.mark.slow
+def test_multi_gpu_on_two_cpu_devices_gives_one_devices_losses_and_resumes_two_processes(tmp_path):
+    """Its equal part (the synthetic step, one device against mesh.fsdp=2) and its processes part (the entry point
+    on configs/demo.py's digits, two SLURM-style processes stopped by SIGTERM after a step and started again)."""
+    steps = 4
+    out = run_script("multi_gpu.py", f"--out={tmp_path}", "--cpu", "--config=demo", "--parts=equal,processes",
+                     "--meshes=mesh.fsdp=2", f"--steps={steps}", "--batch_size=4", f"{TINY_VISION},data.num_workers=0")
+    equal, processes = markdown_tables(out)
+    assert [(r["run"], r["devices"], r["kernel"], r["error"]) for r in equal] == [
+        ("1 device", "1", "associative", ""), ("mesh.fsdp=2", "2", "associative", "")], equal
+    one, stopped = processes
+    assert (one["exit"], stopped["exit"], stopped["stopped_exit"]) == ("0", "0,0", "75,75"), processes
+    assert 0 < int(stopped["resumed_at"]) == int(stopped["stopped_after"]) < steps, stopped
+    assert json.loads(stopped["checkpoints"]) == [int(stopped["resumed_at"]), steps], stopped  # one entry a step
+    saved = json.loads((tmp_path / "multi_gpu.json").read_text())
+    for rows in (saved["equal"], saved["processes"]):
+        assert len(rows[1]["losses"]) == len(rows[0]["losses"]) == steps, rows
+        assert all(math.isfinite(x) for x in rows[0]["losses"]) and float(rows[1]["max_rel_dev"]) < 1e-4, rows
+    assert (tmp_path / "multi_gpu.md").read_text().strip() in out
+
+
+def test_multi_gpu_scales_the_batch_with_the_devices_and_halves_nothing_it_should_not(bench_script, monkeypatch,
+                                                                                     capsys, tmp_path):
+    """The scaling and fsdp parts hand train_throughput.py and lm_throughput.py jobs their ``measure`` takes, two
+    devices get twice the batch and the mesh override, and the efficiency is two devices' rate over twice one's (the
+    processes replaced by rows of their arguments)."""
+    import inspect
+
+    script = bench_script("multi_gpu")
+    measures = {name: bench_script(name) for name in ("train_throughput", "lm_throughput")}
+    calls = []
+
+    def run_one(path, job, error_row, env):
+        measure = measures[pathlib.Path(path).stem]
+        if "kind" in job:
+            inspect.signature(measure.measure_train).bind(**{k: v for k, v in job.items() if k != "kind"})
+        else:
+            inspect.signature(measure.measure).bind(**job)
+        devices = len(env["CUDA_VISIBLE_DEVICES"].split(","))
+        calls.append((pathlib.Path(path).stem, devices, job.get("batch_size"), job["overrides"]))
+        return {"dtype": job.get("dtype"), "images_per_s": 100.0 * devices ** 0.5, "state_gib": 1.0 / devices}
+
+    monkeypatch.setattr(script, "run_one", run_one)
+    monkeypatch.setattr(sys, "argv", ["multi_gpu.py", f"--out={tmp_path}", "--parts=scaling,fsdp", "--dtypes=bfloat16"])
+    script.main()
+    assert calls == [("train_throughput", 1, 128, ""), ("train_throughput", 2, 256, "mesh.data=2"),
+                     ("lm_throughput", 1, None, "mesh.fsdp=1"), ("lm_throughput", 2, None, "mesh.fsdp=2")]
+    scaling, fsdp = markdown_tables(capsys.readouterr().out)
+    assert [r["efficiency"] for r in scaling] == ["", str(round(2**0.5 / 2, 3))], scaling
+    assert [r["state_gib"] for r in fsdp] == ["1.0", "0.5"], fsdp
+
+
+def test_multi_gpu_names_an_unknown_part_or_mesh():
+    for flag, valid in (("--parts=equal,bogus", "equal, main, processes, scaling, fsdp"),
+                        ("--meshes=mesh.data=3", "mesh.data=2, mesh.fsdp=2, mesh.tensor=2")):
+        proc = subprocess.run([sys.executable, "benchmarks/multi_gpu.py", "--out=unused", flag], cwd=ROOT,
+                              capture_output=True, text=True)
+        assert proc.returncode == 2 and f"valid choices are {valid}" in proc.stderr, proc.stderr
