@@ -10,8 +10,10 @@
 # process and they all compile at once, beside the mamba build (mamba_cuda/build.sh, DTYPES=fp32,bf16, unless
 # BUILD_DIR already holds it); the timings take turns on the GPU (selective_scan.py --lock, and flock for mamba's),
 # so no two share it. Every row is one JSON line on stdout, as it comes; logs go to stderr.
+# Our impls of one (shape, dtype) are timed in ROUNDS interleaved rounds (selective_scan.py --rounds): the rows give
+# the medians and each impl's median ratio to the first in the same round.
 # Knobs: SHAPES=vim_ti,vim_s,vim_b,long, DTYPES=float32,bfloat16, IMPLS=pallas_mosaic,pallas_triton, ITERS=20,
-# BUILD_DIR=benchmarks/mamba_cuda/build, JOBS=8 (build), PYTHON=python3.
+# ROUNDS=5, BUILD_DIR=benchmarks/mamba_cuda/build, JOBS=8 (build), PYTHON=python3.
 set -uo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -19,6 +21,7 @@ SHAPES=${SHAPES:-vim_ti,vim_s,vim_b,long}
 DTYPES=${DTYPES:-float32,bfloat16}
 IMPLS=${IMPLS:-pallas_mosaic,pallas_triton}
 ITERS=${ITERS:-20}
+ROUNDS=${ROUNDS:-5}
 BUILD_DIR=${BUILD_DIR:-$HERE/mamba_cuda/build}
 PY=${PYTHON:-python3}
 export XLA_PYTHON_CLIENT_PREALLOCATE=false  # several JAX processes share the GPU
@@ -37,7 +40,7 @@ pids=()
 for shape in ${SHAPES//,/ }; do
     for dtype in ${DTYPES//,/ }; do
         "$PY" "$HERE/selective_scan.py" --shapes="$shape" --dtypes="$dtype" --impls="$IMPLS" --iters="$ITERS" \
-            --check --lock="$LOCK" 2> "$WORK/$shape.$dtype.log" | grep --line-buffered '^{' &
+            --rounds="$ROUNDS" --check --lock="$LOCK" 2> "$WORK/$shape.$dtype.log" | grep --line-buffered '^{' &
         pids+=($!)
     done
 done

@@ -10,8 +10,11 @@ scratch memory (what it saves for the backward pass, partial sums), "compile s" 
 A, B, C, D, delta_bias, one z), as in Vim's mixer; "long" is one direction; "tiny" (bidirectional) is the tests',
 small enough for a CPU. Impls are ``selective_scan``'s ("pallas_mosaic", "pallas_triton", "associative"...).
 ``--check`` also prints the largest difference to the sequential reference (relative to its largest value), of the
-output and, over every input, of the gradients. With ``--lock=FILE`` each row is compiled first and timed while
-holding an exclusive lock on FILE, so several processes can compile at once and time in turns
+output and, over every input, of the gradients. The impls of one shape and dtype run on the same inputs, all
+compiled before any is timed; ``--rounds=R`` times them in turn R times (each time the median of ``--iters``
+calls) and gives each the median over the rounds and, beside the first impl, the median of its ratio to it in the
+same round, so that a drift of the GPU's clock falls on every impl alike. With ``--lock=FILE`` the timing holds an
+exclusive lock on FILE, so several processes can compile at once and time in turns
 (``benchmarks/scan_three_way.sh`` does this).
 ``--profile`` runs the last pass once more between the CUDA driver's profiler start and stop, for Nsight Compute:
 ``ncu --profile-from-start off python benchmarks/selective_scan.py ... --profile``.
@@ -23,13 +26,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import dataclasses
 import json
 import pathlib
 import sys
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
@@ -45,39 +51,86 @@ def nbytes(tree) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def measure(name: str, impl: str, dtype: str, iters: int, blocks: BlockSizes | None, check: bool,
-            backward: bool = True, lock: str | None = None, profile: bool = False) -> dict:
-    dirs, z = random_inputs(ScanShape(*SCAN_SHAPES[name]), dtype)
+@dataclasses.dataclass
+class Compiled:
+    """One implementation's compiled passes at one shape and dtype, and its row so far."""
+
+    row: dict
+    passes: list[tuple[str, Callable, int]]  # (label, compiled fn(dirs, z), bytes it must move)
+    times: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # label: ms of each round
+
+
+def compile_impl(name: str, impl: str, dtype: str, inputs: tuple, blocks: BlockSizes | None,
+                 backward: bool = True) -> Compiled:
+    dirs, z = inputs
     run = scan_fn(impl, len(dirs), blocks)
     start = time.perf_counter()
     fwd = jax.jit(run).lower(dirs, z).compile()
     row = {"shape": name, "impl": impl, "dtype": dtype, "fwd compile s": round(time.perf_counter() - start, 1)}
     y_shape = jax.eval_shape(run, dirs, z)
-    dy = jnp.ones(y_shape.shape, y_shape.dtype)
     fwd_bytes = nbytes((dirs, z)) + nbytes(y_shape)
     passes = [("fwd", fwd, fwd_bytes)]
     if backward:
+        dy = jnp.ones(y_shape.shape, y_shape.dtype)
         start = time.perf_counter()
         fwd_bwd = jax.jit(lambda dirs, z: jax.vjp(run, dirs, z)[1](dy)).lower(dirs, z).compile()
         row["fwd+bwd compile s"] = round(time.perf_counter() - start, 1)
         row["fwd+bwd temp MiB"] = temp_mib(fwd_bwd)
         passes.append(("fwd+bwd", fwd_bwd, fwd_bytes + nbytes(dy) + nbytes((dirs, z))))
-    with gpu_turn(lock):
-        for label, fn, moved in passes:
-            ms = median_ms(fn, (dirs, z), iters)
-            row[f"{label} ms"] = round(ms, 3)
-            row[f"{label} GB/s"] = round(moved / ms / 1e6, 1)
-        if check:
-            reference = scan_fn("reference", len(dirs), None)
-            row["max |y - ref| / max |ref|"] = relative_error(fwd(dirs, z), jax.jit(reference)(dirs, z))
-            if backward:
-                ref_grads = jax.jit(lambda dirs, z: jax.vjp(reference, dirs, z)[1](dy))(dirs, z)
-                row["max grad error"] = max(map(relative_error, jax.tree.leaves(fwd_bwd(dirs, z)),
-                                                jax.tree.leaves(ref_grads)))
-        if profile:
+    return Compiled(row, passes)
+
+
+def time_rounds(compiled: list[Compiled], inputs: tuple, iters: int, rounds: int) -> None:
+    """``rounds`` times, each implementation's passes in turn (median of ``iters`` calls each): drift of the
+    device's clock or of a neighbour's load falls on every implementation alike. Fills each row's median ms and
+    GB/s over the rounds and, beside the first implementation, the median over rounds of its ratio to it."""
+    for _ in range(rounds):
+        for c in compiled:
+            for label, fn, _ in c.passes:
+                c.times.setdefault(label, []).append(median_ms(fn, inputs, iters))
+    for c in compiled:
+        for label, _, moved in c.passes:
+            ms = float(np.median(c.times[label]))
+            c.row[f"{label} ms"] = round(ms, 3)
+            c.row[f"{label} GB/s"] = round(moved / ms / 1e6, 1)
+            if rounds > 1 and label in compiled[0].times:
+                ratios = np.divide(c.times[label], compiled[0].times[label])
+                c.row[f"{label} / {compiled[0].row['impl']}"] = round(float(np.median(ratios)), 3)
+
+
+def check_errors(c: Compiled, inputs: tuple) -> None:
+    """The row's largest difference to the sequential reference: output and, with the backward, every gradient."""
+    dirs, z = inputs
+    reference = scan_fn("reference", len(dirs), None)
+    (_, fwd, _), *backward = c.passes
+    c.row["max |y - ref| / max |ref|"] = relative_error(fwd(dirs, z), jax.jit(reference)(dirs, z))
+    if backward:
+        dy = jnp.ones(fwd.out_info.shape, fwd.out_info.dtype)
+        ref_grads = jax.jit(lambda dirs, z: jax.vjp(reference, dirs, z)[1](dy))(dirs, z)
+        c.row["max grad error"] = max(map(relative_error, jax.tree.leaves(backward[0][1](dirs, z)),
+                                          jax.tree.leaves(ref_grads)))
+
+
+def measure_group(name: str, impls: list[str], dtype: str, args: argparse.Namespace,
+                  blocks: BlockSizes | None) -> list[dict]:
+    """The rows of ``impls`` at one shape and dtype: all compiled first (on the same inputs), then timed in
+    ``args.rounds`` interleaved rounds, holding ``args.lock``; an implementation that fails gives an error row."""
+    inputs = random_inputs(ScanShape(*SCAN_SHAPES[name]), dtype)
+    rows, compiled = [], []
+    for impl in impls:
+        try:
+            compiled.append(compile_impl(name, impl, dtype, inputs, blocks, not args.forward_only))
+            rows.append(compiled[-1].row)
+        except Exception as e:  # e.g. out of memory: report it and go on
+            rows.append({"shape": name, "impl": impl, "dtype": dtype, "error": error_message(e)})
+    with gpu_turn(args.lock):
+        time_rounds(compiled, inputs, args.iters, args.rounds)
+        for c in compiled if args.check else []:
+            check_errors(c, inputs)
+        if args.profile and compiled:
             with cuda_profiler():
-                jax.block_until_ready(passes[-1][1](dirs, z))
-    return row
+                jax.block_until_ready(compiled[-1].passes[-1][1](*inputs))
+    return rows
 
 
 @contextlib.contextmanager
@@ -97,6 +150,7 @@ def main() -> None:
     parser.add_argument("--impls", default="associative,reference,pallas")
     parser.add_argument("--dtypes", default="float32")
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=1, help="time the impls in turn this many times (medians)")
     parser.add_argument("--peak_gbps", type=float, default=0.0, help="HBM peak; 0 = from the device name")
     parser.add_argument("--blocks", default="", help="Pallas block sizes chunk,block_d,num_warps,num_stages,save_every")
     parser.add_argument("--check", action="store_true")
@@ -124,18 +178,13 @@ def main() -> None:
     rows = []
     for name in args.shapes.split(","):
         for dtype in args.dtypes.split(","):
-            for impl in args.impls.split(","):
-                try:
-                    row = measure(name, impl, dtype, args.iters, blocks, args.check, not args.forward_only,
-                                  args.lock, args.profile)
-                except Exception as e:  # e.g. out of memory: report it and go on
-                    row = {"shape": name, "impl": impl, "dtype": dtype, "error": error_message(e)}
+            for row in measure_group(name, args.impls.split(","), dtype, args, blocks):
                 if peak:
                     for label in ("fwd", "fwd+bwd"):
                         if f"{label} GB/s" in row:
                             row[f"{label} % roofline"] = round(100 * row[f"{label} GB/s"] / peak, 1)
                 rows.append(row)
-                print(json.dumps(row), flush=True)  # each row as it comes: a cut-off run keeps it
+                print(json.dumps(row), flush=True)  # each group's rows as they come: a cut-off run keeps them
     print(markdown_table(rows))
 
 

@@ -299,12 +299,13 @@ def test_lm_throughput_prints_train_and_generation_rates():
 def test_selective_scan_times_and_checks_each_implementation(tmp_path):
     impls = ["associative", "reference", "pallas"]  # pallas: the GPU kernel, interpreted on a CPU
     out = run_script("selective_scan.py", "--shapes=tiny", f"--impls={','.join(impls)}", "--iters=2", "--check",
-                     f"--lock={tmp_path / 'lock'}")
+                     "--rounds=3", f"--lock={tmp_path / 'lock'}")
     [rows] = markdown_tables(out)
     json_rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert [r["impl"] for r in rows] == [r["impl"] for r in json_rows] == impls and "error" not in rows[0], rows
-    assert_numbers(rows, positive=("fwd ms", "fwd+bwd ms"), nonnegative=(
+    assert_numbers(rows, positive=("fwd ms", "fwd+bwd ms", "fwd / associative", "fwd+bwd / associative"), nonnegative=(
         "fwd compile s", "fwd+bwd compile s", "fwd+bwd temp MiB", "fwd GB/s", "fwd+bwd GB/s"))
+    assert json_rows[0]["fwd / associative"] == json_rows[0]["fwd+bwd / associative"] == 1.0, json_rows[0]
     assert all(r["max |y - ref| / max |ref|"] < 1e-5 and r["max grad error"] < 1e-5 for r in json_rows), json_rows
 
 
