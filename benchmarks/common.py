@@ -37,16 +37,23 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def add_overrides_flag(parser, example: str = "student.depth=2,teacher.depth=1") -> None:
     """The ``--set`` flag every benchmark takes: config overrides for ``apply_overrides``."""
     parser.add_argument("--set", default="", help=f"config overrides, e.g. {example} (a value may hold commas: "
-                                                  "student.scan_blocks=2,32,1,1,4)")
+                                                  "student.scan_blocks=2,32,1,1,4, or XLA options: "
+                                                  "train.xla_gpu_options=xla_a=1,xla_b=2)")
+
+
+def split_overrides(overrides: str) -> list[str]:
+    """The ``key=value`` items of ``overrides`` ("student.depth=2,teacher.depth=1"). A value may hold commas
+    ("student.scan_blocks=2,32,1,1,4") and XLA options ("train.xla_gpu_options=xla_a=1,xla_b=2"): items split only
+    at a comma followed by the next ``key=`` that is not an ``xla_`` option."""
+    return list(filter(None, re.split(r",(?=(?!xla_)[\w.]+=)", overrides)))
 
 
 def apply_overrides(c, overrides: str) -> None:
-    """Sets ``overrides`` ("student.depth=2,teacher.depth=1": dotted fields of the ConfigDict ``c``, each value read
-    as its field's type by ``config.parse_value``) in ``c``. A value may hold commas ("student.scan_blocks=2,32,1,1,4"):
-    items split only at a comma followed by the next ``key=``."""
+    """Sets ``overrides`` (``split_overrides``: dotted fields of the ConfigDict ``c``, each value read as its field's
+    type by ``config.parse_value``) in ``c``."""
     from cab_jax.config import parse_value
 
-    for item in filter(None, re.split(r",(?=[\w.]+=)", overrides)):
+    for item in split_overrides(overrides):
         key, value = item.split("=", 1)
         *parents, leaf = key.split(".")
         node = c

@@ -49,6 +49,7 @@ from common import (  # benchmarks/common.py
     apply_overrides,
     report_one,
     run_one,
+    split_overrides,
     synthetic_setup,
 )
 
@@ -153,14 +154,14 @@ class EntryPoint:
                            f"train.steps={args.steps}", f"train.batch_size={args.batch_size}", "train.log_every=1",
                            f"train.checkpoint_every={args.steps}", "data.repeated_augmentation=1", args.set)
         self.flags = [f"--config=configs/{args.config}.py",
-                      *(f"--config.{item}" for item in re.split(r",(?=[\w.]+=)", overrides))]
+                      *(f"--config.{item}" for item in split_overrides(overrides))]
 
     def start(self, name: str, mesh: str, processes: int, devices: int) -> list[subprocess.Popen]:
         """Starts run ``name`` (``mesh`` overrides): one process on ``devices`` devices, or ``processes`` processes
         of one device each with a SLURM job's task variables (JAX's cluster detection finds the coordinator)."""
         workdir, logs = self.out / "runs" / name, self.out / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        flags = [*self.flags, f"--workdir={workdir}", *(f"--config.{item}" for item in filter(None, mesh.split(",")))]
+        flags = [*self.flags, f"--workdir={workdir}", *(f"--config.{item}" for item in split_overrides(mesh))]
         env = device_env(devices * processes, self.args.cpu)
         if processes == 1:
             return [self._popen(flags, env, logs / f"{name}.log")]

@@ -90,10 +90,12 @@ def test_overrides_split_at_keys_so_a_value_may_hold_commas(bench_script):
     apply_overrides = bench_script("common").apply_overrides
 
     c = ml_collections.ConfigDict({"student": {"scan_blocks": "", "depth": 24, "remat": True}, "lr": 0.1,
-                                   "steps": ml_collections.config_dict.placeholder(int)})
-    apply_overrides(c, "student.scan_blocks=2,32,1,1,4,student.depth=2,student.remat=false,lr=0.5,steps=7")
+                                   "steps": ml_collections.config_dict.placeholder(int),
+                                   "train": {"xla_gpu_options": ""}})
+    apply_overrides(c, "student.scan_blocks=2,32,1,1,4,student.depth=2,train.xla_gpu_options=xla_a=1,xla_b=X,Y,"
+                       "student.remat=false,lr=0.5,steps=7")
     assert c.to_dict() == {"student": {"scan_blocks": "2,32,1,1,4", "depth": 2, "remat": False}, "lr": 0.5,
-                           "steps": 7}
+                           "steps": 7, "train": {"xla_gpu_options": "xla_a=1,xla_b=X,Y"}}
     with pytest.raises(ValueError, match=r"student\.remat='flase': expected True or False"):
         apply_overrides(c, "student.remat=flase")
 
@@ -389,3 +391,18 @@ def test_multi_gpu_names_an_unknown_part_or_mesh():
         proc = subprocess.run([sys.executable, "benchmarks/multi_gpu.py", "--out=unused", flag], cwd=ROOT,
                               capture_output=True, text=True)
         assert proc.returncode == 2 and f"valid choices are {valid}" in proc.stderr, proc.stderr
+
+
+def test_step_ab_times_variants_in_turn_against_the_first():
+    out = run_script("step_ab.py", "--config=demo", "--batch_size=4", "--steps=1", "--rounds=2", TINY_VISION,
+                     "--variant=base:", "--variant=bf16:dtype=bfloat16",
+                     "--variant=xla:train.xla_gpu_options=xla_gpu_enable_dynamic_slice_fusion=true,"
+                     "xla_gpu_dot_merger_threshold_mb=0")
+    [rows] = markdown_tables(out)
+    assert [r["variant"] for r in rows] == ["base", "bf16", "xla"] and rows[0]["/ base"] == "1.0", rows
+    assert_numbers(rows, positive=("ms_per_step", "images_per_s", "/ base", "compile_s", "loss"))
+    assert rows[0]["loss"] == rows[2]["loss"] != rows[1]["loss"], rows  # XLA options alone change no number
+    assert "xla: train.xla_gpu_options=xla_gpu_enable_dynamic_slice_fusion=true,xla_gpu_dot_merger" in out
+    proc = subprocess.run([sys.executable, "benchmarks/step_ab.py", "--variant=a:", "--variant=a:dtype=bfloat16"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and "at least two, with different names" in proc.stderr, proc.stderr
