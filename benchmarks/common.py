@@ -158,6 +158,19 @@ def report_one(job: str, measure: Callable[..., dict]) -> None:
     print("ROW" + json.dumps(measure(**json.loads(job))), flush=True)
 
 
+def parse_args_or_measure(parser, measure: Callable[..., dict]):
+    """``parser``'s arguments (an ``argparse.ArgumentParser``; the hidden ``--one`` flag added); None in a child of
+    ``run_one``, after measuring and printing its row (``report_one``)."""
+    import argparse
+
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        report_one(args.one, measure)
+        return None
+    return args
+
+
 def run_one(script: str, job: dict, error_row: dict, env: dict[str, str] | None = None) -> dict:
     """Runs ``python script --one JSON(job)`` (one measurement in its own process, so its peak memory is its own;
     in ``env``, default this process's environment): the row it printed after "ROW" (``report_one``), or

@@ -29,8 +29,8 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 from common import (  # benchmarks/common.py  # noqa: E402
     add_overrides_flag,
     apply_overrides,
+    parse_args_or_measure,
     peak_gib,
-    report_one,
     run_each,
     state_gib,
     time_train_steps,
@@ -97,6 +97,10 @@ def measure_generate(length: int, role: str, batch: int, new_tokens: int, dtype:
             "compile_s": round(compile_s, 1)}
 
 
+def measure(kind: str, **job) -> dict:
+    return (measure_train if kind == "train" else measure_generate)(**job)
+
+
 def _error_row(job: dict) -> dict:
     return {"part": job["kind"], "mode": job.get("mode", job.get("role")), "length": job["length"]}
 
@@ -112,10 +116,8 @@ def main() -> None:
     parser.add_argument("--new_tokens", type=int, default=64)
     parser.add_argument("--dtype", default="bfloat16")
     add_overrides_flag(parser, "student.depth=4,teacher.depth=4")
-    parser.add_argument("--one", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.one:
-        report_one(args.one, lambda kind, **job: (measure_train if kind == "train" else measure_generate)(**job))
+    args = parse_args_or_measure(parser, measure)
+    if args is None:
         return
     import jax
 

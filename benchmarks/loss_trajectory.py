@@ -23,7 +23,7 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from common import add_overrides_flag, report_one, run_each, synthetic_setup  # benchmarks/common.py
+from common import add_overrides_flag, parse_args_or_measure, run_each, synthetic_setup  # benchmarks/common.py
 
 from cab_jax.summary import markdown_table
 
@@ -104,10 +104,8 @@ def main() -> None:
     parser.add_argument("--plot", help="draw them here (PNG, needs matplotlib)")
     parser.add_argument("--replot", help="saved --out files (comma-separated): only summarise them (against the "
                         "first file's first run) and draw them (with --plot)")
-    parser.add_argument("--one", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.one:
-        report_one(args.one, measure)
+    args = parse_args_or_measure(parser, measure)
+    if args is None:
         return
     if args.replot:
         runs = saved_runs(args.replot.split(","))

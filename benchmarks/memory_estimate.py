@@ -18,7 +18,13 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from common import add_overrides_flag, peak_gib, report_one, run_each, synthetic_setup  # benchmarks/common.py
+from common import (  # benchmarks/common.py
+    add_overrides_flag,
+    parse_args_or_measure,
+    peak_gib,
+    run_each,
+    synthetic_setup,
+)
 
 from cab_jax.summary import markdown_table
 
@@ -53,10 +59,8 @@ def main() -> None:
     parser.add_argument("--remat", default="true")
     parser.add_argument("--batch_size", type=int, default=128)
     add_overrides_flag(parser)
-    parser.add_argument("--one", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.one:
-        report_one(args.one, measure)
+    args = parse_args_or_measure(parser, measure)
+    if args is None:
         return
     grid = itertools.product(args.configs.split(","), args.dtypes.split(","), args.remat.split(","))
     jobs = (dict(config_name=config_name, dtype=dtype, batch_size=args.batch_size, remat=remat == "true",

@@ -47,7 +47,7 @@ from common import (  # benchmarks/common.py
     ROOT,
     add_overrides_flag,
     apply_overrides,
-    report_one,
+    parse_args_or_measure,
     run_one,
     split_overrides,
     synthetic_setup,
@@ -165,11 +165,11 @@ class EntryPoint:
         env = device_env(devices * processes, self.args.cpu)
         if processes == 1:
             return [self._popen(flags, env, logs / f"{name}.log")]
-        job_id, procs = _free_slurm_job_id(), []
+        port, procs = str(_free_port()), []  # the coordinator's, as slurm_gpu.sbatch takes JAX_COORDINATOR_PORT
         for i in range(processes):
-            task = {"SLURM_JOB_ID": str(job_id), "SLURM_STEP_NODELIST": "localhost", "SLURM_STEP_NUM_NODES": "1",
+            task = {"SLURM_JOB_ID": str(os.getpid()), "SLURM_STEP_NODELIST": "localhost", "SLURM_STEP_NUM_NODES": "1",
                     "SLURM_NTASKS": str(processes), "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i),
-                    "NCCL_DEBUG": "WARN"}
+                    "JAX_COORDINATOR_PORT": port, "NCCL_DEBUG": "WARN"}
             if self.args.cpu:  # one fake CPU device per process (each GPU process takes GPU SLURM_LOCALID)
                 task.update(device_env(devices, True))
             procs.append(self._popen([*flags, "--jax_distributed"], {**env, **task}, logs / f"{name}.{i}.log"))
@@ -229,16 +229,10 @@ def _statuses(statuses: list[int]) -> str:
     return ",".join(map(str, statuses))
 
 
-def _free_slurm_job_id() -> int:
-    """A job id whose coordinator port (JAX takes 61440 + id % 4096) is free here."""
-    for job_id in range(4096 + os.getpid() % 4096, 3 * 4096):
-        with socket.socket() as s:
-            try:
-                s.bind(("localhost", 61440 + job_id % 4096))
-            except OSError:
-                continue
-        return job_id
-    raise RuntimeError("no free port for a SLURM job's coordinator")
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
 
 
 # ---- the parts
@@ -338,10 +332,8 @@ def main() -> None:
     parser.add_argument("--lm_set", default="", help="configs/phi_mamba.py overrides of the fsdp part")
     parser.add_argument("--cpu", action="store_true", help="fake CPU devices instead of GPUs")
     add_overrides_flag(parser)
-    parser.add_argument("--one", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.one:
-        report_one(args.one, measure)
+    args = parse_args_or_measure(parser, measure)
+    if args is None:
         return
     if not args.out:
         parser.error("--out is required")

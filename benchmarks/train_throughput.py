@@ -25,8 +25,8 @@ from common import (  # benchmarks/common.py
     add_overrides_flag,
     matmul_flops_per_s,
     model_flops,
+    parse_args_or_measure,
     peak_gib,
-    report_one,
     run_each,
     run_one,
     synthetic_setup,
@@ -78,10 +78,8 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=200)
     add_overrides_flag(parser)
-    parser.add_argument("--one", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.one:
-        report_one(args.one, measure)
+    args = parse_args_or_measure(parser, measure)
+    if args is None:
         return
     grid = itertools.product(*(getattr(args, name).split(",") for name in ("configs", "dtypes", "remat", "modes",
                                                                           "scan_impls")))
