@@ -360,6 +360,30 @@ def test_train_iterator_state_is_independent_of_worker_processes(digits_dir, eig
         next(with_workers)
 
 
+def test_worker_processes_outlive_the_signals_that_stop_the_trainer(digits_dir):
+    """SLURM's SIGTERM reaches every process of a job step, Ctrl-C's SIGINT a terminal's whole process group; the
+    trainer stops at an agreed step and still reads batches after the signal, so the workers ignore both and keep
+    producing them (more batches than their buffers hold)."""
+    import os
+    import signal
+
+    reference = take(images.train_iterator(make_cfg(digits_dir, subset_fraction=0.1), global_batch_size=16, seed=0),
+                     12)
+    with_workers = images.train_iterator(make_cfg(digits_dir, subset_fraction=0.1, num_workers=2),
+                                         global_batch_size=16, seed=0)
+    try:
+        first = take(with_workers, 1)
+        workers = multiprocess_job.children(os.getpid())
+        assert len(workers) >= 2, workers
+        for pid in workers:
+            os.kill(pid, signal.SIGTERM)
+            os.kill(pid, signal.SIGINT)
+        assert_batches_equal(first + take(with_workers, 11), reference)
+        assert all(map(multiprocess_job.alive, workers)), "a data worker died of SIGTERM or SIGINT"
+    finally:
+        with_workers.close()
+
+
 def test_train_iterator_refuses_a_foreign_state(digits_dir):
     cfg = make_cfg(digits_dir, subset_fraction=0.1)
     state = images.train_iterator(cfg, global_batch_size=16, seed=0).get_state()

@@ -32,6 +32,7 @@ import gc
 import math
 import os
 import re
+import signal
 import threading
 import time
 import weakref
@@ -152,7 +153,7 @@ def to_iter_dataset(ds: grain.MapDataset, num_workers: int) -> grain.IterDataset
             flags.FLAGS.mark_as_parsed()
         iter_ds = iter_ds.mp_prefetch(
             grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=_PER_WORKER_BUFFER),
-            worker_init_fn=exit_with_parent,
+            worker_init_fn=init_worker,
         )
         # The workers' batches arrive in shared memory, freed only when the last reference goes; JAX may hold one
         # (a zero-copy CPU array, a pending host-to-device copy) until the interpreter exits, past grain's deleter
@@ -173,10 +174,15 @@ def release_closed_iterators() -> None:
     gc.collect()
 
 
-def exit_with_parent(worker_index: int, worker_count: int) -> None:
-    """grain worker initialiser: the worker exits as soon as the process that started it is gone, even when that
-    process was killed (SIGKILL, the kernel's OOM killer) and could not stop its workers."""
+def init_worker(worker_index: int, worker_count: int) -> None:
+    """grain worker initialiser. The worker ignores SIGTERM and SIGINT: SLURM signals every process of a job step, a
+    terminal's Ctrl-C its whole process group, and the trainer, stopping at an agreed step, still reads batches after
+    the signal (grain stops its workers itself, by an event, then SIGKILL). It exits as soon as the process that
+    started it is gone, even when that process was killed (SIGKILL, the kernel's OOM killer) and could not stop
+    them."""
     del worker_index, worker_count
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
     parent = os.getppid()
 
     def watch() -> None:
