@@ -171,15 +171,23 @@ def parse_args_or_measure(parser, measure: Callable[..., dict]):
     return args
 
 
-def run_one(script: str, job: dict, error_row: dict, env: dict[str, str] | None = None) -> dict:
+def run_one(script: str, job: dict, error_row: dict, env: dict[str, str] | None = None,
+            timeout: float | None = None) -> dict:
     """Runs ``python script --one JSON(job)`` (one measurement in its own process, so its peak memory is its own;
-    in ``env``, default this process's environment): the row it printed after "ROW" (``report_one``), or
-    ``error_row`` with the last error line of its stderr as "error"."""
-    proc = subprocess.run([sys.executable, script, "--one", json.dumps(job)], capture_output=True, text=True,
-                          cwd=ROOT, env=env)
-    if proc.returncode == 0 and "ROW" in proc.stdout:
-        return json.loads(proc.stdout.split("ROW", 1)[1])
-    lines = proc.stderr.strip().splitlines() or ["?"]
+    in ``env``, default this process's environment; killed after ``timeout`` seconds): the row it printed on a line
+    starting with "ROW" (``report_one``), or ``error_row`` with the last error line of its stderr as "error"."""
+    try:
+        proc = subprocess.run([sys.executable, script, "--one", json.dumps(job)], capture_output=True, text=True,
+                              cwd=ROOT, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {**error_row, "error": f"still running after {timeout} s: killed"}
+    row = next((line[3:] for line in proc.stdout.splitlines() if line.startswith("ROW")), None)
+    if proc.returncode == 0 and row is not None:
+        try:
+            return json.loads(row)
+        except json.JSONDecodeError:
+            pass  # cut by other output: the error row below
+    lines = proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}, no row"]
     return {**error_row, "error": next((line for line in reversed(lines) if "Error" in line), lines[-1])[:160]}
 
 

@@ -4,8 +4,11 @@ SLURM starts them, images/s per device count, and FSDP's memory per device.
     python benchmarks/multi_gpu.py --out=/tmp/multi_gpu [--parts=equal,main,processes,scaling,fsdp] \
         [--config=vim_small] [--steps=20] [--batch_size=128] [--set=FIELD=VALUE,...] [--cpu]
 
-Every measurement runs in a process of its own that sees only the devices it needs (``CUDA_VISIBLE_DEVICES``; with
-``--cpu``, that many fake CPU devices), with ``NCCL_NVLS_ENABLE=0`` (NVLink multicast off). Parts:
+Every measurement runs in a process of its own that sees only the devices it needs (the first of
+``CUDA_VISIBLE_DEVICES``; with ``--cpu``, that many fake CPU devices), with ``NCCL_NVLS_ENABLE=0`` (NVLink multicast
+off), and is stopped after ``--timeout`` seconds. The parts that compare losses run float32 matmuls at full
+precision (``JAX_DEFAULT_MATMUL_PRECISION=highest``): a GPU's default TF32 rounds differently for each shard's
+shape. Parts:
 
 - equal: the CAB step on synthetic data in float32, ``--steps`` steps at the global batch ``--batch_size``, on one
   device and on two with each of ``--meshes`` (``mesh.data=2``, ``mesh.fsdp=2``, ``mesh.tensor=2``): each run's
@@ -15,21 +18,23 @@ Every measurement runs in a process of its own that sees only the devices it nee
   under ``--out``) with a random teacher saved there, repeated augmentation off (as it is on one device), one
   device against ``mesh.data=2``: ``metrics.jsonl``'s losses.
 - processes: two processes of one device each, started as ``launch/slurm_gpu.sbatch``'s ``srun`` starts its tasks
-  (SLURM's variables, ``--jax_distributed``), stopped by SIGTERM to both once the first step is logged (both save
-  a checkpoint and exit 75) and started again: it resumes at the saved step. Every step's loss (those logged before
-  the stop and after) against main's one-device run; the checkpoints directory holds one entry per kept step.
+  (SLURM's variables, ``--jax_distributed``), stopped by SIGTERM to both process groups (data workers included, as
+  SLURM signals every process of a step) once the first step is logged (both save a checkpoint and exit 75), and
+  started again: it resumes at the saved step. Every step's loss (those logged before the stop and after) against
+  main's one-device run; the checkpoints directory holds one entry per kept step.
 - scaling: ``train_throughput.py``'s step (``--dtypes``, no remat) on one device at ``--batch_size`` and on two with
   ``mesh.data=2`` at twice the batch: images/s, and the efficiency (two devices' images/s over twice one's).
 - fsdp: ``lm_throughput.py``'s CAB train step of configs/phi_mamba.py (synthetic tokens, ``--lm_set`` overrides) on
   one device and with ``mesh.fsdp=2``: the train state (parameters, optimizer state) held per device, and the peak.
 
-Prints the tables and writes them to ``--out/multi_gpu.md``, every row to ``--out/multi_gpu.json``, the entry
-point's logs under ``--out/logs``.
+Prints the tables and writes them to ``--out/multi_gpu.md``, every row to ``--out/multi_gpu.json`` (both after
+each part), the entry point's logs under ``--out/logs``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pathlib
@@ -62,15 +67,28 @@ MESHES = {"1 device": ("", 1), "mesh.data=2": ("mesh.data=2", 2), "mesh.fsdp=2":
 RESUME = 75  # cab_jax.main: stopped by a signal after saving a checkpoint
 
 
-def device_env(devices: int, cpu: bool) -> dict[str, str]:
-    """This process's environment for a JAX process on ``devices`` devices (GPUs 0.., or fake CPU devices)."""
-    env = {**os.environ, "NCCL_NVLS_ENABLE": "0"}
+# Variables of an outer launcher that would decide, instead of this script, how the processes find each other.
+FOREIGN = re.compile(r"JAX_COORDINATOR_ADDRESS|JAX_LOCAL_DEVICE_IDS|JAX_NUM_PROCESSES|JAX_PROCESS_ID|SLURM_.*|"
+                     r"OMPI_.*|PMI_.*|TPU_WORKER_.*|MEGASCALE_.*")
+
+
+def device_env(devices: int, cpu: bool, exact: bool = False) -> dict[str, str]:
+    """This process's environment (less ``FOREIGN`` variables) for a JAX process on the first ``devices`` GPUs this
+    process may use (``CUDA_VISIBLE_DEVICES``, default all), or on that many fake CPU devices; ``exact``: float32
+    matmuls at full precision (on GPUs TF32 by default, which rounds differently for each shard's shape)."""
+    env = {k: v for k, v in os.environ.items() if not FOREIGN.fullmatch(k)}
+    env["NCCL_NVLS_ENABLE"] = "0"
+    if exact:
+        env["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"
     if cpu:
         flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
         env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join([f"--xla_force_host_platform_device_count={devices}",
                                                              *flags]))
     else:
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, range(devices)))
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(devices)))).split(",")
+        if len(visible) < devices:
+            raise SystemExit(f"error: {devices} GPUs needed, CUDA_VISIBLE_DEVICES={','.join(visible)}")
+        env.update(JAX_PLATFORMS="cuda", CUDA_VISIBLE_DEVICES=",".join(visible[:devices]))
     return env
 
 
@@ -92,7 +110,7 @@ def trajectory(config_name: str, batch_size: int, steps: int, overrides: str) ->
                                   overrides=overrides)
     state, step = built.state, built.trainer.jit_train_step
     text = step.lower(state, built.teacher_params, data[0]).as_text()
-    kernel, mesh = resolve_impl("auto"), built.trainer.mesh.shape
+    kernel, mesh = resolve_impl(built.trainer.domain.c.student.scan_impl), built.trainer.mesh.shape
     calls, shapes, _, problems = lower.check(text, kernel, batch_size, batch_size // (mesh["data"] * mesh["fsdp"]))
     losses = []
     for i in range(steps):
@@ -148,7 +166,7 @@ class EntryPoint:
     ``out/runs``, logs under ``out/logs``."""
 
     def __init__(self, args: argparse.Namespace, prepared: dict):
-        self.args, self.out = args, pathlib.Path(args.out)
+        self.args, self.out = args, pathlib.Path(args.out).resolve()
         self.done: dict[str, dict] = {}  # name: the row of a run this invocation made
         overrides = joined(prepared["overrides"], "task=distill", "data.subset_fraction=1.0", "dtype=float32",
                            f"train.steps={args.steps}", f"train.batch_size={args.batch_size}", "train.log_every=1",
@@ -162,7 +180,7 @@ class EntryPoint:
         workdir, logs = self.out / "runs" / name, self.out / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         flags = [*self.flags, f"--workdir={workdir}", *(f"--config.{item}" for item in split_overrides(mesh))]
-        env = device_env(devices * processes, self.args.cpu)
+        env = device_env(devices * processes, self.args.cpu, exact=True)
         if processes == 1:
             return [self._popen(flags, env, logs / f"{name}.log")]
         port, procs = str(_free_port()), []  # the coordinator's, as slurm_gpu.sbatch takes JAX_COORDINATOR_PORT
@@ -171,19 +189,35 @@ class EntryPoint:
                     "SLURM_NTASKS": str(processes), "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i),
                     "JAX_COORDINATOR_PORT": port, "NCCL_DEBUG": "WARN"}
             if self.args.cpu:  # one fake CPU device per process (each GPU process takes GPU SLURM_LOCALID)
-                task.update(device_env(devices, True))
+                task.update(device_env(devices, True, exact=True))
             procs.append(self._popen([*flags, "--jax_distributed"], {**env, **task}, logs / f"{name}.{i}.log"))
         return procs
 
     @staticmethod
     def _popen(flags: list[str], env: dict, log: pathlib.Path) -> subprocess.Popen:
+        """The entry point in a session of its own: a signal to its process group reaches its data workers too, as
+        SLURM's reaches every process of a job step."""
         with log.open("a") as f:
             return subprocess.Popen([sys.executable, "-m", "cab_jax.main", *flags], cwd=ROOT, env=env, stdout=f,
-                                    stderr=subprocess.STDOUT)
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait(self, procs: list[subprocess.Popen]) -> list[int | str]:
+        """Each process's exit status; "timeout" for one still running ``--timeout`` s after the start of the wait
+        (its process group killed)."""
+        deadline, statuses = time.time() + self.args.timeout, []
+        for p in procs:
+            try:
+                statuses.append(p.wait(timeout=max(deadline - time.time(), 0.1)))
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+                statuses.append("timeout")
+        return statuses
 
     def losses(self, name: str) -> list[float]:
         path = self.out / "runs" / name / "metrics.jsonl"
-        records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        lines = path.read_text().split("\n")[:-1] if path.exists() else []  # whole lines: one may be in writing
+        records = [json.loads(line) for line in lines]
         by_step = {r["step"]: r["loss"] for r in records if r["split"] == "train"}  # a resumed run: the newest
         return [by_step[s] for s in sorted(by_step)]
 
@@ -196,7 +230,7 @@ class EntryPoint:
     def run(self, name: str, mesh: str = "", processes: int = 1, devices: int = 1) -> dict:
         self.fresh(name)
         start = time.perf_counter()
-        statuses = [p.wait() for p in self.start(name, mesh, processes, devices)]
+        statuses = self.wait(self.start(name, mesh, processes, devices))
         self.done[name] = {"run": name, "processes": processes, "devices": processes * devices,
                            "exit": _statuses(statuses), "seconds": round(time.perf_counter() - start, 1),
                            "losses": self.losses(name)}
@@ -207,18 +241,19 @@ class EntryPoint:
         again."""
         self.fresh(name)
         start = time.perf_counter()
-        procs = self.start(name, "", processes, 1)
-        while not self.losses(name) and all(p.poll() is None for p in procs):
+        procs, deadline = self.start(name, "", processes, 1), time.time() + self.args.timeout
+        while not self.losses(name) and all(p.poll() is None for p in procs) and time.time() < deadline:
             time.sleep(0.1)
         for p in procs:
-            p.send_signal(signal.SIGTERM)
-        stopped = [p.wait() for p in procs]
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
+        stopped = self.wait(procs)
         steps_then = len(self.losses(name))
-        resumed = [p.wait() for p in self.start(name, "", processes, 1)]
+        resumed = self.wait(self.start(name, "", processes, 1))
         log = (self.out / "logs" / f"{name}.0.log").read_text(errors="replace")
         resumed_at = re.findall(r"resumed at step (\d+)", log)
-        checkpoints = sorted(int(d.name) for d in (self.out / "runs" / name / "checkpoints").iterdir()
-                             if d.name.isdigit())
+        saved = self.out / "runs" / name / "checkpoints"
+        checkpoints = sorted(int(d.name) for d in saved.iterdir() if d.name.isdigit()) if saved.exists() else []
         return {"run": name, "processes": processes, "devices": processes, "exit": _statuses(resumed),
                 "stopped_exit": _statuses(stopped), "stopped_after": steps_then,
                 "resumed_at": int(resumed_at[-1]) if resumed_at else None, "checkpoints": checkpoints,
@@ -258,7 +293,7 @@ def part_equal(args) -> list[dict]:
         mesh, devices = MESHES[name]
         job = dict(kind="trajectory", config_name=args.config, batch_size=args.batch_size, steps=args.steps,
                    overrides=joined(mesh, args.set))
-        row = run_one(__file__, job, {}, device_env(devices, args.cpu))
+        row = run_one(__file__, job, {}, device_env(devices, args.cpu, exact=True), args.timeout)
         rows.append({"run": name, **row, "kernel_shapes": " ".join(row.get("kernel_shapes", []))})
         _print_row(rows[-1])
     return deviations(rows)
@@ -280,7 +315,8 @@ def part_scaling(args) -> list[dict]:
             job = dict(config_name=args.config, dtype=dtype, batch_size=args.batch_size * devices,
                        steps=args.throughput_steps, remat=False, mode="cab", scan_impl="auto",
                        overrides=joined("mesh.data=2" if devices == 2 else "", args.set))
-            row = run_one(str(ROOT / "benchmarks" / "train_throughput.py"), job, {}, device_env(devices, args.cpu))
+            row = run_one(str(ROOT / "benchmarks" / "train_throughput.py"), job, {}, device_env(devices, args.cpu),
+                          args.timeout)
             rows.append(_print_row({"devices": devices, **row}))
         one, two = (r.get("images_per_s") for r in rows[-2:])
         if one and two:
@@ -293,7 +329,8 @@ def part_fsdp(args) -> list[dict]:
     for mesh, devices in (("mesh.fsdp=1", 1), ("mesh.fsdp=2", 2)):
         job = dict(kind="train", length=args.lm_length, tokens_per_step=args.lm_tokens, mode="cab", dtype="bfloat16",
                    steps=3, overrides=joined(mesh, args.lm_set))
-        row = run_one(str(ROOT / "benchmarks" / "lm_throughput.py"), job, {}, device_env(devices, args.cpu))
+        row = run_one(str(ROOT / "benchmarks" / "lm_throughput.py"), job, {}, device_env(devices, args.cpu),
+                      args.timeout)
         rows.append(_print_row({"mesh": mesh, "devices": devices, **row}))
     return rows
 
@@ -304,7 +341,7 @@ def _print_row(row: dict) -> dict:
 
 
 COLUMNS = {
-    "equal": ["run", "devices", "last_loss", "max_rel_dev", "kernel", "kernel_calls", "kernel_shapes",
+    "equal": ["run", "devices", "device", "last_loss", "max_rel_dev", "kernel", "kernel_calls", "kernel_shapes",
               "kernel_problems", "error"],
     "main": ["run", "devices", "exit", "seconds", "last_loss", "max_rel_dev"],
     "processes": ["run", "processes", "devices", "exit", "stopped_exit", "stopped_after", "resumed_at", "checkpoints",
@@ -331,6 +368,7 @@ def main() -> None:
     parser.add_argument("--lm_tokens", type=int, default=8192, help="tokens per step of the fsdp part")
     parser.add_argument("--lm_set", default="", help="configs/phi_mamba.py overrides of the fsdp part")
     parser.add_argument("--cpu", action="store_true", help="fake CPU devices instead of GPUs")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds a measurement or run may take")
     add_overrides_flag(parser)
     args = parse_args_or_measure(parser, measure)
     if args is None:
@@ -341,13 +379,12 @@ def main() -> None:
         unknown = set(getattr(args, flag).split(",")) - set(valid)
         if unknown:
             parser.error(f"--{flag}: unknown {sorted(unknown)}; valid choices are {', '.join(valid)}")
-    out = pathlib.Path(args.out)
+    out = pathlib.Path(args.out).resolve()  # the children run in the repository's root
     out.mkdir(parents=True, exist_ok=True)
     results = {}
     if "main" in args.parts or "processes" in args.parts:
         prepared = run_one(__file__, dict(kind="prepare", out=str(out), config_name=args.config, overrides=args.set,
-                                          cpu=args.cpu), {},
-                           {**os.environ, "JAX_PLATFORMS": "cpu"})
+                                          cpu=args.cpu), {}, {**os.environ, "JAX_PLATFORMS": "cpu"}, args.timeout)
         if "error" in prepared:
             sys.exit(f"error: preparing the fake ImageNet and the teacher: {prepared['error']}")
         entry = EntryPoint(args, prepared)
@@ -355,10 +392,10 @@ def main() -> None:
         results[part] = {"equal": lambda: part_equal(args), "main": lambda: part_main(entry),
                          "processes": lambda: part_processes(entry), "scaling": lambda: part_scaling(args),
                          "fsdp": lambda: part_fsdp(args)}[part]()
-    tables = "\n\n".join(f"### {part}\n\n{markdown_table(rows, COLUMNS[part])}" for part, rows in results.items())
+        tables = "\n\n".join(f"### {p}\n\n{markdown_table(rows, COLUMNS[p])}" for p, rows in results.items())
+        (out / "multi_gpu.md").write_text(tables + "\n")  # after each part: a later one's failure keeps it
+        (out / "multi_gpu.json").write_text(json.dumps(results, indent=1))
     print(tables)
-    (out / "multi_gpu.md").write_text(tables + "\n")
-    (out / "multi_gpu.json").write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ calls) and gives each the median over the rounds and, beside the first impl, the
 same round, so that a drift of the GPU's clock falls on every impl alike. With ``--lock=FILE`` the timing holds an
 exclusive lock on FILE, so several processes can compile at once and time in turns
 (``benchmarks/scan_three_way.sh`` does this).
-``--profile`` runs the last pass once more between the CUDA driver's profiler start and stop, for Nsight Compute:
+``--profile`` runs each impl's last pass once more between the CUDA driver's profiler start and stop, for Nsight
+Compute:
 ``ncu --profile-from-start off python benchmarks/selective_scan.py ... --profile``.
 Prints one JSON row per measurement as it comes, then a Markdown table.
 """
@@ -81,21 +82,27 @@ def compile_impl(name: str, impl: str, dtype: str, inputs: tuple, blocks: BlockS
 
 
 def time_rounds(compiled: list[Compiled], inputs: tuple, iters: int, rounds: int) -> None:
-    """``rounds`` times, each implementation's passes in turn (median of ``iters`` calls each): drift of the
-    device's clock or of a neighbour's load falls on every implementation alike. Fills each row's median ms and
-    GB/s over the rounds and, beside the first implementation, the median over rounds of its ratio to it."""
-    for _ in range(rounds):
-        for c in compiled:
-            for label, fn, _ in c.passes:
-                c.times.setdefault(label, []).append(median_ms(fn, inputs, iters))
+    """``rounds`` times, each implementation's passes in turn (median of ``iters`` calls each; every other round in
+    reverse order): drift of the device's clock or of a neighbour's load falls on every implementation alike. Fills
+    each row's median ms and GB/s over the rounds and, beside the first implementation, the median over rounds of
+    its ratio to it. An implementation that fails (e.g. out of memory) gets the error in its row and drops out."""
+    for r in range(rounds):
+        for c in compiled[::-1] if r % 2 else compiled:
+            try:
+                if "error" not in c.row:
+                    for label, fn, _ in c.passes:
+                        c.times.setdefault(label, []).append(median_ms(fn, inputs, iters))
+            except Exception as e:
+                c.row["error"] = error_message(e)
     for c in compiled:
-        for label, _, moved in c.passes:
+        for label, _, moved in c.passes if "error" not in c.row else ():
             ms = float(np.median(c.times[label]))
             c.row[f"{label} ms"] = round(ms, 3)
             c.row[f"{label} GB/s"] = round(moved / ms / 1e6, 1)
-            if rounds > 1 and label in compiled[0].times:
-                ratios = np.divide(c.times[label], compiled[0].times[label])
-                c.row[f"{label} / {compiled[0].row['impl']}"] = round(float(np.median(ratios)), 3)
+            first = compiled[0]
+            if rounds > 1 and "error" not in first.row and label in first.times:
+                ratios = np.divide(c.times[label], first.times[label])
+                c.row[f"{label} / {first.row['impl']}"] = round(float(np.median(ratios)), 3)
 
 
 def check_errors(c: Compiled, inputs: tuple) -> None:
@@ -125,11 +132,15 @@ def measure_group(name: str, impls: list[str], dtype: str, args: argparse.Namesp
             rows.append({"shape": name, "impl": impl, "dtype": dtype, "error": error_message(e)})
     with gpu_turn(args.lock):
         time_rounds(compiled, inputs, args.iters, args.rounds)
-        for c in compiled if args.check else []:
-            check_errors(c, inputs)
-        if args.profile and compiled:
-            with cuda_profiler():
-                jax.block_until_ready(compiled[-1].passes[-1][1](*inputs))
+        for c in compiled:
+            try:
+                if args.check and "error" not in c.row:
+                    check_errors(c, inputs)
+                if args.profile and "error" not in c.row:
+                    with cuda_profiler():
+                        jax.block_until_ready(c.passes[-1][1](*inputs))
+            except Exception as e:  # e.g. the float64 reference out of memory
+                c.row["error"] = error_message(e)
     return rows
 
 

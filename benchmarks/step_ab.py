@@ -8,8 +8,9 @@ between runs?
 Each ``--variant=NAME:OVERRIDES`` is the step of ``configs/<config>.py`` (synthetic data, ``--dtype``, ``--remat``)
 with ``--set`` and then its own config overrides (``benchmarks/common.py``'s ``split_overrides``; XLA options go in
 ``train.xla_gpu_options``, which each step compiles with on a GPU). All variants are built and compiled first, then
-timed ``--rounds`` times in turn, ``--steps`` steps each, every variant going on from its own state: a drift of
-the GPU's clock or of a neighbour's load falls on every variant alike. Prints one row per variant: the median
+timed ``--rounds`` times in turn (every other round in reverse order), ``--steps`` steps each, every variant going
+on from its own state: a drift of the GPU's clock or of a neighbour's load falls on every variant alike. A variant
+that fails to build or compile gives a row with its error. Prints one row per variant: the median
 ms/step over the rounds, images/s, and the median over rounds of its ratio to the first variant in the same round
 (with the smallest and largest ratio), its compile seconds and its last loss. The variants share the device's
 memory, so their peaks are not their own (``train_throughput.py`` gives those).
@@ -104,15 +105,20 @@ def main() -> None:
         parser.error(f"--variant: give at least two, with different names (got {names})")
     import jax
 
-    variants = [build(args, name, overrides) for name, overrides in args.variant]
-    for _ in range(args.rounds):
-        for v in variants:
+    variants, failed = [], []
+    for name, overrides in args.variant:
+        try:
+            variants.append(build(args, name, overrides))
+        except Exception as e:  # e.g. an XLA option this XLA does not know: the others still run
+            failed.append({"variant": name, "error": f"{type(e).__name__}: {e}".splitlines()[0][:160]})
+    for r in range(args.rounds if variants else 0):
+        for v in variants[::-1] if r % 2 else variants:
             v.ms.append(1e3 * v.run(args.steps) / args.steps)
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, {args.config} {args.dtype}, remat "
           f"{args.remat}, batch {args.batch_size}, {args.rounds} rounds of {args.steps} steps, set: {args.set or '-'}")
     for name, overrides in args.variant:
         print(f"  {name}: {overrides or '(no overrides)'}")
-    print(markdown_table(rows(variants, args.batch_size)))
+    print(markdown_table(rows(variants, args.batch_size) + failed if variants else failed))
 
 
 if __name__ == "__main__":

@@ -336,10 +336,11 @@ def test_input_pipeline_writes_the_data_then_times_stages_and_workers(tmp_path):
 @pytest.mark.slow
 def test_multi_gpu_on_two_cpu_devices_gives_one_devices_losses_and_resumes_two_processes(tmp_path):
     """Its equal part (the synthetic step, one device against mesh.fsdp=2) and its processes part (the entry point
-    on configs/demo.py's digits, two SLURM-style processes stopped by SIGTERM after a step and started again)."""
+    on configs/demo.py's digits, two SLURM-style processes with a data worker each, stopped by SIGTERM to their
+    process groups after a step and started again)."""
     steps = 4
     out = run_script("multi_gpu.py", f"--out={tmp_path}", "--cpu", "--config=demo", "--parts=equal,processes",
-                     "--meshes=mesh.fsdp=2", f"--steps={steps}", "--batch_size=4", f"{TINY_VISION},data.num_workers=0")
+                     "--meshes=mesh.fsdp=2", f"--steps={steps}", "--batch_size=4", f"{TINY_VISION},data.num_workers=1")
     equal, processes = markdown_tables(out)
     assert [(r["run"], r["devices"], r["kernel"], r["error"]) for r in equal] == [
         ("1 device", "1", "associative", ""), ("mesh.fsdp=2", "2", "associative", "")], equal
@@ -365,7 +366,7 @@ def test_multi_gpu_scales_the_batch_with_the_devices_and_halves_nothing_it_shoul
     measures = {name: bench_script(name) for name in ("train_throughput", "lm_throughput")}
     calls = []
 
-    def run_one(path, job, error_row, env):
+    def run_one(path, job, error_row, env, timeout):
         measure = measures[pathlib.Path(path).stem]
         if "kind" in job:
             inspect.signature(measure.measure_train).bind(**{k: v for k, v in job.items() if k != "kind"})
@@ -397,9 +398,10 @@ def test_step_ab_times_variants_in_turn_against_the_first():
     out = run_script("step_ab.py", "--config=demo", "--batch_size=4", "--steps=1", "--rounds=2", TINY_VISION,
                      "--variant=base:", "--variant=bf16:dtype=bfloat16",
                      "--variant=xla:train.xla_gpu_options=xla_gpu_enable_dynamic_slice_fusion=true,"
-                     "xla_gpu_dot_merger_threshold_mb=0")
+                     "xla_gpu_dot_merger_threshold_mb=0", "--variant=bad:student.depth=two")
     [rows] = markdown_tables(out)
-    assert [r["variant"] for r in rows] == ["base", "bf16", "xla"] and rows[0]["/ base"] == "1.0", rows
+    assert [r["variant"] for r in rows] == ["base", "bf16", "xla", "bad"] and rows[0]["/ base"] == "1.0", rows
+    assert "student.depth='two': expected a int" in rows.pop()["error"]  # the others still ran
     assert_numbers(rows, positive=("ms_per_step", "images_per_s", "/ base", "compile_s", "loss"))
     assert rows[0]["loss"] == rows[2]["loss"] != rows[1]["loss"], rows  # XLA options alone change no number
     assert "xla: train.xla_gpu_options=xla_gpu_enable_dynamic_slice_fusion=true,xla_gpu_dot_merger" in out
