@@ -353,6 +353,10 @@ def test_multi_gpu_on_two_cpu_devices_gives_one_devices_losses_and_resumes_two_p
         assert len(rows[1]["losses"]) == len(rows[0]["losses"]) == steps, rows
         assert all(math.isfinite(x) for x in rows[0]["losses"]) and float(rows[1]["max_rel_dev"]) < 1e-4, rows
     assert (tmp_path / "multi_gpu.md").read_text().strip() in out
+    logs = sorted((tmp_path / "logs").glob("2 processes*.log"))
+    assert len(logs) == 2, logs
+    for log in logs:  # the data workers outlived the signal, cleanly
+        assert not re.search("terminated unexpectedly|leaked", log.read_text()), log.read_text()[-3000:]
 
 
 def test_multi_gpu_scales_the_batch_with_the_devices_and_halves_nothing_it_should_not(bench_script, monkeypatch,
