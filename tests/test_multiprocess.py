@@ -84,13 +84,13 @@ def by_step(workdir, split="train"):
     return {r["step"]: r for r in mp.metrics(workdir, split)}
 
 
-def assert_same_run(workdir, reference, domain, strict_until=3):
+def assert_same_run(workdir, reference, domain, strict_until=2):
     """Every step's loss terms (and gradient norm) within 1e-6 of the loss (or of the value, when larger) up to step
-    ``strict_until`` (at most 3: steps of an uninterrupted run), 1e-5 after. The processes' gloo all-reduce adds the
+    ``strict_until`` (at most 2: steps of an uninterrupted run), 1e-5 after. The processes' gloo all-reduce adds the
     devices' partial sums in another order than one process does: the first step's KL differs in its last bit, and
-    training amplifies that (measured: 6e-8 of the loss at step 2, 1.45e-6 at step 4 of the vision chain, 1e-6 at
-    step 5, 2e-6 at step 24)."""
-    strict_until = min(strict_until, 3)
+    training amplifies that (measured: 6e-8 of the loss at step 2, 1.01e-6 at step 3 (in 3 of 17 runs on
+    2026-12-04 just over 1e-6), 1.45e-6 at step 4 of the vision chain, 1e-6 at step 5, 2e-6 at step 24)."""
+    strict_until = min(strict_until, 2)
     got, want = by_step(workdir), by_step(reference)
     assert sorted(got) == sorted(want)
     for step, row in want.items():
