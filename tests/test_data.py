@@ -365,16 +365,26 @@ def test_worker_processes_outlive_the_signals_that_stop_the_trainer(digits_dir):
     trainer stops at an agreed step and still reads batches after the signal, so the workers ignore both and keep
     producing them (more batches than their buffers hold)."""
     import os
+    import re
     import signal
+    import time
 
     reference = take(images.train_iterator(make_cfg(digits_dir, subset_fraction=0.1), global_batch_size=16, seed=0),
                      12)
+    before = set(multiprocess_job.children(os.getpid()))  # e.g. multiprocessing's resource tracker
     with_workers = images.train_iterator(make_cfg(digits_dir, subset_fraction=0.1, num_workers=2),
                                          global_batch_size=16, seed=0)
     try:
         first = take(with_workers, 1)
-        workers = multiprocess_job.children(os.getpid())
+        workers = sorted(set(multiprocess_job.children(os.getpid())) - before)
         assert len(workers) >= 2, workers
+        ignored = (1 << signal.SIGTERM - 1) | (1 << signal.SIGINT - 1)
+        deadline = time.time() + 60
+        for pid in workers:  # started: each ignores both once its initialiser ran (it may still be importing)
+            status = pathlib.Path(f"/proc/{pid}/status")
+            while int(re.search(r"SigIgn:\s*([0-9a-f]+)", status.read_text())[1], 16) & ignored != ignored:
+                assert time.time() < deadline, f"worker {pid} never ignored SIGTERM and SIGINT"
+                time.sleep(0.05)
         for pid in workers:
             os.kill(pid, signal.SIGTERM)
             os.kill(pid, signal.SIGINT)
