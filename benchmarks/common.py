@@ -62,6 +62,32 @@ def apply_overrides(c, overrides: str) -> None:
         node[leaf] = parse_value(key, value, node.get_type(leaf))
 
 
+def join_overrides(*overrides: str) -> str:
+    """Several ``--set`` strings as one, empty ones left out."""
+    return ",".join(filter(None, overrides))
+
+
+def load_config(config_name: str, overrides: str = ""):
+    """``configs/<config_name>.py``'s ``get_config()`` with ``overrides`` (``apply_overrides``) set."""
+    spec = importlib.util.spec_from_file_location(config_name, ROOT / "configs" / f"{config_name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+    apply_overrides(c, overrides)
+    return c
+
+
+def save_random_teacher(c, directory: pathlib.Path) -> None:
+    """The randomly initialised teacher of config ``c`` saved as model weights in ``directory`` (for
+    ``teacher.init_from``)."""
+    from flax import nnx
+
+    from cab_jax import checkpoint, domains
+
+    teacher = domains.for_config(c).build_teacher(nnx.Rngs(0))
+    checkpoint.save_model_params(directory, nnx.state(teacher).to_pure_dict())
+
+
 def synthetic_setup(config_name: str, dtype: str, batch_size: int, steps: int, remat: bool, mode: str,
                     scan_impl: str, remat_policy: str = "full", num_batches: int = 2, overrides: str = "") -> tuple:
     """(``train.Setup``, ``num_batches`` device-resident batches of random images) for ``configs/<config_name>.py``
@@ -71,10 +97,7 @@ def synthetic_setup(config_name: str, dtype: str, batch_size: int, steps: int, r
 
     from cab_jax import sharding, train
 
-    spec = importlib.util.spec_from_file_location(config_name, ROOT / "configs" / f"{config_name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
+    c = load_config(config_name)
     c.dtype, c.loss.mode, c.student.remat, c.student.scan_impl = dtype, mode, remat, scan_impl
     c.student.remat_policy = remat_policy
     c.data.synthetic = True

@@ -24,23 +24,10 @@ import tempfile
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+from common import load_config, save_random_teacher  # noqa: E402  # benchmarks/common.py
 from train_throughput import _run_one  # noqa: E402
 
 from cab_jax.summary import markdown_table  # noqa: E402
-
-
-def save_random_teacher(config_name: str, directory: pathlib.Path) -> None:
-    import importlib.util
-
-    from flax import nnx
-
-    from cab_jax import checkpoint, domains
-
-    spec = importlib.util.spec_from_file_location(config_name, ROOT / "configs" / f"{config_name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    teacher = domains.for_config(module.get_config()).build_teacher(nnx.Rngs(0))
-    checkpoint.save_model_params(directory, nnx.state(teacher).to_pure_dict())
 
 
 def run(args, overrides: list[str], workdir: pathlib.Path) -> dict:
@@ -81,7 +68,7 @@ def main() -> None:
     os.environ["JAX_PLATFORMS"] = "cpu"
     with tempfile.TemporaryDirectory() as tmp:
         teacher = pathlib.Path(tmp) / "teacher"
-        save_random_teacher(args.config, teacher)
+        save_random_teacher(load_config(args.config), teacher)
         overrides = [f"--config.teacher.init_from={teacher}", f"--config.data.data_dir={args.data_dir}"]
         rows.append({"data": "fake ImageNet through main", **run(args, overrides, pathlib.Path(tmp) / "run")})
         print(rows[-1], flush=True)

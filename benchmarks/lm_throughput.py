@@ -18,7 +18,6 @@ measurement runs in its own process so peak memory is its own.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import pathlib
 import sys
 import time
@@ -29,6 +28,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 from common import (  # benchmarks/common.py  # noqa: E402
     add_overrides_flag,
     apply_overrides,
+    load_config,
     parse_args_or_measure,
     peak_gib,
     run_each,
@@ -40,10 +40,7 @@ from cab_jax.summary import markdown_table  # noqa: E402
 
 
 def _config(dtype: str, overrides: str):
-    spec = importlib.util.spec_from_file_location("phi_mamba", ROOT / "configs" / "phi_mamba.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
+    c = load_config("phi_mamba")
     c.dtype, c.data.synthetic = dtype, True
     apply_overrides(c, overrides)
     return c

@@ -51,9 +51,11 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from
 from common import (  # benchmarks/common.py
     ROOT,
     add_overrides_flag,
-    apply_overrides,
+    join_overrides,
+    load_config,
     parse_args_or_measure,
     run_one,
+    save_random_teacher,
     split_overrides,
     synthetic_setup,
 )
@@ -64,7 +66,6 @@ PARTS = ("equal", "main", "processes", "scaling", "fsdp")
 # name: (config overrides, devices)
 MESHES = {"1 device": ("", 1), "mesh.data=2": ("mesh.data=2", 2), "mesh.fsdp=2": ("mesh.data=1,mesh.fsdp=2", 2),
           "mesh.tensor=2": ("mesh.data=1,mesh.tensor=2", 2)}
-RESUME = 75  # cab_jax.main: stopped by a signal after saving a checkpoint
 
 
 # Variables of an outer launcher that would decide, instead of this script, how the processes find each other.
@@ -90,10 +91,6 @@ def device_env(devices: int, cpu: bool, exact: bool = False) -> dict[str, str]:
             raise SystemExit(f"error: {devices} GPUs needed, CUDA_VISIBLE_DEVICES={','.join(visible)}")
         env.update(JAX_PLATFORMS="cuda", CUDA_VISIBLE_DEVICES=",".join(visible[:devices]))
     return env
-
-
-def joined(*overrides: str) -> str:
-    return ",".join(filter(None, overrides))
 
 
 # ---- measured in a child process (--one)
@@ -124,34 +121,21 @@ def trajectory(config_name: str, batch_size: int, steps: int, overrides: str) ->
 def prepare(out: str, config_name: str, overrides: str, cpu: bool) -> dict:
     """The data of ``config_name`` with ``overrides`` (for ImageNet the fake one, written under ``out``; else the
     config's embedded dataset) and a random teacher saved under ``out``: the config overrides that name them."""
-    from flax import nnx
-
-    from cab_jax import checkpoint, domains
+    from cab_jax import domains
     from cab_jax.data import fake_imagenet
 
-    c = _load_config(config_name)
-    apply_overrides(c, overrides)
-    domain, named = domains.for_config(c), []
+    c, named = load_config(config_name, overrides), []
     if c.data.name == fake_imagenet.NAME:
         data_dir = pathlib.Path(out) / "fake_imagenet"
         fake_imagenet.write(str(data_dir), train_per_class=1 if cpu else 3, validation_per_class=1,
                             scale=0.08 if cpu else 0.5, seed=0)
         named.append(f"data.data_dir={data_dir}")
     else:
-        domain.data.prepare(c.data)
+        domains.for_config(c).data.prepare(c.data)
     teacher = pathlib.Path(out) / "teacher"
     if not teacher.exists():
-        checkpoint.save_model_params(teacher, nnx.state(domain.build_teacher(nnx.Rngs(0))).to_pure_dict())
+        save_random_teacher(c, teacher)
     return {"overrides": ",".join([*named, f"teacher.init_from={teacher}"])}
-
-
-def _load_config(config_name: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(config_name, ROOT / "configs" / f"{config_name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def measure(kind: str, **job) -> dict:
@@ -168,7 +152,7 @@ class EntryPoint:
     def __init__(self, args: argparse.Namespace, prepared: dict):
         self.args, self.out = args, pathlib.Path(args.out).resolve()
         self.done: dict[str, dict] = {}  # name: the row of a run this invocation made
-        overrides = joined(prepared["overrides"], "task=distill", "data.subset_fraction=1.0", "dtype=float32",
+        overrides = join_overrides(prepared["overrides"], "task=distill", "data.subset_fraction=1.0", "dtype=float32",
                            f"train.steps={args.steps}", f"train.batch_size={args.batch_size}", "train.log_every=1",
                            f"train.checkpoint_every={args.steps}", "data.repeated_augmentation=1", args.set)
         self.flags = [f"--config=configs/{args.config}.py",
@@ -292,7 +276,7 @@ def part_equal(args) -> list[dict]:
     for name in ["1 device", *args.meshes.split(",")]:
         mesh, devices = MESHES[name]
         job = dict(kind="trajectory", config_name=args.config, batch_size=args.batch_size, steps=args.steps,
-                   overrides=joined(mesh, args.set))
+                   overrides=join_overrides(mesh, args.set))
         row = run_one(__file__, job, {}, device_env(devices, args.cpu, exact=True), args.timeout)
         rows.append({"run": name, **row, "kernel_shapes": " ".join(row.get("kernel_shapes", []))})
         _print_row(rows[-1])
@@ -314,7 +298,7 @@ def part_scaling(args) -> list[dict]:
         for devices in (1, 2):
             job = dict(config_name=args.config, dtype=dtype, batch_size=args.batch_size * devices,
                        steps=args.throughput_steps, remat=False, mode="cab", scan_impl="auto",
-                       overrides=joined("mesh.data=2" if devices == 2 else "", args.set))
+                       overrides=join_overrides("mesh.data=2" if devices == 2 else "", args.set))
             row = run_one(str(ROOT / "benchmarks" / "train_throughput.py"), job, {}, device_env(devices, args.cpu),
                           args.timeout)
             rows.append(_print_row({"devices": devices, **row}))
@@ -328,7 +312,7 @@ def part_fsdp(args) -> list[dict]:
     rows = []
     for mesh, devices in (("mesh.fsdp=1", 1), ("mesh.fsdp=2", 2)):
         job = dict(kind="train", length=args.lm_length, tokens_per_step=args.lm_tokens, mode="cab", dtype="bfloat16",
-                   steps=3, overrides=joined(mesh, args.lm_set))
+                   steps=3, overrides=join_overrides(mesh, args.lm_set))
         row = run_one(str(ROOT / "benchmarks" / "lm_throughput.py"), job, {}, device_env(devices, args.cpu),
                       args.timeout)
         rows.append(_print_row({"mesh": mesh, "devices": devices, **row}))

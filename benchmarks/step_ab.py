@@ -26,7 +26,7 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from common import add_overrides_flag, synthetic_setup  # benchmarks/common.py
+from common import add_overrides_flag, join_overrides, synthetic_setup  # benchmarks/common.py
 
 from cab_jax.summary import markdown_table
 
@@ -65,7 +65,7 @@ def parse_variant(text: str) -> tuple[str, str]:
 
 def build(args: argparse.Namespace, name: str, overrides: str) -> Variant:
     built, batches = synthetic_setup(args.config, args.dtype, args.batch_size, args.steps, args.remat, "cab",
-                                     args.scan_impl, overrides=",".join(filter(None, (args.set, overrides))))
+                                     args.scan_impl, overrides=join_overrides(args.set, overrides))
     variant = Variant(name, built.trainer.jit_train_step, built.state, built.teacher_params, batches)
     variant.compile_s = variant.run(1)  # the first step compiles
     return variant
