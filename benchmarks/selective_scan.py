@@ -105,17 +105,27 @@ def time_rounds(compiled: list[Compiled], inputs: tuple, iters: int, rounds: int
                 c.row[f"{label} / {first.row['impl']}"] = round(float(np.median(ratios)), 3)
 
 
-def check_errors(c: Compiled, inputs: tuple) -> None:
-    """The row's largest difference to the sequential reference: output and, with the backward, every gradient."""
+def reference_values(inputs: tuple, backward: bool) -> tuple:
+    """The sequential reference's output and (with ``backward``) its input gradients for an output gradient of
+    ones: what every impl of a group is checked against, computed once."""
     dirs, z = inputs
     reference = scan_fn("reference", len(dirs), None)
+    y = jax.jit(reference)(dirs, z)
+    if not backward:
+        return y, None
+    dy = jnp.ones(y.shape, y.dtype)
+    return y, jax.jit(lambda dirs, z: jax.vjp(reference, dirs, z)[1](dy))(dirs, z)
+
+
+def check_errors(c: Compiled, inputs: tuple, reference: tuple) -> None:
+    """The row's largest difference to ``reference`` (``reference_values``): output and, with the backward, every
+    gradient."""
     (_, fwd, _), *backward = c.passes
-    c.row["max |y - ref| / max |ref|"] = relative_error(fwd(dirs, z), jax.jit(reference)(dirs, z))
+    y_ref, grads_ref = reference
+    c.row["max |y - ref| / max |ref|"] = relative_error(fwd(*inputs), y_ref)
     if backward:
-        dy = jnp.ones(fwd.out_info.shape, fwd.out_info.dtype)
-        ref_grads = jax.jit(lambda dirs, z: jax.vjp(reference, dirs, z)[1](dy))(dirs, z)
-        c.row["max grad error"] = max(map(relative_error, jax.tree.leaves(backward[0][1](dirs, z)),
-                                          jax.tree.leaves(ref_grads)))
+        c.row["max grad error"] = max(map(relative_error, jax.tree.leaves(backward[0][1](*inputs)),
+                                          jax.tree.leaves(grads_ref)))
 
 
 def measure_group(name: str, impls: list[str], dtype: str, args: argparse.Namespace,
@@ -132,10 +142,12 @@ def measure_group(name: str, impls: list[str], dtype: str, args: argparse.Namesp
             rows.append({"shape": name, "impl": impl, "dtype": dtype, "error": error_message(e)})
     with gpu_turn(args.lock):
         time_rounds(compiled, inputs, args.iters, args.rounds)
+        reference = None
         for c in compiled:
             try:
                 if args.check and "error" not in c.row:
-                    check_errors(c, inputs)
+                    reference = reference or reference_values(inputs, not args.forward_only)
+                    check_errors(c, inputs, reference)
                 if args.profile and "error" not in c.row:
                     with cuda_profiler():
                         jax.block_until_ready(c.passes[-1][1](*inputs))
