@@ -363,32 +363,47 @@ def test_train_iterator_state_is_independent_of_worker_processes(digits_dir, eig
 def test_worker_processes_outlive_the_signals_that_stop_the_trainer(digits_dir):
     """SLURM's SIGTERM reaches every process of a job step, Ctrl-C's SIGINT a terminal's whole process group; the
     trainer stops at an agreed step and still reads batches after the signal, so the workers ignore both and keep
-    producing them (more batches than their buffers hold)."""
+    producing them (more batches than their buffers hold). A worker is shielded from its first moment (both signals
+    blocked until its initialiser ignores them), so it is signalled as soon as it is seen, initialised or not."""
     import os
     import re
     import signal
     import time
 
+    def spawned_workers() -> list[int]:  # grain's (spawned) workers; not e.g. multiprocessing's resource tracker
+        found = []
+        for pid in multiprocess_job.children(os.getpid()):
+            try:
+                if b"spawn_main" in pathlib.Path(f"/proc/{pid}/cmdline").read_bytes():
+                    found.append(pid)
+            except OSError:
+                continue
+        return sorted(found)
+
+    def shielded(pid: int) -> bool:  # SIGTERM and SIGINT each blocked or ignored
+        status = pathlib.Path(f"/proc/{pid}/status").read_text()
+        blocked_or_ignored = int(re.search(r"SigBlk:\s*([0-9a-f]+)", status)[1], 16)
+        blocked_or_ignored |= int(re.search(r"SigIgn:\s*([0-9a-f]+)", status)[1], 16)
+        both = (1 << signal.SIGTERM - 1) | (1 << signal.SIGINT - 1)
+        return blocked_or_ignored & both == both
+
     reference = take(images.train_iterator(make_cfg(digits_dir, subset_fraction=0.1), global_batch_size=16, seed=0),
                      12)
-    before = set(multiprocess_job.children(os.getpid()))  # e.g. multiprocessing's resource tracker
+    assert not spawned_workers()
     with_workers = images.train_iterator(make_cfg(digits_dir, subset_fraction=0.1, num_workers=2),
                                          global_batch_size=16, seed=0)
     try:
-        first = take(with_workers, 1)
-        workers = sorted(set(multiprocess_job.children(os.getpid())) - before)
-        assert len(workers) >= 2, workers
-        ignored = (1 << signal.SIGTERM - 1) | (1 << signal.SIGINT - 1)
-        deadline = time.time() + 60
-        for pid in workers:  # started: each ignores both once its initialiser ran (it may still be importing)
-            status = pathlib.Path(f"/proc/{pid}/status")
-            while int(re.search(r"SigIgn:\s*([0-9a-f]+)", status.read_text())[1], 16) & ignored != ignored:
-                assert time.time() < deadline, f"worker {pid} never ignored SIGTERM and SIGINT"
-                time.sleep(0.05)
-        for pid in workers:
-            os.kill(pid, signal.SIGTERM)
-            os.kill(pid, signal.SIGINT)
-        assert_batches_equal(first + take(with_workers, 11), reference)
+        with_workers.start_prefetch()  # the workers start now, in the background
+        workers, deadline = [], time.time() + 60
+        while len(workers) < 2:
+            assert time.time() < deadline, f"two data workers never started: {workers}"
+            for pid in set(spawned_workers()) - set(workers):
+                assert shielded(pid), f"worker {pid} can be killed by SIGTERM or SIGINT"
+                os.kill(pid, signal.SIGTERM)
+                os.kill(pid, signal.SIGINT)
+                workers.append(pid)
+            time.sleep(0.01)
+        assert_batches_equal(take(with_workers, 12), reference)
         assert all(map(multiprocess_job.alive, workers)), "a data worker died of SIGTERM or SIGINT"
     finally:
         with_workers.close()

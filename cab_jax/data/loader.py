@@ -30,6 +30,7 @@ from __future__ import annotations
 import atexit
 import gc
 import math
+import multiprocessing.resource_tracker
 import os
 import re
 import signal
@@ -52,6 +53,8 @@ SYNTHETIC_EVAL_SEED = 0x5EED_E7A1
 # Elements of the grain datasets below are whole local batches, so these count batches.
 _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)
 _PER_WORKER_BUFFER = 2
+# What SLURM sends every process of a job step (SIGTERM) and a terminal's Ctrl-C its process group (SIGINT).
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 Batch = dict[str, np.ndarray]
 Source = Sequence[dict[str, Any]]
@@ -162,6 +165,29 @@ def to_iter_dataset(ds: grain.MapDataset, num_workers: int) -> grain.IterDataset
     return iter_ds
 
 
+def open_iterator(ds: grain.MapDataset, num_workers: int) -> grain.DatasetIterator:
+    """An iterator over :func:`to_iter_dataset` with its background threads started.
+
+    With workers, those threads start with SIGTERM and SIGINT blocked, and so do the worker processes they spawn
+    (a thread's signal mask passes to the threads and processes it starts): a signal sent to the whole job or
+    process group while a worker still starts cannot kill it before :func:`init_worker` ignores it. In this thread
+    a signal that came meanwhile is delivered when the mask is restored, on return.
+    """
+    if not num_workers:
+        return iter(to_iter_dataset(ds, num_workers))
+    # Started now, since starting it unblocks both signals in the starting thread (CPython's ensure_running).
+    multiprocessing.resource_tracker.ensure_running()
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        iterator = iter(to_iter_dataset(ds, num_workers))
+        start = getattr(iterator, "start_prefetch", None)
+        if start is not None:
+            start()
+        return iterator
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def _owned_copy(batch: Batch) -> Batch:
     return {k: np.array(v) for k, v in batch.items()}
 
@@ -177,12 +203,13 @@ def release_closed_iterators() -> None:
 def init_worker(worker_index: int, worker_count: int) -> None:
     """grain worker initialiser. The worker ignores SIGTERM and SIGINT: SLURM signals every process of a job step, a
     terminal's Ctrl-C its whole process group, and the trainer, stopping at an agreed step, still reads batches after
-    the signal (grain stops its workers itself, by an event, then SIGKILL). It exits as soon as the process that
-    started it is gone, even when that process was killed (SIGKILL, the kernel's OOM killer) and could not stop
-    them."""
+    the signal (grain stops its workers itself, by an event, then SIGKILL). Both arrive blocked (:func:`open_iterator`)
+    and are unblocked once ignored. The worker exits as soon as the process that started it is gone, even when that
+    process was killed (SIGKILL, the kernel's OOM killer) and could not stop them."""
     del worker_index, worker_count
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in _STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     parent = os.getppid()
 
     def watch() -> None:
@@ -322,7 +349,7 @@ class TrainIterator(grain.DatasetIterator):
         self._assert_not_closed()
         if self._inner is None:
             ds = self._dataset if self._step == 0 else self._dataset[self._step :]
-            self._inner = iter(to_iter_dataset(ds, self._num_workers))
+            self._inner = open_iterator(ds, self._num_workers)
         return self._inner
 
     def __next__(self) -> Batch:
@@ -396,7 +423,7 @@ class EvalBatches:
         return self._batches(min(self._num_workers, len(self)) if len(self) > 1 else 0)
 
     def _batches(self, num_workers: int) -> Iterator[Batch]:
-        iterator = iter(to_iter_dataset(self._dataset, num_workers))
+        iterator = open_iterator(self._dataset, num_workers)
         try:
             yield from iterator
         finally:
