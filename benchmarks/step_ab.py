@@ -12,7 +12,9 @@ timed ``--rounds`` times in turn (every other round in reverse order), ``--steps
 on from its own state: a drift of the GPU's clock or of a neighbour's load falls on every variant alike. A variant
 that fails to build or compile gives a row with its error. Prints one row per variant: the median
 ms/step over the rounds, images/s, and the median over rounds of its ratio to the first variant in the same round
-(with the smallest and largest ratio), its compile seconds and its last loss. The variants share the device's
+(with the smallest and largest ratio), its compile seconds, its compiled program (the first 8 hex digits of the
+SHA-256 of XLA's optimised HLO text, and its number of instructions: an option that leaves both as the first
+variant's changed nothing) and its last loss. The variants share the device's
 memory, so their peaks are not their own (``train_throughput.py`` gives those).
 """
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import pathlib
 import sys
 import time
@@ -36,11 +39,12 @@ class Variant:
     """One variant's step, its current state and the ms/step of each round."""
 
     name: str
-    step: object  # the jitted train step
+    step: object  # the compiled train step
     state: object
     teacher: object
     batches: list
     compile_s: float = 0.0
+    program: str = ""
     ms: list[float] = dataclasses.field(default_factory=list)
     loss: float = float("nan")
 
@@ -66,9 +70,19 @@ def parse_variant(text: str) -> tuple[str, str]:
 def build(args: argparse.Namespace, name: str, overrides: str) -> Variant:
     built, batches = synthetic_setup(args.config, args.dtype, args.batch_size, args.steps, args.remat, "cab",
                                      args.scan_impl, overrides=join_overrides(args.set, overrides))
-    variant = Variant(name, built.trainer.jit_train_step, built.state, built.teacher_params, batches)
-    variant.compile_s = variant.run(1)  # the first step compiles
+    start = time.perf_counter()
+    compiled = built.trainer.jit_train_step.lower(built.state, built.teacher_params, batches[0]).compile()
+    compile_s = time.perf_counter() - start
+    variant = Variant(name, compiled, built.state, built.teacher_params, batches, compile_s,
+                      program(compiled.as_text()))
+    variant.run(1)  # a first step outside the rounds (allocations, autotuning caches)
     return variant
+
+
+def program(hlo: str) -> str:
+    """``"<8 hex digits of the SHA-256 of hlo>, <instructions> instr"``."""
+    instructions = sum(" = " in line for line in hlo.splitlines() if line.startswith("  "))
+    return f"{hashlib.sha256(hlo.encode()).hexdigest()[:8]}, {instructions} instr"
 
 
 def rows(variants: list[Variant], batch_size: int) -> list[dict]:
@@ -82,7 +96,7 @@ def rows(variants: list[Variant], batch_size: int) -> list[dict]:
         out.append({"variant": v.name, "ms_per_step": round(ms, 2), "images_per_s": round(1e3 * batch_size / ms, 1),
                     f"/ {variants[0].name}": round(float(np.median(ratios)), 4),
                     "ratio min-max": f"{ratios.min():.4f}-{ratios.max():.4f}", "compile_s": round(v.compile_s, 1),
-                    "loss": round(v.loss, 5)})
+                    "program": v.program, "loss": round(v.loss, 5)})
     return out
 
 

@@ -408,6 +408,7 @@ def test_step_ab_times_variants_in_turn_against_the_first():
     assert "student.depth='two': expected a int" in rows.pop()["error"]  # the others still ran
     assert_numbers(rows, positive=("ms_per_step", "images_per_s", "/ base", "compile_s", "loss"))
     assert rows[0]["loss"] == rows[2]["loss"] != rows[1]["loss"], rows  # XLA options alone change no number
+    assert rows[0]["program"] == rows[2]["program"] != rows[1]["program"], rows  # and on a CPU not the program
     assert "xla: train.xla_gpu_options=xla_gpu_enable_dynamic_slice_fusion=true,xla_gpu_dot_merger" in out
     proc = subprocess.run([sys.executable, "benchmarks/step_ab.py", "--variant=a:", "--variant=a:dtype=bfloat16"],
                           cwd=ROOT, capture_output=True, text=True)
