@@ -265,13 +265,13 @@ def torch_median_ms(fn, iters: int, warmup: int = 3) -> float:
 
 def state_gib(state) -> float:
     """GiB of the arrays of ``state`` (a pytree: parameters, optimizer state) held on the first device: its shards
-    where the arrays are split over several devices."""
+    where the arrays are split over several devices; 4 significant digits, so that a toy model's shows too."""
     import jax
 
     first = jax.devices()[0]
     held = sum(shard.data.nbytes for leaf in jax.tree.leaves(state) if isinstance(leaf, jax.Array)
                for shard in leaf.addressable_shards if shard.device == first)
-    return round(held / 2**30, 3)
+    return float(f"{held / 2**30:.4g}")
 
 
 def peak_gib() -> float:

@@ -25,7 +25,8 @@ shape. Parts:
 - scaling: ``train_throughput.py``'s step (``--dtypes``, no remat) on one device at ``--batch_size`` and on two with
   ``mesh.data=2`` at twice the batch: images/s, and the efficiency (two devices' images/s over twice one's).
 - fsdp: ``lm_throughput.py``'s CAB train step of configs/phi_mamba.py (synthetic tokens, ``--lm_set`` overrides) on
-  one device and with ``mesh.fsdp=2``: the train state (parameters, optimizer state) held per device, and the peak.
+  one device and with ``mesh.fsdp=2``: the train state (parameters, optimizer state) held per device, its ratio to
+  one device's, and the peak.
 
 Prints the tables and writes them to ``--out/multi_gpu.md``, every row to ``--out/multi_gpu.json`` (both after
 each part), the entry point's logs under ``--out/logs``.
@@ -315,7 +316,10 @@ def part_fsdp(args) -> list[dict]:
                    steps=3, overrides=join_overrides(mesh, args.lm_set))
         row = run_one(str(ROOT / "benchmarks" / "lm_throughput.py"), job, {}, device_env(devices, args.cpu),
                       args.timeout)
-        rows.append(_print_row({"mesh": mesh, "devices": devices, **row}))
+        rows.append(row := {"mesh": mesh, "devices": devices, **row})
+        if devices == 2 and rows[0].get("state_gib") and row.get("state_gib"):
+            row["state / 1 device"] = round(row["state_gib"] / rows[0]["state_gib"], 3)
+        _print_row(row)
     return rows
 
 
@@ -332,8 +336,8 @@ COLUMNS = {
                   "seconds", "last_loss", "max_rel_dev"],
     "scaling": ["devices", "dtype", "batch", "images_per_s", "ms_per_step", "efficiency", "mfu", "peak_gib",
                 "compile_s", "error"],
-    "fsdp": ["mesh", "devices", "length", "batch", "state_gib", "teacher_gib", "peak_gib", "tokens_per_s", "loss",
-             "error"],
+    "fsdp": ["mesh", "devices", "length", "batch", "state_gib", "state / 1 device", "teacher_gib", "peak_gib",
+             "tokens_per_s", "loss", "error"],
 }
 
 

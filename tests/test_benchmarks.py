@@ -387,7 +387,7 @@ def test_multi_gpu_scales_the_batch_with_the_devices_and_halves_nothing_it_shoul
                      ("lm_throughput", 1, None, "mesh.fsdp=1"), ("lm_throughput", 2, None, "mesh.fsdp=2")]
     scaling, fsdp = markdown_tables(capsys.readouterr().out)
     assert [r["efficiency"] for r in scaling] == ["", str(round(2**0.5 / 2, 3))], scaling
-    assert [r["state_gib"] for r in fsdp] == ["1.0", "0.5"], fsdp
+    assert [(r["state_gib"], r["state / 1 device"]) for r in fsdp] == [("1.0", ""), ("0.5", "0.5")], fsdp
 
 
 def test_multi_gpu_names_an_unknown_part_or_mesh():
