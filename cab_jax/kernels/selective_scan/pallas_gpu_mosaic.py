@@ -27,6 +27,7 @@ import dataclasses
 import functools
 import inspect
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -66,10 +67,13 @@ def default_blocks(d_state: int) -> BlockSizes:
 def load_ref(ref, **kwargs) -> jax.Array:
     """``plgpu.load`` of all of ``ref`` (index it with ``.at`` first): jax 0.10 requires an index argument, 0.11
     deprecates it and later releases take none."""
-    index = inspect.signature(plgpu.load).parameters.get("idx")
-    if index is not None and index.default is inspect.Parameter.empty:
-        return plgpu.load(ref, (), **kwargs)
-    return plgpu.load(ref, **kwargs)
+    return plgpu.load(ref, (), **kwargs) if _requires_index(plgpu.load) else plgpu.load(ref, **kwargs)
+
+
+@functools.cache
+def _requires_index(load: Callable) -> bool:
+    index = inspect.signature(load).parameters.get("idx")
+    return index is not None and index.default is inspect.Parameter.empty
 
 
 def interpret_params():
