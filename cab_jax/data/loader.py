@@ -175,7 +175,8 @@ def open_iterator(ds: grain.MapDataset, num_workers: int) -> grain.DatasetIterat
     """
     if not num_workers:
         return iter(to_iter_dataset(ds, num_workers))
-    # Started now, since starting it unblocks both signals in the starting thread (CPython's ensure_running).
+    # The workers' spawn starts multiprocessing's resource tracker if it is not running, and CPython's start of it
+    # unblocks both signals in the starting thread; started here, before the mask, it is running by then.
     multiprocessing.resource_tracker.ensure_running()
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     try:
