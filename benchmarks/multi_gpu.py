@@ -316,10 +316,10 @@ def part_fsdp(args) -> list[dict]:
                    steps=3, overrides=join_overrides(mesh, args.lm_set))
         row = run_one(str(ROOT / "benchmarks" / "lm_throughput.py"), job, {}, device_env(devices, args.cpu),
                       args.timeout)
-        rows.append(row := {"mesh": mesh, "devices": devices, **row})
-        if devices == 2 and rows[0].get("state_gib") and row.get("state_gib"):
-            row["state / 1 device"] = round(row["state_gib"] / rows[0]["state_gib"], 3)
-        _print_row(row)
+        rows.append(_print_row({"mesh": mesh, "devices": devices, **row}))
+    one, two = (r.get("state_gib") for r in rows)
+    if one and two:
+        rows[-1]["state / 1 device"] = round(two / one, 3)
     return rows
 
 
